@@ -1,0 +1,3 @@
+from mailyard.cli.main import main
+
+main()

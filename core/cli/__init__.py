@@ -1,0 +1,1 @@
+"""The ``mailyard`` command line: one module per command group."""

@@ -1,0 +1,145 @@
+"""``mailyard mailbox`` (serve a mailbox server, show a folder) and ``mailyard send``."""
+
+from __future__ import annotations
+
+import sys
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
+
+import click
+import httpx
+import redis
+
+from mailyard import nodes
+from mailyard.cli.common import (
+    connect,
+    data_dir_option,
+    handle_errors,
+    json_option,
+    print_json,
+    redis_option,
+    resolve_redis_url,
+    setup_logging,
+    table,
+)
+from mailyard.errors import MailyardError, NotFoundError
+from mailyard.orgstore import OrgCache
+
+
+@click.group()
+def mailbox() -> None:
+    """Mailbox servers and their mailboxes."""
+
+
+@mailbox.command()
+@click.option("--server", required=True, help="Name of the mailbox server (from the organization).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=0, show_default=True, help="Port of the HTTP API (0: any free port).")
+@click.option("--advertise-url", help="URL hubs and clients use to reach this server.")
+@click.option("--loglevel", default="INFO", show_default=True)
+@redis_option
+@handle_errors
+def serve(server: str, host: str, port: int, advertise_url: str | None, loglevel: str,
+          redis_url: str | None, data_dir: Path) -> None:
+    """Run a mailbox server: its Maildirs, its HTTP API and its Mail Submission Service."""
+    from mailyard.mailbox.server import serve as run
+
+    setup_logging(loglevel)
+    run(server=server, redis_url=resolve_redis_url(redis_url, data_dir), data_dir=data_dir / "mailboxes",
+        host=host, port=port, advertise_url=advertise_url)
+
+
+def mailbox_url(r: redis.Redis, address: str) -> str:
+    entry = OrgCache(r).get().mailbox_entry(address)
+    if entry is None or entry.server is None:
+        raise NotFoundError(f"{address} is not a mailbox of this organization")
+    return f"{nodes.server_url(r, entry.server)}/mailboxes/{entry.address}"
+
+
+def _call(method: str, url: str, **kw) -> httpx.Response:
+    try:
+        response = httpx.request(method, url, timeout=30, **kw)
+    except httpx.HTTPError as exc:
+        raise MailyardError(f"cannot reach the mailbox server at {url}: {exc}") from None
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("error", response.text)
+        except ValueError:
+            detail = response.text
+        raise MailyardError(f"{response.status_code}: {detail}")
+    return response
+
+
+@mailbox.command()
+@click.argument("address")
+@click.option("--folder", default="Inbox", show_default=True, help="Inbox, Outbox or 'Sent Items'.")
+@click.option("--raw", "raw_id", metavar="ID", help="Print one message as RFC 5322 text.")
+@redis_option
+@json_option
+@handle_errors
+def show(address: str, folder: str, raw_id: str | None, redis_url: str | None, data_dir: Path,
+         as_json: bool) -> None:
+    """List a mailbox folder, or print one message with --raw ID."""
+    base = mailbox_url(connect(redis_url, data_dir), address)
+    if raw_id:
+        response = _call("GET", f"{base}/folders/{folder}/{raw_id}")
+        sys.stdout.buffer.write(response.content)
+        return
+    data = _call("GET", f"{base}/folders/{folder}").json()
+    if as_json:
+        print_json(data["items"])
+        return
+    click.echo(f"{data['mailbox']} / {data['folder']}: {len(data['items'])} message(s)")
+    if data["items"]:
+        click.echo(table(
+            [(i["id"], i["date"][:19].replace("T", " "), i["from"], ", ".join(i["to"]), i["subject"])
+             for i in data["items"]],
+            ["Id", "Date", "From", "To", "Subject"]))
+
+
+@click.command()
+@click.option("--from", "sender", required=True, help="The sending mailbox.")
+@click.option("--to", multiple=True, help="A recipient (repeatable).")
+@click.option("--cc", multiple=True, help="A Cc recipient (repeatable).")
+@click.option("--bcc", multiple=True, help="A Bcc recipient (repeatable).")
+@click.option("--subject", default="", help="The subject line.")
+@click.option("--body", help="The message text.")
+@click.option("--file", "eml", type=click.Path(dir_okay=False, path_type=Path),
+              help="Send this RFC 5322 file (its headers may be completed by --to/--subject).")
+@redis_option
+@json_option
+@handle_errors
+def send(sender: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tuple[str, ...], subject: str,
+         body: str | None, eml: Path | None, redis_url: str | None, data_dir: Path,
+         as_json: bool) -> None:
+    """Send a message from a mailbox: it goes into the Outbox, a hub picks it up."""
+    if (body is None) == (eml is None):
+        raise click.UsageError("give exactly one of --body and --file")
+    if eml is not None:
+        raw = eml.read_bytes()
+        extra = "".join(f"{name}: {', '.join(values)}\r\n"
+                        for name, values in (("To", to), ("Cc", cc), ("Bcc", bcc)) if values)
+        if subject:
+            extra += f"Subject: {subject}\r\n"
+        raw = extra.encode() + raw
+    else:
+        if not (to or cc or bcc):
+            raise click.UsageError("give at least one --to, --cc or --bcc")
+        msg = EmailMessage()
+        msg["From"] = sender
+        for name, values in (("To", to), ("Cc", cc), ("Bcc", bcc)):
+            if values:
+                msg[name] = ", ".join(values)
+        msg["Subject"] = subject
+        msg.set_content(body or "")
+        raw = msg.as_bytes(policy=SMTP_POLICY)
+    base = mailbox_url(connect(redis_url, data_dir), sender)
+    data = _call("POST", f"{base}/outbox", content=raw, headers={"Content-Type": "message/rfc822"}).json()
+    if as_json:
+        print_json(data)
+    else:
+        click.echo(f"queued in the Outbox of {sender} as {data['id']} "
+                   f"({data['message_id']}) for {', '.join(data['recipients'])}")
+
+

@@ -1,0 +1,93 @@
+"""``mailyard org``: show, check and apply the organization directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mailyard.cli.common import connect, handle_errors, json_option, print_json, redis_option, table
+from mailyard.org import Organization, load_org
+from mailyard.orgstore import apply_org, read_org
+
+
+@click.group()
+def org() -> None:
+    """The organization directory (Active Directory's part): show, check, apply."""
+
+
+def public_view(o: Organization) -> dict[str, Any]:
+    """The organization as JSON, with secrets masked."""
+    data = o.model_dump(mode="json")
+    if data["transport"].get("server_token"):
+        data["transport"]["server_token"] = "(set)"
+    for mb in data["mailboxes"]:
+        mb["password"] = "(set)" if mb.get("password") else ""
+    for conn in data["send_connectors"]:
+        if conn.get("smart_host_password"):
+            conn["smart_host_password"] = "(set)"
+    return data
+
+
+@org.command()
+@redis_option
+@json_option
+@handle_errors
+def show(redis_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """Print the organization the site is running with."""
+    version, o = read_org(connect(redis_url, data_dir))
+    if as_json:
+        print_json({"version": version, **public_view(o)})
+        return
+    click.echo(f"{o.name} (version {version})")
+    click.echo(f"Accepted domains: {', '.join(o.accepted_domains)}")
+    click.echo()
+    click.echo(table([(s.name, ", ".join(s.mailbox_servers)) for s in o.sites], ["Site", "Mailbox servers"]))
+    click.echo()
+    click.echo(table([(m.address, m.name, ", ".join(m.aliases), m.server) for m in o.mailboxes],
+                     ["Mailbox", "Name", "Aliases", "Server"]))
+    if o.groups:
+        click.echo()
+        click.echo(table([(g.address, ", ".join(g.members)) for g in o.groups], ["Group", "Members"]))
+    if o.contacts:
+        click.echo()
+        click.echo(table([(c.name, c.address or "", c.external_address) for c in o.contacts],
+                         ["Contact", "Address", "External address"]))
+    if o.send_connectors:
+        click.echo()
+        click.echo(table(
+            [(c.name, ", ".join(str(s) for s in c.address_spaces),
+              "DNS" if c.dns_routing else ", ".join(c.smart_hosts),
+              ", ".join(c.source_sites or c.source_servers) or "all sites", "yes" if c.enabled else "no")
+             for c in o.send_connectors],
+            ["Send connector", "Address spaces", "Routing", "Source", "Enabled"]))
+    if o.receive_connectors:
+        click.echo()
+        click.echo(table(
+            [(c.name, ", ".join(c.sites) or "all sites", ", ".join(c.bindings),
+              ", ".join(c.permission_groups), ", ".join(c.auth_mechanisms))
+             for c in o.receive_connectors],
+            ["Receive connector", "Sites", "Bindings", "Permission groups", "Auth"]))
+
+
+@org.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@handle_errors
+def check(file: Path) -> None:
+    """Validate an organization file without applying it."""
+    o = load_org(file)
+    click.echo(f"{file}: valid ({len(o.sites)} sites, {len(o.mailboxes)} mailboxes, "
+               f"{len(o.groups)} groups, {len(o.contacts)} contacts)")
+
+
+@org.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@redis_option
+@handle_errors
+def apply(file: Path, redis_url: str | None, data_dir: Path) -> None:
+    """Validate FILE and make it the directory every node uses, live (no restarts)."""
+    o = load_org(file)
+    version = apply_org(connect(redis_url, data_dir), o)
+    click.echo(f"applied {file} as version {version}: {len(o.sites)} sites, "
+               f"{len(o.mailboxes)} mailboxes, {len(o.groups)} groups, {len(o.contacts)} contacts")

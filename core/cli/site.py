@@ -1,0 +1,133 @@
+"""``mailyard site``: run a whole site on this machine (up), and see it (status)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mailyard import nodes, redisconn
+from mailyard.cli.common import (
+    data_dir_option,
+    handle_errors,
+    json_option,
+    print_json,
+    read_state,
+    setup_logging,
+    table,
+)
+from mailyard.errors import SiteError
+from mailyard.org import load_org
+from mailyard.site.runner import Site, SiteConfig, _pid_alive
+
+DEFAULT_CONFIG = Path("deploy/contoso.toml")
+
+
+@click.group()
+def site() -> None:
+    """The local site: every process of an organization on this machine."""
+
+
+@site.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_CONFIG, show_default=True, help="The organization file.")
+@click.option("--hubs", default=2, show_default=True, type=click.IntRange(1, 32),
+              help="Hub transport nodes per site.")
+@click.option("--redis-url", help="Use this Redis instead of starting an embedded one.")
+@click.option("--redis-port", default=0, type=int, help="Port of the embedded Redis (default: free).")
+@click.option("--fsync", type=click.Choice(["always", "everysec", "no"]), default="always",
+              show_default=True, help="appendfsync of the embedded Redis (see README: Guarantees).")
+@click.option("--flower/--no-flower", default=True, show_default=True, help="Start Flower.")
+@click.option("--flower-port", default=0, type=int, help="Port of Flower (default: free).")
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes per hub.")
+@data_dir_option
+@handle_errors
+def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, fsync: str, flower: bool,
+       flower_port: int, concurrency: int, data_dir: Path) -> None:
+    """Start the site and keep it running until Ctrl-C or SIGTERM."""
+    setup_logging("INFO")
+    org = load_org(config_path)
+    runner = Site(SiteConfig(org=org, config_path=config_path.resolve(), data_dir=data_dir,
+                             hubs_per_site=hubs, redis_url=redis_url, redis_port=redis_port, fsync=fsync,
+                             flower=flower, flower_port=flower_port, concurrency=concurrency))
+    signal.signal(signal.SIGTERM, runner.request_stop)
+    signal.signal(signal.SIGINT, runner.request_stop)
+    try:
+        runner.start()
+        _print_endpoints(runner.state())
+        click.echo("\nThe site is up. Ctrl-C stops it; `mailyard site status` shows it.", err=False)
+        runner.supervise()
+    finally:
+        click.echo("stopping the site...", err=True)
+        runner.stop()
+        click.echo("stopped.", err=True)
+
+
+def _print_endpoints(state: dict[str, Any]) -> None:
+    rows = []
+    for p in state["processes"]:
+        where = p.get("url") or ""
+        if p.get("smtp"):
+            where = ", ".join(f"{k} {v}" for k, v in p["smtp"].items())
+        rows.append((p["role"], p["name"], p.get("site", ""), where, p.get("pid") or "",
+                     "up" if p.get("up", True) else "down"))
+    click.echo(table(rows, ["Role", "Name", "Site", "Endpoint", "PID", "State"]))
+    click.echo(f"\nRedis: {state['redis_url']}   data: {state['data_dir']}")
+
+
+def site_status(data_dir: Path) -> dict[str, Any]:
+    state = read_state(data_dir)
+    if state is None:
+        raise SiteError(f"no site has run from {data_dir} (no site.json); start one with `mailyard site up`")
+    runner = int(state.get("runner_pid") or 0)
+    state["running"] = bool(runner) and _pid_alive(runner)
+    live_hubs: dict[str, nodes.HubInfo] = {}
+    try:
+        r = redisconn.connect(state["redis_url"])
+        r.ping()
+        live_hubs = {h.name: h for h in nodes.hubs(r)}
+    except Exception:
+        pass
+    for p in state["processes"]:
+        pid = p.get("pid")
+        p["up"] = bool(state["running"] and pid and _pid_alive(int(pid)))
+        hub = live_hubs.get(p["name"])
+        if hub is not None and hub.endpoints:
+            p["smtp"] = hub.endpoints
+    return state
+
+
+@site.command()
+@data_dir_option
+@json_option
+@handle_errors
+def status(data_dir: Path, as_json: bool) -> None:
+    """Endpoints and processes of the local site, and whether each is up."""
+    state = site_status(data_dir)
+    if as_json:
+        print_json(state)
+        return
+    click.echo(f"site {'running' if state['running'] else 'not running'} "
+               f"(config {state.get('config')})")
+    _print_endpoints(state)
+
+
+@site.command()
+@data_dir_option
+@handle_errors
+def down(data_dir: Path) -> None:
+    """Stop the site started from this data directory."""
+    state = read_state(data_dir)
+    pid = int((state or {}).get("runner_pid") or 0)
+    if not pid or not _pid_alive(pid):
+        raise SiteError("no running site found")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    click.echo("stopped." if not _pid_alive(pid) else f"runner {pid} is still stopping")

@@ -1,0 +1,125 @@
+"""Recipient lookup and group expansion over the organization (the categorizer's resolver).
+
+Pure logic over an ``Organization``: no Redis, no I/O. The hub's categorizer and its
+receive connectors share it, so RCPT-time checks and categorization cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mailyard.org import Organization
+
+
+class Kind(StrEnum):
+    MAILBOX = "Mailbox"
+    GROUP = "Group"
+    CONTACT = "Contact"
+    EXTERNAL = "External"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory object an address resolves to."""
+
+    kind: Kind
+    address: str  # the primary address (for a contact: its external address)
+    server: str | None = None
+    site: str | None = None
+
+
+@dataclass(frozen=True)
+class Final:
+    """A recipient after resolution and expansion: where the message must go."""
+
+    address: str
+    kind: Kind
+    original: str  # the address as the sender wrote it (ORCPT), or the group it came from
+    server: str | None = None
+    site: str | None = None
+
+
+@dataclass
+class Expansion:
+    finals: list[Final] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # in an accepted domain, not found
+    resolved: list[tuple[str, str]] = field(default_factory=list)  # (alias, primary): RESOLVE
+    expanded: list[tuple[str, list[str]]] = field(default_factory=list)  # (group, members)
+
+
+class Directory:
+    """Indexes of one organization version."""
+
+    def __init__(self, org: Organization) -> None:
+        self.org = org
+        self.accepted_domains = frozenset(org.accepted_domains)
+        self.site_of_server = {srv: s.name for s in org.sites for srv in s.mailbox_servers}
+        self._entries: dict[str, Entry] = {}
+        self._groups: dict[str, list[str]] = {g.address: list(g.members) for g in org.groups}
+        for mb in org.mailboxes:
+            entry = Entry(Kind.MAILBOX, mb.address, mb.server, self.site_of_server.get(mb.server))
+            self._entries[mb.address] = entry
+            for alias in mb.aliases:
+                self._entries[alias] = entry
+        for group in org.groups:
+            self._entries[group.address] = Entry(Kind.GROUP, group.address)
+        for contact in org.contacts:
+            entry = Entry(Kind.CONTACT, contact.external_address)
+            self._entries.setdefault(contact.external_address, entry)
+            if contact.address:
+                self._entries[contact.address] = entry
+        self.passwords = {mb.address: mb.password for mb in org.mailboxes if mb.password}
+
+    def is_accepted(self, address: str) -> bool:
+        return address.rpartition("@")[2].lower().rstrip(".") in self.accepted_domains
+
+    def lookup(self, address: str) -> Entry | None:
+        """The directory entry of an address, or None (unknown or outside the organization)."""
+        return self._entries.get(address.lower())
+
+    def mailbox_entry(self, address: str) -> Entry | None:
+        entry = self.lookup(address)
+        return entry if entry and entry.kind is Kind.MAILBOX else None
+
+    def servers_in_site(self, site: str) -> list[str]:
+        return [srv for srv, s in self.site_of_server.items() if s == site]
+
+    def expand(self, addresses: list[str]) -> Expansion:
+        """Resolve envelope recipients: aliases to primaries, groups to members, recursively.
+
+        Every final recipient appears once, whatever the nesting; a group that contains itself
+        (directly or through others) is expanded once and the loop ends there.
+        """
+        out = Expansion()
+        seen_final: set[str] = set()
+        seen_group: set[str] = set()
+
+        def add(address: str, original: str) -> None:
+            lowered = address.lower()
+            entry = self._entries.get(lowered)
+            if entry is None:
+                if self.is_accepted(lowered):
+                    if lowered not in out.unknown:
+                        out.unknown.append(lowered)
+                    return
+                entry = Entry(Kind.EXTERNAL, lowered)
+            if entry.kind is Kind.GROUP:
+                if entry.address in seen_group:
+                    return
+                seen_group.add(entry.address)
+                members = self._groups.get(entry.address, [])
+                out.expanded.append((entry.address, list(members)))
+                for member in members:
+                    add(member, entry.address)
+                return
+            if entry.address != lowered and entry.kind is Kind.MAILBOX:
+                out.resolved.append((lowered, entry.address))
+            if entry.address in seen_final:
+                return
+            seen_final.add(entry.address)
+            out.finals.append(Final(entry.address, entry.kind, original, entry.server, entry.site))
+
+        for address in addresses:
+            add(address, address.lower())
+        return out

@@ -1,0 +1,56 @@
+"""Small, byte-exact edits of a message's header block (no re-serialization of the body)."""
+
+from __future__ import annotations
+
+import re
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+_FOLD = (b" ", b"\t")
+
+
+def split(raw: bytes) -> tuple[bytes, bytes]:
+    """(header block including its final line break, the rest starting at the blank line)."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        end = raw.find(sep)
+        if end >= 0:
+            cut = end + len(sep) // 2
+            return raw[:cut], raw[cut:]
+    return raw, b""
+
+
+def parse(raw: bytes) -> Message:
+    """The headers only, tolerant of whatever a client or peer sent."""
+    head, _ = split(raw)
+    return BytesHeaderParser(policy=compat32).parsebytes(head)
+
+
+def strip(raw: bytes, *names: str) -> bytes:
+    """Remove every occurrence of the named headers (with their folded continuation lines)."""
+    head, rest = split(raw)
+    wanted = {n.lower().encode() for n in names}
+    out, skipping = [], False
+    for line in head.splitlines(keepends=True):
+        if line.startswith(_FOLD):
+            if not skipping:
+                out.append(line)
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        skipping = name in wanted
+        if not skipping:
+            out.append(line)
+    return b"".join(out) + rest
+
+
+def prepend(raw: bytes, *lines: str) -> bytes:
+    return "".join(line.rstrip("\r\n") + "\r\n" for line in lines).encode() + raw
+
+
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+
+
+def hop_count(raw: bytes) -> int:
+    """Number of Received headers (the hop count Exchange limits at 30)."""
+    head, _ = split(raw)
+    return len(_RECEIVED.findall(head))

@@ -1,0 +1,144 @@
+"""Every Redis key Mailyard uses, in one place.
+
+Redis holds the truth (DESIGN §2.1); Celery carries only queue names and outbox item
+references. All keys start with ``my:``; Celery's own keys start with ``my:celery:``
+(kombu's ``global_keyprefix``), so one Redis database serves both without collisions.
+
+Organization directory
+  my:org                      STRING  the validated organization, JSON (mailyard.org)
+  my:org:version              STRING  integer, bumped by every ``mailyard org apply``
+  my:org:changed              PUBSUB  announces a new version (nodes also poll the version)
+
+Nodes
+  my:hubs                     ZSET    hub name -> last heartbeat, ms since the epoch
+  my:hub:<hub>                HASH    site, host, pid, started, celery queue, receive endpoints
+  my:servers                  ZSET    mailbox server name -> last heartbeat, ms
+  my:server:<server>          HASH    url (its HTTP API), site, pid, started
+  my:sweeper                  STRING  name of the hub holding the sweeper lease (PX)
+
+Mail submission service (mailbox server -> hub)
+  my:submit:pending:<server>  ZSET    "<server>/<mailbox>/<item>" -> ack deadline, ms
+  my:submit:<server>/<mailbox>/<item>
+                              HASH    hub last notified, notifications sent, first notified
+  my:pickup:<server>/<mailbox>/<item>
+                              STRING  message id the item became; makes pickup idempotent
+
+Messages and queue items
+  my:seq:item                 STRING  counter; queue item ids (Exchange-style integers)
+  my:msg:<msg>                HASH    envelope and summary of one message (fields below)
+  my:body:<msg>               STRING  the RFC 5322 bytes, shared by all the message's items
+  my:item:<item>              HASH    one message in one queue: recipients and their state
+  my:mi:<msg>                 SET     the items that hold a message (its bifurcated copies)
+  my:dedup:<origin id>        STRING  message id already created for a message that came in
+                                      over SMTP from another hub (X-Mailyard-Id), so a
+                                      repeated relay does not create it twice
+
+Queues (identity "<site>\\<next hop>", e.g. "Amsterdam\\MBX-AMS-01")
+  my:queues                   ZSET    queue identity -> created, ms
+  my:queue:<q>                HASH    delivery type, next hop, suspended, retry state
+  my:ready:<q>                LIST    item ids ready to be taken, oldest first
+  my:qm:<q>                   ZSET    every item in the queue -> date received into it, ms
+  my:conns:<q>                ZSET    drain leases working on the queue -> lease expiry, ms;
+                                      its size is the queue's connection count (capped)
+  my:kick:<q>                 STRING  set while a Celery drain task for the queue is pending
+  my:queue-retry              ZSET    queue in Retry -> next retry time, ms
+
+Schedules (the sweeper acts on what is due)
+  my:inflight                 ZSET    leased item -> lease expiry, ms
+  my:retry                    ZSET    item waiting for its own retry -> due, ms
+  my:expiry                   ZSET    item -> expiration time, ms
+  my:delay                    ZSET    message -> time its delay DSN is due, ms
+
+Message tracking
+  my:track                    STREAM  tracking events (mailyard.tracking), trimmed by age
+"""
+
+from __future__ import annotations
+
+P = "my:"
+
+ORG = P + "org"
+ORG_VERSION = P + "org:version"
+ORG_CHANNEL = P + "org:changed"
+
+HUBS = P + "hubs"
+SERVERS = P + "servers"
+SWEEPER = P + "sweeper"
+
+
+SEQ_ITEM = P + "seq:item"
+
+QUEUES = P + "queues"
+QUEUE_RETRY = P + "queue-retry"
+INFLIGHT = P + "inflight"
+RETRY = P + "retry"
+EXPIRY = P + "expiry"
+DELAY = P + "delay"
+TRACK = P + "track"
+
+CELERY_PREFIX = P + "celery:"
+
+
+def hub(name: str) -> str:
+    return f"{P}hub:{name}"
+
+
+def server(name: str) -> str:
+    return f"{P}server:{name}"
+
+
+def outbox_ref(server: str, mailbox: str, item: str) -> str:
+    """The reference of one Outbox item, as stored in ``my:submit:pending:<server>``."""
+    return f"{server}/{mailbox}/{item}"
+
+
+def submit_pending(server: str) -> str:
+    return f"{P}submit:pending:{server}"
+
+
+def submit(ref: str) -> str:
+    return f"{P}submit:{ref}"
+
+
+def pickup(ref: str) -> str:
+    return f"{P}pickup:{ref}"
+
+
+def msg(msg_id: str) -> str:
+    return f"{P}msg:{msg_id}"
+
+
+def body(msg_id: str) -> str:
+    return f"{P}body:{msg_id}"
+
+
+def item(item_id: str | int) -> str:
+    return f"{P}item:{item_id}"
+
+
+def msg_items(msg_id: str) -> str:
+    return f"{P}mi:{msg_id}"
+
+
+def dedup(origin_id: str) -> str:
+    return f"{P}dedup:{origin_id}"
+
+
+def queue(q: str) -> str:
+    return f"{P}queue:{q}"
+
+
+def ready(q: str) -> str:
+    return f"{P}ready:{q}"
+
+
+def queue_members(q: str) -> str:
+    return f"{P}qm:{q}"
+
+
+def conns(q: str) -> str:
+    return f"{P}conns:{q}"
+
+
+def kick(q: str) -> str:
+    return f"{P}kick:{q}"

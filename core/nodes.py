@@ -1,0 +1,116 @@
+"""The registry of live nodes: hubs and mailbox servers announce themselves in Redis.
+
+A hub heart-beats every second; the Mail Submission Service round-robins over the hubs of
+its site whose last heartbeat is recent (``transport.hub_heartbeat_timeout``). Mailbox
+servers register the URL of their HTTP API, which is how hubs and the CLI find them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from mailyard import keys
+from mailyard.errors import NotFoundError
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class HubInfo:
+    name: str
+    site: str
+    host: str = ""
+    pid: int = 0
+    started: int = 0
+    heartbeat: int = 0
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+    def alive(self, timeout_s: float, now: int | None = None) -> bool:
+        return (now or now_ms()) - self.heartbeat <= timeout_s * 1000
+
+
+def hub_heartbeat(
+    r: redis.Redis, name: str, site: str, *, endpoints: dict[str, str] | None = None,
+    started: int = 0,
+) -> None:
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(
+        keys.hub(name),
+        mapping={
+            "site": site,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": started or now_ms(),
+            "endpoints": json.dumps(endpoints or {}),
+        },
+    )
+    pipe.zadd(keys.HUBS, {name: now_ms()})
+    pipe.execute()
+
+
+def hub_gone(r: redis.Redis, name: str) -> None:
+    r.zrem(keys.HUBS, name)
+
+
+def hubs(r: redis.Redis) -> list[HubInfo]:
+    beats = r.zrange(keys.HUBS, 0, -1, withscores=True)
+    if not beats:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for name, _ in beats:
+        pipe.hgetall(keys.hub(name.decode()))
+    out = []
+    for (name, beat), data in zip(beats, pipe.execute(), strict=True):
+        d = {k.decode(): v.decode() for k, v in data.items()}
+        out.append(
+            HubInfo(
+                name=name.decode(),
+                site=d.get("site", ""),
+                host=d.get("host", ""),
+                pid=int(d.get("pid", 0) or 0),
+                started=int(d.get("started", 0) or 0),
+                heartbeat=int(beat),
+                endpoints=json.loads(d.get("endpoints") or "{}"),
+            )
+        )
+    return out
+
+
+def live_hubs(r: redis.Redis, site: str, timeout_s: float) -> list[str]:
+    """Names of the hubs of ``site`` that heart-beat within the timeout, sorted."""
+    now = now_ms()
+    return sorted(h.name for h in hubs(r) if h.site == site and h.alive(timeout_s, now))
+
+
+def register_server(r: redis.Redis, name: str, url: str, site: str) -> None:
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(
+        keys.server(name),
+        mapping={"url": url, "site": site, "pid": os.getpid(), "host": socket.gethostname()},
+    )
+    pipe.zadd(keys.SERVERS, {name: now_ms()})
+    pipe.execute()
+
+
+def server_url(r: redis.Redis, name: str) -> str:
+    url = r.hget(keys.server(name), "url")
+    if not url:
+        raise NotFoundError(f"mailbox server {name} has not registered its API yet")
+    return url.decode()
+
+
+def servers(r: redis.Redis) -> dict[str, dict[str, str]]:
+    out = {}
+    for name, beat in r.zrange(keys.SERVERS, 0, -1, withscores=True):
+        data = {k.decode(): v.decode() for k, v in r.hgetall(keys.server(name.decode())).items()}
+        data["heartbeat"] = str(int(beat))
+        out[name.decode()] = data
+    return out

@@ -1,0 +1,470 @@
+"""The organization file: Mailyard's Active Directory, as one validated TOML document.
+
+It names accepted domains, sites and their mailbox servers, mailboxes, distribution groups,
+mail contacts, send and receive connectors and the transport settings (Exchange 2010
+defaults, DESIGN §4). ``load_org`` validates it and reports every problem with its dotted
+key and its line; ``mailyard.orgstore`` keeps the validated copy in Redis for every node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+)
+
+from mailyard.errors import ConfigError, ConfigProblem
+from mailyard.units import format_duration, format_size, parse_duration, parse_size
+
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+]
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+
+PERMISSION_GROUPS = ("AnonymousUsers", "ExchangeUsers", "ExchangeServers", "Partners")
+AUTH_MECHANISMS = ("None", "Tls", "BasicAuth", "BasicAuthRequireTLS", "ExchangeServer")
+
+
+def normalize_address(value: str) -> str:
+    """Lower-case an SMTP address and check its shape (local@domain, no tricks)."""
+    if not isinstance(value, str):
+        raise ValueError("expected an e-mail address")
+    address = value.strip().lower()
+    local, sep, domain = address.rpartition("@")
+    if not sep or not _LOCAL.match(local) or not _DOMAIN.match(domain):
+        raise ValueError(f"{value!r} is not a valid e-mail address")
+    return address
+
+
+def normalize_domain(value: str) -> str:
+    if not isinstance(value, str) or not _DOMAIN.match(value.strip().lower().rstrip(".")):
+        raise ValueError(f"{value!r} is not a valid domain name")
+    return value.strip().lower().rstrip(".")
+
+
+Address = Annotated[str, BeforeValidator(normalize_address)]
+Domain = Annotated[str, BeforeValidator(normalize_domain)]
+
+
+def _check_name(value: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use letters, digits, space, dot, dash or "
+            "underscore, starting with a letter or digit, at most 64 characters"
+        )
+    return value
+
+
+Name = Annotated[str, BeforeValidator(_check_name)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TransportSettings(_Model):
+    """Set-TransportConfig / Set-TransportServer, with Exchange 2010's defaults."""
+
+    message_expiration_timeout: Duration = 2 * 86400
+    delay_notification_timeout: Duration = 4 * 3600
+    delay_dsn_enabled: bool = True
+    queue_glitch_retry_count: int = Field(4, ge=0, le=15)
+    queue_glitch_retry_interval: Duration = 60
+    transient_failure_retry_count: int = Field(6, ge=0, le=15)
+    transient_failure_retry_interval: Duration = 300
+    outbound_connection_failure_retry_interval: Duration = 600
+    message_retry_interval: Duration = 60
+    max_message_size: Size = 10 * 1024 * 1024
+    max_recipient_envelope_limit: int = Field(5000, ge=1)
+    max_per_domain_outbound_connections: int = Field(20, ge=1)
+    max_concurrent_mailbox_deliveries: int = Field(20, ge=1, le=256)
+    poison_message_detection_enabled: bool = True
+    poison_threshold: int = Field(2, ge=1, le=10)
+    queue_max_idle_time: Duration = 180
+    message_tracking_log_max_age: Duration = 30 * 86400
+    # Mailyard's own settings (no Exchange counterpart):
+    submission_ack_timeout: Duration = 30  # re-notify another hub if a pickup is not acked
+    hub_heartbeat_timeout: Duration = 5  # a hub silent this long leaves the round robin
+    lease_time: Duration = 120  # how long a worker owns the items it took from a queue
+    batch_size: int = Field(50, ge=1, le=1000)  # items a delivery task takes at once
+    sweep_interval: Duration = 1
+    server_token: str = Field("", description="shared secret of hubs and mailbox servers")
+    dns_servers: list[str] = Field(default_factory=list)  # empty: the system resolver
+
+
+class Site(_Model):
+    name: Name
+    mailbox_servers: list[Name] = Field(default_factory=list)
+
+
+class SiteLink(_Model):
+    name: Name
+    sites: list[Name] = Field(min_length=2)
+    cost: int = Field(10, ge=1, le=100)
+
+
+class Mailbox(_Model):
+    address: Address
+    name: str = ""
+    aliases: list[Address] = Field(default_factory=list)
+    server: Name
+    password: str = ""  # for SMTP AUTH on receive connectors; empty: cannot log on
+
+
+class Group(_Model):
+    address: Address
+    name: str = ""
+    members: list[Address] = Field(default_factory=list)
+
+
+class Contact(_Model):
+    name: str = ""
+    external_address: Address
+    address: Address | None = None  # optional address in an accepted domain
+
+
+class AddressSpace(_Model):
+    type: str = "SMTP"
+    space: str
+    cost: int = Field(1, ge=1, le=100)
+
+    @classmethod
+    def parse(cls, value: object) -> object:
+        """``"SMTP:*.contoso.com;5"``, ``"*"`` or a table with type, space and cost."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        kind, sep, rest = text.partition(":")
+        if not sep:
+            kind, rest = "SMTP", text
+        space, sep, cost = rest.partition(";")
+        return {"type": kind, "space": space.strip().lower(), "cost": cost.strip() or 1}
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, value: str) -> str:
+        if value == "*":
+            return value
+        bare = value[2:] if value.startswith("*.") else value
+        if not _DOMAIN.match(bare):
+            raise ValueError(
+                f"{value!r} is not an SMTP address space: use *, *.example.com or example.com"
+            )
+        return value
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.space};{self.cost}"
+
+
+class SendConnector(_Model):
+    name: Name
+    address_spaces: list[Annotated[AddressSpace, BeforeValidator(AddressSpace.parse)]] = Field(
+        min_length=1
+    )
+    dns_routing: bool = True
+    smart_hosts: list[str] = Field(default_factory=list)
+    smart_host_username: str = ""
+    smart_host_password: str = ""
+    port: int = Field(25, ge=1, le=65535)
+    source_sites: list[Name] = Field(default_factory=list)
+    source_servers: list[str] = Field(default_factory=list)
+    max_message_size: Size = 10 * 1024 * 1024
+    require_tls: bool = False
+    enabled: bool = True
+
+
+class ReceiveConnector(_Model):
+    name: Name
+    sites: list[Name] = Field(default_factory=list)  # empty: every site's hubs
+    bindings: list[str] = Field(default_factory=lambda: ["0.0.0.0:25"], min_length=1)
+    remote_ip_ranges: list[str] = Field(default_factory=lambda: ["0.0.0.0-255.255.255.255"])
+    permission_groups: list[Literal[PERMISSION_GROUPS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["ExchangeUsers", "ExchangeServers"]
+    )
+    auth_mechanisms: list[Literal[AUTH_MECHANISMS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["Tls", "BasicAuth", "BasicAuthRequireTLS"]
+    )
+    max_message_size: Size = 10 * 1024 * 1024
+    max_recipients_per_message: int = Field(200, ge=1, le=512000)
+    max_hop_count: int = Field(30, ge=1, le=500)
+    max_inbound_connection_per_source: int = Field(20, ge=1)
+    max_logon_failures: int = Field(3, ge=0)
+    banner: str = ""
+    fqdn: str = ""
+    enabled: bool = True
+
+    @field_validator("bindings")
+    @classmethod
+    def _bindings(cls, values: list[str]) -> list[str]:
+        for value in values:
+            host, sep, port = value.rpartition(":")
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+                ok = bool(sep) and 0 <= int(port) <= 65535
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{value!r} is not a binding: write IP:port, e.g. 0.0.0.0:25")
+        return values
+
+    @field_validator("remote_ip_ranges")
+    @classmethod
+    def _ranges(cls, values: list[str]) -> list[str]:
+        for value in values:
+            parse_ip_range(value)
+        return values
+
+
+def parse_ip_range(
+    value: str,
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """``"10.0.0.0/8"``, ``"10.0.0.1-10.0.0.9"`` or a single address, as (first, last)."""
+    try:
+        if "-" in value:
+            lo, hi = (ipaddress.ip_address(part.strip()) for part in value.split("-", 1))
+            if lo.version != hi.version or lo > hi:  # type: ignore[operator]
+                raise ValueError
+            return lo, hi
+        net = ipaddress.ip_network(value.strip(), strict=False)
+        return net[0], net[-1]
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP range: write 10.0.0.0/8, 10.0.0.1-10.0.0.9 or one address"
+        ) from None
+
+
+class Organization(_Model):
+    name: str = "Organization"
+    accepted_domains: list[Domain] = Field(min_length=1)
+    postmaster: Address | None = None
+    transport: TransportSettings = Field(default_factory=TransportSettings)
+    sites: list[Site] = Field(min_length=1)
+    site_links: list[SiteLink] = Field(default_factory=list)
+    mailboxes: list[Mailbox] = Field(default_factory=list)
+    groups: list[Group] = Field(default_factory=list)
+    contacts: list[Contact] = Field(default_factory=list)
+    send_connectors: list[SendConnector] = Field(default_factory=list)
+    receive_connectors: list[ReceiveConnector] = Field(default_factory=list)
+
+    @property
+    def postmaster_address(self) -> str:
+        return self.postmaster or f"postmaster@{self.accepted_domains[0]}"
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Organization:
+        return cls.model_validate_json(text)
+
+
+# region: loading and validation
+
+
+def load_org(path: str | Path) -> Organization:
+    """Read, parse and validate an organization file; raise ConfigError naming each problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigProblem("(file)", exc.strerror or str(exc))], str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigProblem("(file)", "is not UTF-8 text")], str(path)) from None
+    return parse_org(text, source=str(path))
+
+
+def parse_org(text: str, source: str = "") -> Organization:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = _toml_error_line(str(exc))
+        raise ConfigError([ConfigProblem("(syntax)", str(exc), line)], source) from None
+    lines = _key_lines(text)
+    try:
+        org = Organization.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            path = tuple(p for p in err["loc"] if isinstance(p, int) or "[" not in str(p))
+            problems.append(ConfigProblem(_dotted(path), _message(err), _line_for(lines, path)))
+        raise ConfigError(problems, source) from None
+    problems = [
+        ConfigProblem(_dotted(path), message, _line_for(lines, path))
+        for path, message in check_references(org)
+    ]
+    if problems:
+        raise ConfigError(problems, source)
+    return org
+
+
+def _message(err: Any) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key (check its spelling; see deploy/contoso.toml for every key)"
+    if kind == "missing":
+        return "is required"
+    msg = str(err.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
+    """Cross-checks a schema cannot express: names that must exist, must be unique, etc."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    accepted = set(org.accepted_domains)
+    sites = {s.name for s in org.sites}
+    servers: dict[str, str] = {}
+    for i, site in enumerate(org.sites):
+        if [s.name for s in org.sites].count(site.name) > 1:
+            problems.append((("sites", i, "name"), f"site {site.name!r} is defined twice"))
+        for j, server in enumerate(site.mailbox_servers):
+            if server in servers:
+                problems.append(
+                    (
+                        ("sites", i, "mailbox_servers", j),
+                        f"mailbox server {server!r} is already in site {servers[server]!r}",
+                    )
+                )
+            servers[server] = site.name
+    for i, link in enumerate(org.site_links):
+        for j, name in enumerate(link.sites):
+            if name not in sites:
+                problems.append((("site_links", i, "sites", j), f"no site named {name!r}"))
+
+    owners: dict[str, tuple[Any, ...]] = {}
+
+    def claim(address: str, path: tuple[Any, ...], in_org: bool = True) -> None:
+        if address in owners:
+            problems.append((path, f"{address} is already used at {_dotted(owners[address])}"))
+            return
+        owners[address] = path
+        if in_org and address.rpartition("@")[2] not in accepted:
+            problems.append(
+                (path, f"{address} is not in an accepted domain ({', '.join(org.accepted_domains)})")
+            )
+
+    for i, mb in enumerate(org.mailboxes):
+        claim(mb.address, ("mailboxes", i, "address"))
+        for j, alias in enumerate(mb.aliases):
+            claim(alias, ("mailboxes", i, "aliases", j))
+        if mb.server not in servers:
+            problems.append((("mailboxes", i, "server"), f"no mailbox server named {mb.server!r}"))
+    for i, group in enumerate(org.groups):
+        claim(group.address, ("groups", i, "address"))
+    for i, contact in enumerate(org.contacts):
+        if contact.external_address.rpartition("@")[2] in accepted:
+            problems.append(
+                (
+                    ("contacts", i, "external_address"),
+                    "a contact's external address must be outside the accepted domains",
+                )
+            )
+        if contact.address:
+            claim(contact.address, ("contacts", i, "address"))
+    contact_externals = {c.external_address for c in org.contacts}
+    for i, group in enumerate(org.groups):
+        for j, member in enumerate(group.members):
+            if member not in owners and member not in contact_externals:
+                problems.append(
+                    (
+                        ("groups", i, "members", j),
+                        f"{member} is not a mailbox, group or contact of this organization",
+                    )
+                )
+    names: set[str] = set()
+    for i, conn in enumerate(org.send_connectors):
+        if conn.name in names:
+            problems.append((("send_connectors", i, "name"), f"{conn.name!r} is defined twice"))
+        names.add(conn.name)
+        if not conn.dns_routing and not conn.smart_hosts:
+            problems.append(
+                (("send_connectors", i, "smart_hosts"), "needs smart hosts when dns_routing = false")
+            )
+        for j, name in enumerate(conn.source_sites):
+            if name not in sites:
+                problems.append((("send_connectors", i, "source_sites", j), f"no site {name!r}"))
+    names = set()
+    for i, rc in enumerate(org.receive_connectors):
+        if rc.name in names:
+            problems.append((("receive_connectors", i, "name"), f"{rc.name!r} is defined twice"))
+        names.add(rc.name)
+        for j, name in enumerate(rc.sites):
+            if name not in sites:
+                problems.append((("receive_connectors", i, "sites", j), f"no site {name!r}"))
+        if "BasicAuthRequireTLS" in rc.auth_mechanisms and not {"Tls", "BasicAuth"} <= set(
+            rc.auth_mechanisms
+        ):
+            problems.append(
+                (("receive_connectors", i, "auth_mechanisms"), "BasicAuthRequireTLS needs Tls and BasicAuth")
+            )
+    return problems
+
+
+# endregion
+
+# region: mapping a key path back to its line in the TOML text
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
+_ASSIGN = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+
+
+def _key_lines(text: str) -> dict[tuple[Any, ...], int]:
+    """Best-effort map from key paths (("mailboxes", 3, "server")) to 1-based line numbers.
+
+    Covers tables, arrays of tables and ``key = value`` lines, which is how organization
+    files are written; anything else falls back to the nearest enclosing table's line.
+    """
+    where: dict[tuple[Any, ...], int] = {}
+    counters: dict[tuple[Any, ...], int] = {}
+    table: tuple[Any, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := _HEADER.match(line):
+            parts = tuple(p.strip().strip("\"'") for p in m.group(2).split("."))
+            if m.group(1) == "[[":
+                index = counters.get(parts, -1) + 1
+                counters[parts] = index
+                table = (*parts, index)
+            else:
+                table = parts
+            where.setdefault(table, number)
+            continue
+        if m := _ASSIGN.match(line):
+            key = m.group(1).strip('"')
+            where.setdefault((*table, key), number)
+    return where
+
+
+def _line_for(lines: dict[tuple[Any, ...], int], path: tuple[Any, ...]) -> int | None:
+    for cut in range(len(path), 0, -1):
+        if path[:cut] in lines:
+            return lines[path[:cut]]
+    return None
+
+
+def _toml_error_line(message: str) -> int | None:
+    m = re.search(r"line (\d+)", message)
+    return int(m.group(1)) if m else None
+
+
+# endregion

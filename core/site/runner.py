@@ -1,0 +1,289 @@
+"""``mailyard site up``: start a whole site on this machine and keep it running.
+
+It starts an embedded Redis with AOF (unless given one), applies the organization file,
+starts one process per mailbox server, the hubs of each site and Flower, restarts any
+child that dies (with a growing pause), writes every endpoint to ``<data dir>/site.json``
+and stops everything it started on Ctrl-C or SIGTERM. Children die with it even if it is
+killed outright (Linux's parent-death signal).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailyard import redisconn
+from mailyard.errors import SiteError
+from mailyard.org import Organization
+from mailyard.orgstore import apply_org
+from mailyard.site import redis_server
+from mailyard.site.redis_server import free_port
+
+log = logging.getLogger("mailyard.site")
+
+STOP_GRACE_S = 15.0
+MAX_BACKOFF_S = 30.0
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the runner dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()  # Ctrl-C in the terminal reaches the runner, which stops children in order
+
+
+def mailyard_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mailyard", *args]
+
+
+def hub_names(site: str, count: int) -> list[str]:
+    return [f"{site.lower()}-hub-{i}" for i in range(1, count + 1)]
+
+
+@dataclass
+class Child:
+    name: str
+    role: str
+    cmd: list[str]
+    log_path: Path
+    endpoints: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    backoff: float = 1.0
+    next_start: float = 0.0
+    started_at: float = 0.0
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab")  # noqa: SIM115 (kept by the child)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, preexec_fn=_die_with_parent,
+        )
+        out.close()
+        self.started_at = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "pid": self.proc.pid if self.proc else None,
+            "restarts": self.restarts,
+            "log": str(self.log_path),
+            **self.endpoints,
+        }
+
+
+@dataclass
+class SiteConfig:
+    org: Organization
+    config_path: Path
+    data_dir: Path
+    hubs_per_site: int = 2
+    redis_url: str | None = None
+    redis_port: int = 0
+    fsync: str = "always"
+    flower: bool = True
+    flower_port: int = 0
+    concurrency: int = 2
+    host: str = "127.0.0.1"
+
+
+class Site:
+    def __init__(self, cfg: SiteConfig) -> None:
+        self.cfg = cfg
+        self.data_dir = cfg.data_dir.resolve()
+        self.children: list[Child] = []
+        self.redis: Child | None = None
+        self.redis_url = cfg.redis_url or ""
+        self._stopping = False
+
+    # region: plan
+
+    def plan(self) -> None:
+        cfg, logs = self.cfg, self.data_dir / "logs"
+        if not cfg.redis_url:
+            port = cfg.redis_port or free_port(cfg.host)
+            self.redis_url = f"redis://{cfg.host}:{port}/0"
+            self.redis = Child(
+                "redis", "redis", redis_server.command(self.data_dir / "redis", port, fsync=cfg.fsync, host=cfg.host),
+                logs / "redis.log", {"url": self.redis_url},
+            )
+        common = ["--redis-url", self.redis_url, "--data-dir", str(self.data_dir)]
+        for site in cfg.org.sites:
+            for server in site.mailbox_servers:
+                port = free_port(cfg.host)
+                url = f"http://{cfg.host}:{port}"
+                self.children.append(Child(
+                    server, "mailbox",
+                    mailyard_cmd("mailbox", "serve", "--server", server, "--host", cfg.host,
+                                 "--port", str(port), *common),
+                    logs / f"{server}.log", {"site": site.name, "url": url},
+                ))
+        for site in cfg.org.sites:
+            for name in hub_names(site.name, cfg.hubs_per_site):
+                self.children.append(Child(
+                    name, "hub",
+                    mailyard_cmd("hub", "--site", site.name, "--name", name,
+                                 "--concurrency", str(cfg.concurrency), *common),
+                    logs / f"{name}.log", {"site": site.name},
+                ))
+        if cfg.flower:
+            port = cfg.flower_port or free_port(cfg.host)
+            self.children.append(Child(
+                "flower", "flower",
+                [sys.executable, "-m", "celery", "-A", "mailyard.flower", "flower",
+                 f"--address={cfg.host}", f"--port={port}", "--purge_offline_workers=60"],
+                logs / "flower.log", {"url": f"http://{cfg.host}:{port}"},
+            ))
+
+    # endregion
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env[redisconn.ENV_URL] = self.redis_url
+        env["MAILYARD_DATA_DIR"] = str(self.data_dir)
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"  # Flower listens on loopback only
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_if_running()
+        self.plan()
+        env = self.env()
+        if self.redis:
+            self.redis.start(env)
+            redis_server.wait_ready(self.redis_url, self.redis.proc)
+        else:
+            redis_server.wait_ready(self.redis_url, None, timeout=5)
+        apply_org(redisconn.connect(self.redis_url), self.cfg.org)
+        for child in self.children:
+            child.start(env)
+        self.write_state()
+
+    def _refuse_if_running(self) -> None:
+        state = self.data_dir / "site.json"
+        if not state.exists():
+            return
+        try:
+            pid = int(json.loads(state.read_text()).get("runner_pid", 0))
+        except (ValueError, OSError):
+            return
+        if pid and pid != os.getpid() and _pid_alive(pid):
+            raise SiteError(f"a site is already running from {self.data_dir} (runner pid {pid}); "
+                            "stop it with `mailyard site down` or Ctrl-C")
+
+    def all_children(self) -> list[Child]:
+        return ([self.redis] if self.redis else []) + self.children
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "runner_pid": os.getpid(),
+            "config": str(self.cfg.config_path),
+            "data_dir": str(self.data_dir),
+            "redis_url": self.redis_url,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "processes": [c.describe() for c in self.all_children()],
+        }
+
+    def write_state(self) -> None:
+        path = self.data_dir / "site.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        os.replace(tmp, path)
+
+    def supervise(self) -> None:
+        """Restart children that die, until asked to stop."""
+        env = self.env()
+        while not self._stopping:
+            changed = False
+            now = time.monotonic()
+            for child in self.all_children():
+                if child.alive or self._stopping:
+                    continue
+                if child.next_start == 0.0:
+                    code = child.proc.returncode if child.proc else None
+                    # A child that ran for a while gets a quick restart; a crash loop backs off.
+                    if now - child.started_at > 60:
+                        child.backoff = 1.0
+                    child.next_start = now + child.backoff
+                    log.warning("%s (%s) exited with status %s; restarting in %.0fs",
+                                child.name, child.role, code, child.backoff)
+                elif now >= child.next_start:
+                    child.start(env)
+                    child.restarts += 1
+                    child.backoff = min(child.backoff * 2, MAX_BACKOFF_S)
+                    child.next_start = 0.0
+                    changed = True
+                    if child is self.redis:
+                        try:
+                            redis_server.wait_ready(self.redis_url, child.proc)
+                        except SiteError as exc:
+                            log.error("%s", exc)
+            if changed:
+                self.write_state()
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop children in reverse order of need: Flower and hubs, mailbox servers, Redis."""
+        self._stopping = True
+        order = [c for c in self.children if c.role in ("flower", "hub")]
+        order += [c for c in self.children if c.role not in ("flower", "hub")]
+        _terminate(order)
+        if self.redis:
+            _terminate([self.redis])
+        state = self.data_dir / "site.json"
+        try:
+            data = json.loads(state.read_text())
+            if data.get("runner_pid") == os.getpid():
+                data["stopped"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                data["runner_pid"] = 0
+                state.write_text(json.dumps(data, indent=2))
+        except (OSError, ValueError):
+            pass
+
+    def request_stop(self, *_: object) -> None:
+        self._stopping = True
+
+
+def _terminate(children: list[Child]) -> None:
+    for child in children:
+        if child.alive and child.proc:
+            child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        if child.proc is None:
+            continue
+        try:
+            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
+            child.proc.kill()
+            child.proc.wait()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,163 @@
+"""The message tracking log: Exchange's events, kept in a Redis stream, searchable site-wide.
+
+Events are written inside the same atomic step as the state change they describe (a
+``Txn`` operation), so the log never claims something that did not happen. Retention is
+``transport.message_tracking_log_max_age``; old entries are trimmed as new ones arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import redis
+
+from mailyard import keys
+from mailyard.txn import Txn
+
+
+class Event(StrEnum):
+    RECEIVE = "RECEIVE"
+    SUBMIT = "SUBMIT"
+    RESOLVE = "RESOLVE"
+    EXPAND = "EXPAND"
+    TRANSFER = "TRANSFER"
+    DEFER = "DEFER"
+    DELIVER = "DELIVER"
+    SEND = "SEND"
+    FAIL = "FAIL"
+    DSN = "DSN"
+    POISONMESSAGE = "POISONMESSAGE"
+    REDIRECT = "REDIRECT"
+
+
+# Exchange's field names (Get-MessageTrackingLog output), in log order.
+FIELDS = (
+    "event",
+    "source",
+    "server",
+    "client",
+    "connector",
+    "internal_id",
+    "message_id",
+    "recipients",
+    "recipient_status",
+    "related",
+    "reference",
+    "sender",
+    "subject",
+    "size",
+    "context",
+    "queue",
+)
+
+
+@dataclass
+class Record:
+    event: str
+    source: str = ""
+    server: str = ""
+    client: str = ""
+    connector: str = ""
+    internal_id: str = ""
+    message_id: str = ""
+    recipients: list[str] = field(default_factory=list)
+    recipient_status: list[str] = field(default_factory=list)
+    related: str = ""
+    reference: str = ""
+    sender: str = ""
+    subject: str = ""
+    size: int = 0
+    context: str = ""
+    queue: str = ""
+    time_ms: int = 0
+
+    def words(self) -> list[str | int]:
+        out: list[str | int] = []
+        for name in FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                # JSON, because SMTP replies contain the ";" Exchange's CSV log separates with.
+                value = json.dumps(value) if value else ""
+            if value not in ("", 0):
+                out += [name, value]
+        return out
+
+    def as_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"time": _iso(self.time_ms)}
+        for name in FIELDS:
+            d[name] = getattr(self, name)
+        return d
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def add(txn: Txn, record: Record, retention_s: float, now_ms: int | None = None) -> None:
+    """Append ``record`` to the log as part of ``txn``, trimming entries past retention."""
+    now_ms = now_ms or int(time.time() * 1000)
+    min_id = max(0, now_ms - int(retention_s * 1000))
+    txn.op("XADD", keys.TRACK, "MINID", "~", min_id, "*", *record.words())
+
+
+def _decode(entry_id: bytes, data: dict[bytes, bytes]) -> Record:
+    values = {k.decode(): v.decode("utf-8", "replace") for k, v in data.items()}
+    rec = Record(event=values.pop("event", ""))
+    for name, value in values.items():
+        if name in ("recipients", "recipient_status"):
+            setattr(rec, name, json.loads(value) if value else [])
+        elif name == "size":
+            rec.size = int(value)
+        elif name in FIELDS:
+            setattr(rec, name, value)
+    rec.time_ms = int(entry_id.split(b"-")[0])
+    return rec
+
+
+def search(
+    r: redis.Redis,
+    *,
+    message_id: str | None = None,
+    internal_id: str | None = None,
+    sender: str | None = None,
+    recipient: str | None = None,
+    event: str | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    limit: int = 1000,
+) -> list[Record]:
+    """Matching records, oldest first (Get-MessageTrackingLog; ``end`` is exclusive)."""
+    out: list[Record] = []
+    for rec in _scan(r, start_ms, end_ms):
+        if message_id and rec.message_id.strip("<>") != message_id.strip("<>"):
+            continue
+        if internal_id and rec.internal_id != internal_id:
+            continue
+        if sender and rec.sender.lower() != sender.lower():
+            continue
+        if recipient and recipient.lower() not in (a.lower() for a in rec.recipients) and (
+            rec.related.lower() != recipient.lower()
+        ):
+            continue
+        if event and rec.event != event.upper():
+            continue
+        out.append(rec)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _scan(r: redis.Redis, start_ms: int | None, end_ms: int | None) -> Iterator[Record]:
+    lo = f"{start_ms}-0" if start_ms else "-"
+    hi = f"({end_ms}-0" if end_ms else "+"
+    while True:
+        batch = r.xrange(keys.TRACK, lo, hi, count=1000)
+        if not batch:
+            return
+        for entry_id, data in batch:
+            yield _decode(entry_id, data)
+        lo = "(" + batch[-1][0].decode()

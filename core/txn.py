@@ -1,0 +1,123 @@
+"""Guarded transactions: build a state change in Python, apply it atomically in Redis.
+
+Every change of a message's state is one ``Txn``: guards (for example "I still hold this
+item's lease") checked and operations applied in one Lua call (core/lua/txn.lua), so a crash
+between two writes cannot happen and a worker that lost its lease cannot overwrite the one
+that took the item over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import redis
+
+from mailyard import keys
+from mailyard.scripts import script
+
+Word = str | bytes | int | float
+
+
+@dataclass
+class Kick:
+    queue: str
+    route: str
+
+
+@dataclass
+class Result:
+    ok: bool
+    failed_guard: int = 0  # 1-based number of the guard that failed
+    value: bytes | None = None  # the guarded key's value, for "absent" guards on strings
+    kicks: list[Kick] = field(default_factory=list)  # queues whose drain must be sent
+
+
+class Txn:
+    def __init__(self) -> None:
+        self._guards: list[list[Word]] = []
+        self._ops: list[list[Word]] = []
+        self._kicks: list[Kick] = []
+
+    # guards
+    def guard_eq(self, key: str, field_: str, value: Word) -> Txn:
+        self._guards.append(["eq", key, field_, value])
+        return self
+
+    def guard_absent(self, key: str) -> Txn:
+        self._guards.append(["absent", key])
+        return self
+
+    def guard_exists(self, key: str) -> Txn:
+        self._guards.append(["exists", key])
+        return self
+
+    # operations
+    def op(self, *words: Word) -> Txn:
+        self._ops.append(list(words))
+        return self
+
+    def hset(self, key: str, mapping: dict[str, Word]) -> Txn:
+        words: list[Word] = ["HSET", key]
+        for k, v in mapping.items():
+            words += [k, v]
+        self._ops.append(words)
+        return self
+
+    def hset_if_exists(self, key: str, mapping: dict[str, Word]) -> Txn:
+        words: list[Word] = ["@hset_if", key]
+        for k, v in mapping.items():
+            words += [k, v]
+        self._ops.append(words)
+        return self
+
+    def decref(self, msg_id: str) -> Txn:
+        """One item fewer holds the message; the last one deletes it and its body."""
+        self._ops.append(
+            ["@decref", keys.msg(msg_id), keys.body(msg_id), keys.msg_items(msg_id), keys.DELAY, msg_id]
+        )
+        return self
+
+    def kick(self, queue: str, route: str, ttl_ms: int) -> Txn:
+        """Ask for a drain task for ``queue`` unless one is already pending."""
+        self._ops.append(["@kick", keys.kick(queue), ttl_ms])
+        self._kicks.append(Kick(queue, route))
+        return self
+
+    def extend(self, ops: Iterable[list[Word]]) -> Txn:
+        self._ops.extend(list(op) for op in ops)
+        return self
+
+    @property
+    def empty(self) -> bool:
+        return not self._ops
+
+    def argv(self) -> list[Word]:
+        out: list[Word] = [len(self._guards)]
+        for words in self._guards:
+            out += [len(words), *words]
+        out.append(len(self._ops))
+        for words in self._ops:
+            out += [len(words), *words]
+        return out
+
+    def _result(self, reply: list) -> Result:
+        if int(reply[0]) == 1:
+            kicks = [k for k, flag in zip(self._kicks, reply[1:], strict=True) if int(flag) == 1]
+            return Result(True, kicks=kicks)
+        return Result(False, int(reply[1]), reply[2] or None)
+
+    def run(self, r: redis.Redis) -> Result:
+        return self._result(script(r, "txn")(keys=[], args=self.argv()))
+
+
+def run_all(r: redis.Redis, txns: list[Txn]) -> list[Result]:
+    """Apply several transactions in one round trip; each is atomic on its own."""
+    if not txns:
+        return []
+    s = script(r, "txn")
+    pipe = r.pipeline(transaction=False)
+    for t in txns:
+        s(keys=[], args=t.argv(), client=pipe)
+    replies = pipe.execute()
+    return [t._result(reply) for t, reply in zip(txns, replies, strict=True)]

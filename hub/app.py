@@ -1,0 +1,79 @@
+"""A hub transport node: a Celery worker with the hub's tasks, heartbeat and sweeper.
+
+The worker consumes its own queue ``hub.<name>`` (pickup notifications from the round
+robin) and its site's queue ``site.<site>`` (drain tasks of the site's mail queues), plus
+``connector.<name>`` for each send connector that lists this hub as a source server.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, bootsteps
+
+from mailyard.broker import TASK_DRAIN, TASK_PICKUP, hub_queue, make_app, site_queue
+from mailyard.hub import categorizer, store_driver  # noqa: F401  (registers their stages)
+from mailyard.hub.delivery import drain as drain_queue
+from mailyard.hub.node import Node
+from mailyard.hub.sweeper import Services
+
+log = logging.getLogger("mailyard.hub")
+
+
+def create(name: str, site: str, redis_url: str) -> tuple[Celery, Node]:
+    app = make_app(redis_url)
+    node = Node(name=name, site=site, redis_url=redis_url, app=app)
+
+    @app.task(name=TASK_PICKUP)
+    def pickup(server: str, mailbox: str, item: str) -> None:
+        store_driver.pickup(node, server, mailbox, item)
+
+    @app.task(name=TASK_DRAIN)
+    def drain(queue: str) -> None:
+        drain_queue(node, queue)
+
+    class HubServices(bootsteps.StartStopStep):
+        """Heartbeat and sweeper threads, alive exactly as long as the worker."""
+
+        def __init__(self, worker, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(worker, **kwargs)
+            self.services = Services(node)
+
+        def start(self, worker) -> None:  # type: ignore[no-untyped-def]
+            self.services.start()
+
+        def stop(self, worker) -> None:  # type: ignore[no-untyped-def]
+            self.services.stop()
+
+    app.steps["worker"].add(HubServices)
+    return app, node
+
+
+def consumed_queues(node: Node) -> list[str]:
+    queues = [hub_queue(node.name), site_queue(node.site)]
+    try:
+        org = node.orgs.org
+    except Exception:
+        return queues
+    for conn in org.send_connectors:
+        if node.name in conn.source_servers:
+            queues.append(f"connector.{conn.name}")
+    return queues
+
+
+def run(
+    *, name: str, site: str, redis_url: str, concurrency: int = 2, pool: str = "prefork",
+    loglevel: str = "INFO",
+) -> None:
+    app, node = create(name, site, redis_url)
+    argv = [
+        "worker",
+        f"--hostname=hub@{name}",
+        f"--queues={','.join(consumed_queues(node))}",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--loglevel={loglevel}",
+        "--task-events",
+        "--without-mingle",
+    ]
+    app.worker_main(argv)

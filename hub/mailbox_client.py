@@ -1,0 +1,103 @@
+"""The store driver's RPC client: the only way a hub reaches a mailbox server (its HTTP API)."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import httpx
+import redis
+
+from mailyard import nodes
+from mailyard.errors import NotFoundError, PermanentDeliveryError, TransientDeliveryError
+from mailyard.orgstore import OrgCache
+
+TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the mailbox server did for one recipient of one message."""
+
+    msg: str
+    recipient: str
+    code: int
+    status: str
+    text: str
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+
+class MailboxClient:
+    def __init__(self, r: redis.Redis, hub: str) -> None:
+        self._r = r
+        self._orgs = OrgCache(r)
+        self._hub = hub
+        self._http = httpx.Client(timeout=TIMEOUT, limits=httpx.Limits(max_keepalive_connections=8))
+
+    def _url(self, server: str) -> str:
+        try:
+            return nodes.server_url(self._r, server)
+        except NotFoundError as exc:
+            raise TransientDeliveryError(451, "4.4.1", str(exc)) from None
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self._orgs.org.transport.server_token}",
+            "X-Mailyard-Hub": self._hub,
+        }
+
+    def _request(self, server: str, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            response = self._http.request(method, self._url(server) + path, headers=self._headers(), **kw)
+        except httpx.HTTPError as exc:
+            raise TransientDeliveryError(
+                451, "4.4.1", f"STOREDRV: cannot reach mailbox server {server}: {exc!r}"
+            ) from None
+        if response.status_code >= 500 or response.status_code in (401, 403, 408, 429):
+            raise TransientDeliveryError(
+                451, "4.4.2", f"STOREDRV: mailbox server {server} answered {response.status_code}: "
+                f"{_error_text(response)}"
+            )
+        return response
+
+    def fetch_outbox(self, server: str, mailbox: str, item: str) -> bytes | None:
+        response = self._request(server, "GET", f"/hub/outbox/{mailbox}/{item}")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise PermanentDeliveryError(550, "5.2.1", _error_text(response))
+        return response.content
+
+    def ack_outbox(self, server: str, mailbox: str, item: str) -> bool:
+        response = self._request(server, "POST", f"/hub/outbox/{mailbox}/{item}/submitted")
+        return response.status_code == 200
+
+    def deliver(self, server: str, batch: list[tuple[str, list[str], bytes]]) -> list[Outcome]:
+        payload = {
+            "messages": [
+                {"id": key, "recipients": rcpts, "raw": base64.b64encode(raw).decode()}
+                for key, rcpts, raw in batch
+            ]
+        }
+        response = self._request(server, "POST", "/hub/deliver", json=payload)
+        if response.status_code != 200:
+            raise TransientDeliveryError(
+                451, "4.4.2", f"STOREDRV: delivery refused by {server}: {_error_text(response)}"
+            )
+        return [
+            Outcome(r["id"], r["recipient"], int(r["code"]), r["status"], r["text"])
+            for r in response.json()["results"]
+        ]
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))
+    except ValueError:
+        return response.text[:200]

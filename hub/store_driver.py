@@ -1,0 +1,155 @@
+"""The store driver: pickup from mailbox servers' Outboxes, delivery to their Inboxes.
+
+Pickup (a hub was notified by the Mail Submission Service):
+  1. fetch the Outbox item over the mailbox server's API;
+  2. write the message into the Submission queue in one atomic step, recorded against the
+     Outbox item so a second pickup of the same item (a re-notification after a crash)
+     creates nothing;
+  3. only then acknowledge it, which moves the original to Sent Items.
+Delivery (MapiDelivery, one queue per mailbox server): one API call per batch; the mailbox
+server stores each message once per mailbox, however often it is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from email.utils import formatdate, getaddresses
+
+from mailyard import headers, keys, tracking
+from mailyard.errors import DeliveryError, TransientDeliveryError
+from mailyard.hub.delivery import Batch, Outcome, defer_batch, register, settle
+from mailyard.hub.node import Node
+from mailyard.hub.queues import (
+    DeliveryType,
+    Message,
+    Recipient,
+    allocate_items,
+    create_message,
+    enqueue,
+    load_bodies,
+    new_message_id,
+    submission_queue,
+)
+from mailyard.nodes import now_ms
+from mailyard.org import normalize_address
+from mailyard.tracking import Event, Record
+from mailyard.txn import Txn
+
+log = logging.getLogger("mailyard.hub.store_driver")
+
+PICKUP_MEMORY_S = 7 * 86400  # how long a pickup is remembered (longer than expiry)
+
+
+def pickup(node: Node, server: str, mailbox: str, item: str) -> str | None:
+    """Take one Outbox item into the Submission queue; returns its message id."""
+    r = node.r
+    ref = keys.outbox_ref(server, mailbox, item)
+    known = r.get(keys.pickup(ref))
+    if known is None:
+        try:
+            raw = node.mailboxes.fetch_outbox(server, mailbox, item)
+        except DeliveryError as exc:
+            log.warning("pickup of %s failed: %s (the submission service will re-notify)", ref, exc)
+            return None
+        if raw is None:
+            # Gone from the Outbox: another hub took it and it is in Sent Items already.
+            r.zrem(keys.submit_pending(server), ref)
+            return None
+        msg_id = _submit(node, server, mailbox, ref, raw)
+    else:
+        msg_id = known.decode()
+    try:
+        node.mailboxes.ack_outbox(server, mailbox, item)
+    except DeliveryError as exc:
+        log.warning("could not acknowledge %s: %s (a re-notification will finish it)", ref, exc)
+    return msg_id
+
+
+def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
+    settings = node.settings
+    head = headers.parse(raw)
+    recipients: list[str] = []
+    for field in ("To", "Cc", "Bcc"):
+        for _, addr in getaddresses([str(v) for v in head.get_all(field, [])]):
+            try:
+                address = normalize_address(addr)
+            except ValueError:
+                continue  # the mailbox server checked them; a bad one here is dropped
+            if address not in recipients:
+                recipients.append(address)
+    now = now_ms()
+    msg = Message(
+        id=new_message_id(),
+        sender=mailbox,
+        message_id=str(head.get("Message-ID", "")).strip(),
+        subject=str(head.get("Subject", ""))[:500],
+        received=now,
+        expires=now + int(settings.message_expiration_timeout * 1000),
+        source="STOREDRIVER",
+        origin=ref,
+        site=node.site,
+        hub=node.name,
+        client=server,
+    )
+    body = headers.prepend(
+        headers.strip(raw, "Bcc"),
+        f"Received: from {server} by {node.fqdn} (Mailyard hub) with MAPI id {msg.id};"
+        f" {formatdate(localtime=False)}",
+    )
+    msg.size = len(body)
+    (item_id,) = allocate_items(node.r, 1)
+    txn = Txn().guard_absent(keys.pickup(ref))
+    delay_at = now + int(settings.delay_notification_timeout * 1000) if settings.delay_dsn_enabled else 0
+    create_message(txn, msg, body, refs=1, delay_dsn_at=delay_at)
+    enqueue(txn, submission_queue(node.site), item_id, msg, [Recipient(a) for a in recipients], now=now)
+    txn.op("SET", keys.pickup(ref), msg.id, "EX", PICKUP_MEMORY_S)
+    tracking.add(
+        txn,
+        Record(Event.RECEIVE, source="STOREDRIVER", server=node.name, client=server,
+               internal_id=msg.id, message_id=msg.message_id, recipients=recipients,
+               sender=mailbox, subject=msg.subject, size=msg.size,
+               context=f"Mailbox:{mailbox}, Item:{ref.rsplit('/', 1)[-1]}"),
+        settings.message_tracking_log_max_age,
+        now,
+    )
+    result = node.commit(txn)
+    if not result.ok:  # picked up meanwhile by another hub
+        return (result.value or b"").decode()
+    return msg.id
+
+
+def deliver(node: Node, batch: Batch) -> None:
+    """MapiDelivery: hand the batch to its mailbox server in one API call."""
+    bodies = load_bodies(node.r, [i.msg for i in batch.items])
+    work = [
+        (item.msg, [r.address for r in item.recipients], bodies[item.msg])
+        for item in batch.items
+        if item.msg in bodies
+    ]
+    if not work:
+        settle(node, batch, {})
+        return
+    try:
+        results = node.mailboxes.deliver(batch.next_hop, work)
+    except TransientDeliveryError as exc:
+        defer_batch(node, batch, exc)
+        return
+    by_msg: dict[tuple[str, str], Outcome] = {
+        (o.msg, o.recipient): Outcome(o.code, o.status, o.text) for o in results
+    }
+    outcomes = {
+        item.id: {
+            r.address: by_msg[(item.msg, r.address)]
+            for r in item.recipients
+            if (item.msg, r.address) in by_msg
+        }
+        for item in batch.items
+    }
+    settle(node, batch, outcomes, event=Event.DELIVER, source="STOREDRIVER", remote=batch.next_hop)
+
+
+def _cap(node: Node) -> int:
+    return node.settings.max_concurrent_mailbox_deliveries
+
+
+register(DeliveryType.MAPI.value, deliver, _cap)

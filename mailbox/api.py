@@ -1,0 +1,316 @@
+"""The mailbox server's HTTP API.
+
+For clients (what Outlook does over MAPI in Exchange):
+  POST /mailboxes/{address}/outbox                 "Send": a message into the Outbox
+  GET  /mailboxes/{address}/folders/{folder}        list a folder
+  GET  /mailboxes/{address}/folders/{folder}/{id}   one message, as RFC 5322 text
+For hubs (the store driver's RPC; a server token is required):
+  GET  /hub/outbox/{address}/{id}                   fetch an Outbox item
+  POST /hub/outbox/{address}/{id}/submitted         pickup acknowledged: move to Sent Items
+  POST /hub/deliver                                 deliver a batch to local mailboxes
+Every error is JSON ``{"error": "..."}`` with a 4xx status that fits.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import formatdate, getaddresses, make_msgid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mailyard.directory import Directory
+from mailyard.errors import NotFoundError
+from mailyard.mailbox.store import MailboxStore, folder_name
+from mailyard.org import normalize_address
+
+log = logging.getLogger("mailyard.mailbox.api")
+
+MAX_DELIVER_BATCH = 1000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+def create_app(
+    *,
+    server: str,
+    store: MailboxStore,
+    directory: Callable[[], Directory],
+    on_submitted: Callable[[str, str], None],
+    on_acknowledged: Callable[[str, str], None],
+) -> FastAPI:
+    app = FastAPI(title=f"Mailyard mailbox server {server}", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
+
+    def mailbox_here(address: str) -> str:
+        try:
+            address = normalize_address(address)
+        except ValueError:
+            raise ApiError(404, f"no mailbox {address!r} on {server}") from None
+        entry = directory().mailbox_entry(address)
+        if entry is None or entry.server != server:
+            raise ApiError(404, f"no mailbox {address} on {server}")
+        return entry.address
+
+    def require_token(request: Request) -> None:
+        token = directory().org.transport.server_token
+        given = request.headers.get("authorization", "")
+        if not token:
+            raise ApiError(503, "this organization has no server_token yet; apply it again")
+        if not given.startswith("Bearer "):
+            raise ApiError(401, "server token required (Authorization: Bearer <token>)")
+        if not hmac.compare_digest(given[7:].encode(), token.encode()):
+            raise ApiError(403, "wrong server token")
+
+    async def read_body(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        mailboxes = [m.address for m in directory().org.mailboxes if m.server == server]
+        return {"server": server, "mailboxes": len(mailboxes)}
+
+    # region: client API
+
+    @app.post("/mailboxes/{address}/outbox", status_code=202)
+    async def send(address: str, request: Request) -> dict[str, Any]:
+        owner = mailbox_here(address)
+        limit = directory().org.transport.max_message_size
+        body = await read_body(request, limit + 64 * 1024)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            raw = compose_from_json(body, owner)
+        elif ctype in ("message/rfc822", "text/plain", "application/octet-stream", ""):
+            raw = body
+        else:
+            raise ApiError(415, f"send message/rfc822 or application/json, not {ctype}")
+        raw, message_id, recipients = prepare_outgoing(raw, owner, directory())
+        if len(raw) > limit:
+            raise ApiError(413, f"message is {len(raw)} bytes; the limit is {limit}")
+        item_id = await _in_thread(store.put, owner, "Outbox", raw)
+        on_submitted(owner, item_id)
+        return {"id": item_id, "message_id": message_id, "recipients": recipients}
+
+    @app.get("/mailboxes/{address}/folders/{folder}")
+    def list_folder(address: str, folder: str) -> dict[str, Any]:
+        owner = mailbox_here(address)
+        items = store.list(owner, folder_name(folder))
+        return {"mailbox": owner, "folder": folder_name(folder), "items": [i.as_dict() for i in items]}
+
+    @app.get("/mailboxes/{address}/folders/{folder}/{item_id}")
+    def read_item(address: str, folder: str, item_id: str) -> Response:
+        owner = mailbox_here(address)
+        return Response(store.read(owner, folder_name(folder), item_id), media_type="message/rfc822")
+
+    # endregion
+
+    # region: hub API (store driver)
+
+    @app.get("/hub/outbox/{address}/{item_id}")
+    def fetch_outbox(address: str, item_id: str, request: Request) -> Response:
+        require_token(request)
+        owner = mailbox_here(address)
+        raw = store.read(owner, "Outbox", item_id)
+        return Response(raw, media_type="message/rfc822", headers={"X-Mailyard-Sender": owner})
+
+    @app.post("/hub/outbox/{address}/{item_id}/submitted")
+    def submitted(address: str, item_id: str, request: Request) -> dict[str, Any]:
+        require_token(request)
+        owner = mailbox_here(address)
+        moved = False
+        if store.has(owner, "Outbox", item_id):
+            store.move(owner, item_id, "Outbox", "Sent Items")
+            moved = True
+        elif not store.has(owner, "Sent Items", item_id):
+            raise ApiError(404, f"no item {item_id} in the Outbox or Sent Items of {owner}")
+        on_acknowledged(owner, item_id)
+        return {"id": item_id, "moved": moved}
+
+    @app.post("/hub/deliver")
+    async def deliver(request: Request) -> dict[str, Any]:
+        require_token(request)
+        org = directory().org
+        limit = org.transport.max_message_size * 2 * min(org.transport.batch_size, 64) + 65536
+        body = await read_body(request, limit)
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise ApiError(400, f"body is not JSON: {exc}") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages: expected a non-empty list")
+        if len(messages) > MAX_DELIVER_BATCH:
+            raise ApiError(413, f"messages: at most {MAX_DELIVER_BATCH} per request")
+        hub = request.headers.get("x-mailyard-hub", "hub")
+        work = [_check_delivery(i, m) for i, m in enumerate(messages)]
+        results = await _in_thread(_deliver_all, work, hub)
+        return {"results": results}
+
+    def _deliver_all(work: list[tuple[str, list[str], bytes]], hub: str) -> list[dict[str, Any]]:
+        results = []
+        d = directory()
+        for key, recipients, raw in work:
+            for rcpt in recipients:
+                entry = d.mailbox_entry(rcpt)
+                if entry is None or entry.server != server:
+                    results.append(_result(key, rcpt, 550, "5.1.1",
+                                           f"STOREDRV.Deliver: no mailbox {rcpt} on {server}"))
+                    continue
+                stamped = _received(hub, server, key, entry.address) + raw
+                try:
+                    store.ensure(entry.address)
+                    _, fresh = store.deliver(entry.address, key, stamped)
+                except OSError as exc:
+                    log.error("delivery of %s to %s failed: %s", key, rcpt, exc)
+                    results.append(_result(key, rcpt, 451, "4.3.2", f"STOREDRV.Deliver: {exc.strerror}"))
+                    continue
+                text = "STOREDRV.Deliver: delivered" if fresh else "STOREDRV.Deliver: duplicate, stored once"
+                results.append(_result(key, rcpt, 250, "2.0.0", text))
+        return results
+
+    # endregion
+    return app
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def _result(key: str, rcpt: str, code: int, status: str, text: str) -> dict[str, Any]:
+    return {"id": key, "recipient": rcpt, "code": code, "status": status, "text": text}
+
+
+def _check_delivery(index: int, m: object) -> tuple[str, list[str], bytes]:
+    if not isinstance(m, dict):
+        raise ApiError(400, f"messages[{index}]: expected an object")
+    key, recipients, raw = m.get("id"), m.get("recipients"), m.get("raw")
+    if not isinstance(key, str) or not key.replace("-", "").replace("_", "").isalnum() or len(key) > 64:
+        raise ApiError(400, f"messages[{index}].id: expected a message id of letters and digits")
+    if not isinstance(recipients, list) or not recipients or not all(isinstance(r, str) for r in recipients):
+        raise ApiError(400, f"messages[{index}].recipients: expected a non-empty list of addresses")
+    if not isinstance(raw, str):
+        raise ApiError(400, f"messages[{index}].raw: expected the message in base64")
+    try:
+        body = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"messages[{index}].raw: not valid base64") from None
+    return key, [r.lower() for r in recipients], body
+
+
+def _received(hub: str, server: str, key: str, rcpt: str) -> bytes:
+    return (
+        f"Received: from {hub} by {server} (Mailyard mailbox server) with MAPI id {key}"
+        f" for <{rcpt}>; {formatdate(localtime=False)}\r\n"
+    ).encode()
+
+
+def compose_from_json(body: bytes, owner: str) -> bytes:
+    """Build a message from ``{"to": [...], "cc": [...], "bcc": [...], "subject", "body"}``."""
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "expected a JSON object with to, cc, bcc, subject and body")
+    unknown = set(data) - {"to", "cc", "bcc", "subject", "body"}
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+    msg = EmailMessage()
+    msg["From"] = owner
+    for field in ("to", "cc", "bcc"):
+        value = data.get(field, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ApiError(400, f"{field}: expected a list of addresses")
+        if value:
+            msg[field.capitalize()] = ", ".join(value)
+    subject, text = data.get("subject", ""), data.get("body", "")
+    if not isinstance(subject, str) or not isinstance(text, str):
+        raise ApiError(400, "subject and body must be strings")
+    msg["Subject"] = subject
+    msg.set_content(text)
+    return msg.as_bytes(policy=SMTP_POLICY)
+
+
+def prepare_outgoing(raw: bytes, owner: str, directory: Directory) -> tuple[bytes, str, list[str]]:
+    """Check a message a client sends and add what a mail client would (Date, Message-ID)."""
+    if not raw.strip():
+        raise ApiError(400, "the message is empty")
+    head_end = raw.find(b"\r\n\r\n")
+    if head_end < 0:
+        head_end = raw.find(b"\n\n")
+    head = raw if head_end < 0 else raw[:head_end]
+    try:
+        headers = BytesParser().parsebytes(head + b"\r\n\r\n", headersonly=True)
+    except Exception:
+        raise ApiError(400, "the message headers cannot be parsed") from None
+    if headers.defects and not headers.keys():
+        raise ApiError(400, "the message has no headers")
+    sender = [a for _, a in getaddresses(headers.get_all("From", []))]
+    mailbox = next((m for m in directory.org.mailboxes if m.address == owner), None)
+    allowed = {owner, *(mailbox.aliases if mailbox else [])}
+    if sender and sender[0].lower() not in allowed:
+        raise ApiError(403, f"{owner} may not send as {sender[0]}")
+    recipients = []
+    for field in ("To", "Cc", "Bcc"):
+        for name, addr in getaddresses(headers.get_all(field, [])):
+            try:
+                recipients.append(normalize_address(addr))
+            except ValueError:
+                raise ApiError(400, f"{field}: {addr or name!r} is not a valid e-mail address") from None
+    if not recipients:
+        raise ApiError(400, "the message has no recipients (To, Cc or Bcc)")
+    extra = b""
+    if not sender:
+        extra += f"From: {owner}\r\n".encode()
+    if headers.get("Date") is None:
+        extra += f"Date: {formatdate(localtime=False)}\r\n".encode()
+    message_id = str(headers.get("Message-ID", "")).strip()
+    if not message_id:
+        message_id = make_msgid(domain=owner.rpartition("@")[2])
+        extra += f"Message-ID: {message_id}\r\n".encode()
+    return extra + raw, message_id, recipients

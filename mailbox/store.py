@@ -1,0 +1,268 @@
+"""A mailbox server's store: one Maildir++ per mailbox, on the server's own disk.
+
+Layout under the data directory: ``<address>/`` is the mailbox's Maildir (its Inbox) with
+the subfolders ``.Outbox`` and ``.Sent Items``, readable by any Maildir tool (and by the
+standard library's ``mailbox.Maildir``). Every write goes to ``tmp/``, is fsynced, then
+renamed into place, so nothing is ever half-written. Mailbox delivery is idempotent: a
+message delivered twice to the same mailbox (a hub retrying after a crash) is stored once,
+recorded by a marker under ``.mailyard/delivered/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
+from email.utils import getaddresses, parsedate_to_datetime
+from pathlib import Path
+
+from mailyard.errors import NotFoundError
+
+FOLDERS = {"Inbox": "", "Outbox": ".Outbox", "Sent Items": ".Sent Items"}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_DELIVERED_ID = re.compile(r"\.Y([A-Za-z0-9_-]+)\.")
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    id: str
+    folder: str
+    message_id: str
+    sender: str
+    to: list[str]
+    cc: list[str]
+    subject: str
+    date: str
+    size: int
+    seen: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "folder": self.folder,
+            "message_id": self.message_id,
+            "from": self.sender,
+            "to": self.to,
+            "cc": self.cc,
+            "subject": self.subject,
+            "date": self.date,
+            "size": self.size,
+            "seen": self.seen,
+        }
+
+
+def folder_name(name: str) -> str:
+    """The canonical folder name, case-insensitively (``inbox`` -> ``Inbox``)."""
+    for known in FOLDERS:
+        if known.lower() == name.strip().lower():
+            return known
+    raise NotFoundError(f"no folder {name!r}: folders are {', '.join(FOLDERS)}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MailboxStore:
+    """The Maildirs of the mailboxes one server holds."""
+
+    def __init__(self, root: Path, server: str) -> None:
+        self.root = Path(root)
+        self.server = server
+        self._host = socket.gethostname().replace("/", "_").replace(":", "_") or "mailyard"
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._mailbox_locks: dict[str, threading.Lock] = {}
+        self._ready: set[str] = set()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # region: layout
+
+    def _maildir(self, address: str) -> Path:
+        # The address has been checked against the directory by the caller; this is a second
+        # line of defence against path tricks.
+        if "/" in address or "\\" in address or address.startswith(".") or "\x00" in address:
+            raise NotFoundError(f"no mailbox {address!r}")
+        return self.root / address.lower()
+
+    def _folder_dir(self, address: str, folder: str) -> Path:
+        return self._maildir(address) / FOLDERS[folder_name(folder)]
+
+    def ensure(self, address: str) -> None:
+        """Create the mailbox's Maildir and folders if missing; recover after a crash.
+
+        Done once per mailbox and process: the first call after a start is the recovery."""
+        if address in self._ready:
+            return
+        base = self._maildir(address)
+        for sub in FOLDERS.values():
+            for part in ("tmp", "new", "cur"):
+                (base / sub / part).mkdir(parents=True, exist_ok=True)
+            if sub:
+                (base / sub / "maildirfolder").touch(exist_ok=True)
+        (base / ".mailyard" / "delivered").mkdir(parents=True, exist_ok=True)
+        self._recover(base)
+        self._ready.add(address)
+
+    def _recover(self, base: Path) -> None:
+        # A crash can leave a partial write in tmp/ (never visible), or a delivered message
+        # whose marker was not yet written; write the missing markers now.
+        for sub in FOLDERS.values():
+            for leftover in (base / sub / "tmp").iterdir():
+                leftover.unlink(missing_ok=True)
+        marks = base / ".mailyard" / "delivered"
+        for part in ("new", "cur"):
+            for entry in (base / part).iterdir():
+                m = _DELIVERED_ID.search(entry.name)
+                if m and not (marks / m.group(1)).exists():
+                    self._write_marker(marks / m.group(1), entry.name.split(":")[0])
+
+    # endregion
+
+    def _lock_for(self, address: str) -> threading.Lock:
+        with self._lock:
+            return self._mailbox_locks.setdefault(address, threading.Lock())
+
+    def _new_id(self, key: str | None = None) -> str:
+        now = time.time()
+        if key:
+            return f"{int(now)}.Y{key}.{self._host}"
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{seq}.{self._host}"
+
+    def _write(self, folder_dir: Path, item_id: str, raw: bytes) -> None:
+        tmp = folder_dir / "tmp" / item_id
+        with open(tmp, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, folder_dir / "new" / item_id)
+        _fsync_dir(folder_dir / "new")
+
+    def put(self, address: str, folder: str, raw: bytes) -> str:
+        """Store a message in a folder (Outbox for "Send"); returns its id once durable."""
+        folder_dir = self._folder_dir(address, folder)
+        item_id = self._new_id()
+        self._write(folder_dir, item_id, raw)
+        return item_id
+
+    def deliver(self, address: str, key: str, raw: bytes) -> tuple[str, bool]:
+        """Deliver to the Inbox once per ``key``; returns (item id, False if a duplicate)."""
+        if not _KEY.match(key):
+            raise ValueError(f"bad delivery key {key!r}")
+        base = self._maildir(address)
+        marker = base / ".mailyard" / "delivered" / key
+        with self._lock_for(address):
+            if marker.exists():
+                return marker.read_text().strip(), False
+            item_id = self._new_id(key)
+            self._write(base, item_id, raw)
+            self._write_marker(marker, item_id)
+        return item_id, True
+
+    def _write_marker(self, marker: Path, item_id: str) -> None:
+        tmp = marker.with_name(marker.name + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(item_id)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, marker)
+        _fsync_dir(marker.parent)
+
+    def locate(self, address: str, folder: str, item_id: str) -> Path:
+        if not _ID.match(item_id):
+            raise NotFoundError(f"no item {item_id!r} in {folder}")
+        folder_dir = self._folder_dir(address, folder)
+        path = folder_dir / "new" / item_id
+        if path.exists():
+            return path
+        cur = folder_dir / "cur"
+        for name in os.listdir(cur):
+            if name == item_id or name.startswith(item_id + ":"):
+                return cur / name
+        raise NotFoundError(f"no item {item_id!r} in {folder_name(folder)} of {address}")
+
+    def read(self, address: str, folder: str, item_id: str) -> bytes:
+        return self.locate(address, folder, item_id).read_bytes()
+
+    def move(self, address: str, item_id: str, src: str, dst: str, *, seen: bool = True) -> None:
+        """Move an item between folders (Outbox -> Sent Items), atomically by rename."""
+        path = self.locate(address, src, item_id)
+        dst_dir = self._folder_dir(address, dst)
+        target = dst_dir / "cur" / (item_id + (":2,S" if seen else ":2,"))
+        os.rename(path, target)
+        _fsync_dir(dst_dir / "cur")
+        _fsync_dir(path.parent)
+
+    def has(self, address: str, folder: str, item_id: str) -> bool:
+        try:
+            self.locate(address, folder, item_id)
+            return True
+        except NotFoundError:
+            return False
+
+    def ids(self, address: str, folder: str) -> list[str]:
+        folder_dir = self._folder_dir(address, folder)
+        out = []
+        for part in ("new", "cur"):
+            out += [name.split(":")[0] for name in os.listdir(folder_dir / part)]
+        return sorted(out)
+
+    def list(self, address: str, folder: str) -> list[ItemInfo]:
+        folder = folder_name(folder)
+        folder_dir = self._folder_dir(address, folder)
+        parser = BytesHeaderParser(policy=default_policy)
+        items = []
+        for part in ("new", "cur"):
+            for name in os.listdir(folder_dir / part):
+                path = folder_dir / part / name
+                try:
+                    with open(path, "rb") as fh:
+                        headers = parser.parse(fh)
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue  # moved meanwhile
+                item_id, _, info = name.partition(":")
+                items.append(
+                    ItemInfo(
+                        id=item_id,
+                        folder=folder,
+                        message_id=str(headers.get("Message-ID", "")).strip(),
+                        sender=_addresses(headers, "From")[0] if headers.get("From") else "",
+                        to=_addresses(headers, "To"),
+                        cc=_addresses(headers, "Cc"),
+                        subject=str(headers.get("Subject", "")),
+                        date=_iso_date(str(headers.get("Date", ""))),
+                        size=size,
+                        seen="S" in info.partition(",")[2],
+                    )
+                )
+        items.sort(key=lambda i: (i.date, i.id))
+        return items
+
+
+def _addresses(headers, name: str) -> list[str]:
+    try:
+        values = [str(v) for v in headers.get_all(name, [])]
+    except Exception:  # a malformed header is shown as nothing rather than failing the list
+        return []
+    return [addr for _, addr in getaddresses(values) if addr]
+
+
+def _iso_date(value: str) -> str:
+    try:
+        return parsedate_to_datetime(value).isoformat()
+    except (TypeError, ValueError, IndexError):
+        return ""
