@@ -49,6 +49,9 @@ Schedules (the sweeper acts on what is due)
   my:expiry                   ZSET    item -> expiration time, ms
   my:delay                    ZSET    message -> time its delay DSN is due, ms
 
+Tests
+  my:fault:<point>            STRING  a crash point that already fired (mailyard.faults)
+
 Message tracking
   my:track                    STREAM  tracking events (mailyard.tracking), trimmed by age
 """

@@ -39,7 +39,7 @@ class HubInfo:
 
 def hub_heartbeat(
     r: redis.Redis, name: str, site: str, *, endpoints: dict[str, str] | None = None,
-    started: int = 0,
+    started: int = 0, extra: dict[str, str] | None = None,
 ) -> None:
     pipe = r.pipeline(transaction=True)
     pipe.hset(
@@ -50,6 +50,7 @@ def hub_heartbeat(
             "pid": os.getpid(),
             "started": started or now_ms(),
             "endpoints": json.dumps(endpoints or {}),
+            **(extra or {}),
         },
     )
     pipe.zadd(keys.HUBS, {name: now_ms()})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from mailyard import keys, tracking
+from mailyard import faults, keys, tracking
 from mailyard.directory import Expansion
 from mailyard.hub import dsn
 from mailyard.hub.bounce import queue_report, wants_report
@@ -89,6 +89,7 @@ def categorize(node: Node, batch: Batch) -> None:
                 queue_report(node, txn, msg, bodies[msg.id], failures, item_id=next(ids), now=now)
         forget_item(txn, item)
         txns.append(txn)
+    faults.point("categorize.before_commit", node.r)
     node.commit_all(txns)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from email.utils import formatdate, getaddresses
 
-from mailyard import headers, keys, tracking
+from mailyard import faults, headers, keys, tracking
 from mailyard.errors import DeliveryError, TransientDeliveryError
 from mailyard.hub.delivery import Batch, Outcome, defer_batch, register, settle
 from mailyard.hub.node import Node
@@ -56,6 +56,7 @@ def pickup(node: Node, server: str, mailbox: str, item: str) -> str | None:
             r.zrem(keys.submit_pending(server), ref)
             return None
         msg_id = _submit(node, server, mailbox, ref, raw)
+        faults.point("pickup.stored", r)
     else:
         msg_id = known.decode()
     try:
@@ -129,11 +130,13 @@ def deliver(node: Node, batch: Batch) -> None:
     if not work:
         settle(node, batch, {})
         return
+    faults.point("deliver.before_api", node.r)
     try:
         results = node.mailboxes.deliver(batch.next_hop, work)
     except TransientDeliveryError as exc:
         defer_batch(node, batch, exc)
         return
+    faults.point("deliver.after_api", node.r)
     by_msg: dict[tuple[str, str], Outcome] = {
         (o.msg, o.recipient): Outcome(o.code, o.status, o.text) for o in results
     }

@@ -209,12 +209,15 @@ class Services:
             pass
 
     def _heartbeat(self) -> None:
+        import mailbox  # which module this process resolves (DESIGN §3: never a shadow)
+
         from mailyard.nodes import hub_heartbeat
 
+        extra = {"stdlib_mailbox": str(mailbox.__file__)}
         while not self._stop.is_set():
             try:
                 hub_heartbeat(self.node.r, self.node.name, self.node.site,
-                              endpoints=self.endpoints, started=self._started)
+                              endpoints=self.endpoints, started=self._started, extra=extra)
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             self._stop.wait(1.0)

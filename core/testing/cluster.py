@@ -1,0 +1,254 @@
+"""Run real cluster processes (mailbox servers, hubs) for a test, and talk to them.
+
+Every process is started as the user starts it (``python -m mailyard ...``), with its
+output in ``<data dir>/logs/<name>.log``; a test may SIGKILL any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import mailbox as stdlib_mailbox
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from mailyard import keys, nodes, redisconn
+from mailyard.org import Organization
+from mailyard.orgstore import apply_org
+from mailyard.site.redis_server import free_port
+from mailyard.testing.waiting import wait_until
+
+
+@dataclass
+class Proc:
+    name: str
+    role: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def children(self) -> list[int]:
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+
+class Cluster:
+    def __init__(
+        self, redis_url: str, data_dir: Path, org: Organization, *, cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.data_dir = Path(data_dir)
+        self.org = org
+        self.cwd = cwd
+        self.extra_env = env or {}
+        self.procs: dict[str, Proc] = {}
+        self.r: redis.Redis = redisconn.connect(redis_url)
+        self.http = httpx.Client(timeout=30)
+        self.apply(org)
+
+    # region: processes
+
+    def apply(self, org: Organization) -> None:
+        self.org = org
+        apply_org(self.r, org)
+
+    def _env(self, faults: str | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env[redisconn.ENV_URL] = self.redis_url
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("MAILYARD_FAULTS", None)
+        if faults:
+            env["MAILYARD_FAULTS"] = faults
+        return env
+
+    def _spawn(self, name: str, role: str, args: list[str], faults: str | None) -> Proc:
+        old = self.procs.get(name)
+        if old and old.alive:
+            raise RuntimeError(f"{name} is already running")
+        log = self.data_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "mailyard", *args, "--redis-url", self.redis_url,
+                 "--data-dir", str(self.data_dir)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self._env(faults), cwd=self.cwd, start_new_session=True,
+            )
+        proc = Proc(name, role, popen, log)
+        self.procs[name] = proc
+        return proc
+
+    def start_mailbox(self, server: str, *, port: int = 0, wait: bool = True) -> Proc:
+        port = port or free_port()
+        proc = self._spawn(server, "mailbox",
+                           ["mailbox", "serve", "--server", server, "--port", str(port)], None)
+        url = f"http://127.0.0.1:{port}"
+        if wait:
+            wait_until(lambda: self._healthy(url, proc), timeout=30,
+                       message=lambda: f"mailbox server {server} did not start: {self.tail(server)}")
+        return proc
+
+    def _healthy(self, url: str, proc: Proc) -> bool:
+        if not proc.alive:
+            raise AssertionError(f"{proc.name} exited: {self.tail(proc.name)}")
+        return self.http.get(url + "/health").status_code == 200
+
+    def start_mailboxes(self, servers: Iterable[str] | None = None) -> None:
+        names = list(servers) if servers is not None else [s for site in self.org.sites for s in site.mailbox_servers]
+        started = [self.start_mailbox(s, wait=False) for s in names]
+        for proc in started:
+            wait_until(lambda p=proc: self._registered_and_healthy(p), timeout=30,
+                       message=lambda p=proc: f"{p.name} did not start: {self.tail(p.name)}")
+
+    def _registered_and_healthy(self, proc: Proc) -> bool:
+        if not proc.alive:
+            raise AssertionError(f"{proc.name} exited: {self.tail(proc.name)}")
+        url = self.r.hget(keys.server(proc.name), "url")
+        if not url or int(self.r.hget(keys.server(proc.name), "pid") or 0) != proc.pid:
+            return False
+        return self.http.get(url.decode() + "/health").status_code == 200
+
+    def start_hub(self, site: str, name: str, *, concurrency: int = 2, faults: str | None = None,
+                  wait: bool = True) -> Proc:
+        proc = self._spawn(name, "hub", ["hub", "--site", site, "--name", name,
+                                          "--concurrency", str(concurrency)], faults)
+        if wait:
+            self.wait_hub(proc)
+        return proc
+
+    def wait_hub(self, proc: Proc) -> None:
+        def up() -> bool:
+            if not proc.alive:
+                raise AssertionError(f"{proc.name} exited: {self.tail(proc.name)}")
+            data = self.r.hget(keys.hub(proc.name), "pid")
+            return data is not None and int(data) == proc.pid and proc.name in self.live_hubs()
+        wait_until(up, timeout=60, message=lambda: f"hub {proc.name} did not start: {self.tail(proc.name)}")
+
+    def live_hubs(self, site: str | None = None) -> list[str]:
+        timeout = self.org.transport.hub_heartbeat_timeout
+        return sorted(h.name for h in nodes.hubs(self.r)
+                      if h.alive(timeout) and (site is None or h.site == site))
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, *, group: bool = True) -> None:
+        """Kill a process (and by default its whole process group: a hub's pool too)."""
+        proc = self.procs[name]
+        try:
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            try:
+                proc.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.popen.wait()
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.alive:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs.values():
+            try:
+                proc.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.popen.wait()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # stray pool children
+            except ProcessLookupError:
+                pass
+        self.http.close()
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        proc = self.procs.get(name)
+        if proc is None or not proc.log.exists():
+            return "(no log)"
+        text = proc.log.read_text(errors="replace").splitlines()[-lines:]
+        return f"\n--- {name} ---\n" + "\n".join(text)
+
+    def all_logs(self, lines: int = 60) -> str:
+        return "\n".join(self.tail(n, lines) for n in self.procs)
+
+    # endregion
+
+    # region: clients
+
+    def server_of(self, address: str) -> str:
+        for mb in self.org.mailboxes:
+            if mb.address == address.lower() or address.lower() in mb.aliases:
+                return mb.server
+        raise KeyError(address)
+
+    def api(self, address: str) -> str:
+        server = self.server_of(address)
+        return f"{nodes.server_url(self.r, server)}/mailboxes/{address}"
+
+    def send(self, sender: str, to: Iterable[str] = (), *, cc: Iterable[str] = (),
+             bcc: Iterable[str] = (), subject: str = "test", body: str = "hello") -> dict[str, Any]:
+        payload = {"to": list(to), "cc": list(cc), "bcc": list(bcc), "subject": subject, "body": body}
+        response = self.http.post(self.api(sender) + "/outbox", content=json.dumps(payload),
+                                  headers={"Content-Type": "application/json"})
+        assert response.status_code == 202, f"send failed: {response.status_code} {response.text}"
+        return response.json()
+
+    def send_raw(self, sender: str, raw: bytes) -> httpx.Response:
+        return self.http.post(self.api(sender) + "/outbox", content=raw,
+                              headers={"Content-Type": "message/rfc822"})
+
+    def folder(self, address: str, folder: str = "Inbox") -> list[dict[str, Any]]:
+        response = self.http.get(f"{self.api(address)}/folders/{folder}")
+        assert response.status_code == 200, response.text
+        return response.json()["items"]
+
+    def raw(self, address: str, item_id: str, folder: str = "Inbox") -> bytes:
+        response = self.http.get(f"{self.api(address)}/folders/{folder}/{item_id}")
+        assert response.status_code == 200, response.text
+        return response.content
+
+    def maildir(self, address: str) -> stdlib_mailbox.Maildir:
+        """The mailbox's Inbox on disk, read with the standard library's Maildir."""
+        path = self.data_dir / "mailboxes" / self.server_of(address) / address.lower()
+        return stdlib_mailbox.Maildir(path, factory=None, create=False)
+
+    def subjects(self, address: str, folder: str = "Inbox") -> list[str]:
+        return [i["subject"] for i in self.folder(address, folder)]
+
+    def wait_for_subject(self, address: str, subject: str, *, count: int = 1, folder: str = "Inbox",
+                         timeout: float = 30) -> list[dict[str, Any]]:
+        def found() -> list[dict[str, Any]]:
+            items = [i for i in self.folder(address, folder) if i["subject"] == subject]
+            return items if len(items) >= count else []
+        return wait_until(found, timeout=timeout,
+                          message=lambda: f"{count} x {subject!r} in {address}/{folder}; have "
+                          f"{self.subjects(address, folder)}\n{self.all_logs(20)}")
+
+    # endregion

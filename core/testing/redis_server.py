@@ -1,0 +1,58 @@
+"""A real redis-server on a free loopback port, with AOF, that tests can kill and restart."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+from mailyard.site import redis_server
+
+
+class RedisServer:
+    def __init__(self, data_dir: Path, *, fsync: str = "always", databases: int = 256,
+                 maxmemory: str | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.fsync = fsync
+        self.databases = databases
+        self.maxmemory = maxmemory
+        self.port = redis_server.free_port()
+        self.proc: subprocess.Popen | None = None
+        self._next_db = 0
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> RedisServer:
+        cmd = redis_server.command(self.data_dir, self.port, fsync=self.fsync,
+                                   maxmemory=self.maxmemory, databases=self.databases)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        redis_server.wait_ready(self.url(), self.proc)
+        return self
+
+    def new_db(self) -> str:
+        """A database of its own for one test (the server is shared by the session)."""
+        if self._next_db >= self.databases:
+            raise RuntimeError("out of Redis databases; raise `databases`")
+        db = self._next_db
+        self._next_db += 1
+        return self.url(db)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> None:
+        """Start again on the same port, recovering from the AOF."""
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

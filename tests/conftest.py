@@ -1,0 +1,76 @@
+"""Shared fixtures: one real Redis server per session (a database per test), the demo
+organization with test-sized timers, and clusters of real processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailyard.org import Organization, load_org
+from mailyard.testing.cluster import Cluster
+from mailyard.testing.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTOSO = ROOT / "deploy" / "contoso.toml"
+
+# Timers that make retries, expiry and failover observable in seconds.
+FAST = {
+    "submission_ack_timeout": 3,
+    "hub_heartbeat_timeout": 3,
+    "lease_time": 8,
+    "sweep_interval": 0.2,
+    "queue_glitch_retry_interval": 1,
+    "transient_failure_retry_interval": 1,
+    "outbound_connection_failure_retry_interval": 1,
+    "message_retry_interval": 1,
+}
+
+
+def make_org(**transport: Any) -> Organization:
+    """The demo organization (deploy/contoso.toml) with test timers and any overrides."""
+    org = load_org(CONTOSO)
+    settings = org.transport.model_copy(update={**FAST, **transport})
+    return org.model_copy(update={"transport": settings})
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.new_db()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def cluster_factory(request: pytest.FixtureRequest, redis_server: RedisServer,
+                    tmp_path: Path) -> Iterator[Any]:
+    """Make clusters of real processes; all are stopped at the end of the test, and their
+    logs are printed if the test failed."""
+    made: list[Cluster] = []
+
+    def make(org: Organization | None = None, *, cwd: Path | None = ROOT, redis_url: str | None = None,
+             name: str = "site") -> Cluster:
+        cluster = Cluster(redis_url or redis_server.new_db(), tmp_path / name, org or make_org(), cwd=cwd)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for cluster in made:
+        if failed:
+            print(cluster.all_logs(80))
+        cluster.close()
