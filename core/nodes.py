@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 import redis
-
 from mailyard import keys
 from mailyard.errors import NotFoundError
 

@@ -7,7 +7,6 @@ import threading
 import time
 
 import redis
-
 from mailyard import keys
 from mailyard.directory import Directory
 from mailyard.errors import SiteError

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import redis
-
 from mailyard import keys
 from mailyard.txn import Txn
 

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import redis
-
 from mailyard import keys
 from mailyard.scripts import script
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, bootsteps
-
 from mailyard.broker import TASK_DRAIN, TASK_PICKUP, hub_queue, make_app, site_queue
 from mailyard.hub import categorizer, store_driver  # noqa: F401  (registers their stages)
 from mailyard.hub.delivery import drain as drain_queue

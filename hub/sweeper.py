@@ -36,6 +36,10 @@ LEASE_MS = 10_000
 BATCH = 200
 
 
+def _last(reply: str, last_error: str) -> str:
+    return f"{reply}; last error: {last_error or 'none'}"
+
+
 class Sweeper:
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -102,7 +106,8 @@ class Sweeper:
         r = self.node.r
         now = now_ms()
         ids = [i.decode() for i in r.zrangebyscore(keys.EXPIRY, "-inf", now, start=0, num=BATCH)]
-        items = [i for i in load_items(r, ids) if i.status != "Active" and not i.queue.endswith("\\Poison")]
+        items = [i for i in load_items(r, ids)
+                 if i.status != "Active" and not i.queue.endswith("\\Poison")]
         if not items:
             return 0
         messages = load_messages(r, [i.msg for i in items])
@@ -116,8 +121,7 @@ class Sweeper:
             forget_item(txn, item)
             if msg is not None:
                 failures = [
-                    dsn.Failure(rc.address, f"{dsn.EXPIRED}; last error: {rc.last_error or item.last_error or 'none'}",
-                                rc.original)
+                    dsn.Failure(rc.address, _last(dsn.EXPIRED, rc.last_error or item.last_error), rc.original)
                     for rc in item.recipients
                 ]
                 tracking.add(
@@ -153,8 +157,7 @@ class Sweeper:
             if msg is not None and pending and wants_report(msg) and self.node.settings.delay_dsn_enabled:
                 body = load_bodies(r, [msg_id]).get(msg_id, b"")
                 failures = [
-                    dsn.Failure(rc.address, f"{dsn.DELAYED}; last error: {rc.last_error or it.last_error or 'none'}",
-                                rc.original)
+                    dsn.Failure(rc.address, _last(dsn.DELAYED, rc.last_error or it.last_error), rc.original)
                     for rc, it in pending
                 ]
                 (report_id,) = allocate_items(r, 1)

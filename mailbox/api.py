@@ -28,12 +28,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from mailyard.directory import Directory
 from mailyard.errors import NotFoundError
 from mailyard.mailbox.store import MailboxStore, folder_name
 from mailyard.org import normalize_address
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("mailyard.mailbox.api")
 
@@ -65,8 +64,13 @@ def create_app(
         return JSONResponse({"error": str(exc)}, status_code=404)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = str(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no such path: {request.url.path}"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return JSONResponse({"error": detail}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

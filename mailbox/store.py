@@ -5,7 +5,8 @@ the subfolders ``.Outbox`` and ``.Sent Items``, readable by any Maildir tool (an
 standard library's ``mailbox.Maildir``). Every write goes to ``tmp/``, is fsynced, then
 renamed into place, so nothing is ever half-written. Mailbox delivery is idempotent: a
 message delivered twice to the same mailbox (a hub retrying after a crash) is stored once,
-recorded by a marker under ``.mailyard/delivered/``.
+recorded by a marker under ``mailyard-delivered/`` (not a dot-folder, so Maildir tools do
+not take it for a folder).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class MailboxStore:
                 (base / sub / part).mkdir(parents=True, exist_ok=True)
             if sub:
                 (base / sub / "maildirfolder").touch(exist_ok=True)
-        (base / ".mailyard" / "delivered").mkdir(parents=True, exist_ok=True)
+        (base / "mailyard-delivered").mkdir(parents=True, exist_ok=True)
         self._recover(base)
         self._ready.add(address)
 
@@ -120,7 +121,7 @@ class MailboxStore:
         for sub in FOLDERS.values():
             for leftover in (base / sub / "tmp").iterdir():
                 leftover.unlink(missing_ok=True)
-        marks = base / ".mailyard" / "delivered"
+        marks = base / "mailyard-delivered"
         for part in ("new", "cur"):
             for entry in (base / part).iterdir():
                 m = _DELIVERED_ID.search(entry.name)
@@ -163,7 +164,7 @@ class MailboxStore:
         if not _KEY.match(key):
             raise ValueError(f"bad delivery key {key!r}")
         base = self._maildir(address)
-        marker = base / ".mailyard" / "delivered" / key
+        marker = base / "mailyard-delivered" / key
         with self._lock_for(address):
             if marker.exists():
                 return marker.read_text().strip(), False

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
 from mailyard.cli.common import connect, handle_errors, redis_option, resolve_redis_url, setup_logging
 from mailyard.errors import SiteError
 from mailyard.orgstore import read_org

@@ -10,11 +10,9 @@ from pathlib import Path
 import click
 import httpx
 import redis
-
 from mailyard import nodes
 from mailyard.cli.common import (
     connect,
-    data_dir_option,
     handle_errors,
     json_option,
     print_json,

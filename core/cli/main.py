@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-
 from mailyard import __version__
 from mailyard.cli.hub import hub
 from mailyard.cli.mailbox import mailbox, send

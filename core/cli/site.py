@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from mailyard import nodes, redisconn
 from mailyard.cli.common import (
     data_dir_option,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
-
 from mailyard import tracking
 from mailyard.cli.common import connect, handle_errors, json_option, print_json, redis_option, table
 
@@ -19,7 +18,7 @@ def _ms(value: str | None) -> int | None:
     except ValueError:
         raise click.BadParameter(f"{value!r}: use ISO 8601, e.g. 2026-11-26T10:00:00") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
 
 

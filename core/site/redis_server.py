@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import redis
-
 from mailyard.errors import SiteError
 
 FSYNC_POLICIES = ("always", "everysec", "no")
@@ -71,10 +70,9 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
     while True:
         try:
-            if client.ping():
-                # Loading the AOF after a restart: PING works, commands wait for LOADING.
-                if int(client.info("persistence").get("loading", 0)) == 0:
-                    return
+            # Loading the AOF after a restart: PING works, commands wait for LOADING.
+            if client.ping() and int(client.info("persistence").get("loading", 0)) == 0:
+                return
         except redis.BusyLoadingError:
             pass
         except redis.RedisError:

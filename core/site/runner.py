@@ -112,6 +112,7 @@ class Site:
         self.children: list[Child] = []
         self.redis: Child | None = None
         self.redis_url = cfg.redis_url or ""
+        self.ready = False
         self._stopping = False
 
     # region: plan
@@ -122,7 +123,8 @@ class Site:
             port = cfg.redis_port or free_port(cfg.host)
             self.redis_url = f"redis://{cfg.host}:{port}/0"
             self.redis = Child(
-                "redis", "redis", redis_server.command(self.data_dir / "redis", port, fsync=cfg.fsync, host=cfg.host),
+                "redis", "redis",
+                redis_server.command(self.data_dir / "redis", port, fsync=cfg.fsync, host=cfg.host),
                 logs / "redis.log", {"url": self.redis_url},
             )
         common = ["--redis-url", self.redis_url, "--data-dir", str(self.data_dir)]
@@ -177,6 +179,40 @@ class Site:
         for child in self.children:
             child.start(env)
         self.write_state()
+        self.wait_ready()
+        self.ready = True
+        self.write_state()
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Wait until every mailbox server serves its API and every hub heart-beats."""
+        import httpx
+        from mailyard import keys, nodes
+
+        r = redisconn.connect(self.redis_url)
+        deadline = time.monotonic() + timeout
+        pending = {c.name for c in self.children}
+        while pending:
+            for child in self.children:
+                if child.name not in pending:
+                    continue
+                if not child.alive:
+                    raise SiteError(f"{child.name} exited while starting; see {child.log_path}")
+                if child.role == "mailbox":
+                    pid = r.hget(keys.server(child.name), "pid")
+                    ok = pid is not None and int(pid) == child.proc.pid  # type: ignore[union-attr]
+                elif child.role == "hub":
+                    ok = child.name in {h.name for h in nodes.hubs(r) if h.alive(5.0)} and int(
+                        r.hget(keys.hub(child.name), "pid") or 0) == child.proc.pid  # type: ignore[union-attr]
+                else:
+                    try:
+                        ok = httpx.get(child.endpoints["url"] + "/healthcheck", timeout=1).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                if ok:
+                    pending.discard(child.name)
+            if pending and time.monotonic() > deadline:
+                raise SiteError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
+            time.sleep(0.1)
 
     def _refuse_if_running(self) -> None:
         state = self.data_dir / "site.json"
@@ -200,6 +236,7 @@ class Site:
             "data_dir": str(self.data_dir),
             "redis_url": self.redis_url,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "ready": self.ready,
             "processes": [c.describe() for c in self.all_children()],
         }
 

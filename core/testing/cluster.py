@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import redis
-
 from mailyard import keys, nodes, redisconn
 from mailyard.org import Organization
 from mailyard.orgstore import apply_org
@@ -114,7 +113,9 @@ class Cluster:
         return self.http.get(url + "/health").status_code == 200
 
     def start_mailboxes(self, servers: Iterable[str] | None = None) -> None:
-        names = list(servers) if servers is not None else [s for site in self.org.sites for s in site.mailbox_servers]
+        if servers is None:
+            servers = [s for site in self.org.sites for s in site.mailbox_servers]
+        names = list(servers)
         started = [self.start_mailbox(s, wait=False) for s in names]
         for proc in started:
             wait_until(lambda p=proc: self._registered_and_healthy(p), timeout=30,

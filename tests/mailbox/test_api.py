@@ -1,0 +1,141 @@
+"""The mailbox server's HTTP API, over a socket to a real server: bad requests get a 4xx
+with a JSON error that names the problem, and nothing is half-written."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import pytest
+from mailyard import nodes
+from mailyard.testing.cluster import Cluster
+from mailyard.testing.redis_server import RedisServer
+
+from tests.conftest import ROOT, make_org
+
+
+@pytest.fixture(scope="module")
+def api(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory):
+    cluster = Cluster(redis_server.new_db(), tmp_path_factory.mktemp("api"), make_org(), cwd=ROOT)
+    try:
+        cluster.start_mailbox("MBX-AMS-01")
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def base(api: Cluster) -> str:
+    return nodes.server_url(api.r, "MBX-AMS-01")
+
+
+def token(api: Cluster) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api.org.transport.server_token}"}
+
+
+def error_of(response: httpx.Response) -> str:
+    assert response.headers["content-type"].startswith("application/json"), response.text
+    return response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "needle"),
+    [
+        ("GET", "/mailboxes/nobody@contoso.com/folders/Inbox", 404, "no mailbox nobody@contoso.com"),
+        ("GET", "/mailboxes/carol@contoso.com/folders/Inbox", 404, "no mailbox carol@contoso.com on MBX-AMS-01"),
+        ("GET", "/mailboxes/alice@contoso.com/folders/Junk", 404, "no folder 'Junk'"),
+        ("GET", "/mailboxes/alice@contoso.com/folders/Inbox/..%2F..%2Fetc%2Fpasswd", 404, ""),
+        ("GET", "/mailboxes/..%2F..%2Fetc/folders/Inbox", 404, "no such path"),
+        ("DELETE", "/mailboxes/alice@contoso.com/outbox", 405, "DELETE is not allowed"),
+        ("GET", "/mailboxes/alice@contoso.com/folders/Inbox/1.nope.host", 404, "no item"),
+    ],
+)
+def test_unknown_things_are_404_with_a_reason(api, base, method, path, status, needle) -> None:
+    response = api.http.request(method, base + path)
+    assert response.status_code == status
+    assert needle in error_of(response)
+
+
+def test_the_hub_api_needs_the_server_token(api, base) -> None:
+    url = base + "/hub/deliver"
+    body = {"messages": [{"id": "m1", "recipients": ["alice@contoso.com"], "raw": ""}]}
+    assert api.http.post(url, json=body).status_code == 401
+    wrong = api.http.post(url, json=body, headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 403 and "wrong server token" in error_of(wrong)
+    assert api.http.get(base + "/hub/outbox/alice@contoso.com/x").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (b"not json", "body is not JSON"),
+        (b'{"messages": []}', "messages: expected a non-empty list"),
+        (b'{"messages": [1]}', "messages[0]: expected an object"),
+        (json.dumps({"messages": [{"id": "../x", "recipients": ["a@contoso.com"], "raw": ""}]}).encode(),
+         "messages[0].id"),
+        (json.dumps({"messages": [{"id": "m", "recipients": [], "raw": ""}]}).encode(), "messages[0].recipients"),
+        (json.dumps({"messages": [{"id": "m", "recipients": ["alice@contoso.com"], "raw": "%%%"}]}).encode(),
+         "messages[0].raw: not valid base64"),
+    ],
+)
+def test_bad_deliveries_are_400_naming_the_field(api, base, payload: bytes, needle: str) -> None:
+    response = api.http.post(base + "/hub/deliver", content=payload, headers=token(api))
+    assert response.status_code == 400, response.text
+    assert needle in error_of(response)
+
+
+def test_delivery_to_a_mailbox_of_another_server_is_a_permanent_failure(api, base) -> None:
+    raw = base64.b64encode(b"Subject: x\r\n\r\nx\r\n").decode()
+    body = {"messages": [{"id": "m77", "recipients": ["carol@contoso.com", "alice@contoso.com"], "raw": raw}]}
+    results = api.http.post(base + "/hub/deliver", json=body, headers=token(api)).json()["results"]
+    by_rcpt = {r["recipient"]: r for r in results}
+    assert by_rcpt["carol@contoso.com"]["code"] == 550 and by_rcpt["carol@contoso.com"]["status"] == "5.1.1"
+    assert by_rcpt["alice@contoso.com"]["code"] == 250
+    again = api.http.post(base + "/hub/deliver", json=body, headers=token(api)).json()["results"]
+    assert {r["recipient"]: r["code"] for r in again}["alice@contoso.com"] == 250
+    inbox = [i for i in api.folder("alice@contoso.com") if i["subject"] == "x"]
+    assert len(inbox) == 1, "a repeated delivery is stored once"
+
+
+@pytest.mark.parametrize(
+    ("raw", "ctype", "status", "needle"),
+    [
+        (b"", "message/rfc822", 400, "the message is empty"),
+        (b"Subject: nobody\r\n\r\nhi\r\n", "message/rfc822", 400, "no recipients"),
+        (b"To: bob\r\nSubject: x\r\n\r\nhi\r\n", "message/rfc822", 400, "'bob' is not a valid e-mail address"),
+        (b"From: bob@contoso.com\r\nTo: carol@contoso.com\r\n\r\nhi\r\n", "message/rfc822", 403,
+         "alice@contoso.com may not send as bob@contoso.com"),
+        (b'{"to": "carol@contoso.com", "colour": 1}', "application/json", 400, "unknown field(s): colour"),
+        (b'{"to": [1]}', "application/json", 400, "to: expected a list of addresses"),
+        (b"[1", "application/json", 400, "body is not JSON"),
+        (b"x", "image/png", 415, "send message/rfc822 or application/json"),
+    ],
+)
+def test_bad_submissions_get_a_clear_error_and_nothing_reaches_the_outbox(api, base, raw, ctype, status,
+                                                                          needle) -> None:
+    response = api.http.post(base + "/mailboxes/alice@contoso.com/outbox", content=raw,
+                             headers={"Content-Type": ctype})
+    assert response.status_code == status, response.text
+    assert needle in error_of(response)
+    assert api.folder("alice@contoso.com", "Outbox") == []
+
+
+def test_a_message_over_the_size_limit_is_413(api, base) -> None:
+    limit = api.org.transport.max_message_size
+    raw = b"To: carol@contoso.com\r\nSubject: big\r\n\r\n" + b"x" * (limit + 70_000)
+    response = api.http.post(base + "/mailboxes/alice@contoso.com/outbox", content=raw,
+                             headers={"Content-Type": "message/rfc822"})
+    assert response.status_code == 413 and "limit" in error_of(response)
+
+
+def test_a_good_submission_is_accepted_with_its_id_and_message_id(api, base) -> None:
+    raw = b"To: Carol <carol@contoso.com>\r\nSubject: fine\r\n\r\nhello\r\n"
+    response = api.http.post(base + "/mailboxes/alice@contoso.com/outbox", content=raw,
+                             headers={"Content-Type": "message/rfc822"})
+    assert response.status_code == 202, response.text
+    data = response.json()
+    assert data["recipients"] == ["carol@contoso.com"] and data["message_id"].startswith("<")
+    (item,) = api.folder("alice@contoso.com", "Outbox")  # no hub runs in this module
+    stored = api.raw("alice@contoso.com", item["id"], folder="Outbox")
+    assert b"From: alice@contoso.com" in stored and b"Message-ID:" in stored and b"Date:" in stored

@@ -1,0 +1,143 @@
+"""The ``mailyard`` command as a user runs it: org, send, mailbox show, queue, track, site."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mailyard.testing.waiting import wait_until
+
+from tests.conftest import CONTOSO, ROOT
+
+
+def mailyard(*args: str, env: dict[str, str] | None = None, check: bool = True,
+             cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "mailyard", *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, cwd=cwd, timeout=120)
+    if check:
+        assert result.returncode == 0, f"mailyard {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_org_check_reports_a_bad_file_with_line_and_key(tmp_path) -> None:
+    bad = tmp_path / "org.toml"
+    bad.write_text(CONTOSO.read_text().replace('server = "MBX-LON-01"', 'server = "MBX-PAR-01"', 1))
+    result = mailyard("org", "check", str(bad), check=False)
+    assert result.returncode == 1
+    assert "mailboxes[4].server: no mailbox server named 'MBX-PAR-01'" in result.stderr
+    assert "line " in result.stderr
+    assert "valid" in mailyard("org", "check", str(CONTOSO)).stdout
+
+
+def test_without_a_site_commands_say_how_to_start_one(tmp_path) -> None:
+    result = mailyard("queue", "list", "--data-dir", str(tmp_path), check=False,
+                      env={"MAILYARD_REDIS_URL": ""})
+    assert result.returncode == 1 and "mailyard site up" in result.stderr
+
+
+def test_org_apply_and_show_json(redis_url) -> None:
+    env = {"MAILYARD_REDIS_URL": redis_url}
+    assert "applied" in mailyard("org", "apply", str(CONTOSO), env=env).stdout
+    data = json.loads(mailyard("org", "show", "--json", env=env).stdout)
+    assert data["accepted_domains"] == ["contoso.com"]
+    assert [s["name"] for s in data["sites"]] == ["Amsterdam", "London"]
+    assert data["sites"][0]["mailbox_servers"] == ["MBX-AMS-01", "MBX-AMS-02"]
+    alice = next(m for m in data["mailboxes"] if m["address"] == "alice@contoso.com")
+    assert alice["aliases"] == ["a.anders@contoso.com"] and alice["server"] == "MBX-AMS-01"
+    assert alice["password"] == "(set)" and data["transport"]["server_token"] == "(set)"
+    assert {"address", "members"} <= set(data["groups"][0])
+    assert data["contacts"][0]["external_address"] == "grace@fabrikam.example"
+    assert "Amsterdam" in mailyard("org", "show", env=env).stdout
+
+
+def test_send_show_queue_and_track_from_the_command_line(cluster_factory) -> None:
+    site = cluster_factory()
+    site.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
+    site.start_hub("Amsterdam", "cli-hub")
+    env = {"MAILYARD_REDIS_URL": site.redis_url}
+
+    sent = json.loads(mailyard("send", "--from", "alice@contoso.com", "--to", "carol@contoso.com",
+                               "--cc", "erin@contoso.com", "--subject", "from the CLI", "--body", "Hello!",
+                               "--json", env=env).stdout)
+    assert sent["recipients"] == ["carol@contoso.com", "erin@contoso.com"]
+
+    def inbox() -> list[dict]:
+        items = json.loads(mailyard("mailbox", "show", "carol@contoso.com", "--json", env=env).stdout)
+        return [i for i in items if i["subject"] == "from the CLI"]
+
+    (item,) = wait_until(inbox, timeout=30)
+    assert {"id", "message_id", "from", "to", "subject", "date"} <= set(item)
+    assert item["message_id"] == sent["message_id"] and item["from"] == "alice@contoso.com"
+    raw = mailyard("mailbox", "show", "carol@contoso.com", "--raw", item["id"], env=env).stdout
+    assert "Subject: from the CLI" in raw and "Hello!" in raw
+    sent_items = json.loads(mailyard("mailbox", "show", "alice@contoso.com", "--folder", "Sent Items",
+                                     "--json", env=env).stdout)
+    assert [i["subject"] for i in sent_items] == ["from the CLI"]
+
+    # Erin is in London: her copy waits, visible, in the relay queue to London
+    queues = json.loads(mailyard("queue", "list", "--json", env=env).stdout)
+    relay = next(q for q in queues if q["identity"] == "Amsterdam\\London")
+    assert relay["delivery_type"] == "SmtpRelayToRemoteAdSite" and relay["message_count"] == 1
+    waiting = json.loads(mailyard("queue", "messages", "Amsterdam\\London", "--json", env=env).stdout)
+    assert waiting[0]["recipients"][0]["address"] == "erin@contoso.com"
+    assert "Amsterdam\\Submission" in mailyard("queue", "list", env=env).stdout
+
+    path = json.loads(mailyard("track", "--message-id", sent["message_id"], "--json", env=env).stdout)
+    events = [r["event"] for r in path]
+    assert events[:2] == ["SUBMIT", "RECEIVE"] or events[0] == "RECEIVE", events
+    assert {"RECEIVE", "TRANSFER", "DELIVER"} <= set(events), events
+
+    bad = mailyard("mailbox", "show", "nobody@contoso.com", env=env, check=False)
+    assert bad.returncode == 1 and "not a mailbox of this organization" in bad.stderr
+    usage = mailyard("send", "--from", "alice@contoso.com", "--subject", "x", env=env, check=False)
+    assert usage.returncode == 2 and "exactly one of --body and --file" in usage.stderr
+
+
+@pytest.mark.slow
+def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> None:
+    data = tmp_path / "var"
+    runner = subprocess.Popen([sys.executable, "-m", "mailyard", "site", "up", "--data-dir", str(data),
+                               "--hubs", "1", "--no-flower"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def status() -> dict | None:
+            result = mailyard("site", "status", "--data-dir", str(data), "--json", check=False)
+            if result.returncode != 0:
+                return None
+            state = json.loads(result.stdout)
+            ready = state["running"] and state["ready"] and all(p["up"] for p in state["processes"])
+            return state if ready else None
+
+        state = wait_until(status, timeout=60, message="the site did not come up")
+        roles = sorted(p["role"] for p in state["processes"])
+        assert roles == ["hub", "hub", "mailbox", "mailbox", "mailbox", "redis"], roles
+        assert state["redis_url"].startswith("redis://127.0.0.1:")
+        for p in state["processes"]:
+            if p["role"] == "mailbox":
+                assert p["url"].startswith("http://127.0.0.1:")
+
+        # Mail flows, through the commands a user types, found through the state file
+        env = {"MAILYARD_DATA_DIR": str(data), "MAILYARD_REDIS_URL": ""}
+        mailyard("send", "--from", "bob@contoso.com", "--to", "dave@contoso.com", "--subject", "demo",
+                 "--body", "hi", env=env)
+        wait_until(lambda: "demo" in mailyard("mailbox", "show", "dave@contoso.com", env=env).stdout,
+                   timeout=30)
+
+        # A child that dies is restarted
+        hub = next(p for p in state["processes"] if p["role"] == "hub")
+        os.kill(hub["pid"], signal.SIGKILL)
+        wait_until(lambda: (s := status()) and next(p for p in s["processes"] if p["name"] == hub["name"])[
+            "pid"] != hub["pid"], timeout=30, message="the killed hub was not restarted")
+        pids = [p["pid"] for p in status()["processes"]]
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        out, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 0, out
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), \
+            f"process {pid} survived the site's stop"
