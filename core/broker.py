@@ -8,6 +8,7 @@ truth is in Redis (mailyard.keys) and the sweeper re-sends whatever went missing
 from __future__ import annotations
 
 from celery import Celery
+
 from mailyard import keys
 
 TASK_PICKUP = "mailyard.pickup"

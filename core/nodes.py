@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import redis
+
 from mailyard import keys
 from mailyard.errors import NotFoundError
 
@@ -48,12 +49,17 @@ def hub_heartbeat(
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started": started or now_ms(),
-            "endpoints": json.dumps(endpoints or {}),
+            **({"endpoints": json.dumps(endpoints)} if endpoints is not None else {}),
             **(extra or {}),
         },
     )
     pipe.zadd(keys.HUBS, {name: now_ms()})
     pipe.execute()
+
+
+def hub_endpoints(r: redis.Redis, name: str, endpoints: dict[str, str]) -> None:
+    """Where the hub's receive connectors listen: connector name -> "host:port"."""
+    r.hset(keys.hub(name), "endpoints", json.dumps(endpoints))
 
 
 def hub_gone(r: redis.Redis, name: str) -> None:

@@ -14,8 +14,6 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from mailyard.errors import ConfigError, ConfigProblem
-from mailyard.units import format_duration, format_size, parse_duration, parse_size
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -25,6 +23,9 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+
+from mailyard.errors import ConfigError, ConfigProblem
+from mailyard.units import format_duration, format_size, parse_duration, parse_size
 
 Duration = Annotated[
     float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import redis
+import redis.asyncio
+
 from mailyard import keys
 from mailyard.directory import Directory
 from mailyard.errors import SiteError
 from mailyard.org import Organization
+
+log = logging.getLogger("mailyard.org")
 
 
 def apply_org(r: redis.Redis, org: Organization) -> int:
@@ -73,3 +80,36 @@ class OrgCache:
 
     def invalidate(self) -> None:
         self._checked = 0.0
+
+
+class AsyncOrgWatcher:
+    """For asyncio servers: the current directory, refreshed in the background once a
+    second, so request handlers read it without waiting on Redis."""
+
+    def __init__(self, r: redis.asyncio.Redis, interval: float = 1.0) -> None:
+        self._r = r
+        self._interval = interval
+        self._version = -1
+        self.directory: Directory | None = None
+        self.listeners: list[Callable[[Directory], Awaitable[None]]] = []
+
+    async def refresh(self) -> bool:
+        """Re-read the organization if its version moved; True if it changed."""
+        version = int(await self._r.get(keys.ORG_VERSION) or 0)
+        if version == self._version and self.directory is not None:
+            return False
+        text = await self._r.get(keys.ORG)
+        if text is None:
+            raise SiteError("no organization in Redis yet: run `mailyard org apply FILE` first")
+        self.directory, self._version = Directory(Organization.from_json(text)), version
+        for listener in self.listeners:
+            await listener(self.directory)
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh()
+            except Exception as exc:  # Redis restarting: keep the last good version
+                log.warning("could not refresh the organization: %s", exc)

@@ -6,7 +6,8 @@ from functools import cache
 from importlib.resources import files
 
 import redis
-from redis.commands.core import Script
+import redis.asyncio
+from redis.commands.core import AsyncScript, Script
 
 
 @cache
@@ -23,4 +24,15 @@ def script(r: redis.Redis, name: str) -> Script:
     found = _scripts.get(key)
     if found is None:
         found = _scripts[key] = r.register_script(_source(name))
+    return found
+
+
+_async_scripts: dict[tuple[int, str], AsyncScript] = {}
+
+
+def script_async(r: redis.asyncio.Redis, name: str) -> AsyncScript:
+    key = (id(r), name)
+    found = _async_scripts.get(key)
+    if found is None:
+        found = _async_scripts[key] = r.register_script(_source(name))  # type: ignore[assignment]
     return found

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import redis
+
 from mailyard import keys
 from mailyard.txn import Txn
 

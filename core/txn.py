@@ -12,8 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import redis
+import redis.asyncio
+
 from mailyard import keys
-from mailyard.scripts import script
+from mailyard.scripts import script, script_async
 
 Word = str | bytes | int | float
 
@@ -108,6 +110,9 @@ class Txn:
 
     def run(self, r: redis.Redis) -> Result:
         return self._result(script(r, "txn")(keys=[], args=self.argv()))
+
+    async def run_async(self, r: redis.asyncio.Redis) -> Result:
+        return self._result(await script_async(r, "txn")(keys=[], args=self.argv()))
 
 
 def run_all(r: redis.Redis, txns: list[Txn]) -> list[Result]:

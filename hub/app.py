@@ -8,18 +8,22 @@ robin) and its site's queue ``site.<site>`` (drain tasks of the site's mail queu
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from celery import Celery, bootsteps
+
 from mailyard.broker import TASK_DRAIN, TASK_PICKUP, hub_queue, make_app, site_queue
-from mailyard.hub import categorizer, store_driver  # noqa: F401  (registers their stages)
+from mailyard.hub import categorizer, send, store_driver  # noqa: F401  (registers their stages)
 from mailyard.hub.delivery import drain as drain_queue
 from mailyard.hub.node import Node
+from mailyard.hub.receive_process import ReceiveProcess
 from mailyard.hub.sweeper import Services
 
 log = logging.getLogger("mailyard.hub")
 
 
-def create(name: str, site: str, redis_url: str) -> tuple[Celery, Node]:
+def create(name: str, site: str, redis_url: str, *, receive: ReceiveProcess | None = None
+           ) -> tuple[Celery, Node]:
     app = make_app(redis_url)
     node = Node(name=name, site=site, redis_url=redis_url, app=app)
 
@@ -40,8 +44,12 @@ def create(name: str, site: str, redis_url: str) -> tuple[Celery, Node]:
 
         def start(self, worker) -> None:  # type: ignore[no-untyped-def]
             self.services.start()
+            if receive is not None:
+                receive.start()
 
         def stop(self, worker) -> None:  # type: ignore[no-untyped-def]
+            if receive is not None:
+                receive.stop()
             self.services.stop()
 
     app.steps["worker"].add(HubServices)
@@ -61,10 +69,12 @@ def consumed_queues(node: Node) -> list[str]:
 
 
 def run(
-    *, name: str, site: str, redis_url: str, concurrency: int = 2, pool: str = "prefork",
-    loglevel: str = "INFO",
+    *, name: str, site: str, redis_url: str, data_dir: Path, concurrency: int = 2, pool: str = "prefork",
+    loglevel: str = "INFO", receive: bool = True, binds: list[str] | None = None,
 ) -> None:
-    app, node = create(name, site, redis_url)
+    receiver = ReceiveProcess(hub=name, site=site, redis_url=redis_url, data_dir=data_dir,
+                              binds=binds or []) if receive else None
+    app, node = create(name, site, redis_url, receive=receiver)
     argv = [
         "worker",
         f"--hostname=hub@{name}",

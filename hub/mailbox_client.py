@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import httpx
 import redis
+
 from mailyard import nodes
 from mailyard.errors import NotFoundError, PermanentDeliveryError, TransientDeliveryError
 from mailyard.orgstore import OrgCache

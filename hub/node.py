@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+
 from mailyard import redisconn
 from mailyard.broker import TASK_DRAIN
 from mailyard.org import TransportSettings

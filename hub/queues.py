@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
 import redis
+
 from mailyard import keys
 from mailyard.broker import KICK_TTL_MS, site_queue
 from mailyard.nodes import now_ms

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import redis
+
 from mailyard import keys
 from mailyard.errors import NotFoundError
 from mailyard.hub.queues import load_items, load_messages

@@ -15,29 +15,23 @@ from __future__ import annotations
 import logging
 from email.utils import formatdate, getaddresses
 
-from mailyard import faults, headers, keys, tracking
+from mailyard import faults, headers, keys
 from mailyard.errors import DeliveryError, TransientDeliveryError
 from mailyard.hub.delivery import Batch, Outcome, defer_batch, register, settle
 from mailyard.hub.node import Node
 from mailyard.hub.queues import (
     DeliveryType,
     Message,
-    Recipient,
     allocate_items,
-    create_message,
-    enqueue,
     load_bodies,
     new_message_id,
-    submission_queue,
 )
+from mailyard.hub.submit import submission_txn
 from mailyard.nodes import now_ms
 from mailyard.org import normalize_address
 from mailyard.tracking import Event, Record
-from mailyard.txn import Txn
 
 log = logging.getLogger("mailyard.hub.store_driver")
-
-PICKUP_MEMORY_S = 7 * 86400  # how long a pickup is remembered (longer than expiry)
 
 
 def pickup(node: Node, server: str, mailbox: str, item: str) -> str | None:
@@ -99,19 +93,12 @@ def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
     )
     msg.size = len(body)
     (item_id,) = allocate_items(node.r, 1)
-    txn = Txn().guard_absent(keys.pickup(ref))
-    delay_at = now + int(settings.delay_notification_timeout * 1000) if settings.delay_dsn_enabled else 0
-    create_message(txn, msg, body, refs=1, delay_dsn_at=delay_at)
-    enqueue(txn, submission_queue(node.site), item_id, msg, [Recipient(a) for a in recipients], now=now)
-    txn.op("SET", keys.pickup(ref), msg.id, "EX", PICKUP_MEMORY_S)
-    tracking.add(
-        txn,
-        Record(Event.RECEIVE, source="STOREDRIVER", server=node.name, client=server,
-               internal_id=msg.id, message_id=msg.message_id, recipients=recipients,
-               sender=mailbox, subject=msg.subject, size=msg.size,
-               context=f"Mailbox:{mailbox}, Item:{ref.rsplit('/', 1)[-1]}"),
-        settings.message_tracking_log_max_age,
-        now,
+    txn = submission_txn(
+        msg, body, recipients, item_id=item_id, settings=settings, now=now, dedup_key=keys.pickup(ref),
+        record=Record(Event.RECEIVE, source="STOREDRIVER", server=node.name, client=server,
+                      message_id=msg.message_id, recipients=recipients, sender=mailbox,
+                      subject=msg.subject, size=msg.size,
+                      context=f"Mailbox:{mailbox}, Item:{ref.rsplit('/', 1)[-1]}"),
     )
     result = node.commit(txn)
     if not result.ok:  # picked up meanwhile by another hub

@@ -185,9 +185,8 @@ class Sweeper:
 class Services:
     """The hub's background threads: heartbeat (1 s) and sweeper (``sweep_interval``)."""
 
-    def __init__(self, node: Node, endpoints: dict[str, str] | None = None) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.endpoints = endpoints or {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = now_ms()
@@ -219,8 +218,8 @@ class Services:
         extra = {"stdlib_mailbox": str(mailbox.__file__)}
         while not self._stop.is_set():
             try:
-                hub_heartbeat(self.node.r, self.node.name, self.node.site,
-                              endpoints=self.endpoints, started=self._started, extra=extra)
+                hub_heartbeat(self.node.r, self.node.name, self.node.site, started=self._started,
+                              extra=extra)
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             self._stop.wait(1.0)

@@ -28,11 +28,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from mailyard.directory import Directory
 from mailyard.errors import NotFoundError
 from mailyard.mailbox.store import MailboxStore, folder_name
 from mailyard.org import normalize_address
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("mailyard.mailbox.api")
 

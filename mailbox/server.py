@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import uvicorn
+
 from mailyard import redisconn
 from mailyard.errors import SiteError
 from mailyard.mailbox.api import create_app

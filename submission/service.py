@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 import redis
 from celery import Celery
+
 from mailyard import keys, tracking
 from mailyard.broker import TASK_PICKUP, hub_queue, make_app
 from mailyard.nodes import live_hubs, now_ms

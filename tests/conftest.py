@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from mailyard.org import Organization, load_org
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer

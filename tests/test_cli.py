@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mailyard.testing.waiting import wait_until
 
+from mailyard.testing.waiting import wait_until
 from tests.conftest import CONTOSO, ROOT
 
 

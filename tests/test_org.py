@@ -5,10 +5,10 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+
 from mailyard.directory import Directory, Kind
 from mailyard.errors import ConfigError
 from mailyard.org import load_org, parse_org
-
 from tests.conftest import CONTOSO
 
 MINIMAL = """

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 import redis
+
 from mailyard import redisconn
 from mailyard.errors import MailyardError, SiteError
 

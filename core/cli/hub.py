@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from mailyard.cli.common import connect, handle_errors, redis_option, resolve_redis_url, setup_logging
 from mailyard.errors import SiteError
 from mailyard.orgstore import read_org
@@ -18,11 +19,15 @@ from mailyard.orgstore import read_org
 @click.option("--pool", default="prefork", show_default=True,
               type=click.Choice(["prefork", "threads", "solo"]))
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--receive/--no-receive", default=True, show_default=True,
+              help="Run the site's receive connectors (SMTP in).")
+@click.option("--bind", "binds", multiple=True, metavar="CONFIGURED=HOST:PORT",
+              help="Listen on HOST:PORT for connectors bound to CONFIGURED (e.g. 0.0.0.0:25=127.0.0.1:2525).")
 @click.option("--check", is_flag=True, help="Check the options and the organization, then exit.")
 @redis_option
 @handle_errors
-def hub(site_name: str, name: str | None, concurrency: int, pool: str, loglevel: str, check: bool,
-        redis_url: str | None, data_dir: Path) -> None:
+def hub(site_name: str, name: str | None, concurrency: int, pool: str, loglevel: str, receive: bool,
+        binds: tuple[str, ...], check: bool, redis_url: str | None, data_dir: Path) -> None:
     """Run a hub transport node: store driver, categorizer, delivery, sweeper."""
     from mailyard.hub.node import default_name
 
@@ -31,11 +36,34 @@ def hub(site_name: str, name: str | None, concurrency: int, pool: str, loglevel:
     if site_name not in {s.name for s in org.sites}:
         raise SiteError(f"the organization has no site {site_name!r} "
                         f"(sites: {', '.join(s.name for s in org.sites)})")
+    from mailyard.hub.receive_server import parse_binds
+
+    try:
+        parse_binds(list(binds))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     if check:
         click.echo(f"hub {name} of site {site_name}: ok")
         return
     setup_logging(loglevel)
     from mailyard.hub.app import run
 
-    run(name=name, site=site_name, redis_url=resolve_redis_url(redis_url, data_dir),
-        concurrency=concurrency, pool=pool, loglevel=loglevel)
+    run(name=name, site=site_name, redis_url=resolve_redis_url(redis_url, data_dir), data_dir=data_dir,
+        concurrency=concurrency, pool=pool, loglevel=loglevel, receive=receive, binds=list(binds))
+
+
+@click.command(hidden=True)
+@click.option("--hub", "hub_name", required=True)
+@click.option("--site", "site_name", required=True)
+@click.option("--bind", "binds", multiple=True)
+@click.option("--loglevel", default="INFO")
+@redis_option
+@handle_errors
+def receive(hub_name: str, site_name: str, binds: tuple[str, ...], loglevel: str, redis_url: str | None,
+            data_dir: Path) -> None:
+    """The hub's receive process (started by `mailyard hub`)."""
+    from mailyard.hub.receive_server import parse_binds, serve
+
+    setup_logging(loglevel)
+    serve(hub=hub_name, site=site_name, redis_url=resolve_redis_url(redis_url, data_dir), data_dir=data_dir,
+          binds=parse_binds(list(binds)))

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import httpx
 import redis
+
 from mailyard import nodes
 from mailyard.cli.common import (
     connect,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import click
+
 from mailyard import __version__
-from mailyard.cli.hub import hub
+from mailyard.cli.hub import hub, receive
+from mailyard.cli.internet import internet
 from mailyard.cli.mailbox import mailbox, send
 from mailyard.cli.org import org
 from mailyard.cli.queue import queue
@@ -18,7 +20,7 @@ def cli() -> None:
     """Mailyard: an Exchange-style mail transport cluster on Celery and Redis."""
 
 
-for command in (site, org, mailbox, send, hub, queue, track):
+for command in (site, org, mailbox, send, hub, receive, queue, track, internet):
     cli.add_command(command)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from mailyard.cli.common import connect, handle_errors, json_option, print_json, redis_option, table
 from mailyard.org import Organization, load_org
 from mailyard.orgstore import apply_org, read_org

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from mailyard.cli.common import connect, handle_errors, json_option, print_json, redis_option, table
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from mailyard import nodes, redisconn
 from mailyard.cli.common import (
     data_dir_option,

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+
 from mailyard import tracking
 from mailyard.cli.common import connect, handle_errors, json_option, print_json, redis_option, table
 

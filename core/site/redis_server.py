@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import redis
+
 from mailyard.errors import SiteError
 
 FSYNC_POLICIES = ("always", "everysec", "no")

@@ -35,12 +35,16 @@ MAX_BACKOFF_S = 30.0
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the runner dies (Linux only)."""
+    """Runs in the child before exec: SIGTERM it when its parent dies (Linux only)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _own_group_dying_with_parent() -> None:
+    _die_with_parent()
     os.setpgrp()  # Ctrl-C in the terminal reaches the runner, which stops children in order
 
 
@@ -70,7 +74,7 @@ class Child:
         out = open(self.log_path, "ab")  # noqa: SIM115 (kept by the child)
         self.proc = subprocess.Popen(
             self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, preexec_fn=_die_with_parent,
+            env=env, preexec_fn=_own_group_dying_with_parent,
         )
         out.close()
         self.started_at = time.monotonic()
@@ -114,13 +118,22 @@ class Site:
         self.redis_url = cfg.redis_url or ""
         self.ready = False
         self._stopping = False
+        self._ports: set[int] = set()
 
     # region: plan
+
+    def _port(self) -> int:
+        """A free loopback port not handed out before (the OS may offer one twice)."""
+        while True:
+            port = free_port(self.cfg.host)
+            if port not in self._ports:
+                self._ports.add(port)
+                return port
 
     def plan(self) -> None:
         cfg, logs = self.cfg, self.data_dir / "logs"
         if not cfg.redis_url:
-            port = cfg.redis_port or free_port(cfg.host)
+            port = cfg.redis_port or self._port()
             self.redis_url = f"redis://{cfg.host}:{port}/0"
             self.redis = Child(
                 "redis", "redis",
@@ -130,7 +143,7 @@ class Site:
         common = ["--redis-url", self.redis_url, "--data-dir", str(self.data_dir)]
         for site in cfg.org.sites:
             for server in site.mailbox_servers:
-                port = free_port(cfg.host)
+                port = self._port()
                 url = f"http://{cfg.host}:{port}"
                 self.children.append(Child(
                     server, "mailbox",
@@ -139,15 +152,22 @@ class Site:
                     logs / f"{server}.log", {"site": site.name, "url": url},
                 ))
         for site in cfg.org.sites:
+            bindings = sorted({b for c in cfg.org.receive_connectors if not c.sites or site.name in c.sites
+                               for b in c.bindings})
             for name in hub_names(site.name, cfg.hubs_per_site):
+                # Each hub of the local site gets its own loopback port per configured binding.
+                actual = {b: f"{cfg.host}:{self._port()}" for b in bindings}
+                bind_args = [arg for b, a in actual.items() for arg in ("--bind", f"{b}={a}")]
+                smtp = {c.name: actual[b] for c in cfg.org.receive_connectors
+                        if not c.sites or site.name in c.sites for b in c.bindings[:1]}
                 self.children.append(Child(
                     name, "hub",
                     mailyard_cmd("hub", "--site", site.name, "--name", name,
-                                 "--concurrency", str(cfg.concurrency), *common),
-                    logs / f"{name}.log", {"site": site.name},
+                                 "--concurrency", str(cfg.concurrency), *bind_args, *common),
+                    logs / f"{name}.log", {"site": site.name, "smtp": smtp},  # type: ignore[dict-item]
                 ))
         if cfg.flower:
-            port = cfg.flower_port or free_port(cfg.host)
+            port = cfg.flower_port or self._port()
             self.children.append(Child(
                 "flower", "flower",
                 [sys.executable, "-m", "celery", "-A", "mailyard.flower", "flower",
@@ -186,6 +206,7 @@ class Site:
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Wait until every mailbox server serves its API and every hub heart-beats."""
         import httpx
+
         from mailyard import keys, nodes
 
         r = redisconn.connect(self.redis_url)

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import redis
+
 from mailyard import keys, nodes, redisconn
 from mailyard.org import Organization
 from mailyard.orgstore import apply_org
@@ -60,6 +61,7 @@ class Cluster:
         self.cwd = cwd
         self.extra_env = env or {}
         self.procs: dict[str, Proc] = {}
+        self._hub_ports: dict[str, dict[str, int]] = {}
         self.r: redis.Redis = redisconn.connect(redis_url)
         self.http = httpx.Client(timeout=30)
         self.apply(org)
@@ -130,12 +132,31 @@ class Cluster:
         return self.http.get(url.decode() + "/health").status_code == 200
 
     def start_hub(self, site: str, name: str, *, concurrency: int = 2, faults: str | None = None,
-                  wait: bool = True) -> Proc:
-        proc = self._spawn(name, "hub", ["hub", "--site", site, "--name", name,
-                                          "--concurrency", str(concurrency)], faults)
+                  wait: bool = True, receive: bool = True) -> Proc:
+        """A hub; its receive connectors listen on free loopback ports (see ``smtp``)."""
+        args = ["hub", "--site", site, "--name", name, "--concurrency", str(concurrency)]
+        if receive:
+            bindings = sorted({b for c in self.org.receive_connectors for b in c.bindings})
+            ports = self._hub_ports.setdefault(name, {b: free_port() for b in bindings})
+            args += [arg for b, port in ports.items() for arg in ("--bind", f"{b}=127.0.0.1:{port}")]
+        else:
+            args.append("--no-receive")
+        proc = self._spawn(name, "hub", args, faults)
         if wait:
             self.wait_hub(proc)
         return proc
+
+    def smtp(self, hub: str, connector: str = "Default") -> tuple[str, int]:
+        """(host, port) where ``hub``'s receive connector listens, once it does."""
+        def published() -> tuple[str, int] | None:
+            info = next((h for h in nodes.hubs(self.r) if h.name == hub), None)
+            address = info.endpoints.get(connector) if info else None
+            if not address:
+                return None
+            host, _, port = address.rpartition(":")
+            return host, int(port)
+        return wait_until(published, timeout=30, message=lambda: f"{hub} has no {connector} listener: "
+                          f"{self.tail(hub)}")
 
     def wait_hub(self, proc: Proc) -> None:
         def up() -> bool:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+
 from mailyard import keys
 from mailyard.testing.waiting import wait_until
-
 from tests.conftest import make_org
 
 POINTS = ["pickup.stored", "categorize.before_commit", "deliver.before_api", "deliver.after_api"]

@@ -9,10 +9,10 @@ from email import policy
 from email.message import Message
 
 import pytest
+
 from mailyard.org import Organization
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
-
 from tests.conftest import ROOT, make_org
 
 

@@ -9,7 +9,6 @@ from email import policy
 from mailyard.hub.queues import list_queues
 from mailyard.hub.queueview import queue_messages
 from mailyard.testing.waiting import wait_until
-
 from tests.conftest import make_org
 
 

@@ -8,10 +8,10 @@ import json
 
 import httpx
 import pytest
+
 from mailyard import nodes
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
-
 from tests.conftest import ROOT, make_org
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mailbox as stdlib_mailbox
 
 import pytest
+
 from mailyard.errors import NotFoundError
 from mailyard.mailbox.store import MailboxStore
 

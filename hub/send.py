@@ -1,0 +1,259 @@
+"""SMTP out: send connectors (DNS MX or smart hosts) and relay to hubs of other sites.
+
+A drain task delivers a batch of one queue over one SMTP connection: EHLO, STARTTLS when
+offered (opportunistic; required when the connector says so), AUTH where configured, then
+MAIL, RCPT, DATA for each message with RSET between them. Each recipient gets its own
+outcome: 2xx done, 4xx retried, 5xx NDR. If no target host can be reached the whole queue
+goes into Retry, with the last error shown, instead of every message hammering a dead host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from mailyard import faults, headers, keys, nodes
+from mailyard.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from mailyard.hub import mx
+from mailyard.hub.delivery import Batch, Outcome, defer_batch, register, settle
+from mailyard.hub.node import Node
+from mailyard.hub.queues import DeliveryType, Item, load_bodies
+from mailyard.hub.receive import ORIGIN_HEADER, SERVER_LOGIN_PREFIX
+from mailyard.org import SendConnector
+from mailyard.tls import opportunistic_client_context
+from mailyard.tracking import Event
+
+log = logging.getLogger("mailyard.hub.send")
+
+CONNECT_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 60.0
+DATA_TIMEOUT = 120.0
+
+
+@dataclass
+class Route:
+    """Where and how to connect for one batch."""
+
+    targets: list[mx.Target]
+    port: int
+    require_tls: bool = False
+    username: str = ""
+    password: str = ""
+    org_origin: bool = False  # add X-Mailyard-Origin (hub-to-hub relay within the organization)
+
+
+@dataclass
+class Job:
+    item: Item
+    sender: str
+    recipients: list[str]
+    body: bytes
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+
+def _connector(node: Node, name: str) -> SendConnector | None:
+    return next((c for c in node.orgs.org.send_connectors if c.name == name), None)
+
+
+def _host_port(value: str, default: int) -> tuple[str, int]:
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default
+    host, sep, port = value.rpartition(":")
+    return (host, int(port)) if sep and port.isdigit() and host.count(":") == 0 else (value, default)
+
+
+def route_for(node: Node, batch: Batch) -> Route:
+    """Targets of the batch's next hop. Raises Permanent/TransientDeliveryError."""
+    settings = node.settings
+    if batch.delivery_type == DeliveryType.REMOTE_SITE.value:
+        return _remote_site_route(node, batch.next_hop)
+    name = (node.r.hget(keys.queue(batch.queue), "connector") or b"").decode()
+    conn = _connector(node, name)
+    if conn is None or not conn.enabled:
+        raise TransientDeliveryError(451, "4.4.9", f"send connector {name!r} is missing or disabled")
+    resolver = mx.make_resolver(settings.dns_servers)
+    if batch.delivery_type == DeliveryType.DNS.value:
+        targets = mx.resolve(resolver, batch.next_hop)
+    else:
+        targets = []
+        for text in conn.smart_hosts:
+            host, port = _host_port(text, conn.port)
+            try:
+                found = mx.addresses(resolver, host) if not _is_ip(host) else [host]
+            except TransientDeliveryError:
+                found = []
+            targets += [mx.Target(host, a, port=port) for a in found]
+        if not targets:
+            raise TransientDeliveryError(451, "4.4.0", f"no address for the smart hosts of {conn.name}")
+    return Route(targets, conn.port, conn.require_tls, conn.smart_host_username, conn.smart_host_password)
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _remote_site_route(node: Node, site: str) -> Route:
+    """The live hubs of ``site`` (shuffled: the load spreads), at a receive connector that
+    takes Exchange servers; this hub logs on as one with the site's server token."""
+    org = node.orgs.org
+    takes_servers = {c.name for c in org.receive_connectors
+                     if c.enabled and "ExchangeServers" in c.permission_groups and (not c.sites or site in c.sites)}
+    targets = []
+    for hub in nodes.hubs(node.r):
+        if hub.site != site or not hub.alive(org.transport.hub_heartbeat_timeout):
+            continue
+        for name, address in hub.endpoints.items():
+            if name in takes_servers:
+                host, port = _host_port(address, 25)
+                targets.append(mx.Target(hub.name, host, port=port))
+                break
+    if not targets:
+        raise TransientDeliveryError(451, "4.4.1", f"no hub of site {site} is reachable over SMTP")
+    random.shuffle(targets)
+    return Route(targets, 25, False, f"{SERVER_LOGIN_PREFIX}/{node.name}", org.transport.server_token,
+                 org_origin=True)
+
+
+async def transfer(route: Route, jobs: list[Job], *, helo: str) -> str:
+    """Deliver ``jobs`` over one connection to the first target that answers; fill in each
+    job's outcomes and return the host used. Raises TransientDeliveryError if none answers."""
+    last_error = "no target"
+    for target in route.targets:
+        port = target.port or route.port
+        smtp = aiosmtplib.SMTP(hostname=target.address, port=port, local_hostname=helo,
+                               timeout=COMMAND_TIMEOUT, start_tls=False, use_tls=False)
+        try:
+            await smtp.connect(timeout=CONNECT_TIMEOUT)
+            await smtp.ehlo()
+            if smtp.supports_extension("starttls"):
+                await smtp.starttls(tls_context=opportunistic_client_context())
+                await smtp.ehlo()
+            elif route.require_tls:
+                raise TransientDeliveryError(451, "4.7.5", f"{target.host} does not offer STARTTLS")
+            if route.username:
+                await smtp.login(route.username, route.password)
+        except (aiosmtplib.SMTPException, OSError, TransientDeliveryError) as exc:
+            last_error = f"{target.host} [{target.address}]: {_describe(exc)}"
+            log.info("cannot deliver to %s: %s", target.host, last_error)
+            smtp.close()
+            continue
+        try:
+            await _send_jobs(smtp, jobs)
+        finally:
+            try:
+                await smtp.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                smtp.close()
+        return f"{target.host} [{target.address}]"
+    raise TransientDeliveryError(
+        451, "4.4.0",
+        f"Primary target IP address responded with: \"{last_error}.\" Attempted failover to "
+        "alternate host, but that did not succeed.",
+    )
+
+
+async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job]) -> None:
+    """MAIL/RCPT/DATA per job on an open connection. A lost connection leaves the jobs not
+    yet answered without outcome (they are retried)."""
+    for n, job in enumerate(jobs):
+        try:
+            if n:
+                await smtp.rset()
+            options = [f"SIZE={len(job.body)}"] if smtp.supports_extension("size") else []
+            try:
+                await smtp.mail(job.sender, options=options)
+            except aiosmtplib.SMTPResponseException as exc:
+                for rcpt in job.recipients:
+                    job.outcomes[rcpt] = Outcome(exc.code, _status(exc), exc.message)
+                continue
+            accepted = []
+            for rcpt in job.recipients:
+                try:
+                    await smtp.rcpt(rcpt)
+                    accepted.append(rcpt)
+                except aiosmtplib.SMTPResponseException as exc:
+                    job.outcomes[rcpt] = Outcome(exc.code, _status(exc), exc.message)
+            if not accepted:
+                continue
+            try:
+                response = await smtp.data(job.body, timeout=DATA_TIMEOUT)
+                outcome = Outcome(response.code, _status_of(response.message, response.code), response.message)
+            except aiosmtplib.SMTPResponseException as exc:
+                outcome = Outcome(exc.code, _status(exc), exc.message)
+            for rcpt in accepted:
+                job.outcomes[rcpt] = outcome
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            log.warning("connection lost during a delivery: %s", _describe(exc))
+            return
+
+
+def _status(exc: aiosmtplib.SMTPResponseException) -> str:
+    return _status_of(exc.message, exc.code)
+
+
+def _status_of(message: str, code: int) -> str:
+    first = message.split(" ", 1)[0]
+    if first.count(".") == 2 and first[0] in "245" and first.replace(".", "").isdigit():
+        return first
+    return f"{str(code)[0]}.0.0"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    if isinstance(exc, DeliveryError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def deliver(node: Node, batch: Batch) -> None:
+    """The stage of DnsConnectorDelivery, SmartHostConnectorDelivery and
+    SmtpRelayToRemoteAdSite queues."""
+    try:
+        route = route_for(node, batch)
+    except PermanentDeliveryError as exc:
+        outcome = Outcome.of(exc)
+        settle(node, batch, {i.id: {r.address: outcome for r in i.recipients} for i in batch.items},
+               event=Event.SEND, source="SMTP")
+        return
+    except TransientDeliveryError as exc:
+        defer_batch(node, batch, exc, source="SMTP")
+        return
+    bodies = load_bodies(node.r, [i.msg for i in batch.items])
+    jobs = []
+    for item in batch.items:
+        msg = batch.messages.get(item.msg)
+        if msg is None or item.msg not in bodies:
+            continue
+        body = bodies[item.msg]
+        if route.org_origin:
+            body = headers.prepend(body, f"{ORIGIN_HEADER}: {msg.id}")
+        jobs.append(Job(item, msg.sender, [r.address for r in item.recipients], body))
+    faults.point("send.before_connect", node.r)
+    try:
+        remote = asyncio.run(transfer(route, jobs, helo=node.fqdn))
+    except TransientDeliveryError as exc:
+        defer_batch(node, batch, exc, source="SMTP")
+        return
+    faults.point("send.after_data", node.r)
+    settle(node, batch, {j.item.id: j.outcomes for j in jobs}, event=Event.SEND, source="SMTP", remote=remote)
+
+
+def _cap(node: Node) -> int:
+    return node.settings.max_per_domain_outbound_connections
+
+
+for _type in (DeliveryType.DNS, DeliveryType.SMART_HOST, DeliveryType.REMOTE_SITE):
+    register(_type.value, deliver, _cap)
