@@ -15,6 +15,8 @@ Nodes
   my:servers                  ZSET    mailbox server name -> last heartbeat, ms
   my:server:<server>          HASH    url (its HTTP API), site, pid, started
   my:sweeper                  STRING  name of the hub holding the sweeper lease (PX)
+  my:rerouted-version         STRING  organization version the Unreachable queues were last
+                                      re-routed for (the sweeper re-routes after a change)
 
 Mail submission service (mailbox server -> hub)
   my:submit:pending:<server>  ZSET    "<server>/<mailbox>/<item>" -> ack deadline, ms
@@ -67,6 +69,7 @@ ORG_CHANNEL = P + "org:changed"
 HUBS = P + "hubs"
 SERVERS = P + "servers"
 SWEEPER = P + "sweeper"
+REROUTED_VERSION = P + "rerouted-version"
 
 
 SEQ_ITEM = P + "seq:item"

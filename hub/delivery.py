@@ -23,6 +23,7 @@ from mailyard import keys, tracking
 from mailyard.broker import DRAIN_BUDGET, KICK_TTL_MS
 from mailyard.errors import DeliveryError
 from mailyard.hub import dsn
+from mailyard.hub.admin import removal_txn
 from mailyard.hub.bounce import queue_report, wants_report
 from mailyard.hub.node import Node
 from mailyard.hub.queues import (
@@ -220,6 +221,9 @@ def settle(
                 )
         if not remaining:
             forget_item(txn, item)
+        elif item.pending == "PendingRemove":
+            item.recipients = remaining
+            removal_txn(node, txn, item, ndr=item.remove_ndr, now=now)
         else:
             deferred = [r for r in remaining if r.status == "Retry"]
             if deferred:
@@ -277,6 +281,10 @@ def defer_batch(node: Node, batch: Batch, error: DeliveryError, *, source: str =
     for item in reversed(batch.items):
         msg = batch.messages.get(item.msg)
         txn = _guarded(item, batch.token)
+        if item.pending == "PendingRemove":
+            removal_txn(node, txn, item, ndr=item.remove_ndr, now=now)
+            txns.append(txn)
+            continue
         for rcpt in item.recipients:
             rcpt.last_error = reply
         status = "Suspended" if item.pending == "PendingSuspend" else "Retry"

@@ -170,6 +170,7 @@ class Item:
     enqueued: int = 0
     next_retry: int = 0
     pending: str = ""  # an admin action waiting for the delivery in progress to end
+    remove_ndr: bool = True  # with PendingRemove: send the NDR
 
     @classmethod
     def load(cls, item_id: str, data: dict[bytes, bytes]) -> Item:
@@ -188,6 +189,7 @@ class Item:
             enqueued=int(d.get("enqueued", 0) or 0),
             next_retry=int(d.get("next_retry", 0) or 0),
             pending=d.get("pending", ""),
+            remove_ndr=d.get("remove_ndr", "1") != "0",
         )
 
 

@@ -59,6 +59,7 @@ class Sweeper:
             "delayed": self.delay_notifications(),
             "kicked": self.kick_stalled_queues(),
             "renotified": self.renotify_outbox(),
+            "rerouted": self.reroute_unreachable(),
         }
         return {k: v for k, v in done.items() if v}
 
@@ -172,6 +173,22 @@ class Sweeper:
         kicks = [Kick(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
         self.node.kick(kicks)
         return len(kicks)
+
+    def reroute_unreachable(self) -> int:
+        """After ``org apply``, messages in the Unreachable queues get another chance: a new
+        connector or mailbox may route them now (not while the queue is suspended)."""
+        from mailyard.hub.admin import resubmit_queue
+
+        version = int(self.node.r.get(keys.ORG_VERSION) or 0)
+        seen = self.node.r.getset(keys.REROUTED_VERSION, version)
+        if seen is None or int(seen) == version:
+            return 0
+        moved = 0
+        for raw in self.node.r.zrange(keys.QUEUES, 0, -1):
+            queue = raw.decode()
+            if queue.endswith("\\Unreachable") and self.node.r.hget(keys.queue(queue), "suspended") != b"1":
+                moved += resubmit_queue(self.node, queue)
+        return moved
 
     def renotify_outbox(self) -> int:
         if self._notifier is None:

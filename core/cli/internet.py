@@ -1,0 +1,116 @@
+"""``mailyard internet``: the demo Internet (DNS with MX records and SMTP sinks) on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import signal
+from pathlib import Path
+
+import click
+
+from mailyard.cli.common import data_dir_option, handle_errors, json_option, print_json, table
+from mailyard.errors import SiteError
+from mailyard.internet.dns import DnsServer, Zone, parse_address
+from mailyard.internet.sink import Sink, list_messages
+
+DEMO_DOMAINS = ("fabrikam.example", "tailspintoys.example", "wingtiptoys.example")
+DEFAULT_DNS = "127.0.0.1:5300"
+SUBDIR = "internet"
+
+
+def _folder(folder: Path | None, data_dir: Path) -> Path:
+    return folder if folder is not None else data_dir / SUBDIR
+
+
+@click.group()
+def internet() -> None:
+    """The demo Internet: DNS MX records and SMTP sinks for outside domains, on loopback."""
+
+
+@internet.command()
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the sinks store mail, one folder per domain [default: DATA_DIR/internet].")
+@click.option("--dns", "dns_address", default=DEFAULT_DNS, show_default=True,
+              help="HOST:PORT of the DNS server (UDP and TCP; port 0 picks a free one).")
+@click.option("--smtp-port", default=2525, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of every MX host (0 picks a free one).")
+@click.option("--domain", "domains", multiple=True, metavar="NAME",
+              help=f"A domain to serve (repeatable) [default: {', '.join(DEMO_DOMAINS)}].")
+@click.option("--first-ip", default="127.0.0.2", show_default=True,
+              help="Loopback address of the first domain's MX host; the next domains get the next ones.")
+@data_dir_option
+@handle_errors
+def serve(folder: Path | None, dns_address: str, smtp_port: int, domains: tuple[str, ...], first_ip: str,
+          data_dir: Path) -> None:
+    """Serve MX records for the demo domains and receive their mail until Ctrl-C or SIGTERM.
+
+    Each domain gets `MX 10 mx.<domain>`, that host an A record on its own loopback address,
+    and an SMTP sink there that stores what it receives (see `mailyard internet show`).
+    """
+    try:
+        dns_host, dns_port = parse_address(dns_address)
+        first = ipaddress.IPv4Address(first_ip)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if not first.is_loopback:
+        raise click.BadParameter(f"{first_ip} is not a loopback address", param_hint="--first-ip")
+    names = [d.strip().rstrip(".").lower() for d in domains or DEMO_DOMAINS]
+    asyncio.run(_serve(_folder(folder, data_dir), dns_host, dns_port, smtp_port, names, first))
+
+
+async def _serve(folder: Path, dns_host: str, dns_port: int, smtp_port: int, domains: list[str],
+                 first: ipaddress.IPv4Address) -> None:
+    zone = Zone(ttl=60)
+    dns = DnsServer(zone, dns_host, dns_port)
+    sinks: list[Sink] = []
+    rows = []
+    try:
+        try:
+            await dns.open()
+            for i, domain in enumerate(domains):
+                address = str(first + i)
+                mx = zone.add_mail_domain(domain, address)
+                sink = Sink(folder, address, smtp_port, hostname=mx)
+                await sink.open()
+                smtp_port = sink.port  # port 0: the others take the same one
+                sinks.append(sink)
+                rows.append((domain, f"10 {mx}", address, f"{address}:{sink.port}"))
+        except OSError as exc:
+            raise SiteError(f"cannot listen: {exc}") from None
+        click.echo(f"DNS   {dns.address} (UDP and TCP)")
+        click.echo(f"Mail  {folder.resolve()}")
+        click.echo(table(rows, ["Domain", "MX", "A", "SMTP"]))
+        click.echo("Serving; Ctrl-C or SIGTERM stops.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        for sink in sinks:
+            await sink.close()
+        await dns.close()
+    click.echo("Stopped.")
+
+
+@internet.command()
+@click.argument("domain")
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
+              help="The sinks' folder [default: DATA_DIR/internet].")
+@data_dir_option
+@json_option
+@handle_errors
+def show(domain: str, folder: Path | None, data_dir: Path, as_json: bool) -> None:
+    """List the messages the demo Internet received for DOMAIN, oldest first."""
+    items = list_messages(_folder(folder, data_dir), domain)
+    if as_json:
+        print_json(items)
+        return
+    if not items:
+        click.echo(f"No messages for {domain} in {_folder(folder, data_dir)}.")
+        return
+    click.echo(table(
+        [(m["received_at"], m["envelope_from"] or "<>", ";".join(m["envelope_to"]), m["subject"][:40],
+          m["message_id"]) for m in items],
+        ["Received", "Sender", "Recipients", "Subject", "MessageId"]))
