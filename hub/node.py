@@ -50,7 +50,8 @@ class Node:
     def orgs(self) -> OrgCache:
         res = self._resources()
         if "orgs" not in res:
-            res["orgs"] = OrgCache(self.r)
+            # Checked on every use (one GET of the version): a task sees ``org apply`` at once.
+            res["orgs"] = OrgCache(self.r, max_age=0.0)
         return res["orgs"]
 
     @property

@@ -102,7 +102,7 @@ def test_send_show_queue_and_track_from_the_command_line(cluster_factory) -> Non
 def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> None:
     data = tmp_path / "var"
     runner = subprocess.Popen([sys.executable, "-m", "mailyard", "site", "up", "--data-dir", str(data),
-                               "--hubs", "1", "--no-flower"], cwd=ROOT, stdout=subprocess.PIPE,
+                               "--hubs", "1"], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         def status() -> dict | None:
@@ -115,7 +115,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
 
         state = wait_until(status, timeout=60, message="the site did not come up")
         roles = sorted(p["role"] for p in state["processes"])
-        assert roles == ["hub", "hub", "mailbox", "mailbox", "mailbox", "redis"], roles
+        assert roles == ["flower", "hub", "hub", "internet", "mailbox", "mailbox", "mailbox", "redis"], roles
         assert state["redis_url"].startswith("redis://127.0.0.1:")
         for p in state["processes"]:
             if p["role"] == "mailbox":
@@ -127,6 +127,31 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
                  "--body", "hi", env=env)
         wait_until(lambda: "demo" in mailyard("mailbox", "show", "dave@contoso.com", env=env).stdout,
                    timeout=30)
+        # ...out to the demo Internet, from London through Amsterdam's Internet connector...
+        mailyard("send", "--from", "erin@contoso.com", "--to", "someone@fabrikam.example", "--subject", "out",
+                 "--body", "hi", env=env)
+
+        def arrived_outside() -> list:
+            shown = mailyard("internet", "show", "fabrikam.example", "--json", env=env)
+            return [m for m in json.loads(shown.stdout) if m["subject"] == "out"]
+
+        (outside,) = wait_until(arrived_outside, timeout=60)
+        assert outside["from"] == "erin@contoso.com" and outside["to"] == ["someone@fabrikam.example"]
+        # ...and in from it, anonymously, only to the organization's own recipients
+        mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to", "frank@contoso.com",
+                 "--subject", "in", "--body", "hello", env=env)
+        wait_until(lambda: " in" in mailyard("mailbox", "show", "frank@contoso.com", env=env).stdout,
+                   timeout=60)
+        relay = mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to",
+                         "x@tailspintoys.example", "--subject", "relay?", env=env, check=False)
+        assert relay.returncode == 1 and "5.7.1 Unable to relay" in relay.stderr
+        # Flower sees every hub
+        flower = next(p["url"] for p in state["processes"] if p["role"] == "flower")
+        import httpx
+
+        workers = wait_until(lambda: (w := httpx.get(f"{flower}/api/workers?refresh=1", timeout=10).json())
+                             and len(w) == 2 and w, timeout=60, message="Flower does not list both hubs")
+        assert set(workers) == {"hub@amsterdam-hub-1", "hub@london-hub-1"}
 
         # A child that dies is restarted
         hub = next(p for p in state["processes"] if p["role"] == "hub")

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import click
 
-from mailyard.cli.common import data_dir_option, handle_errors, json_option, print_json, table
+from mailyard.cli.common import (
+    connect,
+    data_dir_option,
+    handle_errors,
+    json_option,
+    print_json,
+    redis_option,
+    table,
+)
 from mailyard.errors import SiteError
 from mailyard.internet.dns import DnsServer, Zone, parse_address
 from mailyard.internet.sink import Sink, list_messages
@@ -114,3 +122,47 @@ def show(domain: str, folder: Path | None, data_dir: Path, as_json: bool) -> Non
         [(m["received_at"], m["envelope_from"] or "<>", ";".join(m["envelope_to"]), m["subject"][:40],
           m["message_id"]) for m in items],
         ["Received", "Sender", "Recipients", "Subject", "MessageId"]))
+
+
+@internet.command(name="send")
+@click.option("--from", "sender", required=True, help="An outside address, e.g. grace@fabrikam.example.")
+@click.option("--to", "recipients", multiple=True, required=True, help="A recipient (repeatable).")
+@click.option("--subject", default="", help="The subject line.")
+@click.option("--body", default="", help="The message text.")
+@click.option("--source", default="127.0.0.2", show_default=True,
+              help="Loopback address to send from (the Internet, as the receive connectors see it).")
+@redis_option
+@handle_errors
+def send_from_internet(sender: str, recipients: tuple[str, ...], subject: str, body: str, source: str,
+                       redis_url: str | None, data_dir: Path) -> None:
+    """Send a message from the demo Internet into the organization, over SMTP, anonymously,
+    to a hub's receive connector that takes mail from AnonymousUsers."""
+    import smtplib
+    from email.message import EmailMessage
+    from email.utils import formatdate, make_msgid
+
+    from mailyard import nodes
+    from mailyard.orgstore import read_org
+
+    r = connect(redis_url, data_dir)
+    _, org = read_org(r)
+    anonymous = {c.name for c in org.receive_connectors if c.enabled and "AnonymousUsers" in c.permission_groups}
+    endpoints = [h.endpoints[name] for h in nodes.hubs(r) if h.alive(org.transport.hub_heartbeat_timeout)
+                 for name in anonymous if name in h.endpoints]
+    if not endpoints:
+        raise SiteError("no hub has a receive connector for anonymous Internet mail running")
+    host, _, port = endpoints[0].rpartition(":")
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, ", ".join(recipients), subject
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or "internet.example")
+    msg.set_content(body)
+    try:
+        with smtplib.SMTP(host, int(port), local_hostname="mail.internet.example", timeout=30,
+                          source_address=(source, 0)) as client:
+            refused = client.send_message(msg, from_addr=sender, to_addrs=list(recipients))
+    except smtplib.SMTPException as exc:
+        raise SiteError(f"the hub at {endpoints[0]} refused the message: {exc}") from None
+    for address, (code, text) in refused.items():
+        click.echo(f"refused {address}: {code} {text.decode(errors='replace')}", err=True)
+    click.echo(f"sent to {endpoints[0]} from {source}")

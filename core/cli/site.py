@@ -45,16 +45,20 @@ def site() -> None:
 @click.option("--flower-port", default=0, type=int, help="Port of Flower (default: free).")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes per hub.")
+@click.option("--internet/--no-internet", default=True, show_default=True,
+              help="Start the demo Internet (DNS and MX hosts for fabrikam.example and others) "
+                   "and point the organization's DNS at it.")
 @data_dir_option
 @handle_errors
 def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, fsync: str, flower: bool,
-       flower_port: int, concurrency: int, data_dir: Path) -> None:
+       flower_port: int, concurrency: int, internet: bool, data_dir: Path) -> None:
     """Start the site and keep it running until Ctrl-C or SIGTERM."""
     setup_logging("INFO")
     org = load_org(config_path)
     runner = Site(SiteConfig(org=org, config_path=config_path.resolve(), data_dir=data_dir,
                              hubs_per_site=hubs, redis_url=redis_url, redis_port=redis_port, fsync=fsync,
-                             flower=flower, flower_port=flower_port, concurrency=concurrency))
+                             flower=flower, flower_port=flower_port, concurrency=concurrency,
+                             internet=internet))
     signal.signal(signal.SIGTERM, runner.request_stop)
     signal.signal(signal.SIGINT, runner.request_stop)
     try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
+import email.utils
 import fnmatch
 import itertools
 import json
@@ -468,8 +469,8 @@ class _SinkSMTP(SMTP):
 def list_messages(folder: Path | str, domain: str) -> list[dict[str, Any]]:
     """What a sink stored under ``folder`` for ``domain``, oldest first.
 
-    Each item: ``from``, ``to``, ``cc``, ``subject``, ``message_id``, ``date`` (headers,
-    decoded), ``envelope_from``, ``envelope_to`` (this domain's recipients), ``peer``,
+    Each item: ``from`` (an address), ``to``, ``cc`` (lists of addresses), ``subject``,
+    ``message_id``, ``date`` (headers, decoded), ``envelope_from``, ``envelope_to`` (this domain's recipients), ``peer``,
     ``received_at``, ``tls``, ``auth_user``, ``size`` and ``file`` (the .eml's path).
     """
     directory = Path(folder) / (domain.strip().rstrip(".").lower() or _NO_DOMAIN)
@@ -485,14 +486,23 @@ def list_messages(folder: Path | str, domain: str) -> list[dict[str, Any]]:
         with eml.open("rb") as f:
             headers = parser.parse(f)
         items.append({
-            "from": str(headers.get("From", "")), "to": str(headers.get("To", "")),
-            "cc": str(headers.get("Cc", "")), "subject": str(headers.get("Subject", "")),
+            "from": next(iter(_addresses(headers, "From")), ""), "to": _addresses(headers, "To"),
+            "cc": _addresses(headers, "Cc"), "subject": str(headers.get("Subject", "")),
             "message_id": str(headers.get("Message-ID", "")).strip(), "date": str(headers.get("Date", "")),
             "envelope_from": meta.get("mail_from"), "envelope_to": meta.get("rcpt_to", []),
             "peer": meta.get("peer"), "received_at": meta.get("received_at"), "tls": meta.get("tls"),
             "auth_user": meta.get("auth_user"), "size": meta.get("size"), "file": str(eml),
         })
     return items
+
+
+def _addresses(headers: email.message.Message, name: str) -> list[str]:
+    """The addresses of a header (``"Alice <a@x>, b@y"`` -> ["a@x", "b@y"]), as mailboxes show them."""
+    try:
+        values = [str(v) for v in headers.get_all(name, [])]
+    except Exception:  # a header too broken to parse is shown as no address
+        return []
+    return [addr for _, addr in email.utils.getaddresses(values) if addr]
 
 
 def read_message(file: Path | str) -> email.message.EmailMessage:

@@ -107,6 +107,7 @@ class SiteConfig:
     flower_port: int = 0
     concurrency: int = 2
     host: str = "127.0.0.1"
+    internet: bool = True
 
 
 class Site:
@@ -166,6 +167,18 @@ class Site:
                                  "--concurrency", str(cfg.concurrency), *bind_args, *common),
                     logs / f"{name}.log", {"site": site.name, "smtp": smtp},  # type: ignore[dict-item]
                 ))
+        if cfg.internet:
+            # The demo Internet: DNS for the outside domains, and their MX hosts on the port
+            # the DNS-routed send connectors use. The organization is pointed at this DNS.
+            self.dns_port = self._port()
+            ports = {c.port for c in cfg.org.send_connectors if c.dns_routing} or {25}
+            self.children.append(Child(
+                "internet", "internet",
+                mailyard_cmd("internet", "serve", "--dns", f"{cfg.host}:{self.dns_port}",
+                             "--smtp-port", str(min(ports)), "--data-dir", str(self.data_dir)),
+                logs / "internet.log",
+                {"url": f"dns {cfg.host}:{self.dns_port}, mail in {self.data_dir / 'internet'}"},
+            ))
         if cfg.flower:
             port = cfg.flower_port or self._port()
             self.children.append(Child(
@@ -176,6 +189,13 @@ class Site:
             ))
 
     # endregion
+
+    def org_to_apply(self) -> Organization:
+        org = self.cfg.org
+        if not self.cfg.internet:
+            return org
+        transport = org.transport.model_copy(update={"dns_servers": [f"{self.cfg.host}:{self.dns_port}"]})
+        return org.model_copy(update={"transport": transport})
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -195,7 +215,7 @@ class Site:
             redis_server.wait_ready(self.redis_url, self.redis.proc)
         else:
             redis_server.wait_ready(self.redis_url, None, timeout=5)
-        apply_org(redisconn.connect(self.redis_url), self.cfg.org)
+        apply_org(redisconn.connect(self.redis_url), self.org_to_apply())
         for child in self.children:
             child.start(env)
         self.write_state()
@@ -224,11 +244,13 @@ class Site:
                 elif child.role == "hub":
                     ok = child.name in {h.name for h in nodes.hubs(r) if h.alive(5.0)} and int(
                         r.hget(keys.hub(child.name), "pid") or 0) == child.proc.pid  # type: ignore[union-attr]
-                else:
+                elif child.role == "flower":
                     try:
                         ok = httpx.get(child.endpoints["url"] + "/healthcheck", timeout=1).status_code == 200
                     except httpx.HTTPError:
                         ok = False
+                else:
+                    ok = True
                 if ok:
                     pending.discard(child.name)
             if pending and time.monotonic() > deadline:
@@ -302,8 +324,9 @@ class Site:
     def stop(self) -> None:
         """Stop children in reverse order of need: Flower and hubs, mailbox servers, Redis."""
         self._stopping = True
-        order = [c for c in self.children if c.role in ("flower", "hub")]
-        order += [c for c in self.children if c.role not in ("flower", "hub")]
+        first = ("flower", "hub", "internet")
+        order = [c for c in self.children if c.role in first]
+        order += [c for c in self.children if c.role not in first]
         _terminate(order)
         if self.redis:
             _terminate([self.redis])

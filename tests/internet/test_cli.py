@@ -82,7 +82,7 @@ def test_serve_receive_stop_and_show(serve, tmp_path) -> None:
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (item,) = json.loads(result.stdout)
-    assert item["from"] == "alice@contoso.com" and item["to"] == "grace@fabrikam.example"
+    assert item["from"] == "alice@contoso.com" and item["to"] == ["grace@fabrikam.example"]
     assert item["subject"] == "Hello Grace" and item["message_id"] == "<demo-1@contoso.com>"
     assert item["envelope_to"] == ["grace@fabrikam.example"]
 
