@@ -54,8 +54,11 @@ Schedules (the sweeper acts on what is due)
 Tests
   my:fault:<point>            STRING  a crash point that already fired (mailyard.faults)
 
-Message tracking
+Message tracking and metrics
   my:track                    STREAM  tracking events (mailyard.tracking), trimmed by age
+  my:stats                    HASH    "<EVENT>|<queue, connector or source>" -> count since the
+                                      site began (recipients; messages for RECEIVE, SUBMIT, DSN);
+                                      "SESSION|<hub>\\<connector>" -> SMTP sessions accepted
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ RETRY = P + "retry"
 EXPIRY = P + "expiry"
 DELAY = P + "delay"
 TRACK = P + "track"
+STATS = P + "stats"
 
 CELERY_PREFIX = P + "celery:"
 

@@ -102,6 +102,10 @@ def add(txn: Txn, record: Record, retention_s: float, now_ms: int | None = None)
     now_ms = now_ms or int(time.time() * 1000)
     min_id = max(0, now_ms - int(retention_s * 1000))
     txn.op("XADD", keys.TRACK, "MINID", "~", min_id, "*", *record.words())
+    # The counters behind /metrics: recipients per event and queue (messages for RECEIVE).
+    label = record.queue or record.connector or record.source or "-"
+    count = 1 if record.event in (Event.RECEIVE, Event.SUBMIT, Event.DSN) else max(1, len(record.recipients))
+    txn.op("HINCRBY", keys.STATS, f"{record.event}|{label}", count)
 
 
 def _decode(entry_id: bytes, data: dict[bytes, bytes]) -> Record:

@@ -221,7 +221,8 @@ def removal_txn(node: Node, txn: Txn, item: Item, *, ndr: bool, now: int) -> Non
     if ndr and wants_report(msg):
         body = load_bodies(node.r, [msg.id]).get(msg.id, b"")
         (report_id,) = allocate_items(node.r, 1)
-        queue_report(node, txn, msg, body, failures, item_id=report_id, now=now)
+        queue_report(node, txn, msg, body, failures, item_id=report_id, now=now,
+                     site=item.queue.split("\\", 1)[0])
 
 
 def export_message(node: Node, item: Item) -> bytes:
@@ -233,6 +234,71 @@ def export_message(node: Node, item: Item) -> bytes:
     if body is None:
         raise NotFoundError(f"{ident} has no stored content")
     return body
+
+
+# endregion
+
+
+# region: the operator's entry points (CLI and Queue Viewer)
+
+
+def admin_node(redis_url: str, name: str = "admin") -> Node:
+    """A Node for acting from outside the hubs (the CLI, the Queue Viewer)."""
+    import socket
+
+    from mailyard.broker import make_app
+
+    return Node(name=f"{name}@{socket.gethostname().split('.')[0]}", site="", redis_url=redis_url,
+                app=make_app(redis_url))
+
+
+QUEUE_ACTIONS = ("suspend", "resume", "retry")
+MESSAGE_ACTIONS = ("suspend", "resume", "remove")
+
+
+@dataclass
+class Outcome:
+    done: list[Done]
+    failed: list[tuple[str, str]]  # (identity, why)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"count": len(self.done), "done": [d.as_dict() for d in self.done],
+                "failed": [{"identity": i, "error": e} for i, e in self.failed]}
+
+
+def act_on_queues(node: Node, action: str, queues: list[str], *, resubmit: bool = False) -> Outcome:
+    if action not in QUEUE_ACTIONS:
+        raise StateError(f"unknown queue action {action!r}: use {', '.join(QUEUE_ACTIONS)}")
+    out = Outcome([], [])
+    for queue in queues:
+        try:
+            if action == "suspend":
+                out.done.append(suspend_queue(node, queue))
+            elif action == "resume":
+                out.done.append(resume_queue(node, queue))
+            else:
+                out.done.append(retry_queue(node, queue, resubmit=resubmit))
+        except (NotFoundError, StateError) as exc:
+            out.failed.append((queue, str(exc)))
+    return out
+
+
+def act_on_messages(node: Node, action: str, identities: list[str], *, ndr: bool = True) -> Outcome:
+    if action not in MESSAGE_ACTIONS:
+        raise StateError(f"unknown message action {action!r}: use {', '.join(MESSAGE_ACTIONS)}")
+    out = Outcome([], [])
+    for identity in identities:
+        try:
+            item = find_item(node.r, identity)
+            if action == "suspend":
+                out.done.append(suspend_message(node, item))
+            elif action == "resume":
+                out.done.append(resume_message(node, item))
+            else:
+                out.done.append(remove_message(node, item, ndr=ndr))
+        except (NotFoundError, StateError) as exc:
+            out.failed.append((identity, str(exc)))
+    return out
 
 
 # endregion

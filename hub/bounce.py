@@ -31,11 +31,14 @@ def queue_report(
     item_id: str,
     delayed: bool = False,
     now: int,
+    site: str | None = None,
 ) -> str | None:
     """Add the report to ``txn``; returns its message id (None when no report is due).
 
     ``item_id`` must be freshly allocated (``allocate_items``) for the report's queue item.
+    The report enters the Submission queue of ``site`` (default: the hub's own).
     """
+    site = site or node.site
     if not failures or not wants_report(msg):
         return None
     org = node.orgs.org
@@ -60,12 +63,12 @@ def queue_report(
         expires=now + int(org.transport.message_expiration_timeout * 1000),
         source="DSN",
         origin=msg.id,
-        site=node.site,
+        site=site,
         hub=node.name,
         dsn="delay" if delayed else "ndr",
     )
     create_message(txn, report, raw, refs=1)
-    enqueue(txn, submission_queue(node.site), item_id, report, [Recipient(msg.sender)], now=now)
+    enqueue(txn, submission_queue(site), item_id, report, [Recipient(msg.sender)], now=now)
     tracking.add(
         txn,
         Record(

@@ -117,6 +117,12 @@ class ReceiveContext:
     per_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     pressure: Callable[[str], str | None] = lambda origin: None  # back pressure hook
 
+    def count_session(self, connector: str) -> None:
+        """One more SMTP session (for /metrics); fire and forget, off the session's path."""
+        task = asyncio.get_running_loop().create_task(
+            self.r.hincrby(keys.STATS, f"SESSION|{self.hub}\\{connector}", 1))
+        task.add_done_callback(lambda t: t.exception())  # a Redis hiccup only loses a count
+
     def connectors_for(self, binding: str) -> list[ReceiveConnector]:
         org = self.directory().org
         return [c for c in org.receive_connectors
@@ -167,6 +173,7 @@ class Connection(SMTP):
             return
         self.ctx.per_source[ip] += 1
         self.state.counted = True
+        self.ctx.count_session(conn.name)
         await super()._handle_client()
 
     def _close(self) -> None:

@@ -8,6 +8,7 @@ from mailyard import __version__
 from mailyard.cli.hub import hub, receive
 from mailyard.cli.internet import internet
 from mailyard.cli.mailbox import mailbox, send
+from mailyard.cli.message import message
 from mailyard.cli.org import org
 from mailyard.cli.queue import queue
 from mailyard.cli.site import site
@@ -20,7 +21,7 @@ def cli() -> None:
     """Mailyard: an Exchange-style mail transport cluster on Celery and Redis."""
 
 
-for command in (site, org, mailbox, send, hub, receive, queue, track, internet):
+for command in (site, org, mailbox, send, hub, receive, queue, message, track, internet):
     cli.add_command(command)
 
 

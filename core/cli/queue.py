@@ -1,4 +1,4 @@
-"""``mailyard queue``: Get-Queue and Get-Message across every hub of the organization."""
+"""``mailyard queue``: Get-Queue, Get-Message and the queue actions, across every hub."""
 
 from __future__ import annotations
 
@@ -6,55 +6,145 @@ from pathlib import Path
 
 import click
 
-from mailyard.cli.common import connect, handle_errors, json_option, print_json, redis_option, table
+from mailyard.cli.common import (
+    connect,
+    handle_errors,
+    json_option,
+    print_json,
+    redis_option,
+    resolve_redis_url,
+    table,
+)
 
 
 @click.group()
 def queue() -> None:
-    """Mail queues on every hub (the Queue Viewer's view)."""
+    """Mail queues on every hub (the Queue Viewer's view): list, messages, suspend, resume, retry."""
 
 
 def _when(value: object) -> str:
     return str(value).replace("T", " ").rstrip("Z") if value else ""
 
 
-@queue.command(name="list")
-@redis_option
-@json_option
-@handle_errors
-def list_(redis_url: str | None, data_dir: Path, as_json: bool) -> None:
-    """Every queue: identity, delivery type, status, message count, next hop, last error."""
-    from mailyard.hub.queues import list_queues
-
-    queues = [q.as_dict() for q in list_queues(connect(redis_url, data_dir))]
+def print_outcome(outcome, as_json: bool, what: str) -> None:  # type: ignore[no-untyped-def]
+    """The result of an action: a line per object, then the count; exit 1 if anything failed."""
     if as_json:
-        print_json(queues)
-        return
-    click.echo(table(
-        [(q["identity"], q["delivery_type"], q["status"], q["message_count"], q["next_hop_domain"],
-          _when(q["next_retry_time"]), q["last_error"]) for q in queues],
-        ["Identity", "DeliveryType", "Status", "MessageCount", "NextHopDomain", "NextRetryTime",
-         "LastError"]))
+        print_json(outcome.as_dict())
+    else:
+        for done in outcome.done:
+            click.echo(f"{done.identity}: {done.result}")
+        click.echo(f"{len(outcome.done)} {what}(s) affected")
+    for identity, error in outcome.failed:
+        click.echo(f"error: {identity}: {error}", err=True)
+    if outcome.failed:
+        raise SystemExit(1)
 
 
-@queue.command()
-@click.argument("queue_identity", metavar="QUEUE")
+@queue.command(name="list")
+@click.option("--server", help="Only the queues of this hub's site.")
+@click.option("--filter", "filter_", metavar="EXPR", help="e.g. \"Status -eq Retry -and MessageCount -gt 10\".")
+@click.option("--sort", metavar="FIELDS", help="e.g. -MessageCount,Identity (- for descending).")
 @redis_option
 @json_option
 @handle_errors
-def messages(queue_identity: str, redis_url: str | None, data_dir: Path, as_json: bool) -> None:
-    """The messages in QUEUE (Get-Message), e.g. 'Amsterdam\\London'."""
-    from mailyard.hub.queueview import queue_messages
+def list_(server: str | None, filter_: str | None, sort: str | None, redis_url: str | None, data_dir: Path,
+          as_json: bool) -> None:
+    """Every queue: identity, delivery type, status, message count, next hop, retry times, last error."""
+    from mailyard.hub.queueview import queue_rows
 
-    rows = queue_messages(connect(redis_url, data_dir), queue_identity)
+    rows = queue_rows(connect(redis_url, data_dir), server=server, filter=filter_, sort=sort)
     if as_json:
         print_json(rows)
         return
     click.echo(table(
-        [(m["identity"], m["from_address"] or "<>", m["status"], m["size"], m["retry_count"],
-          m["subject"][:40], "; ".join(f"{r['address']} {r['status']}" for r in m["recipients"]),
-          m["last_error"]) for m in rows],
-        ["Identity", "FromAddress", "Status", "Size", "RetryCount", "Subject", "Recipients",
+        [(q["identity"], q["delivery_type"], q["status"], q["message_count"], q["next_hop_domain"],
+          _when(q["last_retry_time"]), _when(q["next_retry_time"]), q["last_error"][:80]) for q in rows],
+        ["Identity", "DeliveryType", "Status", "MessageCount", "NextHopDomain", "LastRetryTime",
+         "NextRetryTime", "LastError"]))
+
+
+@queue.command()
+@click.argument("queue_identity", metavar="[QUEUE]", required=False)
+@click.option("--filter", "filter_", metavar="EXPR", help="e.g. \"FromAddress -like '*@contoso.com'\".")
+@click.option("--sort", metavar="FIELDS", help="e.g. -Size,DateReceived.")
+@click.option("--limit", default=1000, show_default=True, help="At most this many messages.")
+@redis_option
+@json_option
+@handle_errors
+def messages(queue_identity: str | None, filter_: str | None, sort: str | None, limit: int,
+             redis_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """The messages in QUEUE (every queue without it): Get-Message, with each recipient's state."""
+    from mailyard.hub.queueview import message_rows
+
+    rows = message_rows(connect(redis_url, data_dir), queues=[queue_identity] if queue_identity else None,
+                        filter=filter_, sort=sort, limit=limit)
+    if as_json:
+        print_json(rows)
+        return
+    click.echo(table(
+        [(m["identity"], m["from_address"] or "<>", m["status"], m["size"], _when(m["date_received"]),
+          m["retry_count"], m["subject"][:40],
+          "; ".join(f"{r['address']} {r['status']}" for r in m["recipients"])[:60], m["last_error"][:60])
+         for m in rows],
+        ["Identity", "FromAddress", "Status", "Size", "DateReceived", "RetryCount", "Subject", "Recipients",
          "LastError"]))
 
 
+def _targets(r, identity: str | None, filter_: str | None) -> list[str]:  # type: ignore[no-untyped-def]
+    from mailyard.hub.queueview import queue_rows
+
+    if bool(identity) == bool(filter_):
+        raise click.UsageError("give a QUEUE or --filter EXPR (exactly one)")
+    if identity:
+        return [identity]
+    return [q["identity"] for q in queue_rows(r, filter=filter_)]
+
+
+def _run(action: str, queue_identity: str | None, filter_: str | None, redis_url: str | None,
+         data_dir: Path, as_json: bool, **kw: bool) -> None:
+    from mailyard.hub.admin import act_on_queues, admin_node
+
+    r = connect(redis_url, data_dir)
+    node = admin_node(resolve_redis_url(redis_url, data_dir))
+    print_outcome(act_on_queues(node, action, _targets(r, queue_identity, filter_), **kw), as_json, "queue")
+
+
+_queue_arg = click.argument("queue_identity", metavar="[QUEUE]", required=False)
+_filter_opt = click.option("--filter", "filter_", metavar="EXPR", help="Act on every queue that matches.")
+
+
+@queue.command()
+@_queue_arg
+@_filter_opt
+@redis_option
+@json_option
+@handle_errors
+def suspend(queue_identity: str | None, filter_: str | None, redis_url: str | None, data_dir: Path,
+            as_json: bool) -> None:
+    """Stop a queue: no more messages leave it (those being delivered finish)."""
+    _run("suspend", queue_identity, filter_, redis_url, data_dir, as_json)
+
+
+@queue.command()
+@_queue_arg
+@_filter_opt
+@redis_option
+@json_option
+@handle_errors
+def resume(queue_identity: str | None, filter_: str | None, redis_url: str | None, data_dir: Path,
+           as_json: bool) -> None:
+    """Let a suspended queue deliver again."""
+    _run("resume", queue_identity, filter_, redis_url, data_dir, as_json)
+
+
+@queue.command()
+@_queue_arg
+@_filter_opt
+@click.option("--resubmit", is_flag=True, help="Re-route the messages (needed for the Unreachable queue).")
+@redis_option
+@json_option
+@handle_errors
+def retry(queue_identity: str | None, filter_: str | None, resubmit: bool, redis_url: str | None,
+          data_dir: Path, as_json: bool) -> None:
+    """Connect to the next hop now; --resubmit sends the messages back through the categorizer."""
+    _run("retry", queue_identity, filter_, redis_url, data_dir, as_json, resubmit=resubmit)

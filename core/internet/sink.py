@@ -470,8 +470,9 @@ def list_messages(folder: Path | str, domain: str) -> list[dict[str, Any]]:
     """What a sink stored under ``folder`` for ``domain``, oldest first.
 
     Each item: ``from`` (an address), ``to``, ``cc`` (lists of addresses), ``subject``,
-    ``message_id``, ``date`` (headers, decoded), ``envelope_from``, ``envelope_to`` (this domain's recipients), ``peer``,
-    ``received_at``, ``tls``, ``auth_user``, ``size`` and ``file`` (the .eml's path).
+    ``message_id``, ``date`` (headers, decoded), ``envelope_from``, ``envelope_to`` (this
+    domain's recipients), ``peer``, ``received_at``, ``tls``, ``auth_user``, ``size`` and
+    ``file`` (the .eml's path).
     """
     directory = Path(folder) / (domain.strip().rstrip(".").lower() or _NO_DOMAIN)
     if not directory.is_dir():
