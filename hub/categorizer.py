@@ -45,6 +45,7 @@ def categorize(node: Node, batch: Batch) -> None:
         msg = batch.messages.get(item.msg)
         if msg is None:
             continue
+        faults.pill("categorize.pill", msg.subject)
         envelope = [r.address for r in item.recipients]
         expansion = directory.expand(envelope)
         failures: list[dsn.Failure] = [dsn.Failure(a, dsn.RECIP_NOT_FOUND, a) for a in expansion.unknown]

@@ -96,6 +96,16 @@ def remote_site_queue(site: str, target: str) -> QueueSpec:
     return QueueSpec(f"{site}\\{target}", site, DeliveryType.REMOTE_SITE, target, site_queue(site))
 
 
+def ensure_site_queues(r: redis.Redis, site: str, servers: list[str]) -> None:
+    """Create a site's standing queues: Submission and Unreachable (Exchange always shows
+    them) and one MapiDelivery queue per mailbox server, so they can be seen and suspended
+    before any mail has passed."""
+    txn = Txn()
+    for spec in (submission_queue(site), unreachable_queue(site), *(mapi_queue(site, s) for s in servers)):
+        spec.ensure(txn)
+    txn.run(r)
+
+
 # region: records
 
 

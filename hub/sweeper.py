@@ -23,7 +23,15 @@ from mailyard.hub import dsn
 from mailyard.hub.bounce import queue_report, wants_report
 from mailyard.hub.delivery import poison_or_return
 from mailyard.hub.node import Node
-from mailyard.hub.queues import Item, allocate_items, forget_item, load_bodies, load_items, load_messages
+from mailyard.hub.queues import (
+    Item,
+    allocate_items,
+    ensure_site_queues,
+    forget_item,
+    load_bodies,
+    load_items,
+    load_messages,
+)
 from mailyard.nodes import now_ms
 from mailyard.scripts import script
 from mailyard.submission.service import Notifier
@@ -209,6 +217,10 @@ class Services:
         self._started = now_ms()
 
     def start(self) -> None:
+        try:
+            ensure_site_queues(self.node.r, self.node.site, self.node.orgs.get().servers_in_site(self.node.site))
+        except Exception as exc:  # Redis not there yet: the queues appear with the first mail
+            log.warning("could not create the site's queues: %s", exc)
         for target, name in ((self._heartbeat, "heartbeat"), (self._sweep, "sweeper")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
