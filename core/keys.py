@@ -15,6 +15,7 @@ Nodes
   my:servers                  ZSET    mailbox server name -> last heartbeat, ms
   my:server:<server>          HASH    url (its HTTP API), site, pid, started
   my:sweeper                  STRING  name of the hub holding the sweeper lease (PX)
+  my:pressure:<site>          HASH    back-pressure level of a site and its readings (PX 10 s)
   my:rerouted-version         STRING  organization version the Unreachable queues were last
                                       re-routed for (the sweeper re-routes after a change)
 
@@ -87,6 +88,10 @@ TRACK = P + "track"
 STATS = P + "stats"
 
 CELERY_PREFIX = P + "celery:"
+
+
+def pressure(site: str) -> str:
+    return f"{P}pressure:{site}"
 
 
 def hub(name: str) -> str:

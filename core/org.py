@@ -103,8 +103,32 @@ class TransportSettings(_Model):
     lease_time: Duration = 120  # how long a worker owns the items it took from a queue
     batch_size: int = Field(50, ge=1, le=1000)  # items a delivery task takes at once
     sweep_interval: Duration = 1
+    # Send connectors' ConnectionInactivityTimeOut (Exchange 2010: 10 min): how long an SMTP
+    # peer may stay silent (connecting, answering a command, taking DATA) before giving up.
+    smtp_inactivity_timeout: Duration = 600
+    # Back pressure thresholds, Normal / Medium / High (see mailyard.hub.pressure). Memory is
+    # a percentage of Redis's maxmemory (ignored without one); the others count messages.
+    pressure_memory_normal: float = Field(70, ge=0, le=100)
+    pressure_memory_medium: float = Field(80, ge=0, le=100)
+    pressure_memory_high: float = Field(90, ge=0, le=100)
+    pressure_submission_normal: int = Field(1000, ge=0)
+    pressure_submission_medium: int = Field(2000, ge=0)
+    pressure_submission_high: int = Field(4000, ge=0)
+    pressure_backlog_normal: int = Field(50_000, ge=0)
+    pressure_backlog_medium: int = Field(100_000, ge=0)
+    pressure_backlog_high: int = Field(200_000, ge=0)
     server_token: str = Field("", description="shared secret of hubs and mailbox servers")
     dns_servers: list[str] = Field(default_factory=list)  # empty: the system resolver
+
+
+def _check_pressure(t: TransportSettings) -> list[tuple[tuple[Any, ...], str]]:
+    problems = []
+    for name in ("memory", "submission", "backlog"):
+        n, m, h = (getattr(t, f"pressure_{name}_{lv}") for lv in ("normal", "medium", "high"))
+        if not n <= m <= h:
+            problems.append((("transport", f"pressure_{name}_medium"),
+                             f"pressure thresholds must rise: normal {n} <= medium {m} <= high {h}"))
+    return problems
 
 
 class Site(_Model):
@@ -331,7 +355,7 @@ def _dotted(path: tuple[Any, ...]) -> str:
 
 def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
     """Cross-checks a schema cannot express: names that must exist, must be unique, etc."""
-    problems: list[tuple[tuple[Any, ...], str]] = []
+    problems: list[tuple[tuple[Any, ...], str]] = _check_pressure(org.transport)
     accepted = set(org.accepted_domains)
     sites = {s.name for s in org.sites}
     servers: dict[str, str] = {}

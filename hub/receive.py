@@ -34,7 +34,7 @@ from email.utils import formatdate, make_msgid
 from typing import Any
 
 import redis.asyncio
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from mailyard import headers, keys
 from mailyard.directory import Directory
@@ -50,6 +50,11 @@ log = logging.getLogger("mailyard.hub.receive")
 SERVER_LOGIN_PREFIX = "exchange-server"  # hubs log on to hubs as "exchange-server/<hub>"
 ORIGIN_HEADER = "X-Mailyard-Origin"  # set by hubs relaying between sites; trusted from them only
 ORG_HEADERS = ("X-Mailyard-Origin",)
+
+# A line of this many bytes without CRLF is closed on (RFC 5321 allows 1000). aiosmtpd refuses
+# a long line only when it ends, and in DATA it keeps every piece of it until then: without a
+# cap, one client sending no line break would make the process buffer without bound.
+MAX_UNBROKEN_LINE = 64 * 1024
 
 RELAY_GROUPS = frozenset({"ExchangeUsers", "ExchangeServers"})
 ANY_SENDER_GROUPS = frozenset({"AnonymousUsers", "ExchangeServers", "Partners"})
@@ -115,7 +120,7 @@ class ReceiveContext:
     kick: Callable[[list[Kick]], None]
     tls: ssl.SSLContext | None = None
     per_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    pressure: Callable[[str], str | None] = lambda origin: None  # back pressure hook
+    pressure: Callable[[str], str | None] = lambda origin: None  # back pressure: a refusal or None
 
     def count_session(self, connector: str) -> None:
         """One more SMTP session (for /metrics); fire and forget, off the session's path."""
@@ -142,6 +147,8 @@ class Connection(SMTP):
         self.binding = binding
         self.state: SessionState | None = None
         self._all_auth_methods = dict(self._auth_methods)
+        self._unbroken = 0  # bytes received since the last CRLF
+        self._after_cr = False
 
     def _configure(self, conn: ReceiveConnector, ip: str) -> None:
         self.state = SessionState(conn, ip)
@@ -179,6 +186,26 @@ class Connection(SMTP):
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._unbroken > MAX_UNBROKEN_LINE:
+            return  # closing: read nothing more
+        end = data.rfind(b"\r\n")
+        if end >= 0:
+            self._unbroken = len(data) - end - 2
+        elif self._after_cr and data.startswith(b"\n"):
+            self._unbroken = len(data) - 1
+        else:
+            self._unbroken += len(data)
+        self._after_cr = data.endswith(b"\r")
+        if self._unbroken > MAX_UNBROKEN_LINE:
+            log.warning("closing the connection of %s: a line longer than %d bytes",
+                        self.state.client_ip if self.state else "?", MAX_UNBROKEN_LINE)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"500 5.5.2 Line too long\r\n")
+            self._close()
+            return
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.state is not None and self.state.counted:
@@ -245,6 +272,7 @@ class Receiver:
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
         last = responses.pop()  # "250 HELP"
+        responses = [r for r in responses if r.rstrip() != "250-AUTH"]  # AUTH with no mechanism
         responses.append("250-ENHANCEDSTATUSCODES")
         responses.append(last)
         return responses
@@ -267,7 +295,8 @@ class Receiver:
             sender not in identity.addresses
         ):
             return replies.SEND_AS_DENIED
-        if refusal := self.ctx.pressure("internal" if identity else "external"):
+        own = identity is not None or (bool(sender) and self.ctx.directory().is_accepted(sender))
+        if refusal := self.ctx.pressure("internal" if own else "external"):
             return refusal
         envelope.mail_from = sender or "<>"  # aiosmtpd needs it non-empty to see a MAIL happened
         envelope.mail_options.extend(mail_options)
@@ -352,5 +381,8 @@ class Receiver:
         return replies.queued(message_id, msg.id, self.ctx.hub)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # the client's fault: no traceback per bad client
+            log.warning("TLS handshake failed: %r", error.__cause__)
+            return "454 4.7.0 TLS negotiation failed"  # (aiosmtpd closes the connection instead)
         log.exception("SMTP session error", exc_info=error)
         return "451 4.3.0 Local error in processing"

@@ -16,9 +16,11 @@ import signal
 import socket
 from pathlib import Path
 
-from mailyard import nodes, redisconn
+from mailyard import keys, nodes, redisconn
 from mailyard.broker import TASK_DRAIN, make_app
 from mailyard.directory import Directory
+from mailyard.hub import replies
+from mailyard.hub.pressure import Level
 from mailyard.hub.receive import Connection, ReceiveContext, Receiver
 from mailyard.orgstore import AsyncOrgWatcher
 from mailyard.tls import self_signed, server_context
@@ -53,6 +55,7 @@ class ReceiveServer:
         self.binds = binds or {}
         self.servers: dict[str, asyncio.Server] = {}  # actual address -> listener
         self.failed: set[str] = set()
+        self.level = Level.NORMAL
 
     def _kick(self, kicks: list[Kick]) -> None:
         for k in kicks:
@@ -77,8 +80,24 @@ class ReceiveServer:
             directory=lambda: self.watcher.directory,  # type: ignore[arg-type,return-value]
             kick=self._kick, tls=server_context(cert, key),
         )
+        self.ctx.pressure = self._refusal
         self.watcher.listeners.append(self.reconcile)
         await self.reconcile(self.watcher.directory)  # type: ignore[arg-type]
+
+    def _refusal(self, origin: str) -> str | None:
+        """Back pressure at MAIL FROM: High refuses everyone, Medium outside senders."""
+        if self.level is Level.HIGH or (self.level is Level.MEDIUM and origin == "external"):
+            return replies.NO_RESOURCES
+        return None
+
+    async def watch_pressure(self) -> None:
+        while True:
+            try:
+                value = await self.r.hget(keys.pressure(self.site), "level")
+                self.level = Level(int(value)) if value is not None else Level.NORMAL
+            except Exception as exc:  # keep the last level while Redis is away
+                log.warning("could not read the back-pressure level: %s", exc)
+            await asyncio.sleep(1.0)
 
     def wanted(self, directory: Directory) -> dict[str, tuple[str, list[str]]]:
         """actual address -> (configured binding, connector names) for this hub's site."""
@@ -129,9 +148,10 @@ class ReceiveServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        watch = asyncio.create_task(self.watcher.run())
+        tasks = [asyncio.create_task(self.watcher.run()), asyncio.create_task(self.watch_pressure())]
         await stop.wait()
-        watch.cancel()
+        for task in tasks:
+            task.cancel()
         for server in self.servers.values():
             server.close()
         await asyncio.gather(*(s.wait_closed() for s in self.servers.values()), return_exceptions=True)

@@ -52,7 +52,7 @@ _REWRITES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^530 Must issue a STARTTLS command first$"), STARTTLS_FIRST),
     (re.compile(r"^535 5\.7\.8 .*"), "535 5.7.3 Authentication unsuccessful"),
     (re.compile(r"^553 5\.1\.3 .*"), "501 5.1.3 Invalid address"),
-    (re.compile(r"^500 Error: command \"?(.*?)\"? not recognized$"), r"500 5.3.3 Unrecognized command '\1'"),
+    (re.compile(r"^500 Error: command [\"']?(.*?)[\"']? not recognized$"), r"500 5.3.3 Unrecognized command '\1'"),
     (re.compile(r"^500 Error: bad syntax$"), "500 5.5.2 Syntax error, command unrecognized"),
     (re.compile(r"^500 Command line too long$"), "500 5.5.2 Line too long"),
     (re.compile(r"^500 Line too long.*"), "500 5.5.2 Line too long"),
@@ -61,14 +61,23 @@ _REWRITES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^501 Syntax: (.*)"), r"501 5.5.4 Syntax: \1"),
     (re.compile(r"^501 Error: (.*)"), r"501 5.5.4 \1"),
     (re.compile(r"^501 (Not enough value|Too many values)$"), r"501 5.5.4 \1"),
-    (re.compile(r"^502 (.*)"), r"502 5.5.1 \1"),
-    (re.compile(r"^555 (.*)"), r"555 5.5.4 \1"),
+    (re.compile(r"^501 Supported commands: (.*)"), r"501 5.5.4 Unknown command; supported commands: \1"),
+    (re.compile(r"^502 (?!\d\.\d)(.*)"), r"502 5.5.1 \1"),
+    (re.compile(r"^555 (?!\d\.\d)(.*)"), r"555 5.5.4 \1"),
     (re.compile(r"^421 Too many connections$"), TOO_MANY_CONNECTIONS),
 ]
 
 
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
 def enhance(reply: str) -> str:
-    """Give an aiosmtpd reply Exchange's wording and an enhanced status code."""
+    """Give an aiosmtpd reply Exchange's wording and an enhanced status code.
+
+    Some replies echo what the client sent (an unknown command, a VRFY argument, a
+    Message-ID); anything but printable ASCII in them becomes ``?``, so a reply is always one
+    well-formed line (no NUL, CR, LF or undecodable bytes from a hostile client)."""
+    reply = _UNPRINTABLE.sub("?", reply)
     for pattern, replacement in _REWRITES:
         if pattern.match(reply):
             return pattern.sub(replacement, reply)

@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from mailyard import faults, headers, keys, nodes
+from mailyard import faults, headers, keys, nodes, redisconn
 from mailyard.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from mailyard.hub import mx
 from mailyard.hub.delivery import Batch, Outcome, defer_batch, register, settle
 from mailyard.hub.node import Node
-from mailyard.hub.queues import DeliveryType, Item, load_bodies
+from mailyard.hub.queues import DeliveryType, Item, load_bodies, renew
 from mailyard.hub.receive import ORIGIN_HEADER, SERVER_LOGIN_PREFIX
 from mailyard.org import SendConnector
 from mailyard.tls import opportunistic_client_context
@@ -29,9 +32,7 @@ from mailyard.tracking import Event
 
 log = logging.getLogger("mailyard.hub.send")
 
-CONNECT_TIMEOUT = 10.0
-COMMAND_TIMEOUT = 60.0
-DATA_TIMEOUT = 120.0
+CONNECT_TIMEOUT = 30.0  # at most; shorter if the inactivity timeout is
 
 
 @dataclass
@@ -126,16 +127,17 @@ def _remote_site_route(node: Node, site: str) -> Route:
                  org_origin=True)
 
 
-async def transfer(route: Route, jobs: list[Job], *, helo: str) -> str:
+async def transfer(route: Route, jobs: list[Job], *, helo: str, timeout: float) -> str:
     """Deliver ``jobs`` over one connection to the first target that answers; fill in each
-    job's outcomes and return the host used. Raises TransientDeliveryError if none answers."""
+    job's outcomes and return the host used. Raises TransientDeliveryError if none answers.
+    ``timeout`` bounds every wait for the peer (connect, each reply, DATA)."""
     last_error = "no target"
     for target in route.targets:
         port = target.port or route.port
         smtp = aiosmtplib.SMTP(hostname=target.address, port=port, local_hostname=helo,
-                               timeout=COMMAND_TIMEOUT, start_tls=False, use_tls=False)
+                               timeout=timeout, start_tls=False, use_tls=False)
         try:
-            await smtp.connect(timeout=CONNECT_TIMEOUT)
+            await smtp.connect(timeout=min(CONNECT_TIMEOUT, timeout))
             await smtp.ehlo()
             if smtp.supports_extension("starttls"):
                 await smtp.starttls(tls_context=opportunistic_client_context())
@@ -150,7 +152,7 @@ async def transfer(route: Route, jobs: list[Job], *, helo: str) -> str:
             smtp.close()
             continue
         try:
-            await _send_jobs(smtp, jobs)
+            await _send_jobs(smtp, jobs, timeout)
         finally:
             try:
                 await smtp.quit()
@@ -164,7 +166,7 @@ async def transfer(route: Route, jobs: list[Job], *, helo: str) -> str:
     )
 
 
-async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job]) -> None:
+async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float) -> None:
     """MAIL/RCPT/DATA per job on an open connection. A lost connection leaves the jobs not
     yet answered without outcome (they are retried)."""
     for n, job in enumerate(jobs):
@@ -188,7 +190,7 @@ async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job]) -> None:
             if not accepted:
                 continue
             try:
-                response = await smtp.data(job.body, timeout=DATA_TIMEOUT)
+                response = await smtp.data(job.body, timeout=timeout)
                 outcome = Outcome(response.code, _status_of(response.message, response.code), response.message)
             except aiosmtplib.SMTPResponseException as exc:
                 outcome = Outcome(exc.code, _status(exc), exc.message)
@@ -218,6 +220,30 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+@contextmanager
+def keep_leases(node: Node, batch: Batch) -> Iterator[None]:
+    """Renew the batch's leases while a long SMTP session runs (a slow peer may take the whole
+    inactivity timeout per command, much longer than a lease)."""
+    lease_ms = int(node.settings.lease_time * 1000)
+    stop = threading.Event()
+
+    def renew_loop() -> None:
+        r = redisconn.connect(node.redis_url)  # a client of its own: this runs in a thread
+        while not stop.wait(max(0.5, lease_ms / 3000)):
+            try:
+                renew(r, batch.queue, batch.token, [i.id for i in batch.items], lease_ms)
+            except Exception as exc:  # the sweeper may reclaim; the guards keep that safe
+                log.warning("could not renew leases on %s: %s", batch.queue, exc)
+
+    thread = threading.Thread(target=renew_loop, name="lease-renewal", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def deliver(node: Node, batch: Batch) -> None:
     """The stage of DnsConnectorDelivery, SmartHostConnectorDelivery and
     SmtpRelayToRemoteAdSite queues."""
@@ -243,7 +269,9 @@ def deliver(node: Node, batch: Batch) -> None:
         jobs.append(Job(item, msg.sender, [r.address for r in item.recipients], body))
     faults.point("send.before_connect", node.r)
     try:
-        remote = asyncio.run(transfer(route, jobs, helo=node.fqdn))
+        with keep_leases(node, batch):
+            remote = asyncio.run(transfer(route, jobs, helo=node.fqdn,
+                                          timeout=node.settings.smtp_inactivity_timeout))
     except TransientDeliveryError as exc:
         defer_batch(node, batch, exc, source="SMTP")
         return

@@ -19,7 +19,7 @@ import threading
 
 from mailyard import keys, tracking
 from mailyard.broker import KICK_TTL_MS
-from mailyard.hub import dsn
+from mailyard.hub import dsn, pressure
 from mailyard.hub.bounce import queue_report, wants_report
 from mailyard.hub.delivery import poison_or_return
 from mailyard.hub.node import Node
@@ -60,6 +60,7 @@ class Sweeper:
         """One pass (if this hub holds the sweeper lease); returns what it did."""
         if not self.holds_lease():
             return {}
+        pressure.update(self.node.r, self.node.orgs.org)
         done = {
             "reclaimed": self.reclaim_expired_leases(),
             "retried": self.promote_due_retries(),

@@ -33,6 +33,14 @@ log = logging.getLogger("mailyard.submission")
 NO_HUB_RECHECK_MS = 1000  # with no live hub, look again this often
 
 
+HIGH = 2  # mailyard.hub.pressure.Level.HIGH (this service does not import hub code)
+
+
+def _held(r: redis.Redis, site: str) -> bool:
+    level = r.hget(keys.pressure(site), "level")
+    return level is not None and int(level) >= HIGH
+
+
 def parse_ref(ref: str) -> tuple[str, str, str]:
     server, mailbox, item = ref.split("/", 2)
     return server, mailbox, item
@@ -55,6 +63,8 @@ class Notifier:
         site = directory.site_of_server.get(server)
         if site is None:
             return None
+        if _held(self.r, site):
+            return None  # back pressure at High: mail submission from mailbox servers pauses
         candidates = live_hubs(self.r, site, directory.org.transport.hub_heartbeat_timeout)
         if not candidates:
             return None

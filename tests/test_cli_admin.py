@@ -26,7 +26,7 @@ def run(site: Cluster, *args: str, check: bool = True, stdin: str | None = None)
     return result
 
 
-def as_json(site: Cluster, *args: str):  # noqa: ANN201
+def as_json(site: Cluster, *args: str):
     return json.loads(run(site, *args, "--json").stdout)
 
 

@@ -115,5 +115,5 @@ def setup_logging(level: str = "INFO") -> None:
         stream=sys.stderr,
     )
     # One line per task or HTTP request costs CPU at load and buries what matters.
-    for noisy in ("celery.app.trace", "celery.worker.strategy", "httpx", "uvicorn.access"):
+    for noisy in ("celery.app.trace", "celery.worker.strategy", "httpx", "uvicorn.access", "mail.log"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
