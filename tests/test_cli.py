@@ -115,7 +115,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
 
         state = wait_until(status, timeout=60, message="the site did not come up")
         roles = sorted(p["role"] for p in state["processes"])
-        assert roles == ["flower", "hub", "hub", "internet", "mailbox", "mailbox", "mailbox", "redis"], roles
+        assert roles == ["flower", "hub", "hub", "internet", "mailbox", "mailbox", "mailbox", "redis", "viewer"], roles
         assert state["redis_url"].startswith("redis://127.0.0.1:")
         for p in state["processes"]:
             if p["role"] == "mailbox":

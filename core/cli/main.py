@@ -13,6 +13,7 @@ from mailyard.cli.org import org
 from mailyard.cli.queue import queue
 from mailyard.cli.site import site
 from mailyard.cli.track import track
+from mailyard.cli.viewer import viewer
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,7 +22,7 @@ def cli() -> None:
     """Mailyard: an Exchange-style mail transport cluster on Celery and Redis."""
 
 
-for command in (site, org, mailbox, send, hub, receive, queue, message, track, internet):
+for command in (site, org, mailbox, send, hub, receive, queue, message, track, internet, viewer):
     cli.add_command(command)
 
 

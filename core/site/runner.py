@@ -1,10 +1,10 @@
 """``mailyard site up``: start a whole site on this machine and keep it running.
 
 It starts an embedded Redis with AOF (unless given one), applies the organization file,
-starts one process per mailbox server, the hubs of each site and Flower, restarts any
-child that dies (with a growing pause), writes every endpoint to ``<data dir>/site.json``
-and stops everything it started on Ctrl-C or SIGTERM. Children die with it even if it is
-killed outright (Linux's parent-death signal).
+starts one process per mailbox server, the hubs of each site, Flower and the Queue Viewer,
+restarts any child that dies (with a growing pause), writes every endpoint to
+``<data dir>/site.json`` and stops everything it started on Ctrl-C or SIGTERM. Children die
+with it even if it is killed outright (Linux's parent-death signal).
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ class SiteConfig:
     fsync: str = "always"
     flower: bool = True
     flower_port: int = 0
+    viewer: bool = True
+    viewer_port: int = 0
     concurrency: int = 2
     host: str = "127.0.0.1"
     internet: bool = True
@@ -187,6 +189,15 @@ class Site:
                  f"--address={cfg.host}", f"--port={port}", "--purge_offline_workers=60"],
                 logs / "flower.log", {"url": f"http://{cfg.host}:{port}"},
             ))
+        if cfg.viewer:
+            # The Queue Viewer: its page, JSON API and /metrics (MAILYARD_VIEWER_TOKEN, when set in
+            # the environment, protects its actions).
+            port = cfg.viewer_port or self._port()
+            self.children.append(Child(
+                "viewer", "viewer",
+                mailyard_cmd("viewer", "--host", cfg.host, "--port", str(port), *common),
+                logs / "viewer.log", {"url": f"http://{cfg.host}:{port}/"},
+            ))
 
     # endregion
 
@@ -247,6 +258,11 @@ class Site:
                 elif child.role == "flower":
                     try:
                         ok = httpx.get(child.endpoints["url"] + "/healthcheck", timeout=1).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                elif child.role == "viewer":
+                    try:
+                        ok = httpx.get(child.endpoints["url"].rstrip("/") + "/health", timeout=1).status_code == 200
                     except httpx.HTTPError:
                         ok = False
                 else:
@@ -322,9 +338,9 @@ class Site:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Stop children in reverse order of need: Flower and hubs, mailbox servers, Redis."""
+        """Stop children in reverse order of need: Flower, the viewer and hubs, mailbox servers, Redis."""
         self._stopping = True
-        first = ("flower", "hub", "internet")
+        first = ("flower", "viewer", "hub", "internet")
         order = [c for c in self.children if c.role in first]
         order += [c for c in self.children if c.role not in first]
         _terminate(order)

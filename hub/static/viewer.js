@@ -1,0 +1,482 @@
+// Mailyard Queue Viewer: plain JavaScript over the JSON API of hub/viewer.py.
+// Everything shown comes from the API; text from messages is only ever set with textContent.
+"use strict";
+
+const REFRESH_MS = 2000;
+const TOKEN_KEY = "mailyard-viewer-token";
+const MESSAGE_LIMIT = 1000;  // the API's default limit
+
+const state = {
+  queueFilter: "",
+  queueSort: "",
+  openQueue: null,       // identity of the queue whose messages are shown
+  messageFilter: "",
+  timer: null,
+  running: null,         // the refresh in progress (a Promise)
+};
+
+const $ = (sel, root = document) => root.querySelector(sel);
+
+// region: helpers
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function badge(status) {
+  const s = status || "";
+  return el("span", {class: "badge s-" + s.toLowerCase(), text: s});
+}
+
+function pad(n) { return String(n).padStart(2, "0"); }
+
+function clock(date) { return `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`; }
+
+function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  if (isNaN(d)) return iso;
+  const now = new Date();
+  const sameDay = d.toDateString() === now.toDateString();
+  return sameDay ? clock(d) : `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${clock(d)}`;
+}
+
+function untilText(iso) {
+  if (!iso) return "";
+  const seconds = Math.round((new Date(iso) - new Date()) / 1000);
+  if (isNaN(seconds)) return "";
+  if (seconds <= 0) return " (due)";
+  if (seconds < 120) return ` (in ${seconds}s)`;
+  if (seconds < 7200) return ` (in ${Math.round(seconds / 60)}m)`;
+  return ` (in ${Math.round(seconds / 3600)}h)`;
+}
+
+function size(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+}
+
+let noticeTimer = null;
+function notice(text, bad = false) {
+  const box = $("#notice");
+  box.textContent = text;
+  box.classList.toggle("bad", bad);
+  box.hidden = false;
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => { box.hidden = true; }, bad ? 10000 : 5000);
+}
+
+async function api(method, path, body, retried = false) {
+  const headers = {"Accept": "application/json"};
+  const init = {method, headers, cache: "no-store"};
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token && method !== "GET") headers["Authorization"] = "Bearer " + token;
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (err) {
+    return {ok: false, status: 0, data: {error: `cannot reach the Queue Viewer: ${err.message}`}};
+  }
+  let data;
+  try { data = await resp.json(); } catch { data = {error: `${resp.status} ${resp.statusText}`}; }
+  if ((resp.status === 401 || resp.status === 403) && method !== "GET" && !retried) {
+    const given = window.prompt(`${data.error}\n\nThe Queue Viewer's token:`);
+    if (given) {
+      sessionStorage.setItem(TOKEN_KEY, given.trim());
+      return api(method, path, body, true);
+    }
+  }
+  return {ok: resp.ok, status: resp.status, data};
+}
+
+function showFilterError(id, text) {
+  const pre = $(id);
+  pre.textContent = text || "";
+  pre.hidden = !text;
+}
+
+function reportOutcome(result) {
+  const data = result.data || {};
+  if (!result.ok && !data.done) {
+    notice(data.error || `failed (${result.status})`, true);
+    return;
+  }
+  const lines = (data.done || []).slice(0, 8).map(d => `${d.identity}: ${d.result}`);
+  if ((data.done || []).length > 8) lines.push(`… and ${data.done.length - 8} more`);
+  lines.push(`${data.count} affected`);
+  for (const f of (data.failed || []).slice(0, 8)) lines.push(`error: ${f.identity}: ${f.error}`);
+  notice(lines.join("\n"), (data.failed || []).length > 0);
+}
+
+// endregion
+
+// region: queues
+
+function queueButtons(q) {
+  const name = q.identity.split("\\").pop();
+  const poison = name === "Poison";
+  const buttons = [];
+  const add = (action, label, extra = {}) => buttons.push(el("button", {
+    type: "button", "data-action": action, title: `${label} ${q.identity}`, text: label,
+    onclick: (ev) => { ev.stopPropagation(); queueAction(action, q.identity, ev.currentTarget); },
+    ...extra,
+  }));
+  if (!poison) {
+    if (q.status === "Suspended") add("resume", "Resume");
+    else add("suspend", "Suspend");
+  }
+  if (q.delivery_type === "Unreachable" || (q.status === "Retry" && !poison)) add("resubmit", "Resubmit");
+  if (!poison && q.delivery_type !== "Unreachable" && q.status !== "Suspended") add("retry", "Retry");
+  return buttons;
+}
+
+function queueCells(q) {
+  return [
+    el("td", {class: "identity"}, el("a", {href: "#", class: "open", text: q.identity,
+      onclick: (ev) => { ev.preventDefault(); ev.stopPropagation(); openQueue(q.identity); }})),
+    el("td", {class: "delivery-type", text: q.delivery_type}),
+    el("td", {class: "status", "data-status": q.status, text: ""}, badge(q.status)),
+    el("td", {class: "count num", text: q.message_count}),
+    el("td", {class: "next-hop", text: q.next_hop_domain}),
+    el("td", {class: "last-error", text: q.last_error}),
+    el("td", {class: "next-retry", title: q.next_retry_time || "",
+              text: q.next_retry_time ? when(q.next_retry_time) + untilText(q.next_retry_time) : ""}),
+    el("td", {class: "actions"}, queueButtons(q)),
+  ];
+}
+
+function renderQueues(rows) {
+  const body = $("#queues tbody");
+  const existing = new Map([...body.rows].map(tr => [tr.dataset.queue, tr]));
+  const seen = new Set();
+  for (const q of rows) {
+    seen.add(q.identity);
+    // next_retry_time changes what is shown ("in 40s") every second: part of the signature
+    const signature = JSON.stringify(q) + untilText(q.next_retry_time);
+    let tr = existing.get(q.identity);
+    if (!tr) {
+      tr = el("tr", {dataset: {queue: q.identity}, onclick: () => openQueue(q.identity)});
+    }
+    if (tr.dataset.signature !== signature) {
+      tr.replaceChildren(...queueCells(q));
+      tr.dataset.signature = signature;
+      tr.dataset.status = q.status;
+    }
+    tr.classList.toggle("selected", q.identity === state.openQueue);
+    body.appendChild(tr);  // keeps the server's order
+  }
+  for (const [identity, tr] of existing) if (!seen.has(identity)) tr.remove();
+  $("#queues-empty").hidden = rows.length > 0;
+  const total = rows.reduce((n, q) => n + q.message_count, 0);
+  $("#queues-summary").textContent = `${rows.length} queue${rows.length === 1 ? "" : "s"}, ` +
+    `${total} message${total === 1 ? "" : "s"}`;
+}
+
+async function loadQueues() {
+  const params = new URLSearchParams();
+  if (state.queueFilter) params.set("filter", state.queueFilter);
+  if (state.queueSort) params.set("sort", state.queueSort);
+  const result = await api("GET", "/api/queues?" + params);
+  if (!result.ok) {
+    showFilterError("#queue-filter-error", result.data.error);
+    if (result.status === 400) {
+      renderQueues([]);
+      $("#queue-bulk").hidden = true;
+    }
+    return result.status !== 0;  // the viewer answered: the page is up to date with it
+  }
+  showFilterError("#queue-filter-error", "");
+  $("#queue-bulk").hidden = !state.queueFilter;
+  renderQueues(result.data);
+  return true;
+}
+
+async function queueAction(action, identity, button) {
+  const body = action === "resubmit"
+    ? {action: "retry", queues: [identity], resubmit: true}
+    : {action, queues: [identity]};
+  if (button) button.disabled = true;
+  reportOutcome(await api("POST", "/api/queues/actions", body));
+  refreshNow();
+}
+
+async function bulkQueueAction(action) {
+  if (!state.queueFilter) return;
+  if (!window.confirm(`${action} every queue matching\n  ${state.queueFilter}\n?`)) return;
+  reportOutcome(await api("POST", "/api/queues/actions", {action, filter: state.queueFilter}));
+  refreshNow();
+}
+
+// endregion
+
+// region: messages
+
+function messageButtons(m) {
+  const queueName = m.queue.split("\\").pop();
+  const buttons = [];
+  const add = (action, label, extra = {}) => buttons.push(el("button", {
+    type: "button", "data-action": action, title: `${label}: ${m.identity}`, text: label,
+    onclick: (ev) => messageAction(action, m.identity, ev.currentTarget), ...extra,
+  }));
+  const held = m.status === "Suspended" || m.status.startsWith("Pending") || queueName === "Poison";
+  if (held) add("resume", "Resume");
+  if (!held && queueName !== "Submission") add("suspend", "Suspend");
+  add("remove", "Remove (NDR)", {class: "danger"});
+  add("remove-silent", "Remove without NDR", {class: "danger"});
+  if (m.status === "Suspended") {
+    buttons.push(el("a", {class: "export", "data-action": "export", download: "",
+      href: "/api/messages/export?identity=" + encodeURIComponent(m.identity), text: "Export"}));
+  }
+  if (m.message_id) {
+    buttons.push(el("button", {type: "button", class: "plain", "data-action": "track", text: "Track",
+      onclick: () => track({message_id: m.message_id})}));
+  }
+  return buttons;
+}
+
+function recipientList(m) {
+  return el("ul", {class: "rcpts"}, m.recipients.map(r => el("li", {"data-recipient": r.address},
+    el("span", {class: "address", text: r.address}), " ", badge(r.status),
+    r.last_error ? el("span", {class: "rcpt-error", text: r.last_error}) : null)));
+}
+
+function renderMessages(rows) {
+  const body = $("#messages tbody");
+  const existing = new Map([...body.rows].map(tr => [tr.dataset.message, tr]));
+  const seen = new Set();
+  for (const m of rows) {
+    seen.add(m.identity);
+    const signature = JSON.stringify(m);
+    let tr = existing.get(m.identity) || el("tr", {dataset: {message: m.identity}});
+    if (tr.dataset.signature !== signature) {
+      tr.replaceChildren(
+        el("td", {class: "identity", text: m.identity}),
+        el("td", {class: "from", text: m.from_address || "<>"}),
+        el("td", {class: "status", "data-status": m.status}, badge(m.status)),
+        el("td", {class: "size num", text: size(m.size)}),
+        el("td", {class: "received", title: m.date_received || "", text: when(m.date_received)}),
+        el("td", {class: "retries num", text: m.retry_count}),
+        el("td", {class: "subject", text: m.subject}),
+        el("td", {class: "recipients"}, recipientList(m),
+           m.last_error ? el("span", {class: "rcpt-error", text: m.last_error}) : null),
+        el("td", {class: "actions"}, messageButtons(m)),
+      );
+      tr.dataset.signature = signature;
+      tr.dataset.status = m.status;
+    }
+    body.appendChild(tr);
+  }
+  for (const [identity, tr] of existing) if (!seen.has(identity)) tr.remove();
+  $("#messages-empty").hidden = rows.length > 0;
+  $("#messages-summary").textContent = rows.length >= MESSAGE_LIMIT
+    ? `the first ${rows.length} messages (use a filter to see others)`
+    : `${rows.length} message${rows.length === 1 ? "" : "s"}`;
+}
+
+async function loadMessages() {
+  if (!state.openQueue) return true;
+  const params = new URLSearchParams({queue: state.openQueue});
+  if (state.messageFilter) params.set("filter", state.messageFilter);
+  const result = await api("GET", "/api/messages?" + params);
+  if (!result.ok) {
+    showFilterError("#message-filter-error", result.data.error);
+    if (result.status === 400 || result.status === 404) {  // a bad filter, or the queue is gone
+      renderMessages([]);
+      $("#message-bulk").hidden = true;
+    }
+    return false;
+  }
+  showFilterError("#message-filter-error", "");
+  $("#message-bulk").hidden = !state.messageFilter;
+  renderMessages(result.data);
+  return true;
+}
+
+function openQueue(identity) {
+  if (state.openQueue !== identity) {
+    state.openQueue = identity;
+    state.messageFilter = "";
+    $("#message-filter").value = "";
+    $("#messages tbody").replaceChildren();
+  }
+  $("#messages-queue").textContent = identity;
+  $("#messages-section").hidden = false;
+  for (const tr of $("#queues tbody").rows) tr.classList.toggle("selected", tr.dataset.queue === identity);
+  refreshNow();
+}
+
+function closeMessages() {
+  state.openQueue = null;
+  $("#messages-section").hidden = true;
+  for (const tr of $("#queues tbody").rows) tr.classList.remove("selected");
+}
+
+function messageBody(action, extra) {
+  if (action === "remove-silent") return {action: "remove", ndr: false, ...extra};
+  return {action, ...extra};
+}
+
+async function messageAction(action, identity, button) {
+  if (action.startsWith("remove")) {
+    const how = action === "remove" ? "and send an NDR to the sender" : "WITHOUT telling the sender";
+    if (!window.confirm(`Remove ${identity} ${how}?`)) return;
+  }
+  if (button) button.disabled = true;
+  reportOutcome(await api("POST", "/api/messages/actions", messageBody(action, {identities: [identity]})));
+  refreshNow();
+}
+
+async function bulkMessageAction(action) {
+  if (!state.messageFilter || !state.openQueue) return;
+  const verb = {suspend: "Suspend", resume: "Resume", remove: "Remove (with NDR)",
+                "remove-silent": "Remove WITHOUT NDR"}[action];
+  if (!window.confirm(`${verb} every message of ${state.openQueue} matching\n  ${state.messageFilter}\n?`)) return;
+  const body = messageBody(action, {filter: state.messageFilter, queue: state.openQueue});
+  reportOutcome(await api("POST", "/api/messages/actions", body));
+  refreshNow();
+}
+
+// endregion
+
+// region: hubs and tracking
+
+async function loadHubs() {
+  const result = await api("GET", "/api/hubs");
+  if (!result.ok) return false;
+  const hubs = result.data.slice().sort((a, b) => a.site.localeCompare(b.site) || a.name.localeCompare(b.name));
+  $("#hubs").replaceChildren(...hubs.map(h => el("span", {
+    class: "hub" + (h.alive ? "" : " dead"), "data-hub": h.name,
+    title: `${h.name} (${h.site}) on ${h.host}, pid ${h.pid}; heartbeat ${h.heartbeat_age_seconds}s ago`,
+    text: `${h.name} · ${h.site}`,
+  })));
+  return true;
+}
+
+async function track(query) {
+  const form = $("#track-form");
+  if (query) {
+    for (const input of form.elements) if (input.name) input.value = query[input.name] || "";
+  }
+  const params = new URLSearchParams();
+  for (const input of form.elements) if (input.name && input.value.trim()) params.set(input.name, input.value.trim());
+  const result = await api("GET", "/api/track?" + params);
+  const table = $("#track");
+  if (!result.ok) {
+    showFilterError("#track-error", result.data.error);
+    table.hidden = true;
+    return;
+  }
+  showFilterError("#track-error", "");
+  $("#track tbody").replaceChildren(...result.data.map(rec => el("tr", {"data-event": rec.event},
+    el("td", {class: "time", title: rec.time, text: when(rec.time)}),
+    el("td", {class: "event"}, el("span", {class: "badge", text: rec.event})),
+    el("td", {text: rec.source}),
+    el("td", {text: rec.server}),
+    el("td", {text: rec.sender || "<>"}),
+    el("td", {text: (rec.recipients || []).join(", ")}),
+    el("td", {class: "error", text: (rec.recipient_status || []).join("; ")}),
+    el("td", {text: rec.queue}),
+    el("td", {text: rec.subject}),
+  )));
+  table.hidden = false;
+  if (query) $("#track-section").scrollIntoView({behavior: "smooth"});
+}
+
+// endregion
+
+// region: refresh
+
+async function refresh() {
+  const results = await Promise.all([loadQueues(), loadMessages(), loadHubs()]);
+  if (results[0]) $("#updated").textContent = "updated " + clock(new Date());
+}
+
+function schedule() {
+  clearTimeout(state.timer);
+  if ($("#live").checked) state.timer = setTimeout(refreshNow, REFRESH_MS);
+}
+
+async function refreshNow() {
+  clearTimeout(state.timer);
+  if (state.running) {  // one at a time; run again right after the current one
+    state.again = true;
+    return state.running;
+  }
+  state.running = refresh().catch(err => notice(String(err), true));
+  await state.running;
+  state.running = null;
+  if (state.again) {
+    state.again = false;
+    return refreshNow();
+  }
+  schedule();
+}
+
+// endregion
+
+function setSort(th) {
+  const name = th.dataset.sort;
+  const current = state.queueSort;
+  state.queueSort = current === name ? "-" + name : current === "-" + name ? "" : name;
+  for (const other of document.querySelectorAll("#queues th[data-sort]")) other.classList.remove("sorted-asc", "sorted-desc");
+  if (state.queueSort) th.classList.add(state.queueSort.startsWith("-") ? "sorted-desc" : "sorted-asc");
+  refreshNow();
+}
+
+function init() {
+  $("#queue-filter-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    state.queueFilter = $("#queue-filter").value.trim();
+    $("#queue-bulk").hidden = !state.queueFilter;
+    refreshNow();
+  });
+  $("#queue-filter-clear").addEventListener("click", () => {
+    $("#queue-filter").value = "";
+    state.queueFilter = "";
+    $("#queue-bulk").hidden = true;
+    refreshNow();
+  });
+  for (const button of document.querySelectorAll("#queue-bulk button")) {
+    button.addEventListener("click", () => bulkQueueAction(button.dataset.bulk));
+  }
+  $("#message-filter-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    state.messageFilter = $("#message-filter").value.trim();
+    $("#message-bulk").hidden = !state.messageFilter;
+    refreshNow();
+  });
+  $("#message-filter-clear").addEventListener("click", () => {
+    $("#message-filter").value = "";
+    state.messageFilter = "";
+    $("#message-bulk").hidden = true;
+    refreshNow();
+  });
+  for (const button of document.querySelectorAll("#message-bulk button")) {
+    button.addEventListener("click", () => bulkMessageAction(button.dataset.bulk));
+  }
+  $("#messages-close").addEventListener("click", closeMessages);
+  for (const th of document.querySelectorAll("#queues th[data-sort]")) th.addEventListener("click", () => setSort(th));
+  $("#track-form").addEventListener("submit", (ev) => { ev.preventDefault(); track(); });
+  $("#live").addEventListener("change", () => { if ($("#live").checked) refreshNow(); else clearTimeout(state.timer); });
+  refreshNow();
+}
+
+init();

@@ -1,0 +1,212 @@
+"""The Queue Viewer page in headless Chromium, against a running cluster: the queues are there,
+live; Suspend and Resume by clicking change the status; a queue opens to its messages, which
+can be acted on; a bad filter shows where it is wrong."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from mailyard.testing.cluster import Cluster, Proc
+from mailyard.testing.redis_server import RedisServer
+from mailyard.testing.waiting import wait_until
+from tests.conftest import ROOT, make_org
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CAROL_QUEUE = "Amsterdam\\MBX-AMS-02"
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium "
+                                "chromium-driver); CI installs it")
+
+
+
+def viewer_url(cluster: Cluster, proc: Proc) -> str:
+    def printed() -> str | None:
+        if not proc.alive:
+            raise AssertionError(f"{proc.name} exited: {cluster.tail(proc.name)}")
+        found = re.search(r"Queue Viewer: (http://127\.0\.0\.1:\d+)/", proc.log.read_text(errors="replace"))
+        return found.group(1) if found else None
+
+    url = wait_until(printed, timeout=30, message=lambda: cluster.tail(proc.name))
+    wait_until(lambda: httpx.get(url + "/health", timeout=5).status_code == 200, timeout=30)
+    return url
+
+
+@pytest.fixture(scope="module")
+def site(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(redis_server.new_db(), tmp_path_factory.mktemp("browser"), make_org(), cwd=ROOT)
+    try:
+        cluster.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
+        hub = cluster.start_hub("Amsterdam", "web-1", wait=False)
+        viewer = cluster._spawn("viewer", "viewer", ["viewer", "--port", "0"], None)
+        cluster.wait_hub(hub)
+        cluster.send("alice@contoso.com", ["carol@contoso.com"], subject="first")
+        cluster.wait_for_subject("carol@contoso.com", "first")
+        cluster.viewer_url = viewer_url(cluster, viewer)  # type: ignore[attr-defined]
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+                "--window-size=1400,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def page(site: Cluster, browser: WebDriver) -> WebDriver:
+    browser.get(site.viewer_url + "/")  # type: ignore[attr-defined]
+    wait_until(lambda: row(browser, CAROL_QUEUE), timeout=15, message="the queue table never filled")
+    return browser
+
+
+def css(identity: str) -> str:
+    return identity.replace("\\", "\\\\")
+
+
+def row(driver: WebDriver, identity: str):  # type: ignore[no-untyped-def]
+    found = driver.find_elements(By.CSS_SELECTOR, f'#queues tr[data-queue="{css(identity)}"]')
+    return found[0] if found else None
+
+
+def status(driver: WebDriver, identity: str) -> str:
+    return row(driver, identity).find_element(By.CSS_SELECTOR, "td.status").text
+
+
+def click(driver: WebDriver, selector: str) -> None:
+    """Click what the selector finds, again if a refresh replaced it meanwhile."""
+    def clicked() -> bool:
+        driver.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+    wait_until(clicked, timeout=10, message=f"cannot click {selector}")
+
+
+def api_status(site: Cluster, identity: str) -> str:
+    rows = httpx.get(site.viewer_url + "/api/queues", timeout=10).json()  # type: ignore[attr-defined]
+    return next(q["status"] for q in rows if q["identity"] == identity)
+
+
+def act(site: Cluster, action: str, queue: str = CAROL_QUEUE) -> None:
+    response = httpx.post(site.viewer_url + "/api/queues/actions",  # type: ignore[attr-defined]
+                          json={"action": action, "queues": [queue]}, timeout=10)
+    assert response.status_code == 200, response.text
+
+
+def test_the_page_shows_the_queues_of_the_running_site_live(site: Cluster, page: WebDriver) -> None:
+    headers = [th.text for th in page.find_elements(By.CSS_SELECTOR, "#queues thead th")]
+    assert headers[:7] == ["Identity", "DeliveryType", "Status", "MessageCount", "NextHopDomain", "LastError",
+                           "NextRetryTime"]
+    carol = row(page, CAROL_QUEUE)
+    assert carol.find_element(By.CSS_SELECTOR, "td.identity").text == CAROL_QUEUE
+    assert carol.find_element(By.CSS_SELECTOR, "td.delivery-type").text == "MapiDelivery"
+    assert status(page, CAROL_QUEUE) in ("Ready", "Active")
+    assert row(page, "Amsterdam\\Submission") is not None
+    assert page.find_element(By.CSS_SELECTOR, '#hubs [data-hub="web-1"]').text.startswith("web-1")
+    # live: the "updated" clock moves on by itself
+    first = wait_until(lambda: re.fullmatch(r"updated \d\d:\d\d:\d\d", page.find_element(By.ID, "updated").text)
+                       and page.find_element(By.ID, "updated").text, timeout=10)
+    wait_until(lambda: page.find_element(By.ID, "updated").text != first, timeout=10,
+               message="the page did not refresh by itself")
+    # a queue that appears is shown without reloading the page
+    site.send("alice@contoso.com", ["bob@contoso.com"], subject="new queue")
+    wait_until(lambda: row(page, "Amsterdam\\MBX-AMS-01"), timeout=15, message="the new queue never appeared")
+
+
+def test_suspend_and_resume_a_queue_by_clicking(site: Cluster, page: WebDriver) -> None:
+    try:
+        click(page, f'#queues tr[data-queue="{css(CAROL_QUEUE)}"] button[data-action="suspend"]')
+        wait_until(lambda: status(page, CAROL_QUEUE) == "Suspended", timeout=10,
+                   message=lambda: f"status shown: {status(page, CAROL_QUEUE)}")
+        assert api_status(site, CAROL_QUEUE) == "Suspended"
+        badge = row(page, CAROL_QUEUE).find_element(By.CSS_SELECTOR, "td.status .badge")
+        assert "s-suspended" in badge.get_attribute("class")
+        assert "Suspended" in page.find_element(By.ID, "notice").text
+
+        click(page, f'#queues tr[data-queue="{css(CAROL_QUEUE)}"] button[data-action="resume"]')
+        wait_until(lambda: status(page, CAROL_QUEUE) != "Suspended", timeout=10)
+        assert api_status(site, CAROL_QUEUE) != "Suspended"
+        assert row(page, CAROL_QUEUE).find_elements(By.CSS_SELECTOR, 'button[data-action="suspend"]')
+    finally:
+        act(site, "resume")
+
+
+def test_open_a_queue_and_act_on_its_messages(site: Cluster, page: WebDriver) -> None:
+    act(site, "suspend")
+    try:
+        s = f"held {uuid.uuid4().hex[:8]}"
+        site.send("alice@contoso.com", ["carol@contoso.com"], subject=s)
+        wait_until(lambda: row(page, CAROL_QUEUE).find_element(By.CSS_SELECTOR, "td.count").text == "1",
+                   timeout=15, message="the message count never showed 1")
+        click(page, f'#queues tr[data-queue="{css(CAROL_QUEUE)}"] a.open')
+        assert page.find_element(By.ID, "messages-queue").text == CAROL_QUEUE
+
+        def message_row():  # type: ignore[no-untyped-def]
+            for tr in page.find_elements(By.CSS_SELECTOR, "#messages tbody tr[data-message]"):
+                if tr.find_element(By.CSS_SELECTOR, "td.subject").text == s:
+                    return tr
+            return None
+
+        tr = wait_until(message_row, timeout=15, message="the message never showed")
+        identity = tr.get_attribute("data-message")
+        assert identity.startswith(CAROL_QUEUE + "\\")
+        assert tr.find_element(By.CSS_SELECTOR, "td.from").text == "alice@contoso.com"
+        assert tr.find_element(By.CSS_SELECTOR, "td.status").text == "Ready"
+        recipient = tr.find_element(By.CSS_SELECTOR, 'li[data-recipient="carol@contoso.com"]')
+        assert "Ready" in recipient.text
+
+        selector = f'#messages tr[data-message="{css(identity)}"]'
+        click(page, f'{selector} button[data-action="suspend"]')
+        wait_until(lambda: message_row().find_element(By.CSS_SELECTOR, "td.status").text == "Suspended", timeout=10)
+        export = message_row().find_element(By.CSS_SELECTOR, 'a[data-action="export"]')
+        exported = httpx.get(export.get_attribute("href"), timeout=10)
+        assert exported.status_code == 200 and f"Subject: {s}".encode() in exported.content
+
+        click(page, f'{selector} button[data-action="remove-silent"]')
+        alert = wait_until(lambda: page.switch_to.alert, timeout=5, message="no confirmation before removing")
+        assert "Remove" in alert.text and identity in alert.text
+        alert.accept()
+        wait_until(lambda: message_row() is None, timeout=10, message="the removed message is still shown")
+        assert "Removed without NDR" in page.find_element(By.ID, "notice").text
+        rows = httpx.get(site.viewer_url + "/api/messages", params={"queue": CAROL_QUEUE}).json()  # type: ignore
+        assert s not in [m["subject"] for m in rows]
+    finally:
+        act(site, "resume")
+
+
+def test_a_bad_filter_shows_the_error_under_the_bad_part(page: WebDriver) -> None:
+    box = page.find_element(By.ID, "queue-filter")
+    box.clear()
+    box.send_keys("Status -eq Bogus\n")
+    error = page.find_element(By.ID, "queue-filter-error")
+    wait_until(lambda: error.is_displayed() and "^" in error.text, timeout=10, message="no filter error shown")
+    lines = error.get_attribute("textContent").split("\n")
+    assert lines[1].strip() == "Status -eq Bogus" and lines[1][lines[2].index("^"):].startswith("Bogus")
+
+    box.clear()
+    box.send_keys("Identity -like '*MBX-AMS-02'\n")
+    wait_until(lambda: not error.is_displayed(), timeout=10)
+    wait_until(lambda: [tr.get_attribute("data-queue") for tr in page.find_elements(By.CSS_SELECTOR, "#queues tbody tr")]
+               == [CAROL_QUEUE], timeout=10, message="the filter did not apply")
+    page.find_element(By.ID, "queue-filter-clear").click()
+    wait_until(lambda: len(page.find_elements(By.CSS_SELECTOR, "#queues tbody tr")) > 1, timeout=10)
