@@ -49,6 +49,11 @@ class Txn:
         self._guards.append(["absent", key])
         return self
 
+    def guard_no_field(self, key: str, field_: str) -> Txn:
+        """The hash ``key`` has no ``field_`` (a once-only step, safe to send twice)."""
+        self._guards.append(["hnx", key, field_])
+        return self
+
     def guard_exists(self, key: str) -> Txn:
         self._guards.append(["exists", key])
         return self

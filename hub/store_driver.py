@@ -101,7 +101,7 @@ def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
                       context=f"Mailbox:{mailbox}, Item:{ref.rsplit('/', 1)[-1]}"),
     )
     result = node.commit(txn)
-    if not result.ok:  # picked up meanwhile by another hub
+    if not result.ok and result.failed_guard == 2:  # picked up meanwhile by another hub
         return (result.value or b"").decode()
     return msg.id
 

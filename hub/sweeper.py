@@ -171,7 +171,8 @@ class Sweeper:
                     for rc, it in pending
                 ]
                 (report_id,) = allocate_items(r, 1)
-                txn.guard_exists(keys.msg(msg_id))
+                txn.guard_exists(keys.msg(msg_id)).guard_no_field(keys.msg(msg_id), "delay_dsn_sent")
+                txn.op("HSET", keys.msg(msg_id), "delay_dsn_sent", now)
                 queue_report(self.node, txn, msg, body, failures, item_id=report_id, delayed=True, now=now)
                 sent += 1
             self.node.commit(txn)

@@ -1,7 +1,8 @@
 """The mailbox server's HTTP API.
 
 For clients (what Outlook does over MAPI in Exchange):
-  POST /mailboxes/{address}/outbox                 "Send": a message into the Outbox
+  POST /mailboxes/{address}/outbox                 "Send": a message into the Outbox (once per
+                                                   Message-ID: a retried request is no new mail)
   GET  /mailboxes/{address}/folders/{folder}        list a folder
   GET  /mailboxes/{address}/folders/{folder}/{id}   one message, as RFC 5322 text
 For hubs (the store driver's RPC; a server token is required):
@@ -53,6 +54,7 @@ def create_app(
     directory: Callable[[], Directory],
     on_submitted: Callable[[str, str], None],
     on_acknowledged: Callable[[str, str], None],
+    fault: Callable[[str], None] = lambda name: None,
 ) -> FastAPI:
     app = FastAPI(title=f"Mailyard mailbox server {server}", docs_url=None, redoc_url=None)
 
@@ -133,9 +135,11 @@ def create_app(
         raw, message_id, recipients = prepare_outgoing(raw, owner, directory())
         if len(raw) > limit:
             raise ApiError(413, f"message is {len(raw)} bytes; the limit is {limit}")
-        item_id = await _in_thread(store.put, owner, "Outbox", raw)
-        on_submitted(owner, item_id)
-        return {"id": item_id, "message_id": message_id, "recipients": recipients}
+        item_id, fresh = await _in_thread(store.submit, owner, message_id, raw)
+        fault("mailbox.outbox.stored")  # tests: die between the durable write and the notification
+        if fresh:
+            on_submitted(owner, item_id)
+        return {"id": item_id, "message_id": message_id, "recipients": recipients, "duplicate": not fresh}
 
     @app.get("/mailboxes/{address}/folders/{folder}")
     def list_folder(address: str, folder: str) -> dict[str, Any]:
@@ -190,6 +194,7 @@ def create_app(
         hub = request.headers.get("x-mailyard-hub", "hub")
         work = [_check_delivery(i, m) for i, m in enumerate(messages)]
         results = await _in_thread(_deliver_all, work, hub)
+        fault("mailbox.deliver.stored")  # tests: die after storing, before the hub hears of it
         return {"results": results}
 
     def _deliver_all(work: list[tuple[str, list[str], bytes]], hub: str) -> list[dict[str, Any]]:
@@ -260,7 +265,7 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
         raise ApiError(400, f"body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "expected a JSON object with to, cc, bcc, subject and body")
-    unknown = set(data) - {"to", "cc", "bcc", "subject", "body"}
+    unknown = set(data) - {"to", "cc", "bcc", "subject", "body", "message_id"}
     if unknown:
         raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
     msg = EmailMessage()
@@ -277,6 +282,11 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
     if not isinstance(subject, str) or not isinstance(text, str):
         raise ApiError(400, "subject and body must be strings")
     msg["Subject"] = subject
+    message_id = data.get("message_id")
+    if message_id is not None:
+        if not isinstance(message_id, str) or not message_id.startswith("<") or not message_id.endswith(">"):
+            raise ApiError(400, "message_id: expected <unique@domain>")
+        msg["Message-ID"] = message_id
     msg.set_content(text)
     return msg.as_bytes(policy=SMTP_POLICY)
 

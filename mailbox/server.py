@@ -9,7 +9,7 @@ from pathlib import Path
 
 import uvicorn
 
-from mailyard import redisconn
+from mailyard import faults, redisconn
 from mailyard.errors import SiteError
 from mailyard.mailbox.api import create_app
 from mailyard.mailbox.store import MailboxStore
@@ -58,6 +58,7 @@ def serve(
         directory=orgs.get,
         on_submitted=service.submitted,
         on_acknowledged=service.acknowledged,
+        fault=lambda name: faults.point(name, r),
     )
 
     # Bind first, so the port is known (port 0 picks a free one) before anyone is told.

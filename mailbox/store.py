@@ -11,6 +11,7 @@ not take it for a folder).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -158,6 +159,27 @@ class MailboxStore:
         item_id = self._new_id()
         self._write(folder_dir, item_id, raw)
         return item_id
+
+    def submit(self, address: str, message_id: str, raw: bytes) -> tuple[str, bool]:
+        """"Send": store in the Outbox once per Message-ID; returns (item id, False if this
+        message was submitted before, when a client retries after a lost answer).
+
+        The marker naming the item is written first, so a crash in between leaves a marker
+        without its item, which the retry fills in; never two items for one message."""
+        base = self._maildir(address)
+        digest = hashlib.sha256(message_id.strip().encode()).hexdigest()[:32]
+        marker = base / "mailyard-submitted" / digest
+        with self._lock_for(address):
+            if marker.exists():
+                item_id = marker.read_text().strip()
+                if self.has(address, "Outbox", item_id) or self.has(address, "Sent Items", item_id):
+                    return item_id, False
+            else:
+                item_id = self._new_id()
+                marker.parent.mkdir(exist_ok=True)
+                self._write_marker(marker, item_id)
+            self._write(self._folder_dir(address, "Outbox"), item_id, raw)
+        return item_id, True
 
     def deliver(self, address: str, key: str, raw: bytes) -> tuple[str, bool]:
         """Deliver to the Inbox once per ``key``; returns (item id, False if a duplicate)."""

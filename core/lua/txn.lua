@@ -10,6 +10,7 @@ Guards
   eq KEY FIELD VALUE      HGET KEY FIELD must equal VALUE
   absent KEY              KEY must not exist (the failure carries GET KEY for strings)
   exists KEY              KEY must exist
+  hnx KEY FIELD           the hash field must not exist
 Operations: any Redis command, or
   @decref MSGKEY BODYKEY ITEMSKEY DELAYKEY MSGID
                           one queue item fewer holds the message; at zero the message,
@@ -40,6 +41,8 @@ for g = 1, guards do
     end
   elseif w[1] == 'exists' then
     if redis.call('EXISTS', w[2]) == 0 then return {0, g, false} end
+  elseif w[1] == 'hnx' then
+    if redis.call('HEXISTS', w[2], w[3]) == 1 then return {0, g, false} end
   else
     return redis.error_reply('unknown guard ' .. tostring(w[1]))
   end

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,10 @@ class Cluster:
         self.extra_env = env or {}
         self.procs: dict[str, Proc] = {}
         self._hub_ports: dict[str, dict[str, int]] = {}
+        self._specs: dict[str, tuple[str, list[str], str | None, str | None]] = {}
+        self._mailbox_ports: dict[str, int] = {}
+        self._stay_down: set[str] = set()
+        self._closing = False
         self.r: redis.Redis = redisconn.connect(redis_url)
         self.http = httpx.Client(timeout=30)
         self.apply(org)
@@ -82,7 +87,25 @@ class Cluster:
             env["MAILYARD_FAULTS"] = faults
         return env
 
-    def _spawn(self, name: str, role: str, args: list[str], faults: str | None) -> Proc:
+    def supervise(self) -> None:
+        """Restart any process that dies, as ``site up`` and docker compose do (a process
+        stopped with ``kill(..., stay_down=True)`` stays down)."""
+        import threading
+
+        def loop() -> None:
+            while not self._closing:
+                for name, proc in list(self.procs.items()):
+                    if not proc.alive and name not in self._stay_down and not self._closing:
+                        role, args, faults, url = self._specs[name]
+                        self._spawn(name, role, args, faults, url)
+                time.sleep(0.3)
+
+        threading.Thread(target=loop, name="supervisor", daemon=True).start()
+
+    def _spawn(self, name: str, role: str, args: list[str], faults: str | None,
+               redis_url: str | None = None) -> Proc:
+        self._specs[name] = (role, args, faults, redis_url)
+        self._stay_down.discard(name)
         old = self.procs.get(name)
         if old and old.alive:
             raise RuntimeError(f"{name} is already running")
@@ -90,7 +113,7 @@ class Cluster:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "mailyard", *args, "--redis-url", self.redis_url,
+                [sys.executable, "-m", "mailyard", *args, "--redis-url", redis_url or self.redis_url,
                  "--data-dir", str(self.data_dir)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self._env(faults), cwd=self.cwd, start_new_session=True,
@@ -99,10 +122,11 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def start_mailbox(self, server: str, *, port: int = 0, wait: bool = True) -> Proc:
-        port = port or free_port()
+    def start_mailbox(self, server: str, *, port: int = 0, wait: bool = True, faults: str | None = None) -> Proc:
+        port = port or self._mailbox_ports.get(server) or free_port()
+        self._mailbox_ports[server] = port
         proc = self._spawn(server, "mailbox",
-                           ["mailbox", "serve", "--server", server, "--port", str(port)], None)
+                           ["mailbox", "serve", "--server", server, "--port", str(port)], faults)
         url = f"http://127.0.0.1:{port}"
         if wait:
             wait_until(lambda: self._healthy(url, proc), timeout=30,
@@ -132,7 +156,7 @@ class Cluster:
         return self.http.get(url.decode() + "/health").status_code == 200
 
     def start_hub(self, site: str, name: str, *, concurrency: int = 2, faults: str | None = None,
-                  wait: bool = True, receive: bool = True) -> Proc:
+                  wait: bool = True, receive: bool = True, redis_url: str | None = None) -> Proc:
         """A hub; its receive connectors listen on free loopback ports (see ``smtp``)."""
         args = ["hub", "--site", site, "--name", name, "--concurrency", str(concurrency)]
         if receive:
@@ -141,7 +165,7 @@ class Cluster:
             args += [arg for b, port in ports.items() for arg in ("--bind", f"{b}=127.0.0.1:{port}")]
         else:
             args.append("--no-receive")
-        proc = self._spawn(name, "hub", args, faults)
+        proc = self._spawn(name, "hub", args, faults, redis_url)
         if wait:
             self.wait_hub(proc)
         return proc
@@ -171,8 +195,11 @@ class Cluster:
         return sorted(h.name for h in nodes.hubs(self.r)
                       if h.alive(timeout) and (site is None or h.site == site))
 
-    def kill(self, name: str, sig: int = signal.SIGKILL, *, group: bool = True) -> None:
-        """Kill a process (and by default its whole process group: a hub's pool too)."""
+    def kill(self, name: str, sig: int = signal.SIGKILL, *, group: bool = True, stay_down: bool = True) -> None:
+        """Kill a process (and by default its whole process group: a hub's pool too). Under
+        ``supervise()``, ``stay_down=False`` lets it be restarted, as after a crash."""
+        if stay_down:
+            self._stay_down.add(name)
         proc = self.procs[name]
         try:
             if group:
@@ -189,6 +216,7 @@ class Cluster:
                 proc.popen.wait()
 
     def close(self) -> None:
+        self._closing = True
         for proc in self.procs.values():
             if proc.alive:
                 try:
@@ -235,8 +263,12 @@ class Cluster:
         return f"{nodes.server_url(self.r, server)}/mailboxes/{address}"
 
     def send(self, sender: str, to: Iterable[str] = (), *, cc: Iterable[str] = (),
-             bcc: Iterable[str] = (), subject: str = "test", body: str = "hello") -> dict[str, Any]:
-        payload = {"to": list(to), "cc": list(cc), "bcc": list(bcc), "subject": subject, "body": body}
+             bcc: Iterable[str] = (), subject: str = "test", body: str = "hello",
+             message_id: str | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"to": list(to), "cc": list(cc), "bcc": list(bcc), "subject": subject,
+                                   "body": body}
+        if message_id:
+            payload["message_id"] = message_id
         response = self.http.post(self.api(sender) + "/outbox", content=json.dumps(payload),
                                   headers={"Content-Type": "application/json"})
         assert response.status_code == 202, f"send failed: {response.status_code} {response.text}"

@@ -1,0 +1,210 @@
+"""The fault matrix's harness: a steady stream of mail of every kind, and the verdict.
+
+The stream sends, in turn: mailbox to mailbox in the same site, mailbox to the other site,
+SMTP in (anonymous, from the demo Internet) to a mailbox, and mailbox to the Internet (an
+SMTP sink found through a DNS server on loopback). A message counts as accepted when the
+mailbox API said 202 or the receive connector said 250; a refused attempt is retried, as a
+client would. The verdict: every accepted message arrives, exactly once at mailboxes; at
+the sink the duplicates SMTP cannot avoid are counted and reported.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mailyard import nodes
+from mailyard.internet.dns import MX, A, DnsServer, Zone
+from mailyard.internet.sink import Sink
+from mailyard.org import Organization
+from mailyard.site.redis_server import free_port
+from mailyard.testing.cluster import Cluster
+from mailyard.testing.redis_server import RedisServer
+from mailyard.testing.waiting import wait_until
+from tests.conftest import ROOT, make_org
+
+KINDS = ("local", "remote-site", "smtp-in", "internet")
+
+
+@dataclass
+class Sent:
+    subject: str
+    kind: str
+    recipient: str  # a mailbox address, or the Internet address at the sink
+
+
+@dataclass
+class Verdict:
+    case: str
+    sent: int
+    delivered: int
+    duplicates: int
+    lost: list[str]
+    recovery_s: float
+
+    def line(self) -> str:
+        return (f"[fault] {self.case}: sent {self.sent}, delivered {self.delivered}, duplicates "
+                f"{self.duplicates} (SMTP sink only), lost {len(self.lost)}, recovery {self.recovery_s:.1f}s")
+
+
+@dataclass
+class Stream:
+    site: Cluster
+    sink: Sink
+    case: str
+    sent: list[Sent] = field(default_factory=list)
+    refused: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _one(self, n: int) -> None:
+        kind = KINDS[n % len(KINDS)]
+        subject = f"{self.case} {kind} {n} {uuid.uuid4().hex[:6]}"
+        if kind == "local":
+            sender, rcpt = "alice@contoso.com", "carol@contoso.com"
+        elif kind == "remote-site":
+            sender, rcpt = "bob@contoso.com", "erin@contoso.com"
+        elif kind == "internet":
+            sender, rcpt = "frank@contoso.com", "friend@fabrikam.example"
+        else:
+            sender, rcpt = "", "dave@contoso.com"
+        message_id = f"<{uuid.uuid4().hex}@fault.test>"  # the same on every retry: no new mail
+        deadline = time.monotonic() + 120
+        while True:  # keep trying until accepted, as a client would (bounded)
+            try:
+                if kind == "smtp-in":
+                    self._smtp_in(rcpt, subject)
+                else:
+                    self.site.send(sender, [rcpt], subject=subject, message_id=message_id)
+                self.sent.append(Sent(subject, kind, rcpt))
+                return
+            except Exception:  # the component is down: try again, as a client would
+                self.refused += 1
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.2)
+
+    def _smtp_in(self, rcpt: str, subject: str) -> None:
+        hubs = [h for h in nodes.hubs(self.site.r) if "Internet" in h.endpoints and h.alive(3)]
+        if not hubs:
+            raise ConnectionError("no hub listening")
+        host, _, port = hubs[len(self.sent) % len(hubs)].endpoints["Internet"].rpartition(":")
+        with smtplib.SMTP(host, int(port), local_hostname="sender.example", timeout=10,
+                          source_address=("127.0.0.2", 0)) as client:
+            client.sendmail("someone@fabrikam.example", [rcpt], f"Subject: {subject}\r\n\r\nfault test\r\n")
+
+    def run(self, count: int, interval: float = 0.15) -> Stream:
+        def loop() -> None:
+            for n in range(count):
+                if self._stop.is_set():
+                    return
+                self._one(n)
+                time.sleep(interval)
+
+        self._thread = threading.Thread(target=loop, name="stream", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_sent(self, timeout: float = 180) -> None:
+        assert self._thread is not None
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream did not finish sending"
+
+    def verdict(self, started: float, timeout: float = 180) -> Verdict:
+        """Wait until everything accepted arrived (or the deadline), then count."""
+        def counts() -> tuple[Counter, Counter]:
+            boxes: Counter = Counter()
+            for address in {s.recipient for s in self.sent if s.kind != "internet"}:
+                try:
+                    boxes.update(self.site.subjects(address))
+                except Exception:  # a mailbox server restarting: look again
+                    return Counter(), Counter()
+            outside = Counter(m["subject"] for m in self.sink.messages("fabrikam.example"))
+            return boxes, outside
+
+        def complete() -> bool:
+            boxes, outside = counts()
+            return all((outside if s.kind == "internet" else boxes)[s.subject] >= 1 for s in self.sent)
+
+        try:
+            wait_until(complete, timeout=timeout)
+        except AssertionError:
+            pass
+        recovery = time.monotonic() - started
+        boxes, outside = counts()
+        lost = [s.subject for s in self.sent if (outside if s.kind == "internet" else boxes)[s.subject] == 0]
+        doubled_boxes = [s.subject for s in self.sent if s.kind != "internet" and boxes[s.subject] > 1]
+        duplicates = sum(outside[s.subject] - 1 for s in self.sent if s.kind == "internet" and outside[s.subject] > 1)
+        verdict = Verdict(self.case, len(self.sent), len(self.sent) - len(lost), duplicates, lost, recovery)
+        print(verdict.line())
+        assert not doubled_boxes, f"delivered twice to a mailbox: {doubled_boxes}"
+        assert not lost, f"{verdict.line()}\nlost: {lost}\n{self.site.all_logs(30)}"
+        return verdict
+
+
+def fault_org(dns: DnsServer, smtp_port: int, **transport) -> Organization:
+    data = make_org(lease_time=5, **transport).model_dump(mode="json")
+    data["transport"]["dns_servers"] = [dns.address]
+    for conn in data["send_connectors"]:
+        conn["port"] = smtp_port
+    return Organization.model_validate(data)
+
+
+@dataclass
+class World:
+    """A whole site on its own Redis: both sites' hubs, all mailbox servers, a DNS server and
+    the Internet's MX host, with every process restarted when it dies."""
+
+    redis: RedisServer
+    dns: DnsServer
+    sink: Sink
+    site: Cluster
+
+    def stream(self, case: str) -> Stream:
+        return Stream(self.site, self.sink, case)
+
+
+@pytest.fixture
+def world_factory(tmp_path: Path):
+    made: list[World] = []
+
+    def make(*, hub_redis_url: str | None = None, hubs_per_site: int = 2, faults: str | None = None,
+             redis: RedisServer | None = None, **transport) -> World:
+        server = redis or RedisServer(tmp_path / f"redis{len(made)}", databases=2).start()
+        zone = Zone()
+        zone.replace("fabrikam.example", MX(10, "mx.fabrikam.example"))
+        zone.replace("mx.fabrikam.example", A("127.0.0.3"))
+        dns = DnsServer(zone)
+        dns.start()
+        port = free_port()
+        sink = Sink(tmp_path / f"sink{len(made)}", host="127.0.0.3", port=port)
+        sink.start()
+        site = Cluster(server.url(0), tmp_path / f"site{len(made)}", fault_org(dns, port, **transport), cwd=ROOT)
+        world = World(server, dns, sink, site)
+        made.append(world)
+        site.start_mailboxes()
+        hubs = []
+        for site_name in ("Amsterdam", "London"):
+            for i in range(1, hubs_per_site + 1):
+                hubs.append(site.start_hub(site_name, f"{site_name[:3].lower()}-{i}", wait=False, faults=faults,
+                                           redis_url=hub_redis_url))
+        for hub in hubs:
+            site.wait_hub(hub)
+            site.smtp(hub.name)
+        site.supervise()
+        return world
+
+    yield make
+    for world in made:
+        world.site.close()
+        world.sink.stop()
+        world.dns.stop()
+        world.redis.stop()
+
