@@ -11,6 +11,7 @@ site gives each hub its own ports that way.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
@@ -38,6 +39,18 @@ def parse_binds(values: list[str]) -> dict[str, str]:
             raise ValueError(f"--bind {value!r}: write CONFIGURED=HOST:PORT, e.g. 0.0.0.0:25=127.0.0.1:2525")
         out[configured.strip()] = actual.strip()
     return out
+
+
+def advertised(actual: str) -> str:
+    """The address other hubs should use: a listener on 0.0.0.0 or :: is reached by this host's
+    name (in docker compose, the container's, which every network resolves); dialing 0.0.0.0
+    would reach the caller itself."""
+    host, port = _split(actual)
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = not host
+    return f"{socket.gethostname()}:{port}" if unspecified else actual
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -135,7 +148,7 @@ class ReceiveServer:
         self.publish(wanted)
 
     def publish(self, wanted: dict[str, tuple[str, list[str]]]) -> None:
-        endpoints = {name: actual for actual, (_, names) in wanted.items() if actual in self.servers
+        endpoints = {name: advertised(actual) for actual, (_, names) in wanted.items() if actual in self.servers
                      for name in names}
         try:
             nodes.hub_endpoints(self.sync_r, self.hub, endpoints)

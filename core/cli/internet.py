@@ -47,43 +47,61 @@ def internet() -> None:
               help=f"A domain to serve (repeatable) [default: {', '.join(DEMO_DOMAINS)}].")
 @click.option("--first-ip", default="127.0.0.2", show_default=True,
               help="Loopback address of the first domain's MX host; the next domains get the next ones.")
+@click.option("--mx-address", metavar="IP",
+              help="Give every domain's MX host this one address, with one SMTP sink there for all of them "
+                   "(e.g. the container's address in docker compose) instead of loopback addresses.")
 @data_dir_option
 @handle_errors
 def serve(folder: Path | None, dns_address: str, smtp_port: int, domains: tuple[str, ...], first_ip: str,
-          data_dir: Path) -> None:
+          mx_address: str | None, data_dir: Path) -> None:
     """Serve MX records for the demo domains and receive their mail until Ctrl-C or SIGTERM.
 
-    Each domain gets `MX 10 mx.<domain>`, that host an A record on its own loopback address,
-    and an SMTP sink there that stores what it receives (see `mailyard internet show`).
+    Each domain gets `MX 10 mx.<domain>`, that host an A record on its own loopback address
+    (or on --mx-address for all), and an SMTP sink there that stores what it receives (see
+    `mailyard internet show`).
     """
     try:
         dns_host, dns_port = parse_address(dns_address)
         first = ipaddress.IPv4Address(first_ip)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    if not first.is_loopback:
+    shared: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    if mx_address is not None:
+        try:
+            shared = ipaddress.ip_address(mx_address)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--mx-address") from None
+        if shared.is_unspecified:
+            raise click.BadParameter("the MX hosts need an address others can reach, not "
+                                     f"{mx_address}", param_hint="--mx-address")
+    elif not first.is_loopback:
         raise click.BadParameter(f"{first_ip} is not a loopback address", param_hint="--first-ip")
     names = [d.strip().rstrip(".").lower() for d in domains or DEMO_DOMAINS]
-    asyncio.run(_serve(_folder(folder, data_dir), dns_host, dns_port, smtp_port, names, first))
+    asyncio.run(_serve(_folder(folder, data_dir), dns_host, dns_port, smtp_port, names, first, shared))
 
 
 async def _serve(folder: Path, dns_host: str, dns_port: int, smtp_port: int, domains: list[str],
-                 first: ipaddress.IPv4Address) -> None:
+                 first: ipaddress.IPv4Address,
+                 shared: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None) -> None:
     zone = Zone(ttl=60)
     dns = DnsServer(zone, dns_host, dns_port)
-    sinks: list[Sink] = []
+    sinks: dict[str, Sink] = {}  # address -> the sink listening there (one for all domains with --mx-address)
     rows = []
     try:
         try:
             await dns.open()
             for i, domain in enumerate(domains):
-                address = str(first + i)
+                address = str(shared if shared is not None else first + i)
                 mx = zone.add_mail_domain(domain, address)
-                sink = Sink(folder, address, smtp_port, hostname=mx)
-                await sink.open()
-                smtp_port = sink.port  # port 0: the others take the same one
-                sinks.append(sink)
-                rows.append((domain, f"10 {mx}", address, f"{address}:{sink.port}"))
+                sink = sinks.get(address)
+                if sink is None:
+                    # A sink stores by recipient domain, so one serves every domain at its address.
+                    sink = Sink(folder, address, smtp_port, hostname=mx)
+                    await sink.open()
+                    smtp_port = sink.port  # port 0: the others take the same one
+                    sinks[address] = sink
+                shown = f"[{address}]" if ":" in address else address
+                rows.append((domain, f"10 {mx}", address, f"{shown}:{sink.port}"))
         except OSError as exc:
             raise SiteError(f"cannot listen: {exc}") from None
         click.echo(f"DNS   {dns.address} (UDP and TCP)")
@@ -96,7 +114,7 @@ async def _serve(folder: Path, dns_host: str, dns_port: int, smtp_port: int, dom
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
-        for sink in sinks:
+        for sink in sinks.values():
             await sink.close()
         await dns.close()
     click.echo("Stopped.")
@@ -129,12 +147,16 @@ def show(domain: str, folder: Path | None, data_dir: Path, as_json: bool) -> Non
 @click.option("--to", "recipients", multiple=True, required=True, help="A recipient (repeatable).")
 @click.option("--subject", default="", help="The subject line.")
 @click.option("--body", default="", help="The message text.")
-@click.option("--source", default="127.0.0.2", show_default=True,
-              help="Loopback address to send from (the Internet, as the receive connectors see it).")
+@click.option("--source", default="127.0.0.2", show_default=True, envvar="MAILYARD_INTERNET_SOURCE",
+              help="Address to send from (the Internet, as the receive connectors see it; "
+                   "or set MAILYARD_INTERNET_SOURCE).")
+@click.option("--server", "server", metavar="HOST:PORT", envvar="MAILYARD_INTERNET_SERVER",
+              help="Hand the message to this hub address (or set MAILYARD_INTERNET_SERVER) instead of "
+                   "one found in Redis, e.g. hub:2525 in docker compose, where Redis is not on the Internet.")
 @redis_option
 @handle_errors
 def send_from_internet(sender: str, recipients: tuple[str, ...], subject: str, body: str, source: str,
-                       redis_url: str | None, data_dir: Path) -> None:
+                       server: str | None, redis_url: str | None, data_dir: Path) -> None:
     """Send a message from the demo Internet into the organization, over SMTP, anonymously,
     to a hub's receive connector that takes mail from AnonymousUsers."""
     import smtplib
@@ -144,14 +166,21 @@ def send_from_internet(sender: str, recipients: tuple[str, ...], subject: str, b
     from mailyard import nodes
     from mailyard.orgstore import read_org
 
-    r = connect(redis_url, data_dir)
-    _, org = read_org(r)
-    anonymous = {c.name for c in org.receive_connectors if c.enabled and "AnonymousUsers" in c.permission_groups}
-    endpoints = [h.endpoints[name] for h in nodes.hubs(r) if h.alive(org.transport.hub_heartbeat_timeout)
-                 for name in anonymous if name in h.endpoints]
-    if not endpoints:
-        raise SiteError("no hub has a receive connector for anonymous Internet mail running")
+    if server:
+        endpoints = [server]
+    else:
+        r = connect(redis_url, data_dir)
+        _, org = read_org(r)
+        anonymous = {c.name for c in org.receive_connectors
+                     if c.enabled and "AnonymousUsers" in c.permission_groups}
+        endpoints = [h.endpoints[name] for h in nodes.hubs(r) if h.alive(org.transport.hub_heartbeat_timeout)
+                     for name in anonymous if name in h.endpoints]
+        if not endpoints:
+            raise SiteError("no hub has a receive connector for anonymous Internet mail running")
     host, _, port = endpoints[0].rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"{endpoints[0]!r} is not HOST:PORT", param_hint="--server")
+    host = host.strip("[]")
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = sender, ", ".join(recipients), subject
     msg["Date"] = formatdate(localtime=False)
@@ -163,6 +192,8 @@ def send_from_internet(sender: str, recipients: tuple[str, ...], subject: str, b
             refused = client.send_message(msg, from_addr=sender, to_addrs=list(recipients))
     except smtplib.SMTPException as exc:
         raise SiteError(f"the hub at {endpoints[0]} refused the message: {exc}") from None
+    except OSError as exc:
+        raise SiteError(f"cannot reach the hub at {endpoints[0]} from {source}: {exc}") from None
     for address, (code, text) in refused.items():
         click.echo(f"refused {address}: {code} {text.decode(errors='replace')}", err=True)
     click.echo(f"sent to {endpoints[0]} from {source}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from mailyard import __version__
+from mailyard.cli.flower import flower
+from mailyard.cli.health import health
 from mailyard.cli.hub import hub, receive
 from mailyard.cli.internet import internet
 from mailyard.cli.mailbox import mailbox, send
@@ -22,7 +24,7 @@ def cli() -> None:
     """Mailyard: an Exchange-style mail transport cluster on Celery and Redis."""
 
 
-for command in (site, org, mailbox, send, hub, receive, queue, message, track, internet, viewer):
+for command in (site, org, mailbox, send, hub, receive, queue, message, track, internet, viewer, flower, health):
     cli.add_command(command)
 
 

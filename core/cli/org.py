@@ -81,13 +81,40 @@ def check(file: Path) -> None:
                f"{len(o.groups)} groups, {len(o.contacts)} contacts)")
 
 
+def _dns_server(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Each value is IP[:PORT] (the resolver takes addresses, not names)."""
+    import ipaddress
+
+    from mailyard.internet.dns import parse_address
+
+    for value in values:
+        try:
+            host, _ = parse_address(value)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not IP[:PORT] (e.g. 198.51.100.10:5300)") from None
+    return values
+
+
+def with_dns_servers(o: Organization, servers: list[str]) -> Organization:
+    """The organization with transport.dns_servers replaced (as `site up` does for its demo DNS)."""
+    transport = o.transport.model_copy(update={"dns_servers": list(servers)})
+    return o.model_copy(update={"transport": transport})
+
+
 @org.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dns-server", "dns_servers", multiple=True, metavar="IP[:PORT]", callback=_dns_server,
+              help="Use this DNS server (repeatable) instead of the file's transport.dns_servers, "
+                   "e.g. the demo Internet's in docker compose.")
 @redis_option
 @handle_errors
-def apply(file: Path, redis_url: str | None, data_dir: Path) -> None:
+def apply(file: Path, dns_servers: tuple[str, ...], redis_url: str | None, data_dir: Path) -> None:
     """Validate FILE and make it the directory every node uses, live (no restarts)."""
     o = load_org(file)
+    if dns_servers:
+        o = with_dns_servers(o, list(dns_servers))
     version = apply_org(connect(redis_url, data_dir), o)
+    dns = f"; DNS servers {', '.join(dns_servers)}" if dns_servers else ""
     click.echo(f"applied {file} as version {version}: {len(o.sites)} sites, "
-               f"{len(o.mailboxes)} mailboxes, {len(o.groups)} groups, {len(o.contacts)} contacts")
+               f"{len(o.mailboxes)} mailboxes, {len(o.groups)} groups, {len(o.contacts)} contacts{dns}")

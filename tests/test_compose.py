@@ -1,0 +1,643 @@
+"""docker-compose.yml and deploy/Dockerfile, checked without a Docker engine (CI has none).
+
+- The file validates against the Compose Specification's JSON schema (the copy that
+  check-jsonschema ships), and with `docker compose config` where a Compose v2 client is.
+- Every command of every service, and of every health check, is a real `mailyard` command
+  whose options parse; the init service's `org apply` and each hub's `--check` run for real
+  against a Redis.
+- The services are those of the organization file the init service applies and of the
+  runner of `mailyard site up` (so compose and the local site cannot drift), the stateful
+  ones have volumes, the scalable hub pins nothing that collides when scaled, and restart
+  policies, health checks and stop grace periods are in place.
+- The same topology as processes (`mailyard site up --hubs 3`) round-robins over all three
+  Amsterdam hubs, and the health commands the containers use judge it correctly.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import click
+import httpx
+import pytest
+import redis
+import yaml
+from click.testing import CliRunner
+
+from mailyard import nodes, redisconn, tracking
+from mailyard.broker import make_app
+from mailyard.cli.main import cli
+from mailyard.internet.dns import make_resolver
+from mailyard.org import Organization, load_org
+from mailyard.orgstore import read_org
+from mailyard.site.redis_server import free_port
+from mailyard.site.runner import Site, SiteConfig
+from mailyard.testing.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+SCALABLE = "hub"  # the first site's hubs: `docker compose up --scale hub=N`
+
+
+# region: reading the compose file
+
+
+@functools.cache
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+def is_mailyard(service: dict[str, Any]) -> bool:
+    build = service.get("build") or {}
+    return isinstance(build, dict) and build.get("dockerfile") == "deploy/Dockerfile"
+
+
+def mailyard_services() -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in services().items() if is_mailyard(s)}
+
+
+def command(name: str) -> list[str]:
+    cmd = services()[name]["command"]
+    assert isinstance(cmd, list), f"{name}: write the command as a list (exec form), not {cmd!r}"
+    return [str(a) for a in cmd]
+
+
+def option(args: list[str], name: str) -> list[str]:
+    """The values of a repeatable ``--name VALUE`` option (``--name=VALUE`` too)."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif arg.startswith(name + "="):
+            out.append(arg.split("=", 1)[1])
+    return out
+
+
+def one(args: list[str], name: str) -> str:
+    values = option(args, name)
+    assert len(values) == 1, f"expected one {name} in {args}, got {values}"
+    return values[0]
+
+
+def role_of(args: list[str]) -> tuple[str, ...]:
+    """The mailyard sub-command of ARGS: ("hub",), ("mailbox", "serve"), ..."""
+    path, group, rest = [], cli, list(args)
+    while isinstance(group, click.Group) and rest and rest[0] in group.commands:
+        path.append(rest[0])
+        group = group.commands[rest.pop(0)]
+    return tuple(path)
+
+
+def role(name: str) -> tuple[str, ...]:
+    return role_of(command(name))
+
+
+def services_running(*path: str) -> list[str]:
+    return sorted(n for n in mailyard_services() if role(n) == path)
+
+
+def healthcheck_args(service: dict[str, Any]) -> list[str]:
+    test = service["healthcheck"]["test"]
+    assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL"), test
+    return [str(a) for a in test[1:]]
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """target -> source of the service's volumes (short syntax)."""
+    out = {}
+    for entry in service.get("volumes", []):
+        if isinstance(entry, dict):
+            out[entry["target"]] = entry["source"]
+        else:
+            source, target, *_ = str(entry).split(":")
+            out[target] = source
+    return out
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (``330s``, ``5m30s``, ``1h``) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)", str(duration))
+    assert parts and "".join(n + u for n, u in parts) == str(duration), f"not a duration: {duration!r}"
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def split_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host, int(port)
+
+
+def org_file() -> Path:
+    """The organization file the init service applies, on this side of its bind mount."""
+    args = command("init")
+    assert args[:2] == ["org", "apply"], f"the init service must run `org apply FILE`, not {args}"
+    inside = args[2]
+    source = mounts(services()["init"]).get(inside)
+    assert source is not None, f"init applies {inside}, which no bind mount provides"
+    return (ROOT / source).resolve()
+
+
+@functools.cache
+def organization() -> Organization:
+    return load_org(org_file())
+
+
+def image_data_dir() -> PurePosixPath:
+    match = re.search(r"MAILYARD_DATA_DIR=(\S+)", DOCKERFILE.read_text())
+    assert match, "the Dockerfile sets MAILYARD_DATA_DIR"
+    return PurePosixPath(match.group(1))
+
+
+def mailyard_env(redis_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILYARD_", "FLOWER_"))}
+    if redis_url:
+        env["MAILYARD_REDIS_URL"] = redis_url
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_mailyard(args: list[str], *, redis_url: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mailyard", *args], cwd=ROOT, env=mailyard_env(redis_url),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# endregion
+# region: the file is valid Compose
+
+
+def test_the_compose_file_validates_against_the_compose_specification_schema() -> None:
+    # check-jsonschema ships the Compose Specification's schema (vendor.compose-spec).
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _compose_client() -> list[str] | None:
+    """A Docker Compose v2 client (`docker compose` or `docker-compose`), if this machine has one."""
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if not shutil.which(cmd[0]):
+            continue
+        try:
+            out = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and re.search(r"Docker Compose version v?[2-9]\.", out.stdout):
+            return cmd
+    return None
+
+
+def test_docker_compose_config_accepts_the_file_where_a_compose_client_is_installed() -> None:
+    client = _compose_client()
+    if client is None:
+        pytest.skip("no Docker Compose v2 client on this machine (the schema test above still ran)")
+    # `config` parses, interpolates and checks references on the client side: no engine needed.
+    result = subprocess.run([*client, "-f", str(COMPOSE), "config", "--format", "json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    model = json.loads(result.stdout)
+    assert set(model["services"]) == set(services())
+    assert model["services"][SCALABLE].get("ports") in (None, [])
+
+
+# endregion
+# region: every command is a real mailyard command
+
+
+def parse(args: list[str]) -> dict[str, Any]:
+    """Parse ``mailyard ARGS`` exactly as the command line would (names, types, choices,
+    required options), without running the command."""
+    group: click.Command = cli
+    path = ["mailyard"]
+    rest = list(args)
+    while isinstance(group, click.Group):
+        assert rest, f"`{' '.join(path)}` needs a sub-command"
+        name = rest.pop(0)
+        sub = group.get_command(click.Context(group), name)
+        assert sub is not None, f"`{' '.join(path)} {name}` is not a mailyard command"
+        group, path = sub, [*path, name]
+    try:
+        ctx = group.make_context(" ".join(path), rest)
+    except click.ClickException as exc:
+        raise AssertionError(f"`{' '.join([*path, *rest])}`: {exc.format_message()}") from None
+    return dict(ctx.params)
+
+
+def all_mailyard_commands() -> list[tuple[str, list[str]]]:
+    out = []
+    for name, service in mailyard_services().items():
+        assert "entrypoint" not in service, f"{name}: keep the image's entry point (mailyard)"
+        out.append((name, command(name)))
+        test = healthcheck_args(service) if "healthcheck" in service else []
+        if test and test[0] == "mailyard":
+            out.append((f"{name} (healthcheck)", test[1:]))
+    return out
+
+
+def test_every_service_and_health_check_runs_a_mailyard_command_with_valid_options() -> None:
+    checked = all_mailyard_commands()
+    assert len(checked) >= 2 * len(mailyard_services()) - 1  # all but init have a mailyard health check
+    runner = CliRunner()
+    for where, args in checked:
+        with pytest.MonkeyPatch.context() as mp:
+            for key in [k for k in os.environ if k.startswith("MAILYARD_")]:
+                mp.delenv(key)
+            parse(args)
+        path = list(role_of(args))
+        result = runner.invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, f"{where}: `mailyard {' '.join(path)} --help` failed: {result.output}"
+
+
+def test_the_init_service_applies_the_organization_and_each_hub_passes_its_dry_run(redis_url: str) -> None:
+    # When the init service's command runs against a real Redis (its file from this side of
+    # the bind mount)
+    args = command("init")
+    args[2] = str(org_file())
+    result = run_mailyard(args, redis_url=redis_url)
+    assert result.returncode == 0, result.stderr
+    # Then the organization is stored, pointed at the demo Internet's DNS server
+    _, org = read_org(redisconn.connect(redis_url))
+    assert org.name == organization().name
+    assert org.transport.dns_servers == option(command("init"), "--dns-server")
+    # And every hub service's command passes `mailyard hub --check` against it
+    for name in services_running("hub"):
+        result = run_mailyard([*command(name), "--check"], redis_url=redis_url)
+        assert result.returncode == 0 and ": ok" in result.stdout, f"{name}: {result.stdout}{result.stderr}"
+
+
+def test_org_apply_refuses_a_dns_server_that_is_not_an_address() -> None:
+    result = CliRunner().invoke(cli, ["org", "apply", str(org_file()), "--dns-server", "dns.example:53"])
+    assert result.exit_code == 2 and "not IP[:PORT]" in result.output, result.output
+
+
+# endregion
+# region: the services are those of the organization and of `site up`
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    """What `mailyard site up --config <the init service's file>` would start."""
+    site = Site(SiteConfig(org=organization(), config_path=org_file(), redis_url="redis://127.0.0.1:1/0",
+                           data_dir=tmp_path_factory.mktemp("planned"), hubs_per_site=1))
+    site.plan()
+    return site
+
+
+def test_each_mailbox_server_of_the_organization_has_its_service_with_its_own_volume(planned: Site) -> None:
+    org_servers = [s for site in organization().sites for s in site.mailbox_servers]
+    assert sorted(c.name for c in planned.children if c.role == "mailbox") == sorted(org_servers)
+    served = {one(command(name), "--server"): name for name in services_running("mailbox", "serve")}
+    assert sorted(served) == sorted(org_servers), "one mailbox service per mailbox server, no more"
+    data = image_data_dir() / "mailboxes"
+    volumes = set()
+    for server, name in served.items():
+        assert name == server.lower(), f"the service of {server} is named {server.lower()}, not {name}"
+        args = command(name)
+        port = one(args, "--port")
+        assert one(args, "--advertise-url") == f"http://{name}:{port}", "hubs reach it by its service name"
+        assert one(args, "--host") == "0.0.0.0"
+        volume = mounts(services()[name]).get(str(data))
+        assert volume in compose()["volumes"], f"{name}: its Maildirs ({data}) need a named volume"
+        volumes.add(volume)
+        health = healthcheck_args(services()[name])
+        assert health[:3] == ["mailyard", "health", "mailbox"] and one(health, "--url") == f"http://127.0.0.1:{port}"
+    assert len(volumes) == len(served), "each mailbox server has a volume of its own"
+
+
+def hub_services() -> dict[str, str]:
+    """site -> the hub service of that site."""
+    out: dict[str, str] = {}
+    for name in services_running("hub"):
+        site = one(command(name), "--site")
+        assert site not in out, f"site {site} has two hub services ({out[site]}, {name}); scale one instead"
+        out[site] = name
+    return out
+
+
+def test_each_site_has_one_hub_service_whose_bindings_are_those_site_up_gives_its_hubs(planned: Site) -> None:
+    sites = [s.name for s in organization().sites]
+    hubs = hub_services()
+    assert sorted(hubs) == sorted(sites)
+    assert sorted({c.endpoints["site"] for c in planned.children if c.role == "hub"}) == sorted(sites)
+    # The first site's hubs are the scalable `hub` service, the others hub-<site>.
+    assert hubs[sites[0]] == SCALABLE
+    for site in sites[1:]:
+        assert hubs[site] == f"hub-{site.lower()}"
+    for site, name in hubs.items():
+        runner_hub = next(c for c in planned.children if c.role == "hub" and c.endpoints["site"] == site)
+        wanted = {b.split("=", 1)[0] for b in option(runner_hub.cmd, "--bind")}
+        binds = dict(b.split("=", 1) for b in option(command(name), "--bind"))
+        assert set(binds) == wanted, f"{name}: map every binding of the site's receive connectors: {sorted(wanted)}"
+        for actual in binds.values():
+            assert split_address(actual)[1] >= 1024, f"{name}: the image runs as a non-root user: {actual}"
+
+
+def test_site_up_and_compose_run_the_same_roles(planned: Site) -> None:
+    assert {c.role for c in planned.children} - {"mailbox", "hub"} == {"internet", "flower", "viewer"}
+    assert services_running("internet", "serve") == ["internet"]
+    assert services_running("flower") == ["flower"]
+    assert services_running("viewer") == ["viewer"]
+    # The demo Internet's MX hosts listen where the DNS-routed send connectors deliver.
+    runner_internet = next(c for c in planned.children if c.role == "internet")
+    assert one(command("internet"), "--smtp-port") == one(runner_internet.cmd, "--smtp-port")
+
+
+def test_the_demo_internet_is_on_its_own_network_and_the_organization_resolves_there() -> None:
+    internet = services()["internet"]
+    args = command("internet")
+    address = internet["networks"]["internet"]["ipv4_address"]
+    subnet = ipaddress.ip_network(compose()["networks"]["internet"]["ipam"]["config"][0]["subnet"])
+    assert ipaddress.ip_address(address) in subnet
+    # The organization's resolver is the demo DNS server, and every MX host is this address.
+    assert option(command("init"), "--dns-server") == [one(args, "--dns")]
+    assert split_address(one(args, "--dns"))[0] == address
+    assert one(args, "--mx-address") == address
+    # Mail from there is the Internet's: the connector that matches it takes anonymous mail,
+    # and hubs see it on a network they are attached to.
+    from mailyard.hub.receive import select_connector
+
+    anonymous = {b for c in organization().receive_connectors if "AnonymousUsers" in c.permission_groups
+                 for b in c.bindings}
+    assert anonymous, "the organization takes mail from the Internet somewhere"
+    for site, name in hub_services().items():
+        assert "internet" in services()[name]["networks"], f"{name} must reach the demo Internet"
+        for binding in anonymous:
+            connectors = [c for c in organization().receive_connectors
+                          if binding in c.bindings and (not c.sites or site in c.sites)]
+            chosen = select_connector(connectors, address)
+            assert chosen is not None and "AnonymousUsers" in chosen.permission_groups, (site, binding, chosen)
+    # `mailyard internet send` there hands mail to an Amsterdam hub's anonymous connector.
+    target_service, target_port = split_address(internet["environment"]["MAILYARD_INTERNET_SERVER"])
+    assert target_service in hub_services().values()
+    binds = dict(b.split("=", 1) for b in option(command(target_service), "--bind"))
+    assert target_port in {split_address(binds[b])[1] for b in anonymous}
+    assert internet["environment"]["MAILYARD_INTERNET_SOURCE"] == address
+    assert healthcheck_args(internet)[-1] == f"{address}:{one(args, '--smtp-port')}"
+
+
+# endregion
+# region: state, scaling, restarts, health
+
+
+def test_every_stateful_service_keeps_its_state_on_a_named_volume() -> None:
+    declared = set(compose()["volumes"])
+    assert mounts(services()["redis"]).get("/data") in declared, "Redis keeps its AOF in /data"
+    stateful = ["redis", *services_running("mailbox", "serve"), "internet"]
+    used: list[str] = []
+    for name in stateful:
+        named = [v for v in mounts(services()[name]).values() if not v.startswith((".", "/"))]
+        assert named and set(named) <= declared, f"{name} needs a named volume"
+        used += named
+    assert len(used) == len(set(used)), f"no two services share a volume: {used}"
+
+
+def test_no_service_pins_a_name_and_the_scalable_hub_publishes_no_port() -> None:
+    for name, service in services().items():
+        # Node names come from the container's host name (hub@<container id>).
+        assert "container_name" not in service, f"{name}: container_name stops scaling and collides"
+        assert "hostname" not in service, f"{name}: a fixed hostname gives scaled hubs one node name"
+    hub = services()[SCALABLE]
+    assert not hub.get("ports"), "published ports collide when the hub is scaled"
+    assert not option(command(SCALABLE), "--name"), "the node name must come from the container"
+    for net in (hub.get("networks") or {}):
+        settings = hub["networks"][net] if isinstance(hub["networks"], dict) else None
+        assert not (settings or {}).get("ipv4_address"), "a static address collides when scaled"
+    # The one published SMTP port is on a hub that is not scaled, at one of its listeners.
+    for name in hub_services().values():
+        actual = {str(split_address(a)[1]) for a in dict(b.split("=", 1) for b in option(command(name), "--bind")).values()}
+        for port in services()[name].get("ports", []):
+            assert str(port).split(":")[-1] in actual, f"{name}: {port} publishes no listener"
+
+
+def test_redis_is_durable_as_design_2_4_asks() -> None:
+    args = [str(a) for a in services()["redis"]["command"]]
+    assert option(args, "--appendonly") == ["yes"]
+    assert option(args, "--appendfsync") == ["always"]
+    assert option(args, "--maxmemory-policy") == ["noeviction"]
+    assert "ports" not in services()["redis"], "Redis has no password: keep it off the host's ports"
+
+
+def test_restart_policies_health_checks_dependencies_and_stop_grace_are_in_place() -> None:
+    for name, service in services().items():
+        if name == "init":
+            assert service.get("restart") == "no", "init runs once; dependents wait for it to complete"
+            assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+            continue
+        # Celery 5.7 workers exit when Redis restarts under them: something must start them again.
+        assert service.get("restart") in ("unless-stopped", "always"), f"{name}: restart policy"
+        health = service.get("healthcheck") or {}
+        assert health.get("test") and not health.get("disable"), f"{name}: health check"
+    for name in [*services_running("hub"), *services_running("mailbox", "serve"), "viewer"]:
+        assert services()[name]["depends_on"]["init"]["condition"] == "service_completed_successfully", name
+    # A hub is healthy when its worker answers and its receive connectors accept connections.
+    task_time_limit = make_app("redis://127.0.0.1:1/0").conf.task_time_limit
+    for name in services_running("hub"):
+        assert healthcheck_args(services()[name]) == ["mailyard", "health", "hub"], name
+        grace = seconds(services()[name]["stop_grace_period"])
+        # A warm shutdown waits for running tasks; none runs longer than task_time_limit.
+        assert grace > task_time_limit, f"{name}: stop_grace_period {grace}s <= task_time_limit {task_time_limit}s"
+
+
+def test_the_dockerfile_builds_one_small_non_root_image_of_the_package() -> None:
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert stages and all(re.match(r"python:3\.1[1-9]-slim", s) for s in stages), stages
+    final = text[text.rindex("\nFROM "):]
+    assert "apt-get install" not in final, "no build tools in the final image"
+    user = re.findall(r"^USER\s+(\S+)", final, re.M)
+    assert user and user[-1] not in ("root", "0"), "the image runs as a non-root user"
+    assert re.search(r'^ENTRYPOINT \["mailyard"\]$', final, re.M)
+    assert re.search(r"pip install \.(\s|$)", text) and "pip install -e" not in text
+    for folder in ("core", "hub", "mailbox", "submission"):  # pyproject's package-dir
+        assert re.search(rf"^COPY {folder}\b", text, re.M), f"the image needs {folder}/"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "var", "tests"} <= set(ignored)
+    for name, service in mailyard_services().items():
+        assert service["build"]["context"] == ".", name
+
+
+# endregion
+# region: the same topology as processes
+
+
+@pytest.fixture(scope="module")
+def local_site(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """`mailyard site up --hubs 3` on this machine, with the tests' Redis."""
+    data_dir = tmp_path_factory.mktemp("site")
+    url = redis_server.new_db()
+    log = open(data_dir / "runner.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailyard", "site", "up", "--config", str(org_file()), "--hubs", "3",
+         "--concurrency", "1", "--no-flower", "--no-internet", "--redis-url", url, "--data-dir", str(data_dir)],
+        cwd=ROOT, env=mailyard_env(), stdout=log, stderr=subprocess.STDOUT,
+    )
+
+    def ready() -> dict[str, Any] | None:
+        assert proc.poll() is None, (data_dir / "runner.log").read_text()[-3000:]
+        try:
+            state = json.loads((data_dir / "site.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return state if state.get("ready") else None
+
+    try:
+        state = wait_until(ready, timeout=120, interval=0.2,
+                           message=lambda: (data_dir / "runner.log").read_text()[-3000:])
+        yield {"state": state, "redis_url": url, "r": redisconn.connect(url), "data_dir": data_dir}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def send(r: redis.Redis, sender: str, to: str, subject: str) -> None:
+    server = next(m.server for m in organization().mailboxes if m.address == sender)
+    response = httpx.post(f"{nodes.server_url(r, server)}/mailboxes/{sender}/outbox", timeout=30,
+                          json={"to": [to], "subject": subject, "body": "round robin"})
+    assert response.status_code == 202, response.text
+
+
+def processes(state: dict[str, Any], role_name: str, site: str | None = None) -> list[dict[str, Any]]:
+    return [p for p in state["processes"] if p["role"] == role_name and (site is None or p.get("site") == site)]
+
+
+@pytest.mark.slow
+def test_site_up_with_three_hubs_round_robins_over_all_three_amsterdam_hubs(local_site) -> None:
+    r, state = local_site["r"], local_site["state"]
+    amsterdam = organization().sites[0]
+    hubs = sorted(p["name"] for p in processes(state, "hub", amsterdam.name))
+    assert len(hubs) == 3
+    sender = next(m.address for m in organization().mailboxes if m.server == amsterdam.mailbox_servers[0])
+    to = next(m.address for m in organization().mailboxes if m.server in amsterdam.mailbox_servers
+              and m.address != sender)
+
+    # When an Amsterdam mailbox sends nine messages
+    subjects = {f"compose round robin {i}" for i in range(9)}
+    for subject in sorted(subjects):
+        send(r, sender, to, subject)
+
+    # Then each of the three hubs picked some of them up from the Outbox (store driver RECEIVE)
+    def picked_up() -> Counter:
+        return Counter(rec.server for rec in tracking.search(r, event="RECEIVE")
+                       if rec.source == "STOREDRIVER" and rec.subject in subjects)
+
+    wait_until(lambda: sum(picked_up().values()) == len(subjects), timeout=60,
+               message=lambda: f"picked up: {dict(picked_up())}")
+    counts = picked_up()
+    assert sorted(counts) == hubs, f"pickups per hub: {dict(counts)}"
+
+
+@pytest.mark.slow
+def test_the_health_commands_judge_the_running_site(local_site) -> None:
+    url, state = local_site["redis_url"], local_site["state"]
+    for site in organization().sites:
+        hub = processes(state, "hub", site.name)[0]
+        result = run_mailyard(["health", "hub", "--name", hub["name"]], redis_url=url)
+        assert result.returncode == 0 and result.stdout.startswith("healthy: "), result.stdout + result.stderr
+        for connector in ("Default", "Internet", "Client"):
+            assert connector in result.stdout
+    result = run_mailyard(["health", "hub", "--name", "no-such-hub", "--timeout", "1"], redis_url=url)
+    assert result.returncode == 1 and result.stdout.startswith("unhealthy: ") and len(result.stdout.splitlines()) == 1
+
+    mailbox = processes(state, "mailbox")[0]
+    result = run_mailyard(["health", "mailbox", "--url", mailbox["url"]])
+    assert result.returncode == 0 and mailbox["name"] in result.stdout, result.stdout
+    result = run_mailyard(["health", "mailbox", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"])
+    assert result.returncode == 1 and result.stdout.startswith("unhealthy: "), result.stdout
+
+    viewer = processes(state, "viewer")[0]
+    result = run_mailyard(["health", "http", viewer["url"].rstrip("/") + "/health"])
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.slow
+def test_mailyard_flower_shows_every_hub_node(local_site) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailyard", "flower", "--address", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=mailyard_env(local_site["redis_url"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def workers() -> set[str]:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            response = httpx.get(f"{base}/api/workers", params={"refresh": "1"}, timeout=10)
+            return set(response.json()) if response.status_code == 200 else set()
+
+        wanted = {f"hub@{p['name']}" for p in processes(local_site["state"], "hub")}
+        # On loopback its REST API answers without credentials; every hub is its own node.
+        wait_until(lambda: wanted <= workers(), timeout=60, interval=0.5,
+                   message=lambda: f"Flower shows {sorted(workers())}, wanted {sorted(wanted)}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# endregion
+# region: the demo Internet as compose runs it
+
+
+def test_internet_serve_with_one_mx_address_for_every_domain(tmp_path: Path) -> None:
+    dns_port, smtp_port, mx = free_port(), free_port("127.0.0.9"), "127.0.0.9"
+    folder = tmp_path / "internet"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailyard", "internet", "serve", "--dns", f"127.0.0.1:{dns_port}",
+         "--mx-address", mx, "--smtp-port", str(smtp_port), "--dir", str(folder)],
+        cwd=ROOT, env=mailyard_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: run_mailyard(["health", "smtp", f"{mx}:{smtp_port}"]).returncode == 0, timeout=30,
+                   message=lambda: proc.stderr.read().decode() if proc.poll() is not None and proc.stderr else "")
+        # Every demo domain's MX host is the one address
+        resolver = make_resolver("127.0.0.1", dns_port)
+        for domain in ("fabrikam.example", "tailspintoys.example", "wingtiptoys.example"):
+            exchange = resolver.resolve(domain, "MX")[0].exchange.to_text()
+            assert [a.to_text() for a in resolver.resolve(exchange, "A")] == [mx]
+        # And the one sink there keeps mail for each of them, by domain
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "erin@contoso.com", "grace@fabrikam.example", "out"
+        msg.set_content("hello")
+        with smtplib.SMTP(mx, smtp_port, timeout=10) as client:
+            client.send_message(msg, to_addrs=["grace@fabrikam.example", "ivan@wingtiptoys.example"])
+        # `internet send --server` hands a message to a given SMTP server, without Redis
+        result = run_mailyard(["internet", "send", "--from", "grace@fabrikam.example", "--to",
+                               "jo@tailspintoys.example", "--subject", "direct", "--server", f"{mx}:{smtp_port}",
+                               "--source", "127.0.0.1"])
+        assert result.returncode == 0, result.stderr
+        for domain in ("fabrikam.example", "wingtiptoys.example", "tailspintoys.example"):
+            wait_until(lambda d=domain: list((folder / d).glob("*.eml")), timeout=10, message=domain)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# endregion
