@@ -12,7 +12,7 @@ from pathlib import Path
 
 from celery import Celery, bootsteps
 
-from mailyard.broker import TASK_DRAIN, TASK_PICKUP, hub_queue, make_app, site_queue
+from mailyard.broker import TASK_DRAIN, TASK_PICKUP, hub_queue, make_app, push_kicks_with, site_queue
 from mailyard.hub import categorizer, send, store_driver  # noqa: F401  (registers their stages)
 from mailyard.hub.delivery import drain as drain_queue
 from mailyard.hub.node import Node
@@ -25,6 +25,7 @@ log = logging.getLogger("mailyard.hub")
 def create(name: str, site: str, redis_url: str, *, receive: ReceiveProcess | None = None
            ) -> tuple[Celery, Node]:
     app = make_app(redis_url)
+    push_kicks_with(app)
     node = Node(name=name, site=site, redis_url=redis_url, app=app)
 
     @app.task(name=TASK_PICKUP)

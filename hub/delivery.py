@@ -43,7 +43,7 @@ from mailyard.hub.queues import (
 from mailyard.hub.retry import message_retry_delay, queue_retry_delay
 from mailyard.nodes import now_ms
 from mailyard.tracking import Event, Record
-from mailyard.txn import Txn
+from mailyard.txn import Kick, Txn
 
 log = logging.getLogger("mailyard.hub.delivery")
 
@@ -73,7 +73,14 @@ def register(delivery_type: str, stage: Stage, cap: Callable[[Node], int]) -> No
 
 
 def drain(node: Node, queue: str) -> int:
-    """Work through ``queue`` in batches until it is empty, paused or the budget is spent."""
+    """Work through ``queue`` in batches until it is empty, paused or the budget is spent.
+
+    The queue's kick marker means "a drain is pending or running": while it is set, new
+    arrivals send no Celery message (under load one drain task carries thousands of
+    messages). The running drain keeps the marker alive; when it finds the queue empty it
+    removes the marker and looks once more, so an arrival in between is never stranded. If
+    the worker dies, the marker expires and the sweeper sends a new drain.
+    """
     r = node.r
     info = r.hmget(keys.queue(queue), "type", "next_hop", "route")
     if info[0] is None:
@@ -82,32 +89,37 @@ def drain(node: Node, queue: str) -> int:
     stage = _stages.get(delivery_type)
     if stage is None or queue.endswith("\\Poison"):
         return 0  # Unreachable and Poison wait for an operator
-    r.delete(keys.kick(queue))  # from now on a new arrival asks for another drain
+    marker = keys.kick(queue)
     settings = node.settings
     token = secrets.token_hex(8)
     cap = _caps[delivery_type](node)
     lease_ms = int(settings.lease_time * 1000)
     deadline = time.monotonic() + DRAIN_BUDGET
     done = 0
-    fanned_out = False
+    fanned_out = blocked = False
     try:
         while time.monotonic() < deadline:
+            r.pexpire(marker, KICK_TTL_MS)
             ids = claim(
                 r, queue, hub=node.name, n=settings.batch_size, lease_ms=lease_ms, cap=cap, token=token
             )
+            if ids is None:
+                blocked = True  # suspended, in Retry or at its cap: resume, retry or the sweeper kick it
+                break
             if not ids:
                 break
-            if not fanned_out and r.llen(keys.ready(queue)) > 0:
-                _kick(node, queue, route)  # more waiting: let another worker join, up to the cap
+            if not fanned_out and r.llen(keys.ready(queue)) > settings.batch_size:
+                node.kick([Kick(queue, route)])  # a backlog: another worker joins, up to the cap
                 fanned_out = True
             items = load_items(r, ids)
             messages = load_messages(r, [i.msg for i in items])
             batch = Batch(queue, next_hop, delivery_type, token, items, messages)
             _run_stage(node, stage, batch)
             done += len(items)
-        else:
+        if not blocked:  # (when blocked the marker stays: the drains at work keep it alive)
+            r.delete(marker)
             if r.llen(keys.ready(queue)):
-                _kick(node, queue, route)  # budget spent: continue in a fresh task
+                _kick(node, queue, route)  # arrived meanwhile, or the budget is spent: a fresh task
     finally:
         release(r, queue, token)
     return done

@@ -45,6 +45,20 @@ def _host_port(server: str) -> tuple[str, int | None]:
     return server, None
 
 
+_resolvers: dict[tuple[str, ...], dns.resolver.Resolver] = {}
+
+
+def resolver_for(servers: list[str]) -> dns.resolver.Resolver:
+    """This process's resolver for these name servers, with a cache that honours each
+    record's TTL (a busy queue does not ask for the same MX record on every batch)."""
+    key = tuple(servers)
+    found = _resolvers.get(key)
+    if found is None:
+        found = _resolvers[key] = make_resolver(servers)
+        found.cache = dns.resolver.Cache()
+    return found
+
+
 def make_resolver(servers: list[str], *, timeout: float = 3.0, lifetime: float = 8.0) -> dns.resolver.Resolver:
     """A resolver for ``["127.0.0.1:5353", "10.0.0.2"]``, or the system's when empty."""
     if not servers:

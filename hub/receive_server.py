@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 
 from mailyard import keys, nodes, redisconn
-from mailyard.broker import TASK_DRAIN, make_app
+from mailyard.broker import TASK_DRAIN, make_app, push_kicks_with
 from mailyard.directory import Directory
 from mailyard.hub import replies
 from mailyard.hub.pressure import Level
@@ -81,6 +81,7 @@ class ReceiveServer:
         self.r = redisconn.connect_async(self.redis_url)
         self.sync_r = redisconn.connect(self.redis_url)
         self.app = make_app(self.redis_url)
+        push_kicks_with(self.app)
         self.watcher = AsyncOrgWatcher(self.r)
         await self.watcher.refresh()
         org = self.watcher.directory.org  # type: ignore[union-attr]
@@ -104,10 +105,12 @@ class ReceiveServer:
         return None
 
     async def watch_pressure(self) -> None:
+        """Once a second: the site's back-pressure level in, the session counters out."""
         while True:
             try:
                 value = await self.r.hget(keys.pressure(self.site), "level")
                 self.level = Level(int(value)) if value is not None else Level.NORMAL
+                await self.ctx.flush_counts()
             except Exception as exc:  # keep the last level while Redis is away
                 log.warning("could not read the back-pressure level: %s", exc)
             await asyncio.sleep(1.0)

@@ -26,6 +26,7 @@ TOO_MANY_CONNECTIONS = (
     "closing transmission channel"
 )
 STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
 TOO_MANY_LOGON_FAILURES = "421 4.7.0 Too many errors on this connection, closing transmission channel"
 
 
@@ -71,7 +72,20 @@ _REWRITES: list[tuple[re.Pattern[str], str]] = [
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
+_memo: dict[str, str] = {}
+
+
 def enhance(reply: str) -> str:
+    """``_enhance``, remembered: the same few replies come back on every session."""
+    found = _memo.get(reply)
+    if found is None:
+        found = _enhance(reply)
+        if len(_memo) < 1024:
+            _memo[reply] = found
+    return found
+
+
+def _enhance(reply: str) -> str:
     """Give an aiosmtpd reply Exchange's wording and an enhanced status code.
 
     Some replies echo what the client sent (an unknown command, a VRFY argument, a

@@ -78,7 +78,7 @@ def route_for(node: Node, batch: Batch) -> Route:
     conn = _connector(node, name)
     if conn is None or not conn.enabled:
         raise TransientDeliveryError(451, "4.4.9", f"send connector {name!r} is missing or disabled")
-    resolver = mx.make_resolver(settings.dns_servers)
+    resolver = mx.resolver_for(settings.dns_servers)
     if batch.delivery_type == DeliveryType.DNS.value:
         targets = mx.resolve(resolver, batch.next_hop)
     else:

@@ -60,7 +60,10 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        # A body too large, or sent without the server token, is refused unread: close the
+        # connection, or the HTTP server would go on reading (and dropping) the rest of it.
+        close = {"Connection": "close"} if exc.status in (401, 403, 413) else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=close)
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
@@ -184,7 +187,7 @@ def create_app(
         body = await read_body(request, limit)
         try:
             data = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise ApiError(400, f"body is not JSON: {exc}") from None
         messages = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(messages, list) or not messages:
@@ -237,7 +240,8 @@ def _check_delivery(index: int, m: object) -> tuple[str, list[str], bytes]:
     if not isinstance(m, dict):
         raise ApiError(400, f"messages[{index}]: expected an object")
     key, recipients, raw = m.get("id"), m.get("recipients"), m.get("raw")
-    if not isinstance(key, str) or not key.replace("-", "").replace("_", "").isalnum() or len(key) > 64:
+    if not isinstance(key, str) or not key.isascii() or not key.replace("-", "").replace("_", "").isalnum() \
+            or len(key) > 64:
         raise ApiError(400, f"messages[{index}].id: expected a message id of letters and digits")
     if not isinstance(recipients, list) or not recipients or not all(isinstance(r, str) for r in recipients):
         raise ApiError(400, f"messages[{index}].recipients: expected a non-empty list of addresses")
@@ -261,7 +265,7 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
     """Build a message from ``{"to": [...], "cc": [...], "bcc": [...], "subject", "body"}``."""
     try:
         data = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise ApiError(400, f"body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "expected a JSON object with to, cc, bcc, subject and body")
@@ -269,26 +273,32 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
     if unknown:
         raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
     msg = EmailMessage()
-    msg["From"] = owner
-    for field in ("to", "cc", "bcc"):
-        value = data.get(field, [])
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ApiError(400, f"{field}: expected a list of addresses")
-        if value:
-            msg[field.capitalize()] = ", ".join(value)
-    subject, text = data.get("subject", ""), data.get("body", "")
-    if not isinstance(subject, str) or not isinstance(text, str):
-        raise ApiError(400, "subject and body must be strings")
-    msg["Subject"] = subject
-    message_id = data.get("message_id")
-    if message_id is not None:
-        if not isinstance(message_id, str) or not message_id.startswith("<") or not message_id.endswith(">"):
-            raise ApiError(400, "message_id: expected <unique@domain>")
-        msg["Message-ID"] = message_id
-    msg.set_content(text)
-    return msg.as_bytes(policy=SMTP_POLICY)
+    try:
+        msg["From"] = owner
+        for field in ("to", "cc", "bcc"):
+            value = data.get(field, [])
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ApiError(400, f"{field}: expected a list of addresses")
+            if value:
+                msg[field.capitalize()] = ", ".join(value)
+        subject, text = data.get("subject", ""), data.get("body", "")
+        if not isinstance(subject, str) or not isinstance(text, str):
+            raise ApiError(400, "subject and body must be strings")
+        msg["Subject"] = subject
+        message_id = data.get("message_id")
+        if message_id is not None:
+            if not isinstance(message_id, str) or not message_id.startswith("<") or not message_id.endswith(">"):
+                raise ApiError(400, "message_id: expected <unique@domain>")
+            msg["Message-ID"] = message_id
+        msg.set_content(text)
+        return msg.as_bytes(policy=SMTP_POLICY)
+    except ApiError:
+        raise
+    except Exception as exc:  # the email package refuses a value (a line break in a header, a lone
+        # surrogate) or trips over it: the client's mistake, not the server's
+        raise ApiError(400, f"the message cannot be built: {exc}") from None
 
 
 def prepare_outgoing(raw: bytes, owner: str, directory: Directory) -> tuple[bytes, str, list[str]]:

@@ -262,12 +262,12 @@ class MailboxStore:
                     ItemInfo(
                         id=item_id,
                         folder=folder,
-                        message_id=str(headers.get("Message-ID", "")).strip(),
-                        sender=_addresses(headers, "From")[0] if headers.get("From") else "",
+                        message_id=_text(headers, "Message-ID").strip(),
+                        sender=(_addresses(headers, "From") or [""])[0],
                         to=_addresses(headers, "To"),
                         cc=_addresses(headers, "Cc"),
-                        subject=str(headers.get("Subject", "")),
-                        date=_iso_date(str(headers.get("Date", ""))),
+                        subject=_text(headers, "Subject"),
+                        date=_iso_date(_text(headers, "Date")),
                         size=size,
                         seen="S" in info.partition(",")[2],
                     )
@@ -276,16 +276,40 @@ class MailboxStore:
         return items
 
 
+# A folder lists whatever mail arrived, from anyone: a header the email package cannot parse
+# (it raises IndexError, AttributeError, UnboundLocalError... on some) or cannot encode (8-bit
+# bytes) is shown as its raw text, so one hostile message cannot make the folder unlistable.
+
+
+def _clean(text: str) -> str:
+    """Text that encodes as UTF-8: 8-bit header bytes decoded as UTF-8 where they are, else U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _text(headers, name: str) -> str:
+    try:
+        return _clean(str(headers.get(name, "")))
+    except Exception:
+        raw = next((v for k, v in headers.raw_items() if k.lower() == name.lower()), "")
+        return _clean(str(raw))
+
+
 def _addresses(headers, name: str) -> list[str]:
     try:
         values = [str(v) for v in headers.get_all(name, [])]
-    except Exception:  # a malformed header is shown as nothing rather than failing the list
+    except Exception:
+        values = [str(v) for k, v in headers.raw_items() if k.lower() == name.lower()]
+    try:
+        return [_clean(addr) for _, addr in getaddresses(values) if addr]
+    except Exception:
         return []
-    return [addr for _, addr in getaddresses(values) if addr]
 
 
 def _iso_date(value: str) -> str:
     try:
         return parsedate_to_datetime(value).isoformat()
-    except (TypeError, ValueError, IndexError):
+    except Exception:  # TypeError, ValueError, IndexError, OverflowError (a year of 11 digits)...
         return ""

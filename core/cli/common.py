@@ -117,3 +117,5 @@ def setup_logging(level: str = "INFO") -> None:
     # One line per task or HTTP request costs CPU at load and buries what matters.
     for noisy in ("celery.app.trace", "celery.worker.strategy", "httpx", "uvicorn.access", "mail.log"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # aiosmtpd warns on every AUTH that its own code sets a deprecated attribute.
+    logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())

@@ -6,18 +6,19 @@ ARGV: 1 now ms, 2 N, 3 lease ms, 4 token, 5 hub, 6 connection cap (0: none), 7 i
 A suspended queue, or one in Retry before its next retry time, gives nothing. A new
 token (a new "connection" to the next hop) is admitted only while fewer than the cap hold
 one; a token already admitted keeps taking batches. Items removed meanwhile are skipped.
-Reply: the item ids taken (possibly empty).
+Reply: the item ids taken (possibly none), or {'!'} when the queue may not be taken from now
+(suspended, waiting for its retry time, or every connection slot in use).
 ]]
 local now = tonumber(ARGV[1])
 local q = redis.call('HMGET', KEYS[1], 'suspended', 'next_retry')
-if q[1] == '1' then return {} end
-if tonumber(q[2] or '0') > now then return {} end
+if q[1] == '1' then return {'!'} end
+if tonumber(q[2] or '0') > now then return {'!'} end
 local lease_until = now + tonumber(ARGV[3])
 local token = ARGV[4]
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local cap = tonumber(ARGV[6])
 if cap > 0 and not redis.call('ZSCORE', KEYS[3], token) then
-  if redis.call('ZCARD', KEYS[3]) >= cap then return {} end
+  if redis.call('ZCARD', KEYS[3]) >= cap then return {'!'} end
 end
 local ids = redis.call('LPOP', KEYS[2], tonumber(ARGV[2]))
 if not ids then return {} end

@@ -2,9 +2,8 @@
 A guarded transaction (mailyard.txn): check every guard, then run every operation, all in
 one atomic step, so a crash between two writes cannot leave a message in two queues or none.
 
-ARGV is binary-safe (message bodies travel in it): a count, then that many items.
-  ARGV = G, guard_1, ..., guard_G, O, op_1, ..., op_O
-  where each guard and op is written as n, word_1, ..., word_n.
+ARGV[1] is a MessagePack array {guards, ops} (binary-safe: message bodies travel in it),
+each guard and op itself an array of words.
 
 Guards
   eq KEY FIELD VALUE      HGET KEY FIELD must equal VALUE
@@ -15,21 +14,18 @@ Operations: any Redis command, or
   @decref MSGKEY BODYKEY ITEMSKEY DELAYKEY MSGID
                           one queue item fewer holds the message; at zero the message,
                           its body, its item set and its delay-DSN schedule are deleted
-  @kick KICKKEY TTLMS     SET KICKKEY NX PX TTLMS; the reply (1 or 0) is returned
+  @kick KICKKEY TTLMS [LIST MESSAGE]
+                          SET KICKKEY NX PX TTLMS: if it was set, LPUSH the Celery drain
+                          MESSAGE onto LIST (reply 2) or leave sending it to the caller
+                          (reply 1); 0 when a drain was pending already
   @hset_if KEY F V ...    HSET only if KEY exists (an item may have been removed meanwhile)
+  @queue KEY INDEX IDENTITY SITE TYPE NEXTHOP ROUTE CONNECTOR NOW
+                          create a queue (its hash and its place in the index) unless it exists
 Reply: {1, kick replies in order...} or {0, failed guard number, current value or false}.
 ]]
-local pos = 1
-local function take()
-  local n = tonumber(ARGV[pos]); pos = pos + 1
-  local words = {}
-  for i = 1, n do words[i] = ARGV[pos]; pos = pos + 1 end
-  return words
-end
+local spec = cmsgpack.unpack(ARGV[1])
 
-local guards = tonumber(ARGV[pos]); pos = pos + 1
-for g = 1, guards do
-  local w = take()
+for g, w in ipairs(spec[1]) do
   if w[1] == 'eq' then
     local v = redis.call('HGET', w[2], w[3])
     if v ~= w[4] then return {0, g, v} end
@@ -49,9 +45,7 @@ for g = 1, guards do
 end
 
 local out = {1}
-local ops = tonumber(ARGV[pos]); pos = pos + 1
-for o = 1, ops do
-  local w = take()
+for _, w in ipairs(spec[2]) do
   local name = w[1]
   if name == '@decref' then
     local left = redis.call('HINCRBY', w[2], 'refs', -1)
@@ -61,7 +55,18 @@ for o = 1, ops do
     end
   elseif name == '@kick' then
     local ok = redis.call('SET', w[2], '1', 'NX', 'PX', w[3])
-    out[#out + 1] = ok and 1 or 0
+    if ok and w[4] then
+      redis.call('LPUSH', w[4], w[5])
+      out[#out + 1] = 2
+    else
+      out[#out + 1] = ok and 1 or 0
+    end
+  elseif name == '@queue' then
+    if redis.call('EXISTS', w[2]) == 0 then
+      redis.call('HSET', w[2], 'identity', w[4], 'site', w[5], 'type', w[6], 'next_hop', w[7],
+                 'route', w[8], 'connector', w[9], 'created', w[10])
+      redis.call('ZADD', w[3], 'NX', w[10], w[4])
+    end
   elseif name == '@hset_if' then
     if redis.call('EXISTS', w[2]) == 1 then
       redis.call('HSET', unpack(w, 2))

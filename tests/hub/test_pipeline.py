@@ -89,13 +89,10 @@ def test_a_nested_group_reaches_each_member_once(site: Cluster) -> None:
         site.wait_for_subject(f"{member}@contoso.com", s)
     for member in ("alice", "bob", "carol", "dave"):
         assert site.subjects(f"{member}@contoso.com").count(s) == 1, member
-    # erin and frank are in London: their copy waits, visible, in the relay queue to London
-    from mailyard.hub.queueview import queue_messages
-
-    waiting = queue_messages(site.r, "Amsterdam\\London")
-    mine = [m for m in waiting if m["subject"] == s]
-    assert mine and sorted(r["address"] for r in mine[0]["recipients"]) == [
-        "erin@contoso.com", "frank@contoso.com"]
+    # erin and frank are in London: their copy is relayed there and delivered once too
+    for member in ("erin", "frank"):
+        site.wait_for_subject(f"{member}@contoso.com", s)
+        assert site.subjects(f"{member}@contoso.com").count(s) == 1, member
 
 
 def test_group_loops_end_and_deliver_once(site: Cluster) -> None:

@@ -1,0 +1,286 @@
+"""Mailyard's benchmark: relay throughput and latency with durability on, beside Postfix.
+
+    python bench/run.py                       # the default relay run (5 KB, 1 recipient, 20 sessions)
+    python bench/run.py --sessions 50 --hubs 4 --size 10240
+    python bench/run.py --variant backlog --messages 100000
+    python bench/run.py --variant realistic   # a share of recipients get 4xx and 5xx
+    python bench/run.py --matrix              # the set of variants the README reports
+
+It starts everything it needs on loopback (Redis with AOF, a DNS server, an SMTP sink, the
+hubs), injects the load over SMTP, and prints per run: accepted/s, delivered/s, latency
+from 250 to arrival (p50, p95, p99, max), CPU seconds per message for the whole site,
+Redis memory per queued message, and whether every message arrived exactly once. When
+Postfix is installed (``--postfix auto``, the default; ``--install-postfix`` installs
+Debian's package), the same load goes through a private Postfix instance to the same sink
+and the ratio is printed. Results go to bench/results/ as JSON, Markdown and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import DOMAIN, Site, cpu_seconds, quiet
+from load import Load
+
+from mailyard import keys
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summarize(name: str, load: Load, arrivals: list[tuple[str, str, float]], recipients: int,
+              load_wall: float, cpu_site: float, cpu_other: float, extra: dict | None = None) -> dict:
+    accepted_times = sorted(load.accepted.values())
+    first_arrival = {}
+    counts: dict[tuple[str, str], int] = {}
+    for ident, rcpt, at in arrivals:
+        counts[(ident, rcpt)] = counts.get((ident, rcpt), 0) + 1
+        first_arrival.setdefault(ident, at)
+        first_arrival[ident] = min(first_arrival[ident], at)
+    latencies = [first_arrival[i] - t for i, t in load.accepted.items() if i in first_arrival]
+    arrival_times = sorted(a for _, _, a in arrivals)
+    n_acc = len(load.accepted)
+    expected = n_acc * recipients
+    duplicates = sum(c - 1 for c in counts.values() if c > 1)
+    missing = expected - len(counts)
+    accept_span = (accepted_times[-1] - accepted_times[0]) if len(accepted_times) > 1 else load_wall
+    deliver_span = (arrival_times[-1] - arrival_times[0]) if len(arrival_times) > 1 else float("nan")
+    return {
+        "name": name,
+        "messages": n_acc,
+        "recipients_per_message": recipients,
+        "accepted_per_s": round(n_acc / accept_span, 1) if accept_span else None,
+        "delivered_per_s": round(len(arrivals) / recipients / deliver_span, 1) if deliver_span else None,
+        "latency_p50_ms": round(1000 * percentile(latencies, 50), 1),
+        "latency_p95_ms": round(1000 * percentile(latencies, 95), 1),
+        "latency_p99_ms": round(1000 * percentile(latencies, 99), 1),
+        "latency_max_ms": round(1000 * max(latencies), 1) if latencies else None,
+        "cpu_ms_per_message_site": round(1000 * cpu_site / max(1, n_acc), 2),
+        "cpu_ms_per_message_harness": round(1000 * cpu_other / max(1, n_acc), 2),
+        "missing": missing,
+        "duplicates": duplicates,
+        "exactly_once": missing == 0 and duplicates == 0,
+        "refused": load.refused,
+        **(extra or {}),
+    }
+
+
+def relay_run(args: argparse.Namespace, site: Site, name: str, messages: int, *, warmup: bool = False) -> dict:
+    token = site.cluster.org.transport.server_token  # type: ignore[union-attr]
+    recipients = [f"user{i}@{DOMAIN}" for i in range(args.recipients)]
+    endpoints = site.relay_endpoints
+    site.reset_arrivals()
+    quiet()
+    per = messages // len(endpoints)
+    loads = [Load(host, port, per, args.size, recipients, sessions=max(1, args.sessions // len(endpoints)),
+                  auth=("exchange-server/load", token)) for host, port in endpoints]
+    cpu0_site, cpu0_sink = cpu_seconds(site.site_pids()), cpu_seconds([site.sink_pid()])
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+
+    async def go() -> float:
+        tag = f"r{int(time.time())}"  # no spaces: the sink reads the id up to the first one
+        walls = await asyncio.gather(*(ld.run(f"{tag}-{i}") for i, ld in enumerate(loads)))
+        return max(walls)
+
+    wall = asyncio.run(go())
+    merged = Load("", 0, 0, 0, recipients)
+    for ld in loads:
+        merged.accepted.update(ld.accepted)
+        merged.refused += ld.refused
+    expected = len(merged.accepted) * len(recipients) * (1 - args.permfail)
+    arrivals = site.wait_arrivals(int(expected), timeout=max(120, messages / 20))
+    cpu_site = cpu_seconds(site.site_pids()) - cpu0_site
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_load = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    cpu_other = cpu_load + cpu_seconds([site.sink_pid()]) - cpu0_sink
+    result = summarize(name, merged, arrivals, len(recipients), wall, cpu_site, cpu_other)
+    if not warmup:
+        print(line(result), flush=True)
+    return result
+
+
+def line(r: dict) -> str:
+    return (f"{r['name']:<28} accepted {r['accepted_per_s']:>7}/s  delivered {r['delivered_per_s']:>7}/s  "
+            f"p50 {r['latency_p50_ms']:>7} ms  p99 {r['latency_p99_ms']:>7} ms  max {r['latency_max_ms']} ms  "
+            f"CPU {r['cpu_ms_per_message_site']} ms/msg  exactly once: {r['exactly_once']}"
+            + (f" (missing {r['missing']}, duplicates {r['duplicates']})" if not r["exactly_once"] else ""))
+
+
+def backlog_run(args: argparse.Namespace, site: Site) -> dict:
+    """The next hop is down while the backlog builds, then comes back: drain rate, and how
+    long the Queue Viewer's questions take against that backlog."""
+    from mailyard.hub.queueview import message_rows, queue_rows
+
+    r = site.cluster.r  # type: ignore[union-attr]
+    queue = f"Amsterdam\\{DOMAIN}"
+    site.sink_proc.send_signal(19)  # SIGSTOP: the MX host hangs (connections are not answered)
+    mem0 = site.redis_memory()
+    result = relay_run(args, site, "backlog-fill", args.messages, warmup=True)
+    del result  # the fill's own figures mean nothing: the next hop was down
+    wait_count = 0
+    for _ in range(600):
+        wait_count = r.zcard(keys.queue_members(queue))
+        if wait_count >= args.messages * 0.98:
+            break
+        time.sleep(0.2)
+    mem = site.redis_memory() - mem0
+    t = time.monotonic()
+    queue_rows(r)
+    list_s = time.monotonic() - t
+    t = time.monotonic()
+    message_rows(r, queues=[queue], limit=1000)
+    messages_s = time.monotonic() - t
+    site.reset_arrivals()
+    site.sink_proc.send_signal(18)  # SIGCONT
+    start = time.time()
+    arrivals = site.wait_arrivals(wait_count, timeout=max(300, args.messages / 50))
+    drain_s = (max(a for _, _, a in arrivals) - start) if arrivals else float("nan")
+    out = {
+        "name": f"backlog {args.messages}",
+        "queued": wait_count,
+        "redis_bytes_per_queued_message": round(mem / max(1, wait_count)),
+        "message_size": args.size,
+        "drain_per_s": round(len(arrivals) / drain_s, 1) if arrivals else None,
+        "queue_list_seconds": round(list_s, 3),
+        "queue_messages_seconds": round(messages_s, 3),
+        "arrived": len(arrivals),
+    }
+    print(out, flush=True)
+    return out
+
+
+def run_mailyard(args: argparse.Namespace, label: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mailyard-bench-") as tmp:
+        site = Site(Path(tmp), hubs=args.hubs, fsync=args.fsync, concurrency=args.concurrency,
+                    tempfail=args.tempfail, permfail=args.permfail)
+        try:
+            site.start()
+            relay_run(args, site, "warmup", min(300, args.messages), warmup=True)
+            if args.variant == "backlog":
+                return backlog_run(args, site)
+            result = relay_run(args, site, label, args.messages)
+            result["redis_used_memory_bytes"] = site.redis_memory()
+            return result
+        finally:
+            site.stop()
+
+
+def run_postfix(args: argparse.Namespace) -> dict | None:
+    from postfix import Postfix
+
+    if not shutil.which("postfix"):
+        print("Postfix is not installed: Mailyard's figures alone (--install-postfix adds Debian's package)")
+        return None
+    with tempfile.TemporaryDirectory(prefix="postfix-bench-") as tmp:
+        site = Site(Path(tmp) / "m", hubs=1)
+        pf = Postfix(Path(tmp) / "pf")
+        try:
+            site.start_sink_only()
+            pf.start(relay_to=("127.0.0.3", site.sink_port))
+            recipients = [f"user{i}@{DOMAIN}" for i in range(args.recipients)]
+            quiet()
+            loads = Load("127.0.0.1", pf.port, args.messages, args.size, recipients, sessions=args.sessions)
+            cpu0, cpu0_sink = pf.cpu(), cpu_seconds([site.sink_pid()])
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            wall = asyncio.run(loads.run("postfix"))
+            arrivals = site.wait_arrivals(len(loads.accepted) * len(recipients), timeout=max(120, args.messages / 20))
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu_other = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime) + cpu_seconds(
+                [site.sink_pid()]) - cpu0_sink
+            result = summarize("postfix", loads, arrivals, len(recipients), wall, pf.cpu() - cpu0, cpu_other)
+            print(line(result), flush=True)
+            return result
+        finally:
+            pf.stop()
+            site.stop()
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith("model name"):
+                cpu = text.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "python": platform.python_version(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write(results: list[dict], tag: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data = {"machine": machine(), "results": results}
+    (RESULTS / f"{stamp}-{tag}.json").write_text(json.dumps(data, indent=2))
+    rows = ["| run | accepted/s | delivered/s | p50 ms | p99 ms | CPU ms/msg | exactly once |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "accepted_per_s" in r:
+            rows.append(f"| {r['name']} | {r['accepted_per_s']} | {r['delivered_per_s']} | {r['latency_p50_ms']} | "
+                        f"{r['latency_p99_ms']} | {r['cpu_ms_per_message_site']} | {r['exactly_once']} |")
+    (RESULTS / f"{stamp}-{tag}.md").write_text("\n".join(rows) + "\n")
+    try:
+        from plot import plot
+
+        plot(results, RESULTS / f"{stamp}-{tag}.png")
+    except ImportError:
+        print("(matplotlib is not installed: no plot; pip install matplotlib)")
+    print(f"results in {RESULTS}/{stamp}-{tag}.*")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--size", type=int, default=5120, help="bytes per message")
+    ap.add_argument("--recipients", type=int, default=1)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--hubs", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=2, help="worker processes per hub")
+    ap.add_argument("--fsync", choices=["always", "everysec"], default="always")
+    ap.add_argument("--variant", choices=["relay", "backlog", "realistic"], default="relay")
+    ap.add_argument("--postfix", choices=["auto", "no"], default="auto")
+    ap.add_argument("--install-postfix", action="store_true")
+    args = ap.parse_args()
+    args.tempfail = args.permfail = 0.0
+    if args.variant == "realistic":
+        args.tempfail, args.permfail = 0.05, 0.02
+    if args.install_postfix and not shutil.which("postfix"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "postfix"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    results = []
+    label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}"
+    results.append(run_mailyard(args, label))
+    if args.postfix == "auto" and args.variant == "relay":
+        pf = run_postfix(args)
+        if pf:
+            results.append(pf)
+            mine = results[0]
+            print(f"Mailyard/Postfix: accepted {mine['accepted_per_s'] / pf['accepted_per_s']:.2f}x, delivered "
+                  f"{mine['delivered_per_s'] / pf['delivered_per_s']:.2f}x, CPU per message "
+                  f"{mine['cpu_ms_per_message_site'] / max(0.001, pf['cpu_ms_per_message_site']):.2f}x")
+    write(results, args.variant)
+
+
+if __name__ == "__main__":
+    main()
