@@ -35,7 +35,6 @@ from mailyard.hub.queues import (
     forget_item,
     load_bodies,
     load_items,
-    load_messages,
     poison_queue,
     rcpts_json,
     release,
@@ -58,6 +57,7 @@ class Batch:
     token: str
     items: list[Item]
     messages: dict[str, Message]
+    connector: str = ""
 
 
 Stage = Callable[[Node, Batch], None]
@@ -82,10 +82,10 @@ def drain(node: Node, queue: str) -> int:
     the worker dies, the marker expires and the sweeper sends a new drain.
     """
     r = node.r
-    info = r.hmget(keys.queue(queue), "type", "next_hop", "route")
+    info = r.hmget(keys.queue(queue), "type", "next_hop", "route", "connector")
     if info[0] is None:
         return 0
-    delivery_type, next_hop, route = (v.decode() for v in info)
+    delivery_type, next_hop, route, connector = ((v or b"").decode() for v in info)
     stage = _stages.get(delivery_type)
     if stage is None or queue.endswith("\\Poison"):
         return 0  # Unreachable and Poison wait for an operator
@@ -99,23 +99,19 @@ def drain(node: Node, queue: str) -> int:
     fanned_out = blocked = False
     try:
         while time.monotonic() < deadline:
-            r.pexpire(marker, KICK_TTL_MS)
-            ids = claim(
-                r, queue, hub=node.name, n=settings.batch_size, lease_ms=lease_ms, cap=cap, token=token
-            )
-            if ids is None:
+            taken = claim(r, queue, hub=node.name, n=settings.batch_size, lease_ms=lease_ms, cap=cap,
+                          token=token)
+            if taken is None:
                 blocked = True  # suspended, in Retry or at its cap: resume, retry or the sweeper kick it
                 break
-            if not ids:
+            if not taken.items:
                 break
-            if not fanned_out and r.llen(keys.ready(queue)) > settings.batch_size:
+            if not fanned_out and taken.remaining > settings.batch_size:
                 node.kick([Kick(queue, route)])  # a backlog: another worker joins, up to the cap
                 fanned_out = True
-            items = load_items(r, ids)
-            messages = load_messages(r, [i.msg for i in items])
-            batch = Batch(queue, next_hop, delivery_type, token, items, messages)
+            batch = Batch(queue, next_hop, delivery_type, token, taken.items, taken.messages, connector)
             _run_stage(node, stage, batch)
-            done += len(items)
+            done += len(taken.items)
         if not blocked:  # (when blocked the marker stays: the drains at work keep it alive)
             r.delete(marker)
             if r.llen(keys.ready(queue)):
@@ -244,9 +240,11 @@ def settle(
             _park(txn, item, remaining, now + int(message_retry_delay(settings) * 1000),
                   deferred[0].last_error if deferred else item.last_error)
         txns.append(txn)
-    node.commit_all(txns)
     if any(delivered for _, _, delivered, _, _ in plans):
-        _queue_ok(node, batch.queue)
+        # A delivery worked: the queue leaves Retry and its failure count starts over.
+        txns.append(Txn().hset(keys.queue(batch.queue), {"failures": 0, "next_retry": 0, "last_error": "",
+                                                          "last_active": now}))
+    node.commit_all(txns)
 
 
 def _with(base: Record, rcpts: list[Recipient], statuses: list[str], *,
@@ -271,14 +269,6 @@ def _park(txn: Txn, item: Item, remaining: list[Recipient], due: int, last_error
     txn.op("ZREM", keys.INFLIGHT, item.id)
     if status == "Retry":
         txn.op("ZADD", keys.RETRY, due, item.id)
-
-
-def _queue_ok(node: Node, queue: str) -> None:
-    """A delivery worked: the queue leaves Retry and its failure count starts over."""
-    key = keys.queue(queue)
-    if node.r.hget(key, "failures") not in (None, b"0"):
-        node.r.hset(key, mapping={"failures": 0, "next_retry": 0, "last_error": ""})
-    node.r.hset(key, "last_active", now_ms())
 
 
 def defer_batch(node: Node, batch: Batch, error: DeliveryError, *, source: str = "STOREDRIVER") -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from email.charset import QP, Charset
+from email.header import Header
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
@@ -80,9 +81,10 @@ def build(
     message_id = make_msgid(domain=postmaster.rpartition("@")[2])
     outer["From"] = f"Postmaster <{postmaster}>"
     outer["To"] = recipient
-    outer["Subject"] = (
-        f"Delivery delayed: {original_subject}" if delayed else f"Undeliverable: {original_subject}"
-    )
+    subject = original_subject.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    subject = f"Delivery delayed: {subject}" if delayed else f"Undeliverable: {subject}"
+    # RFC 2047 when needed: the original's subject may hold any characters
+    outer["Subject"] = subject if subject.isascii() else Header(subject, "utf-8").encode()
     outer["Date"] = formatdate(localtime=False)
     outer["Message-ID"] = message_id
     outer["Auto-Submitted"] = "auto-replied"
@@ -109,7 +111,7 @@ def build(
             lines.append(f"Remote Server returned '{f.diagnostic}'")
         lines.append(f"#{f.diagnostic} ##\n")
     lines.append("Original message headers:\n")
-    headers_text = _header_block(original).decode("utf-8", "replace")
+    headers_text = _header_block(original).decode("utf-8", "replace")  # shown to the sender
     text = MIMEText("\n".join(lines) + "\n" + headers_text, "plain", _QP)
     outer.attach(text)
 
@@ -133,6 +135,8 @@ def build(
     outer.attach(status)
 
     headers = MIMEBase("text", "rfc822-headers")
-    headers.set_payload(_header_block(original).decode("ascii", "replace"))
+    # The original headers as they were; 8-bit bytes (not allowed in headers, but seen) become
+    # "?" so that the report itself stays valid 7-bit MIME.
+    headers.set_payload(_header_block(original).decode("ascii", "replace").replace("\ufffd", "?"))
     outer.attach(headers)
     return outer.as_bytes(policy=SMTP_POLICY), message_id

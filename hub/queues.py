@@ -448,18 +448,39 @@ class Claim:
     items: list[Item]
 
 
+@dataclass
+class Claimed:
+    """What ``claim`` took: the items, their messages, and how many are still waiting."""
+
+    items: list[Item]
+    messages: dict[str, Message]
+    remaining: int
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def claim(
     r: redis.Redis, queue: str, *, hub: str, n: int, lease_ms: int, cap: int, token: str
-) -> list[str] | None:
-    """Take up to ``n`` ready items of ``queue`` under ``token``'s lease (core/lua/claim.lua);
-    None when the queue may not be taken from now (suspended, in Retry, at its cap)."""
-    ids = script(r, "claim")(
-        keys=[keys.queue(queue), keys.ready(queue), keys.conns(queue), keys.INFLIGHT],
-        args=[now_ms(), n, lease_ms, token, hub, cap, ITEM_PREFIX],
+) -> Claimed | None:
+    """Take up to ``n`` ready items of ``queue`` under ``token``'s lease, with their messages,
+    in one round trip (core/lua/claim.lua); None when the queue may not be taken from now
+    (suspended, in Retry, at its cap)."""
+    reply = script(r, "claim")(
+        keys=[keys.queue(queue), keys.ready(queue), keys.conns(queue), keys.INFLIGHT, keys.kick(queue)],
+        args=[now_ms(), n, lease_ms, token, hub, cap, ITEM_PREFIX, keys.msg(""), KICK_TTL_MS],
     )
-    if ids == [b"!"]:
+    if reply == [b"!"]:
         return None
-    return [i.decode() for i in ids]
+    remaining, flat_items, flat_msgs = reply
+    items = [Item.load(flat_items[i].decode(), _pairs(flat_items[i + 1])) for i in range(0, len(flat_items), 2)]
+    messages = {}
+    for i in range(0, len(flat_msgs), 2):
+        if flat_msgs[i + 1]:
+            msg_id = flat_msgs[i].decode()
+            messages[msg_id] = Message.load(msg_id, _pairs(flat_msgs[i + 1]))
+    return Claimed(items, messages, int(remaining))
 
 
 def release(r: redis.Redis, queue: str, token: str) -> None:

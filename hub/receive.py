@@ -44,7 +44,7 @@ from mailyard.hub.queues import Message, item_ids, new_message_id
 from mailyard.hub.submit import submission_txn
 from mailyard.org import ReceiveConnector, normalize_address, parse_ip_range
 from mailyard.tracking import Event, Record
-from mailyard.txn import Kick
+from mailyard.txn import GroupCommit, Kick
 
 log = logging.getLogger("mailyard.hub.receive")
 
@@ -122,6 +122,10 @@ class ReceiveContext:
     tls: ssl.SSLContext | None = None
     per_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sessions: Counter[str] = field(default_factory=Counter)
+    commits: GroupCommit = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.commits = GroupCommit(self.r)
     pressure: Callable[[str], str | None] = lambda origin: None  # back pressure: a refusal or None
 
     def count_session(self, connector: str) -> None:
@@ -356,6 +360,10 @@ class Receiver:
         own = identity is not None or (bool(sender) and self.ctx.directory().is_accepted(sender))
         if refusal := self.ctx.pressure("internal" if own else "external"):
             return refusal
+        if identity is not None and identity.kind == "server":
+            # ms-Exch-Bypass-Message-Size-Limit: a hub relaying within the organization carries
+            # a message the first hub accepted, plus its own headers; the limits were applied there.
+            server.data_size_limit = None
         envelope.mail_from = sender or "<>"  # aiosmtpd needs it non-empty to see a MAIL happened
         envelope.mail_options.extend(mail_options)
         return replies.SENDER_OK
@@ -429,7 +437,7 @@ class Receiver:
                               sender=msg.sender, subject=msg.subject, size=msg.size,
                               context=f"helo={helo}" + (f", origin={origin}" if origin else "")),
             )
-            result = await txn.run_async(self.ctx.r)
+            result = await self.ctx.commits.run(txn)
         except Exception as exc:  # Redis down: the client keeps the message and tries again
             log.error("could not store a message from %s: %s", state.client_ip, exc)
             return replies.STORAGE_FAILED

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from mailyard import faults, headers, keys, nodes, redisconn
+from mailyard import faults, headers, nodes, redisconn
 from mailyard.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from mailyard.hub import mx
 from mailyard.hub.delivery import Batch, Outcome, defer_batch, register, settle
@@ -74,7 +76,7 @@ def route_for(node: Node, batch: Batch) -> Route:
     settings = node.settings
     if batch.delivery_type == DeliveryType.REMOTE_SITE.value:
         return _remote_site_route(node, batch.next_hop)
-    name = (node.r.hget(keys.queue(batch.queue), "connector") or b"").decode()
+    name = batch.connector
     conn = _connector(node, name)
     if conn is None or not conn.enabled:
         raise TransientDeliveryError(451, "4.4.9", f"send connector {name!r} is missing or disabled")
@@ -127,33 +129,96 @@ def _remote_site_route(node: Node, site: str) -> Route:
                  org_origin=True)
 
 
-async def transfer(route: Route, jobs: list[Job], *, helo: str, timeout: float) -> str:
-    """Deliver ``jobs`` over one connection to the first target that answers; fill in each
-    job's outcomes and return the host used. Raises TransientDeliveryError if none answers.
-    ``timeout`` bounds every wait for the peer (connect, each reply, DATA)."""
+class ConnectionCache:
+    """This process's SMTP connections kept open between batches, as Postfix's scache keeps
+    them: a busy next hop is not connected to again (TCP, greeting, EHLO, STARTTLS, AUTH)
+    for every batch. One is reused only after an RSET proves it alive, for at most
+    ``IDLE_S`` seconds and ``MAX_MESSAGES`` messages, and by this process's one event loop
+    (a connection belongs to the loop that opened it)."""
+
+    IDLE_S = 30.0
+    MAX_MESSAGES = 500
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._idle: dict[tuple[str, int, str], list[tuple[aiosmtplib.SMTP, float, int]]] = {}
+
+    async def take(self, key: tuple[str, int, str], timeout: float) -> tuple[aiosmtplib.SMTP, int] | None:
+        now = time.monotonic()
+        while self._idle.get(key):
+            smtp, since, sent = self._idle[key].pop()
+            if now - since > self.IDLE_S:
+                smtp.close()
+                continue
+            try:
+                await smtp.rset(timeout=min(timeout, 10.0))
+                return smtp, sent
+            except (aiosmtplib.SMTPException, OSError):
+                smtp.close()
+        return None
+
+    def give_back(self, key: tuple[str, int, str], smtp: aiosmtplib.SMTP, sent: int) -> None:
+        if sent >= self.MAX_MESSAGES or not smtp.is_connected:
+            smtp.close()
+            return
+        self._idle.setdefault(key, []).append((smtp, time.monotonic(), sent))
+
+
+_caches: dict[int, ConnectionCache] = {}
+
+
+def connection_cache() -> ConnectionCache:
+    """The cache of this process (prefork children each get their own, never the parent's)."""
+    pid = os.getpid()
+    if pid not in _caches:
+        _caches.clear()
+        _caches[pid] = ConnectionCache()
+    return _caches[pid]
+
+
+async def _open(target: mx.Target, port: int, route: Route, *, helo: str, timeout: float) -> aiosmtplib.SMTP:
+    smtp = aiosmtplib.SMTP(hostname=target.address, port=port, local_hostname=helo,
+                           timeout=timeout, start_tls=False, use_tls=False)
+    try:
+        await smtp.connect(timeout=min(CONNECT_TIMEOUT, timeout))
+        await smtp.ehlo()
+        if smtp.supports_extension("starttls"):
+            await smtp.starttls(tls_context=opportunistic_client_context())
+            await smtp.ehlo()
+        elif route.require_tls:
+            raise TransientDeliveryError(451, "4.7.5", f"{target.host} does not offer STARTTLS")
+        if route.username:
+            await smtp.login(route.username, route.password)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+async def transfer(route: Route, jobs: list[Job], *, helo: str, timeout: float,
+                   cache: ConnectionCache | None = None) -> str:
+    """Deliver ``jobs`` over one connection to the first target that answers (a cached one
+    when there is one); fill in each job's outcomes and return the host used. Raises
+    TransientDeliveryError if none answers. ``timeout`` bounds every wait for the peer
+    (connect, each reply, DATA)."""
     last_error = "no target"
     for target in route.targets:
         port = target.port or route.port
-        smtp = aiosmtplib.SMTP(hostname=target.address, port=port, local_hostname=helo,
-                               timeout=timeout, start_tls=False, use_tls=False)
-        try:
-            await smtp.connect(timeout=min(CONNECT_TIMEOUT, timeout))
-            await smtp.ehlo()
-            if smtp.supports_extension("starttls"):
-                await smtp.starttls(tls_context=opportunistic_client_context())
-                await smtp.ehlo()
-            elif route.require_tls:
-                raise TransientDeliveryError(451, "4.7.5", f"{target.host} does not offer STARTTLS")
-            if route.username:
-                await smtp.login(route.username, route.password)
-        except (aiosmtplib.SMTPException, OSError, TransientDeliveryError) as exc:
-            last_error = f"{target.host} [{target.address}]: {_describe(exc)}"
-            log.info("cannot deliver to %s: %s", target.host, last_error)
-            smtp.close()
-            continue
-        try:
-            await _send_jobs(smtp, jobs, timeout)
-        finally:
+        key = (target.address, port, route.username)
+        reused = await cache.take(key, timeout) if cache else None
+        if reused:
+            smtp, sent = reused
+        else:
+            try:
+                smtp, sent = await _open(target, port, route, helo=helo, timeout=timeout), 0
+            except (aiosmtplib.SMTPException, OSError, TransientDeliveryError) as exc:
+                last_error = f"{target.host} [{target.address}]: {_describe(exc)}"
+                log.info("cannot deliver to %s: %s", target.host, last_error)
+                continue
+        healthy = await _send_jobs(smtp, jobs, timeout)
+        if cache is not None and healthy:
+            cache.give_back(key, smtp, sent + len(jobs))
+        else:
             try:
                 await smtp.quit()
             except (aiosmtplib.SMTPException, OSError):
@@ -166,9 +231,9 @@ async def transfer(route: Route, jobs: list[Job], *, helo: str, timeout: float) 
     )
 
 
-async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float) -> None:
-    """MAIL/RCPT/DATA per job on an open connection. A lost connection leaves the jobs not
-    yet answered without outcome (they are retried)."""
+async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float) -> bool:
+    """MAIL/RCPT/DATA per job on an open connection; False if the connection was lost. A lost
+    connection leaves the jobs not yet answered without outcome (they are retried)."""
     for n, job in enumerate(jobs):
         try:
             if n:
@@ -198,7 +263,8 @@ async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float) -> 
                 job.outcomes[rcpt] = outcome
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             log.warning("connection lost during a delivery: %s", _describe(exc))
-            return
+            return False
+    return True
 
 
 def _status(exc: aiosmtplib.SMTPResponseException) -> str:
@@ -228,8 +294,9 @@ def keep_leases(node: Node, batch: Batch) -> Iterator[None]:
     stop = threading.Event()
 
     def renew_loop() -> None:
-        r = redisconn.connect(node.redis_url)  # a client of its own: this runs in a thread
+        r = None
         while not stop.wait(max(0.5, lease_ms / 3000)):
+            r = r or redisconn.connect(node.redis_url)  # its own client (a thread), made only if needed
             try:
                 renew(r, batch.queue, batch.token, [i.id for i in batch.items], lease_ms)
             except Exception as exc:  # the sweeper may reclaim; the guards keep that safe
@@ -269,9 +336,10 @@ def deliver(node: Node, batch: Batch) -> None:
         jobs.append(Job(item, msg.sender, [r.address for r in item.recipients], body))
     faults.point("send.before_connect", node.r)
     try:
+        cache = connection_cache()
         with keep_leases(node, batch):
-            remote = asyncio.run(transfer(route, jobs, helo=node.fqdn,
-                                          timeout=node.settings.smtp_inactivity_timeout))
+            remote = cache.loop.run_until_complete(transfer(route, jobs, helo=node.fqdn, cache=cache,
+                                                            timeout=node.settings.smtp_inactivity_timeout))
     except TransientDeliveryError as exc:
         defer_batch(node, batch, exc, source="SMTP")
         return

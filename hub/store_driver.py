@@ -91,7 +91,7 @@ def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
         f"Received: from {server} by {node.fqdn} (Mailyard hub) with MAPI id {msg.id};"
         f" {formatdate(localtime=False)}",
     )
-    msg.size = len(body)
+    msg.size = len(raw)  # the size as submitted: the limits apply to that (Exchange's OriginalSize)
     (item_id,) = allocate_items(node.r, 1)
     txn = submission_txn(
         msg, body, recipients, item_id=item_id, settings=settings, now=now, dedup_key=keys.pickup(ref),

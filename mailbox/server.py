@@ -68,7 +68,10 @@ def serve(
     bound = sock.getsockname()[1]
     url = advertise_url or f"http://{host if ':' not in host else f'[{host}]'}:{bound}"
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    # h11 rather than httptools: it refuses a header section larger than 64 KB, where
+    # httptools buffers any size a client sends (a memory attack on a mailbox server).
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http="h11",
+                            h11_max_incomplete_event_size=64 * 1024)
     web = uvicorn.Server(config)
     stop = threading.Event()
 

@@ -62,5 +62,6 @@ def viewer(host: str, port: int, token: str | None, redis_url: str | None, data_
     # On loopback, only loopback host names: a web page cannot reach it through DNS rebinding.
     hosts = ["127.0.0.1", "localhost", "[::1]", host] if _is_loopback(host) else None
     app = create_app(url, token=token or None, allowed_hosts=hosts)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, server_header=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
+                                           http="h11", h11_max_incomplete_event_size=64 * 1024))
     server.run(sockets=[sock])

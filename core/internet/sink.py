@@ -176,7 +176,8 @@ class Sink(Service):
     def set_mode(self, mode: Mode | str, times: int | None = None) -> None:
         """Behave so from now on; with ``times``, only for the next N connections (greeting
         modes) or messages (after-DATA modes), then accept again. Switching to or from
-        REFUSE closes or reopens the listening socket before returning."""
+        REFUSE closes (dropping every open connection, as a host that goes down does) or reopens
+        the listening socket before returning."""
         mode = Mode(mode)
         if times is not None and mode not in _PER_CONNECTION | _PER_MESSAGE:
             raise ValueError(f"times applies to greeting and after-DATA modes, not {mode.value}")
@@ -298,6 +299,8 @@ class Sink(Service):
         listen holds the port: connections are refused, and nobody else takes the port."""
         if self._mode is Mode.REFUSE and self._listener is not None:
             self._unlisten()
+            for conn in list(self._connections):  # a host that is down drops what it had open too
+                conn.abort()
             self._placeholder = socket.socket(self._family(), socket.SOCK_STREAM)
             self._placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._placeholder.bind((self.host, self.port))

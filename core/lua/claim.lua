@@ -1,13 +1,17 @@
 --[[
-Take up to N ready items of one queue under a lease (mailyard.hub.queues.claim).
+Take up to N ready items of one queue under a lease (mailyard.hub.queues.claim), and hand
+back everything the worker needs in the same round trip.
 
-KEYS: 1 queue hash, 2 ready list, 3 conns zset, 4 inflight zset
-ARGV: 1 now ms, 2 N, 3 lease ms, 4 token, 5 hub, 6 connection cap (0: none), 7 item key prefix
+KEYS: 1 queue hash, 2 ready list, 3 conns zset, 4 inflight zset, 5 the queue's kick marker
+ARGV: 1 now ms, 2 N, 3 lease ms, 4 token, 5 hub, 6 connection cap (0: none),
+      7 item key prefix, 8 message key prefix, 9 kick marker ttl ms
 A suspended queue, or one in Retry before its next retry time, gives nothing. A new
 token (a new "connection" to the next hop) is admitted only while fewer than the cap hold
 one; a token already admitted keeps taking batches. Items removed meanwhile are skipped.
-Reply: the item ids taken (possibly none), or {'!'} when the queue may not be taken from now
-(suspended, waiting for its retry time, or every connection slot in use).
+The kick marker is renewed: a drain is at work on the queue.
+Reply: {'!'} when the queue may not be taken from now (suspended, waiting for its retry
+time, or every connection slot in use); else {ready items left, {id, item fields as
+HGETALL, ...}, {message id, message fields, ...}} (possibly no items).
 ]]
 local now = tonumber(ARGV[1])
 local q = redis.call('HMGET', KEYS[1], 'suspended', 'next_retry')
@@ -20,16 +24,25 @@ local cap = tonumber(ARGV[6])
 if cap > 0 and not redis.call('ZSCORE', KEYS[3], token) then
   if redis.call('ZCARD', KEYS[3]) >= cap then return {'!'} end
 end
+redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[9]))
 local ids = redis.call('LPOP', KEYS[2], tonumber(ARGV[2]))
-if not ids then return {} end
-redis.call('ZADD', KEYS[3], lease_until, token)
-local out = {}
-for _, id in ipairs(ids) do
-  local key = ARGV[7] .. id
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('HSET', key, 'status', 'Active', 'lease', token, 'hub', ARGV[5], 'leased', now)
-    redis.call('ZADD', KEYS[4], lease_until, id)
-    out[#out + 1] = id
+local items, messages, seen = {}, {}, {}
+if ids then
+  redis.call('ZADD', KEYS[3], lease_until, token)
+  for _, id in ipairs(ids) do
+    local key = ARGV[7] .. id
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HSET', key, 'status', 'Active', 'lease', token, 'hub', ARGV[5], 'leased', now)
+      redis.call('ZADD', KEYS[4], lease_until, id)
+      items[#items + 1] = id
+      items[#items + 1] = redis.call('HGETALL', key)
+      local msg = redis.call('HGET', key, 'msg')
+      if msg and not seen[msg] then
+        seen[msg] = true
+        messages[#messages + 1] = msg
+        messages[#messages + 1] = redis.call('HGETALL', ARGV[8] .. msg)
+      end
+    end
   end
 end
-return out
+return {redis.call('LLEN', KEYS[2]), items, messages}
