@@ -175,6 +175,14 @@ class Connection(SMTP):
         self._unbroken = 0  # bytes received since the last CRLF
         self._after_cr = False
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The standard library's address parser raises IndexError on some malformed input
+        # (an unclosed "<"): that is a malformed address, answered 501 5.1.3, not a crash.
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError):
+            return None, None
+
     def _configure(self, conn: ReceiveConnector, ip: str) -> None:
         self.state = SessionState(conn, ip)
         self.data_size_limit = conn.max_message_size
