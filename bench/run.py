@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -169,12 +170,68 @@ def backlog_run(args: argparse.Namespace, site: Site) -> dict:
     return out
 
 
+def mailbox_run(args: argparse.Namespace, site: Site, name: str) -> dict:
+    """The mailbox-to-mailbox path: clients "click Send" (the mailbox API's Outbox) at
+    alice@contoso.com on MBX-AMS-01, for carol@contoso.com on MBX-AMS-02; arrival is the
+    Maildir file's write time in carol's Inbox."""
+    import httpx
+
+    from mailyard import nodes
+
+    assert site.cluster is not None
+    base = nodes.server_url(site.cluster.r, "MBX-AMS-01") + "/mailboxes/alice@contoso.com/outbox"
+    inbox = site.work / "site" / "mailboxes" / "MBX-AMS-02" / "carol@contoso.com" / "new"
+    accepted: dict[str, float] = {}
+    filler = "x" * max(0, args.size - 300)
+    tag = f"m{int(time.time())}"
+
+    async def client(queue: asyncio.Queue[int]) -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            while not queue.empty():
+                n = queue.get_nowait()
+                ident = f"{tag}-{n}"
+                body = {"to": ["carol@contoso.com"], "subject": f"bench {ident}", "body": f"X {ident}\n{filler}",
+                        "message_id": f"<{ident}@bench.example>"}
+                response = await http.post(base, json=body)
+                if response.status_code == 202:
+                    accepted[ident] = time.time()
+
+    async def go() -> float:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for n in range(args.messages):
+            queue.put_nowait(n)
+        start = time.monotonic()
+        await asyncio.gather(*(client(queue) for _ in range(args.sessions)))
+        return time.monotonic() - start
+
+    quiet()
+    cpu0 = cpu_seconds(site.site_pids())
+    wall = asyncio.run(go())
+    deadline = time.monotonic() + max(120, args.messages / 20)
+    while time.monotonic() < deadline and len(list(inbox.iterdir())) < len(accepted):
+        time.sleep(0.2)
+    cpu = cpu_seconds(site.site_pids()) - cpu0
+    arrivals = []
+    for path in inbox.iterdir():
+        head = path.read_bytes()[:4096]
+        found = re.search(rb"Subject: bench (\S+)", head)
+        if found:
+            arrivals.append((found.group(1).decode(), "carol@contoso.com", path.stat().st_mtime))
+    load = Load("", 0, 0, 0, ["carol@contoso.com"])
+    load.accepted = accepted
+    result = summarize(name, load, arrivals, 1, wall, cpu, 0.0)
+    print(line(result), flush=True)
+    return result
+
+
 def run_mailyard(args: argparse.Namespace, label: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="mailyard-bench-") as tmp:
         site = Site(Path(tmp), hubs=args.hubs, fsync=args.fsync, concurrency=args.concurrency,
-                    tempfail=args.tempfail, permfail=args.permfail)
+                    tempfail=args.tempfail, permfail=args.permfail, mailboxes=args.variant == "mailbox")
         try:
             site.start()
+            if args.variant == "mailbox":
+                return mailbox_run(args, site, f"mailbox {args.size // 1024}KB c{args.sessions} h{args.hubs}")
             relay_run(args, site, "warmup", min(300, args.messages), warmup=True)
             if args.variant == "backlog":
                 return backlog_run(args, site)
@@ -258,7 +315,7 @@ def main() -> None:
     ap.add_argument("--hubs", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=2, help="worker processes per hub")
     ap.add_argument("--fsync", choices=["always", "everysec"], default="always")
-    ap.add_argument("--variant", choices=["relay", "backlog", "realistic"], default="relay")
+    ap.add_argument("--variant", choices=["relay", "mailbox", "backlog", "realistic"], default="relay")
     ap.add_argument("--postfix", choices=["auto", "no"], default="auto")
     ap.add_argument("--install-postfix", action="store_true")
     args = ap.parse_args()

@@ -32,6 +32,7 @@ class HubInfo:
     started: int = 0
     heartbeat: int = 0
     endpoints: dict[str, str] = field(default_factory=dict)
+    pids: list[int] = field(default_factory=list)  # the hub's processes (worker and pool)
 
     def alive(self, timeout_s: float, now: int | None = None) -> bool:
         return (now or now_ms()) - self.heartbeat <= timeout_s * 1000
@@ -85,6 +86,7 @@ def hubs(r: redis.Redis) -> list[HubInfo]:
                 started=int(d.get("started", 0) or 0),
                 heartbeat=int(beat),
                 endpoints=json.loads(d.get("endpoints") or "{}"),
+                pids=json.loads(d.get("pids") or "[]"),
             )
         )
     return out

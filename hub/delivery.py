@@ -326,10 +326,12 @@ def crashed(node: Node, items: list[Item], token: str, reason: str) -> None:
     node.commit_all(txns)
 
 
-def poison_or_return(node: Node, txn: Txn, item: Item, reason: str, now: int) -> None:
-    """Operations for an item whose processing died: back to its queue, or into Poison."""
+def poison_or_return(node: Node, txn: Txn, item: Item, reason: str, now: int, *, crashed: bool = True) -> None:
+    """Operations for an item whose processing stopped: back to its queue, or into Poison.
+    Only a ``crashed`` worker counts towards the poison threshold (not a stall or a
+    partition that merely let the lease run out)."""
     settings = node.settings
-    crashes = item.crashes + 1
+    crashes = item.crashes + int(crashed)
     txn.op("HDEL", keys.item(item.id), "lease", "hub")
     txn.op("ZREM", keys.INFLIGHT, item.id)
     if settings.poison_message_detection_enabled and crashes >= settings.poison_threshold:
@@ -348,5 +350,5 @@ def poison_or_return(node: Node, txn: Txn, item: Item, reason: str, now: int) ->
         log.error("item %s moved to %s after %d crashes: %s", item.id, spec.identity, crashes, reason)
     else:
         txn.hset(keys.item(item.id), {"crashes": crashes, "status": "Ready",
-                                      "last_error": f"processing failed: {reason}"[:500]})
+                                      "last_error": (f"processing failed: {reason}" if crashed else reason)[:500]})
         txn.op("LPUSH", keys.ready(item.queue), item.id)

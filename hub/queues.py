@@ -180,6 +180,8 @@ class Item:
     next_retry: int = 0
     pending: str = ""  # an admin action waiting for the delivery in progress to end
     remove_ndr: bool = True  # with PendingRemove: send the NDR
+    leased: int = 0  # when the lease was taken, ms
+    pid: int = 0  # the worker process holding the lease
 
     @classmethod
     def load(cls, item_id: str, data: dict[bytes, bytes]) -> Item:
@@ -199,6 +201,8 @@ class Item:
             next_retry=int(d.get("next_retry", 0) or 0),
             pending=d.get("pending", ""),
             remove_ndr=d.get("remove_ndr", "1") != "0",
+            leased=int(d.get("leased", 0) or 0),
+            pid=int(d.get("pid", 0) or 0),
         )
 
 
@@ -469,7 +473,7 @@ def claim(
     (suspended, in Retry, at its cap)."""
     reply = script(r, "claim")(
         keys=[keys.queue(queue), keys.ready(queue), keys.conns(queue), keys.INFLIGHT, keys.kick(queue)],
-        args=[now_ms(), n, lease_ms, token, hub, cap, ITEM_PREFIX, keys.msg(""), KICK_TTL_MS],
+        args=[now_ms(), n, lease_ms, token, hub, cap, ITEM_PREFIX, keys.msg(""), KICK_TTL_MS, os.getpid()],
     )
     if reply == [b"!"]:
         return None

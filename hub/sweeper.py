@@ -14,10 +14,13 @@ Killing the sweeper's hub loses nothing: the lease expires and another hub takes
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
+from collections import Counter
 
-from mailyard import keys, tracking
+from mailyard import keys, nodes, tracking
 from mailyard.broker import KICK_TTL_MS
 from mailyard.hub import dsn, pressure
 from mailyard.hub.bounce import queue_report, wants_report
@@ -46,6 +49,23 @@ BATCH = 200
 
 def _last(reply: str, last_error: str) -> str:
     return f"{reply}; last error: {last_error or 'none'}"
+
+
+def worker_crashed(item: Item, hub: nodes.HubInfo | None, timeout: float, now: int) -> tuple[bool, str]:
+    """Did the process that held ``item`` die (a crash, counted towards Poison), or did its
+    lease merely run out (a stall, a partition from Redis: not the message's fault)?
+
+    A crash: the hub restarted since it took the item, or it is alive but the worker process
+    that held the item is gone (a pool child killed). A hub that is silent now may be cut
+    off from Redis rather than dead; its items go back without counting, and if it really
+    died, it counts when it restarts (as Exchange counts after its transport restarts)."""
+    if hub is None:
+        return False, f"lease expired (hub {item.hub or '?'} unknown)"
+    if hub.started > item.leased:
+        return True, f"hub {hub.name} restarted while it held the message"
+    if hub.alive(timeout, now) and item.pid and hub.pids and item.pid not in hub.pids:
+        return True, f"worker process {item.pid} of hub {hub.name} died while it held the message"
+    return False, f"lease expired (hub {hub.name} stalled or cut off)"
 
 
 class Sweeper:
@@ -77,10 +97,19 @@ class Sweeper:
         now = now_ms()
         ids = [i.decode() for i in r.zrangebyscore(keys.INFLIGHT, "-inf", now, start=0, num=BATCH)]
         items = load_items(r, ids)
+        hubs = {h.name: h for h in nodes.hubs(r)} if items else {}
+        timeout = self.node.settings.hub_heartbeat_timeout
+        shared = Counter(item.lease for item in items)
         txns = []
         for item in items:
+            crashed, why = worker_crashed(item, hubs.get(item.hub), timeout, now)
             txn = Txn().guard_eq(keys.item(item.id), "lease", item.lease)
-            poison_or_return(self.node, txn, item, f"lease expired (hub {item.hub or '?'} stopped)", now)
+            if crashed and shared[item.lease] > 1:
+                # The worker died on a batch: which message killed it is not known. None of
+                # them counts; each is taken alone from now on, so a second crash is attributed.
+                txn.hset(keys.item(item.id), {"suspect": 1})
+                crashed, why = False, why + " (on a batch: each message will be tried alone)"
+            poison_or_return(self.node, txn, item, why, now, crashed=crashed)
             txn.kick(item.queue, self._route(item.queue), KICK_TTL_MS)
             txns.append(txn)
         if missing := set(ids) - {i.id for i in items}:
@@ -209,6 +238,18 @@ class Sweeper:
         )
 
 
+def worker_pids() -> list[int]:
+    """This process and its children (Celery's pool): which processes hold leases now."""
+    pids = [os.getpid()]
+    try:
+        for task in os.listdir(f"/proc/{os.getpid()}/task"):
+            with open(f"/proc/{os.getpid()}/task/{task}/children") as fh:
+                pids += [int(p) for p in fh.read().split()]
+    except OSError:  # not Linux: crash detection falls back to restarts
+        pass
+    return pids
+
+
 class Services:
     """The hub's background threads: heartbeat (1 s) and sweeper (``sweep_interval``)."""
 
@@ -246,9 +287,9 @@ class Services:
 
         from mailyard.nodes import hub_heartbeat
 
-        extra = {"stdlib_mailbox": str(mailbox.__file__)}
         while not self._stop.is_set():
             try:
+                extra = {"stdlib_mailbox": str(mailbox.__file__), "pids": json.dumps(worker_pids())}
                 hub_heartbeat(self.node.r, self.node.name, self.node.site, started=self._started,
                               extra=extra)
             except Exception as exc:

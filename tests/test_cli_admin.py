@@ -134,7 +134,7 @@ def test_the_tracking_log_shows_a_whole_path_expand_defer_deliver(site) -> None:
     site.kill("MBX-AMS-01")
     sent = site.send("carol@contoso.com", ["amsterdam-team@contoso.com"], subject="team news")
     try:
-        wait_until(lambda: queue(site, "Amsterdam\\MBX-AMS-01")["status"] == "Retry", timeout=30)
+        wait_until(lambda: queue(site, "Amsterdam\\MBX-AMS-01")["status"] == "Retry", timeout=90)
     finally:
         site.start_mailbox("MBX-AMS-01")
     for who in ("alice", "bob", "carol", "dave"):

@@ -297,7 +297,7 @@ class Cluster:
         return [i["subject"] for i in self.folder(address, folder)]
 
     def wait_for_subject(self, address: str, subject: str, *, count: int = 1, folder: str = "Inbox",
-                         timeout: float = 30) -> list[dict[str, Any]]:
+                         timeout: float = 60) -> list[dict[str, Any]]:
         def found() -> list[dict[str, Any]]:
             items = [i for i in self.folder(address, folder) if i["subject"] == subject]
             return items if len(items) >= count else []
