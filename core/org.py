@@ -37,7 +37,7 @@ _LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 
 PERMISSION_GROUPS = ("AnonymousUsers", "ExchangeUsers", "ExchangeServers", "Partners")
-AUTH_MECHANISMS = ("None", "Tls", "BasicAuth", "BasicAuthRequireTLS", "ExchangeServer")
+AUTH_MECHANISMS = ("None", "Tls", "BasicAuth", "BasicAuthRequireTLS", "ExchangeServer", "ExternalAuthoritative")
 
 
 def normalize_address(value: str) -> str:
@@ -442,6 +442,9 @@ def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
             problems.append(
                 (("receive_connectors", i, "auth_mechanisms"), "BasicAuthRequireTLS needs Tls and BasicAuth")
             )
+        if "ExternalAuthoritative" in rc.auth_mechanisms and "ExchangeServers" not in rc.permission_groups:
+            problems.append((("receive_connectors", i, "auth_mechanisms"),
+                             "ExternalAuthoritative needs the ExchangeServers permission group"))
     return problems
 
 

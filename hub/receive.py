@@ -12,7 +12,8 @@ matches the client most specifically. The connector decides:
 - limits: message size (advertised with SIZE, ``552 5.3.4``), recipients per message
   (``452 4.5.3``), hop count (``554 5.4.6``), connections per source, failed logons;
 - authentication: STARTTLS (Tls), AUTH PLAIN/LOGIN (BasicAuth), and whether AUTH needs TLS
-  first (BasicAuthRequireTLS).
+  first (BasicAuthRequireTLS); ExternalAuthoritative trusts every client the connector's remote
+  IP ranges admit as an Exchange server without a logon (the link is secured by other means).
 
 ``250`` after DATA is sent only once the message is durable in the Submission queue.
 Connectors are read from the organization for every new connection, so ``mailyard org
@@ -76,6 +77,7 @@ class SessionState:
     client_ip: str
     logon_failures: int = 0
     counted: bool = False
+    implicit: Identity | None = None  # ExternalAuthoritative: a server without a logon
 
     def groups(self, identity: Identity | None) -> set[str]:
         granted = set(self.connector.permission_groups)
@@ -187,6 +189,8 @@ class Connection(SMTP):
         self.state = SessionState(conn, ip)
         self.data_size_limit = conn.max_message_size
         mechanisms = set(conn.auth_mechanisms)
+        if "ExternalAuthoritative" in mechanisms:
+            self.state.implicit = Identity("server", f"[{ip}]")
         self.tls_context = self.ctx.tls if "Tls" in mechanisms else None
         self._auth_require_tls = "BasicAuthRequireTLS" in mechanisms
         logons = mechanisms & {"BasicAuth", "BasicAuthRequireTLS", "ExchangeServer"}
@@ -334,9 +338,11 @@ class Receiver:
     # endregion
 
     @staticmethod
-    def _identity(session: Session) -> Identity | None:
+    def _identity(server: Connection, session: Session) -> Identity | None:
         data = session.auth_data
-        return data if session.authenticated and isinstance(data, Identity) else None
+        if session.authenticated and isinstance(data, Identity):
+            return data
+        return server.state.implicit if server.state else None
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -351,7 +357,7 @@ class Receiver:
                           mail_options: list[str]) -> str:
         state = server.state
         assert state is not None
-        identity = self._identity(session)
+        identity = self._identity(server, session)
         groups = state.groups(identity)
         if not groups:
             return replies.NOT_AUTHENTICATED
@@ -387,7 +393,7 @@ class Receiver:
         except ValueError:
             return replies.INVALID_RECIPIENT
         directory = self.ctx.directory()
-        groups = state.groups(self._identity(session))
+        groups = state.groups(self._identity(server, session))
         if directory.is_accepted(rcpt):
             if directory.lookup(rcpt) is None:
                 return replies.USER_UNKNOWN
@@ -404,7 +410,7 @@ class Receiver:
         raw = envelope.original_content or b""
         if headers.hop_count(raw) >= state.connector.max_hop_count:
             return replies.HOP_COUNT
-        identity = self._identity(session)
+        identity = self._identity(server, session)
         trusted = identity is not None and identity.kind == "server"
         head = headers.parse(raw)
         origin = str(head.get(ORIGIN_HEADER, "")).strip() if trusted else ""
@@ -425,7 +431,7 @@ class Receiver:
             extra.append(f"Message-ID: {message_id}")
         msg.message_id = message_id
         msg.subject = str(head.get("Subject", ""))[:500]
-        with_ = "ESMTP" + ("S" if session.ssl else "") + ("A" if identity else "")
+        with_ = "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
         helo = session.host_name or "unknown"
         received = (f"Received: from {helo} ([{state.client_ip}]) by {self.ctx.fqdn} (Mailyard) with {with_}"
                     f" id {msg.id}; {formatdate(now_s, localtime=False)}")

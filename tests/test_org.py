@@ -77,6 +77,9 @@ def test_exchange_2010_defaults_apply_to_keys_left_out() -> None:
          "receive_connectors[0].bindings"),
         (MINIMAL + '[[receive_connectors]]\nname = "R"\npermission_groups = ["Everyone"]\n',
          "receive_connectors[0].permission_groups[0]"),
+        (MINIMAL + '[[receive_connectors]]\nname = "R"\nauth_mechanisms = ["ExternalAuthoritative"]\n'
+         'permission_groups = ["AnonymousUsers"]\n',
+         "receive_connectors[0].auth_mechanisms: ExternalAuthoritative needs the ExchangeServers permission group"),
         ('accepted_domains = ["t.example"]\nsites = []\n', "sites: List should have at least 1 item"),
         ("name = \n", "line 1: (syntax)"),
     ],

@@ -32,6 +32,17 @@ LIMITED = {
 }
 
 
+# An application server's connector: the link is secured outside SMTP (Exchange's
+# ExternalAuthoritative), so clients from its one address are trusted as Exchange servers.
+APPS = {
+    "name": "Apps",
+    "bindings": ["0.0.0.0:2601"],
+    "remote_ip_ranges": ["127.0.0.5"],
+    "permission_groups": ["ExchangeServers"],
+    "auth_mechanisms": ["ExternalAuthoritative"],
+}
+
+
 def with_connector(org: Organization, connector: dict) -> Organization:
     data = org.model_dump(mode="json")
     data["receive_connectors"] = [c for c in data["receive_connectors"] if c["name"] != connector["name"]]
@@ -42,7 +53,7 @@ def with_connector(org: Organization, connector: dict) -> Organization:
 @pytest.fixture(scope="module")
 def site(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory):
     cluster = Cluster(redis_server.new_db(), tmp_path_factory.mktemp("receive"),
-                      with_connector(make_org(), LIMITED), cwd=ROOT)
+                      with_connector(with_connector(make_org(), LIMITED), APPS), cwd=ROOT)
     try:
         cluster.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
         cluster.start_hub("Amsterdam", "rx-1")
@@ -142,6 +153,19 @@ def test_exchange_servers_log_on_with_the_server_token_and_may_relay_anything(si
     with pytest.raises(smtplib.SMTPAuthenticationError) as info:
         wrong.login("exchange-server/other-hub", "not-the-token")
     assert info.value.smtp_code == 535
+
+
+def test_an_externally_secured_connector_trusts_its_remote_range_without_a_logon(site) -> None:
+    client = connect(site, "Apps", source="127.0.0.5")
+    assert "auth" not in client.esmtp_features, "nothing to log on with"
+    assert reply(client, "MAIL FROM:<app@example.org>")[0] == 250
+    assert reply(client, "RCPT TO:<friend@fabrikam.example>") == (250, "2.1.5 Recipient OK")
+    client.quit()
+    host, port = site.smtp("rx-1", "Apps")
+    outsider = smtplib.SMTP(timeout=15)
+    outsider.source_address = ("127.0.0.6", 0)
+    code, text = outsider.connect(host, port)
+    assert code == 421, f"a client outside the range got {code} {text!r}"
 
 
 # endregion
@@ -288,7 +312,7 @@ def test_a_receive_connector_change_takes_effect_without_a_restart(site) -> None
         wait_until(refused, timeout=15, message="anonymous mail still accepted after the change")
         assert site.procs["rx-1"].pid == pid and site.procs["rx-1"].alive
     finally:
-        site.apply(with_connector(make_org(), LIMITED))
+        site.apply(with_connector(with_connector(make_org(), LIMITED), APPS))
         wait_until(lambda: not refused(), timeout=15)
 
 
