@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ctools
+
 from mailyard.internet.dns import MX, A, DnsServer, Zone
 from mailyard.org import Organization, load_org
 from mailyard.site.redis_server import free_port
@@ -70,7 +72,8 @@ def bench_org(dns: DnsServer, sink_port: int, *, relay_port_binding: str = "0.0.
         conn["port"] = sink_port
     data["receive_connectors"].append({
         "name": "Relay", "bindings": [relay_port_binding], "remote_ip_ranges": ["127.0.0.1"],
-        "permission_groups": ["ExchangeServers"], "auth_mechanisms": ["ExchangeServer"],
+        # Secured by IP, like an Exchange connector for a trusted relay: smtp-source cannot log on.
+        "permission_groups": ["ExchangeServers"], "auth_mechanisms": ["ExternalAuthoritative"],
         "max_message_size": "200MB", "max_recipients_per_message": 5000,
         "max_inbound_connection_per_source": 5000,
     })
@@ -88,12 +91,14 @@ class Site:
     mailboxes: bool = False
     tempfail: float = 0.0
     permfail: float = 0.0
+    c_sink: bool = False  # Postfix's smtp-sink instead of bench/sink.py
     redis: RedisServer | None = None
     dns: DnsServer | None = None
     sink_proc: subprocess.Popen | None = None
     sink_port: int = 0
     cluster: Cluster | None = None
     arrivals: Path = field(default_factory=Path)
+    csink: ctools.CSink | None = None
 
     def start_sink_only(self) -> Site:
         """Just the sink (the Postfix comparison relays to it)."""
@@ -103,6 +108,11 @@ class Site:
 
     def _start_sink(self) -> None:
         self.sink_port = free_port(SINK_IP)
+        if self.c_sink and not (self.tempfail or self.permfail):
+            self.csink = ctools.CSink(SINK_IP, self.sink_port, self.work / "sink")
+            self.sink_proc = self.csink.proc
+            wait_until(lambda: _listening(SINK_IP, self.sink_port), timeout=10, message="smtp-sink listens")
+            return
         self.arrivals = self.work / "arrivals.txt"
         self.sink_proc = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "sink.py"), "--host", SINK_IP, "--port", str(self.sink_port),
@@ -142,7 +152,14 @@ class Site:
         assert self.sink_proc
         return self.sink_proc.pid
 
+    def arrival_count(self) -> int:
+        if self.csink:
+            return self.csink.count()
+        return len(self.read_arrivals())
+
     def read_arrivals(self) -> list[tuple[str, str, float]]:
+        if self.csink:
+            return self.csink.arrivals()
         out = []
         try:
             text = self.arrivals.read_text()
@@ -156,13 +173,14 @@ class Site:
 
     def wait_arrivals(self, expected: int, timeout: float) -> list[tuple[str, str, float]]:
         deadline = time.monotonic() + timeout
-        while True:
-            got = self.read_arrivals()
-            if len(got) >= expected or time.monotonic() > deadline:
-                return got
-            time.sleep(0.05)
+        while self.arrival_count() < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.read_arrivals()
 
     def reset_arrivals(self) -> None:
+        if self.csink:
+            self.csink.reset()
+            return
         # The sink appends; a fresh measurement ignores what came before.
         self.arrivals.write_text("")
 
@@ -180,6 +198,16 @@ class Site:
             self.dns.stop()
         if self.redis:
             self.redis.stop()
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def quiet(threshold: float = 0.15, timeout: float = 60) -> None:

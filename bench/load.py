@@ -21,6 +21,7 @@ class Load:
     sender: str = "load@bench.example"
     auth: tuple[str, str] | None = None
     source: str = "127.0.0.1"
+    rate: float = 0.0  # messages per second to start, all sessions together; 0: as fast as they can
     accepted: dict[str, float] = field(default_factory=dict)  # bench id -> time of 250
     refused: int = 0
     errors: int = 0
@@ -78,9 +79,16 @@ class Load:
         for n in range(self.messages):
             queue.put_nowait(f"{prefix}-{n}")
 
+        start = time.monotonic()
+        started = 0
+
         async def session() -> None:
+            nonlocal started
             while not queue.empty():
                 ident = queue.get_nowait()
+                if self.rate:  # paced: message n starts no earlier than n / rate after the first
+                    started += 1
+                    await asyncio.sleep(max(0.0, start + (started - 1) / self.rate - time.monotonic()))
                 for _ in range(5):  # a refused connection or a 4xx is tried again, as MTAs do
                     try:
                         await self._one(ident)
@@ -90,6 +98,5 @@ class Load:
                         self.errors += 1
                     await asyncio.sleep(0.05)
 
-        start = time.monotonic()
         await asyncio.gather(*(session() for _ in range(self.sessions)))
         return time.monotonic() - start

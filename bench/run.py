@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ctools
 from harness import DOMAIN, Site, cpu_seconds, quiet
 from load import Load
 
@@ -86,43 +87,91 @@ def summarize(name: str, load: Load, arrivals: list[tuple[str, str, float]], rec
     }
 
 
-def relay_run(args: argparse.Namespace, site: Site, name: str, messages: int, *, warmup: bool = False) -> dict:
-    token = site.cluster.org.transport.server_token  # type: ignore[union-attr]
+def inject(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]], pids: list[int], name: str,
+           messages: int, *, rate: float = 0.0, c_tools: bool = False) -> dict:
+    """Send ``messages`` into ``endpoints`` and measure until they arrived at the sink.
+
+    With ``c_tools`` the load is Postfix's ``smtp-source`` (accepted/s is its count over its
+    wall time; it does not say when each 250 came); otherwise the Python load, which notes
+    every 250 and so gives latencies. ``rate`` paces the Python load."""
     recipients = [f"user{i}@{DOMAIN}" for i in range(args.recipients)]
-    endpoints = site.relay_endpoints
     site.reset_arrivals()
     quiet()
-    per = messages // len(endpoints)
-    loads = [Load(host, port, per, args.size, recipients, sessions=max(1, args.sessions // len(endpoints)),
-                  auth=("exchange-server/load", token)) for host, port in endpoints]
-    cpu0_site, cpu0_sink = cpu_seconds(site.site_pids()), cpu_seconds([site.sink_pid()])
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-
-    async def go() -> float:
-        tag = f"r{int(time.time())}"  # no spaces: the sink reads the id up to the first one
-        walls = await asyncio.gather(*(ld.run(f"{tag}-{i}") for i, ld in enumerate(loads)))
-        return max(walls)
-
-    wall = asyncio.run(go())
+    cpu0_site, cpu0_sink = cpu_seconds(pids), cpu_seconds([site.sink_pid()])
+    r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     merged = Load("", 0, 0, 0, recipients)
-    for ld in loads:
-        merged.accepted.update(ld.accepted)
-        merged.refused += ld.refused
-    expected = len(merged.accepted) * len(recipients) * (1 - args.permfail)
-    arrivals = site.wait_arrivals(int(expected), timeout=max(120, messages / 20))
-    cpu_site = cpu_seconds(site.site_pids()) - cpu0_site
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_load = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    if c_tools:
+        wall, failed = ctools.source(endpoints, messages, args.size, args.sessions, args.recipients,
+                                     "load@bench.example", f"user0@{DOMAIN}" if args.recipients == 1 else f"u@{DOMAIN}")
+        expected = (messages // len(endpoints)) * len(endpoints) * args.recipients
+        merged.refused = failed
+    else:
+        per = messages // len(endpoints)
+        loads = [Load(host, port, per, args.size, recipients, sessions=max(1, args.sessions // len(endpoints)),
+                      rate=rate / len(endpoints)) for host, port in endpoints]
+
+        async def go() -> float:
+            tag = f"r{int(time.time())}"  # no spaces: the sink reads the id up to the first one
+            walls = await asyncio.gather(*(ld.run(f"{tag}-{i}") for i, ld in enumerate(loads)))
+            return max(walls)
+
+        wall = asyncio.run(go())
+        for ld in loads:
+            merged.accepted.update(ld.accepted)
+            merged.refused += ld.refused
+        expected = len(merged.accepted) * len(recipients)
+    arrivals = site.wait_arrivals(int(expected * (1 - args.permfail)), timeout=max(120, messages / 20))
+    cpu_site = cpu_seconds(pids) - cpu0_site
+    r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_load = sum(b.ru_utime - a.ru_utime + b.ru_stime - a.ru_stime for a, b in ((r0, r1), (c0, c1)))
     cpu_other = cpu_load + cpu_seconds([site.sink_pid()]) - cpu0_sink
-    result = summarize(name, merged, arrivals, len(recipients), wall, cpu_site, cpu_other)
-    if not warmup:
-        print(line(result), flush=True)
+    if c_tools:  # every message smtp-source sent counts as accepted, at the moment it finished
+        stamp = time.time()
+        merged.accepted = {ident: stamp for ident, _, _ in arrivals}
+        result = summarize(name, merged, arrivals, args.recipients, wall, cpu_site, cpu_other)
+        result["messages"] = expected // args.recipients
+        result["missing"] = expected - (len(arrivals) - result["duplicates"])
+        result["exactly_once"] = result["missing"] == 0 and result["duplicates"] == 0
+        result["accepted_per_s"] = round(expected / args.recipients / wall, 1)
+        for key in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms"):
+            result[key] = None
+    else:
+        result = summarize(name, merged, arrivals, args.recipients, wall, cpu_site, cpu_other)
+    result["load"] = "smtp-source" if c_tools else ("python, paced" if rate else "python")
     return result
 
 
+def measure(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]], pids: list[int],
+            name: str) -> dict:
+    """Peak throughput, then latency at half of it (the target's condition): one result."""
+    c_tools = args.load == "smtp-source"
+    peak = inject(args, site, endpoints, pids, name, args.messages, c_tools=c_tools)
+    rate = (peak["delivered_per_s"] or 0) / 2
+    if rate and args.variant == "relay":
+        count = int(min(4000, max(300, rate * 20)))
+        paced = inject(args, site, endpoints, pids, name, count, rate=rate)
+        peak["half_peak_rate"] = round(rate, 1)
+        for key in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms"):
+            if peak[key] is not None:
+                peak["saturated_" + key] = peak[key]
+            peak[key] = paced[key]
+        peak["paced_exactly_once"] = paced["exactly_once"]
+        peak["exactly_once"] = peak["exactly_once"] and paced["exactly_once"]
+        peak["missing"] += paced["missing"]
+        peak["duplicates"] += paced["duplicates"]
+    print(line(peak), flush=True)
+    return peak
+
+
+def relay_run(args: argparse.Namespace, site: Site, name: str, messages: int) -> dict:
+    """The warm-up and the backlog fill: the Python load, unmeasured."""
+    return inject(args, site, site.relay_endpoints, site.site_pids(), name, messages)
+
+
 def line(r: dict) -> str:
+    at = f" at {r['half_peak_rate']}/s" if "half_peak_rate" in r else ""
     return (f"{r['name']:<28} accepted {r['accepted_per_s']:>7}/s  delivered {r['delivered_per_s']:>7}/s  "
-            f"p50 {r['latency_p50_ms']:>7} ms  p99 {r['latency_p99_ms']:>7} ms  max {r['latency_max_ms']} ms  "
+            f"p50 {r['latency_p50_ms']} ms  p99 {r['latency_p99_ms']} ms  max {r['latency_max_ms']} ms{at}  "
             f"CPU {r['cpu_ms_per_message_site']} ms/msg  exactly once: {r['exactly_once']}"
             + (f" (missing {r['missing']}, duplicates {r['duplicates']})" if not r["exactly_once"] else ""))
 
@@ -136,7 +185,7 @@ def backlog_run(args: argparse.Namespace, site: Site) -> dict:
     queue = f"Amsterdam\\{DOMAIN}"
     site.sink_proc.send_signal(19)  # SIGSTOP: the MX host hangs (connections are not answered)
     mem0 = site.redis_memory()
-    result = relay_run(args, site, "backlog-fill", args.messages, warmup=True)
+    result = relay_run(args, site, "backlog-fill", args.messages)
     del result  # the fill's own figures mean nothing: the next hop was down
     wait_count = 0
     for _ in range(600):
@@ -227,15 +276,16 @@ def mailbox_run(args: argparse.Namespace, site: Site, name: str) -> dict:
 def run_mailyard(args: argparse.Namespace, label: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="mailyard-bench-") as tmp:
         site = Site(Path(tmp), hubs=args.hubs, fsync=args.fsync, concurrency=args.concurrency,
-                    tempfail=args.tempfail, permfail=args.permfail, mailboxes=args.variant == "mailbox")
+                    tempfail=args.tempfail, permfail=args.permfail, mailboxes=args.variant == "mailbox",
+                    c_sink=args.sink == "smtp-sink")
         try:
             site.start()
             if args.variant == "mailbox":
                 return mailbox_run(args, site, f"mailbox {args.size // 1024}KB c{args.sessions} h{args.hubs}")
-            relay_run(args, site, "warmup", min(300, args.messages), warmup=True)
+            relay_run(args, site, "warmup", min(300, args.messages))
             if args.variant == "backlog":
                 return backlog_run(args, site)
-            result = relay_run(args, site, label, args.messages)
+            result = measure(args, site, site.relay_endpoints, site.site_pids(), label)
             result["redis_used_memory_bytes"] = site.redis_memory()
             return result
         finally:
@@ -249,24 +299,13 @@ def run_postfix(args: argparse.Namespace) -> dict | None:
         print("Postfix is not installed: Mailyard's figures alone (--install-postfix adds Debian's package)")
         return None
     with tempfile.TemporaryDirectory(prefix="postfix-bench-") as tmp:
-        site = Site(Path(tmp) / "m", hubs=1)
+        site = Site(Path(tmp) / "m", hubs=1, c_sink=args.sink == "smtp-sink")
         pf = Postfix(Path(tmp) / "pf")
         try:
             site.start_sink_only()
             pf.start(relay_to=("127.0.0.3", site.sink_port))
-            recipients = [f"user{i}@{DOMAIN}" for i in range(args.recipients)]
-            quiet()
-            loads = Load("127.0.0.1", pf.port, args.messages, args.size, recipients, sessions=args.sessions)
-            cpu0, cpu0_sink = pf.cpu(), cpu_seconds([site.sink_pid()])
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            wall = asyncio.run(loads.run("postfix"))
-            arrivals = site.wait_arrivals(len(loads.accepted) * len(recipients), timeout=max(120, args.messages / 20))
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            cpu_other = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime) + cpu_seconds(
-                [site.sink_pid()]) - cpu0_sink
-            result = summarize("postfix", loads, arrivals, len(recipients), wall, pf.cpu() - cpu0, cpu_other)
-            print(line(result), flush=True)
-            return result
+            inject(args, site, [("127.0.0.1", pf.port)], [pf.master_pid], "warmup", min(300, args.messages))
+            return measure(args, site, [("127.0.0.1", pf.port)], [pf.master_pid], "postfix")
         finally:
             pf.stop()
             site.stop()
@@ -318,6 +357,10 @@ def main() -> None:
     ap.add_argument("--variant", choices=["relay", "mailbox", "backlog", "realistic"], default="relay")
     ap.add_argument("--postfix", choices=["auto", "no"], default="auto")
     ap.add_argument("--install-postfix", action="store_true")
+    ap.add_argument("--load", choices=["smtp-source", "python"], default=None,
+                    help="the load generator (default: Postfix's smtp-source when installed)")
+    ap.add_argument("--sink", choices=["smtp-sink", "python"], default=None,
+                    help="the sink (default: Postfix's smtp-sink when installed; --variant realistic uses python)")
     args = ap.parse_args()
     args.tempfail = args.permfail = 0.0
     if args.variant == "realistic":
@@ -325,6 +368,11 @@ def main() -> None:
     if args.install_postfix and not shutil.which("postfix"):
         subprocess.run(["apt-get", "install", "-y", "-qq", "postfix"], check=True,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    args.load = args.load or ("smtp-source" if ctools.available() else "python")
+    args.sink = args.sink or ("smtp-sink" if ctools.available() else "python")
+    if args.variant != "relay":
+        args.load = "python"
+    print(f"load: {args.load}, sink: {args.sink}", flush=True)
     results = []
     label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}"
     results.append(run_mailyard(args, label))

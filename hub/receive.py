@@ -42,6 +42,7 @@ from mailyard import headers, keys
 from mailyard.directory import Directory
 from mailyard.hub import replies
 from mailyard.hub.queues import Message, item_ids, new_message_id
+from mailyard.hub.smtp_data import read_data
 from mailyard.hub.submit import submission_txn
 from mailyard.org import ReceiveConnector, normalize_address, parse_ip_range
 from mailyard.tracking import Event, Record
@@ -243,6 +244,33 @@ class Connection(SMTP):
             self._close()
             return
         super().data_received(data)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's checks, then the DATA section read in chunks (smtp_data.py says why).
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            data = await read_data(self._reader, size_limit=self.data_size_limit, line_limit=self.line_length_limit)
+        except asyncio.CancelledError:  # the connection was lost during DATA
+            self._writer.close()
+            raise
+        if data.content is None:
+            self._set_post_data_state()
+            await self.push(data.error or replies.STORAGE_FAILED)
+            return
+        self.envelope.content = self.envelope.original_content = data.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
