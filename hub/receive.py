@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import ipaddress
 import logging
+import re
 import ssl
 import time
 import traceback
@@ -58,6 +60,10 @@ ORG_HEADERS = ("X-Mailyard-Origin",)
 # a long line only when it ends, and in DATA it keeps every piece of it until then: without a
 # cap, one client sending no line break would make the process buffer without bound.
 MAX_UNBROKEN_LINE = 64 * 1024
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+SIMPLE_PATH = re.compile(  # <dot-atom@domain> [SP params]: the path nearly every client sends
+    rf"[ \t]*<(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>{_LABEL}(?:\.{_LABEL})*)>(?:[ \t]+(?P<rest>.*))?\Z", re.ASCII)
 
 RELAY_GROUPS = frozenset({"ExchangeUsers", "ExchangeServers"})
 ANY_SENDER_GROUPS = frozenset({"AnonymousUsers", "ExchangeServers", "Partners"})
@@ -179,6 +185,13 @@ class Connection(SMTP):
         self._after_cr = False
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # Nearly every address is a plain <dot-atom@domain>: a regular expression reads that
+        # in microseconds, where the standard library's RFC 5322 parser takes a quarter of a
+        # millisecond. Everything else (quoted local parts, IP literals, source routes) still
+        # goes to the parser.
+        simple = SIMPLE_PATH.match(arg)
+        if simple and not (self.local_part_limit and len(simple["local"]) > self.local_part_limit):
+            return f"{simple['local']}@{simple['domain']}", simple["rest"] or ""
         # The standard library's address parser raises IndexError on some malformed input
         # (an unclosed "<"): that is a malformed address, answered 501 5.1.3, not a crash.
         try:
@@ -335,6 +348,11 @@ class Receiver:
 
     def __init__(self, ctx: ReceiveContext) -> None:
         self.ctx = ctx
+        # aiosmtpd scans the handler's members on every connection, as it does the session's.
+        self._names = [n for n in dir(type(self)) if n.startswith(("handle_", "auth_"))]
+
+    def __dir__(self) -> list[str]:
+        return self._names
 
     # region: authentication
 
@@ -498,3 +516,8 @@ class Receiver:
             return "454 4.7.0 TLS negotiation failed"  # (aiosmtpd closes the connection instead)
         log.exception("SMTP session error", exc_info=error)
         return "451 4.3.0 Local error in processing"
+
+
+# aiosmtpd reads handle_EHLO's signature on every connection (to tell its two forms apart):
+# a precomputed one saves inspect's work, a tenth of a millisecond per session.
+Receiver.handle_EHLO.__signature__ = inspect.signature(Receiver.handle_EHLO)  # type: ignore[attr-defined]

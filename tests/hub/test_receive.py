@@ -4,6 +4,7 @@ organization's network); clients from 127.0.0.2 match ``Internet`` (anonymous)."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import smtplib
 import socket
@@ -317,3 +318,29 @@ def test_a_receive_connector_change_takes_effect_without_a_restart(site) -> None
 
 
 # endregion
+
+
+@pytest.mark.parametrize("arg", [
+    "<a@b.example>", " <first.last+tag@mail.example.co.uk> SIZE=100 BODY=8BITMIME", "<a@b.example> ",
+    "<a@b.example>\tX", "<user%other@contoso.com>", "<A!B@C.EXAMPLE>",
+])
+def test_plain_addresses_take_a_fast_path_that_reads_them_as_the_rfc_5322_parser_does(arg: str) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    from mailyard.hub.receive import SIMPLE_PATH
+
+    simple = SIMPLE_PATH.match(arg)
+    assert simple, f"{arg!r} is a plain path"
+    parsed = SMTP._getaddr(SMTP(object(), loop=asyncio.new_event_loop()), arg)
+    assert (f"{simple['local']}@{simple['domain']}", simple["rest"] or "") == parsed, arg
+
+
+@pytest.mark.parametrize("arg", [
+    "<a..b@c.example>", "<.a@c.example>", "<a@-b.example>", "<a@b..example>", "<a@b.example.>", '<"q"@b.example>',
+    "<a@[1.2.3.4]>", "<@x.example:a@b.example>", "<a@b.example", "a@b.example", "<a@b.example>SIZE=1",
+    "<a@b.example> \nX", "<é@b.example>", "<a@b_c.example>", "<>",
+])
+def test_every_other_address_goes_to_the_rfc_5322_parser(arg: str) -> None:
+    from mailyard.hub.receive import SIMPLE_PATH
+
+    assert SIMPLE_PATH.match(arg) is None, f"{arg!r} must be judged by the full parser"
