@@ -30,10 +30,12 @@ def create(name: str, site: str, redis_url: str, *, receive: ReceiveProcess | No
 
     @app.task(name=TASK_PICKUP)
     def pickup(server: str, mailbox: str, item: str) -> None:
+        node.fresh()
         store_driver.pickup(node, server, mailbox, item)
 
     @app.task(name=TASK_DRAIN)
     def drain(queue: str) -> None:
+        node.fresh()
         drain_queue(node, queue)
 
     class HubServices(bootsteps.StartStopStep):

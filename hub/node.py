@@ -50,8 +50,9 @@ class Node:
     def orgs(self) -> OrgCache:
         res = self._resources()
         if "orgs" not in res:
-            # Checked on every use (one GET of the version): a task sees ``org apply`` at once.
-            res["orgs"] = OrgCache(self.r, max_age=0.0)
+            # Checked at the start of every task (see ``fresh``) and at most once a second
+            # within one: a task sees ``org apply`` at once, without a GET per message.
+            res["orgs"] = OrgCache(self.r, max_age=1.0)
         return res["orgs"]
 
     @property
@@ -62,6 +63,10 @@ class Node:
         if "mailboxes" not in res:
             res["mailboxes"] = MailboxClient(self.r, self.name)
         return res["mailboxes"]
+
+    def fresh(self) -> None:
+        """A task begins: the next use of the directory checks its version in Redis."""
+        self.orgs.invalidate()
 
     @property
     def settings(self) -> TransportSettings:

@@ -234,10 +234,12 @@ async def transfer(route: Route, jobs: list[Job], *, helo: str, timeout: float,
 async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float) -> bool:
     """MAIL/RCPT/DATA per job on an open connection; False if the connection was lost. A lost
     connection leaves the jobs not yet answered without outcome (they are retried)."""
-    for n, job in enumerate(jobs):
+    open_transaction = False  # RSET only after a transaction that did not end with DATA's reply
+    for job in jobs:
         try:
-            if n:
+            if open_transaction:
                 await smtp.rset()
+                open_transaction = False
             options = [f"SIZE={len(job.body)}"] if smtp.supports_extension("size") else []
             try:
                 await smtp.mail(job.sender, options=options)
@@ -245,6 +247,7 @@ async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float) -> 
                 for rcpt in job.recipients:
                     job.outcomes[rcpt] = Outcome(exc.code, _status(exc), exc.message)
                 continue
+            open_transaction = True
             accepted = []
             for rcpt in job.recipients:
                 try:
@@ -257,7 +260,9 @@ async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float) -> 
             try:
                 response = await smtp.data(job.body, timeout=timeout)
                 outcome = Outcome(response.code, _status_of(response.message, response.code), response.message)
+                open_transaction = False
             except aiosmtplib.SMTPResponseException as exc:
+                # Refused at DATA or after the final dot: RSET before the next one either way.
                 outcome = Outcome(exc.code, _status(exc), exc.message)
             for rcpt in accepted:
                 job.outcomes[rcpt] = outcome
