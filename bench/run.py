@@ -88,7 +88,7 @@ def summarize(name: str, load: Load, arrivals: list[tuple[str, str, float]], rec
 
 
 def inject(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]], pids: list[int], name: str,
-           messages: int, *, rate: float = 0.0, c_tools: bool = False) -> dict:
+           messages: int, *, rate: float = 0.0, c_tools: bool = False, arrive: bool = True) -> dict:
     """Send ``messages`` into ``endpoints`` and measure until they arrived at the sink.
 
     With ``c_tools`` the load is Postfix's ``smtp-source`` (accepted/s is its count over its
@@ -120,6 +120,8 @@ def inject(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]
             merged.accepted.update(ld.accepted)
             merged.refused += ld.refused
         expected = len(merged.accepted) * len(recipients)
+    if not arrive:  # the backlog's fill: the next hop is down
+        return {"messages": expected // args.recipients, "wall": wall, "refused": merged.refused}
     arrivals = site.wait_arrivals(int(expected * (1 - args.permfail)), timeout=max(120, messages / 20))
     cpu_site = cpu_seconds(pids) - cpu0_site
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -163,9 +165,10 @@ def measure(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int
     return peak
 
 
-def relay_run(args: argparse.Namespace, site: Site, name: str, messages: int) -> dict:
-    """The warm-up and the backlog fill: the Python load, unmeasured."""
-    return inject(args, site, site.relay_endpoints, site.site_pids(), name, messages)
+def relay_run(args: argparse.Namespace, site: Site, name: str, messages: int, *, arrive: bool = True) -> dict:
+    """The warm-up and the backlog fill: unmeasured."""
+    return inject(args, site, site.relay_endpoints, site.site_pids(), name, messages, arrive=arrive,
+                  c_tools=args.load == "smtp-source" and site.csink is not None)
 
 
 def line(r: dict) -> str:
@@ -185,8 +188,7 @@ def backlog_run(args: argparse.Namespace, site: Site) -> dict:
     queue = f"Amsterdam\\{DOMAIN}"
     site.sink_proc.send_signal(19)  # SIGSTOP: the MX host hangs (connections are not answered)
     mem0 = site.redis_memory()
-    result = relay_run(args, site, "backlog-fill", args.messages)
-    del result  # the fill's own figures mean nothing: the next hop was down
+    fill = relay_run(args, site, "backlog-fill", args.messages, arrive=False)
     wait_count = 0
     for _ in range(600):
         wait_count = r.zcard(keys.queue_members(queue))
@@ -200,20 +202,35 @@ def backlog_run(args: argparse.Namespace, site: Site) -> dict:
     t = time.monotonic()
     message_rows(r, queues=[queue], limit=1000)
     messages_s = time.monotonic() - t
+    url = site.redis.url(0)  # type: ignore[union-attr]
+    cli = {}
+    for name, command in (("queue_list", ["queue", "list"]), ("queue_messages", ["queue", "messages", queue]),
+                          ("queue_messages_filtered", ["queue", "messages", queue, "--filter",
+                                                       "FromAddress -like 'load@*'", "--limit", "100"])):
+        t = time.monotonic()  # the command as an operator types it: Python's start-up included
+        subprocess.run([sys.executable, "-m", "mailyard", *command, "--json", "--redis-url", url],
+                       check=True, capture_output=True)
+        cli[f"cli_{name}_seconds"] = round(time.monotonic() - t, 3)
     site.reset_arrivals()
-    site.sink_proc.send_signal(18)  # SIGCONT
+    site.sink_proc.send_signal(18)  # SIGCONT: the next hop is back; the operator retries the queue now
     start = time.time()
+    subprocess.run([sys.executable, "-m", "mailyard", "queue", "retry", queue, "--redis-url", url],
+                   check=True, capture_output=True)
     arrivals = site.wait_arrivals(wait_count, timeout=max(300, args.messages / 50))
     drain_s = (max(a for _, _, a in arrivals) - start) if arrivals else float("nan")
+    idents = {ident for ident, _, _ in arrivals}
     out = {
         "name": f"backlog {args.messages}",
         "queued": wait_count,
+        "fill_accepted_per_s": round(fill["messages"] / fill["wall"], 1),
         "redis_bytes_per_queued_message": round(mem / max(1, wait_count)),
         "message_size": args.size,
         "drain_per_s": round(len(arrivals) / drain_s, 1) if arrivals else None,
         "queue_list_seconds": round(list_s, 3),
         "queue_messages_seconds": round(messages_s, 3),
+        **cli,
         "arrived": len(arrivals),
+        "exactly_once": len(idents) == len(arrivals) == fill["messages"],
     }
     print(out, flush=True)
     return out
@@ -345,6 +362,45 @@ def write(results: list[dict], tag: str) -> None:
     print(f"results in {RESULTS}/{stamp}-{tag}.*")
 
 
+# What the README reports: each entry overrides the command line's defaults.
+MATRIX: list[dict] = [
+    {"sessions": 20}, {"sessions": 50}, {"fsync": "everysec"},
+    {"hubs": 1, "postfix": "no"}, {"hubs": 4, "postfix": "no"},
+    {"size": 1024}, {"size": 10240}, {"size": 102400, "messages": 2000},
+    {"recipients": 5, "messages": 2000},
+    {"variant": "realistic"}, {"variant": "mailbox", "messages": 1000, "sessions": 10},
+    {"variant": "backlog", "messages": 100_000},
+]
+
+
+def one(args: argparse.Namespace) -> list[dict]:
+    """One run of Mailyard, and of Postfix beside it when there is one and it applies."""
+    args.tempfail = args.permfail = 0.0
+    if args.variant == "realistic":
+        args.tempfail, args.permfail = 0.05, 0.02
+    args.load = args.load_choice or ("smtp-source" if ctools.available() else "python")
+    args.sink = args.sink_choice or ("smtp-sink" if ctools.available() else "python")
+    if args.variant in ("realistic", "mailbox"):
+        args.load = "python"
+    print(f"== {args.variant}: {args.size} bytes x{args.recipients}, {args.sessions} sessions, {args.hubs} hubs, "
+          f"fsync {args.fsync}; load {args.load}, sink {args.sink}", flush=True)
+    label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}"
+    results = [run_mailyard(args, label)]
+    if args.postfix == "auto" and args.variant == "relay":
+        pf = run_postfix(args)
+        if pf:
+            pf["name"] = f"postfix {args.size // 1024}KB x{args.recipients} s{args.sessions}"
+            results.append(pf)
+            mine = results[0]
+            mine["postfix_ratio"] = {
+                "accepted": round(mine["accepted_per_s"] / pf["accepted_per_s"], 2),
+                "delivered": round(mine["delivered_per_s"] / pf["delivered_per_s"], 2),
+                "cpu_per_message": round(mine["cpu_ms_per_message_site"] / pf["cpu_ms_per_message_site"], 2),
+            }
+            print(f"Mailyard/Postfix: {mine['postfix_ratio']}", flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=5000)
@@ -361,30 +417,21 @@ def main() -> None:
                     help="the load generator (default: Postfix's smtp-source when installed)")
     ap.add_argument("--sink", choices=["smtp-sink", "python"], default=None,
                     help="the sink (default: Postfix's smtp-sink when installed; --variant realistic uses python)")
+    ap.add_argument("--matrix", action="store_true", help="every variant the README reports, one after another")
     args = ap.parse_args()
-    args.tempfail = args.permfail = 0.0
-    if args.variant == "realistic":
-        args.tempfail, args.permfail = 0.05, 0.02
+    args.load_choice, args.sink_choice = args.load, args.sink
     if args.install_postfix and not shutil.which("postfix"):
         subprocess.run(["apt-get", "install", "-y", "-qq", "postfix"], check=True,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    args.load = args.load or ("smtp-source" if ctools.available() else "python")
-    args.sink = args.sink or ("smtp-sink" if ctools.available() else "python")
-    if args.variant != "relay":
-        args.load = "python"
-    print(f"load: {args.load}, sink: {args.sink}", flush=True)
+    if not args.matrix:
+        write(one(args), args.variant)
+        return
     results = []
-    label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}"
-    results.append(run_mailyard(args, label))
-    if args.postfix == "auto" and args.variant == "relay":
-        pf = run_postfix(args)
-        if pf:
-            results.append(pf)
-            mine = results[0]
-            print(f"Mailyard/Postfix: accepted {mine['accepted_per_s'] / pf['accepted_per_s']:.2f}x, delivered "
-                  f"{mine['delivered_per_s'] / pf['delivered_per_s']:.2f}x, CPU per message "
-                  f"{mine['cpu_ms_per_message_site'] / max(0.001, pf['cpu_ms_per_message_site']):.2f}x")
-    write(results, args.variant)
+    defaults = vars(args).copy()
+    for overrides in MATRIX:
+        run_args = argparse.Namespace(**{**defaults, **overrides})
+        results += one(run_args)
+        write(results, "matrix")  # after each run, so an interrupted matrix keeps what it measured
 
 
 if __name__ == "__main__":

@@ -101,9 +101,12 @@ def one(args: list[str], name: str) -> str:
 def role_of(args: list[str]) -> tuple[str, ...]:
     """The mailyard sub-command of ARGS: ("hub",), ("mailbox", "serve"), ..."""
     path, group, rest = [], cli, list(args)
-    while isinstance(group, click.Group) and rest and rest[0] in group.commands:
-        path.append(rest[0])
-        group = group.commands[rest.pop(0)]
+    while isinstance(group, click.Group) and rest:
+        sub = group.get_command(click.Context(group), rest[0])
+        if sub is None:
+            break
+        path.append(rest.pop(0))
+        group = sub
     return tuple(path)
 
 
