@@ -40,24 +40,31 @@ class CSink:
         if os.geteuid() == 0:
             command[1:1] = ["-u", "nobody"]
         self.proc = subprocess.Popen(command)
+        self._seen: dict[str, list[tuple[str, str, float]]] = {}
 
     def count(self) -> int:
-        return sum(1 for _ in os.scandir(self.directory))
+        return len(self.arrivals())
 
     def arrivals(self) -> list[tuple[str, str, float]]:
-        out = []
+        """(message id, recipient, arrival) for every recipient of every transaction so far.
+        Each dump file is read once: polling this while a run goes on costs little."""
         for entry in os.scandir(self.directory):
+            if entry.name in self._seen:
+                continue
             with open(entry.path, "rb") as f:
-                head = f.read(4096)
+                head = f.read(8192)
             ident = BENCH_ID.search(head) or MESSAGE_ID.search(head)
-            rcpt = RCPT.search(head)
-            if ident:
-                out.append((ident.group(1).decode(), rcpt.group(1).decode() if rcpt else "", entry.stat().st_mtime))
-        return out
+            if ident is None:  # still being written: read it on the next call
+                continue
+            mtime = entry.stat().st_mtime
+            self._seen[entry.name] = [(ident.group(1).decode(), rcpt.decode(), mtime)
+                                      for rcpt in RCPT.findall(head)]
+        return [arrival for arrivals in self._seen.values() for arrival in arrivals]
 
     def reset(self) -> None:
         for entry in os.scandir(self.directory):
             os.unlink(entry.path)
+        self._seen.clear()
 
     def stop(self) -> None:
         self.proc.terminate()

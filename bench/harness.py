@@ -77,6 +77,9 @@ def bench_org(dns: DnsServer, sink_port: int, *, relay_port_binding: str = "0.0.
         "max_message_size": "200MB", "max_recipients_per_message": 5000,
         "max_inbound_connection_per_source": 5000,
     })
+    # The backlog variant queues 100,000 messages on purpose: back pressure would refuse them.
+    data["transport"].update({"pressure_backlog_normal": 1_000_000, "pressure_backlog_medium": 2_000_000,
+                              "pressure_backlog_high": 4_000_000})
     return Organization.model_validate(data)
 
 
@@ -106,8 +109,18 @@ class Site:
         self._start_sink()
         return self
 
-    def _start_sink(self) -> None:
-        self.sink_port = free_port(SINK_IP)
+    def sink_down(self) -> None:
+        """The next hop goes down: its port refuses connections."""
+        assert self.sink_proc
+        self.sink_proc.terminate()
+        self.sink_proc.wait(10)
+
+    def sink_up(self) -> None:
+        """The next hop comes back, on the same address and port."""
+        self._start_sink(self.sink_port)
+
+    def _start_sink(self, port: int = 0) -> None:
+        self.sink_port = port or free_port(SINK_IP)
         if self.c_sink and not (self.tempfail or self.permfail):
             self.csink = ctools.CSink(SINK_IP, self.sink_port, self.work / "sink")
             self.sink_proc = self.csink.proc

@@ -22,6 +22,8 @@ class Load:
     auth: tuple[str, str] | None = None
     source: str = "127.0.0.1"
     rate: float = 0.0  # messages per second to start, all sessions together; 0: as fast as they can
+    bounce_share: float = 0.0  # this share of messages goes to a recipient the sink refuses (550)
+    bounced: set[str] = field(default_factory=set)  # the ids sent to such a recipient
     accepted: dict[str, float] = field(default_factory=dict)  # bench id -> time of 250
     refused: int = 0
     errors: int = 0
@@ -41,6 +43,13 @@ class Load:
             if line[3:4] != b"-":
                 return int(line[:3])
 
+    def recipients_of(self, ident: str) -> list[str]:
+        n = int(ident.rsplit("-", 1)[1])
+        if self.bounce_share and n % round(1 / self.bounce_share) == 0:
+            self.bounced.add(ident)
+            return [f"bounce-{n}@{self.recipients[0].split('@')[1]}"]
+        return self.recipients
+
     async def _one(self, ident: str) -> None:
         reader, writer = await asyncio.open_connection(self.host, self.port, local_addr=(self.source, 0))
         try:
@@ -56,7 +65,7 @@ class Load:
             if await self._reply(reader) != 250:
                 self.refused += 1
                 return
-            for rcpt in self.recipients:
+            for rcpt in self.recipients_of(ident):
                 writer.write(f"RCPT TO:<{rcpt}>\r\n".encode())
                 await self._reply(reader)
             writer.write(b"DATA\r\n")

@@ -88,7 +88,7 @@ def categorize(node: Node, batch: Batch) -> None:
                                    status=[f.diagnostic for f in failures]), retention, now)
             if msg.id in bodies:
                 queue_report(node, txn, msg, bodies[msg.id], failures, item_id=next(ids), now=now)
-        forget_item(txn, item)
+        forget_item(txn, item, claimed=True)
         txns.append(txn)
     faults.point("categorize.before_commit", node.r)
     node.commit_all(txns)

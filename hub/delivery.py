@@ -228,7 +228,7 @@ def settle(
                     item_id=next(report_ids), now=now,
                 )
         if not remaining:
-            forget_item(txn, item)
+            forget_item(txn, item, claimed=True)
         elif item.pending == "PendingRemove":
             item.recipients = remaining
             removal_txn(node, txn, item, ndr=item.remove_ndr, now=now)

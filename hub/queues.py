@@ -309,11 +309,17 @@ def enqueue(
         txn.kick(spec.identity, spec.route, KICK_TTL_MS)
 
 
-def forget_item(txn: Txn, item: Item) -> None:
-    """Operations that take an item out of its queue and every schedule, for good."""
+def forget_item(txn: Txn, item: Item, *, claimed: bool = False) -> None:
+    """Operations that take an item out of its queue and every schedule, for good.
+
+    ``claimed``: the caller holds the item from ``claim``, which took it off the ready list,
+    so the list is not searched (LREM is linear in the backlog: with 100,000 ready items it
+    cost 2.3 ms of Redis per delivered message). Should a stale id remain there all the
+    same (a lease that expired and was put back), ``claim`` skips ids whose item is gone."""
     txn.op("DEL", keys.item(item.id))
     txn.op("ZREM", keys.queue_members(item.queue), item.id)
-    txn.op("LREM", keys.ready(item.queue), 0, item.id)
+    if not claimed:
+        txn.op("LREM", keys.ready(item.queue), 0, item.id)
     for index in (keys.INFLIGHT, keys.RETRY, keys.EXPIRY):
         txn.op("ZREM", index, item.id)
     txn.op("SREM", keys.msg_items(item.msg), item.id)
