@@ -26,7 +26,7 @@ def connect(url: str) -> redis.Redis:
         url,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        **_KW,  # type: ignore[arg-type]
+        **_KW,
     )
 
 

@@ -34,5 +34,5 @@ def script_async(r: redis.asyncio.Redis, name: str) -> AsyncScript:
     key = (id(r), name)
     found = _async_scripts.get(key)
     if found is None:
-        found = _async_scripts[key] = r.register_script(_source(name))  # type: ignore[assignment]
+        found = _async_scripts[key] = r.register_script(_source(name))
     return found

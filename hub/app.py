@@ -41,16 +41,16 @@ def create(name: str, site: str, redis_url: str, *, receive: ReceiveProcess | No
     class HubServices(bootsteps.StartStopStep):
         """Heartbeat and sweeper threads, alive exactly as long as the worker."""
 
-        def __init__(self, worker, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        def __init__(self, worker, **kwargs) -> None:
             super().__init__(worker, **kwargs)
             self.services = Services(node)
 
-        def start(self, worker) -> None:  # type: ignore[no-untyped-def]
+        def start(self, worker) -> None:
             self.services.start()
             if receive is not None:
                 receive.start()
 
-        def stop(self, worker) -> None:  # type: ignore[no-untyped-def]
+        def stop(self, worker) -> None:
             if receive is not None:
                 receive.stop()
             self.services.stop()

@@ -70,17 +70,17 @@ def categorize(node: Node, batch: Batch) -> None:
     ids = iter(allocate_items(node.r, sum(len(g) for *_, g in plans) + len(reporting)))
     txns = []
     retention = settings.message_tracking_log_max_age
-    for item, msg, expansion, failures, groups in plans:
+    for item, msg, expansion, failures, routed in plans:
         txn = Txn().guard_eq(keys.item(item.id), "lease", batch.token)
         base = Record(Event.RESOLVE, source="ROUTING", server=node.name, internal_id=msg.id,
                       message_id=msg.message_id, sender=msg.sender, subject=msg.subject,
                       size=msg.size)
         _track_expansion(txn, base, expansion, retention, now)
-        for spec, recipients in groups:
+        for spec, recipients in routed:
             txn.op("HINCRBY", keys.msg(msg.id), "refs", 1)
             new_id = next(ids)
             enqueue(txn, spec, new_id, msg, recipients, now=now)
-            if len(groups) > 1:
+            if len(routed) > 1:
                 tracking.add(txn, _rec(base, Event.TRANSFER, [r.address for r in recipients],
                                        reference=f"item {item.id}", queue=spec.identity), retention, now)
         if failures:

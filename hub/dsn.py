@@ -112,14 +112,14 @@ def build(
         lines.append(f"#{f.diagnostic} ##\n")
     lines.append("Original message headers:\n")
     headers_text = _header_block(original).decode("utf-8", "replace")  # shown to the sender
-    text = MIMEText("\n".join(lines) + "\n" + headers_text, "plain", _QP)
+    text = MIMEText("\n".join(lines) + "\n" + headers_text, "plain", _QP)  # type: ignore[arg-type]  # a Charset works
     outer.attach(text)
 
     status = MIMEBase("message", "delivery-status")
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
     per_message["Arrival-Date"] = arrival
-    blocks = [per_message]
+    blocks: list[Message | str] = [per_message]
     for f in failures:
         block = Message()
         if f.original and f.original != f.recipient:

@@ -52,8 +52,12 @@ def _sorted(rows: list[dict[str, Any]], sort: str | None, properties: dict[str, 
         key = by_name.get(name)
         if key is None:
             raise SortError(f"cannot sort by {part.lstrip('+-')!r}: use one of {', '.join(properties)}")
-        rows.sort(key=lambda row, k=key: (row.get(k) is None, row.get(k) or 0 if isinstance(row.get(k), int)
-                                          else str(row.get(k) or "").lower()), reverse=descending)
+
+        def sort_key(row: dict[str, Any], k: str = key) -> tuple[bool, Any]:
+            value = row.get(k)
+            return value is None, value or 0 if isinstance(value, int) else str(value or "").lower()
+
+        rows.sort(key=sort_key, reverse=descending)
     return rows
 
 

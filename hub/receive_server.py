@@ -84,19 +84,19 @@ class ReceiveServer:
         push_kicks_with(self.app)
         self.watcher = AsyncOrgWatcher(self.r)
         await self.watcher.refresh()
-        org = self.watcher.directory.org  # type: ignore[union-attr]
+        org = self.watcher.directory.org
         fqdn = self.hub if "." in self.hub else f"{self.hub}.{org.accepted_domains[0]}"
         tls_dir = self.data_dir / "tls"
         cert, key = tls_dir / f"{self.hub}.crt", tls_dir / f"{self.hub}.key"
         self_signed(cert, key, fqdn)
         self.ctx = ReceiveContext(
             hub=self.hub, site=self.site, fqdn=fqdn, r=self.r,
-            directory=lambda: self.watcher.directory,  # type: ignore[arg-type,return-value]
+            directory=lambda: self.watcher.directory,
             kick=self._kick, tls=server_context(cert, key),
         )
         self.ctx.pressure = self._refusal
         self.watcher.listeners.append(self.reconcile)
-        await self.reconcile(self.watcher.directory)  # type: ignore[arg-type]
+        await self.reconcile(self.watcher.directory)
 
     def _refusal(self, origin: str) -> str | None:
         """Back pressure at MAIL FROM: High refuses everyone, Medium outside senders."""

@@ -16,7 +16,7 @@ def message() -> None:
     """Messages in queues, one by identity (Site\\Queue\\Id or Id) or in bulk with --filter."""
 
 
-def _targets(r, identity: str | None, filter_: str | None, queue: str | None) -> list[str]:  # type: ignore[no-untyped-def]
+def _targets(r, identity: str | None, filter_: str | None, queue: str | None) -> list[str]:
     from mailyard.hub.queueview import message_rows
 
     if bool(identity) == bool(filter_):

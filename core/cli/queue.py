@@ -26,7 +26,7 @@ def _when(value: object) -> str:
     return str(value).replace("T", " ").rstrip("Z") if value else ""
 
 
-def print_outcome(outcome, as_json: bool, what: str) -> None:  # type: ignore[no-untyped-def]
+def print_outcome(outcome, as_json: bool, what: str) -> None:
     """The result of an action: a line per object, then the count; exit 1 if anything failed."""
     if as_json:
         print_json(outcome.as_dict())
@@ -90,7 +90,7 @@ def messages(queue_identity: str | None, filter_: str | None, sort: str | None, 
          "LastError"]))
 
 
-def _targets(r, identity: str | None, filter_: str | None) -> list[str]:  # type: ignore[no-untyped-def]
+def _targets(r, identity: str | None, filter_: str | None) -> list[str]:
     from mailyard.hub.queueview import queue_rows
 
     if bool(identity) == bool(filter_):
