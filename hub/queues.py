@@ -240,26 +240,22 @@ class _ItemIds:
         self._next += count
         return out
 
-    def take(self, r: redis.Redis, count: int) -> list[str]:
-        with self._lock:
-            found = self._have(count)
-            if found is None:
-                size = max(count, self.BLOCK)
-                self._end = int(r.incrby(keys.SEQ_ITEM, size)) + 1
-                self._next = self._end - size
-                found = self._have(count)
-            assert found is not None
-            return found
-
-    async def take_async(self, r: redis.asyncio.Redis, count: int) -> list[str]:
-        found = self._have(count)  # (one event loop: no lock needed between awaits here)
-        if found is None:
-            size = max(count, self.BLOCK)
-            end = int(await r.incrby(keys.SEQ_ITEM, size)) + 1
-            self._next, self._end = end - size, end
-            found = self._have(count)
+    def _refilled(self, last: int, size: int, count: int) -> list[str]:
+        """A new block ends at ``last`` (INCRBY's reply); take ``count`` ids from it."""
+        self._next, self._end = last + 1 - size, last + 1
+        found = self._have(count)
         assert found is not None
         return found
+
+    def take(self, r: redis.Redis, count: int) -> list[str]:
+        with self._lock:
+            size = max(count, self.BLOCK)
+            return self._have(count) or self._refilled(int(r.incrby(keys.SEQ_ITEM, size)), size, count)
+
+    async def take_async(self, r: redis.asyncio.Redis, count: int) -> list[str]:
+        # (one event loop: no lock needed between awaits here)
+        size = max(count, self.BLOCK)
+        return self._have(count) or self._refilled(int(await r.incrby(keys.SEQ_ITEM, size)), size, count)
 
 
 item_ids = _ItemIds()

@@ -23,6 +23,7 @@ apply`` changes them without a restart.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import inspect
 import ipaddress
@@ -131,11 +132,11 @@ class ReceiveContext:
     tls: ssl.SSLContext | None = None
     per_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sessions: Counter[str] = field(default_factory=Counter)
+    pressure: Callable[[str], str | None] = lambda origin: None  # back pressure: a refusal or None
     commits: GroupCommit = field(init=False)
 
     def __post_init__(self) -> None:
         self.commits = GroupCommit(self.r)
-    pressure: Callable[[str], str | None] = lambda origin: None  # back pressure: a refusal or None
 
     def count_session(self, connector: str) -> None:
         """One more SMTP session (for /metrics); counted here, written out once a second."""
@@ -156,19 +157,19 @@ class ReceiveContext:
                 if binding in c.bindings and (not c.sites or self.site in c.sites)]
 
 
+@functools.cache
+def _members(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The member names aiosmtpd looks for. Its __init__ scans dir() of the session and of the
+    handler (and getattr's every member) on every connection: offering only these names makes
+    a new session several times cheaper (measured: about 0.4 ms less CPU per connection)."""
+    return [n for n in dir(cls) if n.startswith(prefixes)]
+
+
 class Connection(SMTP):
     """One SMTP session, configured by the connector that matches the client."""
 
-    _protocol_names: list[str] | None = None
-
     def __dir__(self) -> list[str]:
-        # aiosmtpd's __init__ scans dir(self) (and getattr's every member) to find the smtp_*
-        # and auth_* methods, on every connection: offering only those names makes a new
-        # session several times cheaper (measured: about 0.4 ms less CPU per connection).
-        cls = type(self)
-        if cls._protocol_names is None:
-            cls._protocol_names = [n for n in dir(cls) if n.startswith(("smtp_", "auth_"))]
-        return cls._protocol_names
+        return _members(type(self), ("smtp_", "auth_"))
 
     def __init__(self, handler: Receiver, ctx: ReceiveContext, binding: str, **kwargs: Any) -> None:
         super().__init__(
@@ -348,11 +349,9 @@ class Receiver:
 
     def __init__(self, ctx: ReceiveContext) -> None:
         self.ctx = ctx
-        # aiosmtpd scans the handler's members on every connection, as it does the session's.
-        self._names = [n for n in dir(type(self)) if n.startswith(("handle_", "auth_"))]
 
     def __dir__(self) -> list[str]:
-        return self._names
+        return _members(type(self), ("handle_", "auth_"))
 
     # region: authentication
 

@@ -163,9 +163,9 @@ def test_an_externally_secured_connector_trusts_its_remote_range_without_a_logon
     assert reply(client, "RCPT TO:<friend@fabrikam.example>") == (250, "2.1.5 Recipient OK")
     client.quit()
     host, port = site.smtp("rx-1", "Apps")
-    outsider = smtplib.SMTP(timeout=15)
-    outsider.source_address = ("127.0.0.6", 0)
-    code, text = outsider.connect(host, port)
+    with smtplib.SMTP(timeout=15) as outsider:
+        outsider.source_address = ("127.0.0.6", 0)
+        code, text = outsider.connect(host, port)
     assert code == 421, f"a client outside the range got {code} {text!r}"
 
 

@@ -101,7 +101,8 @@ def test_a_domain_without_mx_gets_mail_at_its_address(net) -> None:
     zone.replace("a-only.example", A("127.0.0.3"))
     s = tag("implicit mx")
     site.send("bob@contoso.com", ["x@a-only.example"], subject=s)
-    wait_until(lambda: at_sink(sinks[2], "a-only.example", s), timeout=60)
+    assert wait_until(lambda: at_sink(sinks[2], "a-only.example", s), timeout=60,
+                      message=lambda: f"nothing at 127.0.0.3: {sinks[2].messages('a-only.example')}")
 
 
 @pytest.mark.parametrize(
