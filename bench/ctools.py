@@ -41,13 +41,19 @@ class CSink:
             command[1:1] = ["-u", "nobody"]
         self.proc = subprocess.Popen(command)
         self._seen: dict[str, list[tuple[str, str, float]]] = {}
+        self._count = 0
 
     def count(self) -> int:
-        return len(self.arrivals())
+        """How many recipients arrived so far (each dump file is read once)."""
+        self._read_new()
+        return self._count
 
     def arrivals(self) -> list[tuple[str, str, float]]:
-        """(message id, recipient, arrival) for every recipient of every transaction so far.
-        Each dump file is read once: polling this while a run goes on costs little."""
+        """(message id, recipient, arrival) for every recipient of every transaction so far."""
+        self._read_new()
+        return [arrival for arrivals in self._seen.values() for arrival in arrivals]
+
+    def _read_new(self) -> None:
         for entry in os.scandir(self.directory):
             if entry.name in self._seen:
                 continue
@@ -59,16 +65,13 @@ class CSink:
             mtime = entry.stat().st_mtime
             self._seen[entry.name] = [(ident.group(1).decode(), rcpt.decode(), mtime)
                                       for rcpt in RCPT.findall(head)]
-        return [arrival for arrivals in self._seen.values() for arrival in arrivals]
+            self._count += len(self._seen[entry.name])
 
     def reset(self) -> None:
         for entry in os.scandir(self.directory):
             os.unlink(entry.path)
         self._seen.clear()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        self._count = 0
 
 
 def source(endpoints: list[tuple[str, int]], messages: int, size: int, sessions: int, recipients: int,

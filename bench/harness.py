@@ -3,21 +3,23 @@ and CPU time of process trees read from /proc."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import ctools
 
+from mailyard.cli.health import smtp_greeting
 from mailyard.internet.dns import MX, A, DnsServer, Zone
 from mailyard.org import Organization, load_org
 from mailyard.site.redis_server import free_port
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
-from mailyard.testing.waiting import wait_until
+from mailyard.testing.waiting import Timeout, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SINK_IP = "127.0.0.3"
@@ -38,20 +40,6 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def cpu_by_process(pids: list[int]) -> dict[str, float]:
-    """CPU seconds per process of these trees, keyed by a short command line (for profiles)."""
-    out: dict[str, float] = {}
-    for root in pids:
-        for p in descendants(root):
-            try:
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-                cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:90]
-            except OSError:
-                continue
-            out[f"{p} {cmd}"] = (int(fields[11]) + int(fields[12])) / TICK
-    return out
-
-
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU of these processes and all their descendants."""
     total = 0
@@ -65,13 +53,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
-def bench_org(dns: DnsServer, sink_port: int, *, relay_port_binding: str = "0.0.0.0:2600") -> Organization:
+def bench_org(dns: DnsServer, sink_port: int) -> Organization:
     data = load_org(ROOT / "deploy" / "contoso.toml").model_dump(mode="json")
     data["transport"].update({"dns_servers": [dns.address], "sweep_interval": "1s"})
     for conn in data["send_connectors"]:
         conn["port"] = sink_port
     data["receive_connectors"].append({
-        "name": "Relay", "bindings": [relay_port_binding], "remote_ip_ranges": ["127.0.0.1"],
+        "name": "Relay", "bindings": ["0.0.0.0:2600"], "remote_ip_ranges": ["127.0.0.1"],
         # Secured by IP, like an Exchange connector for a trusted relay: smtp-source cannot log on.
         "permission_groups": ["ExchangeServers"], "auth_mechanisms": ["ExternalAuthoritative"],
         "max_message_size": "200MB", "max_recipients_per_message": 5000,
@@ -100,8 +88,7 @@ class Site:
     sink_proc: subprocess.Popen | None = None
     sink_port: int = 0
     cluster: Cluster | None = None
-    arrivals: Path = field(default_factory=Path)
-    csink: ctools.CSink | None = None
+    sink_log: ctools.CSink | ArrivalLog | None = None  # where the sink's arrivals are read
 
     def start_sink_only(self) -> Site:
         """Just the sink (the Postfix comparison relays to it)."""
@@ -121,15 +108,18 @@ class Site:
 
     def _start_sink(self, port: int = 0) -> None:
         self.sink_port = port or free_port(SINK_IP)
-        if self.c_sink and not (self.tempfail or self.permfail):
-            self.csink = ctools.CSink(SINK_IP, self.sink_port, self.work / "sink")
-            self.sink_proc = self.csink.proc
-            wait_until(lambda: _listening(SINK_IP, self.sink_port), timeout=10, message="smtp-sink listens")
+        if self.c_sink:
+            assert not (self.tempfail or self.permfail), "smtp-sink cannot refuse recipients: use the Python sink"
+            csink = ctools.CSink(SINK_IP, self.sink_port, self.work / "sink")
+            self.sink_log, self.sink_proc = csink, csink.proc
+            wait_until(lambda: smtp_greeting(f"{SINK_IP}:{self.sink_port}", 1), timeout=10,
+                       message="smtp-sink listens")
             return
-        self.arrivals = self.work / "arrivals.txt"
+        if not isinstance(self.sink_log, ArrivalLog):
+            self.sink_log = ArrivalLog(self.work / "arrivals.txt")
         self.sink_proc = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "sink.py"), "--host", SINK_IP, "--port", str(self.sink_port),
-             "--out", str(self.arrivals), "--tempfail", str(self.tempfail), "--permfail", str(self.permfail)],
+             "--out", str(self.sink_log.path), "--tempfail", str(self.tempfail), "--permfail", str(self.permfail)],
             stdout=subprocess.PIPE, text=True)
         assert self.sink_proc.stdout is not None and self.sink_proc.stdout.readline().strip() == "ready"
 
@@ -165,37 +155,20 @@ class Site:
         assert self.sink_proc
         return self.sink_proc.pid
 
-    def arrival_count(self) -> int:
-        if self.csink:
-            return self.csink.count()
-        return len(self.read_arrivals())
-
     def read_arrivals(self) -> list[tuple[str, str, float]]:
-        if self.csink:
-            return self.csink.arrivals()
-        out = []
-        try:
-            text = self.arrivals.read_text()
-        except FileNotFoundError:
-            return out
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) == 3:
-                out.append((parts[0], parts[1], float(parts[2])))
-        return out
+        assert self.sink_log
+        return self.sink_log.arrivals()
 
     def wait_arrivals(self, expected: int, timeout: float) -> list[tuple[str, str, float]]:
-        deadline = time.monotonic() + timeout
-        while self.arrival_count() < expected and time.monotonic() < deadline:
-            time.sleep(0.1)
+        """The arrivals once ``expected`` are in, or whatever came by the deadline."""
+        assert self.sink_log
+        with contextlib.suppress(Timeout):
+            wait_until(lambda: self.sink_log.count() >= expected, timeout=timeout, interval=0.1)
         return self.read_arrivals()
 
     def reset_arrivals(self) -> None:
-        if self.csink:
-            self.csink.reset()
-            return
-        # The sink appends; a fresh measurement ignores what came before.
-        self.arrivals.write_text("")
+        assert self.sink_log
+        self.sink_log.reset()
 
     def redis_memory(self) -> int:
         assert self.cluster
@@ -213,14 +186,37 @@ class Site:
             self.redis.stop()
 
 
-def _listening(host: str, port: int) -> bool:
-    import socket
+class ArrivalLog:
+    """bench/sink.py's arrivals file (a line "id recipient time" per recipient), read from
+    where the last call stopped: polling it while a run goes on costs little."""
 
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._got: list[tuple[str, str, float]] = []
+
+    def count(self) -> int:
+        return len(self.arrivals())
+
+    def arrivals(self) -> list[tuple[str, str, float]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return self._got
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        self._offset += len(complete)
+        for line in complete.decode().splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                self._got.append((parts[0], parts[1], float(parts[2])))
+        return self._got
+
+    def reset(self) -> None:
+        # The sink appends; a fresh measurement ignores what came before.
+        self.path.write_text("")
+        self._offset, self._got = 0, []
 
 
 def quiet(threshold: float = 0.15, timeout: float = 60) -> None:

@@ -8,8 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from harness import cpu_seconds
-
 from mailyard.site.redis_server import free_port
 
 
@@ -64,9 +62,6 @@ class Postfix:
         self._postfix("check")
         self._postfix("start")
         self.master_pid = int((self.data / "master.lock").read_text().split()[0])
-
-    def cpu(self) -> float:
-        return cpu_seconds([self.master_pid])
 
     def stop(self) -> None:
         try:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -36,11 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ctools
 from harness import DOMAIN, Site, cpu_seconds, quiet
 from load import Load
+from results import write
 
 from mailyard import keys
-
-RESULTS = Path(__file__).resolve().parent / "results"
-STAMP = time.strftime("%Y%m%d-%H%M%S")  # one set of result files per invocation
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -52,12 +48,13 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def summarize(name: str, load: Load, arrivals: list[tuple[str, str, float]], recipients: int,
-              load_wall: float, cpu_site: float, cpu_other: float, extra: dict | None = None) -> dict:
+              load_wall: float, cpu_site: float, cpu_other: float) -> dict:
     accepted_times = sorted(load.accepted.values())
     first_arrival = {}
     counts: dict[tuple[str, str], int] = {}
     ndrs = [a for a in arrivals if a[1] == load.sender]  # NDRs for the bounced, sent back to the load
-    arrivals = [a for a in arrivals if a[1] != load.sender]
+    # Only this run's messages: a deferred one from the warm-up may arrive during it.
+    arrivals = [a for a in arrivals if a[1] != load.sender and a[0] in load.accepted]
     for ident, rcpt, at in arrivals:
         counts[(ident, rcpt)] = counts.get((ident, rcpt), 0) + 1
         first_arrival.setdefault(ident, at)
@@ -89,7 +86,6 @@ def summarize(name: str, load: Load, arrivals: list[tuple[str, str, float]], rec
         "exactly_once": missing == 0 and duplicates == 0,
         "refused": load.refused,
         **({"bounced": len(load.bounced & load.accepted.keys()), "ndrs_at_sink": len(ndrs)} if load.bounced else {}),
-        **(extra or {}),
     }
 
 
@@ -130,8 +126,9 @@ def inject(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]
     if not arrive:  # the backlog's fill: the next hop is down
         return {"messages": expected // args.recipients, "wall": wall, "refused": merged.refused}
     # The refused recipients' NDRs go back to the load's domain, the sink: wait for them too.
+    # A deferred recipient is retried a minute later, and may be deferred again: wait for a few.
     arrivals = site.wait_arrivals(expected + len(merged.bounced & merged.accepted.keys()),
-                                  timeout=max(120, messages / 20))
+                                  timeout=max(300 if args.tempfail else 120, messages / 20))
     cpu_site = cpu_seconds(pids) - cpu0_site
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_load = sum(b.ru_utime - a.ru_utime + b.ru_stime - a.ru_stime for a, b in ((r0, r1), (c0, c1)))
@@ -155,8 +152,7 @@ def inject(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]
 def measure(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]], pids: list[int],
             name: str) -> dict:
     """Peak throughput, then latency at half of it (the target's condition): one result."""
-    c_tools = args.load == "smtp-source"
-    peak = inject(args, site, endpoints, pids, name, args.messages, c_tools=c_tools)
+    peak = inject(args, site, endpoints, pids, name, args.messages, c_tools=args.c_tools)
     rate = (peak["delivered_per_s"] or 0) / 2
     if rate and args.variant == "relay":
         count = int(min(4000, max(300, rate * 20)))
@@ -177,7 +173,7 @@ def measure(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int
 def relay_run(args: argparse.Namespace, site: Site, name: str, messages: int, *, arrive: bool = True) -> dict:
     """The warm-up and the backlog fill: unmeasured."""
     return inject(args, site, site.relay_endpoints, site.site_pids(), name, messages, arrive=arrive,
-                  c_tools=args.load == "smtp-source" and site.csink is not None)
+                  c_tools=args.c_tools)
 
 
 def line(r: dict) -> str:
@@ -337,47 +333,6 @@ def run_postfix(args: argparse.Namespace) -> dict | None:
             site.stop()
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for text in Path("/proc/cpuinfo").read_text().splitlines():
-            if text.startswith("model name"):
-                cpu = text.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "python": platform.python_version(),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def write(results: list[dict], tag: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    stamp = STAMP
-    data = {"machine": machine(), "results": results}
-    (RESULTS / f"{stamp}-{tag}.json").write_text(json.dumps(data, indent=2))
-    m = data["machine"]
-    rows = [f"{m['cpus']} vCPU {m['cpu']}, Linux {m['kernel']}, Python {m['python']}, {m['when']}", "",
-            "| run | accepted/s | delivered/s | delivered vs Postfix | p50 ms | p99 ms | CPU ms/msg | exactly once |",
-            "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if "accepted_per_s" in r:
-            ratio = r.get("postfix_ratio", {}).get("delivered", "")
-            rows.append(f"| {r['name']} | {r['accepted_per_s']} | {r['delivered_per_s']} | {ratio and f'{ratio}x'} | "
-                        f"{r['latency_p50_ms']} | {r['latency_p99_ms']} | {r['cpu_ms_per_message_site']} | "
-                        f"{r['exactly_once']} |")
-    for r in results:
-        if "drain_per_s" in r:
-            rows += ["", f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "name")]
-    (RESULTS / f"{stamp}-{tag}.md").write_text("\n".join(rows) + "\n")
-    try:
-        from plot import plot
-
-        plot(results, RESULTS / f"{stamp}-{tag}.png")
-    except ImportError:
-        print("(matplotlib is not installed: no plot; pip install matplotlib)")
-    print(f"results in {RESULTS}/{stamp}-{tag}.*")
-
-
 # What the README reports: each entry overrides the command line's defaults.
 MATRIX: list[dict] = [
     {"sessions": 20}, {"sessions": 50}, {"fsync": "everysec"},
@@ -400,6 +355,9 @@ def one(args: argparse.Namespace) -> list[dict]:
         args.load = "python"
     if args.variant == "realistic":  # smtp-sink cannot refuse a share of recipients
         args.sink = "python"
+    if args.sink == "python":  # smtp-source's messages carry no X-Bench-Id for the Python sink
+        args.load = "python"
+    args.c_tools = args.load == "smtp-source"
     print(f"== {args.variant}: {args.size} bytes x{args.recipients}, {args.sessions} sessions, {args.hubs} hubs, "
           f"fsync {args.fsync}; load {args.load}, sink {args.sink}", flush=True)
     label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}"
