@@ -143,11 +143,17 @@ class Cluster:
             servers = [s for site in self.org.sites for s in site.mailbox_servers]
         names = list(servers)
         started = [self.start_mailbox(s, wait=False) for s in names]
-        for proc in started:
-            wait_until(lambda p=proc: self._registered_and_healthy(p), timeout=30,
-                       message=lambda p=proc: f"{p.name} did not start: {self.tail(p.name)}")
+        for proc in started:  # (self.procs: the process may have been started again)
+            wait_until(lambda n=proc.name: self._registered_and_healthy(self.procs[n]), timeout=30,
+                       message=lambda n=proc.name: f"{n} did not start: {self.tail(n)}")
 
     def _registered_and_healthy(self, proc: Proc) -> bool:
+        if not proc.alive and "Address already in use" in self.tail(proc.name):
+            # The free port was taken between choosing it and binding it (another test
+            # process, or an outgoing connection's ephemeral port): start again on another.
+            self._mailbox_ports.pop(proc.name, None)
+            self.start_mailbox(proc.name, wait=False)
+            return False
         if not proc.alive:
             raise AssertionError(f"{proc.name} exited: {self.tail(proc.name)}")
         url = self.r.hget(keys.server(proc.name), "url")
