@@ -45,6 +45,7 @@ from mailyard import headers, keys
 from mailyard.directory import Directory
 from mailyard.hub import replies
 from mailyard.hub.queues import Message, item_ids, new_message_id
+from mailyard.hub.relay import ORG_HEADERS, ORIGIN_HEADER, SERVER_LOGIN_PREFIX
 from mailyard.hub.smtp_data import read_data
 from mailyard.hub.submit import submission_txn
 from mailyard.org import ReceiveConnector, normalize_address, parse_ip_range
@@ -52,10 +53,6 @@ from mailyard.tracking import Event, Record
 from mailyard.txn import GroupCommit, Kick
 
 log = logging.getLogger("mailyard.hub.receive")
-
-SERVER_LOGIN_PREFIX = "exchange-server"  # hubs log on to hubs as "exchange-server/<hub>"
-ORIGIN_HEADER = "X-Mailyard-Origin"  # set by hubs relaying between sites; trusted from them only
-ORG_HEADERS = ("X-Mailyard-Origin",)
 
 # A line of this many bytes without CRLF is closed on (RFC 5321 allows 1000). aiosmtpd refuses
 # a long line only when it ends, and in DATA it keeps every piece of it until then: without a

@@ -27,7 +27,7 @@ from mailyard.hub import mx
 from mailyard.hub.delivery import Batch, Outcome, defer_batch, register, settle
 from mailyard.hub.node import Node
 from mailyard.hub.queues import DeliveryType, Item, load_bodies, renew
-from mailyard.hub.receive import ORIGIN_HEADER, SERVER_LOGIN_PREFIX
+from mailyard.hub.relay import ORIGIN_HEADER, SERVER_LOGIN_PREFIX
 from mailyard.org import SendConnector
 from mailyard.tls import opportunistic_client_context
 from mailyard.tracking import Event
