@@ -36,7 +36,7 @@ def hub(site_name: str, name: str | None, concurrency: int, pool: str, loglevel:
     if site_name not in {s.name for s in org.sites}:
         raise SiteError(f"the organization has no site {site_name!r} "
                         f"(sites: {', '.join(s.name for s in org.sites)})")
-    from mailyard.hub.receive_server import parse_binds
+    from mailyard.hub.receive_listener import parse_binds
 
     try:
         parse_binds(list(binds))
@@ -62,7 +62,7 @@ def hub(site_name: str, name: str | None, concurrency: int, pool: str, loglevel:
 def receive(hub_name: str, site_name: str, binds: tuple[str, ...], loglevel: str, redis_url: str | None,
             data_dir: Path) -> None:
     """The hub's receive process (started by `mailyard hub`)."""
-    from mailyard.hub.receive_server import parse_binds, serve
+    from mailyard.hub.receive_listener import parse_binds, serve
 
     setup_logging(loglevel)
     serve(hub=hub_name, site=site_name, redis_url=resolve_redis_url(redis_url, data_dir), data_dir=data_dir,

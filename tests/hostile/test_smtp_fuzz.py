@@ -23,7 +23,7 @@ in DATA), so it knows which reply answers which line, and checks:
 The known exceptions to "one reply per line" are modelled: QUIT, 421 and the fifth unknown
 command close the connection; after ``220`` to STARTTLS the server discards plaintext and
 waits for a handshake; a run of more than 64 KB without CRLF makes the server close
-(``hub/receive.py``, ``MAX_UNBROKEN_LINE``).
+(``hub/receive_protocol.py``, ``MAX_UNBROKEN_LINE``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailyard import tracking
-from mailyard.hub.receive import MAX_UNBROKEN_LINE
+from mailyard.hub.receive_protocol import MAX_UNBROKEN_LINE
 from mailyard.testing.cluster import Cluster
 from tests.conftest import make_org
 from tests.hostile.helpers import (

@@ -22,7 +22,7 @@ from mailyard.broker import TASK_DRAIN, make_app, push_kicks_with
 from mailyard.directory import Directory
 from mailyard.hub import replies
 from mailyard.hub.pressure import Level
-from mailyard.hub.receive import Connection, ReceiveContext, Receiver
+from mailyard.hub.receive_protocol import Connection, ReceiveContext, Receiver
 from mailyard.orgstore import AsyncOrgWatcher
 from mailyard.tls import self_signed, server_context
 from mailyard.txn import Kick

@@ -327,7 +327,7 @@ def test_a_receive_connector_change_takes_effect_without_a_restart(site) -> None
 def test_plain_addresses_take_a_fast_path_that_reads_them_as_the_rfc_5322_parser_does(arg: str) -> None:
     from aiosmtpd.smtp import SMTP
 
-    from mailyard.hub.receive import SIMPLE_PATH
+    from mailyard.hub.receive_protocol import SIMPLE_PATH
 
     simple = SIMPLE_PATH.match(arg)
     assert simple, f"{arg!r} is a plain path"
@@ -341,6 +341,6 @@ def test_plain_addresses_take_a_fast_path_that_reads_them_as_the_rfc_5322_parser
     "<a@b.example> \nX", "<é@b.example>", "<a@b_c.example>", "<>",
 ])
 def test_every_other_address_goes_to_the_rfc_5322_parser(arg: str) -> None:
-    from mailyard.hub.receive import SIMPLE_PATH
+    from mailyard.hub.receive_protocol import SIMPLE_PATH
 
     assert SIMPLE_PATH.match(arg) is None, f"{arg!r} must be judged by the full parser"
