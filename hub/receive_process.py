@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from mailyard.site.runner import _die_with_parent
+from mailyard.processes import die_with_parent
 
 log = logging.getLogger("mailyard.hub.receive")
 
@@ -30,7 +30,7 @@ class ReceiveProcess:
 
     def _spawn(self) -> None:
         # Output goes where the hub's goes; the process dies with the hub (PDEATHSIG).
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
     def _watch(self) -> None:
         backoff = 0.5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -106,16 +105,3 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip() for row in rows]
     return "\n".join(lines)
-
-
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per task or HTTP request costs CPU at load and buries what matters.
-    for noisy in ("celery.app.trace", "celery.worker.strategy", "httpx", "uvicorn.access", "mail.log"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    # aiosmtpd warns on every AUTH that its own code sets a deprecated attribute.
-    logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())

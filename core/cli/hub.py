@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from mailyard.cli.common import connect, handle_errors, redis_option, resolve_redis_url, setup_logging
+from mailyard.cli.common import connect, handle_errors, redis_option, resolve_redis_url
 from mailyard.errors import SiteError
 from mailyard.orgstore import read_org
+from mailyard.processes import setup_logging
 
 
 @click.command()

@@ -19,11 +19,11 @@ from mailyard.cli.common import (
     print_json,
     redis_option,
     resolve_redis_url,
-    setup_logging,
     table,
 )
 from mailyard.errors import MailyardError, NotFoundError
 from mailyard.orgstore import OrgCache
+from mailyard.processes import setup_logging
 
 
 @click.group()

@@ -17,11 +17,11 @@ from mailyard.cli.common import (
     json_option,
     print_json,
     read_state,
-    setup_logging,
     table,
 )
 from mailyard.errors import SiteError
 from mailyard.org import load_org
+from mailyard.processes import setup_logging
 from mailyard.site.runner import Site, SiteConfig, _pid_alive
 
 DEFAULT_CONFIG = Path("deploy/contoso.toml")

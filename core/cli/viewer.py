@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
-from mailyard.cli.common import connect, handle_errors, redis_option, resolve_redis_url, setup_logging
+from mailyard.cli.common import connect, handle_errors, redis_option, resolve_redis_url
 from mailyard.errors import SiteError
+from mailyard.processes import setup_logging
 
 
 def _is_loopback(host: str) -> bool:

@@ -9,7 +9,6 @@ with it even if it is killed outright (Linux's parent-death signal).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from mailyard import redisconn
 from mailyard.errors import SiteError
 from mailyard.org import Organization
 from mailyard.orgstore import apply_org
+from mailyard.processes import die_with_parent
 from mailyard.site import redis_server
 from mailyard.site.redis_server import free_port
 
@@ -34,17 +34,8 @@ STOP_GRACE_S = 15.0
 MAX_BACKOFF_S = 30.0
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when its parent dies (Linux only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _own_group_dying_with_parent() -> None:
-    _die_with_parent()
+    die_with_parent()
     os.setpgrp()  # Ctrl-C in the terminal reaches the runner, which stops children in order
 
 

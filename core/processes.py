@@ -1,0 +1,31 @@
+"""What every Mailyard process does the same way: log, and die with the process that started it."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import sys
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One line per record on stderr, ``<time> <level> <logger>: <message>``."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # One line per task or HTTP request costs CPU at load and buries what matters.
+    for noisy in ("celery.app.trace", "celery.worker.strategy", "httpx", "uvicorn.access", "mail.log"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # aiosmtpd warns on every AUTH that its own code sets a deprecated attribute.
+    logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
+
+
+def die_with_parent() -> None:
+    """Runs in a child before exec (``preexec_fn``): SIGTERM it when its parent dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
