@@ -1,33 +1,45 @@
-"""The hub's receive process: listens on every binding of its site's receive connectors.
+"""The hub's receive listener: the process that listens on every binding of its site's receive
+connectors, and its supervisor in the hub's worker.
 
-It runs beside the hub's Celery worker (which starts and restarts it), in its own process
-because aiosmtpd's protocol code needs a core of its own under load. Listeners follow the
+The hub's Celery worker starts the listener (``ListenerProcess``) as a process of its own,
+``python -m mailyard.hub.receive_listener``, because aiosmtpd's protocol code needs a core of
+its own under load; the worker restarts it when it exits, and it dies with the worker. In the
+listener, ``ReceiveListener`` binds the connectors and runs the event loop: a
+``ReceiveProtocol`` with a ``ReceiveHandler`` for every connection. Listeners follow the
 organization: a connector added, removed or rebound with ``mailyard org apply`` opens or
-closes its listener within a second. Where the hub runs, a binding of the organization
-file (``0.0.0.0:25``) may be mapped to another address (``127.0.0.1:2525``): the local
-site gives each hub its own ports that way.
+closes its listener within a second. Where the hub runs, a binding of the organization file
+(``0.0.0.0:25``) may be mapped to another address (``127.0.0.1:2525``): the local site gives
+each hub its own ports that way. Once a second the listener reads the site's back-pressure
+level and writes out its session counters.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ipaddress
 import logging
 import signal
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 from mailyard import keys, nodes, redisconn
 from mailyard.broker import TASK_DRAIN, make_app, push_kicks_with
 from mailyard.directory import Directory
-from mailyard.hub import replies
 from mailyard.hub.pressure import Level
-from mailyard.hub.receive_protocol import Connection, ReceiveContext, Receiver
+from mailyard.hub.receive_handler import ReceiveHandler
+from mailyard.hub.receive_protocol import ReceiveContext, ReceiveProtocol
 from mailyard.orgstore import AsyncOrgWatcher
+from mailyard.processes import die_with_parent, setup_logging
 from mailyard.tls import self_signed, server_context
 from mailyard.txn import Kick
 
 log = logging.getLogger("mailyard.hub.receive")
+
+ENTRY_POINT = "mailyard.hub.receive_listener"  # python -m ENTRY_POINT runs the listener process
 
 
 def parse_binds(values: list[str]) -> dict[str, str]:
@@ -58,7 +70,12 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class ReceiveServer:
+# region: in the listener process
+
+
+class ReceiveListener:
+    """One hub's listeners, one per actual address its site's connectors are bound to."""
+
     def __init__(self, *, hub: str, site: str, redis_url: str, data_dir: Path,
                  binds: dict[str, str] | None = None) -> None:
         self.hub = hub
@@ -68,7 +85,6 @@ class ReceiveServer:
         self.binds = binds or {}
         self.servers: dict[str, asyncio.Server] = {}  # actual address -> listener
         self.failed: set[str] = set()
-        self.level = Level.NORMAL
 
     def _kick(self, kicks: list[Kick]) -> None:
         for k in kicks:
@@ -94,22 +110,15 @@ class ReceiveServer:
             directory=lambda: self.watcher.directory,
             kick=self._kick, tls=server_context(cert, key),
         )
-        self.ctx.pressure = self._refusal
         self.watcher.listeners.append(self.reconcile)
         await self.reconcile(self.watcher.directory)
-
-    def _refusal(self, origin: str) -> str | None:
-        """Back pressure at MAIL FROM: High refuses everyone, Medium outside senders."""
-        if self.level is Level.HIGH or (self.level is Level.MEDIUM and origin == "external"):
-            return replies.NO_RESOURCES
-        return None
 
     async def watch_pressure(self) -> None:
         """Once a second: the site's back-pressure level in, the session counters out."""
         while True:
             try:
                 value = await self.r.hget(keys.pressure(self.site), "level")
-                self.level = Level(int(value)) if value is not None else Level.NORMAL
+                self.ctx.level = Level(int(value)) if value is not None else Level.NORMAL
                 await self.ctx.flush_counts()
             except Exception as exc:  # keep the last level while Redis is away
                 log.warning("could not read the back-pressure level: %s", exc)
@@ -138,7 +147,7 @@ class ReceiveServer:
             host, port = _split(actual)
             try:
                 self.servers[actual] = await asyncio.get_running_loop().create_server(
-                    lambda b=binding: Connection(Receiver(self.ctx), self.ctx, b),
+                    lambda b=binding: ReceiveProtocol(ReceiveHandler(self.ctx), self.ctx, b),
                     host=host, port=port, reuse_address=True, reuse_port=True,
                     family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                 )
@@ -174,4 +183,80 @@ class ReceiveServer:
 
 
 def serve(*, hub: str, site: str, redis_url: str, data_dir: Path, binds: dict[str, str]) -> None:
-    asyncio.run(ReceiveServer(hub=hub, site=site, redis_url=redis_url, data_dir=data_dir, binds=binds).run())
+    """Run a hub's receive listener until SIGTERM or SIGINT."""
+    asyncio.run(ReceiveListener(hub=hub, site=site, redis_url=redis_url, data_dir=data_dir, binds=binds).run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mailyard.hub.receive_listener --hub H --site S --redis-url URL --data-dir D [--bind ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m mailyard.hub.receive_listener",
+                                     description="A hub's receive listener (started by its worker).")
+    parser.add_argument("--hub", required=True)
+    parser.add_argument("--site", required=True)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--bind", dest="binds", action="append", default=[], metavar="CONFIGURED=HOST:PORT")
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args(argv)
+    try:
+        binds = parse_binds(args.binds)
+    except ValueError as exc:
+        parser.error(str(exc))
+    setup_logging(args.loglevel)
+    serve(hub=args.hub, site=args.site, redis_url=args.redis_url, data_dir=args.data_dir, binds=binds)
+
+
+# endregion
+
+# region: in the hub's worker
+
+
+class ListenerProcess:
+    """Start, watch and stop the hub's receive listener from the worker's main process."""
+
+    def __init__(self, *, hub: str, site: str, redis_url: str, data_dir: Path, binds: list[str],
+                 loglevel: str = "INFO") -> None:
+        self.cmd = [sys.executable, "-m", ENTRY_POINT, "--hub", hub, "--site", site, "--redis-url", redis_url,
+                    "--data-dir", str(data_dir), "--loglevel", loglevel]
+        for bind in binds:
+            self.cmd += ["--bind", bind]
+        self.proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread = threading.Thread(target=self._watch, name="receive-watch", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        # Output goes where the hub's goes; the process dies with the hub (PDEATHSIG).
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+    def _watch(self) -> None:
+        backoff = 0.5
+        while not self._stop.wait(0.5):
+            if self.proc is not None and self.proc.poll() is not None:
+                log.warning("receive listener exited with status %s; restarting in %.1fs",
+                            self.proc.returncode, backoff)
+                if self._stop.wait(backoff):
+                    return
+                self._spawn()
+                backoff = min(backoff * 2, 30.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# endregion
+
+
+if __name__ == "__main__":
+    main()

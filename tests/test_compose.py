@@ -377,7 +377,7 @@ def test_the_demo_internet_is_on_its_own_network_and_the_organization_resolves_t
     assert one(args, "--mx-address") == address
     # Mail from there is the Internet's: the connector that matches it takes anonymous mail,
     # and hubs see it on a network they are attached to.
-    from mailyard.hub.receive_protocol import select_connector
+    from mailyard.hub.receive_policy import select_connector
 
     anonymous = {b for c in organization().receive_connectors if "AnonymousUsers" in c.permission_groups
                  for b in c.bindings}

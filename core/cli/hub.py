@@ -52,19 +52,3 @@ def hub(site_name: str, name: str | None, concurrency: int, pool: str, loglevel:
     run(name=name, site=site_name, redis_url=resolve_redis_url(redis_url, data_dir), data_dir=data_dir,
         concurrency=concurrency, pool=pool, loglevel=loglevel, receive=receive, binds=list(binds))
 
-
-@click.command(hidden=True)
-@click.option("--hub", "hub_name", required=True)
-@click.option("--site", "site_name", required=True)
-@click.option("--bind", "binds", multiple=True)
-@click.option("--loglevel", default="INFO")
-@redis_option
-@handle_errors
-def receive(hub_name: str, site_name: str, binds: tuple[str, ...], loglevel: str, redis_url: str | None,
-            data_dir: Path) -> None:
-    """The hub's receive process (started by `mailyard hub`)."""
-    from mailyard.hub.receive_listener import parse_binds, serve
-
-    setup_logging(loglevel)
-    serve(hub=hub_name, site=site_name, redis_url=resolve_redis_url(redis_url, data_dir), data_dir=data_dir,
-          binds=parse_binds(list(binds)))

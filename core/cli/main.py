@@ -16,7 +16,6 @@ COMMANDS = {
     "mailbox": "mailyard.cli.mailbox:mailbox",
     "send": "mailyard.cli.mailbox:send",
     "hub": "mailyard.cli.hub:hub",
-    "receive": "mailyard.cli.hub:receive",
     "queue": "mailyard.cli.queue:queue",
     "message": "mailyard.cli.message:message",
     "track": "mailyard.cli.track:track",

@@ -44,11 +44,15 @@ class Proc:
         return self.popen.poll() is None
 
     def children(self) -> list[int]:
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
+        """Its child processes, whichever of its threads started them (a hub's receive
+        listener is started again from a watching thread)."""
+        found = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+            try:
+                found += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        return found
 
 
 class Cluster:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailyard.hub.receive_listener import ENTRY_POINT
 from mailyard.org import Organization
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
@@ -185,14 +186,15 @@ def running_site(redis_server: RedisServer, data_dir: Path, org: Organization, *
 
 
 def receive_pid(cluster: Cluster, hub: str = "rx-1") -> int:
-    """The hub's receive process: the child of its worker main process running ``receive``."""
+    """The hub's receive process: the child of its worker main process running the listener's
+    entry point, ``python -m mailyard.hub.receive_listener``."""
     def find() -> int | None:
         for pid in cluster.procs[hub].children():
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"receive" in cmdline:  # (a child just forked still shows the hub's command line)
+            if ENTRY_POINT.encode() in cmdline:  # (a child just forked still shows the hub's command line)
                 return pid
         return None
     return wait_until(find, timeout=30, message=lambda: f"{hub} has no receive process: {cluster.tail(hub)}")

@@ -6,7 +6,15 @@ from __future__ import annotations
 from collections import Counter
 
 from mailyard import tracking
+from mailyard.hub.relay import server_login, server_of
 from mailyard.testing.waiting import wait_until
+
+
+def test_a_hub_relays_with_a_server_login_that_names_it() -> None:
+    assert server_login("ams-1") == "exchange-server/ams-1"
+    assert server_of(server_login("ams-1")) == "ams-1"
+    assert server_of("Exchange-Server") == "hub", "a server login without a name"
+    assert server_of("alice@contoso.com") is None
 
 
 def test_mail_goes_from_amsterdam_to_london_and_back(cluster_factory) -> None:

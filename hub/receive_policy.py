@@ -1,0 +1,247 @@
+"""Receive connectors' policy: who may do what, as an Exchange 2010 hub decides it.
+
+Every decision here is a pure function of the connector, the client's identity, the
+directory and what the client sent; nothing here reads a socket or Redis (the session in
+``receive_protocol`` and the handler in ``receive_handler`` ask, and act on the answer).
+
+- Which connector: each connection is matched to the connector of its listening address
+  whose remote IP range matches the client most specifically (``select_connector``).
+- What it offers (``session_rules``): STARTTLS (Tls), AUTH PLAIN/LOGIN (BasicAuth, and
+  ExchangeServer for hubs), AUTH only after STARTTLS (BasicAuthRequireTLS); with
+  ExternalAuthoritative every client the remote IP ranges admit is an Exchange server
+  without a logon (the link is secured by other means).
+- Who may submit (permission groups, ``granted_groups``): AnonymousUsers, ExchangeUsers (a
+  mailbox that logged on), ExchangeServers (another hub, logged on with the organization's
+  server token), Partners; a client with none of them gets ``530 5.7.1 Client was not
+  authenticated``, and a user sends only as one of its own addresses.
+- Who may relay (``rcpt_to``): ExchangeUsers and ExchangeServers; anyone else may only send
+  to the accepted domains (``550 5.7.1 Unable to relay``), and only to recipients that exist
+  (``550 5.1.1 User unknown``).
+- Limits: message size (advertised with SIZE, ``552 5.3.4``; a hub relaying within the
+  organization is exempt), recipients per message (``452 4.5.3``), hop count (``554 5.4.6``),
+  connections per source, failed logons; back pressure at MAIL FROM (``452 4.3.1``).
+
+A refused command raises ``Refused``, which carries the reply.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from dataclasses import dataclass
+
+from mailyard import headers
+from mailyard.directory import Directory
+from mailyard.hub import relay, replies
+from mailyard.hub.pressure import Level
+from mailyard.org import Organization, ReceiveConnector, normalize_address, parse_ip_range
+
+RELAY_GROUPS = frozenset({"ExchangeUsers", "ExchangeServers"})
+ANY_SENDER_GROUPS = frozenset({"AnonymousUsers", "ExchangeServers", "Partners"})
+USER_LOGONS = frozenset({"BasicAuth", "BasicAuthRequireTLS"})  # mechanisms a mailbox logs on with
+LOGONS = USER_LOGONS | {"ExchangeServer"}  # mechanisms that offer AUTH at all
+
+
+class Refused(Exception):
+    """A command the connector refuses; ``reply`` is what the client is told."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the client is: a mailbox that logged on (ExchangeUsers) or another hub (ExchangeServers)."""
+
+    kind: str  # "user" or "server"
+    name: str  # the mailbox's primary address, or the hub's name
+    addresses: frozenset[str] = frozenset()  # a user's: its primary address and its aliases
+
+
+# region: which connector, and what a session on it offers
+
+
+def connectors_for(org: Organization, binding: str, site: str) -> list[ReceiveConnector]:
+    """The connectors a listener on ``binding`` serves for a hub of ``site``."""
+    return [c for c in org.receive_connectors if binding in c.bindings and (not c.sites or site in c.sites)]
+
+
+def select_connector(connectors: list[ReceiveConnector], ip: str) -> ReceiveConnector | None:
+    """The enabled connector whose remote IP range matches ``ip`` most specifically."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    best: tuple[int, ReceiveConnector] | None = None
+    for conn in connectors:
+        if not conn.enabled:
+            continue
+        for text in conn.remote_ip_ranges:
+            lo, hi = parse_ip_range(text)
+            if lo.version != addr.version or not lo <= addr <= hi:
+                continue
+            size = int(hi) - int(lo)
+            if best is None or size < best[0]:
+                best = (size, conn)
+    return best[1] if best else None
+
+
+@dataclass(frozen=True)
+class SessionRules:
+    """What a session on one connector offers its client."""
+
+    size_limit: int  # advertised with SIZE
+    starttls: bool  # Tls
+    auth_methods: frozenset[str]  # of PLAIN and LOGIN; none without a logon mechanism
+    auth_require_tls: bool  # BasicAuthRequireTLS: AUTH only after STARTTLS
+    implicit: Identity | None  # ExternalAuthoritative: the client is an Exchange server without a logon
+    ident: str | None  # the greeting's text after "220 <hostname> ", from the connector's banner
+    hostname: str | None  # the connector's own FQDN, when it has one
+
+
+def session_rules(conn: ReceiveConnector, client_ip: str) -> SessionRules:
+    mechanisms = set(conn.auth_mechanisms)
+    return SessionRules(
+        size_limit=conn.max_message_size,
+        starttls="Tls" in mechanisms,
+        auth_methods=frozenset({"PLAIN", "LOGIN"}) if mechanisms & LOGONS else frozenset(),
+        auth_require_tls="BasicAuthRequireTLS" in mechanisms,
+        implicit=Identity("server", f"[{client_ip}]") if "ExternalAuthoritative" in mechanisms else None,
+        ident=conn.banner.removeprefix("220 ").split(" ", 1)[-1] if conn.banner else None,
+        hostname=conn.fqdn or None,
+    )
+
+
+def too_many_connections(conn: ReceiveConnector, open_from_source: int) -> bool:
+    """A new connection from a source that already has ``open_from_source`` open is one too many."""
+    return open_from_source >= conn.max_inbound_connection_per_source
+
+
+def too_many_logon_failures(conn: ReceiveConnector, failures: int) -> bool:
+    """The connection is closed after this many failed logons (0: never)."""
+    return bool(conn.max_logon_failures) and failures >= conn.max_logon_failures
+
+
+# endregion
+
+# region: who the client is, and what it may do
+
+
+def logon(directory: Directory, conn: ReceiveConnector, login: str, password: bytes) -> Identity | None:
+    """AUTH: the identity a login and password prove on this connector, or None.
+
+    A hub logs on as ``exchange-server/<hub>`` with the organization's server token, where the
+    connector has ExchangeServer; a mailbox with its address (or an alias) and its password,
+    where it has BasicAuth."""
+    mechanisms = set(conn.auth_mechanisms)
+    hub = relay.server_of(login)
+    if hub is not None:
+        token = directory.org.transport.server_token.encode()
+        if token and "ExchangeServer" in mechanisms and hmac.compare_digest(password, token):
+            return Identity("server", hub)
+        return None
+    if not mechanisms & USER_LOGONS:
+        return None
+    entry = directory.mailbox_entry(login)
+    expected = directory.passwords.get(entry.address, "") if entry else ""
+    if entry and expected and hmac.compare_digest(password, expected.encode()):
+        aliases = {a for m in directory.org.mailboxes if m.address == entry.address for a in m.aliases}
+        return Identity("user", entry.address, frozenset({entry.address, *aliases}))
+    return None
+
+
+def granted_groups(conn: ReceiveConnector, identity: Identity | None) -> frozenset[str]:
+    """The connector's permission groups this client is in: AnonymousUsers and Partners are
+    everyone; ExchangeUsers a logged-on mailbox, ExchangeServers a hub."""
+    granted = set(conn.permission_groups)
+    have = {"AnonymousUsers", "Partners"} & granted
+    if identity is not None and identity.kind == "user":
+        have |= {"ExchangeUsers"} & granted
+    if identity is not None and identity.kind == "server":
+        have |= {"ExchangeServers"} & granted
+    return frozenset(have)
+
+
+def mail_from(conn: ReceiveConnector, identity: Identity | None, address: str) -> str:
+    """MAIL FROM: the sender, normalized ("" for the null sender ``<>``).
+
+    Refused: a client in none of the connector's permission groups (``530 5.7.1``), a
+    malformed address (``501 5.1.7``), a user sending as someone else (``550 5.7.1``)."""
+    groups = granted_groups(conn, identity)
+    if not groups:
+        raise Refused(replies.NOT_AUTHENTICATED)
+    sender = ""
+    if address != "<>":
+        try:
+            sender = normalize_address(address)
+        except ValueError:
+            raise Refused(replies.INVALID_SENDER) from None
+    if identity and identity.kind == "user" and not groups & ANY_SENDER_GROUPS and sender and (
+        sender not in identity.addresses
+    ):
+        raise Refused(replies.SEND_AS_DENIED)
+    return sender
+
+
+def is_internal(directory: Directory, identity: Identity | None, sender: str) -> bool:
+    """Mail from the organization: a client that logged on, or a sender of an accepted domain."""
+    return identity is not None or (bool(sender) and directory.is_accepted(sender))
+
+
+def pressure_refusal(level: Level, internal: bool) -> str | None:
+    """Back pressure at MAIL FROM: High refuses everyone, Medium senders outside the organization."""
+    if level is Level.HIGH or (level is Level.MEDIUM and not internal):
+        return replies.NO_RESOURCES
+    return None
+
+
+def size_limit(conn: ReceiveConnector, identity: Identity | None) -> int | None:
+    """The message size limit of this client's transaction (None: none).
+
+    ms-Exch-Bypass-Message-Size-Limit: a hub relaying within the organization carries a
+    message the first hub accepted, plus its own headers; the limits were applied there."""
+    if identity is not None and identity.kind == "server":
+        return None
+    return conn.max_message_size
+
+
+def rcpt_to(conn: ReceiveConnector, identity: Identity | None, address: str, directory: Directory,
+            taken: int) -> str:
+    """RCPT TO: the recipient, normalized, when ``taken`` recipients were accepted before it.
+
+    Refused: one more than the connector's limit (``452 4.5.3``), a malformed address
+    (``501 5.1.3``), an address of an accepted domain that does not exist (``550 5.1.1``),
+    any other domain for a client that may not relay (``550 5.7.1``)."""
+    if taken >= conn.max_recipients_per_message:
+        raise Refused(replies.TOO_MANY_RECIPIENTS)
+    try:
+        rcpt = normalize_address(address)
+    except ValueError:
+        raise Refused(replies.INVALID_RECIPIENT) from None
+    if directory.is_accepted(rcpt):
+        if directory.lookup(rcpt) is None:
+            raise Refused(replies.USER_UNKNOWN)
+    elif not granted_groups(conn, identity) & RELAY_GROUPS:
+        raise Refused(replies.UNABLE_TO_RELAY)
+    return rcpt
+
+
+def check_hops(conn: ReceiveConnector, raw: bytes) -> None:
+    """DATA: a message with the connector's maximum number of Received headers or more went
+    around too often (``554 5.4.6``, a possible mail loop)."""
+    if headers.hop_count(raw) >= conn.max_hop_count:
+        raise Refused(replies.HOP_COUNT)
+
+
+def relay_origin(identity: Identity | None, value: str | None) -> str:
+    """The origin id a relaying hub gave the message (its X-Mailyard-Origin header): trusted
+    only from an Exchange server, ignored from anyone else."""
+    if identity is None or identity.kind != "server" or value is None:
+        return ""
+    return str(value).strip()
+
+
+# endregion

@@ -1,0 +1,158 @@
+"""The receive connectors' answers over real SMTP sockets: permission groups, relay, logons,
+the recipient and hop limits, and what ``250`` after DATA means (the message is in the
+Submission queue, with the hub's Received header). The decisions alone, without a socket,
+are in test_receive_policy.py."""
+
+from __future__ import annotations
+
+import smtplib
+import uuid
+
+import pytest
+
+from mailyard import tracking
+from mailyard.testing.cluster import Cluster
+from mailyard.testing.redis_server import RedisServer
+from tests.hub.receive_site import HUB, connect, receive_site, reply, tls, user
+
+
+@pytest.fixture(scope="module")
+def site(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory):
+    with receive_site(redis_server, tmp_path_factory.mktemp("receive-handler")) as cluster:
+        yield cluster
+
+
+# region: permission groups and relay
+
+
+def test_anonymous_clients_on_a_connector_without_anonymous_users_are_not_authenticated(site: Cluster) -> None:
+    for connector in ("Default", "Client"):
+        client = connect(site, connector)
+        assert reply(client, "MAIL FROM:<someone@example.org>") == (530, "5.7.1 Client was not authenticated")
+        client.quit()
+
+
+def test_anonymous_clients_may_send_only_to_existing_recipients_of_accepted_domains(site: Cluster) -> None:
+    client = connect(site, "Internet", source="127.0.0.2")
+    assert reply(client, "MAIL FROM:<someone@example.org>")[0] == 250
+    assert reply(client, "RCPT TO:<bob@contoso.com>") == (250, "2.1.5 Recipient OK")
+    assert reply(client, "RCPT TO:<a.anders@contoso.com>")[0] == 250, "aliases and groups are recipients"
+    assert reply(client, "RCPT TO:<nobody@contoso.com>") == (550, "5.1.1 User unknown")
+    assert reply(client, "RCPT TO:<friend@fabrikam.example>") == (550, "5.7.1 Unable to relay")
+    client.quit()
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        "<friend%fabrikam.example@contoso.com>",       # percent hack
+        '<"friend@fabrikam.example"@contoso.com>',     # quoted local part
+        "<@contoso.com:friend@fabrikam.example>",      # source route
+        "<friend@fabrikam.example@contoso.com>",       # two at-signs
+        "<fabrikam.example!friend@contoso.com>",       # bang path
+        "<friend@[192.0.2.1]>",                        # IP literal
+        "<friend@FABRIKAM.EXAMPLE>",                   # case
+        "<friend@fabrikam.example.>",                  # trailing dot
+        "<friend@contoso.com.fabrikam.example>",       # accepted domain as a prefix
+        "<FRIEND@fabrikam.example >",
+    ],
+)
+def test_no_relay_trick_works_for_anonymous_clients(site: Cluster, recipient: str) -> None:
+    client = connect(site, "Internet", source="127.0.0.2")
+    assert reply(client, "MAIL FROM:<spammer@example.org>")[0] == 250
+    code, text = reply(client, f"RCPT TO:{recipient}")
+    assert code in (550, 501, 553), f"{recipient} was answered {code} {text}"
+    client.quit()
+
+
+def test_logged_on_users_may_relay_but_only_as_themselves(site: Cluster) -> None:
+    client = user(site)
+    assert reply(client, "MAIL FROM:<bob@contoso.com>") == (
+        550, "5.7.1 Client does not have permissions to send as this sender")
+    assert reply(client, "MAIL FROM:<a.anders@contoso.com>")[0] == 250, "an alias is the user too"
+    assert reply(client, "RCPT TO:<friend@fabrikam.example>")[0] == 250
+    client.quit()
+
+
+def test_exchange_servers_log_on_with_the_server_token_and_may_relay_anything(site: Cluster) -> None:
+    client = tls(connect(site))
+    client.login("exchange-server/other-hub", site.org.transport.server_token)
+    assert reply(client, "MAIL FROM:<anyone@example.org>")[0] == 250
+    assert reply(client, "RCPT TO:<friend@fabrikam.example>")[0] == 250
+    client.quit()
+    wrong = tls(connect(site))
+    with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+        wrong.login("exchange-server/other-hub", "not-the-token")
+    assert info.value.smtp_code == 535
+
+
+def test_an_externally_secured_connector_trusts_its_remote_range_without_a_logon(site: Cluster) -> None:
+    client = connect(site, "Apps", source="127.0.0.5")
+    assert "auth" not in client.esmtp_features, "nothing to log on with"
+    assert reply(client, "MAIL FROM:<app@example.org>")[0] == 250
+    assert reply(client, "RCPT TO:<friend@fabrikam.example>") == (250, "2.1.5 Recipient OK")
+    client.quit()
+
+
+# endregion
+
+# region: limits
+
+
+def test_too_many_recipients_get_452(site: Cluster) -> None:
+    client = connect(site, "Limited")
+    reply(client, "MAIL FROM:<a@example.org>")
+    for who in ("alice", "bob", "carol"):
+        assert reply(client, f"RCPT TO:<{who}@contoso.com>")[0] == 250
+    assert reply(client, "RCPT TO:<dave@contoso.com>") == (452, "4.5.3 Too many recipients")
+    client.quit()
+
+
+def test_a_message_that_went_around_too_often_is_refused(site: Cluster) -> None:
+    client = connect(site, "Limited")
+    reply(client, "MAIL FROM:<a@example.org>")
+    reply(client, "RCPT TO:<bob@contoso.com>")
+    hops = b"".join(b"Received: from hop%d by hop%d; Thu, 26 Nov 2026 10:00:00 +0000\r\n" % (i, i)
+                    for i in range(5))
+    code, text = client.data(hops + b"Subject: loop\r\n\r\nloop\r\n")
+    assert (code, text) == (554, b"5.4.6 Hop count exceeded - possible mail loop")
+    client.quit()
+
+
+# endregion
+
+# region: accepting mail
+
+
+def test_250_means_queued_and_the_hub_adds_its_received_header(site: Cluster) -> None:
+    subject = f"from the internet {uuid.uuid4().hex[:6]}"
+    client = connect(site, "Internet", source="127.0.0.2")
+    client.sendmail("sender@fabrikam.example", ["bob@contoso.com"],
+                    f"From: sender@fabrikam.example\r\nTo: bob@contoso.com\r\nSubject: {subject}\r\n\r\nhi\r\n")
+    client.quit()
+    # the moment 250 came back, the message was in Redis: the RECEIVE event says so
+    received = [r for r in tracking.search(site.r, event="RECEIVE") if r.subject == subject]
+    assert len(received) == 1 and received[0].connector == f"{HUB}\\Internet" and received[0].client == "127.0.0.2"
+    (item,) = site.wait_for_subject("bob@contoso.com", subject)
+    raw = site.raw("bob@contoso.com", item["id"])
+    assert b"by rx-1.contoso.com (Mailyard) with ESMTP" in raw and b"[127.0.0.2]" in raw
+    assert b"Message-ID:" in raw, "a missing Message-ID is added"
+
+
+def test_an_origin_header_from_outside_is_removed_and_not_trusted(site: Cluster) -> None:
+    # Given two messages from the Internet that claim to be one relayed message of ours
+    subject = f"forged origin {uuid.uuid4().hex[:6]}"
+    for n in (1, 2):
+        client = connect(site, "Internet", source="127.0.0.2")
+        client.sendmail("sender@fabrikam.example", ["bob@contoso.com"],
+                        f"X-Mailyard-Origin: forged-id\r\nSubject: {subject} {n}\r\n\r\nhi\r\n")
+        client.quit()
+    # Then both are taken in (no relay is recognised by a forged id), and neither keeps the header
+    for n in (1, 2):
+        (item,) = site.wait_for_subject("bob@contoso.com", f"{subject} {n}")
+        assert b"X-Mailyard-Origin" not in site.raw("bob@contoso.com", item["id"])
+    received = [r for r in tracking.search(site.r, event="RECEIVE") if r.subject.startswith(subject)]
+    assert len(received) == 2 and not any("origin=" in r.context for r in received)
+
+
+# endregion

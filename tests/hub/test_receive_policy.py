@@ -1,0 +1,285 @@
+"""The receive connectors' decisions, without a socket: which connector a client gets, what it
+offers, who logs on, who may send and relay, and the limits. The demo organization's
+connectors: ``Default`` (the organization's network: users and hubs, no anonymous mail),
+``Internet`` (everyone else: anonymous mail for contoso.com only), ``Client`` (port 587,
+users after logging on)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailyard.directory import Directory
+from mailyard.hub import replies
+from mailyard.hub.pressure import Level
+from mailyard.hub.receive_policy import (
+    Identity,
+    Refused,
+    check_hops,
+    connectors_for,
+    granted_groups,
+    is_internal,
+    logon,
+    mail_from,
+    pressure_refusal,
+    rcpt_to,
+    relay_origin,
+    select_connector,
+    session_rules,
+    size_limit,
+    too_many_connections,
+    too_many_logon_failures,
+)
+from mailyard.org import ReceiveConnector
+from tests.conftest import make_org
+
+ORG = make_org()
+DIRECTORY = Directory(ORG)
+CONNECTORS = {c.name: c for c in ORG.receive_connectors}
+DEFAULT, INTERNET, CLIENT = CONNECTORS["Default"], CONNECTORS["Internet"], CONNECTORS["Client"]
+TOKEN = ORG.transport.server_token.encode()
+
+ALICE = Identity("user", "alice@contoso.com", frozenset({"alice@contoso.com", "a.anders@contoso.com"}))
+HUB = Identity("server", "lon-1")
+
+
+def connector(**fields: object) -> ReceiveConnector:
+    return ReceiveConnector.model_validate({"name": "Test", **fields})
+
+
+def refusal(decide, *args: object, **kwargs: object) -> str:
+    with pytest.raises(Refused) as refused:
+        decide(*args, **kwargs)
+    return refused.value.reply
+
+
+# region: which connector
+
+
+@pytest.mark.parametrize(("ip", "expected"), [
+    ("127.0.0.1", "Default"),       # the organization's network, more specific than everyone
+    ("10.1.2.3", "Default"),
+    ("192.0.2.7", "Internet"),
+    ("::ffff:10.1.2.3", "Default"),  # an IPv4 client on an IPv6 socket
+])
+def test_the_most_specific_remote_range_wins(ip: str, expected: str) -> None:
+    assert select_connector([DEFAULT, INTERNET], ip).name == expected
+
+
+def test_no_connector_for_a_client_outside_every_range_or_of_the_other_ip_version() -> None:
+    apps = connector(remote_ip_ranges=["127.0.0.5"])
+    assert select_connector([apps], "127.0.0.6") is None
+    assert select_connector([DEFAULT, INTERNET], "2001:db8::1") is None
+    assert select_connector([DEFAULT], "not an address") is None
+
+
+def test_a_disabled_connector_takes_no_client() -> None:
+    disabled = DEFAULT.model_copy(update={"enabled": False})
+    assert select_connector([disabled, INTERNET], "127.0.0.1") is INTERNET
+    assert select_connector([disabled], "127.0.0.1") is None
+
+
+def test_a_listener_serves_the_connectors_of_its_binding_for_its_site() -> None:
+    assert [c.name for c in connectors_for(ORG, "0.0.0.0:25", "Amsterdam")] == ["Default", "Internet"]
+    assert [c.name for c in connectors_for(ORG, "0.0.0.0:587", "London")] == ["Client"]
+    london_only = connector(bindings=["0.0.0.0:2525"], sites=["London"])
+    org = ORG.model_copy(update={"receive_connectors": [london_only]})
+    assert connectors_for(org, "0.0.0.0:2525", "Amsterdam") == []
+    assert connectors_for(org, "0.0.0.0:2525", "London") == [london_only]
+
+
+# endregion
+
+# region: what a session offers, and the limits that close it
+
+
+def test_a_connector_with_logons_offers_auth_only_after_starttls() -> None:
+    rules = session_rules(DEFAULT, "127.0.0.1")
+    assert rules.starttls and rules.auth_require_tls and rules.auth_methods == {"PLAIN", "LOGIN"}
+    assert rules.size_limit == 10 * 1024 * 1024 and rules.implicit is None
+
+
+def test_a_connector_without_logons_offers_no_auth() -> None:
+    rules = session_rules(INTERNET, "192.0.2.7")
+    assert rules.starttls and not rules.auth_methods and not rules.auth_require_tls
+
+
+def test_an_externally_secured_connector_makes_its_clients_exchange_servers_without_a_logon() -> None:
+    rules = session_rules(connector(auth_mechanisms=["ExternalAuthoritative"]), "127.0.0.5")
+    assert rules.implicit == Identity("server", "[127.0.0.5]")
+    assert not rules.starttls and not rules.auth_methods
+
+
+def test_the_banner_and_fqdn_of_a_connector_replace_the_hubs() -> None:
+    rules = session_rules(connector(banner="220 mail.contoso.com Welcome to Contoso", fqdn="mail.contoso.com"), "::1")
+    assert (rules.ident, rules.hostname) == ("Welcome to Contoso", "mail.contoso.com")
+    assert (session_rules(DEFAULT, "::1").ident, session_rules(DEFAULT, "::1").hostname) == (None, None)
+
+
+def test_connections_per_source_are_capped_at_the_connectors_limit() -> None:
+    limited = connector(max_inbound_connection_per_source=2)
+    assert not too_many_connections(limited, 1)
+    assert too_many_connections(limited, 2)
+
+
+def test_failed_logons_close_a_connection_at_the_limit_and_never_with_no_limit() -> None:
+    assert not too_many_logon_failures(DEFAULT, 2)
+    assert too_many_logon_failures(DEFAULT, 3)
+    assert not too_many_logon_failures(connector(max_logon_failures=0), 100)
+
+
+# endregion
+
+# region: logons
+
+
+def test_a_mailbox_logs_on_with_its_password_and_is_every_one_of_its_addresses() -> None:
+    assert logon(DIRECTORY, DEFAULT, "alice@contoso.com", b"alice-demo-password") == ALICE
+    assert logon(DIRECTORY, DEFAULT, "A.Anders@contoso.com", b"alice-demo-password") == ALICE, "by an alias"
+
+
+@pytest.mark.parametrize(("conn", "login", "password"), [
+    (DEFAULT, "alice@contoso.com", b"bob-demo-password"),     # someone else's password
+    (DEFAULT, "nobody@contoso.com", b""),                      # no such mailbox
+    (DEFAULT, "amsterdam-team@contoso.com", b""),              # a group has no password
+    (INTERNET, "alice@contoso.com", b"alice-demo-password"),   # no BasicAuth on that connector
+])
+def test_a_mailbox_logon_fails(conn: ReceiveConnector, login: str, password: bytes) -> None:
+    assert logon(DIRECTORY, conn, login, password) is None
+
+
+def test_a_hub_logs_on_with_the_server_token_where_the_connector_has_exchange_server() -> None:
+    assert logon(DIRECTORY, DEFAULT, "exchange-server/lon-1", TOKEN) == HUB
+    assert logon(DIRECTORY, DEFAULT, "Exchange-Server", TOKEN) == Identity("server", "hub")
+    assert logon(DIRECTORY, DEFAULT, "exchange-server/lon-1", b"not-the-token") is None
+    assert logon(DIRECTORY, CLIENT, "exchange-server/lon-1", TOKEN) is None, "Client has no ExchangeServer"
+
+
+def test_a_server_login_is_never_tried_as_a_mailbox() -> None:
+    assert logon(DIRECTORY, DEFAULT, "exchange-server/alice@contoso.com", b"alice-demo-password") is None
+
+
+def test_no_server_logs_on_when_the_organization_has_no_token() -> None:
+    org = ORG.model_copy(update={"transport": ORG.transport.model_copy(update={"server_token": ""})})
+    assert logon(Directory(org), DEFAULT, "exchange-server/lon-1", b"") is None
+
+
+# endregion
+
+# region: permission groups, senders and recipients
+
+
+def test_permission_groups_are_those_of_the_connector_that_the_client_is_in() -> None:
+    assert granted_groups(DEFAULT, None) == set()
+    assert granted_groups(DEFAULT, ALICE) == {"ExchangeUsers"}
+    assert granted_groups(DEFAULT, HUB) == {"ExchangeServers"}
+    assert granted_groups(INTERNET, None) == {"AnonymousUsers"}
+    assert granted_groups(INTERNET, ALICE) == {"AnonymousUsers"}, "Internet does not know users"
+    assert granted_groups(connector(permission_groups=["Partners"]), None) == {"Partners"}
+
+
+def test_a_client_in_no_permission_group_may_not_send_even_a_malformed_address() -> None:
+    assert refusal(mail_from, DEFAULT, None, "someone@example.org") == replies.NOT_AUTHENTICATED
+    assert refusal(mail_from, CLIENT, None, "not an address") == replies.NOT_AUTHENTICATED
+
+
+def test_the_sender_is_normalized_and_the_null_sender_is_empty() -> None:
+    assert mail_from(INTERNET, None, "Someone@Example.ORG") == "someone@example.org"
+    assert mail_from(INTERNET, None, "<>") == ""
+    assert refusal(mail_from, INTERNET, None, "no-at-sign") == replies.INVALID_SENDER
+
+
+def test_a_user_sends_only_as_one_of_its_own_addresses() -> None:
+    assert mail_from(DEFAULT, ALICE, "alice@contoso.com") == "alice@contoso.com"
+    assert mail_from(DEFAULT, ALICE, "a.anders@contoso.com") == "a.anders@contoso.com"
+    assert mail_from(DEFAULT, ALICE, "<>") == "", "a user may send a notification"
+    assert refusal(mail_from, DEFAULT, ALICE, "bob@contoso.com") == replies.SEND_AS_DENIED
+
+
+def test_servers_and_anonymous_clients_send_as_anyone() -> None:
+    assert mail_from(DEFAULT, HUB, "bob@contoso.com") == "bob@contoso.com"
+    assert mail_from(INTERNET, None, "bob@contoso.com") == "bob@contoso.com"
+    assert mail_from(connector(permission_groups=["AnonymousUsers", "ExchangeUsers"]), ALICE,
+                     "bob@contoso.com") == "bob@contoso.com", "AnonymousUsers lets anyone be anyone"
+
+
+def test_anonymous_clients_send_only_to_recipients_that_exist_in_accepted_domains() -> None:
+    assert rcpt_to(INTERNET, None, "Bob@Contoso.com", DIRECTORY, taken=0) == "bob@contoso.com"
+    for existing in ("a.anders@contoso.com", "all-staff@contoso.com", "grace.fabrikam@contoso.com"):
+        assert rcpt_to(INTERNET, None, existing, DIRECTORY, taken=0) == existing, "aliases, groups, contacts"
+    assert refusal(rcpt_to, INTERNET, None, "nobody@contoso.com", DIRECTORY, taken=0) == replies.USER_UNKNOWN
+    assert refusal(rcpt_to, INTERNET, None, "friend@fabrikam.example", DIRECTORY, taken=0) == replies.UNABLE_TO_RELAY
+
+
+@pytest.mark.parametrize("address", [
+    "friend%fabrikam.example@contoso.com",    # percent hack: a contoso.com address that does not exist
+    "fabrikam.example!friend@contoso.com",    # bang path, likewise
+    "friend@fabrikam.example.",               # trailing dot
+    "friend@contoso.com.fabrikam.example",    # an accepted domain as a prefix
+    "friend@fabrikam.example@contoso.com",    # two at-signs
+    "friend",
+])
+def test_no_relay_trick_gets_an_anonymous_client_past_the_accepted_domains(address: str) -> None:
+    assert refusal(rcpt_to, INTERNET, None, address, DIRECTORY, taken=0) in (
+        replies.USER_UNKNOWN, replies.UNABLE_TO_RELAY, replies.INVALID_RECIPIENT)
+
+
+def test_users_and_servers_may_relay() -> None:
+    for identity in (ALICE, HUB):
+        assert rcpt_to(DEFAULT, identity, "friend@fabrikam.example", DIRECTORY, taken=0) == "friend@fabrikam.example"
+        assert refusal(rcpt_to, DEFAULT, identity, "nobody@contoso.com", DIRECTORY, taken=0) == replies.USER_UNKNOWN
+
+
+def test_one_recipient_more_than_the_connectors_limit_is_refused_before_anything_else() -> None:
+    limited = connector(permission_groups=["AnonymousUsers"], max_recipients_per_message=3)
+    assert rcpt_to(limited, None, "bob@contoso.com", DIRECTORY, taken=2) == "bob@contoso.com"
+    assert refusal(rcpt_to, limited, None, "bob@contoso.com", DIRECTORY, taken=3) == replies.TOO_MANY_RECIPIENTS
+    assert refusal(rcpt_to, limited, None, "bad", DIRECTORY, taken=3) == replies.TOO_MANY_RECIPIENTS
+    assert refusal(rcpt_to, limited, None, "bad", DIRECTORY, taken=2) == replies.INVALID_RECIPIENT
+
+
+# endregion
+
+# region: back pressure, size and hops
+
+
+def test_mail_from_the_organization_is_a_logged_on_client_or_a_sender_of_an_accepted_domain() -> None:
+    assert is_internal(DIRECTORY, ALICE, "")
+    assert is_internal(DIRECTORY, HUB, "someone@example.org")
+    assert is_internal(DIRECTORY, None, "bob@contoso.com")
+    assert not is_internal(DIRECTORY, None, "someone@example.org")
+    assert not is_internal(DIRECTORY, None, "")
+
+
+@pytest.mark.parametrize(("level", "internal", "refused"), [
+    (Level.NORMAL, False, False), (Level.NORMAL, True, False),
+    (Level.MEDIUM, False, True), (Level.MEDIUM, True, False),
+    (Level.HIGH, False, True), (Level.HIGH, True, True),
+])
+def test_back_pressure_refuses_outside_mail_at_medium_and_all_mail_at_high(level: Level, internal: bool,
+                                                                         refused: bool) -> None:
+    assert pressure_refusal(level, internal) == (replies.NO_RESOURCES if refused else None)
+
+
+def test_a_hub_relaying_within_the_organization_has_no_size_limit() -> None:
+    assert size_limit(DEFAULT, HUB) is None
+    assert size_limit(DEFAULT, ALICE) == size_limit(INTERNET, None) == 10 * 1024 * 1024
+
+
+def test_a_message_with_as_many_received_headers_as_the_hop_limit_is_refused() -> None:
+    def message(hops: int) -> bytes:
+        return b"".join(b"Received: from hop%d by hop%d; Thu, 26 Nov 2026 10:00:00 +0000\r\n" % (i, i)
+                        for i in range(hops)) + b"Subject: around\r\n\r\nReceived: in the body\r\n"
+
+    limited = connector(max_hop_count=3)
+    check_hops(limited, message(2))
+    assert refusal(check_hops, limited, message(3)) == replies.HOP_COUNT
+
+
+def test_a_relaying_hubs_origin_is_trusted_from_exchange_servers_only() -> None:
+    assert relay_origin(HUB, " 0193abc ") == "0193abc"
+    assert relay_origin(HUB, None) == ""
+    assert relay_origin(ALICE, "0193abc") == ""
+    assert relay_origin(None, "0193abc") == ""
+
+
+# endregion
