@@ -5,7 +5,10 @@ SMTP in (anonymous, from the demo Internet) to a mailbox, and mailbox to the Int
 SMTP sink found through a DNS server on loopback). A message counts as accepted when the
 mailbox API said 202 or the receive connector said 250; a refused attempt is retried, as a
 client would. The verdict: every accepted message arrives, exactly once at mailboxes; at
-the sink the duplicates SMTP cannot avoid are counted and reported.
+the sink the duplicates SMTP cannot avoid are counted and reported. Copies are counted only
+once the site is quiet (mailyard.testing.quiet: nothing in flight, no retry to come, every
+queue drained, every pickup acknowledged, every Outbox empty), so that a redelivery still to
+come cannot add a copy after the count.
 """
 
 from __future__ import annotations
@@ -26,11 +29,20 @@ from mailyard.internet.sink import Sink
 from mailyard.org import Organization
 from mailyard.site.redis_server import free_port
 from mailyard.testing.cluster import Cluster
+from mailyard.testing.quiet import wait_quiet
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT, make_org
 
 KINDS = ("local", "remote-site", "smtp-in", "internet")
+# kind -> (sender, recipient); smtp-in comes from the demo Internet with the null sender
+ROUTES = {
+    "local": ("alice@contoso.com", "carol@contoso.com"),
+    "remote-site": ("bob@contoso.com", "erin@contoso.com"),
+    "smtp-in": ("", "dave@contoso.com"),
+    "internet": ("frank@contoso.com", "friend@fabrikam.example"),
+}
+OUTBOXES = sorted(sender for sender, _ in ROUTES.values() if sender)
 
 
 @dataclass
@@ -47,11 +59,13 @@ class Verdict:
     delivered: int
     duplicates: int
     lost: list[str]
-    recovery_s: float
+    recovery_s: float  # until every accepted message had arrived once
+    quiet_s: float  # until every redelivery was over and the copies were counted
 
     def line(self) -> str:
         return (f"[fault] {self.case}: sent {self.sent}, delivered {self.delivered}, duplicates "
-                f"{self.duplicates} (SMTP sink only), lost {len(self.lost)}, recovery {self.recovery_s:.1f}s")
+                f"{self.duplicates} (SMTP sink only), lost {len(self.lost)}, recovery {self.recovery_s:.1f}s, "
+                f"quiet {self.quiet_s:.1f}s")
 
 
 @dataclass
@@ -67,14 +81,7 @@ class Stream:
     def _one(self, n: int) -> None:
         kind = KINDS[n % len(KINDS)]
         subject = f"{self.case} {kind} {n} {uuid.uuid4().hex[:6]}"
-        if kind == "local":
-            sender, rcpt = "alice@contoso.com", "carol@contoso.com"
-        elif kind == "remote-site":
-            sender, rcpt = "bob@contoso.com", "erin@contoso.com"
-        elif kind == "internet":
-            sender, rcpt = "frank@contoso.com", "friend@fabrikam.example"
-        else:
-            sender, rcpt = "", "dave@contoso.com"
+        sender, rcpt = ROUTES[kind]
         message_id = f"<{uuid.uuid4().hex}@fault.test>"  # the same on every retry: no new mail
         deadline = time.monotonic() + 120
         while True:  # keep trying until accepted, as a client would (bounded)
@@ -117,35 +124,52 @@ class Stream:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "the stream did not finish sending"
 
-    def verdict(self, started: float, timeout: float = 180) -> Verdict:
-        """Wait until everything accepted arrived (or the deadline), then count."""
-        def counts() -> tuple[Counter, Counter]:
-            boxes: Counter = Counter()
-            for address in {s.recipient for s in self.sent if s.kind != "internet"}:
-                try:
-                    boxes.update(self.site.subjects(address))
-                except Exception:  # a mailbox server restarting: look again
-                    return Counter(), Counter()
-            outside = Counter(m["subject"] for m in self.sink.messages("fabrikam.example"))
-            return boxes, outside
+    def _counts(self) -> tuple[Counter, Counter]:
+        """Copies of each subject at the mailboxes and at the sink (raises while a mailbox
+        server restarts)."""
+        boxes: Counter = Counter()
+        for address in {s.recipient for s in self.sent if s.kind != "internet"}:
+            boxes.update(self.site.subjects(address))
+        outside = Counter(m["subject"] for m in self.sink.messages("fabrikam.example"))
+        return boxes, outside
 
+    def _missing(self, boxes: Counter, outside: Counter) -> list[str]:
+        return [s.subject for s in self.sent if (outside if s.kind == "internet" else boxes)[s.subject] == 0]
+
+    def _outboxes(self) -> list[str]:
+        return [f"{who}'s Outbox holds {held}" for who in OUTBOXES if (held := self.site.subjects(who, "Outbox"))]
+
+    def verdict(self, started: float, timeout: float = 180, quiet_timeout: float = 120) -> Verdict:
+        """Wait until everything accepted arrived (or the deadline), then until the site is
+        quiet (every redelivery over), and only then count the copies."""
         def complete() -> bool:
-            boxes, outside = counts()
-            return all((outside if s.kind == "internet" else boxes)[s.subject] >= 1 for s in self.sent)
+            return not self._missing(*self._counts())
 
         try:
             wait_until(complete, timeout=timeout)
         except AssertionError:
-            pass
+            pass  # what is missing is reported below, once nothing can arrive any more
         recovery = time.monotonic() - started
-        boxes, outside = counts()
-        lost = [s.subject for s in self.sent if (outside if s.kind == "internet" else boxes)[s.subject] == 0]
-        doubled_boxes = [s.subject for s in self.sent if s.kind != "internet" and boxes[s.subject] > 1]
+        try:
+            reading = wait_quiet(self.site.r, timeout=quiet_timeout, also=self._outboxes)
+        except AssertionError as exc:
+            try:
+                missing = self._missing(*self._counts())
+            except Exception as read:
+                missing = [f"(could not count: {read!r})"]
+            raise AssertionError(f"[fault] {self.case}: {exc}\nnot arrived: {missing}\n"
+                                 f"{self.site.all_logs(30)}") from None
+        quiet = time.monotonic() - started
+        boxes, outside = wait_until(self._counts, timeout=30, message="could not read the mailboxes")
+        lost = self._missing(boxes, outside)
+        doubled_boxes = {s.subject: boxes[s.subject] for s in self.sent
+                         if s.kind != "internet" and boxes[s.subject] > 1}
         duplicates = sum(outside[s.subject] - 1 for s in self.sent if s.kind == "internet" and outside[s.subject] > 1)
-        verdict = Verdict(self.case, len(self.sent), len(self.sent) - len(lost), duplicates, lost, recovery)
+        verdict = Verdict(self.case, len(self.sent), len(self.sent) - len(lost), duplicates, lost, recovery, quiet)
         print(verdict.line())
-        assert not doubled_boxes, f"delivered twice to a mailbox: {doubled_boxes}"
-        assert not lost, f"{verdict.line()}\nlost: {lost}\n{self.site.all_logs(30)}"
+        assert not doubled_boxes, f"{verdict.line()}\ndelivered more than once to a mailbox: {doubled_boxes}"
+        assert not lost, (f"{verdict.line()}\nlost: {lost}\nat the end: {reading.describe()}\n"
+                          f"{self.site.all_logs(30)}")
         return verdict
 
 
