@@ -187,7 +187,7 @@ def line(r: dict) -> str:
 def backlog_run(args: argparse.Namespace, site: Site) -> dict:
     """The next hop is down while the backlog builds, then comes back: drain rate, and how
     long the Queue Viewer's questions take against that backlog."""
-    from mailyard.hub.queueview import message_rows, queue_rows
+    from mailyard.hub.queue_rows import message_rows, queue_rows
 
     r = site.cluster.r  # type: ignore[union-attr]
     queue = f"Amsterdam\\{DOMAIN}"

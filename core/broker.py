@@ -81,6 +81,8 @@ class DrainMessages:
     shape; after that only the ids, the argument and the routing key change.
     """
 
+    ttl_ms = KICK_TTL_MS
+
     def __init__(self, app: Celery) -> None:
         self.app = app
         self._template: str | None = None
@@ -112,17 +114,3 @@ class DrainMessages:
                 .replace("@ROUTE@", json.dumps(route)[1:-1]).replace("@REPR@", json.dumps(repr([queue]))[1:-1])
                 .replace("@BODY@", base64.b64encode(body.encode()).decode()))
         return keys.CELERY_PREFIX + route, text.encode()
-
-
-_messages: DrainMessages | None = None
-
-
-def push_kicks_with(app: Celery | None) -> None:
-    """Make this process's transactions push drain tasks themselves (hubs and receive
-    processes call this at start); without it, the caller sends them after the commit."""
-    global _messages
-    _messages = DrainMessages(app) if app is not None else None
-
-
-def drain_message(queue: str, route: str) -> tuple[str, bytes] | None:
-    return _messages.build(queue, route) if _messages is not None else None

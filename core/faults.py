@@ -16,6 +16,8 @@ import signal
 
 import redis
 
+from mailyard import keys
+
 ENV = "MAILYARD_FAULTS"
 
 
@@ -47,7 +49,7 @@ def point(name: str, r: redis.Redis) -> None:
     """Die here if the fault ``name`` is armed and has not fired yet."""
     if not _POINTS or name not in _POINTS:
         return
-    if not r.set(f"my:fault:{name}", os.getpid(), nx=True):
+    if not r.set(keys.fault(name), os.getpid(), nx=True):
         return
     if _POINTS[name] == "hub":
         os.kill(os.getppid(), signal.SIGKILL)

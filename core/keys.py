@@ -23,28 +23,31 @@ Mail submission service (mailbox server -> hub)
   my:submit:pending:<server>  ZSET    "<server>/<mailbox>/<item>" -> ack deadline, ms
   my:submit:<server>/<mailbox>/<item>
                               HASH    hub last notified, notifications sent, first notified
-  my:pickup:<server>/<mailbox>/<item>
-                              STRING  message id the item became; makes pickup idempotent
 
 Messages and queue items
   my:seq:item                 STRING  counter; queue item ids (Exchange-style integers)
-  my:msg:<msg>                HASH    envelope and summary of one message (fields below)
+  my:msg:<msg>                HASH    envelope and summary of one message; the fields of this
+                                      hash, of my:item and of my:queue: mailyard.hub.records
   my:body:<msg>               STRING  the RFC 5322 bytes, shared by all the message's items
   my:item:<item>              HASH    one message in one queue: recipients and their state
   my:mi:<msg>                 SET     the items that hold a message (its bifurcated copies)
-  my:dedup:<origin id>        STRING  message id already created for a message that came in
-                                      over SMTP from another hub (X-Mailyard-Id), so a
-                                      repeated relay does not create it twice
+  my:dedup:<origin>           STRING  message id already created for an origin: an Outbox item
+                                      ("<server>/<mailbox>/<item>", so a repeated pickup creates
+                                      nothing), or a message relayed over SMTP by another hub
+                                      (X-Mailyard-Origin), so a repeated relay does not create it
+                                      twice
+  my:request:<item>           STRING  what became of an operator's request on an item in flight
+                                      ("Suspended", "delivered: the PendingSuspend came too
+                                      late"), kept a day
 
 Queues (identity "<site>\\<next hop>", e.g. "Amsterdam\\MBX-AMS-01")
   my:queues                   ZSET    queue identity -> created, ms
-  my:queue:<q>                HASH    delivery type, next hop, suspended, retry state
+  my:queue:<q>                HASH    kind, delivery type, next hop, suspended, retry state
   my:ready:<q>                LIST    item ids ready to be taken, oldest first
   my:qm:<q>                   ZSET    every item in the queue -> date received into it, ms
   my:conns:<q>                ZSET    drain leases working on the queue -> lease expiry, ms;
                                       its size is the queue's connection count (capped)
   my:kick:<q>                 STRING  set while a Celery drain task for the queue is pending
-  my:queue-retry              ZSET    queue in Retry -> next retry time, ms
 
 Schedules (the sweeper acts on what is due)
   my:inflight                 ZSET    leased item -> lease expiry, ms
@@ -79,7 +82,6 @@ REROUTED_VERSION = P + "rerouted-version"
 SEQ_ITEM = P + "seq:item"
 
 QUEUES = P + "queues"
-QUEUE_RETRY = P + "queue-retry"
 INFLIGHT = P + "inflight"
 RETRY = P + "retry"
 EXPIRY = P + "expiry"
@@ -115,8 +117,12 @@ def submit(ref: str) -> str:
     return f"{P}submit:{ref}"
 
 
-def pickup(ref: str) -> str:
-    return f"{P}pickup:{ref}"
+def request_result(item_id: str) -> str:
+    return f"{P}request:{item_id}"
+
+
+def fault(point: str) -> str:
+    return f"{P}fault:{point}"
 
 
 def msg(msg_id: str) -> str:

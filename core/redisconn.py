@@ -1,8 +1,16 @@
-"""Redis connections: one place that sets timeouts, retries and health checks."""
+"""Redis connections: one place that sets timeouts, retries and health checks; and the
+typed reading of their replies.
+
+Mailyard's clients do not decode replies (message bodies are bytes), and redis-py types
+every reply as "bytes or str or ...". The functions at the bottom turn a reply into what
+the caller knows it is, so no module calls ``.decode()`` on an untyped value.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -43,3 +51,50 @@ def connect_async(url: str) -> redis.asyncio.Redis:
 
 def url_from_env(default: str | None = None) -> str | None:
     return os.environ.get(ENV_URL, default)
+
+
+# region: replies
+
+
+def text(value: Any) -> str:
+    """A string reply (or None: ""), as text."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def text_or_none(value: Any) -> str | None:
+    return None if value is None else text(value)
+
+
+def texts(values: Any) -> list[str]:
+    """A list reply (LRANGE, ZRANGE, SMEMBERS, ...), as text."""
+    return [text(v) for v in values or ()]
+
+
+def text_map(mapping: Any) -> dict[str, str]:
+    """A hash reply (HGETALL), as text."""
+    return {text(k): text(v) for k, v in (mapping or {}).items()}
+
+
+def scored(pairs: Iterable[Any]) -> list[tuple[str, float]]:
+    """A ``withscores=True`` reply: (member, score) pairs."""
+    return [(text(m), float(s)) for m, s in pairs]
+
+
+def number(value: Any, default: int = 0) -> int:
+    """An integer reply, or a string holding one (None: ``default``)."""
+    if value is None or value == b"" or value == "":
+        return default
+    return int(value)
+
+
+def raw_map(mapping: Mapping[Any, Any]) -> dict[bytes, bytes]:
+    """A hash reply whose values stay bytes (a message's fields before ``Message.load``)."""
+    return {bytes(k) if not isinstance(k, str) else k.encode(): bytes(v) if not isinstance(v, str) else v.encode()
+            for k, v in mapping.items()}
+
+
+# endregion

@@ -17,16 +17,10 @@ import redis
 import redis.asyncio
 
 from mailyard import keys
-from mailyard.broker import drain_message
+from mailyard.broker import DrainMessages
 from mailyard.scripts import script, script_async
 
 Word = str | bytes | int | float
-
-
-@dataclass
-class Kick:
-    queue: str
-    route: str
 
 
 @dataclass
@@ -34,14 +28,14 @@ class Result:
     ok: bool
     failed_guard: int = 0  # 1-based number of the guard that failed
     value: bytes | None = None  # the guarded key's value, for "absent" guards on strings
-    kicks: list[Kick] = field(default_factory=list)  # queues whose drain must be sent
+    kicked: list[str] = field(default_factory=list)  # queues whose drain task this step queued
 
 
 class Txn:
     def __init__(self) -> None:
         self._guards: list[list[Word]] = []
         self._ops: list[list[Word]] = []
-        self._kicks: list[Kick] = []
+        self._kicks: list[str] = []
 
     # guards
     def guard_eq(self, key: str, field_: str, value: Word) -> Txn:
@@ -87,15 +81,14 @@ class Txn:
         )
         return self
 
-    def kick(self, queue: str, route: str, ttl_ms: int) -> Txn:
-        """Ask for a drain task for ``queue`` unless one is already pending. Where the process
-        builds drain messages (mailyard.broker.push_kicks_with), the transaction pushes it."""
-        message = drain_message(queue, route)
-        if message is None:
-            self._ops.append(["@kick", keys.kick(queue), ttl_ms])
-        else:
-            self._ops.append(["@kick", keys.kick(queue), ttl_ms, message[0], message[1]])
-        self._kicks.append(Kick(queue, route))
+    def kick(self, drains: DrainMessages, queue: str, route: str, *, force: bool = False) -> Txn:
+        """Queue a drain task for ``queue`` on the Celery queue ``route`` unless one is pending
+        already (``force``: even then). The transaction itself pushes the Celery message, so
+        making a queue non-empty and asking for its drain are one atomic step; this is the
+        only way Mailyard kicks a queue."""
+        celery_list, message = drains.build(queue, route)
+        self._ops.append(["@kick", keys.kick(queue), drains.ttl_ms, celery_list, message, int(force)])
+        self._kicks.append(queue)
         return self
 
     def extend(self, ops: Iterable[list[Word]]) -> Txn:
@@ -115,9 +108,8 @@ class Txn:
 
     def _result(self, reply: list) -> Result:
         if int(reply[0]) == 1:
-            # 1: the caller must send the drain task; 2: the transaction pushed it; 0: pending
-            kicks = [k for k, flag in zip(self._kicks, reply[1:], strict=True) if int(flag) == 1]
-            return Result(True, kicks=kicks)
+            kicked = [q for q, flag in zip(self._kicks, reply[1:], strict=True) if int(flag) == 1]
+            return Result(True, kicked=kicked)
         return Result(False, int(reply[1]), reply[2] or None)
 
     def run(self, r: redis.Redis) -> Result:

@@ -12,20 +12,19 @@ from pathlib import Path
 
 from celery import Celery, bootsteps
 
-from mailyard.broker import TASK_DRAIN, TASK_PICKUP, hub_queue, make_app, push_kicks_with, site_queue
-from mailyard.hub import categorizer, send, store_driver  # noqa: F401  (registers their stages)
-from mailyard.hub.delivery import drain as drain_queue
+from mailyard.broker import TASK_DRAIN, TASK_PICKUP, hub_queue, make_app, site_queue
+from mailyard.hub import store_driver
 from mailyard.hub.node import Node
-from mailyard.hub.receive_process import ReceiveProcess
+from mailyard.hub.receive_listener import ListenerProcess
+from mailyard.hub.runner import drain as drain_queue
 from mailyard.hub.sweeper import Services
 
 log = logging.getLogger("mailyard.hub")
 
 
-def create(name: str, site: str, redis_url: str, *, receive: ReceiveProcess | None = None
+def create(name: str, site: str, redis_url: str, *, receive: ListenerProcess | None = None
            ) -> tuple[Celery, Node]:
     app = make_app(redis_url)
-    push_kicks_with(app)
     node = Node(name=name, site=site, redis_url=redis_url, app=app)
 
     @app.task(name=TASK_PICKUP)
@@ -75,8 +74,8 @@ def run(
     *, name: str, site: str, redis_url: str, data_dir: Path, concurrency: int = 2, pool: str = "prefork",
     loglevel: str = "INFO", receive: bool = True, binds: list[str] | None = None,
 ) -> None:
-    receiver = ReceiveProcess(hub=name, site=site, redis_url=redis_url, data_dir=data_dir,
-                              binds=binds or []) if receive else None
+    receiver = ListenerProcess(hub=name, site=site, redis_url=redis_url, data_dir=data_dir,
+                               binds=binds or [], loglevel=loglevel) if receive else None
     app, node = create(name, site, redis_url, receive=receiver)
     argv = [
         "worker",

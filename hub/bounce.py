@@ -1,4 +1,4 @@
-"""Queue NDRs and delay DSNs for a message's sender, as part of the caller's transaction.
+"""Queue NDRs and delay DSNs for a message's sender, as part of the caller's change.
 
 The report enters the Submission queue of the hub's site as a new message from ``<>``, so
 it is categorized and delivered like any other mail (to a mailbox, another site or the
@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import time
 
-from mailyard import tracking
 from mailyard.hub import dsn
-from mailyard.hub.node import Node
-from mailyard.hub.queues import Message, Recipient, create_message, enqueue, new_message_id, submission_queue
+from mailyard.hub.node import Hub
+from mailyard.hub.queues import Change, submission_queue
+from mailyard.hub.records import Message, Recipient, new_message_id
 from mailyard.tracking import Event, Record
-from mailyard.txn import Txn
-
-
-def wants_report(msg: Message) -> bool:
-    return bool(msg.sender) and not msg.dsn
 
 
 def queue_report(
-    node: Node,
-    txn: Txn,
+    hub: Hub,
+    change: Change,
     msg: Message,
     original: bytes,
     failures: list[dsn.Failure],
@@ -33,18 +28,18 @@ def queue_report(
     now: int,
     site: str | None = None,
 ) -> str | None:
-    """Add the report to ``txn``; returns its message id (None when no report is due).
+    """Add the report to ``change``; returns its message id (None when no report is due).
 
-    ``item_id`` must be freshly allocated (``allocate_items``) for the report's queue item.
-    The report enters the Submission queue of ``site`` (default: the hub's own).
+    ``item_id`` must be freshly allocated (``MailQueues.new_item_ids``) for the report's
+    queue item. The report enters the Submission queue of ``site`` (default: the hub's own).
     """
-    site = site or node.site
-    if not failures or not wants_report(msg):
+    site = site or hub.site
+    if not failures or not msg.wants_report:
         return None
-    org = node.orgs.org
+    org = hub.directory().org
     raw, message_id = dsn.build(
         delayed=delayed,
-        reporting_mta=node.fqdn,
+        reporting_mta=hub.fqdn,
         postmaster=org.postmaster_address,
         recipient=msg.sender,
         original=original,
@@ -64,28 +59,23 @@ def queue_report(
         source="DSN",
         origin=msg.id,
         site=site,
-        hub=node.name,
+        hub=hub.name,
         dsn="delay" if delayed else "ndr",
     )
-    create_message(txn, report, raw, refs=1)
-    enqueue(txn, submission_queue(site), item_id, report, [Recipient(msg.sender)], now=now)
-    tracking.add(
-        txn,
-        Record(
-            Event.DSN,
-            source="DSN",
-            server=node.name,
-            internal_id=report.id,
-            message_id=message_id,
-            recipients=[msg.sender],
-            recipient_status=[f.diagnostic for f in failures],
-            reference=msg.message_id,
-            sender="",
-            subject=report.subject,
-            size=len(raw),
-            related=";".join(f.recipient for f in failures),
-        ),
-        org.transport.message_tracking_log_max_age,
-        now,
-    )
+    change.add_message(report, raw, refs=1)
+    change.enqueue(submission_queue(site), item_id, report, [Recipient(msg.sender)], now=now)
+    change.track(Record(
+        Event.DSN,
+        source="DSN",
+        server=hub.name,
+        internal_id=report.id,
+        message_id=message_id,
+        recipients=[msg.sender],
+        recipient_status=[f.diagnostic for f in failures],
+        reference=msg.message_id,
+        sender="",
+        subject=report.subject,
+        size=len(raw),
+        related=";".join(f.recipient for f in failures),
+    ), now)
     return report.id

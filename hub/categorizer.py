@@ -12,31 +12,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from mailyard import faults, keys, tracking
+from mailyard import faults
 from mailyard.directory import Expansion
 from mailyard.hub import dsn
-from mailyard.hub.bounce import queue_report, wants_report
-from mailyard.hub.delivery import Batch, register
-from mailyard.hub.node import Node
-from mailyard.hub.queues import (
-    DeliveryType,
-    QueueSpec,
-    Recipient,
-    allocate_items,
-    enqueue,
-    forget_item,
-    load_bodies,
-)
+from mailyard.hub.bounce import queue_report
+from mailyard.hub.node import Hub
+from mailyard.hub.outcomes import Batch
+from mailyard.hub.queues import Change, QueueSpec
+from mailyard.hub.records import DeliveryType, Recipient
 from mailyard.hub.routing import route
 from mailyard.nodes import now_ms
 from mailyard.tracking import Event, Record
-from mailyard.txn import Txn
 
 UNREACHABLE_ERROR = "554 5.4.4 ROUTING.NoConnectorForAddressSpace; no send connector matches"
 
 
-def categorize(node: Node, batch: Batch) -> None:
-    directory = node.orgs.get()
+def categorize(hub: Hub, batch: Batch) -> None:
+    directory = hub.directory()
     org = directory.org
     settings = org.transport
     now = now_ms()
@@ -58,40 +50,38 @@ def categorize(node: Node, batch: Batch) -> None:
             finals = []
         groups: dict[str, tuple[QueueSpec, list[Recipient]]] = {}
         for final in finals:
-            spec = route(org, node.site, final, msg.size)
+            spec = route(org, hub.site, final, msg.size)
             rcpt = Recipient(final.address, original=final.original, kind=final.kind.value)
             if spec.delivery_type is DeliveryType.UNREACHABLE:
                 rcpt.last_error = UNREACHABLE_ERROR
             groups.setdefault(spec.identity, (spec, []))[1].append(rcpt)
         plans.append((item, msg, expansion, failures, list(groups.values())))
 
-    reporting = [msg.id for _, msg, _, failures, _ in plans if failures and wants_report(msg)]
-    bodies = load_bodies(node.r, reporting)
-    ids = iter(allocate_items(node.r, sum(len(g) for *_, g in plans) + len(reporting)))
-    txns = []
-    retention = settings.message_tracking_log_max_age
+    queues = hub.queues
+    bodies = queues.bodies([msg.id for _, msg, _, failures, _ in plans if failures and msg.wants_report])
+    ids = iter(queues.new_item_ids(sum(len(g) for *_, g in plans) + len(bodies)))
+    changes = []
     for item, msg, expansion, failures, routed in plans:
-        txn = Txn().guard_eq(keys.item(item.id), "lease", batch.token)
-        base = Record(Event.RESOLVE, source="ROUTING", server=node.name, internal_id=msg.id,
+        change = queues.change().require_lease(item, batch.token)
+        base = Record(Event.RESOLVE, source="ROUTING", server=hub.name, internal_id=msg.id,
                       message_id=msg.message_id, sender=msg.sender, subject=msg.subject,
                       size=msg.size)
-        _track_expansion(txn, base, expansion, retention, now)
+        _track_expansion(change, base, expansion, now)
         for spec, recipients in routed:
-            txn.op("HINCRBY", keys.msg(msg.id), "refs", 1)
-            new_id = next(ids)
-            enqueue(txn, spec, new_id, msg, recipients, now=now)
+            change.hold_message(msg.id)
+            change.enqueue(spec, next(ids), msg, recipients, now=now)
             if len(routed) > 1:
-                tracking.add(txn, _rec(base, Event.TRANSFER, [r.address for r in recipients],
-                                       reference=f"item {item.id}", queue=spec.identity), retention, now)
+                change.track(_rec(base, Event.TRANSFER, [r.address for r in recipients],
+                                  reference=f"item {item.id}", queue=spec.identity), now)
         if failures:
-            tracking.add(txn, _rec(base, Event.FAIL, [f.recipient for f in failures],
-                                   status=[f.diagnostic for f in failures]), retention, now)
+            change.track(_rec(base, Event.FAIL, [f.recipient for f in failures],
+                              status=[f.diagnostic for f in failures]), now)
             if msg.id in bodies:
-                queue_report(node, txn, msg, bodies[msg.id], failures, item_id=next(ids), now=now)
-        forget_item(txn, item, claimed=True)
-        txns.append(txn)
-    faults.point("categorize.before_commit", node.r)
-    node.commit_all(txns)
+                queue_report(hub, change, msg, bodies[msg.id], failures, item_id=next(ids), now=now)
+        change.complete(item, claimed=True)
+        changes.append(change)
+    hub.crash_point("categorize.before_commit")
+    queues.commit(changes)
 
 
 def _rec(base: Record, event: Event, recipients: list[str], *, status: list[str] | None = None,
@@ -102,18 +92,12 @@ def _rec(base: Record, event: Event, recipients: list[str], *, status: list[str]
     return rec
 
 
-def _track_expansion(txn: Txn, base: Record, expansion: Expansion, retention: float, now: int) -> None:
+def _track_expansion(change: Change, base: Record, expansion: Expansion, now: int) -> None:
     by_group: dict[str, list[str]] = defaultdict(list)
     for group, members in expansion.expanded:
         by_group[group] = members
     for alias, primary in expansion.resolved:
-        tracking.add(txn, _rec(base, Event.RESOLVE, [primary], related=alias), retention, now)
+        change.track(_rec(base, Event.RESOLVE, [primary], related=alias), now)
     for group, members in by_group.items():
-        tracking.add(txn, _rec(base, Event.EXPAND, members, related=group), retention, now)
+        change.track(_rec(base, Event.EXPAND, members, related=group), now)
 
-
-def _cap(node: Node) -> int:
-    return 0  # any number of hubs may categorize at once
-
-
-register(DeliveryType.UNDEFINED.value, categorize, _cap)

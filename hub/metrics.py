@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from mailyard import keys
 from mailyard.errors import MailyardError
-from mailyard.hub.queues import list_queues
+from mailyard.hub.redis_queues import RedisQueues
 from mailyard.orgstore import OrgCache
 
 RECIPIENT_EVENTS = ("DELIVER", "SEND", "DEFER", "FAIL")
@@ -62,7 +62,7 @@ class SiteCollector(Collector):
         names = [q.decode() for q in names_raw]
         hub_names = [name.decode() for name, _ in beats]
 
-        queues = list_queues(r, names) if names else []
+        queues = RedisQueues.reader(r).queues(names) if names else []
         pipe = r.pipeline(transaction=False)
         for q in queues:
             pipe.zrange(keys.queue_members(q.identity), 0, 0, withscores=True)

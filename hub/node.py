@@ -1,4 +1,9 @@
-"""The running hub: its identity and the per-process resources its tasks share.
+"""The running hub: its identity and the per-process resources its stages share.
+
+Stages (categorizer, store driver, send connector, outcomes, sweeper) are written against
+``Hub``, the little a stage needs: the hub's name and site, the queues, the directory and
+the transport settings. ``Node`` is the real one; tests of the stages' rules give them a
+hub over the in-memory queues (tests/hub/helpers.py).
 
 Celery's prefork pool forks children from the main process; Redis and HTTP clients are
 created lazily in each process (a client made before a fork must not be used after it).
@@ -6,22 +11,49 @@ created lazily in each process (a client made before a fork must not be used aft
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from celery import Celery
 
-from mailyard import redisconn
-from mailyard.broker import TASK_DRAIN
+from mailyard import faults, redisconn
+from mailyard.broker import DrainMessages
+from mailyard.directory import Directory
+from mailyard.hub.queues import MailQueues, Worker
+from mailyard.hub.redis_queues import RedisQueues
 from mailyard.org import TransportSettings
 from mailyard.orgstore import OrgCache
-from mailyard.txn import Kick, Result, Txn, run_all
 
-log = logging.getLogger("mailyard.hub")
+if TYPE_CHECKING:
+    from mailyard.hub.mailbox_client import MailboxClient
+
+
+class Hub(Protocol):
+    """What a pipeline stage knows of the hub it runs on."""
+
+    name: str
+    site: str
+
+    @property
+    def queues(self) -> MailQueues: ...
+
+    @property
+    def settings(self) -> TransportSettings: ...
+
+    @property
+    def fqdn(self) -> str: ...
+
+    @property
+    def worker(self) -> Worker: ...
+
+    def directory(self) -> Directory: ...
+
+    def crash_point(self, name: str) -> None:
+        """A place where the fault tests may kill this process (mailyard.faults)."""
+        ...
 
 
 @dataclass
@@ -47,6 +79,14 @@ class Node:
         return res["r"]
 
     @property
+    def queues(self) -> RedisQueues:
+        res = self._resources()
+        if "queues" not in res:
+            res["queues"] = RedisQueues(self.r, DrainMessages(self.app),
+                                        lambda: self.settings.message_tracking_log_max_age)
+        return res["queues"]
+
+    @property
     def orgs(self) -> OrgCache:
         res = self._resources()
         if "orgs" not in res:
@@ -55,14 +95,24 @@ class Node:
             res["orgs"] = OrgCache(self.r, max_age=1.0)
         return res["orgs"]
 
+    def directory(self) -> Directory:
+        return self.orgs.get()
+
+    def crash_point(self, name: str) -> None:
+        faults.point(name, self.r)
+
     @property
-    def mailboxes(self):  # the store driver's RPC client (mailyard.hub.mailbox_client)
+    def mailboxes(self) -> MailboxClient:  # the store driver's RPC client
         from mailyard.hub.mailbox_client import MailboxClient
 
         res = self._resources()
         if "mailboxes" not in res:
             res["mailboxes"] = MailboxClient(self.r, self.name)
         return res["mailboxes"]
+
+    @property
+    def worker(self) -> Worker:
+        return Worker(self.name, os.getpid())
 
     def fresh(self) -> None:
         """A task begins: the next use of the directory checks its version in Redis."""
@@ -75,24 +125,6 @@ class Node:
     @property
     def fqdn(self) -> str:
         return self.name if "." in self.name else f"{self.name}.{self.orgs.org.accepted_domains[0]}"
-
-    def kick(self, kicks: list[Kick]) -> None:
-        for k in kicks:
-            try:
-                self.app.send_task(TASK_DRAIN, args=[k.queue], queue=k.route)
-            except Exception as exc:  # the sweeper re-sends kicks that never arrived
-                log.warning("could not send the drain task for %s: %s", k.queue, exc)
-
-    def commit(self, txn: Txn) -> Result:
-        result = txn.run(self.r)
-        if result.ok:
-            self.kick(result.kicks)
-        return result
-
-    def commit_all(self, txns: list[Txn]) -> list[Result]:
-        results = run_all(self.r, txns)
-        self.kick([k for res in results if res.ok for k in res.kicks])
-        return results
 
 
 def default_name() -> str:

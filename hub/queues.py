@@ -1,53 +1,75 @@
-"""Mail queues as objects in Redis: the Submission queue, one delivery queue per next hop,
-the Unreachable and Poison queues (DESIGN §2.6).
+"""The mail queue contract: every state change of queued mail goes through it (DESIGN §2.6).
 
-A queue's identity is ``<site>\\<next hop>``; any hub of the site works on it. A queue
-holds items (one message for some recipients); ``claim`` hands a worker up to N ready items
-under a lease, and every later change of an item is a guarded ``Txn`` that checks the lease,
-so a worker that lost its lease (it stalled, or was presumed dead) changes nothing.
+Queues are objects. A queue has an identity (``<site>\\<next hop>``), a kind (``QueueKind``:
+Submission, a delivery queue for one next hop, Unreachable, Poison), Exchange's
+DeliveryType, a Status and a message count. It holds *items*: one message for some of its
+recipients (mailyard.hub.records). Any hub of the site works on any of its queues.
+
+How an item moves, and the operation that moves it:
+
+- ``Change.enqueue`` puts a new item on a queue's ready list (and asks for a drain);
+- ``MailQueues.claim`` hands a worker up to N ready items of one queue under a lease (a
+  token), ``renew`` extends it while a slow next hop talks, ``release`` frees the worker's
+  connection slot. Every later change of a claimed item is guarded by that lease, so a
+  worker that lost it (stalled, presumed dead) changes nothing;
+- a delivery ends in one of: ``complete`` (every recipient done: the item is gone),
+  ``park`` (it waits for its own retry time, or stays suspended), ``put_back`` (the next hop
+  could not be reached: back to the front of its queue), ``to_poison``;
+- the operator's ``suspend``, ``resume``, ``move`` (resubmit) and ``remove`` (``complete`` of
+  an item that was not claimed) act on items that are not in flight; on an Active item the
+  operator can only ``request`` a ``PendingAction``, which the delivery's outcome then
+  honours: the worker guards its outcome with ``require_pending`` on the request it read, and
+  reads the item again when that guard fails, so a request made at any moment is never lost;
+- the sweeper's reads find ``expired_leases`` (their worker died: ``put_back`` or
+  ``to_poison``), ``due_retries`` (``promote``), ``expiring`` items (``complete`` with an NDR)
+  and ``due_delay_reports``; ``stalled_queues`` are queues with ready mail and no drain.
+
+A ``Change`` is one atomic step: its guards are checked and its effects applied together
+when the store commits it, or nothing is applied; a crash between two steps leaves every
+message in exactly one place. Tracking records and reports are part of the step that
+causes them. Commit several changes at once with ``MailQueues.commit``: each is atomic on
+its own. A committed change that makes a queue non-empty also queues that queue's drain
+task (a kick), in the same step.
+
+Two implementations hold this contract: mailyard.hub.redis_queues (the real one, in Redis,
+each change one Lua call) and mailyard.hub.memory_queues (in memory, for fast tests of the
+stages' rules); tests/hub/test_queues.py runs one behaviour suite against both.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol, Self
 
-import redis
-import redis.asyncio
+from mailyard.broker import site_queue
+from mailyard.hub.records import (
+    DeliveryType,
+    Item,
+    ItemStatus,
+    Message,
+    PendingAction,
+    QueueKind,
+    Recipient,
+)
 
-from mailyard import keys
-from mailyard.broker import KICK_TTL_MS, site_queue
-from mailyard.nodes import now_ms
-from mailyard.scripts import script
-from mailyard.txn import Txn
-
-ITEM_PREFIX = keys.item("")
-
-
-class DeliveryType(StrEnum):
-    UNDEFINED = "Undefined"  # the Submission queue (next hop not known yet) and Poison
-    MAPI = "MapiDelivery"
-    REMOTE_SITE = "SmtpRelayToRemoteAdSite"
-    DNS = "DnsConnectorDelivery"
-    SMART_HOST = "SmartHostConnectorDelivery"
-    UNREACHABLE = "Unreachable"
+if TYPE_CHECKING:
+    from mailyard.tracking import Record
 
 
-class Status(StrEnum):
+# The kinds of queue a stage drains (mailyard.hub.runner); mail in the others waits for an
+# operator or an organization change, so no drain task is ever queued for them.
+DRAINED = frozenset({QueueKind.SUBMISSION, QueueKind.DELIVERY})
+
+
+class QueueStatus:
+    """A queue's Status, as Get-Queue shows it."""
+
     ACTIVE = "Active"
     READY = "Ready"
     RETRY = "Retry"
     SUSPENDED = "Suspended"
-
-
-SUBMISSION = "Submission"
-UNREACHABLE = "Unreachable"
-POISON = "Poison"
 
 
 @dataclass(frozen=True)
@@ -56,296 +78,41 @@ class QueueSpec:
 
     identity: str
     site: str
+    kind: QueueKind
     delivery_type: DeliveryType
     next_hop: str
-    route: str  # the Celery queue its drain tasks go to
+    celery_queue: str  # the Celery queue its drain tasks go to
     connector: str = ""
-
-    def ensure(self, txn: Txn) -> None:
-        """An operation that creates the queue if it does not exist yet."""
-        txn.op("@queue", keys.queue(self.identity), keys.QUEUES, self.identity, self.site,
-               self.delivery_type.value, self.next_hop, self.route, self.connector, now_ms())
 
 
 def submission_queue(site: str) -> QueueSpec:
-    return QueueSpec(f"{site}\\{SUBMISSION}", site, DeliveryType.UNDEFINED, SUBMISSION, site_queue(site))
+    return QueueSpec(f"{site}\\Submission", site, QueueKind.SUBMISSION, DeliveryType.UNDEFINED, "Submission",
+                     site_queue(site))
 
 
 def unreachable_queue(site: str) -> QueueSpec:
-    return QueueSpec(
-        f"{site}\\{UNREACHABLE}", site, DeliveryType.UNREACHABLE, "Unreachable Domain", site_queue(site)
-    )
+    return QueueSpec(f"{site}\\Unreachable", site, QueueKind.UNREACHABLE, DeliveryType.UNREACHABLE,
+                     "Unreachable Domain", site_queue(site))
 
 
 def poison_queue(site: str) -> QueueSpec:
-    return QueueSpec(f"{site}\\{POISON}", site, DeliveryType.UNDEFINED, POISON, site_queue(site))
+    return QueueSpec(f"{site}\\Poison", site, QueueKind.POISON, DeliveryType.UNDEFINED, "Poison", site_queue(site))
 
 
 def mapi_queue(site: str, server: str) -> QueueSpec:
-    return QueueSpec(f"{site}\\{server}", site, DeliveryType.MAPI, server, site_queue(site))
+    return QueueSpec(f"{site}\\{server}", site, QueueKind.DELIVERY, DeliveryType.MAPI, server, site_queue(site))
 
 
 def remote_site_queue(site: str, target: str) -> QueueSpec:
-    return QueueSpec(f"{site}\\{target}", site, DeliveryType.REMOTE_SITE, target, site_queue(site))
+    return QueueSpec(f"{site}\\{target}", site, QueueKind.DELIVERY, DeliveryType.REMOTE_SITE, target,
+                     site_queue(site))
 
 
-def ensure_site_queues(r: redis.Redis, site: str, servers: list[str]) -> None:
-    """Create a site's standing queues: Submission and Unreachable (Exchange always shows
-    them) and one MapiDelivery queue per mailbox server, so they can be seen and suspended
-    before any mail has passed."""
-    txn = Txn()
-    for spec in (submission_queue(site), unreachable_queue(site), *(mapi_queue(site, s) for s in servers)):
-        spec.ensure(txn)
-    txn.run(r)
-
-
-# region: records
-
-
-@dataclass
-class Recipient:
-    address: str
-    original: str = ""  # ORCPT: the address the sender used, or the group it came from
-    kind: str = ""
-    status: str = "Ready"
-    last_error: str = ""
-    retries: int = 0
-
-    def as_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"address": self.address}
-        for name in ("original", "kind", "status", "last_error", "retries"):
-            value = getattr(self, name)
-            if value not in ("", 0):
-                out[name] = value
-        return out
-
-
-@dataclass
-class Message:
-    """The envelope and summary of one message (``my:msg:<id>``)."""
-
-    id: str
-    sender: str  # envelope MAIL FROM; "" is the null sender <>
-    message_id: str = ""
-    subject: str = ""
-    size: int = 0
-    received: int = 0  # ms
-    expires: int = 0  # ms
-    source: str = ""  # STOREDRIVER, SMTP, DSN
-    origin: str = ""  # outbox item reference, or the SMTP client
-    site: str = ""  # site of the hub that accepted it
-    hub: str = ""
-    dsn: str = ""  # "" for ordinary mail; "ndr" or "delay" for notifications we generated
-    client: str = ""
-
-    def fields(self) -> dict[str, str | int]:
-        """What is stored in ``my:msg:<id>`` (empty fields left out: they read back as empty)."""
-        return {k: v for k, v in self.__dict__.items() if k != "id" and v not in ("", 0)}
-
-    @classmethod
-    def load(cls, msg_id: str, data: dict[bytes, bytes]) -> Message:
-        d = {k.decode(): v.decode("utf-8", "replace") for k, v in data.items()}
-        return cls(
-            id=msg_id,
-            sender=d.get("sender", ""),
-            message_id=d.get("message_id", ""),
-            subject=d.get("subject", ""),
-            size=int(d.get("size", 0) or 0),
-            received=int(d.get("received", 0) or 0),
-            expires=int(d.get("expires", 0) or 0),
-            source=d.get("source", ""),
-            origin=d.get("origin", ""),
-            site=d.get("site", ""),
-            hub=d.get("hub", ""),
-            dsn=d.get("dsn", ""),
-            client=d.get("client", ""),
-        )
-
-
-@dataclass
-class Item:
-    """One message in one queue (``my:item:<id>``), with its recipients' state."""
-
-    id: str
-    msg: str
-    queue: str
-    recipients: list[Recipient] = field(default_factory=list)
-    status: str = "Ready"
-    retries: int = 0
-    last_error: str = ""
-    crashes: int = 0
-    lease: str = ""
-    hub: str = ""
-    enqueued: int = 0
-    next_retry: int = 0
-    pending: str = ""  # an admin action waiting for the delivery in progress to end
-    remove_ndr: bool = True  # with PendingRemove: send the NDR
-    leased: int = 0  # when the lease was taken, ms
-    pid: int = 0  # the worker process holding the lease
-
-    @classmethod
-    def load(cls, item_id: str, data: dict[bytes, bytes]) -> Item:
-        d = {k.decode(): v.decode("utf-8", "replace") for k, v in data.items()}
-        return cls(
-            id=item_id,
-            msg=d.get("msg", ""),
-            queue=d.get("queue", ""),
-            recipients=[Recipient(**r) for r in json.loads(d.get("rcpts", "[]"))],
-            status=d.get("status", ""),
-            retries=int(d.get("retries", 0) or 0),
-            last_error=d.get("last_error", ""),
-            crashes=int(d.get("crashes", 0) or 0),
-            lease=d.get("lease", ""),
-            hub=d.get("hub", ""),
-            enqueued=int(d.get("enqueued", 0) or 0),
-            next_retry=int(d.get("next_retry", 0) or 0),
-            pending=d.get("pending", ""),
-            remove_ndr=d.get("remove_ndr", "1") != "0",
-            leased=int(d.get("leased", 0) or 0),
-            pid=int(d.get("pid", 0) or 0),
-        )
-
-
-def rcpts_json(recipients: list[Recipient]) -> str:
-    return json.dumps([r.as_json() for r in recipients], separators=(",", ":"))
-
-
-# endregion
-
-# region: writing
-
-
-def new_message_id() -> str:
-    """A message id unique across sites and Redis servers: time-ordered, then random."""
-    return f"{int(time.time() * 1000):011x}{secrets.token_hex(5)}"
-
-
-class _ItemIds:
-    """Queue item ids, taken from Redis in blocks: one INCRBY per BLOCK ids instead of one per
-    message. A process that stops leaves its unused ids unused (gaps are harmless)."""
-
-    BLOCK = 200
-
-    def __init__(self) -> None:
-        self._pid = -1
-        self._next = self._end = 0
-        self._lock = threading.Lock()
-
-    def _have(self, count: int) -> list[str] | None:
-        if self._pid != os.getpid():  # a forked child must not reuse its parent's block
-            self._pid, self._next, self._end = os.getpid(), 0, 0
-        if self._end - self._next < count:
-            return None
-        out = [str(i) for i in range(self._next, self._next + count)]
-        self._next += count
-        return out
-
-    def _refilled(self, last: int, size: int, count: int) -> list[str]:
-        """A new block ends at ``last`` (INCRBY's reply); take ``count`` ids from it."""
-        self._next, self._end = last + 1 - size, last + 1
-        found = self._have(count)
-        assert found is not None
-        return found
-
-    def take(self, r: redis.Redis, count: int) -> list[str]:
-        with self._lock:
-            size = max(count, self.BLOCK)
-            return self._have(count) or self._refilled(int(r.incrby(keys.SEQ_ITEM, size)), size, count)
-
-    async def take_async(self, r: redis.asyncio.Redis, count: int) -> list[str]:
-        # (one event loop: no lock needed between awaits here)
-        size = max(count, self.BLOCK)
-        return self._have(count) or self._refilled(int(await r.incrby(keys.SEQ_ITEM, size)), size, count)
-
-
-item_ids = _ItemIds()
-
-
-def allocate_items(r: redis.Redis, count: int) -> list[str]:
-    return item_ids.take(r, count) if count > 0 else []
-
-
-def create_message(txn: Txn, msg: Message, body: bytes, *, refs: int, delay_dsn_at: int = 0) -> None:
-    """Store a new message held by ``refs`` items; schedule its delay DSN if it can get one."""
-    txn.hset(keys.msg(msg.id), {**msg.fields(), "refs": refs})
-    txn.op("SET", keys.body(msg.id), body)
-    if delay_dsn_at and msg.sender and not msg.dsn:
-        txn.op("ZADD", keys.DELAY, delay_dsn_at, msg.id)
-
-
-def enqueue(
-    txn: Txn,
-    spec: QueueSpec,
-    item_id: str,
-    msg: Message,
-    recipients: list[Recipient],
-    *,
-    now: int,
-    status: str = "Ready",
-    ready: bool = True,
-) -> None:
-    """Put a new item into a queue (creating the queue), and ask for a drain if needed."""
-    spec.ensure(txn)
-    txn.hset(
-        keys.item(item_id),
-        {
-            "msg": msg.id,
-            "queue": spec.identity,
-            "rcpts": rcpts_json(recipients),
-            "status": status,
-            "enqueued": now,
-        },
-    )
-    txn.op("ZADD", keys.queue_members(spec.identity), now, item_id)
-    txn.op("SADD", keys.msg_items(msg.id), item_id)
-    if msg.expires and spec.identity.rpartition("\\")[2] != POISON:
-        txn.op("ZADD", keys.EXPIRY, msg.expires, item_id)
-    if ready:
-        txn.op("RPUSH", keys.ready(spec.identity), item_id)
-        txn.kick(spec.identity, spec.route, KICK_TTL_MS)
-
-
-def forget_item(txn: Txn, item: Item, *, claimed: bool = False) -> None:
-    """Operations that take an item out of its queue and every schedule, for good.
-
-    ``claimed``: the caller holds the item from ``claim``, which took it off the ready list,
-    so the list is not searched (LREM is linear in the backlog: with 100,000 ready items it
-    cost 2.3 ms of Redis per delivered message). Should a stale id remain there all the
-    same (a lease that expired and was put back), ``claim`` skips ids whose item is gone."""
-    txn.op("DEL", keys.item(item.id))
-    txn.op("ZREM", keys.queue_members(item.queue), item.id)
-    if not claimed:
-        txn.op("LREM", keys.ready(item.queue), 0, item.id)
-    for index in (keys.INFLIGHT, keys.RETRY, keys.EXPIRY):
-        txn.op("ZREM", index, item.id)
-    txn.op("SREM", keys.msg_items(item.msg), item.id)
-    txn.decref(item.msg)
-
-
-# endregion
-
-# region: reading
-
-
-def load_items(r: redis.Redis, ids: list[str]) -> list[Item]:
-    pipe = r.pipeline(transaction=False)
-    for item_id in ids:
-        pipe.hgetall(keys.item(item_id))
-    return [Item.load(i, d) for i, d in zip(ids, pipe.execute(), strict=True) if d]
-
-
-def load_messages(r: redis.Redis, msg_ids: list[str]) -> dict[str, Message]:
-    unique = list(dict.fromkeys(msg_ids))
-    pipe = r.pipeline(transaction=False)
-    for msg_id in unique:
-        pipe.hgetall(keys.msg(msg_id))
-    return {m: Message.load(m, d) for m, d in zip(unique, pipe.execute(), strict=True) if d}
-
-
-def load_bodies(r: redis.Redis, msg_ids: list[str]) -> dict[str, bytes]:
-    unique = list(dict.fromkeys(msg_ids))
-    values = r.mget([keys.body(m) for m in unique]) if unique else []
-    return {m: v for m, v in zip(unique, values, strict=True) if v is not None}
+def standing_queues(site: str, servers: Sequence[str]) -> list[QueueSpec]:
+    """A site's queues that exist before any mail has passed: Submission and Unreachable
+    (Exchange always shows them) and one MapiDelivery queue per mailbox server, so an
+    operator can see and suspend them from the start."""
+    return [submission_queue(site), unreachable_queue(site), *(mapi_queue(site, s) for s in servers)]
 
 
 @dataclass
@@ -354,6 +121,7 @@ class QueueInfo:
 
     identity: str
     site: str
+    kind: QueueKind
     delivery_type: str
     next_hop: str
     status: str
@@ -361,10 +129,10 @@ class QueueInfo:
     ready: int
     last_error: str
     last_retry: int
-    next_retry: int
+    next_retry: int  # 0 unless in Retry
     failures: int
     connections: int
-    route: str
+    celery_queue: str
     connector: str
     created: int
     suspended: bool
@@ -386,72 +154,17 @@ class QueueInfo:
 
 
 def _iso(ms: int) -> str | None:
-    if not ms:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)) if ms else None
 
 
-def queue_status(suspended: bool, next_retry: int, connections: int, now: int) -> Status:
+def queue_status(suspended: bool, next_retry: int, connections: int, now: int) -> str:
     if suspended:
-        return Status.SUSPENDED
+        return QueueStatus.SUSPENDED
     if next_retry > now:
-        return Status.RETRY
+        return QueueStatus.RETRY
     if connections:
-        return Status.ACTIVE
-    return Status.READY
-
-
-def list_queues(r: redis.Redis, identities: list[str] | None = None) -> list[QueueInfo]:
-    names = identities if identities is not None else [q.decode() for q in r.zrange(keys.QUEUES, 0, -1)]
-    now = now_ms()
-    pipe = r.pipeline(transaction=False)
-    for q in names:
-        pipe.hgetall(keys.queue(q))
-        pipe.zcard(keys.queue_members(q))
-        pipe.llen(keys.ready(q))
-        pipe.zcount(keys.conns(q), now, "+inf")
-    replies = pipe.execute()
-    out = []
-    for i, q in enumerate(names):
-        data, count, ready, conns = replies[4 * i : 4 * i + 4]
-        if not data:
-            continue
-        d = {k.decode(): v.decode() for k, v in data.items()}
-        suspended = d.get("suspended") == "1"
-        next_retry = int(d.get("next_retry", 0) or 0)
-        out.append(
-            QueueInfo(
-                identity=q,
-                site=d.get("site", ""),
-                delivery_type=d.get("type", ""),
-                next_hop=d.get("next_hop", ""),
-                status=queue_status(suspended, next_retry, conns, now).value,
-                message_count=count,
-                ready=ready,
-                last_error=d.get("last_error", ""),
-                last_retry=int(d.get("last_retry", 0) or 0),
-                next_retry=next_retry if next_retry > now else 0,
-                failures=int(d.get("failures", 0) or 0),
-                connections=conns,
-                route=d.get("route", ""),
-                connector=d.get("connector", ""),
-                created=int(d.get("created", 0) or 0),
-                suspended=suspended,
-            )
-        )
-    return out
-
-
-# endregion
-
-# region: leases
-
-
-@dataclass
-class Claim:
-    queue: str
-    token: str
-    items: list[Item]
+        return QueueStatus.ACTIVE
+    return QueueStatus.READY
 
 
 @dataclass
@@ -463,44 +176,215 @@ class Claimed:
     remaining: int
 
 
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+@dataclass(frozen=True)
+class Worker:
+    """Who holds a lease: a hub and its worker process."""
+
+    hub: str
+    pid: int
 
 
-def claim(
-    r: redis.Redis, queue: str, *, hub: str, n: int, lease_ms: int, cap: int, token: str
-) -> Claimed | None:
-    """Take up to ``n`` ready items of ``queue`` under ``token``'s lease, with their messages,
-    in one round trip (core/lua/claim.lua); None when the queue may not be taken from now
-    (suspended, in Retry, at its cap)."""
-    reply = script(r, "claim")(
-        keys=[keys.queue(queue), keys.ready(queue), keys.conns(queue), keys.INFLIGHT, keys.kick(queue)],
-        args=[now_ms(), n, lease_ms, token, hub, cap, ITEM_PREFIX, keys.msg(""), KICK_TTL_MS, os.getpid()],
-    )
-    if reply == [b"!"]:
-        return None
-    remaining, flat_items, flat_msgs = reply
-    items = [Item.load(flat_items[i].decode(), _pairs(flat_items[i + 1])) for i in range(0, len(flat_items), 2)]
-    messages = {}
-    for i in range(0, len(flat_msgs), 2):
-        if flat_msgs[i + 1]:
-            msg_id = flat_msgs[i].decode()
-            messages[msg_id] = Message.load(msg_id, _pairs(flat_msgs[i + 1]))
-    return Claimed(items, messages, int(remaining))
+@dataclass
+class Committed:
+    """The result of committing one ``Change``."""
+
+    ok: bool
+    failed: str = ""  # the name of the guard that failed: "lease", "status", "pending", "new", "first", ...
+    value: str | None = None  # with a failed "first" guard: the message id recorded the first time
+    drains: list[str] = field(default_factory=list)  # queues whose drain task this step queued
 
 
-def release(r: redis.Redis, queue: str, token: str) -> None:
-    """The worker is done with the queue: its connection slot is free again."""
-    r.zrem(keys.conns(queue), token)
+class Change(Protocol):
+    """One atomic step. Guards first (all must hold when it is committed), then effects."""
+
+    # guards
+    def require_lease(self, item: Item, token: str) -> Self:
+        """The item is still held under ``token`` (the worker did not lose it)."""
+        ...
+
+    def require_status(self, item: Item, status: str) -> Self:
+        """The item still exists and is in ``status``."""
+        ...
+
+    def require_pending(self, item: Item, pending: str) -> Self:
+        """The operator's request on the item is still ``pending`` (what the caller read)."""
+        ...
+
+    def require_new_message(self, msg_id: str) -> Self:
+        """No message ``msg_id`` exists (this very step was not applied already)."""
+        ...
+
+    def require_first(self, dedup: str) -> Self:
+        """Nothing was remembered under ``dedup``; when it fails, ``Committed.value`` is the
+        id of the message created the first time."""
+        ...
+
+    def require_no_delay_report(self, msg_id: str) -> Self:
+        """The message exists and got no delay DSN yet."""
+        ...
+
+    # messages
+    def add_message(self, msg: Message, body: bytes, *, refs: int, delay_report_at: int = 0) -> Self:
+        """Store a new message held by ``refs`` items; schedule its delay DSN if it can get one."""
+        ...
+
+    def hold_message(self, msg_id: str) -> Self:
+        """One more item holds the message."""
+        ...
+
+    def remember(self, dedup: str, msg_id: str, ttl_s: int) -> Self:
+        """Record that ``dedup`` became ``msg_id`` (see ``require_first``)."""
+        ...
+
+    def delay_report_sent(self, msg_id: str, now: int) -> Self: ...
+
+    def unschedule_delay_report(self, msg_id: str) -> Self: ...
+
+    # items
+    def enqueue(self, spec: QueueSpec, item_id: str, msg: Message, recipients: list[Recipient], *,
+                now: int) -> Self:
+        """A new item, Ready at the back of ``spec``'s queue (created if needed), expiring with
+        its message (unless the queue is Poison)."""
+        ...
+
+    def complete(self, item: Item, *, claimed: bool) -> Self:
+        """The item leaves its queue and every schedule for good (delivered, failed, removed,
+        expired); the last item of a message deletes it. ``claimed``: the caller holds it from
+        ``claim``, so it is not on the ready list."""
+        ...
+
+    def park(self, item: Item, recipients: list[Recipient], *, until: int | None, last_error: str) -> Self:
+        """A claimed item waits with ``recipients`` left: for its own retry at ``until``, or
+        Suspended (``until`` None) until an operator resumes it."""
+        ...
+
+    def put_back(self, item: Item, *, status: str, last_error: str, recipients: list[Recipient] | None = None,
+                 crashes: int | None = None, retries: int | None = None, suspect: bool = False) -> Self:
+        """A claimed item goes back to the front of its queue's ready list, unleased."""
+        ...
+
+    def to_poison(self, item: Item, *, crashes: int, reason: str, now: int) -> Self:
+        """The item crashed its workers ``crashes`` times: into its site's Poison queue,
+        suspended, never expiring."""
+        ...
+
+    def request(self, item: Item, pending: str, *, ndr: bool = True) -> Self:
+        """An operator's ``PendingAction`` on an Active item (guard it with ``require_lease``)."""
+        ...
+
+    def note(self, item: Item, result: str) -> Self:
+        """Record what became of an operator's request on the item ("Suspended", "Removed",
+        "delivered: the PendingSuspend came too late"), for ``MailQueues.request_result``."""
+        ...
+
+    def suspend(self, item: Item) -> Self:
+        """A Ready or Retry item is held (Suspend-Message)."""
+        ...
+
+    def resume(self, item: Item) -> Self:
+        """A Suspended item is Ready again, at the back of its queue."""
+        ...
+
+    def promote(self, item: Item) -> Self:
+        """An item whose own retry time came is Ready again."""
+        ...
+
+    def move(self, item: Item, target: QueueSpec, *, now: int, reset_crashes: bool = False) -> Self:
+        """An item that is not in flight moves to ``target`` (resubmit), Ready."""
+        ...
+
+    # queues
+    def ensure_queue(self, spec: QueueSpec, now: int) -> Self: ...
+
+    def set_queue(self, identity: str, **fields: str | int) -> Self:
+        """Change a queue's state fields (suspended, failures, next_retry, last_error, ...),
+        only if the queue exists."""
+        ...
+
+    def kick(self, identity: str, celery_queue: str, *, force: bool = False) -> Self:
+        """Queue a drain task for the queue, unless one is pending already (``force``: even
+        then, so that another worker joins a backlog)."""
+        ...
+
+    # the tracking log
+    def track(self, record: Record, now: int) -> Self:
+        """Write ``record`` to the message tracking log as part of this step."""
+        ...
 
 
-def renew(r: redis.Redis, queue: str, token: str, item_ids: list[str], lease_ms: int) -> None:
-    until = now_ms() + lease_ms
-    pipe = r.pipeline(transaction=True)
-    pipe.zadd(keys.conns(queue), {token: until}, xx=True)
-    if item_ids:
-        pipe.zadd(keys.INFLIGHT, {i: until for i in item_ids}, xx=True)
-    pipe.execute()
+class MailQueues(Protocol):
+    """Every queue of a site's organization, and the items in them."""
+
+    retention_s: float  # how long tracking records are kept
+
+    def change(self) -> Change: ...
+
+    def commit(self, changes: Sequence[Change]) -> list[Committed]:
+        """Apply ``changes`` in order, each atomically; one round trip where possible."""
+        ...
+
+    def new_item_ids(self, count: int) -> list[str]: ...
+
+    # leases
+    def claim(self, queue: str, *, worker: Worker, n: int, lease_ms: int, cap: int, token: str
+              ) -> Claimed | None:
+        """Take up to ``n`` ready items under ``token``'s lease; None when the queue may not
+        be taken from now (suspended, in Retry, or ``cap`` workers hold it already). A
+        ``suspect`` item is taken alone."""
+        ...
+
+    def renew(self, queue: str, token: str, item_ids: list[str], lease_ms: int) -> None: ...
+
+    def release(self, queue: str, token: str) -> None: ...
+
+    def done_draining(self, queue: str) -> bool:
+        """A drain found the queue empty: its kick marker goes; True if mail arrived in
+        between (the drain then kicks the queue again, so nothing is stranded)."""
+        ...
+
+    # reading
+    def queues(self, identities: list[str] | None = None) -> list[QueueInfo]: ...
+
+    def members(self, queue: str, limit: int = -1) -> list[str]:
+        """Item ids of a queue, oldest first."""
+        ...
+
+    def items(self, ids: list[str]) -> list[Item]: ...
+
+    def items_of(self, msg_id: str) -> list[Item]: ...
+
+    def messages(self, ids: list[str]) -> dict[str, Message]: ...
+
+    def bodies(self, ids: list[str]) -> dict[str, bytes]: ...
+
+    def known(self, dedup: str) -> str | None:
+        """The message id remembered under ``dedup``, if any."""
+        ...
+
+    def request_result(self, item_id: str) -> str | None:
+        """What became of the last operator's request on an item (see ``Change.note``)."""
+        ...
+
+    # the sweeper's schedules
+    def expired_leases(self, now: int, limit: int) -> list[Item]: ...
+
+    def due_retries(self, now: int, limit: int) -> list[Item]: ...
+
+    def expiring(self, now: int, limit: int) -> list[Item]: ...
+
+    def due_delay_reports(self, now: int, limit: int) -> list[str]: ...
+
+    def stalled_queues(self, now: int) -> list[QueueInfo]:
+        """Queues with ready mail, not suspended, not waiting for a retry, that no worker
+        drains and no drain task is pending for."""
+        ...
+
+    def unschedule(self, item_ids: list[str]) -> None:
+        """Drop ids of items that are gone (or no longer waiting) from the schedules."""
+        ...
 
 
-# endregion
+def settled_status(pending: str) -> str:
+    """The status an unfinished item takes when its delivery ends: Suspended if an operator
+    asked for it meanwhile, else Retry."""
+    return ItemStatus.SUSPENDED.value if pending == PendingAction.SUSPEND else ItemStatus.RETRY.value

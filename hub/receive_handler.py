@@ -11,7 +11,6 @@ once that transaction is durable. The categorizer takes it from there.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import time
@@ -20,14 +19,15 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
-from mailyard import headers, keys
+from mailyard import headers
 from mailyard.hub import receive_policy as policy
 from mailyard.hub import replies
-from mailyard.hub.queues import Message, item_ids, new_message_id
+from mailyard.hub.intake import accept
 from mailyard.hub.receive_policy import Identity
 from mailyard.hub.receive_protocol import ReceiveContext, ReceiveProtocol, aiosmtpd_members
+from mailyard.hub.records import Message, new_message_id
+from mailyard.hub.redis_queues import item_ids
 from mailyard.hub.relay import ORG_HEADERS, ORIGIN_HEADER
-from mailyard.hub.submit import submission_txn
 from mailyard.tracking import Event, Record
 
 log = logging.getLogger("mailyard.hub.receive")
@@ -136,29 +136,27 @@ class ReceiveHandler:
         # The size as received, which the limits apply to (Exchange's OriginalSize): our own trace
         # headers must not turn a message accepted at exactly the limit into a 5.3.4 bounce.
         msg.size = len(raw)
-        dedup = keys.dedup(f"{origin}:{','.join(sorted(envelope.rcpt_tos))}") if origin else None
+        dedup = f"{origin}:{','.join(sorted(envelope.rcpt_tos))}" if origin else None
         try:
             (item_id,) = await item_ids.take_async(self.ctx.r, 1)
-            txn = submission_txn(
-                msg, body, list(envelope.rcpt_tos), item_id=item_id, settings=settings, now=now,
-                dedup_key=dedup,
+            change = accept(
+                self.ctx.queues.change(), msg, body, list(envelope.rcpt_tos), item_id=item_id, settings=settings,
+                now=now, dedup=dedup,
                 record=Record(Event.RECEIVE, source="SMTP", server=self.ctx.hub, client=state.client_ip,
                               connector=f"{self.ctx.hub}\\{state.connector.name}",
                               message_id=message_id, recipients=list(envelope.rcpt_tos),
                               sender=msg.sender, subject=msg.subject, size=msg.size,
                               context=f"helo={helo}" + (f", origin={origin}" if origin else "")),
             )
-            result = await self.ctx.commits.run(txn)
+            result = change.committed(await self.ctx.commits.run(change.txn))
         except Exception as exc:  # Redis down: the client keeps the message and tries again
             log.error("could not store a message from %s: %s", state.client_ip, exc)
             return replies.STORAGE_FAILED
         if not result.ok:
-            # guard 1: our own transaction had been applied before a lost reply made the Redis
-            # client send it again; guard 2: a relay repeated after a lost reply. Queued once.
-            existing = msg.id if result.failed_guard == 1 else (result.value or b"").decode()
+            # "new": our own change had been applied before a lost reply made the Redis client
+            # send it again; "first": a relay repeated after a lost reply. Queued once.
+            existing = msg.id if result.failed == "new" else result.value or ""
             return replies.queued(message_id, existing, self.ctx.hub)
-        if result.kicks:
-            asyncio.get_running_loop().run_in_executor(None, self.ctx.kick, result.kicks)
         return replies.queued(message_id, msg.id, self.ctx.hub)
 
     async def handle_exception(self, error: Exception) -> str:

@@ -27,15 +27,15 @@ import threading
 from pathlib import Path
 
 from mailyard import keys, nodes, redisconn
-from mailyard.broker import TASK_DRAIN, make_app, push_kicks_with
+from mailyard.broker import DrainMessages, make_app
 from mailyard.directory import Directory
 from mailyard.hub.pressure import Level
 from mailyard.hub.receive_handler import ReceiveHandler
 from mailyard.hub.receive_protocol import ReceiveContext, ReceiveProtocol
+from mailyard.hub.redis_queues import RedisQueues
 from mailyard.orgstore import AsyncOrgWatcher
 from mailyard.processes import die_with_parent, setup_logging
 from mailyard.tls import self_signed, server_context
-from mailyard.txn import Kick
 
 log = logging.getLogger("mailyard.hub.receive")
 
@@ -86,18 +86,10 @@ class ReceiveListener:
         self.servers: dict[str, asyncio.Server] = {}  # actual address -> listener
         self.failed: set[str] = set()
 
-    def _kick(self, kicks: list[Kick]) -> None:
-        for k in kicks:
-            try:
-                self.app.send_task(TASK_DRAIN, args=[k.queue], queue=k.route)
-            except Exception as exc:  # the sweeper re-sends what never arrived
-                log.warning("could not send the drain task for %s: %s", k.queue, exc)
-
     async def start(self) -> None:
         self.r = redisconn.connect_async(self.redis_url)
         self.sync_r = redisconn.connect(self.redis_url)
         self.app = make_app(self.redis_url)
-        push_kicks_with(self.app)
         self.watcher = AsyncOrgWatcher(self.r)
         await self.watcher.refresh()
         org = self.watcher.directory.org
@@ -108,7 +100,9 @@ class ReceiveListener:
         self.ctx = ReceiveContext(
             hub=self.hub, site=self.site, fqdn=fqdn, r=self.r,
             directory=lambda: self.watcher.directory,
-            kick=self._kick, tls=server_context(cert, key),
+            queues=RedisQueues(self.sync_r, DrainMessages(self.app),
+                               lambda: self.watcher.directory.org.transport.message_tracking_log_max_age),
+            tls=server_context(cert, key),
         )
         self.watcher.listeners.append(self.reconcile)
         await self.reconcile(self.watcher.directory)

@@ -37,9 +37,10 @@ from mailyard.directory import Directory
 from mailyard.hub import receive_policy as policy
 from mailyard.hub import replies
 from mailyard.hub.pressure import Level
+from mailyard.hub.redis_queues import RedisQueues
 from mailyard.hub.smtp_data import read_data
 from mailyard.org import ReceiveConnector
-from mailyard.txn import GroupCommit, Kick
+from mailyard.txn import GroupCommit
 
 if TYPE_CHECKING:
     from mailyard.hub.receive_handler import ReceiveHandler
@@ -76,7 +77,7 @@ class ReceiveContext:
     fqdn: str
     r: redis.asyncio.Redis
     directory: Callable[[], Directory]
-    kick: Callable[[list[Kick]], None]
+    queues: RedisQueues  # builds the changes this process commits (and their drain tasks)
     tls: ssl.SSLContext | None = None
     per_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sessions: Counter[str] = field(default_factory=Counter)

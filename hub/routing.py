@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from mailyard.broker import site_queue
 from mailyard.directory import Final, Kind
 from mailyard.hub.queues import (
-    DeliveryType,
     QueueSpec,
     mapi_queue,
     remote_site_queue,
     unreachable_queue,
 )
+from mailyard.hub.records import DeliveryType, QueueKind
 from mailyard.org import AddressSpace, Organization, SendConnector
 
 
-def connector_queue_route(connector: SendConnector, site: str) -> str:
+def connector_celery_queue(connector: SendConnector, site: str) -> str:
     """Celery queue of a connector's delivery queues: the connector's own when it names
     source servers (only they consume it), else the site's."""
     return f"connector.{connector.name}" if connector.source_servers else site_queue(site)
@@ -113,20 +113,9 @@ def route(org: Organization, local_site: str, rcpt: Final, size: int) -> QueueSp
     if choice.source_site != local_site:
         return remote_site_queue(local_site, choice.source_site)
     conn = choice.connector
+    celery_queue = connector_celery_queue(conn, local_site)
     if conn.dns_routing:
-        return QueueSpec(
-            f"{local_site}\\{domain}",
-            local_site,
-            DeliveryType.DNS,
-            domain,
-            connector_queue_route(conn, local_site),
-            conn.name,
-        )
-    return QueueSpec(
-        f"{local_site}\\{conn.name}",
-        local_site,
-        DeliveryType.SMART_HOST,
-        ",".join(conn.smart_hosts),
-        connector_queue_route(conn, local_site),
-        conn.name,
-    )
+        return QueueSpec(f"{local_site}\\{domain}", local_site, QueueKind.DELIVERY, DeliveryType.DNS, domain,
+                         celery_queue, conn.name)
+    return QueueSpec(f"{local_site}\\{conn.name}", local_site, QueueKind.DELIVERY, DeliveryType.SMART_HOST,
+                     ",".join(conn.smart_hosts), celery_queue, conn.name)

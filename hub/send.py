@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from mailyard import faults, headers, nodes, redisconn
+from mailyard import headers, nodes, redisconn
 from mailyard.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from mailyard.hub import mx
-from mailyard.hub.delivery import Batch, Outcome, defer_batch, register, settle
 from mailyard.hub.node import Node
-from mailyard.hub.queues import DeliveryType, Item, load_bodies, renew
+from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
+from mailyard.hub.records import DeliveryType, Item
+from mailyard.hub.redis_queues import RedisQueues
 from mailyard.hub.relay import ORIGIN_HEADER, SERVER_LOGIN_PREFIX
 from mailyard.org import SendConnector
 from mailyard.tls import opportunistic_client_context
@@ -299,11 +300,12 @@ def keep_leases(node: Node, batch: Batch) -> Iterator[None]:
     stop = threading.Event()
 
     def renew_loop() -> None:
-        r = None
+        queues = None
         while not stop.wait(max(0.5, lease_ms / 3000)):
-            r = r or redisconn.connect(node.redis_url)  # its own client (a thread), made only if needed
+            # its own client (a thread), made only if needed
+            queues = queues or RedisQueues(redisconn.connect(node.redis_url), node.queues.drains, lambda: 0)
             try:
-                renew(r, batch.queue, batch.token, [i.id for i in batch.items], lease_ms)
+                queues.renew(batch.queue, batch.token, [i.id for i in batch.items], lease_ms)
             except Exception as exc:  # the sweeper may reclaim; the guards keep that safe
                 log.warning("could not renew leases on %s: %s", batch.queue, exc)
 
@@ -329,7 +331,7 @@ def deliver(node: Node, batch: Batch) -> None:
     except TransientDeliveryError as exc:
         defer_batch(node, batch, exc, source="SMTP")
         return
-    bodies = load_bodies(node.r, [i.msg for i in batch.items])
+    bodies = node.queues.bodies([i.msg for i in batch.items])
     jobs = []
     for item in batch.items:
         msg = batch.messages.get(item.msg)
@@ -339,7 +341,7 @@ def deliver(node: Node, batch: Batch) -> None:
         if route.org_origin:
             body = headers.prepend(body, f"{ORIGIN_HEADER}: {msg.id}")
         jobs.append(Job(item, msg.sender, [r.address for r in item.recipients], body))
-    faults.point("send.before_connect", node.r)
+    node.crash_point("send.before_connect")
     try:
         cache = connection_cache()
         with keep_leases(node, batch):
@@ -348,13 +350,6 @@ def deliver(node: Node, batch: Batch) -> None:
     except TransientDeliveryError as exc:
         defer_batch(node, batch, exc, source="SMTP")
         return
-    faults.point("send.after_data", node.r)
+    node.crash_point("send.after_data")
     settle(node, batch, {j.item.id: j.outcomes for j in jobs}, event=Event.SEND, source="SMTP", remote=remote)
 
-
-def _cap(node: Node) -> int:
-    return node.settings.max_per_domain_outbound_connections
-
-
-for _type in (DeliveryType.DNS, DeliveryType.SMART_HOST, DeliveryType.REMOTE_SITE):
-    register(_type.value, deliver, _cap)

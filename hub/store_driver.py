@@ -15,18 +15,12 @@ from __future__ import annotations
 import logging
 from email.utils import formatdate, getaddresses
 
-from mailyard import faults, headers, keys
+from mailyard import headers, keys
 from mailyard.errors import DeliveryError, TransientDeliveryError
-from mailyard.hub.delivery import Batch, Outcome, defer_batch, register, settle
+from mailyard.hub.intake import accept
 from mailyard.hub.node import Node
-from mailyard.hub.queues import (
-    DeliveryType,
-    Message,
-    allocate_items,
-    load_bodies,
-    new_message_id,
-)
-from mailyard.hub.submit import submission_txn
+from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
+from mailyard.hub.records import Message, new_message_id
 from mailyard.nodes import now_ms
 from mailyard.org import normalize_address
 from mailyard.tracking import Event, Record
@@ -36,10 +30,9 @@ log = logging.getLogger("mailyard.hub.store_driver")
 
 def pickup(node: Node, server: str, mailbox: str, item: str) -> str | None:
     """Take one Outbox item into the Submission queue; returns its message id."""
-    r = node.r
     ref = keys.outbox_ref(server, mailbox, item)
-    known = r.get(keys.pickup(ref))
-    if known is None:
+    msg_id = node.queues.known(ref)
+    if msg_id is None:
         try:
             raw = node.mailboxes.fetch_outbox(server, mailbox, item)
         except DeliveryError as exc:
@@ -47,12 +40,10 @@ def pickup(node: Node, server: str, mailbox: str, item: str) -> str | None:
             return None
         if raw is None:
             # Gone from the Outbox: another hub took it and it is in Sent Items already.
-            r.zrem(keys.submit_pending(server), ref)
+            node.r.zrem(keys.submit_pending(server), ref)
             return None
         msg_id = _submit(node, server, mailbox, ref, raw)
-        faults.point("pickup.stored", r)
-    else:
-        msg_id = known.decode()
+        node.crash_point("pickup.stored")
     try:
         node.mailboxes.ack_outbox(server, mailbox, item)
     except DeliveryError as exc:
@@ -92,23 +83,24 @@ def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
         f" {formatdate(localtime=False)}",
     )
     msg.size = len(raw)  # the size as submitted: the limits apply to that (Exchange's OriginalSize)
-    (item_id,) = allocate_items(node.r, 1)
-    txn = submission_txn(
-        msg, body, recipients, item_id=item_id, settings=settings, now=now, dedup_key=keys.pickup(ref),
+    queues = node.queues
+    change = accept(
+        queues.change(), msg, body, recipients, item_id=queues.new_item_ids(1)[0], settings=settings, now=now,
+        dedup=ref,
         record=Record(Event.RECEIVE, source="STOREDRIVER", server=node.name, client=server,
                       message_id=msg.message_id, recipients=recipients, sender=mailbox,
                       subject=msg.subject, size=msg.size,
                       context=f"Mailbox:{mailbox}, Item:{ref.rsplit('/', 1)[-1]}"),
     )
-    result = node.commit(txn)
-    if not result.ok and result.failed_guard == 2:  # picked up meanwhile by another hub
-        return (result.value or b"").decode()
+    result = queues.commit([change])[0]
+    if result.failed == "first":  # picked up meanwhile by another hub
+        return result.value or ""
     return msg.id
 
 
 def deliver(node: Node, batch: Batch) -> None:
     """MapiDelivery: hand the batch to its mailbox server in one API call."""
-    bodies = load_bodies(node.r, [i.msg for i in batch.items])
+    bodies = node.queues.bodies([i.msg for i in batch.items])
     work = [
         (item.msg, [r.address for r in item.recipients], bodies[item.msg])
         for item in batch.items
@@ -117,13 +109,13 @@ def deliver(node: Node, batch: Batch) -> None:
     if not work:
         settle(node, batch, {})
         return
-    faults.point("deliver.before_api", node.r)
+    node.crash_point("deliver.before_api")
     try:
         results = node.mailboxes.deliver(batch.next_hop, work)
     except TransientDeliveryError as exc:
         defer_batch(node, batch, exc)
         return
-    faults.point("deliver.after_api", node.r)
+    node.crash_point("deliver.after_api")
     by_msg: dict[tuple[str, str], Outcome] = {
         (o.msg, o.recipient): Outcome(o.code, o.status, o.text) for o in results
     }
@@ -136,10 +128,3 @@ def deliver(node: Node, batch: Batch) -> None:
         for item in batch.items
     }
     settle(node, batch, outcomes, event=Event.DELIVER, source="STOREDRIVER", remote=batch.next_hop)
-
-
-def _cap(node: Node) -> int:
-    return node.settings.max_concurrent_mailbox_deliveries
-
-
-register(DeliveryType.MAPI.value, deliver, _cap)

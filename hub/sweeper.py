@@ -20,26 +20,17 @@ import os
 import threading
 from collections import Counter
 
-from mailyard import keys, nodes, tracking
-from mailyard.broker import KICK_TTL_MS
+from mailyard import keys, nodes
 from mailyard.hub import dsn, pressure
-from mailyard.hub.bounce import queue_report, wants_report
-from mailyard.hub.delivery import poison_or_return
-from mailyard.hub.node import Node
-from mailyard.hub.queues import (
-    Item,
-    allocate_items,
-    ensure_site_queues,
-    forget_item,
-    load_bodies,
-    load_items,
-    load_messages,
-)
+from mailyard.hub.bounce import queue_report
+from mailyard.hub.node import Hub, Node
+from mailyard.hub.outcomes import stop_processing
+from mailyard.hub.queues import QueueKind, standing_queues, submission_queue
+from mailyard.hub.records import Item, ItemStatus
 from mailyard.nodes import now_ms
 from mailyard.scripts import script
 from mailyard.submission.service import Notifier
 from mailyard.tracking import Event, Record
-from mailyard.txn import Kick, Txn
 
 log = logging.getLogger("mailyard.hub.sweeper")
 
@@ -93,141 +84,108 @@ class Sweeper:
         return {k: v for k, v in done.items() if v}
 
     def reclaim_expired_leases(self) -> int:
-        r = self.node.r
+        node, queues = self.node, self.node.queues
         now = now_ms()
-        ids = [i.decode() for i in r.zrangebyscore(keys.INFLIGHT, "-inf", now, start=0, num=BATCH)]
-        items = load_items(r, ids)
-        hubs = {h.name: h for h in nodes.hubs(r)} if items else {}
-        timeout = self.node.settings.hub_heartbeat_timeout
+        items = queues.expired_leases(now, BATCH)
+        if not items:
+            return 0
+        hubs = {h.name: h for h in nodes.hubs(node.r)}
+        timeout = node.settings.hub_heartbeat_timeout
         shared = Counter(item.lease for item in items)
-        txns = []
+        changes = []
         for item in items:
             crashed, why = worker_crashed(item, hubs.get(item.hub), timeout, now)
-            txn = Txn().guard_eq(keys.item(item.id), "lease", item.lease)
+            suspect = False
             if crashed and shared[item.lease] > 1:
                 # The worker died on a batch: which message killed it is not known. None of
                 # them counts; each is taken alone from now on, so a second crash is attributed.
-                txn.hset(keys.item(item.id), {"suspect": 1})
-                crashed, why = False, why + " (on a batch: each message will be tried alone)"
-            poison_or_return(self.node, txn, item, why, now, crashed=crashed)
-            txn.kick(item.queue, self._route(item.queue), KICK_TTL_MS)
-            txns.append(txn)
-        if missing := set(ids) - {i.id for i in items}:
-            r.zrem(keys.INFLIGHT, *missing)  # items removed meanwhile
-        return sum(res.ok for res in self.node.commit_all(txns))
-
-    def _route(self, queue: str) -> str:
-        route = self.node.r.hget(keys.queue(queue), "route")
-        return route.decode() if route else ""
+                suspect, crashed, why = True, False, why + " (on a batch: each message will be tried alone)"
+            change = queues.change().require_lease(item, item.lease).require_pending(item, item.pending)
+            stop_processing(node, change, item, why, now, crashed=crashed, suspect=suspect)
+            change.kick(item.queue, queues.celery_queue_of(item.queue))
+            changes.append(change)
+        return sum(res.ok for res in queues.commit(changes))
 
     def promote_due_retries(self) -> int:
-        r = self.node.r
-        ids = [i.decode() for i in r.zrangebyscore(keys.RETRY, "-inf", now_ms(), start=0, num=BATCH)]
-        txns = []
-        for item in load_items(r, ids):
-            txn = Txn().guard_eq(keys.item(item.id), "status", "Retry")
-            txn.op("ZREM", keys.RETRY, item.id)
-            txn.hset(keys.item(item.id), {"status": "Ready"})
-            txn.op("RPUSH", keys.ready(item.queue), item.id)
-            txn.kick(item.queue, self._route(item.queue), KICK_TTL_MS)
-            txns.append(txn)
-        results = self.node.commit_all(txns)
-        stale = [i for i, res in zip(ids, results, strict=False) if not res.ok]
-        if len(results) < len(ids) or stale:
-            # Items that vanished or changed state no longer belong in the schedule.
-            live = {i.id: i for i in load_items(r, ids)}
-            drop = [i for i in ids if i not in live or live[i].status != "Retry"]
-            if drop:
-                r.zrem(keys.RETRY, *drop)
-        return sum(res.ok for res in results)
+        queues = self.node.queues
+        items = queues.due_retries(now_ms(), BATCH)
+        changes = [queues.change().require_status(item, ItemStatus.RETRY.value).promote(item) for item in items]
+        return sum(res.ok for res in queues.commit(changes))
 
     def expire(self) -> int:
-        r = self.node.r
+        node, queues = self.node, self.node.queues
         now = now_ms()
-        ids = [i.decode() for i in r.zrangebyscore(keys.EXPIRY, "-inf", now, start=0, num=BATCH)]
-        items = [i for i in load_items(r, ids)
-                 if i.status != "Active" and not i.queue.endswith("\\Poison")]
+        items = [i for i in queues.expiring(now, BATCH) if i.status != ItemStatus.ACTIVE]
         if not items:
             return 0
-        messages = load_messages(r, [i.msg for i in items])
-        reporting = [i.msg for i in items if i.msg in messages and wants_report(messages[i.msg])]
-        bodies = load_bodies(r, reporting)
-        report_ids = iter(allocate_items(r, len(reporting)))
-        txns = []
+        messages = queues.messages([i.msg for i in items])
+        bodies = queues.bodies([i.msg for i in items if i.msg in messages and messages[i.msg].wants_report])
+        changes = []
         for item in items:
             msg = messages.get(item.msg)
-            txn = Txn().guard_eq(keys.item(item.id), "status", item.status)
-            forget_item(txn, item)
+            change = queues.change().require_status(item, item.status).complete(item, claimed=False)
             if msg is not None:
                 failures = [
                     dsn.Failure(rc.address, _last(dsn.EXPIRED, rc.last_error or item.last_error), rc.original)
                     for rc in item.recipients
                 ]
-                tracking.add(
-                    txn,
-                    Record(Event.FAIL, source="ROUTING", server=self.node.name, internal_id=msg.id,
-                           message_id=msg.message_id, recipients=[f.recipient for f in failures],
-                           recipient_status=[f.diagnostic for f in failures], sender=msg.sender,
-                           subject=msg.subject, size=msg.size, queue=item.queue),
-                    self.node.settings.message_tracking_log_max_age, now,
-                )
+                change.track(Record(Event.FAIL, source="ROUTING", server=node.name, internal_id=msg.id,
+                                    message_id=msg.message_id, recipients=[f.recipient for f in failures],
+                                    recipient_status=[f.diagnostic for f in failures], sender=msg.sender,
+                                    subject=msg.subject, size=msg.size, queue=item.queue), now)
                 if msg.id in bodies:
-                    queue_report(self.node, txn, msg, bodies[msg.id], failures,
-                                 item_id=next(report_ids), now=now)
-            txns.append(txn)
-        return sum(res.ok for res in self.node.commit_all(txns))
+                    queue_report(node, change, msg, bodies[msg.id], failures,
+                                 item_id=queues.new_item_ids(1)[0], now=now)
+            changes.append(change)
+        return sum(res.ok for res in queues.commit(changes))
 
     def delay_notifications(self) -> int:
-        r = self.node.r
+        node, queues = self.node, self.node.queues
         now = now_ms()
-        due = [m.decode() for m in r.zrangebyscore(keys.DELAY, "-inf", now, start=0, num=BATCH)]
+        due = queues.due_delay_reports(now, BATCH)
         if not due:
             return 0
-        messages = load_messages(r, due)
+        messages = queues.messages(due)
+        kinds = {q.identity: q.kind for q in queues.queues()}
         sent = 0
         for msg_id in due:
             msg = messages.get(msg_id)
             items: list[Item] = []
             if msg is not None:
-                item_ids = [i.decode() for i in r.smembers(keys.msg_items(msg_id))]
-                items = [i for i in load_items(r, item_ids) if not i.queue.endswith("\\Submission")]
+                items = [i for i in queues.items_of(msg_id) if kinds.get(i.queue) is not QueueKind.SUBMISSION]
             pending = [(rc, it) for it in items for rc in it.recipients]
-            txn = Txn().op("ZREM", keys.DELAY, msg_id)
-            if msg is not None and pending and wants_report(msg) and self.node.settings.delay_dsn_enabled:
-                body = load_bodies(r, [msg_id]).get(msg_id, b"")
+            change = queues.change().unschedule_delay_report(msg_id)
+            if msg is not None and pending and msg.wants_report and node.settings.delay_dsn_enabled:
+                body = queues.bodies([msg_id]).get(msg_id, b"")
                 failures = [
                     dsn.Failure(rc.address, _last(dsn.DELAYED, rc.last_error or it.last_error), rc.original)
                     for rc, it in pending
                 ]
-                (report_id,) = allocate_items(r, 1)
-                txn.guard_exists(keys.msg(msg_id)).guard_no_field(keys.msg(msg_id), "delay_dsn_sent")
-                txn.op("HSET", keys.msg(msg_id), "delay_dsn_sent", now)
-                queue_report(self.node, txn, msg, body, failures, item_id=report_id, delayed=True, now=now)
+                change.require_no_delay_report(msg_id).delay_report_sent(msg_id, now)
+                queue_report(node, change, msg, body, failures, item_id=queues.new_item_ids(1)[0], delayed=True,
+                             now=now)
                 sent += 1
-            self.node.commit(txn)
+            queues.commit([change])
         return sent
 
     def kick_stalled_queues(self) -> int:
-        flat = script(self.node.r, "stalled")(keys=[keys.QUEUES], args=[now_ms(), KICK_TTL_MS, keys.P])
-        kicks = [Kick(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
-        self.node.kick(kicks)
-        return len(kicks)
+        """The safety net for every lost Celery message, and for queues whose Retry time has
+        come: a queue with ready mail and no drain gets one."""
+        queues = self.node.queues
+        stalled = queues.stalled_queues(now_ms())
+        results = queues.commit([queues.change().kick(q.identity, q.celery_queue) for q in stalled])
+        return sum(bool(res.drains) for res in results)
 
     def reroute_unreachable(self) -> int:
         """After ``org apply``, messages in the Unreachable queues get another chance: a new
         connector or mailbox may route them now (not while the queue is suspended)."""
-        from mailyard.hub.admin import resubmit_queue
-
-        version = int(self.node.r.get(keys.ORG_VERSION) or 0)
-        seen = self.node.r.getset(keys.REROUTED_VERSION, version)
+        r = self.node.r
+        version = int(r.get(keys.ORG_VERSION) or 0)
+        seen = r.getset(keys.REROUTED_VERSION, version)
         if seen is None or int(seen) == version:
             return 0
-        moved = 0
-        for raw in self.node.r.zrange(keys.QUEUES, 0, -1):
-            queue = raw.decode()
-            if queue.endswith("\\Unreachable") and self.node.r.hget(keys.queue(queue), "suspended") != b"1":
-                moved += resubmit_queue(self.node, queue)
-        return moved
+        return sum(resubmit(self.node, q.identity) for q in self.node.queues.queues()
+                   if q.kind is QueueKind.UNREACHABLE and not q.suspended)
 
     def renotify_outbox(self) -> int:
         if self._notifier is None:
@@ -236,6 +194,23 @@ class Sweeper:
         return sum(
             self._notifier.renotify_due(server) for server in directory.servers_in_site(self.node.site)
         )
+
+
+def resubmit(node: Hub, queue: str) -> int:
+    """Send every message of ``queue`` that is neither in flight nor held by an operator back
+    through the categorizer (Retry-Queue -Resubmit; the Unreachable queue after a change)."""
+    queues = node.queues
+    now = now_ms()
+    found = queues.queues([queue])
+    poison = bool(found) and found[0].kind is QueueKind.POISON  # (its messages are all Suspended)
+    changes = []
+    for item in queues.items(queues.members(queue)):
+        if item.status == ItemStatus.ACTIVE or (item.status == ItemStatus.SUSPENDED and not poison):
+            continue
+        target = submission_queue(item.site)
+        changes.append(queues.change().require_status(item, item.status)
+                       .move(item, target, now=now, reset_crashes=poison))
+    return sum(res.ok for res in queues.commit(changes))
 
 
 def worker_pids() -> list[int]:
@@ -261,7 +236,9 @@ class Services:
 
     def start(self) -> None:
         try:
-            ensure_site_queues(self.node.r, self.node.site, self.node.orgs.get().servers_in_site(self.node.site))
+            queues, now = self.node.queues, now_ms()
+            specs = standing_queues(self.node.site, self.node.orgs.get().servers_in_site(self.node.site))
+            queues.commit([queues.change().ensure_queue(spec, now) for spec in specs])
         except Exception as exc:  # Redis not there yet: the queues appear with the first mail
             log.warning("could not create the site's queues: %s", exc)
         for target, name in ((self._heartbeat, "heartbeat"), (self._sweep, "sweeper")):

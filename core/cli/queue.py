@@ -50,7 +50,7 @@ def print_outcome(outcome, as_json: bool, what: str) -> None:
 def list_(server: str | None, filter_: str | None, sort: str | None, redis_url: str | None, data_dir: Path,
           as_json: bool) -> None:
     """Every queue: identity, delivery type, status, message count, next hop, retry times, last error."""
-    from mailyard.hub.queueview import queue_rows
+    from mailyard.hub.queue_rows import queue_rows
 
     rows = queue_rows(connect(redis_url, data_dir), server=server, filter=filter_, sort=sort)
     if as_json:
@@ -74,7 +74,7 @@ def list_(server: str | None, filter_: str | None, sort: str | None, redis_url: 
 def messages(queue_identity: str | None, filter_: str | None, sort: str | None, limit: int,
              redis_url: str | None, data_dir: Path, as_json: bool) -> None:
     """The messages in QUEUE (every queue without it): Get-Message, with each recipient's state."""
-    from mailyard.hub.queueview import message_rows
+    from mailyard.hub.queue_rows import message_rows
 
     rows = message_rows(connect(redis_url, data_dir), queues=[queue_identity] if queue_identity else None,
                         filter=filter_, sort=sort, limit=limit)
@@ -91,7 +91,7 @@ def messages(queue_identity: str | None, filter_: str | None, sort: str | None, 
 
 
 def _targets(r, identity: str | None, filter_: str | None) -> list[str]:
-    from mailyard.hub.queueview import queue_rows
+    from mailyard.hub.queue_rows import queue_rows
 
     if bool(identity) == bool(filter_):
         raise click.UsageError("give a QUEUE or --filter EXPR (exactly one)")
@@ -102,7 +102,7 @@ def _targets(r, identity: str | None, filter_: str | None) -> list[str]:
 
 def _run(action: str, queue_identity: str | None, filter_: str | None, redis_url: str | None,
          data_dir: Path, as_json: bool, **kw: bool) -> None:
-    from mailyard.hub.admin import act_on_queues, admin_node
+    from mailyard.hub.queue_actions import act_on_queues, admin_node
 
     r = connect(redis_url, data_dir)
     node = admin_node(resolve_redis_url(redis_url, data_dir))

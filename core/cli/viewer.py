@@ -48,7 +48,7 @@ def viewer(host: str, port: int, token: str | None, redis_url: str | None, data_
     """Serve the Queue Viewer: queues and messages of every hub, actions, tracking, /metrics."""
     import uvicorn
 
-    from mailyard.hub.viewer import create_app
+    from mailyard.hub.queue_viewer import create_app
 
     connect(redis_url, data_dir)  # a clear error now rather than on the first request
     url = resolve_redis_url(redis_url, data_dir)

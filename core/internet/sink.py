@@ -14,7 +14,8 @@ Behaviour, all changeable while the sink runs:
   ``Rule("bob@fabrikam.example", "450 4.2.1 Mailbox busy", times=2)`` (fails bob's first
   two attempts, then accepts him) or ``Rule("*@tailspintoys.example", NO_SUCH_USER)``;
 - for the whole server: a :class:`Mode` (refuse connections, 421 at the greeting, stall
-  before the greeting, drop the connection or stall after the final dot), optionally for
+  before the greeting, hold the greeting until released, drop the connection or stall after
+  the final dot), optionally for
   the next N connections or messages only;
 - STARTTLS with a given server ``ssl.SSLContext``, AUTH PLAIN/LOGIN with given credentials.
 
@@ -97,11 +98,12 @@ class Mode(StrEnum):
     REFUSE = "refuse"  # not listening: connections are refused
     REJECT_GREETING = "reject-greeting"  # greet with 421, then close
     STALL_GREETING = "stall-greeting"  # accept the connection, never send the greeting
+    HOLD_GREETING = "hold-greeting"  # accept the connection, greet only once ``release()`` is called
     DROP_AFTER_DATA = "drop-after-data"  # store the message, close without replying to the final dot
     STALL_AFTER_DATA = "stall-after-data"  # store the message, never reply to the final dot
 
 
-_PER_CONNECTION = {Mode.REJECT_GREETING, Mode.STALL_GREETING}
+_PER_CONNECTION = {Mode.REJECT_GREETING, Mode.STALL_GREETING, Mode.HOLD_GREETING}
 _PER_MESSAGE = {Mode.DROP_AFTER_DATA, Mode.STALL_AFTER_DATA}
 
 
@@ -153,6 +155,7 @@ class Sink(Service):
         self._rule_hits: dict[tuple[int, str], int] = {}
         self._mode = Mode(mode)
         self._mode_times: int | None = None
+        self._released = threading.Event()  # HOLD_GREETING: the held connections may go on
         self._listener: socket.socket | None = None
         self._accepting: set[asyncio.Task[Any]] = set()
         self._placeholder: socket.socket | None = None  # holds the port while refusing
@@ -181,9 +184,19 @@ class Sink(Service):
         mode = Mode(mode)
         if times is not None and mode not in _PER_CONNECTION | _PER_MESSAGE:
             raise ValueError(f"times applies to greeting and after-DATA modes, not {mode.value}")
+        if mode is Mode.HOLD_GREETING:
+            self._released.clear()
         with self._lock:
             self._mode, self._mode_times = mode, times
         self._in_loop(self._sync_listening)
+
+    def release(self) -> None:
+        """Let the connections held by HOLD_GREETING go on (greeted, then served as usual);
+        new connections are accepted normally from now on."""
+        with self._lock:
+            if self._mode is Mode.HOLD_GREETING:
+                self._mode, self._mode_times = Mode.ACCEPT, None
+        self._released.set()
 
     def add_rule(self, pattern: str, reply: str, times: int | None = None) -> Rule:
         """Add a rule after the existing ones (the first match wins)."""
@@ -459,6 +472,9 @@ class _SinkSMTP(SMTP):
             mode = self.sink._take_mode(_PER_CONNECTION)
             if mode is Mode.STALL_GREETING:
                 await asyncio.Event().wait()
+            elif mode is Mode.HOLD_GREETING:
+                while not self.sink._released.is_set():  # (set from another thread: polled)
+                    await asyncio.sleep(0.05)
             elif mode is Mode.REJECT_GREETING:
                 await self.push(SERVICE_NOT_AVAILABLE)
                 assert self.transport is not None

@@ -6,7 +6,7 @@ ARGV[1] is a MessagePack array {guards, ops} (binary-safe: message bodies travel
 each guard and op itself an array of words.
 
 Guards
-  eq KEY FIELD VALUE      HGET KEY FIELD must equal VALUE
+  eq KEY FIELD VALUE      HGET KEY FIELD must equal VALUE (a missing field reads as "")
   absent KEY              KEY must not exist (the failure carries GET KEY for strings)
   exists KEY              KEY must exist
   hnx KEY FIELD           the hash field must not exist
@@ -14,12 +14,14 @@ Operations: any Redis command, or
   @decref MSGKEY BODYKEY ITEMSKEY DELAYKEY MSGID
                           one queue item fewer holds the message; at zero the message,
                           its body, its item set and its delay-DSN schedule are deleted
-  @kick KICKKEY TTLMS [LIST MESSAGE]
-                          SET KICKKEY NX PX TTLMS: if it was set, LPUSH the Celery drain
-                          MESSAGE onto LIST (reply 2) or leave sending it to the caller
-                          (reply 1); 0 when a drain was pending already
+  @kick KICKKEY TTLMS LIST MESSAGE FORCE
+                          SET KICKKEY NX PX TTLMS: if it was set (or FORCE is 1), LPUSH the
+                          Celery drain MESSAGE onto LIST (reply 1); 0 when a drain was pending
+  @zrem_unless KEY FIELD VALUE ZSET MEMBER
+                          ZREM ZSET MEMBER unless HGET KEY FIELD equals VALUE (drop a schedule
+                          entry of an item that is gone or no longer in that state)
   @hset_if KEY F V ...    HSET only if KEY exists (an item may have been removed meanwhile)
-  @queue KEY INDEX IDENTITY SITE TYPE NEXTHOP ROUTE CONNECTOR NOW
+  @queue KEY INDEX IDENTITY SITE KIND TYPE NEXTHOP ROUTE CONNECTOR NOW
                           create a queue (its hash and its place in the index) unless it exists
 Reply: {1, kick replies in order...} or {0, failed guard number, current value or false}.
 ]]
@@ -28,7 +30,7 @@ local spec = cmsgpack.unpack(ARGV[1])
 for g, w in ipairs(spec[1]) do
   if w[1] == 'eq' then
     local v = redis.call('HGET', w[2], w[3])
-    if v ~= w[4] then return {0, g, v} end
+    if (v or '') ~= w[4] then return {0, g, v} end
   elseif w[1] == 'absent' then
     if redis.call('EXISTS', w[2]) == 1 then
       local t = redis.call('TYPE', w[2])['ok']
@@ -55,17 +57,22 @@ for _, w in ipairs(spec[2]) do
     end
   elseif name == '@kick' then
     local ok = redis.call('SET', w[2], '1', 'NX', 'PX', w[3])
-    if ok and w[4] then
+    if ok or w[6] == 1 then
+      redis.call('PEXPIRE', w[2], w[3])
       redis.call('LPUSH', w[4], w[5])
-      out[#out + 1] = 2
+      out[#out + 1] = 1
     else
-      out[#out + 1] = ok and 1 or 0
+      out[#out + 1] = 0
+    end
+  elseif name == '@zrem_unless' then
+    if redis.call('HGET', w[2], w[3]) ~= w[4] then
+      redis.call('ZREM', w[5], w[6])
     end
   elseif name == '@queue' then
     if redis.call('EXISTS', w[2]) == 0 then
-      redis.call('HSET', w[2], 'identity', w[4], 'site', w[5], 'type', w[6], 'next_hop', w[7],
-                 'route', w[8], 'connector', w[9], 'created', w[10])
-      redis.call('ZADD', w[3], 'NX', w[10], w[4])
+      redis.call('HSET', w[2], 'identity', w[4], 'site', w[5], 'kind', w[6], 'type', w[7],
+                 'next_hop', w[8], 'route', w[9], 'connector', w[10], 'created', w[11])
+      redis.call('ZADD', w[3], 'NX', w[11], w[4])
     end
   elseif name == '@hset_if' then
     if redis.call('EXISTS', w[2]) == 1 then

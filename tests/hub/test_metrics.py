@@ -69,7 +69,7 @@ def of(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 
 
 def queue_rows(site: Cluster) -> list[dict]:
-    from mailyard.hub.queueview import queue_rows as rows
+    from mailyard.hub.queue_rows import queue_rows as rows
 
     return rows(site.r)
 

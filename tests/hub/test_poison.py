@@ -5,8 +5,8 @@ down forever; it never expires there, and an operator releases it with resume.""
 from __future__ import annotations
 
 from mailyard import tracking
-from mailyard.hub.admin import act_on_messages, admin_node
-from mailyard.hub.queueview import message_rows, queue_rows
+from mailyard.hub.queue_actions import act_on_messages, admin_node
+from mailyard.hub.queue_rows import message_rows, queue_rows
 from mailyard.testing.waiting import wait_until
 from tests.conftest import make_org
 

@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from mailyard import keys
-from mailyard.hub.admin import act_on_queues, admin_node
 from mailyard.hub.pressure import Level, next_level
+from mailyard.hub.queue_actions import act_on_queues, admin_node
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
 from tests.conftest import make_org

@@ -6,14 +6,14 @@ from __future__ import annotations
 import email
 from email import policy
 
-from mailyard.hub.queues import list_queues
-from mailyard.hub.queueview import queue_messages
+from mailyard.hub.queue_rows import queue_messages
+from mailyard.hub.redis_queues import RedisQueues
 from mailyard.testing.waiting import wait_until
 from tests.conftest import make_org
 
 
 def queue(site, identity: str):
-    found = [q for q in list_queues(site.r) if q.identity == identity]
+    found = [q for q in RedisQueues.reader(site.r).queues() if q.identity == identity]
     return found[0] if found else None
 
 
@@ -32,7 +32,7 @@ def test_mail_for_a_server_that_is_down_waits_in_retry_and_goes_when_it_is_back(
         q = queue(site, "Amsterdam\\MBX-AMS-02")
         return q if q and q.status == "Retry" and q.message_count == 1 else None
 
-    q = wait_until(in_retry, timeout=30, message=lambda: [x.as_dict() for x in list_queues(site.r)])
+    q = wait_until(in_retry, timeout=30, message=lambda: [x.as_dict() for x in RedisQueues.reader(site.r).queues()])
     assert "MBX-AMS-02" in q.last_error and q.last_error.startswith("451 4.4."), q.last_error
     assert q.next_retry > 0
     (msg,) = queue_messages(site.r, "Amsterdam\\MBX-AMS-02")

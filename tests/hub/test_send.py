@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from mailyard.hub.queues import list_queues
-from mailyard.hub.queueview import queue_messages
+from mailyard.hub.queue_rows import queue_messages
+from mailyard.hub.redis_queues import RedisQueues
 from mailyard.internet.dns import MX, NULL_MX, A, Behaviour, DnsServer, Zone
 from mailyard.internet.sink import MAILBOX_BUSY, NO_SUCH_USER, Mode, Sink
 from mailyard.org import Organization
@@ -74,7 +74,7 @@ def ndr_status(site: Cluster, address: str, subject: str) -> list[tuple[str, str
 
 
 def queue_of(site: Cluster, identity: str):
-    return next((q for q in list_queues(site.r) if q.identity == identity), None)
+    return next((q for q in RedisQueues.reader(site.r).queues() if q.identity == identity), None)
 
 
 def test_mx_preference_then_failover_to_the_next_mx(net) -> None:
@@ -170,7 +170,7 @@ def test_a_next_hop_that_is_down_puts_the_queue_in_retry_then_it_drains_over_one
             site.send("alice@contoso.com", ["x@down.example"], subject=s)
         q = wait_until(lambda: (q := queue_of(site, "Amsterdam\\down.example")) and q.status == "Retry"
                        and q.message_count == 5 and q, timeout=60,
-                       message=lambda: [x.as_dict() for x in list_queues(site.r)])
+                       message=lambda: [x.as_dict() for x in RedisQueues.reader(site.r).queues()])
         assert "Attempted failover" in q.last_error and q.next_retry
         waiting = queue_messages(site.r, "Amsterdam\\down.example")
         # those already tried show why they wait; the others wait for the queue's retry
@@ -229,7 +229,7 @@ def test_smart_host_with_starttls_and_auth(net, tmp_path) -> None:
         s = tag("smart host")
         site.send("bob@contoso.com", ["p@partner.example"], subject=s)
         (msg,) = wait_until(lambda: at_sink(smart, "partner.example", s), timeout=60,
-                            message=lambda: f"{[q.as_dict() for q in list_queues(site.r)]}{site.tail('out-1')}")
+                            message=lambda: f"{[q.as_dict() for q in RedisQueues.reader(site.r).queues()]}{site.tail('out-1')}")
         assert msg["tls"] and msg["auth_user"] == "relay-user"
         assert queue_of(site, "Amsterdam\\Partner").delivery_type == "SmartHostConnectorDelivery"
     finally:

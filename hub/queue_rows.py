@@ -16,7 +16,9 @@ import redis
 from mailyard import keys, nodes
 from mailyard.errors import MailyardError, NotFoundError
 from mailyard.filters import MESSAGE_FIELDS, QUEUE_FIELDS, Filter, parse
-from mailyard.hub.queues import Item, Message, list_queues, load_items, load_messages
+from mailyard.hub.queues import QueueKind
+from mailyard.hub.records import Item, ItemStatus, Message
+from mailyard.hub.redis_queues import RedisQueues
 
 QUEUE_PROPERTIES = {
     "Identity": "identity", "DeliveryType": "delivery_type", "Status": "status",
@@ -82,7 +84,7 @@ def queue_rows(r: redis.Redis, *, server: str | None = None, filter: str | None 
             raise NotFoundError(f"no hub named {server!r}; `mailyard site status` lists them")
         site = hub.site
     rows = []
-    for q in list_queues(r):
+    for q in RedisQueues.reader(r).queues():
         if site and q.site != site:
             continue
         row = q.as_dict()
@@ -96,9 +98,9 @@ def queue_rows(r: redis.Redis, *, server: str | None = None, filter: str | None 
 # region: messages
 
 
-def _row(item: Item, msg: Message | None, now_ms: int) -> dict[str, Any]:
+def _row(item: Item, msg: Message | None, now_ms: int, kind: QueueKind) -> dict[str, Any]:
     recipients = [
-        {"address": rc.address, "status": "Retry" if rc.status == "Retry" else "Ready",
+        {"address": rc.address, "status": "Retry" if rc.status == ItemStatus.RETRY else "Ready",
          "last_error": rc.last_error, "original": rc.original or rc.address, "type": rc.kind or "External"}
         for rc in item.recipients
     ]
@@ -107,7 +109,7 @@ def _row(item: Item, msg: Message | None, now_ms: int) -> dict[str, Any]:
         "identity": f"{item.queue}\\{item.id}",
         "id": item.id,
         "queue": item.queue,
-        "site": item.queue.split("\\", 1)[0],
+        "site": item.site,
         "internal_message_id": item.msg,
         "message_id": msg.message_id if msg else "",
         "from_address": msg.sender if msg else "",
@@ -115,11 +117,11 @@ def _row(item: Item, msg: Message | None, now_ms: int) -> dict[str, Any]:
         "size": msg.size if msg else 0,
         "status": status,
         "date_received": _iso(item.enqueued),
-        "expiration_time": _iso(msg.expires) if msg and not item.queue.endswith("\\Poison") else None,
+        "expiration_time": _iso(msg.expires) if msg and kind is not QueueKind.POISON else None,
         "retry_count": item.retries,
         "last_error": item.last_error,
         "source_ip": msg.client if msg and msg.source == "SMTP" else "",
-        "hub": item.hub if item.status == "Active" else "",
+        "hub": item.hub if item.status == ItemStatus.ACTIVE else "",
         "recipients": recipients,
         "age_seconds": max(0, (now_ms - msg.received) // 1000) if msg else 0,
     }
@@ -137,9 +139,11 @@ def message_rows(r: redis.Redis, *, queues: Iterable[str] | None = None, filter:
                  sort: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
     """Get-Message: the messages of ``queues`` (default: every queue), filtered and sorted."""
     flt = parse_filter(filter, "message")
+    store = RedisQueues.reader(r)
     names = list(queues) if queues is not None else [q.decode() for q in r.zrange(keys.QUEUES, 0, -1)]
+    kinds = {q.identity: q.kind for q in store.queues(names)}
     for q in names:
-        if not r.exists(keys.queue(q)):
+        if q not in kinds:
             raise NotFoundError(f"no queue {q!r}; `mailyard queue list` shows them")
     now = int(time.time() * 1000)
     rows: list[dict[str, Any]] = []
@@ -150,10 +154,10 @@ def message_rows(r: redis.Redis, *, queues: Iterable[str] | None = None, filter:
             if not ids:
                 break
             start += len(ids)
-            items = load_items(r, ids)
-            messages = load_messages(r, [i.msg for i in items])
+            items = store.items(ids)
+            messages = store.messages([i.msg for i in items])
             for item in items:
-                row = _row(item, messages.get(item.msg), now)
+                row = _row(item, messages.get(item.msg), now, kinds[q])
                 if flt is None or flt.matches(_filter_record(row)):
                     rows.append(row)
                     if len(rows) >= limit:

@@ -44,17 +44,17 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailyard import nodes, redisconn, tracking
 from mailyard.errors import MailyardError, NotFoundError, SiteError, StateError
 from mailyard.filters import FilterError
-from mailyard.hub import admin
+from mailyard.hub import queue_actions as actions
 from mailyard.hub.metrics import CONTENT_TYPE, make_registry, render
 from mailyard.hub.node import Node
-from mailyard.hub.queueview import MAX_MESSAGES, SortError, message_rows, queue_rows
+from mailyard.hub.queue_rows import MAX_MESSAGES, SortError, message_rows, queue_rows
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 1024 * 1024
@@ -87,6 +87,9 @@ class MessageActionBody(BaseModel):
     filter: str | None = None
     queue: str | None = None
     ndr: bool = True
+    # For a message being delivered: wait up to this many seconds for the delivery to end
+    # and report what became of the request (instead of PendingSuspend / PendingRemove).
+    wait: float = Field(0.0, ge=0, le=60)
 
 
 def _where(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -110,7 +113,7 @@ def _time_ms(name: str, value: str | None) -> int | None:
     return int(dt.timestamp() * 1000)
 
 
-def _outcome(outcome: admin.Outcome) -> JSONResponse:
+def _outcome(outcome: actions.ActionReport) -> JSONResponse:
     data = outcome.as_dict()
     if outcome.failed and not outcome.done:
         identity, error = outcome.failed[0]
@@ -136,7 +139,7 @@ def create_app(redis_url: str, *, token: str | None = None, allowed_hosts: list[
     def node() -> Node:
         with node_lock:
             if "node" not in state:
-                state["node"] = admin.admin_node(redis_url, name="viewer")
+                state["node"] = actions.admin_node(redis_url, name="viewer")
             return state["node"]
 
     # region: errors
@@ -290,10 +293,10 @@ def create_app(redis_url: str, *, token: str | None = None, allowed_hosts: list[
         if body.resubmit and body.action != "retry":
             raise ApiError(400, 'resubmit: only with the "retry" action')
 
-        def run() -> admin.Outcome:
+        def run() -> actions.ActionReport:
             targets = body.queues or [q["identity"] for q in queue_rows(r, filter=body.filter)]
             with action_lock:
-                return admin.act_on_queues(node(), body.action, targets, resubmit=body.resubmit)
+                return actions.act_on_queues(node(), body.action, targets, resubmit=body.resubmit)
 
         return _outcome(await run_in_threadpool(run))
 
@@ -307,19 +310,20 @@ def create_app(redis_url: str, *, token: str | None = None, allowed_hosts: list[
         if not body.ndr and body.action != "remove":
             raise ApiError(400, 'ndr: only with the "remove" action')
 
-        def run() -> admin.Outcome:
+        def run() -> actions.ActionReport:
             targets = body.identities or [
                 m["identity"] for m in message_rows(r, queues=[body.queue] if body.queue else None,
                                                     filter=body.filter, limit=MAX_MESSAGES)]
             with action_lock:
-                return admin.act_on_messages(node(), body.action, targets, ndr=body.ndr)
+                report = actions.act_on_messages(node(), body.action, targets, ndr=body.ndr)
+            return actions.await_requests(node(), report, body.wait)  # (other actions need not wait)
 
         return _outcome(await run_in_threadpool(run))
 
     @app.get("/api/messages/export")
     def export(identity: str) -> Response:
-        item = admin.find_item(r, identity)
-        raw = admin.export_message(node(), item)
+        item = actions.find_item(node(), identity)
+        raw = actions.export_message(node(), item)
         name = f"{item.queue}\\{item.id}".replace("\\", "_").replace(" ", "_")
         return Response(raw, media_type="message/rfc822",
                         headers={"Content-Disposition": f'attachment; filename="{name}.eml"'})
