@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from mailyard import keys
+
 HUB_POINTS = ("pickup.stored", "categorize.before_commit", "deliver.after_api", "send.before_connect",
               "send.after_data")
 
@@ -21,5 +23,5 @@ def test_hubs_killed_at_every_stage_while_mail_flows(world_factory, mode) -> Non
     stream.wait_sent()
     started = time.monotonic()
     stream.verdict(started)
-    fired = [p for p in HUB_POINTS if world.site.r.exists(f"my:fault:{p}")]
+    fired = [p for p in HUB_POINTS if world.site.r.exists(keys.fault(p))]
     assert set(fired) == set(HUB_POINTS), f"crash points that never fired: {set(HUB_POINTS) - set(fired)}"

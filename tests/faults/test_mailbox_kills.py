@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from mailyard import keys
+
 
 @pytest.mark.slow
 def test_mailbox_servers_killed_during_delivery_and_submission(world_factory) -> None:
@@ -18,4 +20,4 @@ def test_mailbox_servers_killed_during_delivery_and_submission(world_factory) ->
     stream.wait_sent()
     stream.verdict(time.monotonic())
     for point in ("mailbox.deliver.stored", "mailbox.outbox.stored"):
-        assert world.site.r.exists(f"my:fault:{point}"), f"{point} never fired"
+        assert world.site.r.exists(keys.fault(point)), f"{point} never fired"

@@ -16,6 +16,7 @@ from collections import Counter
 
 import pytest
 
+from mailyard import keys
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.quiet import wait_quiet
 from mailyard.testing.waiting import wait_until
@@ -51,7 +52,7 @@ def test_a_hub_killed_mid_stage_loses_and_duplicates_nothing(cluster_factory, po
 
     wait_until(arrived, timeout=90, message=lambda: f"carol has {site.subjects('carol@contoso.com')}, "
                f"bob has {site.subjects('bob@contoso.com')}")
-    assert site.r.exists(f"my:fault:{point}"), f"the crash point {point} never fired"
+    assert site.r.exists(keys.fault(point)), f"the crash point {point} never fired"
     # Every redelivery is over (leases expired and returned, retries done, pickups
     # acknowledged, Outbox empty): only now can a second copy no longer arrive.
     wait_quiet(site.r, also=outbox_of(site, "alice@contoso.com"))

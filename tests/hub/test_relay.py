@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mailyard import tracking
+from mailyard import keys, tracking
 from mailyard.hub.relay import server_login, server_of
 from mailyard.testing.waiting import wait_until
 
@@ -62,7 +62,7 @@ def test_a_repeated_relay_is_taken_in_once(cluster_factory) -> None:
     site.send("bob@contoso.com", ["frank@contoso.com"], subject="relayed once")
     site.start_hub("Amsterdam", "ams-d2", wait=False)
     site.wait_for_subject("frank@contoso.com", "relayed once", timeout=60)
-    assert site.r.exists("my:fault:send.after_data"), "the sending hub was never killed"
+    assert site.r.exists(keys.fault("send.after_data")), "the sending hub was never killed"
     wait_until(lambda: len([r for r in tracking.search(site.r, event="SEND")
                             if r.subject == "relayed once"]) >= 1, timeout=30)
     receives = [r for r in tracking.search(site.r, event="RECEIVE")
