@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass, field
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from mailyard import keys
 from mailyard.errors import NotFoundError
+from mailyard.redisconn import scored, text, text_map
 
 
 def now_ms() -> int:
@@ -42,18 +44,17 @@ def hub_heartbeat(
     r: redis.Redis, name: str, site: str, *, endpoints: dict[str, str] | None = None,
     started: int = 0, extra: dict[str, str] | None = None,
 ) -> None:
+    fields: dict[FieldT, EncodableT] = {
+        "site": site,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": started or now_ms(),
+    }
+    if endpoints is not None:
+        fields["endpoints"] = json.dumps(endpoints)
+    fields.update(extra or {})
     pipe = r.pipeline(transaction=True)
-    pipe.hset(
-        keys.hub(name),
-        mapping={
-            "site": site,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": started or now_ms(),
-            **({"endpoints": json.dumps(endpoints)} if endpoints is not None else {}),
-            **(extra or {}),
-        },
-    )
+    pipe.hset(keys.hub(name), mapping=fields)
     pipe.zadd(keys.HUBS, {name: now_ms()})
     pipe.execute()
 
@@ -68,18 +69,18 @@ def hub_gone(r: redis.Redis, name: str) -> None:
 
 
 def hubs(r: redis.Redis) -> list[HubInfo]:
-    beats = r.zrange(keys.HUBS, 0, -1, withscores=True)
+    beats = scored(r.zrange(keys.HUBS, 0, -1, withscores=True))
     if not beats:
         return []
     pipe = r.pipeline(transaction=False)
     for name, _ in beats:
-        pipe.hgetall(keys.hub(name.decode()))
+        pipe.hgetall(keys.hub(name))
     out = []
     for (name, beat), data in zip(beats, pipe.execute(), strict=True):
-        d = {k.decode(): v.decode() for k, v in data.items()}
+        d = text_map(data)
         out.append(
             HubInfo(
-                name=name.decode(),
+                name=name,
                 site=d.get("site", ""),
                 host=d.get("host", ""),
                 pid=int(d.get("pid", 0) or 0),
@@ -109,16 +110,16 @@ def register_server(r: redis.Redis, name: str, url: str, site: str) -> None:
 
 
 def server_url(r: redis.Redis, name: str) -> str:
-    url = r.hget(keys.server(name), "url")
+    url = text(r.hget(keys.server(name), "url"))
     if not url:
         raise NotFoundError(f"mailbox server {name} has not registered its API yet")
-    return url.decode()
+    return url
 
 
 def servers(r: redis.Redis) -> dict[str, dict[str, str]]:
     out = {}
-    for name, beat in r.zrange(keys.SERVERS, 0, -1, withscores=True):
-        data = {k.decode(): v.decode() for k, v in r.hgetall(keys.server(name.decode())).items()}
+    for name, beat in scored(r.zrange(keys.SERVERS, 0, -1, withscores=True)):
+        data = text_map(r.hgetall(keys.server(name)))
         data["heartbeat"] = str(int(beat))
-        out[name.decode()] = data
+        out[name] = data
     return out

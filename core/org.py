@@ -12,7 +12,7 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -36,8 +36,12 @@ _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a
 _LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 
-PERMISSION_GROUPS = ("AnonymousUsers", "ExchangeUsers", "ExchangeServers", "Partners")
-AUTH_MECHANISMS = ("None", "Tls", "BasicAuth", "BasicAuthRequireTLS", "ExchangeServer", "ExternalAuthoritative")
+PermissionGroup = Literal["AnonymousUsers", "ExchangeUsers", "ExchangeServers", "Partners"]
+AuthMechanism = Literal["None", "Tls", "BasicAuth", "BasicAuthRequireTLS", "ExchangeServer", "ExternalAuthoritative"]
+PERMISSION_GROUPS: tuple[str, ...] = get_args(PermissionGroup)
+AUTH_MECHANISMS: tuple[str, ...] = get_args(AuthMechanism)
+_DEFAULT_GROUPS: list[PermissionGroup] = ["ExchangeUsers", "ExchangeServers"]
+_DEFAULT_MECHANISMS: list[AuthMechanism] = ["Tls", "BasicAuth", "BasicAuthRequireTLS"]
 
 
 def normalize_address(value: str) -> str:
@@ -217,12 +221,8 @@ class ReceiveConnector(_Model):
     sites: list[Name] = Field(default_factory=list)  # empty: every site's hubs
     bindings: list[str] = Field(default_factory=lambda: ["0.0.0.0:25"], min_length=1)
     remote_ip_ranges: list[str] = Field(default_factory=lambda: ["0.0.0.0-255.255.255.255"])
-    permission_groups: list[Literal[PERMISSION_GROUPS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["ExchangeUsers", "ExchangeServers"]
-    )
-    auth_mechanisms: list[Literal[AUTH_MECHANISMS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["Tls", "BasicAuth", "BasicAuthRequireTLS"]
-    )
+    permission_groups: list[PermissionGroup] = Field(default_factory=lambda: _DEFAULT_GROUPS.copy())
+    auth_mechanisms: list[AuthMechanism] = Field(default_factory=lambda: _DEFAULT_MECHANISMS.copy())
     max_message_size: Size = 10 * 1024 * 1024
     max_recipients_per_message: int = Field(200, ge=1, le=512000)
     max_hop_count: int = Field(30, ge=1, le=500)
@@ -261,7 +261,7 @@ def parse_ip_range(
     try:
         if "-" in value:
             lo, hi = (ipaddress.ip_address(part.strip()) for part in value.split("-", 1))
-            if lo.version != hi.version or lo > hi:  # type: ignore[operator]
+            if lo.version != hi.version or int(lo) > int(hi):
                 raise ValueError
             return lo, hi
         net = ipaddress.ip_network(value.strip(), strict=False)

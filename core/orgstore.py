@@ -16,6 +16,7 @@ from mailyard import keys
 from mailyard.directory import Directory
 from mailyard.errors import SiteError
 from mailyard.org import Organization
+from mailyard.redisconn import number
 
 log = logging.getLogger("mailyard.org")
 
@@ -47,7 +48,7 @@ def read_org(r: redis.Redis) -> tuple[int, Organization]:
     version, text = pipe.execute()
     if text is None:
         raise SiteError("no organization in Redis yet: run `mailyard org apply FILE` first")
-    return int(version or 0), Organization.from_json(text)
+    return number(version), Organization.from_json(text)
 
 
 class OrgCache:
@@ -67,7 +68,7 @@ class OrgCache:
         if self._dir is not None and now - self._checked < self._max_age:
             return self._dir
         with self._lock:
-            version = int(self._r.get(keys.ORG_VERSION) or 0)
+            version = number(self._r.get(keys.ORG_VERSION))
             if self._dir is None or version != self._version:
                 version, org = read_org(self._r)
                 self._dir, self._version = Directory(org), version
@@ -93,9 +94,15 @@ class AsyncOrgWatcher:
         self.directory: Directory | None = None
         self.listeners: list[Callable[[Directory], Awaitable[None]]] = []
 
+    def current(self) -> Directory:
+        """The directory read last (SiteError before the first ``refresh``)."""
+        if self.directory is None:
+            raise SiteError("the organization has not been read yet")
+        return self.directory
+
     async def refresh(self) -> bool:
         """Re-read the organization if its version moved; True if it changed."""
-        version = int(await self._r.get(keys.ORG_VERSION) or 0)
+        version = number(await self._r.get(keys.ORG_VERSION))
         if version == self._version and self.directory is not None:
             return False
         text = await self._r.get(keys.ORG)

@@ -3,14 +3,16 @@ typed reading of their replies.
 
 Mailyard's clients do not decode replies (message bodies are bytes), and redis-py types
 every reply as "bytes or str or ...". The functions at the bottom turn a reply into what
-the caller knows it is, so no module calls ``.decode()`` on an untyped value.
+the caller knows it is, so no module calls ``.decode()`` on an untyped value. Text is
+UTF-8, undecodable bytes replaced; a message body is the one reply read as bytes
+(``RedisQueues.bodies``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypedDict
 
 import redis
 import redis.asyncio
@@ -19,9 +21,16 @@ from redis.retry import Retry
 
 ENV_URL = "MAILYARD_REDIS_URL"
 
+class _Options(TypedDict):
+    socket_timeout: float
+    socket_connect_timeout: float
+    socket_keepalive: bool
+    health_check_interval: int
+
+
 # A command that cannot reach Redis is retried briefly (a restart, a dropped connection)
 # before the caller sees the error; callers treat that error as "try again later".
-_KW = dict(
+_KW = _Options(
     socket_timeout=15,
     socket_connect_timeout=5,
     socket_keepalive=True,
@@ -45,7 +54,7 @@ def connect_async(url: str) -> redis.asyncio.Redis:
         url,
         retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 6),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        **_KW,  # type: ignore[arg-type]
+        **_KW,
     )
 
 
@@ -66,6 +75,7 @@ def text(value: Any) -> str:
 
 
 def text_or_none(value: Any) -> str | None:
+    """A string reply that may be absent (GET of a missing key), as text or None."""
     return None if value is None else text(value)
 
 
@@ -79,6 +89,12 @@ def text_map(mapping: Any) -> dict[str, str]:
     return {text(k): text(v) for k, v in (mapping or {}).items()}
 
 
+def flat_text_map(flat: Any) -> dict[str, str]:
+    """A hash as a script returns it (``[field, value, field, value, ...]``), as text."""
+    values = texts(flat)
+    return dict(zip(values[::2], values[1::2], strict=True))
+
+
 def scored(pairs: Iterable[Any]) -> list[tuple[str, float]]:
     """A ``withscores=True`` reply: (member, score) pairs."""
     return [(text(m), float(s)) for m, s in pairs]
@@ -89,12 +105,6 @@ def number(value: Any, default: int = 0) -> int:
     if value is None or value == b"" or value == "":
         return default
     return int(value)
-
-
-def raw_map(mapping: Mapping[Any, Any]) -> dict[bytes, bytes]:
-    """A hash reply whose values stay bytes (a message's fields before ``Message.load``)."""
-    return {bytes(k) if not isinstance(k, str) else k.encode(): bytes(v) if not isinstance(v, str) else v.encode()
-            for k, v in mapping.items()}
 
 
 # endregion

@@ -16,6 +16,7 @@ from enum import StrEnum
 import redis
 
 from mailyard import keys
+from mailyard.redisconn import text, text_map
 from mailyard.txn import Txn
 
 
@@ -108,8 +109,8 @@ def add(txn: Txn, record: Record, retention_s: float, now_ms: int | None = None)
     txn.op("HINCRBY", keys.STATS, f"{record.event}|{label}", count)
 
 
-def _decode(entry_id: bytes, data: dict[bytes, bytes]) -> Record:
-    values = {k.decode(): v.decode("utf-8", "replace") for k, v in data.items()}
+def _record(entry_id: str, data: dict[str, str]) -> Record:
+    values = dict(data)
     rec = Record(event=values.pop("event", ""))
     for name, value in values.items():
         if name in ("recipients", "recipient_status"):
@@ -118,7 +119,7 @@ def _decode(entry_id: bytes, data: dict[bytes, bytes]) -> Record:
             rec.size = int(value)
         elif name in FIELDS:
             setattr(rec, name, value)
-    rec.time_ms = int(entry_id.split(b"-")[0])
+    rec.time_ms = int(entry_id.split("-")[0])
     return rec
 
 
@@ -163,5 +164,5 @@ def _scan(r: redis.Redis, start_ms: int | None, end_ms: int | None) -> Iterator[
         if not batch:
             return
         for entry_id, data in batch:
-            yield _decode(entry_id, data)
-        lo = "(" + batch[-1][0].decode()
+            yield _record(text(entry_id), text_map(data))
+        lo = "(" + text(batch[-1][0])

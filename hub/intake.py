@@ -3,6 +3,8 @@ atomic step shared by every way in (the store driver's pickup, receive connector
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from mailyard.hub.queues import Change, submission_queue
 from mailyard.hub.records import Message, Recipient
 from mailyard.org import TransportSettings
@@ -11,8 +13,11 @@ from mailyard.tracking import Event, Record
 MEMORY_S = 7 * 86400  # how long a dedup key is remembered (longer than any message lives)
 
 
+C = TypeVar("C", bound=Change)
+
+
 def accept(
-    change: Change,
+    change: C,
     msg: Message,
     body: bytes,
     recipients: list[str],
@@ -22,7 +27,7 @@ def accept(
     now: int,
     dedup: str | None = None,
     record: Record,
-) -> Change:
+) -> C:
     """Add to ``change``: store ``msg`` with one Submission-queue item for ``recipients``.
 
     With ``dedup``, the change does nothing if that key was remembered (the message was

@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from mailyard.hub.queues import (
     DRAINED,
+    Change,
     Claimed,
     Committed,
     QueueInfo,
@@ -165,7 +166,7 @@ class MemoryChange:
                     s.delay.pop(item.msg, None)
         return self._do(forget)
 
-    def _update(self, item_id: str, **changes: object) -> Effect:
+    def _update(self, item_id: str, **changes: Any) -> Effect:
         def update(s: MemoryQueues) -> None:
             it = s.item_map.get(item_id)
             if it is not None:
@@ -307,14 +308,19 @@ class MemoryQueues:
     def change(self) -> MemoryChange:
         return MemoryChange(self)
 
-    def commit(self, changes: Sequence[MemoryChange]) -> list[Committed]:
+    def commit(self, changes: Sequence[Change]) -> list[Committed]:
+        own = []
+        for change in changes:
+            if not isinstance(change, MemoryChange):  # one from another implementation: a bug
+                raise TypeError(f"a {type(change).__name__} cannot be committed to memory")
+            own.append(change)
         out = []
         with self.lock:
-            for change in changes:
+            for change in own:
                 out.append(self._apply(change))
         return out
 
-    def commit_one(self, change: MemoryChange) -> Committed:
+    def commit_one(self, change: Change) -> Committed:
         return self.commit([change])[0]
 
     def _apply(self, change: MemoryChange) -> Committed:

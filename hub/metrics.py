@@ -30,6 +30,7 @@ from mailyard import keys
 from mailyard.errors import MailyardError
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.orgstore import OrgCache
+from mailyard.redisconn import number, scored, text, text_map, texts
 
 RECIPIENT_EVENTS = ("DELIVER", "SEND", "DEFER", "FAIL")
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
@@ -59,8 +60,9 @@ class SiteCollector(Collector):
         pipe.hgetall(keys.STATS)
         pipe.zrange(keys.HUBS, 0, -1, withscores=True)
         names_raw, stats_raw, beats = pipe.execute()
-        names = [q.decode() for q in names_raw]
-        hub_names = [name.decode() for name, _ in beats]
+        names = texts(names_raw)
+        beats = scored(beats)
+        hub_names = [name for name, _ in beats]
 
         queues = RedisQueues.reader(r).queues(names) if names else []
         pipe = r.pipeline(transaction=False)
@@ -91,9 +93,9 @@ class SiteCollector(Collector):
         sessions = CounterMetricFamily("mailyard_smtp_sessions", "SMTP sessions accepted by receive connectors.",
                                        labels=["hub", "connector"])
         ndrs = 0
-        for field, value in sorted(stats_raw.items()):
-            event, _, label = field.decode("utf-8", "replace").partition("|")
-            count = int(value)
+        for field, value in sorted(text_map(stats_raw).items()):
+            event, _, label = field.partition("|")
+            count = number(value)
             if event in RECIPIENT_EVENTS:
                 recipients.add_metric([event, label], count)
             elif event == "RECEIVE":
@@ -112,7 +114,7 @@ class SiteCollector(Collector):
         timeout_s, sites = self._org_view()
         alive = dict.fromkeys(sites, 0)
         for (_, beat), site in zip(beats, hub_sites, strict=True):
-            name = site.decode() if site else ""
+            name = text(site)
             alive.setdefault(name, 0)
             if now_ms - beat <= timeout_s * 1000:
                 alive[name] += 1

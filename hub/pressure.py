@@ -28,6 +28,7 @@ import redis
 from mailyard import keys
 from mailyard.nodes import now_ms
 from mailyard.org import Organization
+from mailyard.redisconn import number, text_map, texts
 
 log = logging.getLogger("mailyard.hub.pressure")
 
@@ -81,7 +82,7 @@ def measure(r: redis.Redis, org: Organization) -> dict[str, dict[str, float]]:
     memory = r.info("memory")
     limit = int(memory.get("maxmemory", 0) or 0)
     used_pct = 100.0 * int(memory.get("used_memory", 0)) / limit if limit else 0.0
-    queues = [q.decode() for q in r.zrange(keys.QUEUES, 0, -1)]
+    queues = texts(r.zrange(keys.QUEUES, 0, -1))
     pipe = r.pipeline(transaction=False)
     for q in queues:
         pipe.zcard(keys.queue_members(q))
@@ -107,14 +108,14 @@ def update(r: redis.Redis, org: Organization) -> dict[str, Level]:
     thresholds = _thresholds(org)
     levels = {}
     for site, values in measure(r, org).items():
-        previous = r.hgetall(keys.pressure(site))
-        before = json.loads(previous.get(b"resources", b"{}"))
+        previous = text_map(r.hgetall(keys.pressure(site)))
+        before = json.loads(previous.get("resources") or "{}")
         readings = [
             Reading(name, value, next_level(Level(before.get(name, 0)), value, *thresholds[name]), thresholds[name])
             for name, value in values.items()
         ]
         level = max((rd.level for rd in readings), default=Level.NORMAL)
-        old = Level(int(previous.get(b"level", 0)))
+        old = Level(number(previous.get("level")))
         if level != old:
             under = "; ".join(rd.describe() for rd in readings if rd.level > Level.NORMAL) or "none"
             log.warning("site %s: resource pressure changed from %s to %s. Under pressure: %s",
@@ -133,5 +134,4 @@ def update(r: redis.Redis, org: Organization) -> dict[str, Level]:
 
 
 def site_level(r: redis.Redis, site: str) -> Level:
-    value = r.hget(keys.pressure(site), "level")
-    return Level(int(value)) if value is not None else Level.NORMAL
+    return Level(number(r.hget(keys.pressure(site), "level"), default=Level.NORMAL))

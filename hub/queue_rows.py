@@ -19,6 +19,7 @@ from mailyard.filters import MESSAGE_FIELDS, QUEUE_FIELDS, Filter, parse
 from mailyard.hub.queues import QueueKind
 from mailyard.hub.records import Item, ItemStatus, Message
 from mailyard.hub.redis_queues import RedisQueues
+from mailyard.redisconn import texts
 
 QUEUE_PROPERTIES = {
     "Identity": "identity", "DeliveryType": "delivery_type", "Status": "status",
@@ -140,7 +141,7 @@ def message_rows(r: redis.Redis, *, queues: Iterable[str] | None = None, filter:
     """Get-Message: the messages of ``queues`` (default: every queue), filtered and sorted."""
     flt = parse_filter(filter, "message")
     store = RedisQueues.reader(r)
-    names = list(queues) if queues is not None else [q.decode() for q in r.zrange(keys.QUEUES, 0, -1)]
+    names = list(queues) if queues is not None else texts(r.zrange(keys.QUEUES, 0, -1))
     kinds = {q.identity: q.kind for q in store.queues(names)}
     for q in names:
         if q not in kinds:
@@ -150,7 +151,7 @@ def message_rows(r: redis.Redis, *, queues: Iterable[str] | None = None, filter:
     for q in names:
         start = 0
         while len(rows) < limit:
-            ids = [i.decode() for i in r.zrange(keys.queue_members(q), start, start + 999)]
+            ids = texts(r.zrange(keys.queue_members(q), start, start + 999))
             if not ids:
                 break
             start += len(ids)

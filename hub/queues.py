@@ -315,7 +315,10 @@ class Change(Protocol):
 class MailQueues(Protocol):
     """Every queue of a site's organization, and the items in them."""
 
-    retention_s: float  # how long tracking records are kept
+    @property
+    def retention_s(self) -> float:
+        """How long tracking records are kept."""
+        ...
 
     def change(self) -> Change: ...
 
@@ -377,10 +380,6 @@ class MailQueues(Protocol):
     def stalled_queues(self, now: int) -> list[QueueInfo]:
         """Queues with ready mail, not suspended, not waiting for a retry, that no worker
         drains and no drain task is pending for."""
-        ...
-
-    def unschedule(self, item_ids: list[str]) -> None:
-        """Drop ids of items that are gone (or no longer waiting) from the schedules."""
         ...
 
 

@@ -35,6 +35,7 @@ from mailyard.hub.receive_protocol import ReceiveContext, ReceiveProtocol
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.orgstore import AsyncOrgWatcher
 from mailyard.processes import die_with_parent, setup_logging
+from mailyard.redisconn import number
 from mailyard.tls import self_signed, server_context
 
 log = logging.getLogger("mailyard.hub.receive")
@@ -92,27 +93,27 @@ class ReceiveListener:
         self.app = make_app(self.redis_url)
         self.watcher = AsyncOrgWatcher(self.r)
         await self.watcher.refresh()
-        org = self.watcher.directory.org
+        org = self.watcher.current().org
         fqdn = self.hub if "." in self.hub else f"{self.hub}.{org.accepted_domains[0]}"
         tls_dir = self.data_dir / "tls"
         cert, key = tls_dir / f"{self.hub}.crt", tls_dir / f"{self.hub}.key"
         self_signed(cert, key, fqdn)
         self.ctx = ReceiveContext(
             hub=self.hub, site=self.site, fqdn=fqdn, r=self.r,
-            directory=lambda: self.watcher.directory,
+            directory=self.watcher.current,
             queues=RedisQueues(self.sync_r, DrainMessages(self.app),
-                               lambda: self.watcher.directory.org.transport.message_tracking_log_max_age),
+                               lambda: self.watcher.current().org.transport.message_tracking_log_max_age),
             tls=server_context(cert, key),
         )
         self.watcher.listeners.append(self.reconcile)
-        await self.reconcile(self.watcher.directory)
+        await self.reconcile(self.watcher.current())
 
     async def watch_pressure(self) -> None:
         """Once a second: the site's back-pressure level in, the session counters out."""
         while True:
             try:
                 value = await self.r.hget(keys.pressure(self.site), "level")
-                self.ctx.level = Level(int(value)) if value is not None else Level.NORMAL
+                self.ctx.level = Level(number(value, default=Level.NORMAL))
                 await self.ctx.flush_counts()
             except Exception as exc:  # keep the last level while Redis is away
                 log.warning("could not read the back-pressure level: %s", exc)

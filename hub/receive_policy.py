@@ -81,7 +81,7 @@ def select_connector(connectors: list[ReceiveConnector], ip: str) -> ReceiveConn
             continue
         for text in conn.remote_ip_ranges:
             lo, hi = parse_ip_range(text)
-            if lo.version != addr.version or not lo <= addr <= hi:
+            if lo.version != addr.version or not int(lo) <= int(addr) <= int(hi):
                 continue
             size = int(hi) - int(lo)
             if best is None or size < best[0]:

@@ -59,6 +59,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -101,12 +102,7 @@ class DeliveryType(StrEnum):
     UNREACHABLE = "Unreachable"
 
 
-def _text(data: dict[bytes, bytes] | dict[str, str]) -> dict[str, str]:
-    return {(k.decode() if isinstance(k, bytes) else k): (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
-            for k, v in data.items()}
-
-
-def _int(d: dict[str, str], name: str) -> int:
+def _int(d: Mapping[str, str], name: str) -> int:
     return int(d.get(name, 0) or 0)
 
 
@@ -160,8 +156,8 @@ class Message:
         return bool(self.sender) and not self.dsn
 
     @classmethod
-    def load(cls, msg_id: str, data: dict[bytes, bytes] | dict[str, str]) -> Message:
-        d = _text(data)
+    def load(cls, msg_id: str, d: Mapping[str, str]) -> Message:
+        """The message from its hash's fields, as text (``redisconn.text_map``)."""
         return cls(
             id=msg_id,
             sender=d.get("sender", ""),
@@ -213,8 +209,8 @@ class Item:
         return f"{self.queue}\\{self.id}"
 
     @classmethod
-    def load(cls, item_id: str, data: dict[bytes, bytes] | dict[str, str]) -> Item:
-        d = _text(data)
+    def load(cls, item_id: str, d: Mapping[str, str]) -> Item:
+        """The item from its hash's fields, as text (``redisconn.text_map``)."""
         return cls(
             id=item_id,
             msg=d.get("msg", ""),

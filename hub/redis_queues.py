@@ -20,6 +20,7 @@ from mailyard import keys, tracking
 from mailyard.broker import DrainMessages
 from mailyard.hub.queues import (
     DRAINED,
+    Change,
     Claimed,
     Committed,
     QueueInfo,
@@ -39,7 +40,7 @@ from mailyard.hub.records import (
     rcpts_json,
 )
 from mailyard.nodes import now_ms
-from mailyard.redisconn import text, text_map, text_or_none, texts
+from mailyard.redisconn import flat_text_map, number, text, text_map, text_or_none, texts
 from mailyard.scripts import script
 from mailyard.txn import Result, Txn, Word, run_all
 
@@ -66,7 +67,7 @@ class RedisChange:
         if result.ok:
             return Committed(True, drains=result.kicked)
         name = self._guards[result.failed_guard - 1] if 0 < result.failed_guard <= len(self._guards) else "?"
-        return Committed(False, name, result.value.decode() if result.value else None)
+        return Committed(False, name, text_or_none(result.value))
 
     # guards
 
@@ -269,10 +270,6 @@ class RedisChange:
         return self
 
 
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
 def _kind_of(d: dict[str, str]) -> QueueKind:
     """The queue's kind; queues created before it was stored are known by their fields."""
     if d.get("kind"):
@@ -282,6 +279,14 @@ def _kind_of(d: dict[str, str]) -> QueueKind:
     if d.get("type") == DeliveryType.UNDEFINED.value:
         return QueueKind.POISON if d.get("next_hop") == "Poison" else QueueKind.SUBMISSION
     return QueueKind.DELIVERY
+
+
+def _own(change: Change) -> RedisChange:
+    """A change made by ``RedisQueues.change`` (the contract's ``commit`` takes any ``Change``:
+    one from another implementation is a programming error)."""
+    if not isinstance(change, RedisChange):
+        raise TypeError(f"a {type(change).__name__} cannot be committed to Redis")
+    return change
 
 
 class ItemIds:
@@ -355,11 +360,12 @@ class RedisQueues:
     def change(self) -> RedisChange:
         return RedisChange(self)
 
-    def commit(self, changes: Sequence[RedisChange]) -> list[Committed]:
-        results = run_all(self.r, [c.txn for c in changes])
-        return [c.committed(res) for c, res in zip(changes, results, strict=True)]
+    def commit(self, changes: Sequence[Change]) -> list[Committed]:
+        own = [_own(c) for c in changes]
+        results = run_all(self.r, [c.txn for c in own])
+        return [c.committed(res) for c, res in zip(own, results, strict=True)]
 
-    def commit_one(self, change: RedisChange) -> Committed:
+    def commit_one(self, change: Change) -> Committed:
         return self.commit([change])[0]
 
     def new_item_ids(self, count: int) -> list[str]:
@@ -395,13 +401,14 @@ class RedisQueues:
         if reply == [b"!"]:
             return None
         remaining, flat_items, flat_msgs = reply
-        items = [Item.load(flat_items[i].decode(), _pairs(flat_items[i + 1])) for i in range(0, len(flat_items), 2)]
+        items = [Item.load(text(flat_items[i]), flat_text_map(flat_items[i + 1]))
+                 for i in range(0, len(flat_items), 2)]
         messages = {}
         for i in range(0, len(flat_msgs), 2):
             if flat_msgs[i + 1]:
-                msg_id = flat_msgs[i].decode()
-                messages[msg_id] = Message.load(msg_id, _pairs(flat_msgs[i + 1]))
-        return Claimed(items, messages, int(remaining))
+                msg_id = text(flat_msgs[i])
+                messages[msg_id] = Message.load(msg_id, flat_text_map(flat_msgs[i + 1]))
+        return Claimed(items, messages, number(remaining))
 
     def renew(self, queue: str, token: str, item_ids: list[str], lease_ms: int) -> None:
         until = now_ms() + lease_ms
@@ -464,7 +471,7 @@ class RedisQueues:
         pipe = self.r.pipeline(transaction=False)
         for item_id in ids:
             pipe.hgetall(keys.item(item_id))
-        return [Item.load(i, d) for i, d in zip(ids, pipe.execute(), strict=True) if d]
+        return [Item.load(i, text_map(d)) for i, d in zip(ids, pipe.execute(), strict=True) if d]
 
     def items_of(self, msg_id: str) -> list[Item]:
         return self.items(sorted(texts(self.r.smembers(keys.msg_items(msg_id))), key=int))
@@ -476,7 +483,7 @@ class RedisQueues:
         pipe = self.r.pipeline(transaction=False)
         for msg_id in unique:
             pipe.hgetall(keys.msg(msg_id))
-        return {m: Message.load(m, d) for m, d in zip(unique, pipe.execute(), strict=True) if d}
+        return {m: Message.load(m, text_map(d)) for m, d in zip(unique, pipe.execute(), strict=True) if d}
 
     def bodies(self, ids: list[str]) -> dict[str, bytes]:
         unique = list(dict.fromkeys(ids))

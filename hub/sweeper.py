@@ -28,6 +28,7 @@ from mailyard.hub.outcomes import stop_processing
 from mailyard.hub.queues import QueueKind, standing_queues, submission_queue
 from mailyard.hub.records import Item, ItemStatus
 from mailyard.nodes import now_ms
+from mailyard.redisconn import number, text
 from mailyard.scripts import script
 from mailyard.submission.service import Notifier
 from mailyard.tracking import Event, Record
@@ -180,9 +181,9 @@ class Sweeper:
         """After ``org apply``, messages in the Unreachable queues get another chance: a new
         connector or mailbox may route them now (not while the queue is suspended)."""
         r = self.node.r
-        version = int(r.get(keys.ORG_VERSION) or 0)
+        version = number(r.get(keys.ORG_VERSION))
         seen = r.getset(keys.REROUTED_VERSION, version)
-        if seen is None or int(seen) == version:
+        if seen is None or number(seen) == version:
             return 0
         return sum(resubmit(self.node, q.identity) for q in self.node.queues.queues()
                    if q.kind is QueueKind.UNREACHABLE and not q.suspended)
@@ -254,7 +255,7 @@ class Services:
             t.join(timeout=5)
         try:
             hub_gone(self.node.r, self.node.name)
-            if self.node.r.get(keys.SWEEPER) == self.node.name.encode():
+            if text(self.node.r.get(keys.SWEEPER)) == self.node.name:
                 self.node.r.delete(keys.SWEEPER)
         except Exception:
             pass

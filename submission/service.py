@@ -24,6 +24,7 @@ from mailyard import keys, tracking
 from mailyard.broker import TASK_PICKUP, hub_queue, make_app
 from mailyard.nodes import live_hubs, now_ms
 from mailyard.orgstore import OrgCache
+from mailyard.redisconn import number, text, texts
 from mailyard.scripts import script
 from mailyard.tracking import Event, Record
 from mailyard.txn import Txn
@@ -37,8 +38,7 @@ HIGH = 2  # mailyard.hub.pressure.Level.HIGH (this service does not import hub c
 
 
 def _held(r: redis.Redis, site: str) -> bool:
-    level = r.hget(keys.pressure(site), "level")
-    return level is not None and int(level) >= HIGH
+    return number(r.hget(keys.pressure(site), "level")) >= HIGH
 
 
 def parse_ref(ref: str) -> tuple[str, str, str]:
@@ -99,10 +99,9 @@ class Notifier:
             keys=[keys.submit_pending(server)], args=[now_ms(), limit, hold_ms]
         )
         sent = 0
-        for raw in due:
-            ref = raw.decode()
-            last = self.r.hget(keys.submit(ref), "hub")
-            hub = self.notify(ref, avoid=last.decode() if last else None)
+        for ref in texts(due):
+            last = text(self.r.hget(keys.submit(ref), "hub"))
+            hub = self.notify(ref, avoid=last or None)
             if hub is None:
                 # Nobody to tell: keep it due so the first hub that appears gets it.
                 self.r.zadd(keys.submit_pending(server), {ref: now_ms() + NO_HUB_RECHECK_MS}, xx=True)

@@ -25,6 +25,7 @@ from mailyard.errors import SiteError
 from mailyard.org import Organization
 from mailyard.orgstore import apply_org
 from mailyard.processes import die_with_parent
+from mailyard.redisconn import number
 from mailyard.site import redis_server
 from mailyard.site.redis_server import free_port
 
@@ -53,7 +54,7 @@ class Child:
     role: str
     cmd: list[str]
     log_path: Path
-    endpoints: dict[str, str] = field(default_factory=dict)
+    endpoints: dict[str, Any] = field(default_factory=dict)  # strings, and a hub's "smtp": connector -> address
     proc: subprocess.Popen | None = None
     restarts: int = 0
     backoff: float = 1.0
@@ -158,7 +159,7 @@ class Site:
                     name, "hub",
                     mailyard_cmd("hub", "--site", site.name, "--name", name,
                                  "--concurrency", str(cfg.concurrency), *bind_args, *common),
-                    logs / f"{name}.log", {"site": site.name, "smtp": smtp},  # type: ignore[dict-item]
+                    logs / f"{name}.log", {"site": site.name, "smtp": smtp},
                 ))
         if cfg.internet:
             # The demo Internet: DNS for the outside domains, and their MX hosts on the port
@@ -240,12 +241,12 @@ class Site:
                     continue
                 if not child.alive:
                     raise SiteError(f"{child.name} exited while starting; see {child.log_path}")
+                pid = child.proc.pid if child.proc else -1  # (alive: it has one)
                 if child.role == "mailbox":
-                    pid = r.hget(keys.server(child.name), "pid")
-                    ok = pid is not None and int(pid) == child.proc.pid  # type: ignore[union-attr]
+                    ok = number(r.hget(keys.server(child.name), "pid")) == pid
                 elif child.role == "hub":
-                    ok = child.name in {h.name for h in nodes.hubs(r) if h.alive(5.0)} and int(
-                        r.hget(keys.hub(child.name), "pid") or 0) == child.proc.pid  # type: ignore[union-attr]
+                    ok = child.name in {h.name for h in nodes.hubs(r) if h.alive(5.0)} and number(
+                        r.hget(keys.hub(child.name), "pid")) == pid
                 elif child.role == "flower":
                     try:
                         ok = httpx.get(child.endpoints["url"] + "/healthcheck", timeout=1).status_code == 200

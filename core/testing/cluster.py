@@ -24,6 +24,7 @@ import redis
 from mailyard import keys, nodes, redisconn
 from mailyard.org import Organization
 from mailyard.orgstore import apply_org
+from mailyard.redisconn import number, text
 from mailyard.site.redis_server import free_port
 from mailyard.testing.waiting import wait_until
 
@@ -147,9 +148,13 @@ class Cluster:
             servers = [s for site in self.org.sites for s in site.mailbox_servers]
         names = list(servers)
         started = [self.start_mailbox(s, wait=False) for s in names]
-        for proc in started:  # (self.procs: the process may have been started again)
-            wait_until(lambda n=proc.name: self._registered_and_healthy(self.procs[n]), timeout=30,
-                       message=lambda n=proc.name: f"{n} did not start: {self.tail(n)}")
+        for proc in started:
+            self._wait_registered(proc.name)
+
+    def _wait_registered(self, name: str) -> None:
+        # (self.procs: the process may have been started again)
+        wait_until(lambda: self._registered_and_healthy(self.procs[name]), timeout=30,
+                   message=lambda: f"{name} did not start: {self.tail(name)}")
 
     def _registered_and_healthy(self, proc: Proc) -> bool:
         if not proc.alive and "Address already in use" in self.tail(proc.name):
@@ -160,10 +165,10 @@ class Cluster:
             return False
         if not proc.alive:
             raise AssertionError(f"{proc.name} exited: {self.tail(proc.name)}")
-        url = self.r.hget(keys.server(proc.name), "url")
-        if not url or int(self.r.hget(keys.server(proc.name), "pid") or 0) != proc.pid:
+        url = text(self.r.hget(keys.server(proc.name), "url"))
+        if not url or number(self.r.hget(keys.server(proc.name), "pid")) != proc.pid:
             return False
-        return self.http.get(url.decode() + "/health").status_code == 200
+        return self.http.get(url + "/health").status_code == 200
 
     def start_hub(self, site: str, name: str, *, concurrency: int = 2, faults: str | None = None,
                   wait: bool = True, receive: bool = True, redis_url: str | None = None) -> Proc:
@@ -196,8 +201,8 @@ class Cluster:
         def up() -> bool:
             if not proc.alive:
                 raise AssertionError(f"{proc.name} exited: {self.tail(proc.name)}")
-            data = self.r.hget(keys.hub(proc.name), "pid")
-            return data is not None and int(data) == proc.pid and proc.name in self.live_hubs()
+            pid = number(self.r.hget(keys.hub(proc.name), "pid"))
+            return pid == proc.pid and proc.name in self.live_hubs()
         wait_until(up, timeout=60, message=lambda: f"hub {proc.name} did not start: {self.tail(proc.name)}")
 
     def live_hubs(self, site: str | None = None) -> list[str]:

@@ -24,18 +24,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis
 
 from mailyard import keys
+from mailyard.redisconn import scored, text, text_map, texts
 from mailyard.testing.waiting import wait_until
 
 SHOW = 8  # entries listed per kind in a description
-
-
-def _s(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
 def _parked(queue: dict[str, str]) -> bool:
@@ -89,20 +85,15 @@ class Activity:
         return "; ".join(lines) if lines else "quiet"
 
 
-def _members(reply: Any) -> list[str]:
-    """The members of a ZRANGE reply, as text (redis-py types its replies loosely)."""
-    return [_s(m) for m in reply]
-
-
 def activity(r: redis.Redis, *, attempts: int = 5) -> Activity:
     """Read what is still going on, in one MULTI/EXEC.
 
     The keys to read depend on the queues, servers and retrying items that exist; they are
     guessed from the previous reading and confirmed inside the transaction (a new queue or
     a retry that came due meanwhile: read again)."""
-    queues = _members(r.zrange(keys.QUEUES, 0, -1))
-    servers = _members(r.zrange(keys.SERVERS, 0, -1))
-    retry_ids = _members(r.zrange(keys.RETRY, 0, -1))
+    queues = texts(r.zrange(keys.QUEUES, 0, -1))
+    servers = texts(r.zrange(keys.SERVERS, 0, -1))
+    retry_ids = texts(r.zrange(keys.RETRY, 0, -1))
     for _ in range(attempts):
         pipe = r.pipeline(transaction=True)
         pipe.time()
@@ -122,16 +113,17 @@ def activity(r: redis.Redis, *, attempts: int = 5) -> Activity:
         replies = pipe.execute()
         (seconds, micros), q_now, s_now, retry, inflight = replies[:5]
         rest = replies[5:]
-        retry_now = [_s(m) for m, _ in retry]
-        if _members(q_now) != queues or _members(s_now) != servers or sorted(retry_now) != sorted(retry_ids):
-            queues, servers, retry_ids = _members(q_now), _members(s_now), retry_now
+        retry, inflight = scored(retry), scored(inflight)
+        retry_now = [m for m, _ in retry]
+        if texts(q_now) != queues or texts(s_now) != servers or sorted(retry_now) != sorted(retry_ids):
+            queues, servers, retry_ids = texts(q_now), texts(s_now), retry_now
             continue
         now = seconds * 1000 + micros / 1000
-        found = Activity(inflight={_s(m): (score - now) / 1000 for m, score in inflight})
+        found = Activity(inflight={m: (score - now) / 1000 for m, score in inflight})
         info: dict[str, dict[str, str]] = {}
         for i, q in enumerate(queues):
             data, ready, conns, members = rest[4 * i: 4 * i + 4]
-            info[q] = {_s(k): _s(v) for k, v in data.items()}
+            info[q] = text_map(data)
             if _parked(info[q]):
                 if members:
                     found.parked[q] = members
@@ -143,13 +135,13 @@ def activity(r: redis.Redis, *, attempts: int = 5) -> Activity:
         rest = rest[4 * len(queues):]
         for server, refs in zip(servers, rest[:len(servers)], strict=True):
             if refs:
-                found.submissions[server] = _members(refs)
+                found.submissions[server] = texts(refs)
         rest = rest[len(servers):]
-        due = {_s(m): score for m, score in retry}
+        due = dict(retry)
         for item_id, (queue, status) in zip(retry_ids, rest, strict=True):
-            if queue is None or _s(status) != "Retry":
+            if queue is None or text(status) != "Retry":
                 continue  # a stale entry (the item is gone or moved on): the sweeper drops it
-            q = _s(queue)
+            q = text(queue)
             if q in info and _parked(info[q]):
                 continue
             found.retrying[item_id] = (q, (due[item_id] - now) / 1000)

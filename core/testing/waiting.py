@@ -14,7 +14,8 @@ class Timeout(AssertionError):
 
 
 def wait_until(
-    check: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05, message: str = ""
+    check: Callable[[], T | None], *, timeout: float = 30.0, interval: float = 0.05,
+    message: str | Callable[[], str] = "",
 ) -> T:
     """Call ``check`` until it returns something truthy; return that, or fail with ``message``.
 

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailyard import keys
+from mailyard.redisconn import text_map
 from mailyard.testing.cluster import Cluster, Proc
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
@@ -106,7 +107,7 @@ def test_metrics_match_the_queues_and_the_counters(site: Cluster) -> None:
     assert value(samples, "mailyard_messages_received_total", source="STOREDRIVER") == 4
     assert value(samples, "mailyard_ndrs_total") == 1
     # ...each one exactly the site's counter in Redis
-    stats = {k.decode(): int(v) for k, v in site.r.hgetall(keys.STATS).items()}
+    stats = {k: int(v) for k, v in text_map(site.r.hgetall(keys.STATS)).items()}
     for labels, count in deliveries.items():
         d = dict(labels)
         assert stats[f"{d['event']}|{d['queue']}"] == count, (d, stats)

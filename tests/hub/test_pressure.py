@@ -12,6 +12,7 @@ import pytest
 from mailyard import keys
 from mailyard.hub.pressure import Level, next_level
 from mailyard.hub.queue_actions import act_on_queues, admin_node
+from mailyard.redisconn import text
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
 from tests.conftest import make_org
@@ -110,7 +111,7 @@ def test_redis_memory_near_maxmemory_refuses_mail_until_it_is_freed(cluster_fact
                 break
         wait_until(lambda: level(site) is Level.HIGH, timeout=15,
                    message=lambda: site.r.hgetall(keys.pressure("Amsterdam")))
-        readings = site.r.hget(keys.pressure("Amsterdam"), "readings").decode()
+        readings = text(site.r.hget(keys.pressure("Amsterdam"), "readings"))
         assert "Memory" in readings and "[High]" in readings
         wait_until(lambda: mail_from(site, "alice@contoso.com") == 452, timeout=10)
         filler.flushdb()
