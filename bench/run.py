@@ -247,10 +247,10 @@ def mailbox_run(args: argparse.Namespace, site: Site, name: str) -> dict:
     Maildir file's write time in carol's Inbox."""
     import httpx
 
-    from mailyard import nodes
+    from mailyard import registry
 
     assert site.cluster is not None
-    base = nodes.server_url(site.cluster.r, "MBX-AMS-01") + "/mailboxes/alice@contoso.com/outbox"
+    base = registry.server_url(site.cluster.r, "MBX-AMS-01") + "/mailboxes/alice@contoso.com/outbox"
     inbox = site.work / "site" / "mailboxes" / "MBX-AMS-02" / "carol@contoso.com" / "new"
     accepted: dict[str, float] = {}
     filler = "x" * max(0, args.size - 300)

@@ -21,7 +21,7 @@ from mailyard.hub.outcomes import Batch
 from mailyard.hub.queues import Change, QueueSpec
 from mailyard.hub.records import DeliveryType, Recipient
 from mailyard.hub.routing import route
-from mailyard.nodes import now_ms
+from mailyard.registry import now_ms
 from mailyard.tracking import Event, Record
 
 UNREACHABLE_ERROR = "554 5.4.4 ROUTING.NoConnectorForAddressSpace; no send connector matches"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx
 import redis
 
-from mailyard import nodes
+from mailyard import registry
 from mailyard.errors import NotFoundError, PermanentDeliveryError, TransientDeliveryError
 from mailyard.orgstore import OrgCache
 
@@ -39,7 +39,7 @@ class MailboxClient:
 
     def _url(self, server: str) -> str:
         try:
-            return nodes.server_url(self._r, server)
+            return registry.server_url(self._r, server)
         except NotFoundError as exc:
             raise TransientDeliveryError(451, "4.4.1", str(exc)) from None
 

@@ -32,7 +32,7 @@ from mailyard.hub.node import Hub
 from mailyard.hub.queues import Change, Committed
 from mailyard.hub.records import Item, ItemStatus, Message, PendingAction, Recipient
 from mailyard.hub.retry import message_retry_delay, queue_retry_delay
-from mailyard.nodes import now_ms
+from mailyard.registry import now_ms
 from mailyard.tracking import Event, Record
 
 log = logging.getLogger("mailyard.hub.outcomes")

@@ -26,9 +26,9 @@ from enum import IntEnum
 import redis
 
 from mailyard import keys
-from mailyard.nodes import now_ms
 from mailyard.org import Organization
 from mailyard.redisconn import number, text_map, texts
+from mailyard.registry import now_ms
 
 log = logging.getLogger("mailyard.hub.pressure")
 

@@ -22,7 +22,7 @@ from mailyard.hub.outcomes import remove_item
 from mailyard.hub.queues import QueueInfo, submission_queue
 from mailyard.hub.records import Item, ItemStatus, PendingAction, QueueKind
 from mailyard.hub.sweeper import resubmit
-from mailyard.nodes import now_ms
+from mailyard.registry import now_ms
 
 # How often an action is tried again when the item changed under it (a delivery finished
 # or began between reading the item and acting on it).

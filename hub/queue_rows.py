@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from mailyard import keys, nodes
+from mailyard import keys, registry
 from mailyard.errors import MailyardError, NotFoundError
 from mailyard.filters import MESSAGE_FIELDS, QUEUE_FIELDS, Filter, parse
 from mailyard.hub.queues import QueueKind
@@ -80,7 +80,7 @@ def queue_rows(r: redis.Redis, *, server: str | None = None, filter: str | None 
     flt = parse_filter(filter, "queue")
     site = None
     if server:
-        hub = next((h for h in nodes.hubs(r) if h.name.lower() == server.lower()), None)
+        hub = next((h for h in registry.hubs(r) if h.name.lower() == server.lower()), None)
         if hub is None:
             raise NotFoundError(f"no hub named {server!r}; `mailyard site status` lists them")
         site = hub.site

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mailyard import nodes, redisconn, tracking
+from mailyard import redisconn, registry, tracking
 from mailyard.errors import MailyardError, NotFoundError, SiteError, StateError
 from mailyard.filters import FilterError
 from mailyard.hub import queue_actions as actions
@@ -130,7 +130,7 @@ def create_app(redis_url: str, *, token: str | None = None, allowed_hosts: list[
     loopback, so a web page cannot reach the viewer through DNS rebinding)."""
     app = FastAPI(title="Mailyard Queue Viewer", docs_url=None, redoc_url=None, openapi_url=None)
     r = redisconn.connect(redis_url)
-    registry = make_registry(r)
+    metrics_registry = make_registry(r)
     token = token or None
     state: dict[str, Node] = {}
     node_lock = threading.Lock()
@@ -269,7 +269,7 @@ def create_app(redis_url: str, *, token: str | None = None, allowed_hosts: list[
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(render(registry), media_type=CONTENT_TYPE)
+        return Response(render(metrics_registry), media_type=CONTENT_TYPE)
 
     # endregion
 
@@ -352,12 +352,12 @@ def create_app(redis_url: str, *, token: str | None = None, allowed_hosts: list[
             timeout_s = float(node().settings.hub_heartbeat_timeout)
         except MailyardError:
             timeout_s = DEFAULT_HEARTBEAT_TIMEOUT_S
-        now = nodes.now_ms()
+        now = registry.now_ms()
         return JSONResponse([
             {"name": h.name, "site": h.site, "host": h.host, "pid": h.pid, "started": _iso(h.started),
              "heartbeat": _iso(h.heartbeat), "heartbeat_age_seconds": round(max(0, now - h.heartbeat) / 1000, 1),
              "alive": h.alive(timeout_s, now), "endpoints": h.endpoints}
-            for h in nodes.hubs(r)
+            for h in registry.hubs(r)
         ])
 
     # endregion

@@ -26,7 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
-from mailyard import keys, nodes, redisconn
+from mailyard import keys, redisconn, registry
 from mailyard.broker import DrainMessages, make_app
 from mailyard.directory import Directory
 from mailyard.hub.pressure import Level
@@ -158,7 +158,7 @@ class ReceiveListener:
         endpoints = {name: advertised(actual) for actual, (_, names) in wanted.items() if actual in self.servers
                      for name in names}
         try:
-            nodes.hub_endpoints(self.sync_r, self.hub, endpoints)
+            registry.hub_endpoints(self.sync_r, self.hub, endpoints)
         except Exception as exc:
             log.warning("could not publish endpoints: %s", exc)
 

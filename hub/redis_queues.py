@@ -39,8 +39,8 @@ from mailyard.hub.records import (
     Recipient,
     rcpts_json,
 )
-from mailyard.nodes import now_ms
 from mailyard.redisconn import flat_text_map, number, text, text_map, text_or_none, texts
+from mailyard.registry import now_ms
 from mailyard.scripts import script
 from mailyard.txn import Result, Txn, Word, run_all
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from mailyard import headers, nodes, redisconn
+from mailyard import headers, redisconn, registry
 from mailyard.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from mailyard.hub import mx
 from mailyard.hub.node import Node
@@ -115,7 +115,7 @@ def _remote_site_route(node: Node, site: str) -> Route:
     takes_servers = {c.name for c in org.receive_connectors
                      if c.enabled and "ExchangeServers" in c.permission_groups and (not c.sites or site in c.sites)}
     targets = []
-    for hub in nodes.hubs(node.r):
+    for hub in registry.hubs(node.r):
         if hub.site != site or not hub.alive(org.transport.hub_heartbeat_timeout):
             continue
         for name, address in hub.endpoints.items():

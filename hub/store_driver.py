@@ -21,8 +21,8 @@ from mailyard.hub.intake import accept
 from mailyard.hub.node import Node
 from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
 from mailyard.hub.records import Message, new_message_id
-from mailyard.nodes import now_ms
 from mailyard.org import normalize_address
+from mailyard.registry import now_ms
 from mailyard.tracking import Event, Record
 
 log = logging.getLogger("mailyard.hub.store_driver")

@@ -20,15 +20,15 @@ import os
 import threading
 from collections import Counter
 
-from mailyard import keys, nodes
+from mailyard import keys, registry
 from mailyard.hub import dsn, pressure
 from mailyard.hub.bounce import queue_report
 from mailyard.hub.node import Hub, Node
 from mailyard.hub.outcomes import stop_processing
 from mailyard.hub.queues import QueueKind, standing_queues, submission_queue
 from mailyard.hub.records import Item, ItemStatus
-from mailyard.nodes import now_ms
 from mailyard.redisconn import number, text
+from mailyard.registry import now_ms
 from mailyard.scripts import script
 from mailyard.submission.service import Notifier
 from mailyard.tracking import Event, Record
@@ -43,7 +43,7 @@ def _last(reply: str, last_error: str) -> str:
     return f"{reply}; last error: {last_error or 'none'}"
 
 
-def worker_crashed(item: Item, hub: nodes.HubInfo | None, timeout: float, now: int) -> tuple[bool, str]:
+def worker_crashed(item: Item, hub: registry.HubInfo | None, timeout: float, now: int) -> tuple[bool, str]:
     """Did the process that held ``item`` die (a crash, counted towards Poison), or did its
     lease merely run out (a stall, a partition from Redis: not the message's fault)?
 
@@ -90,7 +90,7 @@ class Sweeper:
         items = queues.expired_leases(now, BATCH)
         if not items:
             return 0
-        hubs = {h.name: h for h in nodes.hubs(node.r)}
+        hubs = {h.name: h for h in registry.hubs(node.r)}
         timeout = node.settings.hub_heartbeat_timeout
         shared = Counter(item.lease for item in items)
         changes = []
@@ -248,7 +248,7 @@ class Services:
             self._threads.append(t)
 
     def stop(self) -> None:
-        from mailyard.nodes import hub_gone
+        from mailyard.registry import hub_gone
 
         self._stop.set()
         for t in self._threads:
@@ -263,7 +263,7 @@ class Services:
     def _heartbeat(self) -> None:
         import mailbox  # which module this process resolves (DESIGN §3: never a shadow)
 
-        from mailyard.nodes import hub_heartbeat
+        from mailyard.registry import hub_heartbeat
 
         while not self._stop.is_set():
             try:

@@ -13,8 +13,8 @@ from mailyard import faults, redisconn
 from mailyard.errors import SiteError
 from mailyard.mailbox.api import create_app
 from mailyard.mailbox.store import MailboxStore
-from mailyard.nodes import register_server
 from mailyard.orgstore import OrgCache
+from mailyard.registry import register_server
 from mailyard.submission.service import SubmissionService
 
 log = logging.getLogger("mailyard.mailbox")

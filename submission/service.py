@@ -22,9 +22,9 @@ from celery import Celery
 
 from mailyard import keys, tracking
 from mailyard.broker import TASK_PICKUP, hub_queue, make_app
-from mailyard.nodes import live_hubs, now_ms
 from mailyard.orgstore import OrgCache
 from mailyard.redisconn import number, text, texts
+from mailyard.registry import live_hubs, now_ms
 from mailyard.scripts import script
 from mailyard.tracking import Event, Record
 from mailyard.txn import Txn

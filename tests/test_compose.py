@@ -38,7 +38,7 @@ import redis
 import yaml
 from click.testing import CliRunner
 
-from mailyard import nodes, redisconn, tracking
+from mailyard import redisconn, registry, tracking
 from mailyard.broker import make_app
 from mailyard.cli.main import cli
 from mailyard.internet.dns import make_resolver
@@ -519,7 +519,7 @@ def local_site(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def send(r: redis.Redis, sender: str, to: str, subject: str) -> None:
     server = next(m.server for m in organization().mailboxes if m.address == sender)
-    response = httpx.post(f"{nodes.server_url(r, server)}/mailboxes/{sender}/outbox", timeout=30,
+    response = httpx.post(f"{registry.server_url(r, server)}/mailboxes/{sender}/outbox", timeout=30,
                           json={"to": [to], "subject": subject, "body": "round robin"})
     assert response.status_code == 202, response.text
 

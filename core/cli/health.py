@@ -4,7 +4,7 @@ Each check prints one line saying why, and exits 0 when healthy, 1 when not:
 
 - ``health hub``: the hub's Celery worker answers a ping (``hub@<name>``), its heartbeat in
   Redis is recent, and every receive connector of its site has a listener that answers with
-  an SMTP greeting (the hub publishes where they listen: ``mailyard.nodes.hubs``);
+  an SMTP greeting (the hub publishes where they listen: ``mailyard.registry.hubs``);
 - ``health mailbox --url URL``: the mailbox server's API answers ``/health``;
 - ``health http URL``: any URL answers 2xx (Flower's ``/healthcheck``, the viewer's ``/health``);
 - ``health smtp HOST:PORT``: an SMTP server greets (the demo Internet's MX host).
@@ -24,7 +24,7 @@ import click
 import httpx
 import redis
 
-from mailyard import nodes, redisconn
+from mailyard import redisconn, registry
 from mailyard.cli.common import redis_option, resolve_redis_url
 from mailyard.errors import MailyardError
 
@@ -123,14 +123,14 @@ def hub_health(name: str | None, timeout: float, redis_url: str | None, data_dir
     try:
         r = redisconn.connect(url)
         _, org = read_org(r)
-        info = next((h for h in nodes.hubs(r) if h.name == name), None)
+        info = next((h for h in registry.hubs(r) if h.name == name), None)
     except (redis.RedisError, MailyardError) as exc:
         _unhealthy(f"hub {name}: cannot read its state in Redis at {url}: {exc}")
     if info is None:
         _unhealthy(f"hub {name} has not registered in Redis (not started, or another name)")
     timeout_s = org.transport.hub_heartbeat_timeout
     if not info.alive(timeout_s):
-        _unhealthy(f"hub {name}: last heartbeat {(nodes.now_ms() - info.heartbeat) / 1000:.0f}s ago "
+        _unhealthy(f"hub {name}: last heartbeat {(registry.now_ms() - info.heartbeat) / 1000:.0f}s ago "
                    f"(more than {timeout_s:g}s)")
 
     # The worker itself: Celery's remote control, over Redis pub/sub, answered by the

@@ -163,7 +163,7 @@ def send_from_internet(sender: str, recipients: tuple[str, ...], subject: str, b
     from email.message import EmailMessage
     from email.utils import formatdate, make_msgid
 
-    from mailyard import nodes
+    from mailyard import registry
     from mailyard.orgstore import read_org
 
     if server:
@@ -173,7 +173,7 @@ def send_from_internet(sender: str, recipients: tuple[str, ...], subject: str, b
         _, org = read_org(r)
         anonymous = {c.name for c in org.receive_connectors
                      if c.enabled and "AnonymousUsers" in c.permission_groups}
-        endpoints = [h.endpoints[name] for h in nodes.hubs(r) if h.alive(org.transport.hub_heartbeat_timeout)
+        endpoints = [h.endpoints[name] for h in registry.hubs(r) if h.alive(org.transport.hub_heartbeat_timeout)
                      for name in anonymous if name in h.endpoints]
         if not endpoints:
             raise SiteError("no hub has a receive connector for anonymous Internet mail running")

@@ -11,7 +11,7 @@ import click
 import httpx
 import redis
 
-from mailyard import nodes
+from mailyard import registry
 from mailyard.cli.common import (
     connect,
     handle_errors,
@@ -53,7 +53,7 @@ def mailbox_url(r: redis.Redis, address: str) -> str:
     entry = OrgCache(r).get().mailbox_entry(address)
     if entry is None or entry.server is None:
         raise NotFoundError(f"{address} is not a mailbox of this organization")
-    return f"{nodes.server_url(r, entry.server)}/mailboxes/{entry.address}"
+    return f"{registry.server_url(r, entry.server)}/mailboxes/{entry.address}"
 
 
 def _call(method: str, url: str, **kw) -> httpx.Response:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from mailyard import nodes, redisconn
+from mailyard import redisconn, registry
 from mailyard.cli.common import (
     data_dir_option,
     handle_errors,
@@ -90,11 +90,11 @@ def site_status(data_dir: Path) -> dict[str, Any]:
         raise SiteError(f"no site has run from {data_dir} (no site.json); start one with `mailyard site up`")
     runner = int(state.get("runner_pid") or 0)
     state["running"] = bool(runner) and _pid_alive(runner)
-    live_hubs: dict[str, nodes.HubInfo] = {}
+    live_hubs: dict[str, registry.HubInfo] = {}
     try:
         r = redisconn.connect(state["redis_url"])
         r.ping()
-        live_hubs = {h.name: h for h in nodes.hubs(r)}
+        live_hubs = {h.name: h for h in registry.hubs(r)}
     except Exception:
         pass
     for p in state["processes"]:

@@ -230,7 +230,7 @@ class Site:
         """Wait until every mailbox server serves its API and every hub heart-beats."""
         import httpx
 
-        from mailyard import keys, nodes
+        from mailyard import keys, registry
 
         r = redisconn.connect(self.redis_url)
         deadline = time.monotonic() + timeout
@@ -245,7 +245,7 @@ class Site:
                 if child.role == "mailbox":
                     ok = number(r.hget(keys.server(child.name), "pid")) == pid
                 elif child.role == "hub":
-                    ok = child.name in {h.name for h in nodes.hubs(r) if h.alive(5.0)} and number(
+                    ok = child.name in {h.name for h in registry.hubs(r) if h.alive(5.0)} and number(
                         r.hget(keys.hub(child.name), "pid")) == pid
                 elif child.role == "flower":
                     try:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import redis
 
-from mailyard import keys, nodes, redisconn
+from mailyard import keys, redisconn, registry
 from mailyard.org import Organization
 from mailyard.orgstore import apply_org
 from mailyard.redisconn import number, text
@@ -188,7 +188,7 @@ class Cluster:
     def smtp(self, hub: str, connector: str = "Default") -> tuple[str, int]:
         """(host, port) where ``hub``'s receive connector listens, once it does."""
         def published() -> tuple[str, int] | None:
-            info = next((h for h in nodes.hubs(self.r) if h.name == hub), None)
+            info = next((h for h in registry.hubs(self.r) if h.name == hub), None)
             address = info.endpoints.get(connector) if info else None
             if not address:
                 return None
@@ -207,7 +207,7 @@ class Cluster:
 
     def live_hubs(self, site: str | None = None) -> list[str]:
         timeout = self.org.transport.hub_heartbeat_timeout
-        return sorted(h.name for h in nodes.hubs(self.r)
+        return sorted(h.name for h in registry.hubs(self.r)
                       if h.alive(timeout) and (site is None or h.site == site))
 
     def kill(self, name: str, sig: int = signal.SIGKILL, *, group: bool = True, stay_down: bool = True) -> None:
@@ -275,7 +275,7 @@ class Cluster:
 
     def api(self, address: str) -> str:
         server = self.server_of(address)
-        return f"{nodes.server_url(self.r, server)}/mailboxes/{address}"
+        return f"{registry.server_url(self.r, server)}/mailboxes/{address}"
 
     def send(self, sender: str, to: Iterable[str] = (), *, cc: Iterable[str] = (),
              bcc: Iterable[str] = (), subject: str = "test", body: str = "hello",

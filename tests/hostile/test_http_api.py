@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailyard import nodes
+from mailyard import registry
 from mailyard.testing.cluster import Cluster
 from tests.conftest import make_org
 from tests.hostile.helpers import rss_kb, running_site
@@ -55,7 +55,7 @@ def api(redis_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def address(api: Cluster) -> tuple[str, int]:
-    url = nodes.server_url(api.r, SERVER)
+    url = registry.server_url(api.r, SERVER)
     host, _, port = url.removeprefix("http://").partition(":")
     return host, int(port)
 
@@ -312,7 +312,7 @@ def test_a_streamed_body_over_the_limit_is_413_and_not_buffered(api, address) ->
     if answer:  # (the reset may beat the answer to the client; the server must still be fine)
         assert b" 413 " in answer.partition(b"\r\n")[0], answer[:300]
         assert b"larger than the limit" in answer
-    assert api.http.get(nodes.server_url(api.r, SERVER) + "/health").status_code == 200
+    assert api.http.get(registry.server_url(api.r, SERVER) + "/health").status_code == 200
 
 
 def test_a_hub_body_without_the_token_is_refused_before_it_is_read(api, address) -> None:
@@ -343,7 +343,7 @@ def test_invalid_http_is_refused_by_the_server_layer(api, address, head: bytes) 
     if answer:
         status = int(answer.split(b" ", 2)[1])
         assert 400 <= status < 500, answer[:300]
-    assert api.http.get(nodes.server_url(api.r, SERVER) + "/health").status_code == 200
+    assert api.http.get(registry.server_url(api.r, SERVER) + "/health").status_code == 200
 
 
 # endregion
@@ -463,7 +463,7 @@ def test_random_requests_never_get_a_500(api, address) -> None:
 
 def test_afterwards_the_server_is_healthy_and_nothing_was_written_outside_the_mailboxes(api) -> None:
     assert api.procs[SERVER].alive
-    assert api.http.get(nodes.server_url(api.r, SERVER) + "/health").status_code == 200
+    assert api.http.get(registry.server_url(api.r, SERVER) + "/health").status_code == 200
     store = api.data_dir / "mailboxes" / SERVER
     mailboxes = {store / m.address for m in ORG.mailboxes if m.server == SERVER}
     new = files(api.data_dir) - BEFORE

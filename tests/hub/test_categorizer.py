@@ -8,7 +8,7 @@ from mailyard.hub.memory_queues import MemoryQueues
 from mailyard.hub.outcomes import Batch
 from mailyard.hub.queues import submission_queue
 from mailyard.hub.records import Recipient
-from mailyard.nodes import now_ms
+from mailyard.registry import now_ms
 from tests.conftest import make_org
 from tests.hub.helpers import StaticHub, message
 

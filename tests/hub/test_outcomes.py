@@ -11,7 +11,7 @@ from mailyard.hub.memory_queues import MemoryQueues
 from mailyard.hub.outcomes import Batch, Outcome, crashed, defer_batch, settle
 from mailyard.hub.queues import mapi_queue, submission_queue
 from mailyard.hub.records import Item, ItemStatus, PendingAction, Recipient
-from mailyard.nodes import now_ms
+from mailyard.registry import now_ms
 from tests.conftest import make_org
 from tests.hub.helpers import StaticHub, message
 

@@ -14,7 +14,7 @@ from mailyard.hub.memory_queues import MemoryQueues
 from mailyard.hub.queues import MailQueues, QueueStatus, Worker, mapi_queue, submission_queue
 from mailyard.hub.records import ItemStatus, PendingAction, QueueKind, Recipient
 from mailyard.hub.redis_queues import RedisQueues
-from mailyard.nodes import now_ms
+from mailyard.registry import now_ms
 from tests.conftest import make_org
 from tests.hub.helpers import message, record
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mailyard import nodes
+from mailyard import registry
 from mailyard.broker import make_app
 from mailyard.hub.intake import accept
 from mailyard.hub.node import Node
@@ -33,7 +33,7 @@ def node(redis_url: str) -> Node:
 def _queued(node: Node, *, expires_in_ms: int = 86_400_000, sender: str = "alice@contoso.com") -> Item:
     """A message waiting in MBX-AMS-01's queue, as the categorizer leaves it."""
     q = node.queues
-    now = nodes.now_ms()
+    now = registry.now_ms()
     msg = message(sender, now=now, expires_in_ms=expires_in_ms)
     change = q.change().add_message(msg, b"Subject: hello\r\n\r\nhi\r\n", refs=1,
                                     delay_report_at=now - 1)
@@ -49,17 +49,17 @@ def _claim(node: Node, lease_ms: int = 60_000) -> Item:
 
 
 def _heartbeat(node: Node, *, started: int, pids: list[int]) -> None:
-    nodes.hub_heartbeat(node.r, node.name, node.site, started=started, extra={"pids": json.dumps(pids)})
+    registry.hub_heartbeat(node.r, node.name, node.site, started=started, extra={"pids": json.dumps(pids)})
 
 
 def test_a_worker_that_died_counts_as_a_crash_a_stalled_one_does_not() -> None:
     item = Item("1", "m", MBX.identity, hub="h", leased=1000, pid=42)
     now = 10_000
-    restarted = nodes.HubInfo("h", "Amsterdam", started=2000, heartbeat=now)
+    restarted = registry.HubInfo("h", "Amsterdam", started=2000, heartbeat=now)
     assert worker_crashed(item, restarted, 3, now)[0] is True
-    child_gone = nodes.HubInfo("h", "Amsterdam", started=500, heartbeat=now, pids=[1, 2])
+    child_gone = registry.HubInfo("h", "Amsterdam", started=500, heartbeat=now, pids=[1, 2])
     assert worker_crashed(item, child_gone, 3, now)[0] is True
-    silent = nodes.HubInfo("h", "Amsterdam", started=500, heartbeat=now - 60_000, pids=[1, 2])
+    silent = registry.HubInfo("h", "Amsterdam", started=500, heartbeat=now - 60_000, pids=[1, 2])
     assert worker_crashed(item, silent, 3, now)[0] is False, "cut off from Redis, maybe alive"
     assert worker_crashed(item, None, 3, now)[0] is False
 
@@ -129,7 +129,7 @@ def test_a_due_retry_is_promoted_and_its_queue_kicked(node: Node) -> None:
     _queued(node)
     item = _claim(node)
     node.queues.commit([node.queues.change().require_lease(item, "tok").park(
-        item, item.recipients, until=nodes.now_ms() - 1, last_error="451 4.3.0 later")])
+        item, item.recipients, until=registry.now_ms() - 1, last_error="451 4.3.0 later")])
     node.r.delete(f"my:kick:{MBX.identity}")
     assert Sweeper(node).promote_due_retries() == 1
     (ready,) = node.queues.items([item.id])
@@ -146,7 +146,7 @@ def test_a_queue_whose_drain_was_lost_is_kicked_again(node: Node) -> None:
 
 def test_mail_accepted_twice_from_one_origin_is_stored_once(node: Node) -> None:
     q = node.queues
-    now = nodes.now_ms()
+    now = registry.now_ms()
     results = []
     for _ in range(2):
         msg = message(now=now)

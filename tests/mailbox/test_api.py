@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from mailyard import nodes
+from mailyard import registry
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
 from tests.conftest import ROOT, make_org
@@ -27,7 +27,7 @@ def api(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def base(api: Cluster) -> str:
-    return nodes.server_url(api.r, "MBX-AMS-01")
+    return registry.server_url(api.r, "MBX-AMS-01")
 
 
 def token(api: Cluster) -> dict[str, str]:
