@@ -104,13 +104,13 @@ class DrainMessages:
         m["body"] = "@BODY@"
         return json.dumps(m)
 
-    def build(self, queue: str, route: str) -> tuple[str, bytes]:
-        """(the Redis list kombu reads for ``route``, the message to LPUSH onto it)."""
+    def build(self, queue: str, celery_queue: str) -> tuple[str, bytes]:
+        """(the Redis list kombu reads for ``celery_queue``, the message to LPUSH onto it)."""
         if self._template is None:
             self._template = self._capture()
         task_id = str(uuid.UUID(bytes=os.urandom(16), version=4))
         body = json.dumps([[queue], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
         text = (self._template.replace("@ID@", task_id).replace("@TAG@", os.urandom(16).hex())
-                .replace("@ROUTE@", json.dumps(route)[1:-1]).replace("@REPR@", json.dumps(repr([queue]))[1:-1])
+                .replace("@ROUTE@", json.dumps(celery_queue)[1:-1]).replace("@REPR@", json.dumps(repr([queue]))[1:-1])
                 .replace("@BODY@", base64.b64encode(body.encode()).decode()))
-        return keys.CELERY_PREFIX + route, text.encode()
+        return keys.CELERY_PREFIX + celery_queue, text.encode()

@@ -81,12 +81,12 @@ class Txn:
         )
         return self
 
-    def kick(self, drains: DrainMessages, queue: str, route: str, *, force: bool = False) -> Txn:
-        """Queue a drain task for ``queue`` on the Celery queue ``route`` unless one is pending
+    def kick(self, drains: DrainMessages, queue: str, celery_queue: str, *, force: bool = False) -> Txn:
+        """Queue a drain task for ``queue`` on the Celery queue ``celery_queue`` unless one is pending
         already (``force``: even then). The transaction itself pushes the Celery message, so
         making a queue non-empty and asking for its drain are one atomic step; this is the
         only way Mailyard kicks a queue."""
-        celery_list, message = drains.build(queue, route)
+        celery_list, message = drains.build(queue, celery_queue)
         self._ops.append(["@kick", keys.kick(queue), drains.ttl_ms, celery_list, message, int(force)])
         self._kicks.append(queue)
         return self

@@ -20,7 +20,7 @@ from mailyard.hub.node import Hub
 from mailyard.hub.outcomes import Batch
 from mailyard.hub.queues import Change, QueueSpec
 from mailyard.hub.records import DeliveryType, Recipient
-from mailyard.hub.routing import route
+from mailyard.hub.routing import next_hop_queue
 from mailyard.registry import now_ms
 from mailyard.tracking import Event, Record
 
@@ -50,7 +50,7 @@ def categorize(hub: Hub, batch: Batch) -> None:
             finals = []
         groups: dict[str, tuple[QueueSpec, list[Recipient]]] = {}
         for final in finals:
-            spec = route(org, hub.site, final, msg.size)
+            spec = next_hop_queue(org, hub.site, final, msg.size)
             rcpt = Recipient(final.address, original=final.original, kind=final.kind.value)
             if spec.delivery_type is DeliveryType.UNREACHABLE:
                 rcpt.last_error = UNREACHABLE_ERROR

@@ -16,7 +16,7 @@ TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
 
 @dataclass(frozen=True)
-class Outcome:
+class MailboxResult:
     """What the mailbox server did for one recipient of one message."""
 
     msg: str
@@ -75,7 +75,7 @@ class MailboxClient:
         response = self._request(server, "POST", f"/hub/outbox/{mailbox}/{item}/submitted")
         return response.status_code == 200
 
-    def deliver(self, server: str, batch: list[tuple[str, list[str], bytes]]) -> list[Outcome]:
+    def deliver(self, server: str, batch: list[tuple[str, list[str], bytes]]) -> list[MailboxResult]:
         payload = {
             "messages": [
                 {"id": key, "recipients": rcpts, "raw": base64.b64encode(raw).decode()}
@@ -88,7 +88,7 @@ class MailboxClient:
                 451, "4.4.2", f"STOREDRV: delivery refused by {server}: {_error_text(response)}"
             )
         return [
-            Outcome(r["id"], r["recipient"], int(r["code"]), r["status"], r["text"])
+            MailboxResult(r["id"], r["recipient"], int(r["code"]), r["status"], r["text"])
             for r in response.json()["results"]
         ]
 

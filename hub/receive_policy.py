@@ -5,7 +5,7 @@ directory and what the client sent; nothing here reads a socket or Redis (the se
 ``receive_protocol`` and the handler in ``receive_handler`` ask, and act on the answer).
 
 - Which connector: each connection is matched to the connector of its listening address
-  whose remote IP range matches the client most specifically (``select_connector``).
+  whose remote IP range matches the client most specifically (``receive_connector_for``).
 - What it offers (``session_rules``): STARTTLS (Tls), AUTH PLAIN/LOGIN (BasicAuth, and
   ExchangeServer for hubs), AUTH only after STARTTLS (BasicAuthRequireTLS); with
   ExternalAuthoritative every client the remote IP ranges admit is an Exchange server
@@ -67,7 +67,7 @@ def connectors_for(org: Organization, binding: str, site: str) -> list[ReceiveCo
     return [c for c in org.receive_connectors if binding in c.bindings and (not c.sites or site in c.sites)]
 
 
-def select_connector(connectors: list[ReceiveConnector], ip: str) -> ReceiveConnector | None:
+def receive_connector_for(connectors: list[ReceiveConnector], ip: str) -> ReceiveConnector | None:
     """The enabled connector whose remote IP range matches ``ip`` most specifically."""
     try:
         addr = ipaddress.ip_address(ip)

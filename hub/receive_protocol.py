@@ -3,7 +3,7 @@ speaks it.
 
 A listener (``receive_listener``) makes one ``ReceiveProtocol`` per connection. When the
 client connects, the session picks the connector of its listening address that matches the
-client (``receive_policy.select_connector``; connectors are read from the organization for
+client (``receive_policy.receive_connector_for``; connectors are read from the organization for
 every new connection, so ``mailyard org apply`` changes them without a restart) and takes
 what that connector offers: SIZE, STARTTLS, the AUTH mechanisms, its banner. The commands
 themselves are decided by the handler (``receive_handler``), which asks the policy.
@@ -167,7 +167,7 @@ class ReceiveProtocol(SMTP):
     async def _handle_client(self) -> None:
         peer = self.session.peer if self.session else None
         ip = peer[0] if isinstance(peer, tuple) else "0.0.0.0"
-        conn = policy.select_connector(self.ctx.connectors_for(self.binding), ip)
+        conn = policy.receive_connector_for(self.ctx.connectors_for(self.binding), ip)
         if conn is None:
             await self.push(replies.NO_CONNECTOR)
             self._close()

@@ -238,7 +238,7 @@ class RedisChange:
         t.op("LREM", keys.ready(item.queue), 0, item.id)
         t.op("ZREM", keys.RETRY, item.id)
         t.op("ZADD", keys.queue_members(target.identity), now, item.id)
-        self._store.remember_route(target)
+        self._store.remember_queue(target)
         return self._ready(item, target.identity)
 
     # queues
@@ -246,7 +246,7 @@ class RedisChange:
     def ensure_queue(self, spec: QueueSpec, now: int) -> Self:
         self.txn.op("@queue", keys.queue(spec.identity), keys.QUEUES, spec.identity, spec.site, spec.kind.value,
                     spec.delivery_type.value, spec.next_hop, spec.celery_queue, spec.connector, now)
-        self._store.remember_route(spec)
+        self._store.remember_queue(spec)
         return self
 
     def set_queue(self, identity: str, **fields: str | int) -> Self:
@@ -339,7 +339,7 @@ class RedisQueues:
         self.r = r
         self._drains = drains
         self._retention = retention
-        self._routes: dict[str, str] = {}
+        self._celery_queues: dict[str, str] = {}
         self._kinds: dict[str, QueueKind] = {}
 
     @classmethod
@@ -371,9 +371,9 @@ class RedisQueues:
     def new_item_ids(self, count: int) -> list[str]:
         return item_ids.take(self.r, count)
 
-    # routes: a queue's Celery queue never changes, so it is read once per process
-    def remember_route(self, spec: QueueSpec) -> None:
-        self._routes[spec.identity] = spec.celery_queue
+    # a queue's Celery queue and kind never change, so each is read once per process
+    def remember_queue(self, spec: QueueSpec) -> None:
+        self._celery_queues[spec.identity] = spec.celery_queue
         self._kinds[spec.identity] = spec.kind
 
     def kind_of(self, identity: str) -> QueueKind:
@@ -384,9 +384,9 @@ class RedisQueues:
         return found
 
     def celery_queue_of(self, identity: str) -> str:
-        found = self._routes.get(identity)
+        found = self._celery_queues.get(identity)
         if found is None:
-            found = self._routes[identity] = text(self.r.hget(keys.queue(identity), "route"))
+            found = self._celery_queues[identity] = text(self.r.hget(keys.queue(identity), "route"))
         return found
 
     # leases
@@ -450,7 +450,7 @@ class RedisQueues:
             d = text_map(data)
             suspended = d.get("suspended") == "1"
             next_retry = int(d.get("next_retry", 0) or 0)
-            self._routes.setdefault(q, d.get("route", ""))
+            self._celery_queues.setdefault(q, d.get("route", ""))
             out.append(QueueInfo(
                 identity=q, site=d.get("site", ""), kind=_kind_of(d), delivery_type=d.get("type", ""),
                 next_hop=d.get("next_hop", ""), status=queue_status(suspended, next_retry, conns, now),

@@ -72,7 +72,7 @@ class Choice:
     source_site: str  # the site whose hubs deliver through it
 
 
-def select_connector(org: Organization, domain: str, size: int, local_site: str) -> Choice | None:
+def least_cost_connector(org: Organization, domain: str, size: int, local_site: str) -> Choice | None:
     """Exchange's least-cost connector selection (reference §4.2)."""
     ranked = []
     for conn in org.send_connectors:
@@ -101,13 +101,14 @@ def select_connector(org: Organization, domain: str, size: int, local_site: str)
     return Choice(best[5], best[4])
 
 
-def route(org: Organization, local_site: str, rcpt: Final, size: int) -> QueueSpec:
+def next_hop_queue(org: Organization, local_site: str, rcpt: Final, size: int) -> QueueSpec:
+    """The queue that leads to the next hop of ``rcpt`` (a resolved recipient): see above."""
     if rcpt.kind is Kind.MAILBOX and rcpt.site and rcpt.server:
         if rcpt.site == local_site:
             return mapi_queue(local_site, rcpt.server)
         return remote_site_queue(local_site, rcpt.site)
     domain = rcpt.address.rpartition("@")[2]
-    choice = select_connector(org, domain, size, local_site)
+    choice = least_cost_connector(org, domain, size, local_site)
     if choice is None:
         return unreachable_queue(local_site)
     if choice.source_site != local_site:

@@ -39,7 +39,7 @@ CONNECT_TIMEOUT = 30.0  # at most; shorter if the inactivity timeout is
 
 
 @dataclass
-class Route:
+class Destination:
     """Where and how to connect for one batch."""
 
     targets: list[mx.Target]
@@ -72,11 +72,11 @@ def _host_port(value: str, default: int) -> tuple[str, int]:
     return (host, int(port)) if sep and port.isdigit() and host.count(":") == 0 else (value, default)
 
 
-def route_for(node: Node, batch: Batch) -> Route:
+def destination_of(node: Node, batch: Batch) -> Destination:
     """Targets of the batch's next hop. Raises Permanent/TransientDeliveryError."""
     settings = node.settings
     if batch.delivery_type == DeliveryType.REMOTE_SITE.value:
-        return _remote_site_route(node, batch.next_hop)
+        return _remote_site_destination(node, batch.next_hop)
     name = batch.connector
     conn = _connector(node, name)
     if conn is None or not conn.enabled:
@@ -95,7 +95,7 @@ def route_for(node: Node, batch: Batch) -> Route:
             targets += [mx.Target(host, a, port=port) for a in found]
         if not targets:
             raise TransientDeliveryError(451, "4.4.0", f"no address for the smart hosts of {conn.name}")
-    return Route(targets, conn.port, conn.require_tls, conn.smart_host_username, conn.smart_host_password)
+    return Destination(targets, conn.port, conn.require_tls, conn.smart_host_username, conn.smart_host_password)
 
 
 def _is_ip(host: str) -> bool:
@@ -108,7 +108,7 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-def _remote_site_route(node: Node, site: str) -> Route:
+def _remote_site_destination(node: Node, site: str) -> Destination:
     """The live hubs of ``site`` (shuffled: the load spreads), at a receive connector that
     takes Exchange servers; this hub logs on as one with the site's server token."""
     org = node.orgs.org
@@ -126,7 +126,7 @@ def _remote_site_route(node: Node, site: str) -> Route:
     if not targets:
         raise TransientDeliveryError(451, "4.4.1", f"no hub of site {site} is reachable over SMTP")
     random.shuffle(targets)
-    return Route(targets, 25, False, f"{SERVER_LOGIN_PREFIX}/{node.name}", org.transport.server_token,
+    return Destination(targets, 25, False, f"{SERVER_LOGIN_PREFIX}/{node.name}", org.transport.server_token,
                  org_origin=True)
 
 
@@ -177,7 +177,7 @@ def connection_cache() -> ConnectionCache:
     return _caches[pid]
 
 
-async def _open(target: mx.Target, port: int, route: Route, *, helo: str, timeout: float) -> aiosmtplib.SMTP:
+async def _open(target: mx.Target, port: int, dest: Destination, *, helo: str, timeout: float) -> aiosmtplib.SMTP:
     smtp = aiosmtplib.SMTP(hostname=target.address, port=port, local_hostname=helo,
                            timeout=timeout, start_tls=False, use_tls=False)
     try:
@@ -186,32 +186,32 @@ async def _open(target: mx.Target, port: int, route: Route, *, helo: str, timeou
         if smtp.supports_extension("starttls"):
             await smtp.starttls(tls_context=opportunistic_client_context())
             await smtp.ehlo()
-        elif route.require_tls:
+        elif dest.require_tls:
             raise TransientDeliveryError(451, "4.7.5", f"{target.host} does not offer STARTTLS")
-        if route.username:
-            await smtp.login(route.username, route.password)
+        if dest.username:
+            await smtp.login(dest.username, dest.password)
     except BaseException:
         smtp.close()
         raise
     return smtp
 
 
-async def transfer(route: Route, jobs: list[Job], *, helo: str, timeout: float,
+async def transfer(dest: Destination, jobs: list[Job], *, helo: str, timeout: float,
                    cache: ConnectionCache | None = None) -> str:
     """Deliver ``jobs`` over one connection to the first target that answers (a cached one
     when there is one); fill in each job's outcomes and return the host used. Raises
     TransientDeliveryError if none answers. ``timeout`` bounds every wait for the peer
     (connect, each reply, DATA)."""
     last_error = "no target"
-    for target in route.targets:
-        port = target.port or route.port
-        key = (target.address, port, route.username)
+    for target in dest.targets:
+        port = target.port or dest.port
+        key = (target.address, port, dest.username)
         reused = await cache.take(key, timeout) if cache else None
         if reused:
             smtp, sent = reused
         else:
             try:
-                smtp, sent = await _open(target, port, route, helo=helo, timeout=timeout), 0
+                smtp, sent = await _open(target, port, dest, helo=helo, timeout=timeout), 0
             except (aiosmtplib.SMTPException, OSError, TransientDeliveryError) as exc:
                 last_error = f"{target.host} [{target.address}]: {_describe(exc)}"
                 log.info("cannot deliver to %s: %s", target.host, last_error)
@@ -322,7 +322,7 @@ def deliver(node: Node, batch: Batch) -> None:
     """The stage of DnsConnectorDelivery, SmartHostConnectorDelivery and
     SmtpRelayToRemoteAdSite queues."""
     try:
-        route = route_for(node, batch)
+        dest = destination_of(node, batch)
     except PermanentDeliveryError as exc:
         outcome = Outcome.of(exc)
         settle(node, batch, {i.id: {r.address: outcome for r in i.recipients} for i in batch.items},
@@ -338,14 +338,14 @@ def deliver(node: Node, batch: Batch) -> None:
         if msg is None or item.msg not in bodies:
             continue
         body = bodies[item.msg]
-        if route.org_origin:
+        if dest.org_origin:
             body = headers.prepend(body, f"{ORIGIN_HEADER}: {msg.id}")
         jobs.append(Job(item, msg.sender, [r.address for r in item.recipients], body))
     node.crash_point("send.before_connect")
     try:
         cache = connection_cache()
         with keep_leases(node, batch):
-            remote = cache.loop.run_until_complete(transfer(route, jobs, helo=node.fqdn, cache=cache,
+            remote = cache.loop.run_until_complete(transfer(dest, jobs, helo=node.fqdn, cache=cache,
                                                             timeout=node.settings.smtp_inactivity_timeout))
     except TransientDeliveryError as exc:
         defer_batch(node, batch, exc, source="SMTP")

@@ -117,7 +117,7 @@ def deliver(node: Node, batch: Batch) -> None:
         return
     node.crash_point("deliver.after_api")
     by_msg: dict[tuple[str, str], Outcome] = {
-        (o.msg, o.recipient): Outcome(o.code, o.status, o.text) for o in results
+        (res.msg, res.recipient): Outcome(res.code, res.status, res.text) for res in results
     }
     outcomes = {
         item.id: {

@@ -377,7 +377,7 @@ def test_the_demo_internet_is_on_its_own_network_and_the_organization_resolves_t
     assert one(args, "--mx-address") == address
     # Mail from there is the Internet's: the connector that matches it takes anonymous mail,
     # and hubs see it on a network they are attached to.
-    from mailyard.hub.receive_policy import select_connector
+    from mailyard.hub.receive_policy import receive_connector_for
 
     anonymous = {b for c in organization().receive_connectors if "AnonymousUsers" in c.permission_groups
                  for b in c.bindings}
@@ -387,7 +387,7 @@ def test_the_demo_internet_is_on_its_own_network_and_the_organization_resolves_t
         for binding in anonymous:
             connectors = [c for c in organization().receive_connectors
                           if binding in c.bindings and (not c.sites or site in c.sites)]
-            chosen = select_connector(connectors, address)
+            chosen = receive_connector_for(connectors, address)
             assert chosen is not None and "AnonymousUsers" in chosen.permission_groups, (site, binding, chosen)
     # `mailyard internet send` there hands mail to an Amsterdam hub's anonymous connector.
     target_service, target_port = split_address(internet["environment"]["MAILYARD_INTERNET_SERVER"])

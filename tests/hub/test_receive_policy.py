@@ -22,8 +22,8 @@ from mailyard.hub.receive_policy import (
     mail_from,
     pressure_refusal,
     rcpt_to,
+    receive_connector_for,
     relay_origin,
-    select_connector,
     session_rules,
     size_limit,
     too_many_connections,
@@ -62,20 +62,20 @@ def refusal(decide, *args: object, **kwargs: object) -> str:
     ("::ffff:10.1.2.3", "Default"),  # an IPv4 client on an IPv6 socket
 ])
 def test_the_most_specific_remote_range_wins(ip: str, expected: str) -> None:
-    assert select_connector([DEFAULT, INTERNET], ip).name == expected
+    assert receive_connector_for([DEFAULT, INTERNET], ip).name == expected
 
 
 def test_no_connector_for_a_client_outside_every_range_or_of_the_other_ip_version() -> None:
     apps = connector(remote_ip_ranges=["127.0.0.5"])
-    assert select_connector([apps], "127.0.0.6") is None
-    assert select_connector([DEFAULT, INTERNET], "2001:db8::1") is None
-    assert select_connector([DEFAULT], "not an address") is None
+    assert receive_connector_for([apps], "127.0.0.6") is None
+    assert receive_connector_for([DEFAULT, INTERNET], "2001:db8::1") is None
+    assert receive_connector_for([DEFAULT], "not an address") is None
 
 
 def test_a_disabled_connector_takes_no_client() -> None:
     disabled = DEFAULT.model_copy(update={"enabled": False})
-    assert select_connector([disabled, INTERNET], "127.0.0.1") is INTERNET
-    assert select_connector([disabled], "127.0.0.1") is None
+    assert receive_connector_for([disabled, INTERNET], "127.0.0.1") is INTERNET
+    assert receive_connector_for([disabled], "127.0.0.1") is None
 
 
 def test_a_listener_serves_the_connectors_of_its_binding_for_its_site() -> None:
