@@ -161,7 +161,7 @@ def settle(hub: Hub, batch: Batch, outcomes: dict[str, dict[str, Outcome]], *, e
                                  [r.last_error for r in deferred], source=source, remote=remote), now)
         last_error = deferred[0].last_error if deferred else item.last_error
         if item.pending == PendingAction.SUSPEND:
-            change.note(item, "Suspended")
+            change.note(item, ItemStatus.SUSPENDED.value)
             return change.park(item, remaining, until=None, last_error=last_error)
         return change.park(item, remaining, until=now + int(message_retry_delay(settings) * 1000),
                            last_error=last_error)
@@ -191,7 +191,7 @@ def defer_batch(hub: Hub, batch: Batch, error: DeliveryError, *, source: str = "
         if item.pending == PendingAction.REMOVE:
             return remove_item(hub, change, item, msg, ndr=item.remove_ndr, now=now, claimed=True)
         if item.pending == PendingAction.SUSPEND:
-            change.note(item, "Suspended")
+            change.note(item, ItemStatus.SUSPENDED.value)
             return change.park(item, recipients, until=None, last_error=reply)
         return change.put_back(item, status=ItemStatus.RETRY.value, last_error=reply, recipients=recipients,
                                retries=item.retries + 1)
@@ -228,7 +228,7 @@ def stop_processing(hub: Hub, change: Change, item: Item, reason: str, now: int,
         msg = hub.queues.messages([item.msg]).get(item.msg)
         return remove_item(hub, change, item, msg, ndr=item.remove_ndr, now=now, claimed=True)
     if item.pending == PendingAction.SUSPEND:
-        change.note(item, "Suspended")
+        change.note(item, ItemStatus.SUSPENDED.value)
         return change.park(item, item.recipients, until=None, last_error=reason)
     if settings.poison_message_detection_enabled and crashes >= settings.poison_threshold:
         change.to_poison(item, crashes=crashes, reason=reason, now=now)

@@ -19,7 +19,7 @@ from mailyard.broker import make_app
 from mailyard.errors import NotFoundError, StateError
 from mailyard.hub.node import Hub, Node
 from mailyard.hub.outcomes import remove_item
-from mailyard.hub.queues import QueueInfo, submission_queue
+from mailyard.hub.queues import QueueInfo, QueueStatus, submission_queue
 from mailyard.hub.records import Item, ItemStatus, PendingAction, QueueKind
 from mailyard.hub.sweeper import resubmit
 from mailyard.registry import now_ms
@@ -56,7 +56,7 @@ def suspend_queue(node: Hub, queue: str) -> Done:
     if info.kind is QueueKind.POISON:
         raise StateError("the Poison queue is always suspended; resume or remove its messages instead")
     node.queues.commit([node.queues.change().set_queue(queue, suspended=1)])
-    return Done(queue, "Suspended")
+    return Done(queue, QueueStatus.SUSPENDED)
 
 
 def resume_queue(node: Hub, queue: str) -> Done:
@@ -131,14 +131,14 @@ def suspend_message(node: Hub, item: Item) -> Done:
         raise StateError(f"{ident}: messages in the {item.queue.rsplit(chr(92), 1)[-1]} queue cannot be suspended")
     for _ in range(ATTEMPTS):
         if item.status == ItemStatus.SUSPENDED:
-            return Done(ident, "Suspended")
+            return Done(ident, ItemStatus.SUSPENDED.value)
         if item.status == ItemStatus.ACTIVE:
             if _request(node, item, PendingAction.SUSPEND):
                 return Done(ident, PendingAction.SUSPEND.value)
         else:
             change = node.queues.change().require_status(item, item.status).suspend(item)
             if node.queues.commit([change])[0].ok:
-                return Done(ident, "Suspended")
+                return Done(ident, ItemStatus.SUSPENDED.value)
         item = _again(node, item, ident)
     raise StateError(f"{ident} kept changing while suspending it; try again")
 
@@ -153,13 +153,13 @@ def resume_message(node: Hub, item: Item) -> Done:
                 return Done(ident, "Resubmitted")
         elif item.status == ItemStatus.ACTIVE and item.pending:
             if _request(node, item, PendingAction.NONE):
-                return Done(ident, "Active")
+                return Done(ident, ItemStatus.ACTIVE.value)
         elif item.status != ItemStatus.SUSPENDED:
             raise StateError(f"{ident} is {item.status}, not Suspended")
         else:
             change = node.queues.change().require_status(item, ItemStatus.SUSPENDED.value).resume(item)
             if node.queues.commit([change])[0].ok:
-                return Done(ident, "Ready")
+                return Done(ident, ItemStatus.READY.value)
         item = _again(node, item, ident)
     raise StateError(f"{ident} kept changing while resuming it; try again")
 

@@ -101,7 +101,8 @@ def queue_rows(r: redis.Redis, *, server: str | None = None, filter: str | None 
 
 def _row(item: Item, msg: Message | None, now_ms: int, kind: QueueKind) -> dict[str, Any]:
     recipients = [
-        {"address": rc.address, "status": "Retry" if rc.status == ItemStatus.RETRY else "Ready",
+        {"address": rc.address,
+         "status": (ItemStatus.RETRY if rc.status == ItemStatus.RETRY else ItemStatus.READY).value,
          "last_error": rc.last_error, "original": rc.original or rc.address, "type": rc.kind or "External"}
         for rc in item.recipients
     ]

@@ -761,3 +761,14 @@ def test_carets_line_up_under_tabs_and_newlines() -> None:
         "  Status -eq Retry \t-and\tSite -eq x y",
         "                   \t    \t           ^",
     ]
+
+
+def test_the_status_and_delivery_type_values_a_filter_knows_are_the_hubs() -> None:
+    # The shared core may not import hub code, so mailyard.filters spells these out itself.
+    from mailyard.filters import DELIVERY_TYPES, MESSAGE_STATUSES, QUEUE_STATUSES
+    from mailyard.hub.queues import QueueStatus
+    from mailyard.hub.records import DeliveryType, ItemStatus, PendingAction
+
+    assert set(QUEUE_STATUSES) == {v for k, v in vars(QueueStatus).items() if k.isupper()}
+    assert set(MESSAGE_STATUSES) == {s.value for s in ItemStatus} | {p.value for p in PendingAction if p.value}
+    assert set(DELIVERY_TYPES) == {d.value for d in DeliveryType}

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import redis
 
 from mailyard import keys
+from mailyard.hub.records import ItemStatus
 from mailyard.redisconn import scored, text, text_map, texts
 from mailyard.testing.waiting import wait_until
 
@@ -139,7 +140,7 @@ def activity(r: redis.Redis, *, attempts: int = 5) -> Activity:
         rest = rest[len(servers):]
         due = dict(retry)
         for item_id, (queue, status) in zip(retry_ids, rest, strict=True):
-            if queue is None or text(status) != "Retry":
+            if queue is None or text(status) != ItemStatus.RETRY:
                 continue  # a stale entry (the item is gone or moved on): the sweeper drops it
             q = text(queue)
             if q in info and _parked(info[q]):
