@@ -36,6 +36,9 @@ Messages and queue items
                                       nothing), or a message relayed over SMTP by another hub
                                       (X-Mailyard-Origin), so a repeated relay does not create it
                                       twice
+  my:pickup:<server>/<mailbox>/<item>
+                              STRING  where versions before December 2026 remembered a pickup (now
+                                      my:dedup:); only read, and gone within 7 days
   my:request:<item>           STRING  what became of an operator's request on an item in flight
                                       ("Suspended", "delivered: the PendingSuspend came too
                                       late"), kept a day
@@ -115,6 +118,10 @@ def submit_pending(server: str) -> str:
 
 def submit(ref: str) -> str:
     return f"{P}submit:{ref}"
+
+
+def legacy_pickup(ref: str) -> str:
+    return f"{P}pickup:{ref}"
 
 
 def request_result(item_id: str) -> str:

@@ -11,15 +11,16 @@ the message goes on. All of it is one atomic step per message.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 from mailyard import faults
 from mailyard.directory import Expansion
 from mailyard.hub import dsn
 from mailyard.hub.bounce import queue_report
 from mailyard.hub.node import Hub
-from mailyard.hub.outcomes import Batch
+from mailyard.hub.outcomes import REBUILDS, Batch, remove_item
 from mailyard.hub.queues import Change, QueueSpec
-from mailyard.hub.records import DeliveryType, Recipient
+from mailyard.hub.records import DeliveryType, Item, PendingAction, Recipient
 from mailyard.hub.routing import next_hop_queue
 from mailyard.registry import now_ms
 from mailyard.tracking import Event, Record
@@ -27,15 +28,22 @@ from mailyard.tracking import Event, Record
 UNREACHABLE_ERROR = "554 5.4.4 ROUTING.NoConnectorForAddressSpace; no send connector matches"
 
 
-def categorize(hub: Hub, batch: Batch) -> None:
+def categorize(hub: Hub, batch: Batch, *, rebuilds: int = REBUILDS) -> None:
     directory = hub.directory()
     org = directory.org
     settings = org.transport
     now = now_ms()
+    queues = hub.queues
     plans = []
+    early: list[tuple[Item, Change]] = []  # items that are not categorized: changes of their own
     for item in batch.items:
         msg = batch.messages.get(item.msg)
-        if msg is None:
+        change = queues.change().require_lease(item, batch.token).require_pending(item, item.pending)
+        if msg is None:  # the message vanished (removed meanwhile): drop the husk
+            early.append((item, change.complete(item, claimed=True)))
+            continue
+        if item.pending == PendingAction.REMOVE:  # an operator removed it while it was being categorized
+            early.append((item, remove_item(hub, change, item, msg, ndr=item.remove_ndr, now=now, claimed=True)))
             continue
         faults.pill("categorize.pill", msg.subject)
         envelope = [r.address for r in item.recipients]
@@ -57,12 +65,11 @@ def categorize(hub: Hub, batch: Batch) -> None:
             groups.setdefault(spec.identity, (spec, []))[1].append(rcpt)
         plans.append((item, msg, expansion, failures, list(groups.values())))
 
-    queues = hub.queues
     bodies = queues.bodies([msg.id for _, msg, _, failures, _ in plans if failures and msg.wants_report])
     ids = iter(queues.new_item_ids(sum(len(g) for *_, g in plans) + len(bodies)))
     changes = []
     for item, msg, expansion, failures, routed in plans:
-        change = queues.change().require_lease(item, batch.token)
+        change = queues.change().require_lease(item, batch.token).require_pending(item, item.pending)
         base = Record(Event.RESOLVE, source="ROUTING", server=hub.name, internal_id=msg.id,
                       message_id=msg.message_id, sender=msg.sender, subject=msg.subject,
                       size=msg.size)
@@ -81,7 +88,13 @@ def categorize(hub: Hub, batch: Batch) -> None:
         change.complete(item, claimed=True)
         changes.append(change)
     hub.crash_point("categorize.before_commit")
-    queues.commit(changes)
+    items = [item for item, _ in early] + [plan[0] for plan in plans]
+    results = queues.commit([change for _, change in early] + changes)
+    # An operator's request arrived after the item was read: read it again and start over.
+    again = [item.id for item, res in zip(items, results, strict=True) if res.failed == "pending"]
+    fresh = [i for i in queues.items(again) if i.lease == batch.token] if again else []
+    if fresh and rebuilds > 0:
+        categorize(hub, replace(batch, items=fresh), rebuilds=rebuilds - 1)
 
 
 def _rec(base: Record, event: Event, recipients: list[str], *, status: list[str] | None = None,

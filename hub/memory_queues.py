@@ -76,8 +76,8 @@ class MemoryChange:
 
     def _item_field(self, name: str, item_id: str, attr: str, value: str) -> Self:
         def check(s: MemoryQueues) -> tuple[bool, str | None]:
-            it = s.item_map.get(item_id)
-            return (getattr(it, attr) if it else "") == value, None
+            it = s.item_map.get(item_id)  # (a guard never passes on an item that is gone)
+            return it is not None and getattr(it, attr) == value, None
         self.guards.append((name, check))
         return self
 
@@ -86,6 +86,13 @@ class MemoryChange:
 
     def require_status(self, item: Item, status: str) -> Self:
         return self._item_field("status", item.id, "status", status)
+
+    def require_state(self, item: Item) -> Self:
+        def check(s: MemoryQueues) -> tuple[bool, str | None]:
+            it = s.item_map.get(item.id)
+            return it is not None and (it.queue, it.status, it.retries) == (item.queue, item.status, item.retries), None
+        self.guards.append(("state", check))
+        return self
 
     def require_pending(self, item: Item, pending: str) -> Self:
         return self._item_field("pending", item.id, "pending", pending)
@@ -127,6 +134,9 @@ class MemoryChange:
     def unschedule_delay_report(self, msg_id: str) -> Self:
         return self._do(lambda s: s.delay.pop(msg_id, None) and None)
 
+    def schedule_delay_report(self, msg_id: str, at: int) -> Self:
+        return self._do(lambda s: s.delay.__setitem__(msg_id, at))
+
     # items
 
     def enqueue(self, spec: QueueSpec, item_id: str, msg: Message, recipients: list[Recipient], *,
@@ -152,7 +162,7 @@ class MemoryChange:
             q = s.queue_map.get(item.queue)
             if q:
                 q.members.pop(item.id, None)
-                if item.id in q.ready:
+                if not claimed and item.id in q.ready:
                     q.ready.remove(item.id)
             for index in (s.inflight, s.retry, s.expiry):
                 index.pop(item.id, None)
@@ -215,6 +225,7 @@ class MemoryChange:
         return self._do(move)
 
     def request(self, item: Item, pending: str, *, ndr: bool = True) -> Self:
+        self._do(lambda s: s.results.pop(item.id, None))
         return self._do(self._update(item.id, pending=pending, remove_ndr=ndr))
 
     def note(self, item: Item, result: str) -> Self:
@@ -243,8 +254,11 @@ class MemoryChange:
         known = self._store.queue_map.get(queue)
         return self.kick(queue, known.spec.celery_queue) if known and known.spec.kind in DRAINED else self
 
-    def move(self, item: Item, target: QueueSpec, *, now: int, reset_crashes: bool = False) -> Self:
+    def move(self, item: Item, target: QueueSpec, *, now: int, expires: int = 0, reset_crashes: bool = False
+             ) -> Self:
         self.ensure_queue(target, now)
+        if expires and target.kind is not QueueKind.POISON:
+            self._do(lambda s: s.expiry.__setitem__(item.id, expires))
         changes: dict[str, object] = {"queue": target.identity, "pending": "", "suspect": False, "from_queue": ""}
         if reset_crashes:
             changes["crashes"] = 0
@@ -320,9 +334,6 @@ class MemoryQueues:
                 out.append(self._apply(change))
         return out
 
-    def commit_one(self, change: Change) -> Committed:
-        return self.commit([change])[0]
-
     def _apply(self, change: MemoryChange) -> Committed:
         for name, check in change.guards:
             ok, value = check(self)
@@ -356,7 +367,7 @@ class MemoryQueues:
             q.conns = {t: until for t, until in q.conns.items() if until > now}
             if cap > 0 and token not in q.conns and len(q.conns) >= cap:
                 return None
-            if queue in self.markers:
+            if self.markers.get(queue, 0) > now:  # (as Redis: an expired marker is gone)
                 self.markers[queue] = now + self.kick_ttl_ms
             ids: list[str] = []
             while len(ids) < n and q.ready:
@@ -398,6 +409,10 @@ class MemoryQueues:
         with self.lock:
             if queue in self.queue_map:
                 self.queue_map[queue].conns.pop(token, None)
+
+    def celery_queue_of(self, identity: str) -> str:
+        known = self.queue_map.get(identity)
+        return known.spec.celery_queue if known else ""
 
     def done_draining(self, queue: str) -> bool:
         with self.lock:

@@ -107,10 +107,13 @@ def settle(hub: Hub, batch: Batch, outcomes: dict[str, dict[str, Outcome]], *, e
     Recipients without an outcome stay as they are and are tried again."""
     now = now_ms()
     settings = hub.settings
-    failing = [i.msg for i in batch.items if any(
-        o.code >= 500 for o in outcomes.get(i.id, {}).values())]
-    bodies = hub.queues.bodies([m for m in failing if (msg := batch.messages.get(m)) and msg.wants_report])
+    bodies: dict[str, bytes] = {}  # the originals that reports quote, read when a report is due
     delivered_any = False
+
+    def original_of(msg: Message) -> bytes | None:
+        if msg.id not in bodies:
+            bodies.update(hub.queues.bodies([msg.id]))
+        return bodies.get(msg.id)
 
     def build(item: Item) -> Change:
         nonlocal delivered_any
@@ -134,7 +137,8 @@ def settle(hub: Hub, batch: Batch, outcomes: dict[str, dict[str, Outcome]], *, e
             else:
                 rcpt.status, rcpt.last_error, rcpt.retries = ItemStatus.RETRY.value, outcome.reply, rcpt.retries + 1
                 remaining.append(rcpt)
-        if remaining and msg.expires and now >= msg.expires:
+        removing = item.pending == PendingAction.REMOVE
+        if remaining and msg.expires and now >= msg.expires and not removing:
             failed += [(r, Outcome(550, "4.4.7", f"QUEUE.Expired; message expired; last error: "
                                                  f"{r.last_error or 'none'}")) for r in remaining]
             remaining = []
@@ -145,14 +149,14 @@ def settle(hub: Hub, batch: Batch, outcomes: dict[str, dict[str, Outcome]], *, e
         if failed:
             change.track(_record(hub, msg, Event.FAIL, item, [r.address for r, _ in failed],
                                  [o.reply for _, o in failed], source=source, remote=remote), now)
-            if msg.id in bodies:
-                queue_report(hub, change, msg, bodies[msg.id],
+            if msg.wants_report and (body := original_of(msg)) is not None:
+                queue_report(hub, change, msg, body,
                              [dsn.Failure(r.address, o.reply, r.original, remote) for r, o in failed],
                              item_id=hub.queues.new_item_ids(1)[0], now=now)
         if not remaining:
             _too_late(change, item, "delivered" if delivered else "failed")
             return change.complete(item, claimed=True)
-        if item.pending == PendingAction.REMOVE:
+        if removing:
             return remove_item(hub, change, replace(item, recipients=remaining), msg, ndr=item.remove_ndr,
                                now=now, claimed=True)
         deferred = [r for r in remaining if r.status == ItemStatus.RETRY]
@@ -204,14 +208,15 @@ def defer_batch(hub: Hub, batch: Batch, error: DeliveryError, *, source: str = "
              time.strftime("%H:%M:%S", time.localtime(next_retry / 1000)), failures)
 
 
-def crashed(hub: Hub, items: list[Item], token: str, reason: str) -> None:
-    """Processing an item raised: count it like a crash; at the poison threshold the item
-    moves to the Poison queue instead of failing the hubs forever."""
+def crashed(hub: Hub, items: list[Item], token: str, reason: str, *, count: bool = True) -> None:
+    """Processing an item raised: count it like a crash (unless not ``count``); at the poison
+    threshold the item moves to the Poison queue instead of failing the hubs forever. An
+    operator's request on the item applies now."""
     now = now_ms()
 
     def build(item: Item) -> Change:
         change = hub.queues.change().require_lease(item, token).require_pending(item, item.pending)
-        return stop_processing(hub, change, item, reason, now)
+        return stop_processing(hub, change, item, reason, now, crashed=count)
 
     _commit_honouring_requests(hub, items, token, build)
 

@@ -26,8 +26,10 @@ from enum import IntEnum
 import redis
 
 from mailyard import keys
+from mailyard.hub.records import QueueKind
+from mailyard.hub.redis_queues import RedisQueues
 from mailyard.org import Organization
-from mailyard.redisconn import number, text_map, texts
+from mailyard.redisconn import number, text_map
 from mailyard.registry import now_ms
 
 log = logging.getLogger("mailyard.hub.pressure")
@@ -82,23 +84,12 @@ def measure(r: redis.Redis, org: Organization) -> dict[str, dict[str, float]]:
     memory = r.info("memory")
     limit = int(memory.get("maxmemory", 0) or 0)
     used_pct = 100.0 * int(memory.get("used_memory", 0)) / limit if limit else 0.0
-    queues = texts(r.zrange(keys.QUEUES, 0, -1))
-    pipe = r.pipeline(transaction=False)
-    for q in queues:
-        pipe.zcard(keys.queue_members(q))
-        pipe.llen(keys.ready(q))
-    counts = pipe.execute()
+    queues = RedisQueues.reader(r).queues()
     out = {}
     for site in org.sites:
-        submission = backlog = 0
-        for i, q in enumerate(queues):
-            where, _, name = q.partition("\\")
-            if where != site.name:
-                continue
-            if name == "Submission":
-                submission = counts[2 * i]
-            elif name not in ("Unreachable", "Poison"):
-                backlog += counts[2 * i + 1]
+        here = [q for q in queues if q.site == site.name]
+        submission = sum(q.message_count for q in here if q.kind is QueueKind.SUBMISSION)
+        backlog = sum(q.ready for q in here if q.kind is QueueKind.DELIVERY)
         out[site.name] = {"Memory": round(used_pct, 1), "SubmissionQueue": submission, "Backlog": backlog}
     return out
 

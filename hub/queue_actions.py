@@ -19,7 +19,7 @@ from mailyard.broker import make_app
 from mailyard.errors import NotFoundError, StateError
 from mailyard.hub.node import Hub, Node
 from mailyard.hub.outcomes import remove_item
-from mailyard.hub.queues import QueueInfo, QueueStatus, submission_queue
+from mailyard.hub.queues import DRAINED, QueueInfo, QueueStatus, submission_queue
 from mailyard.hub.records import Item, ItemStatus, PendingAction, QueueKind
 from mailyard.hub.sweeper import resubmit
 from mailyard.registry import now_ms
@@ -63,7 +63,10 @@ def resume_queue(node: Hub, queue: str) -> Done:
     info = _queue(node, queue)
     if info.kind is QueueKind.POISON:
         raise StateError("the Poison queue cannot be resumed; resume its messages instead")
-    node.queues.commit([node.queues.change().set_queue(queue, suspended=0).kick(queue, info.celery_queue)])
+    change = node.queues.change().set_queue(queue, suspended=0)
+    if info.kind in DRAINED:
+        change.kick(queue, info.celery_queue)
+    node.queues.commit([change])
     return Done(queue, "Resumed")
 
 
@@ -73,6 +76,8 @@ def retry_queue(node: Hub, queue: str, *, resubmit_all: bool = False) -> Done:
     info = _queue(node, queue)
     if info.kind is QueueKind.UNREACHABLE and not resubmit_all:
         raise StateError("the Unreachable queue has no next hop to retry: use --resubmit")
+    if info.kind is QueueKind.POISON and not resubmit_all:
+        raise StateError("the Poison queue has no next hop to retry: use --resubmit, or resume its messages")
     if resubmit_all:
         return Done(queue, f"Resubmitted {resubmit(node, queue)}")
     if info.suspended:
@@ -136,7 +141,7 @@ def suspend_message(node: Hub, item: Item) -> Done:
             if _request(node, item, PendingAction.SUSPEND):
                 return Done(ident, PendingAction.SUSPEND.value)
         else:
-            change = node.queues.change().require_status(item, item.status).suspend(item)
+            change = node.queues.change().require_state(item).suspend(item)
             if node.queues.commit([change])[0].ok:
                 return Done(ident, ItemStatus.SUSPENDED.value)
         item = _again(node, item, ident)
@@ -147,8 +152,10 @@ def resume_message(node: Hub, item: Item) -> Done:
     ident = item.identity
     for _ in range(ATTEMPTS):
         if _kind(node, item) is QueueKind.POISON:
-            change = (node.queues.change().require_status(item, item.status)
-                      .move(item, submission_queue(item.site), now=now_ms(), reset_crashes=True))
+            msg = node.queues.messages([item.msg]).get(item.msg)
+            change = (node.queues.change().require_state(item)
+                      .move(item, submission_queue(item.site), now=now_ms(), expires=msg.expires if msg else 0,
+                            reset_crashes=True))
             if node.queues.commit([change])[0].ok:
                 return Done(ident, "Resubmitted")
         elif item.status == ItemStatus.ACTIVE and item.pending:
@@ -157,7 +164,7 @@ def resume_message(node: Hub, item: Item) -> Done:
         elif item.status != ItemStatus.SUSPENDED:
             raise StateError(f"{ident} is {item.status}, not Suspended")
         else:
-            change = node.queues.change().require_status(item, ItemStatus.SUSPENDED.value).resume(item)
+            change = node.queues.change().require_state(item).resume(item)
             if node.queues.commit([change])[0].ok:
                 return Done(ident, ItemStatus.READY.value)
         item = _again(node, item, ident)
@@ -173,7 +180,7 @@ def remove_message(node: Hub, item: Item, *, ndr: bool = True) -> Done:
                 return Done(ident, PendingAction.REMOVE.value)
         else:
             msg = node.queues.messages([item.msg]).get(item.msg)
-            change = node.queues.change().require_status(item, item.status)
+            change = node.queues.change().require_state(item)
             remove_item(node, change, item, msg, ndr=ndr, now=now_ms())
             if node.queues.commit([change])[0].ok:
                 return Done(ident, "Removed" + ("" if ndr else " without NDR"))

@@ -28,8 +28,10 @@ A ``Change`` is one atomic step: its guards are checked and its effects applied 
 when the store commits it, or nothing is applied; a crash between two steps leaves every
 message in exactly one place. Tracking records and reports are part of the step that
 causes them. Commit several changes at once with ``MailQueues.commit``: each is atomic on
-its own. A committed change that makes a queue non-empty also queues that queue's drain
-task (a kick), in the same step.
+its own. ``enqueue``, ``resume``, ``promote`` and ``move`` also queue the drain task of the
+queue they make non-empty (a kick), in the same step, for the kinds a stage drains;
+``put_back`` does not (the worker that puts an item back is draining that queue, and the
+sweeper kicks the queue of an item it reclaims).
 
 Two implementations hold this contract: mailyard.hub.redis_queues (the real one, in Redis,
 each change one Lua call) and mailyard.hub.memory_queues (in memory, for fast tests of the
@@ -47,9 +49,7 @@ from mailyard.broker import site_queue
 from mailyard.hub.records import (
     DeliveryType,
     Item,
-    ItemStatus,
     Message,
-    PendingAction,
     QueueKind,
     Recipient,
 )
@@ -206,6 +206,11 @@ class Change(Protocol):
         """The item still exists and is in ``status``."""
         ...
 
+    def require_state(self, item: Item) -> Self:
+        """The item is still where and as the caller read it: same queue, same status, and no
+        delivery attempt since (an operator's action on an item that is not in flight)."""
+        ...
+
     def require_pending(self, item: Item, pending: str) -> Self:
         """The operator's request on the item is still ``pending`` (what the caller read)."""
         ...
@@ -240,6 +245,10 @@ class Change(Protocol):
 
     def unschedule_delay_report(self, msg_id: str) -> Self: ...
 
+    def schedule_delay_report(self, msg_id: str, at: int) -> Self:
+        """Look at the message's delay DSN again at ``at`` (it is not due for report yet)."""
+        ...
+
     # items
     def enqueue(self, spec: QueueSpec, item_id: str, msg: Message, recipients: list[Recipient], *,
                 now: int) -> Self:
@@ -269,7 +278,8 @@ class Change(Protocol):
         ...
 
     def request(self, item: Item, pending: str, *, ndr: bool = True) -> Self:
-        """An operator's ``PendingAction`` on an Active item (guard it with ``require_lease``)."""
+        """An operator's ``PendingAction`` on an Active item (guard it with ``require_lease``);
+        what became of an earlier request is forgotten."""
         ...
 
     def note(self, item: Item, result: str) -> Self:
@@ -289,8 +299,10 @@ class Change(Protocol):
         """An item whose own retry time came is Ready again."""
         ...
 
-    def move(self, item: Item, target: QueueSpec, *, now: int, reset_crashes: bool = False) -> Self:
-        """An item that is not in flight moves to ``target`` (resubmit), Ready."""
+    def move(self, item: Item, target: QueueSpec, *, now: int, expires: int = 0, reset_crashes: bool = False
+             ) -> Self:
+        """An item that is not in flight moves to ``target`` (resubmit), Ready; ``expires``
+        (its message's expiration time) schedules its expiry again (an item leaving Poison)."""
         ...
 
     # queues
@@ -340,6 +352,10 @@ class MailQueues(Protocol):
 
     def release(self, queue: str, token: str) -> None: ...
 
+    def celery_queue_of(self, identity: str) -> str:
+        """The Celery queue that the queue's drain tasks go to (fixed when it was created)."""
+        ...
+
     def done_draining(self, queue: str) -> bool:
         """A drain found the queue empty: its kick marker goes; True if mail arrived in
         between (the drain then kicks the queue again, so nothing is stranded)."""
@@ -382,8 +398,3 @@ class MailQueues(Protocol):
         drains and no drain task is pending for."""
         ...
 
-
-def settled_status(pending: str) -> str:
-    """The status an unfinished item takes when its delivery ends: Suspended if an operator
-    asked for it meanwhile, else Retry."""
-    return ItemStatus.SUSPENDED.value if pending == PendingAction.SUSPEND else ItemStatus.RETRY.value

@@ -34,7 +34,6 @@ from mailyard.hub.records import (
     Item,
     ItemStatus,
     Message,
-    PendingAction,
     QueueKind,
     Recipient,
     rcpts_json,
@@ -81,6 +80,13 @@ class RedisChange:
         self._guard("status")
         return self
 
+    def require_state(self, item: Item) -> Self:
+        key = keys.item(item.id)
+        self.txn.guard_eq(key, "queue", item.queue).guard_eq(key, "status", item.status)
+        self.txn.guard_eq(key, "retries", str(item.retries) if item.retries else "")
+        self._guards += ["queue", "status", "retries"]
+        return self
+
     def require_pending(self, item: Item, pending: str) -> Self:
         self.txn.guard_eq(keys.item(item.id), "pending", pending)
         self._guard("pending")
@@ -124,6 +130,10 @@ class RedisChange:
 
     def unschedule_delay_report(self, msg_id: str) -> Self:
         self.txn.op("ZREM", keys.DELAY, msg_id)
+        return self
+
+    def schedule_delay_report(self, msg_id: str, at: int) -> Self:
+        self.txn.op("ZADD", keys.DELAY, at, msg_id)
         return self
 
     # items
@@ -201,6 +211,7 @@ class RedisChange:
 
     def request(self, item: Item, pending: str, *, ndr: bool = True) -> Self:
         self.txn.hset(keys.item(item.id), {"pending": pending, "remove_ndr": int(ndr)})
+        self.txn.op("DEL", keys.request_result(item.id))
         return self
 
     def note(self, item: Item, result: str) -> Self:
@@ -226,8 +237,11 @@ class RedisChange:
         self.txn.op("RPUSH", keys.ready(queue), item.id)
         return self.kick(queue, self._store.celery_queue_of(queue)) if self._store.kind_of(queue) in DRAINED else self
 
-    def move(self, item: Item, target: QueueSpec, *, now: int, reset_crashes: bool = False) -> Self:
+    def move(self, item: Item, target: QueueSpec, *, now: int, expires: int = 0, reset_crashes: bool = False
+             ) -> Self:
         self.ensure_queue(target, now)
+        if expires and target.kind is not QueueKind.POISON:
+            self.txn.op("ZADD", keys.EXPIRY, expires, item.id)
         t = self.txn
         fields: dict[str, Word] = {"queue": target.identity}
         if reset_crashes:
@@ -332,6 +346,10 @@ class ItemIds:
 item_ids = ItemIds()
 
 
+def _no_writes() -> float:
+    raise RuntimeError("a reading RedisQueues writes no tracking records")
+
+
 class RedisQueues:
     """Every queue of the organization, in one Redis database."""
 
@@ -345,7 +363,7 @@ class RedisQueues:
     @classmethod
     def reader(cls, r: redis.Redis) -> RedisQueues:
         """For reading only (the Queue Viewer's rows, metrics): it cannot kick a queue."""
-        return cls(r, None, lambda: 0.0)
+        return cls(r, None, _no_writes)
 
     @property
     def drains(self) -> DrainMessages:
@@ -364,9 +382,6 @@ class RedisQueues:
         own = [_own(c) for c in changes]
         results = run_all(self.r, [c.txn for c in own])
         return [c.committed(res) for c, res in zip(own, results, strict=True)]
-
-    def commit_one(self, change: Change) -> Committed:
-        return self.commit([change])[0]
 
     def new_item_ids(self, count: int) -> list[str]:
         return item_ids.take(self.r, count)
@@ -491,7 +506,9 @@ class RedisQueues:
         return {m: bytes(v) for m, v in zip(unique, values, strict=True) if isinstance(v, bytes)}
 
     def known(self, dedup: str) -> str | None:
-        return text_or_none(self.r.get(keys.dedup(dedup)))
+        # (an Outbox item picked up by a hub of the version before the key moved: read-only)
+        found, legacy = self.r.mget([keys.dedup(dedup), keys.legacy_pickup(dedup)])
+        return text_or_none(found if found is not None else legacy)
 
     def request_result(self, item_id: str) -> str | None:
         return text_or_none(self.r.get(keys.request_result(item_id)))
@@ -533,6 +550,3 @@ class RedisQueues:
             pipe.exists(keys.kick(q.identity))
         return [q for q, pending in zip(infos, pipe.execute(), strict=True) if not pending]
 
-
-def pending_of(item: Item) -> PendingAction:
-    return PendingAction(item.pending or "")

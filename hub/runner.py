@@ -122,7 +122,12 @@ def _run_stage(node: Node, stage: Stage, batch: Batch) -> None:
             return
         log.warning("%s failed on a batch of %s (%s); retrying its items one by one",
                     stage.name, batch.queue, exc)
-    for item in node.queues.items([i.id for i in batch.items]):
-        if item.lease != batch.token:
-            continue  # settled before the failure
-        _run_stage(node, stage, replace(batch, items=[item]))
+    held = [i for i in node.queues.items([i.id for i in batch.items]) if i.lease == batch.token]
+    # An item an operator asked to suspend or remove meanwhile is not tried again: the
+    # request applies now, as after any delivery attempt that did not finish it.
+    requested = [i for i in held if i.pending]
+    if requested:
+        crashed(node, requested, batch.token, f"{stage.name} failed on its batch", count=False)
+    for item in held:
+        if not item.pending:
+            _run_stage(node, stage, replace(batch, items=[item]))

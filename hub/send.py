@@ -303,7 +303,7 @@ def keep_leases(node: Node, batch: Batch) -> Iterator[None]:
         queues = None
         while not stop.wait(max(0.5, lease_ms / 3000)):
             # its own client (a thread), made only if needed
-            queues = queues or RedisQueues(redisconn.connect(node.redis_url), node.queues.drains, lambda: 0)
+            queues = queues or RedisQueues.reader(redisconn.connect(node.redis_url))
             try:
                 queues.renew(batch.queue, batch.token, [i.id for i in batch.items], lease_ms)
             except Exception as exc:  # the sweeper may reclaim; the guards keep that safe

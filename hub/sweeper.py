@@ -94,7 +94,8 @@ class Sweeper:
         timeout = node.settings.hub_heartbeat_timeout
         shared = Counter(item.lease for item in items)
         changes = []
-        for item in items:
+        # Each goes back to the front of its queue: the newest first, so a batch keeps its order.
+        for item in sorted(items, key=lambda i: int(i.id), reverse=True):
             crashed, why = worker_crashed(item, hubs.get(item.hub), timeout, now)
             suspect = False
             if crashed and shared[item.lease] > 1:
@@ -116,7 +117,9 @@ class Sweeper:
     def expire(self) -> int:
         node, queues = self.node, self.node.queues
         now = now_ms()
-        items = [i for i in queues.expiring(now, BATCH) if i.status != ItemStatus.ACTIVE]
+        # (items in flight are left to their worker, which expires them when it is done; read
+        # enough to get past a batch of them)
+        items = [i for i in queues.expiring(now, 5 * BATCH) if i.status != ItemStatus.ACTIVE][:BATCH]
         if not items:
             return 0
         messages = queues.messages([i.msg for i in items])
@@ -156,6 +159,11 @@ class Sweeper:
                 items = [i for i in queues.items_of(msg_id) if kinds.get(i.queue) is not QueueKind.SUBMISSION]
             pending = [(rc, it) for it in items for rc in it.recipients]
             change = queues.change().unschedule_delay_report(msg_id)
+            if msg is not None and not pending and queues.items_of(msg_id):
+                # Still being categorized: its delay DSN is due as soon as it waits in a
+                # delivery queue, so look again in a minute instead of forgetting it.
+                queues.commit([change.schedule_delay_report(msg_id, now + 60_000)])
+                continue
             if msg is not None and pending and msg.wants_report and node.settings.delay_dsn_enabled:
                 body = queues.bodies([msg_id]).get(msg_id, b"")
                 failures = [
@@ -204,13 +212,15 @@ def resubmit(node: Hub, queue: str) -> int:
     now = now_ms()
     found = queues.queues([queue])
     poison = bool(found) and found[0].kind is QueueKind.POISON  # (its messages are all Suspended)
+    items = [i for i in queues.items(queues.members(queue))
+             if i.status != ItemStatus.ACTIVE and (i.status != ItemStatus.SUSPENDED or poison)]
+    # (a message leaving Poison expires again: its expiry was taken off when it went there)
+    expires = {m.id: m.expires for m in queues.messages([i.msg for i in items]).values()} if poison else {}
     changes = []
-    for item in queues.items(queues.members(queue)):
-        if item.status == ItemStatus.ACTIVE or (item.status == ItemStatus.SUSPENDED and not poison):
-            continue
+    for item in items:
         target = submission_queue(item.site)
-        changes.append(queues.change().require_status(item, item.status)
-                       .move(item, target, now=now, reset_crashes=poison))
+        changes.append(queues.change().require_state(item)
+                       .move(item, target, now=now, expires=expires.get(item.msg, 0), reset_crashes=poison))
     return sum(res.ok for res in queues.commit(changes))
 
 

@@ -6,7 +6,9 @@ ARGV[1] is a MessagePack array {guards, ops} (binary-safe: message bodies travel
 each guard and op itself an array of words.
 
 Guards
-  eq KEY FIELD VALUE      HGET KEY FIELD must equal VALUE (a missing field reads as "")
+  eq KEY FIELD VALUE      the hash KEY exists and HGET KEY FIELD equals VALUE (a missing field
+                          reads as "", a missing hash fails: a guard never passes on a deleted
+                          item, so no effect can re-create it)
   absent KEY              KEY must not exist (the failure carries GET KEY for strings)
   exists KEY              KEY must exist
   hnx KEY FIELD           the hash field must not exist
@@ -30,6 +32,7 @@ local spec = cmsgpack.unpack(ARGV[1])
 for g, w in ipairs(spec[1]) do
   if w[1] == 'eq' then
     local v = redis.call('HGET', w[2], w[3])
+    if not v and redis.call('EXISTS', w[2]) == 0 then return {0, g, false} end
     if (v or '') ~= w[4] then return {0, g, v} end
   elseif w[1] == 'absent' then
     if redis.call('EXISTS', w[2]) == 1 then

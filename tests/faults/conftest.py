@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mailyard import nodes
+from mailyard import registry
 from mailyard.internet.dns import MX, A, DnsServer, Zone
 from mailyard.internet.sink import Sink
 from mailyard.org import Organization
@@ -103,14 +103,21 @@ class Stream:
                 time.sleep(0.2)
 
     def _smtp_in(self, rcpt: str, subject: str) -> None:
-        hubs = [h for h in nodes.hubs(self.site.r) if "Internet" in h.endpoints and h.alive(3)]
+        hubs = [h for h in registry.hubs(self.site.r) if "Internet" in h.endpoints and h.alive(3)]
         if not hubs:
             raise ConnectionError("no hub listening")
         host, _, port = hubs[len(self.sent) % len(hubs)].endpoints["Internet"].rpartition(":")
         with smtplib.SMTP(host, int(port), local_hostname="sender.example", timeout=10,
                           source_address=("127.0.0.2", 0)) as client:
+            client.ehlo_or_helo_if_needed()
+            for command, arg in (("mail", "someone@fabrikam.example"), ("rcpt", rcpt)):
+                code, reply = getattr(client, command)(arg)
+                if code >= 400:
+                    raise smtplib.SMTPResponseException(code, reply)
+            # Only from here on can the receive connector have stored the message without the
+            # client hearing so: a lost or late reply to DATA.
             try:
-                client.sendmail("someone@fabrikam.example", [rcpt], f"Subject: {subject}\r\n\r\nfault test\r\n")
+                code, reply = client.data(f"Subject: {subject}\r\n\r\nfault test\r\n")
             except smtplib.SMTPResponseException:
                 raise  # refused with a reply: nothing was stored
             except (OSError, smtplib.SMTPServerDisconnected):

@@ -77,3 +77,20 @@ def test_a_message_over_the_size_limit_is_refused_for_every_recipient() -> None:
     assert _by_queue(hub, msg_id) == {}
     fail = next(r for r in hub.queues.tracked if r.event == "FAIL")
     assert "5.3.4" in fail.recipient_status[0]
+
+
+def test_a_pending_remove_on_a_message_being_categorized_is_honoured() -> None:
+    hub = StaticHub(MemoryQueues(), make_org())
+    queues = hub.queues
+    now = now_ms()
+    msg = message(now=now)
+    change = queues.change().add_message(msg, b"Subject: hello\r\n\r\nhi\r\n", refs=1)
+    queues.commit([change.enqueue(SUB, queues.new_item_ids(1)[0], msg, [Recipient("bob@contoso.com")], now=now)])
+    taken = queues.claim(SUB.identity, worker=hub.worker, n=10, lease_ms=60_000, cap=0, token="t")
+    assert taken is not None
+    (item,) = taken.items
+    queues.commit([queues.change().require_status(item, "Active").require_lease(item, "t")
+                   .request(item, "PendingRemove", ndr=False)])
+    categorizer.categorize(hub, Batch(SUB.identity, "Submission", "Undefined", "t", taken.items, taken.messages))
+    assert queues.items_of(msg.id) == [], "not routed anywhere"
+    assert queues.request_result(item.id) == "Removed without NDR"

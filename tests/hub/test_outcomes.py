@@ -4,6 +4,8 @@ honoured whatever the delivery's end."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from mailyard.errors import TransientDeliveryError
@@ -164,3 +166,70 @@ def test_a_worker_that_lost_its_lease_changes_nothing(hub: StaticHub) -> None:
     settle(hub, batch, {batch.items[0].id: {"bob@contoso.com": OK}})
     item = _item(hub, batch)
     assert item is not None and item.status == "Ready", "the late outcome was not applied"
+
+
+def test_a_message_that_expired_during_its_delivery_gets_an_ndr(hub: StaticHub) -> None:
+    batch = _in_flight(hub, ["bob@contoso.com"])
+    msg = batch.messages[batch.items[0].msg]
+    expired = {msg.id: replace(msg, expires=now_ms() - 1)}
+    settle(hub, replace(batch, messages=expired), {batch.items[0].id: {"bob@contoso.com": LATER}})
+    assert _item(hub, batch) is None
+    (report,) = _reports(hub)
+    assert [r.address for r in report.recipients] == ["alice@contoso.com"]
+    fail = next(r for r in hub.queues.tracked if r.event == "FAIL")
+    assert "4.4.7" in fail.recipient_status[0]
+
+
+def test_a_pending_remove_wins_over_an_expiry_in_the_same_outcome(hub: StaticHub) -> None:
+    batch = _in_flight(hub, ["bob@contoso.com"])
+    _operator_asks(hub, batch, PendingAction.REMOVE, ndr=False)
+    msg = batch.messages[batch.items[0].msg]
+    settle(hub, replace(batch, messages={msg.id: replace(msg, expires=now_ms() - 1)}),
+           {batch.items[0].id: {"bob@contoso.com": LATER}})
+    assert _item(hub, batch) is None and _reports(hub) == [], "removed silently, as asked"
+    assert hub.queues.request_result(batch.items[0].id) == "Removed without NDR"
+
+
+def test_pending_remove_then_an_unreachable_next_hop_removes_it(hub: StaticHub) -> None:
+    batch = _in_flight(hub, ["bob@contoso.com"])
+    _operator_asks(hub, batch, PendingAction.REMOVE)
+    defer_batch(hub, batch, TransientDeliveryError(451, "4.4.0", "connection refused"))
+    assert _item(hub, batch) is None and len(_reports(hub)) == 1
+
+
+def test_a_new_request_forgets_what_became_of_an_earlier_one(hub: StaticHub) -> None:
+    batch = _in_flight(hub, ["bob@contoso.com"])
+    _operator_asks(hub, batch, PendingAction.SUSPEND)
+    settle(hub, batch, {batch.items[0].id: {"bob@contoso.com": LATER}})
+    assert hub.queues.request_result(batch.items[0].id) == "Suspended"
+    (held,) = hub.queues.items([batch.items[0].id])
+    hub.queues.commit([hub.queues.change().require_status(held, "Suspended").resume(held)])
+    again = hub.queues.claim(QUEUE.identity, worker=hub.worker, n=1, lease_ms=60_000, cap=0, token="t2")
+    assert again is not None
+    item = again.items[0]
+    hub.queues.commit([hub.queues.change().require_status(item, "Active").require_lease(item, "t2")
+                       .request(item, PendingAction.REMOVE.value)])
+    assert hub.queues.request_result(item.id) is None, "no stale answer for the new request"
+
+
+def test_after_a_batch_crash_an_item_with_a_request_is_not_tried_again(hub: StaticHub) -> None:
+    from mailyard.hub.runner import Stage, _run_stage
+
+    first = _in_flight(hub, ["bob@contoso.com"], subject="a", token="x")
+    second = _in_flight(hub, ["bob@contoso.com"], subject="b", token="x")
+    batch = Batch(QUEUE.identity, QUEUE.next_hop, QUEUE.delivery_type.value, "x",
+                  first.items + second.items, {**first.messages, **second.messages})
+    attempts: list[list[str]] = []
+
+    def flaky(_hub, b: Batch) -> None:
+        attempts.append([i.id for i in b.items])
+        if len(b.items) > 1:
+            _operator_asks(hub, first, PendingAction.SUSPEND)  # while the batch was being delivered
+            raise RuntimeError("the stage broke on the batch")
+        settle(hub, b, {i.id: {"bob@contoso.com": OK} for i in b.items})
+
+    _run_stage(hub, Stage("test", flaky, lambda s: 0), batch)  # type: ignore[arg-type]
+    assert attempts == [[first.items[0].id, second.items[0].id], [second.items[0].id]]
+    item = _item(hub, first)
+    assert item is not None and item.status == "Suspended" and item.crashes == 0
+    assert _item(hub, second) is None, "its neighbour was delivered"

@@ -274,3 +274,24 @@ def test_the_tracking_log_is_written_in_the_same_step(queues) -> None:
     else:
         from mailyard import tracking
         assert [r.event for r in tracking.search(queues.r)] == ["RECEIVE"]
+
+
+def test_no_guard_passes_on_an_item_that_is_gone(queues) -> None:
+    _submit(queues, ["bob@contoso.com"])
+    (item,) = _claim(queues, SUB.identity).items
+    queues.commit([queues.change().require_lease(item, "t1").complete(item, claimed=True)])
+    for guard in ("require_pending", "require_status"):
+        change = getattr(queues.change(), guard)(item, "").put_back(item, status="Ready", last_error="x")
+        assert not queues.commit([change])[0].ok, f"{guard}('') passed on a deleted item"
+    assert queues.items([item.id]) == [], "no husk was re-created"
+
+
+def test_a_message_moved_out_of_poison_expires_again(queues) -> None:
+    msg_id, _ = _submit(queues, ["bob@contoso.com"], expires_in_ms=-1)
+    (item,) = _claim(queues, SUB.identity).items
+    queues.commit([queues.change().require_lease(item, "t1").to_poison(item, crashes=2, reason="x", now=now_ms())])
+    assert queues.expiring(now_ms(), 10) == []
+    (held,) = queues.items([item.id])
+    expires = queues.messages([msg_id])[msg_id].expires
+    queues.commit([queues.change().require_state(held).move(held, SUB, now=now_ms(), expires=expires)])
+    assert [i.id for i in queues.expiring(now_ms(), 10)] == [item.id]

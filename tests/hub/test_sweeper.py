@@ -154,3 +154,13 @@ def test_mail_accepted_twice_from_one_origin_is_stored_once(node: Node) -> None:
                                         settings=node.settings, now=now, dedup="MBX-AMS-01/alice@contoso.com/9",
                                         record=record(msg))])[0])
     assert results[0].ok and (results[1].failed, results[1].value) == ("first", q.known("MBX-AMS-01/alice@contoso.com/9"))
+
+
+def test_a_delay_dsn_that_comes_due_during_categorization_is_not_forgotten(node: Node) -> None:
+    q = node.queues
+    now = registry.now_ms()
+    msg = message(now=now)
+    change = q.change().add_message(msg, b"Subject: hello\r\n\r\nhi\r\n", refs=1, delay_report_at=now - 1)
+    q.commit([change.enqueue(SUB, q.new_item_ids(1)[0], msg, [Recipient("bob@contoso.com")], now=now)])
+    assert Sweeper(node).delay_notifications() == 0, "nothing to report while it is categorized"
+    assert node.r.zscore("my:delay", msg.id) is not None, "still scheduled"
