@@ -25,8 +25,14 @@ Actions answer ``{"count", "done": [{identity, result}], "failed": [{identity, e
 could be done. Every other error is ``{"error": "..."}`` with a fitting 4xx status: 400 for
 a bad filter (the text keeps the caret line under the bad part), a bad sort or a bad
 parameter, 404 for an unknown queue, message or path, 405, 413 for a body over 1 MB, 415
-for a POST that is not JSON, 503 while Redis cannot be reached. With a token, every POST
-needs ``Authorization: Bearer <token>`` (401 without one, 403 with a wrong one).
+for a POST that is not JSON, 503 while Redis cannot be reached.
+
+With a token, every path but the page (``/`` and ``/static/...``) and ``/health`` needs
+``Authorization: Bearer <token>``: the API under ``/api/``, reads too (they show every
+sender, recipient and subject, and export gives whole messages), and ``/metrics``. Without
+one: 401 (with ``WWW-Authenticate: Bearer``); with a wrong one: 403. A metrics token, if
+given, opens ``/metrics`` only: a Prometheus scraper's, which then can neither read mail nor
+act on it. The page, its files and ``/health`` stay open: they show no mail.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 1024 * 1024
 TOKEN_ENV = "MAILYARD_VIEWER_TOKEN"
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
+OPEN_PATHS = frozenset({"/", "/health"})  # and /static/...: what needs no token
 
 
 class ApiError(Exception):
@@ -122,16 +129,20 @@ def _outcome(outcome: actions.ActionReport) -> JSONResponse:
     return JSONResponse(data)
 
 
-def create_app(redis_url: str, *, token: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+def create_app(redis_url: str, *, token: str | None = None, metrics_token: str | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """The Queue Viewer for the site whose Redis is at ``redis_url``.
 
-    ``token``: actions (every POST) need ``Authorization: Bearer <token>``. ``allowed_hosts``:
-    the only Host header names served (the CLI sets the loopback names when it listens on
-    loopback, so a web page cannot reach the viewer through DNS rebinding)."""
+    ``token``: the API (``/api/...``, reads and actions) and ``/metrics`` need
+    ``Authorization: Bearer <token>``. ``metrics_token``: also accepted, for ``/metrics`` only
+    (ignored without ``token``). ``allowed_hosts``: the only Host header names served (the CLI
+    sets the loopback names when it listens on loopback, so a web page cannot reach the viewer
+    through DNS rebinding)."""
     app = FastAPI(title="Mailyard Queue Viewer", docs_url=None, redoc_url=None, openapi_url=None)
     r = redisconn.connect(redis_url)
     metrics_registry = make_registry(r)
     token = token or None
+    metrics_token = (metrics_token or None) if token else None
     state: dict[str, Node] = {}
     node_lock = threading.Lock()
     action_lock = threading.Lock()  # one action at a time: the Celery producer is shared
@@ -200,12 +211,20 @@ def create_app(redis_url: str, *, token: str | None = None, allowed_hosts: list[
     hosts = {h.lower() for h in allowed_hosts} if allowed_hosts else None
 
     @app.middleware("http")
-    async def _hosts_and_caching(request: Request, call_next: Any) -> Response:
+    async def _hosts_token_and_caching(request: Request, call_next: Any) -> Response:
         if hosts is not None:
             host = request.headers.get("host", "").lower()
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if name not in hosts:
                 return error(400, f"this Queue Viewer does not answer to the host name {host!r}")
+        path = request.url.path
+        if path in OPEN_PATHS or path.startswith("/static/"):
+            refused = None  # the page, its files and /health: no mail there
+        else:  # the API, /metrics, and every other path (a 404 too) need the token
+            refused = check_token(request, metrics=path == "/metrics")
+        if refused is not None:
+            refused.headers["Cache-Control"] = "no-store"
+            return refused
         response = await call_next(request)
         if request.url.path.startswith("/api/") or request.url.path == "/metrics":
             response.headers.setdefault("Cache-Control", "no-store")
@@ -215,18 +234,29 @@ def create_app(redis_url: str, *, token: str | None = None, allowed_hosts: list[
 
     # region: requests
 
-    def require_token(request: Request) -> None:
+    def check_token(request: Request, *, metrics: bool = False) -> JSONResponse | None:
+        """None when the request may go on; else the 401 or 403 to answer."""
         if token is None:
-            return
+            return None
         given = request.headers.get("authorization", "")
-        if not given.lower().startswith("bearer "):
-            raise ApiError(401, "this Queue Viewer needs its token for actions (Authorization: Bearer <token>)")
-        if not hmac.compare_digest(given[7:].strip().encode(), token.encode()):
-            raise ApiError(403, "wrong token")
+        scheme, _, value = given.strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            response = error(401, "this Queue Viewer needs its token (Authorization: Bearer <token>)")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="Mailyard Queue Viewer"'
+            return response
+        presented = value.strip().encode()
+        # compare_digest with each, always both: the time taken says nothing about either token
+        is_token = hmac.compare_digest(presented, token.encode())
+        is_metrics = metrics_token is not None and hmac.compare_digest(presented, metrics_token.encode())
+        if is_token or (metrics and is_metrics):
+            return None
+        if is_metrics:
+            return error(403, "the metrics token opens /metrics only")
+        return error(403, "wrong token")
 
     async def json_body(request: Request, model: type[BaseModel]) -> Any:
-        """The request's JSON body as ``model``: 401/403 without the token, 413 over 1 MB, 400 if bad."""
-        require_token(request)
+        """The request's JSON body as ``model``: 413 over 1 MB, 415 if not JSON, 400 if bad (the
+        token was checked before: see the middleware)."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY:
             raise ApiError(413, f"request body is larger than the limit of {MAX_BODY} bytes")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mailyard.testing.waiting import wait_until
@@ -98,22 +101,83 @@ def test_send_show_queue_and_track_from_the_command_line(cluster_factory) -> Non
     assert usage.returncode == 2 and "exactly one of --body and --file" in usage.stderr
 
 
+def start_site(data: Path, *args: str) -> subprocess.Popen:
+    # A person's shell may hold settings of its own: the site uses its secrets.toml all the same.
+    env = {**os.environ, "MAILYARD_VIEWER_TOKEN": "contoso-demo-viewer-token", "FLOWER_UNAUTHENTICATED_API": "true"}
+    return subprocess.Popen([sys.executable, "-m", "mailyard", "site", "up", "--data-dir", str(data), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=env)
+
+
+def site_ready(data: Path) -> dict | None:
+    result = mailyard("site", "status", "--data-dir", str(data), "--json", check=False)
+    if result.returncode != 0:
+        return None
+    state = json.loads(result.stdout)
+    ready = state["running"] and state["ready"] and all(p["up"] for p in state["processes"])
+    return state if ready else None
+
+
+def stop_site(runner: subprocess.Popen) -> str:
+    runner.send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 0, out
+    return out
+
+
+def check_operator_surfaces(state: dict, secrets: dict) -> None:
+    """Flower and the Queue Viewer of a running site answer only with the site's secrets."""
+    user, password, token = secrets["flower"]["user"], secrets["flower"]["password"], secrets["viewer"]["token"]
+    flower = next(p for p in state["processes"] if p["role"] == "flower")
+    viewer = next(p for p in state["processes"] if p["role"] == "viewer")
+    for process, secret in ((flower, password), (viewer, token)):
+        assert "secrets.toml" in process["logon"] and secret not in json.dumps(state)
+        cmdline = Path(f"/proc/{process['pid']}/cmdline").read_bytes().decode(errors="replace")
+        assert secret not in cmdline, f"{process['name']}: a secret on the command line is in everyone's `ps`"
+
+    base = flower["url"]
+    for path in ("/", "/workers", "/tasks", "/api/workers", "/api/tasks", "/metrics"):
+        assert httpx.get(base + path, timeout=10).status_code == 401, path
+        assert httpx.get(base + path, auth=(user, "wrong"), timeout=10).status_code == 401, path
+        assert httpx.get(base + path, auth=(user, password), timeout=10).status_code == 200, path
+    # a POST of the API (shutting a hub down, as a cross-site form once did) without the logon
+    assert httpx.post(base + "/api/worker/shutdown/hub@amsterdam-hub-1", timeout=10).status_code == 401
+    assert httpx.get(base + "/healthcheck", timeout=10).status_code == 200  # "OK", for health checks
+
+    url = viewer["url"].rstrip("/")
+    for path, params in (("/api/track", {"sender": "bob@contoso.com"}), ("/api/queues", {}),
+                         ("/api/messages/export", {"identity": "1"}), ("/metrics", {})):
+        assert httpx.get(url + path, params=params, timeout=10).status_code == 401, path
+        placeholder = {"Authorization": "Bearer contoso-demo-viewer-token"}
+        assert httpx.get(url + path, params=params, headers=placeholder, timeout=10).status_code == 403, path
+    right = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(url + "/api/track", params={"sender": "bob@contoso.com"}, headers=right, timeout=10
+                     ).status_code == 200
+    scraper = {"Authorization": f"Bearer {secrets['viewer']['metrics_token']}"}
+    assert httpx.get(url + "/metrics", headers=scraper, timeout=10).status_code == 200
+    assert httpx.get(url + "/api/queues", headers=scraper, timeout=10).status_code == 403
+    assert httpx.get(url + "/health", timeout=10).json()["token_required"] is True
+
+
 @pytest.mark.slow
 def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> None:
     data = tmp_path / "var"
-    runner = subprocess.Popen([sys.executable, "-m", "mailyard", "site", "up", "--data-dir", str(data),
-                               "--hubs", "1"], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    runner = start_site(data, "--hubs", "1")
     try:
         def status() -> dict | None:
-            result = mailyard("site", "status", "--data-dir", str(data), "--json", check=False)
-            if result.returncode != 0:
-                return None
-            state = json.loads(result.stdout)
-            ready = state["running"] and state["ready"] and all(p["up"] for p in state["processes"])
-            return state if ready else None
+            return site_ready(data)
 
         state = wait_until(status, timeout=60, message="the site did not come up")
+        # Every secret the site generated is in one file, only its owner's, named by the state
+        secrets_file = Path(state["secrets_file"])
+        assert secrets_file == (data / "secrets.toml").resolve()
+        assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+        secrets = tomllib.loads(secrets_file.read_text())
+        assert set(secrets) >= {"flower", "viewer"} and len(secrets["viewer"]["token"]) >= 40
+        shown = mailyard("site", "status", "--data-dir", str(data)).stdout
+        assert str(secrets_file) in shown and "logon: user and password in secrets.toml [flower]" in shown
+        assert secrets["flower"]["password"] not in shown and secrets["viewer"]["token"] not in shown
+        check_operator_surfaces(state, secrets)
         roles = sorted(p["role"] for p in state["processes"])
         assert roles == ["flower", "hub", "hub", "internet", "mailbox", "mailbox", "mailbox", "redis", "viewer"], roles
         assert state["redis_url"].startswith("redis://127.0.0.1:")
@@ -147,9 +211,8 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         assert relay.returncode == 1 and "5.7.1 Unable to relay" in relay.stderr
         # Flower sees every hub
         flower = next(p["url"] for p in state["processes"] if p["role"] == "flower")
-        import httpx
-
-        workers = wait_until(lambda: (w := httpx.get(f"{flower}/api/workers?refresh=1", timeout=10).json())
+        logon = (secrets["flower"]["user"], secrets["flower"]["password"])
+        workers = wait_until(lambda: (w := httpx.get(f"{flower}/api/workers?refresh=1", auth=logon, timeout=10).json())
                              and len(w) == 2 and w, timeout=60, message="Flower does not list both hubs")
         assert set(workers) == {"hub@amsterdam-hub-1", "hub@london-hub-1"}
 
@@ -160,9 +223,23 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
             "pid"] != hub["pid"], timeout=30, message="the killed hub was not restarted")
         pids = [p["pid"] for p in status()["processes"]]
     finally:
-        runner.send_signal(signal.SIGTERM)
-        out, _ = runner.communicate(timeout=60)
-    assert runner.returncode == 0, out
+        out = stop_site(runner)
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), \
             f"process {pid} survived the site's stop"
+    # No secret in what the site printed or logged
+    everything = out + "".join(p.read_text(errors="replace") for p in (data / "logs").glob("*.log"))
+    for section in secrets.values():
+        for key, value in section.items():
+            assert key == "user" or value not in everything, f"a secret ({key}) was printed or logged"
+    assert "MAILYARD_VIEWER_TOKEN is set in the environment: ignored" in out
+
+    # Started again from the same directory, the site keeps its secrets
+    before = secrets_file.read_bytes()
+    runner = start_site(data, "--hubs", "1", "--no-internet")
+    try:
+        state = wait_until(lambda: site_ready(data), timeout=60, message="the site did not come up again")
+        assert secrets_file.read_bytes() == before and stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+        check_operator_surfaces(state, secrets)
+    finally:
+        stop_site(runner)

@@ -41,7 +41,9 @@ def flower(address: str, port: int, purge_offline_workers: int, unauthenticated_
             click.echo(f"warning: Flower's REST API is open to anyone who reaches {address}:{port}", err=True)
 
     from mailyard.broker import make_app
+    from mailyard.flower import logon_for_metrics
 
+    logon_for_metrics()
     argv = ["flower", f"--address={address}", f"--port={port}"]
     if purge_offline_workers:
         argv.append(f"--purge_offline_workers={purge_offline_workers}")

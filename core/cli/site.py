@@ -74,14 +74,20 @@ def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, fsy
 
 def _print_endpoints(state: dict[str, Any]) -> None:
     rows = []
+    secrets_file = state.get("secrets_file")
     for p in state["processes"]:
         where = p.get("url") or ""
         if p.get("smtp"):
             where = ", ".join(f"{k} {v}" for k, v in p["smtp"].items())
+        if p.get("logon") and secrets_file:  # where its credential is (never the credential itself)
+            where += f"  (logon: {p['logon'].replace(secrets_file, Path(secrets_file).name)})"
         rows.append((p["role"], p["name"], p.get("site", ""), where, p.get("pid") or "",
                      "up" if p.get("up", True) else "down"))
     click.echo(table(rows, ["Role", "Name", "Site", "Endpoint", "PID", "State"]))
     click.echo(f"\nRedis: {state['redis_url']}   data: {state['data_dir']}")
+    if secrets_file:
+        click.echo(f"Secrets: {secrets_file} (mode 0600, yours only): Flower's user and password [flower], "
+                   "the Queue Viewer's token and its /metrics-only metrics_token [viewer]")
 
 
 def site_status(data_dir: Path) -> dict[str, Any]:

@@ -5,6 +5,11 @@ starts one process per mailbox server, the hubs of each site, Flower and the Que
 restarts any child that dies (with a growing pause), writes every endpoint to
 ``<data dir>/site.json`` and stops everything it started on Ctrl-C or SIGTERM. Children die
 with it even if it is killed outright (Linux's parent-death signal).
+
+Flower and the Queue Viewer always need a logon: their secrets are generated into
+``<data dir>/secrets.toml`` (mode 0600, see mailyard.site.secrets) and kept across restarts.
+Each child gets only the secrets it needs, in its environment (never on its command line,
+which every local user can read in ``ps``), and none is written to site.json or a log.
 """
 
 from __future__ import annotations
@@ -27,12 +32,21 @@ from mailyard.orgstore import apply_org
 from mailyard.processes import die_with_parent
 from mailyard.redisconn import number
 from mailyard.site import redis_server
+from mailyard.site import secrets as site_secrets
 from mailyard.site.redis_server import free_port
 
 log = logging.getLogger("mailyard.site")
 
 STOP_GRACE_S = 15.0
 MAX_BACKOFF_S = 30.0
+
+FLOWER_BASIC_AUTH = "FLOWER_BASIC_AUTH"
+FLOWER_UNAUTHENTICATED_API = "FLOWER_UNAUTHENTICATED_API"
+VIEWER_TOKEN = "MAILYARD_VIEWER_TOKEN"
+VIEWER_METRICS_TOKEN = "MAILYARD_VIEWER_METRICS_TOKEN"
+# Settings of the person's shell that a child must not inherit: the runner sets the secrets
+# itself, each to the one child that needs it, from secrets.toml.
+NOT_INHERITED = (FLOWER_BASIC_AUTH, FLOWER_UNAUTHENTICATED_API, VIEWER_TOKEN, VIEWER_METRICS_TOKEN)
 
 
 def _own_group_dying_with_parent() -> None:
@@ -114,6 +128,8 @@ class Site:
         self.ready = False
         self._stopping = False
         self._ports: set[int] = set()
+        self.secrets_file = site_secrets.secrets_path(self.data_dir)
+        self.secrets: site_secrets.SiteSecrets | None = None
 
     # region: plan
 
@@ -179,16 +195,18 @@ class Site:
                 "flower", "flower",
                 [sys.executable, "-m", "celery", "-A", "mailyard.flower", "flower",
                  f"--address={cfg.host}", f"--port={port}", "--purge_offline_workers=60"],
-                logs / "flower.log", {"url": f"http://{cfg.host}:{port}"},
+                logs / "flower.log",
+                {"url": f"http://{cfg.host}:{port}", "logon": f"user and password in {self.secrets_file} [flower]"},
             ))
         if cfg.viewer:
-            # The Queue Viewer: its page, JSON API and /metrics (MAILYARD_VIEWER_TOKEN, when set in
-            # the environment, protects its actions).
+            # The Queue Viewer: its page, JSON API and /metrics, all behind its token (in the
+            # environment, see env_for).
             port = cfg.viewer_port or self._port()
             self.children.append(Child(
                 "viewer", "viewer",
                 mailyard_cmd("viewer", "--host", cfg.host, "--port", str(port), *common),
-                logs / "viewer.log", {"url": f"http://{cfg.host}:{port}/"},
+                logs / "viewer.log",
+                {"url": f"http://{cfg.host}:{port}/", "logon": f"token in {self.secrets_file} [viewer]"},
             ))
 
     # endregion
@@ -201,16 +219,37 @@ class Site:
         return org.model_copy(update={"transport": transport})
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """What every child's environment has (no secret: see env_for)."""
+        env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
         env[redisconn.ENV_URL] = self.redis_url
         env["MAILYARD_DATA_DIR"] = str(self.data_dir)
-        env["FLOWER_UNAUTHENTICATED_API"] = "true"  # Flower listens on loopback only
         env["PYTHONUNBUFFERED"] = "1"
         return env
+
+    def env_for(self, child: Child, env: dict[str, str]) -> dict[str, str]:
+        """``env`` with the secrets this child needs: Flower its logon, the viewer its tokens."""
+        if child.role not in ("flower", "viewer"):
+            return env
+        if self.secrets is None:
+            raise SiteError("the site's secrets are not loaded")  # (start() loads them first)
+        if child.role == "flower":
+            # Basic auth covers Flower's pages and REST API (and, see mailyard.flower, /metrics).
+            return {**env, FLOWER_BASIC_AUTH: self.secrets.flower_basic_auth}
+        return {**env, VIEWER_TOKEN: self.secrets.viewer_token, VIEWER_METRICS_TOKEN: self.secrets.metrics_token}
+
+    def load_secrets(self) -> site_secrets.SiteSecrets:
+        """Read (or first create) ``secrets.toml``: the secrets of this site's Flower and viewer."""
+        for name in NOT_INHERITED:
+            if os.environ.get(name):
+                log.warning("%s is set in the environment: ignored; the site uses the secrets in %s",
+                            name, self.secrets_file)
+        self.secrets = site_secrets.ensure(self.data_dir)
+        return self.secrets
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._refuse_if_running()
+        self.load_secrets()
         self.plan()
         env = self.env()
         if self.redis:
@@ -220,7 +259,7 @@ class Site:
             redis_server.wait_ready(self.redis_url, None, timeout=5)
         apply_org(redisconn.connect(self.redis_url), self.org_to_apply())
         for child in self.children:
-            child.start(env)
+            child.start(self.env_for(child, env))
         self.write_state()
         self.wait_ready()
         self.ready = True
@@ -286,6 +325,7 @@ class Site:
             "config": str(self.cfg.config_path),
             "data_dir": str(self.data_dir),
             "redis_url": self.redis_url,
+            "secrets_file": str(self.secrets_file),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ready": self.ready,
             "processes": [c.describe() for c in self.all_children()],
@@ -315,7 +355,7 @@ class Site:
                     log.warning("%s (%s) exited with status %s; restarting in %.0fs",
                                 child.name, child.role, code, child.backoff)
                 elif now >= child.next_start:
-                    child.start(env)
+                    child.start(self.env_for(child, env))
                     child.restarts += 1
                     child.backoff = min(child.backoff * 2, MAX_BACKOFF_S)
                     child.next_start = 0.0

@@ -1,5 +1,8 @@
-// Mailyard Queue Viewer: plain JavaScript over the JSON API of hub/viewer.py.
+// Mailyard Queue Viewer: plain JavaScript over the JSON API of hub/queue_viewer.py.
 // Everything shown comes from the API; text from messages is only ever set with textContent.
+// A viewer with a token answers 401/403 without it: the page then shows its logon form (and no
+// data), keeps the token the person enters in sessionStorage (this tab only) and sends it as
+// "Authorization: Bearer <token>" with every request.
 "use strict";
 
 const REFRESH_MS = 2000;
@@ -13,6 +16,7 @@ const state = {
   messageFilter: "",
   timer: null,
   running: null,         // the refresh in progress (a Promise)
+  locked: false,         // the viewer refused us (401/403): the logon form is shown, nothing else
 };
 
 const $ = (sel, root = document) => root.querySelector(sel);
@@ -80,29 +84,38 @@ function notice(text, bad = false) {
   noticeTimer = setTimeout(() => { box.hidden = true; }, bad ? 10000 : 5000);
 }
 
-async function api(method, path, body, retried = false) {
-  const headers = {"Accept": "application/json"};
-  const init = {method, headers, cache: "no-store"};
+function authHeaders(headers = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers["Authorization"] = "Bearer " + token;
+  return headers;
+}
+
+function isDenied(status) { return status === 401 || status === 403; }
+
+// fetch() with the token; {resp} or {error} when the viewer cannot be reached.
+async function send(method, path, init = {}) {
+  try {
+    return {resp: await fetch(path, {method, cache: "no-store", ...init, headers: authHeaders(init.headers)})};
+  } catch (err) {
+    return {error: `cannot reach the Queue Viewer: ${err.message}`};
+  }
+}
+
+// A JSON request: {ok, status, data, denied}. A 401/403 shows the logon form (see lock).
+async function api(method, path, body) {
+  const init = {headers: {"Accept": "application/json"}};
   if (body !== undefined) {
-    headers["Content-Type"] = "application/json";
+    init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  const token = sessionStorage.getItem(TOKEN_KEY);
-  if (token && method !== "GET") headers["Authorization"] = "Bearer " + token;
-  let resp;
-  try {
-    resp = await fetch(path, init);
-  } catch (err) {
-    return {ok: false, status: 0, data: {error: `cannot reach the Queue Viewer: ${err.message}`}};
-  }
+  const sent = await send(method, path, init);
+  if (sent.error) return {ok: false, status: 0, data: {error: sent.error}};
+  const resp = sent.resp;
   let data;
   try { data = await resp.json(); } catch { data = {error: `${resp.status} ${resp.statusText}`}; }
-  if ((resp.status === 401 || resp.status === 403) && method !== "GET" && !retried) {
-    const given = window.prompt(`${data.error}\n\nThe Queue Viewer's token:`);
-    if (given) {
-      sessionStorage.setItem(TOKEN_KEY, given.trim());
-      return api(method, path, body, true);
-    }
+  if (isDenied(resp.status)) {
+    lock(resp.status, data.error);
+    return {ok: false, status: resp.status, data, denied: true};
   }
   return {ok: resp.ok, status: resp.status, data};
 }
@@ -114,6 +127,7 @@ function showFilterError(id, text) {
 }
 
 function reportOutcome(result) {
+  if (result.denied) return;  // the logon form says why
   const data = result.data || {};
   if (!result.ok && !data.done) {
     notice(data.error || `failed (${result.status})`, true);
@@ -195,6 +209,7 @@ async function loadQueues() {
   if (state.queueFilter) params.set("filter", state.queueFilter);
   if (state.queueSort) params.set("sort", state.queueSort);
   const result = await api("GET", "/api/queues?" + params);
+  if (result.denied) return false;
   if (!result.ok) {
     showFilterError("#queue-filter-error", result.data.error);
     if (result.status === 400) {
@@ -242,14 +257,36 @@ function messageButtons(m) {
   add("remove", "Remove (NDR)", {class: "danger"});
   add("remove-silent", "Remove without NDR", {class: "danger"});
   if (m.status === "Suspended") {
-    buttons.push(el("a", {class: "export", "data-action": "export", download: "",
-      href: "/api/messages/export?identity=" + encodeURIComponent(m.identity), text: "Export"}));
+    buttons.push(el("button", {type: "button", class: "export", "data-action": "export", text: "Export",
+      title: `Export ${m.identity} (an .eml file)`, onclick: () => exportMessage(m.identity)}));
   }
   if (m.message_id) {
     buttons.push(el("button", {type: "button", class: "plain", "data-action": "track", text: "Track",
       onclick: () => track({message_id: m.message_id})}));
   }
   return buttons;
+}
+
+// Export-Message: fetched with the token (a plain link could not send it), saved as a file.
+async function exportMessage(identity) {
+  const sent = await send("GET", "/api/messages/export?identity=" + encodeURIComponent(identity));
+  if (sent.error) { notice(sent.error, true); return; }
+  const resp = sent.resp;
+  if (!resp.ok) {
+    let data;
+    try { data = await resp.json(); } catch { data = {error: `${resp.status} ${resp.statusText}`}; }
+    if (isDenied(resp.status)) lock(resp.status, data.error);
+    else notice(data.error || `export failed (${resp.status})`, true);
+    return;
+  }
+  const disposition = resp.headers.get("Content-Disposition") || "";
+  const named = /filename="([^"]+)"/.exec(disposition);
+  const url = URL.createObjectURL(await resp.blob());
+  const link = el("a", {href: url, download: named ? named[1] : "message.eml", hidden: true});
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
 }
 
 function recipientList(m) {
@@ -296,6 +333,7 @@ async function loadMessages() {
   const params = new URLSearchParams({queue: state.openQueue});
   if (state.messageFilter) params.set("filter", state.messageFilter);
   const result = await api("GET", "/api/messages?" + params);
+  if (result.denied) return false;
   if (!result.ok) {
     showFilterError("#message-filter-error", result.data.error);
     if (result.status === 400 || result.status === 404) {  // a bad filter, or the queue is gone
@@ -379,6 +417,7 @@ async function track(query) {
   for (const input of form.elements) if (input.name && input.value.trim()) params.set(input.name, input.value.trim());
   const result = await api("GET", "/api/track?" + params);
   const table = $("#track");
+  if (result.denied) return;
   if (!result.ok) {
     showFilterError("#track-error", result.data.error);
     table.hidden = true;
@@ -402,16 +441,97 @@ async function track(query) {
 
 // endregion
 
+// region: logon
+
+const DENIED_TEXT = {
+  401: "This Queue Viewer needs its token.",
+  403: "The Queue Viewer refused this token.",
+};
+
+// The viewer said 401 or 403 (or the person logged off): forget what was shown, stop refreshing,
+// show the logon form with why.
+function lock(status, detail) {
+  const wasLocked = state.locked;
+  state.locked = true;
+  clearTimeout(state.timer);
+  if (status === 403 || status === 0) sessionStorage.removeItem(TOKEN_KEY);  // wrong, or logged off
+  $("#queues tbody").replaceChildren();
+  $("#messages tbody").replaceChildren();
+  $("#track tbody").replaceChildren();
+  $("#track").hidden = true;
+  $("#hubs").replaceChildren();
+  for (const id of ["#queues-summary", "#messages-summary"]) $(id).textContent = "";
+  $("#queues-empty").hidden = true;
+  closeMessages();
+  $("#main").hidden = true;
+  $("#logoff").hidden = true;
+  $("#updated").textContent = "not logged on";
+  const message = $("#logon-message");
+  if (status === 0) {
+    message.textContent = detail || "Logged off.";
+    message.classList.remove("bad");
+  } else {
+    message.textContent = (DENIED_TEXT[status] || `Refused (${status}).`) + (detail ? ` (${detail})` : "") +
+      (status === 403 ? " Enter the right one." : "");
+    message.classList.add("bad");
+  }
+  $("#logon").hidden = false;
+  if (!wasLocked) {
+    $("#logon-token").value = "";
+    $("#logon-token").focus();
+  }
+}
+
+function unlock() {
+  state.locked = false;
+  $("#logon").hidden = true;
+  $("#main").hidden = false;
+  $("#logoff").hidden = !sessionStorage.getItem(TOKEN_KEY);
+}
+
+async function logon(ev) {
+  ev.preventDefault();
+  const given = $("#logon-token").value.trim();
+  if (!given) return;
+  sessionStorage.setItem(TOKEN_KEY, given);
+  $("#logon-submit").disabled = true;
+  try {
+    const check = await api("GET", "/api/hubs");  // a small read: does the viewer take the token?
+    if (check.denied) return;                      // lock() said why; the form stays
+    if (!check.ok && check.status === 0) {
+      const message = $("#logon-message");
+      message.textContent = check.data.error;
+      message.classList.add("bad");
+      return;
+    }
+    $("#logon-token").value = "";
+    unlock();
+    refreshNow();
+  } finally {
+    $("#logon-submit").disabled = false;
+  }
+}
+
+function logoff() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  lock(0, "Logged off.");
+}
+
+// endregion
+
 // region: refresh
 
 async function refresh() {
+  if (state.locked) return;
   const results = await Promise.all([loadQueues(), loadMessages(), loadHubs()]);
+  if (state.locked) return;
   if (results[0]) $("#updated").textContent = "updated " + clock(new Date());
+  $("#logoff").hidden = !sessionStorage.getItem(TOKEN_KEY);
 }
 
 function schedule() {
   clearTimeout(state.timer);
-  if ($("#live").checked) state.timer = setTimeout(refreshNow, REFRESH_MS);
+  if ($("#live").checked && !state.locked) state.timer = setTimeout(refreshNow, REFRESH_MS);
 }
 
 async function refreshNow() {
@@ -476,7 +596,9 @@ function init() {
   for (const th of document.querySelectorAll("#queues th[data-sort]")) th.addEventListener("click", () => setSort(th));
   $("#track-form").addEventListener("submit", (ev) => { ev.preventDefault(); track(); });
   $("#live").addEventListener("change", () => { if ($("#live").checked) refreshNow(); else clearTimeout(state.timer); });
-  refreshNow();
+  $("#logon-form").addEventListener("submit", logon);
+  $("#logoff").addEventListener("click", logoff);
+  refreshNow();  // a viewer with a token answers 401 until one is given: that shows the form
 }
 
 init();

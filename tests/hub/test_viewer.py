@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mailyard.hub.queue_viewer import MAX_BODY
 from mailyard.testing.cluster import Cluster, Proc
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
@@ -23,6 +24,7 @@ from tests.conftest import ROOT, make_org
 
 CAROL_QUEUE = "Amsterdam\\MBX-AMS-02"
 TOKEN = "viewer-test-token"
+METRICS_TOKEN = "viewer-test-metrics-token"
 
 
 def spawn_viewer(cluster: Cluster, name: str, *args: str) -> Proc:
@@ -50,7 +52,8 @@ def site(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
     try:
         cluster.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
         hub = cluster.start_hub("Amsterdam", "view-1", wait=False)
-        viewers = [spawn_viewer(cluster, "viewer"), spawn_viewer(cluster, "viewer-token", "--token", TOKEN)]
+        viewers = [spawn_viewer(cluster, "viewer"),
+                   spawn_viewer(cluster, "viewer-token", "--token", TOKEN, "--metrics-token", METRICS_TOKEN)]
         cluster.wait_hub(hub)
         # The queue to MBX-AMS-02 exists once it carried a message
         cluster.send("alice@contoso.com", ["carol@contoso.com"], subject="first")
@@ -333,20 +336,86 @@ def test_every_error_is_json(api) -> None:
                                        415)
 
 
+READS = [("/api/queues", {}), ("/api/messages", {}), ("/api/track", {"sender": "alice@contoso.com"}),
+         ("/api/hubs", {}), ("/api/messages/export", {"identity": "Amsterdam\\MBX-AMS-02\\999999"}),
+         ("/metrics", {}), ("/api/nothing", {})]
+
+
 def test_with_a_token_actions_need_it(site) -> None:
     url = site.token_url
     body = {"action": "resume", "queues": [CAROL_QUEUE]}
     with httpx.Client(base_url=url, timeout=30) as client:
         assert client.get("/health").json()["token_required"] is True
-        assert client.get("/api/queues").status_code == 200  # reading needs no token
         missing = client.post("/api/queues/actions", json=body)
         assert missing.status_code == 401 and "Bearer" in missing.json()["error"]
+        assert missing.headers["www-authenticate"].startswith("Bearer")
         wrong = client.post("/api/queues/actions", json=body, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 403 and wrong.json()["error"]
         right = client.post("/api/queues/actions", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
         assert right.status_code == 200 and right.json()["count"] == 1
         messages = client.post("/api/messages/actions", json={"action": "suspend", "identities": ["1"]})
         assert messages.status_code == 401
+        # the token is checked before the body is read: no 413 or 415 for a stranger
+        big = client.post("/api/queues/actions", content=b"x" * (MAX_BODY + 10), headers={"Content-Type": "text/plain"})
+        assert big.status_code == 401
+
+
+@pytest.mark.parametrize(("path", "params"), READS, ids=[p for p, _ in READS])
+def test_with_a_token_reads_need_it_too(site, path: str, params: dict[str, str]) -> None:
+    """/api/track shows every sender, recipient and subject; export, whole messages."""
+    with httpx.Client(base_url=site.token_url, timeout=30) as client:
+        missing = client.get(path, params=params)
+        assert missing.status_code == 401, missing.text
+        assert missing.headers["content-type"].startswith("application/json") and "Bearer" in missing.json()["error"]
+        assert missing.headers["www-authenticate"] == 'Bearer realm="Mailyard Queue Viewer"'
+        assert missing.headers["cache-control"] == "no-store"
+        assert client.get(path, params=params, headers={"Authorization": "Basic " + TOKEN}).status_code == 401
+        wrong = client.get(path, params=params, headers={"Authorization": "Bearer contoso-demo-viewer-token"})
+        assert wrong.status_code == 403 and wrong.json()["error"] == "wrong token"
+        right = client.get(path, params=params, headers={"Authorization": f"bearer  {TOKEN}"})
+        wanted = {"/api/messages/export": 404, "/api/nothing": 404}.get(path, 200)
+        assert right.status_code == wanted, right.text
+        # The metrics token opens /metrics and nothing else.
+        scraper = client.get(path, params=params, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        if path == "/metrics":
+            assert scraper.status_code == 200 and "mailyard_queue_messages" in scraper.text
+        else:
+            assert scraper.status_code == 403 and "/metrics only" in scraper.json()["error"]
+
+
+def test_with_a_token_the_page_and_health_stay_open_and_show_no_mail(site) -> None:
+    with httpx.Client(base_url=site.token_url, timeout=30) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and 'id="logon-form"' in page.text
+        for path in re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text):
+            assert client.get(path).status_code == 200, path
+        assert client.get("/health").json() == {"status": "ok", "service": "queue viewer", "token_required": True}
+
+
+def refused_to_start(site: Cluster, *args: str, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run([sys.executable, "-m", "mailyard", "viewer", "--port", "0", *args,
+                             "--redis-url", site.redis_url], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                            env={**{k: v for k, v in os.environ.items() if not k.startswith("MAILYARD_VIEWER")},
+                                 **(env or {})})
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Queue Viewer:" not in result.stdout, "it must not have started listening"
+    return result.stderr
+
+
+@pytest.mark.parametrize("placeholder", ["contoso-demo-viewer-token", "contoso-demo-token-change-me", "CHANGE-ME"])
+def test_a_placeholder_token_never_works(site, placeholder: str) -> None:
+    err = refused_to_start(site, "--token", placeholder)
+    assert "well-known placeholder" in err and "--token" in err
+    err = refused_to_start(site, env={"MAILYARD_VIEWER_TOKEN": placeholder})
+    assert "well-known placeholder" in err
+    err = refused_to_start(site, "--token", TOKEN, "--metrics-token", placeholder)
+    assert "--metrics-token" in err and "placeholder" in err
+
+
+def test_without_a_token_it_refuses_an_address_that_is_not_loopback(site) -> None:
+    err = refused_to_start(site, "--host", "0.0.0.0")
+    assert "0.0.0.0" in err and "needs a token" in err
+    assert "needs --token" in refused_to_start(site, "--metrics-token", METRICS_TOKEN)
 
 
 # endregion

@@ -1,6 +1,8 @@
-"""The Queue Viewer page in headless Chromium, against a running cluster: the queues are there,
-live; Suspend and Resume by clicking change the status; a queue opens to its messages, which
-can be acted on; a bad filter shows where it is wrong."""
+"""The Queue Viewer page in headless Chromium, against a running cluster whose viewer has a
+token: a person logs on through the page's form; the queues are there, live; Suspend and
+Resume by clicking change the status; a queue opens to its messages, which can be acted on
+and exported; a bad filter shows where it is wrong. Without the token (or with a wrong one)
+the page shows the logon form and no queue data."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from tests.conftest import ROOT, make_org
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CAROL_QUEUE = "Amsterdam\\MBX-AMS-02"
+TOKEN = "browser-test-viewer-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium "
                                 "chromium-driver); CI installs it")
@@ -48,7 +52,7 @@ def site(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
     try:
         cluster.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
         hub = cluster.start_hub("Amsterdam", "web-1", wait=False)
-        viewer = cluster._spawn("viewer", "viewer", ["viewer", "--port", "0"], None)
+        viewer = cluster._spawn("viewer", "viewer", ["viewer", "--port", "0", "--token", TOKEN], None)
         cluster.wait_hub(hub)
         cluster.send("alice@contoso.com", ["carol@contoso.com"], subject="first")
         cluster.wait_for_subject("carol@contoso.com", "first")
@@ -59,7 +63,12 @@ def site(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+def downloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory, downloads: Path) -> Iterator[WebDriver]:
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -68,16 +77,37 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
                 "--window-size=1400,1000"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     try:
         yield driver
     finally:
         driver.quit()
 
 
+def logged_off(site: Cluster, browser: WebDriver) -> WebDriver:
+    """The page, loaded afresh in a tab that holds no token."""
+    browser.get(site.viewer_url + "/")  # type: ignore[attr-defined]
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(site.viewer_url + "/")  # type: ignore[attr-defined]
+    wait_until(lambda: browser.find_element(By.ID, "logon").is_displayed(), timeout=15,
+               message="the page did not ask for the token")
+    return browser
+
+
+def log_on(browser: WebDriver, token: str) -> None:
+    box = browser.find_element(By.ID, "logon-token")
+    box.clear()
+    box.send_keys(token)
+    browser.find_element(By.ID, "logon-submit").click()
+
+
 @pytest.fixture
 def page(site: Cluster, browser: WebDriver) -> WebDriver:
-    browser.get(site.viewer_url + "/")  # type: ignore[attr-defined]
+    """The page, logged on through its form."""
+    logged_off(site, browser)
+    log_on(browser, TOKEN)
     wait_until(lambda: row(browser, CAROL_QUEUE), timeout=15, message="the queue table never filled")
+    assert not browser.find_element(By.ID, "logon").is_displayed()
     return browser
 
 
@@ -103,13 +133,13 @@ def click(driver: WebDriver, selector: str) -> None:
 
 
 def api_status(site: Cluster, identity: str) -> str:
-    rows = httpx.get(site.viewer_url + "/api/queues", timeout=10).json()  # type: ignore[attr-defined]
+    rows = httpx.get(site.viewer_url + "/api/queues", headers=AUTH, timeout=10).json()  # type: ignore[attr-defined]
     return next(q["status"] for q in rows if q["identity"] == identity)
 
 
 def act(site: Cluster, action: str, queue: str = CAROL_QUEUE) -> None:
     response = httpx.post(site.viewer_url + "/api/queues/actions",  # type: ignore[attr-defined]
-                          json={"action": action, "queues": [queue]}, timeout=10)
+                          json={"action": action, "queues": [queue]}, headers=AUTH, timeout=10)
     assert response.status_code == 200, response.text
 
 
@@ -117,12 +147,17 @@ def test_the_page_shows_the_queues_of_the_running_site_live(site: Cluster, page:
     headers = [th.text for th in page.find_elements(By.CSS_SELECTOR, "#queues thead th")]
     assert headers[:7] == ["Identity", "DeliveryType", "Status", "MessageCount", "NextHopDomain", "LastError",
                            "NextRetryTime"]
-    carol = row(page, CAROL_QUEUE)
-    assert carol.find_element(By.CSS_SELECTOR, "td.identity").text == CAROL_QUEUE
-    assert carol.find_element(By.CSS_SELECTOR, "td.delivery-type").text == "MapiDelivery"
-    assert status(page, CAROL_QUEUE) in ("Ready", "Active")
+    # (read afresh each time: a refresh may replace a row's cells, and replaces the hub list)
+    def carol() -> tuple[str, str, str]:
+        found = row(page, CAROL_QUEUE)
+        return tuple(found.find_element(By.CSS_SELECTOR, f"td.{name}").text  # type: ignore[return-value]
+                     for name in ("identity", "delivery-type", "status"))
+
+    identity, delivery_type, shown = wait_until(carol, timeout=10)
+    assert (identity, delivery_type) == (CAROL_QUEUE, "MapiDelivery") and shown in ("Ready", "Active")
     assert row(page, "Amsterdam\\Submission") is not None
-    assert page.find_element(By.CSS_SELECTOR, '#hubs [data-hub="web-1"]').text.startswith("web-1")
+    hub = wait_until(lambda: page.find_element(By.CSS_SELECTOR, '#hubs [data-hub="web-1"]').text, timeout=10)
+    assert hub.startswith("web-1")
     # live: the "updated" clock moves on by itself
     first = wait_until(lambda: re.fullmatch(r"updated \d\d:\d\d:\d\d", page.find_element(By.ID, "updated").text)
                        and page.find_element(By.ID, "updated").text, timeout=10)
@@ -151,7 +186,7 @@ def test_suspend_and_resume_a_queue_by_clicking(site: Cluster, page: WebDriver) 
         act(site, "resume")
 
 
-def test_open_a_queue_and_act_on_its_messages(site: Cluster, page: WebDriver) -> None:
+def test_open_a_queue_and_act_on_its_messages(site: Cluster, page: WebDriver, downloads: Path) -> None:
     act(site, "suspend")
     try:
         s = f"held {uuid.uuid4().hex[:8]}"
@@ -178,9 +213,17 @@ def test_open_a_queue_and_act_on_its_messages(site: Cluster, page: WebDriver) ->
         selector = f'#messages tr[data-message="{css(identity)}"]'
         click(page, f'{selector} button[data-action="suspend"]')
         wait_until(lambda: message_row().find_element(By.CSS_SELECTOR, "td.status").text == "Suspended", timeout=10)
-        export = message_row().find_element(By.CSS_SELECTOR, 'a[data-action="export"]')
-        exported = httpx.get(export.get_attribute("href"), timeout=10)
-        assert exported.status_code == 200 and f"Subject: {s}".encode() in exported.content
+        # Export: the page fetches it with the token and saves it as a file
+        click(page, f'{selector} button[data-action="export"]')
+
+        def saved() -> bytes | None:
+            for path in downloads.glob("*.eml"):
+                content = path.read_bytes()
+                if f"Subject: {s}".encode() in content:
+                    return content
+            return None
+
+        wait_until(saved, timeout=15, message=lambda: f"no export saved: {sorted(downloads.iterdir())}")
 
         click(page, f'{selector} button[data-action="remove-silent"]')
         alert = wait_until(lambda: page.switch_to.alert, timeout=5, message="no confirmation before removing")
@@ -188,7 +231,8 @@ def test_open_a_queue_and_act_on_its_messages(site: Cluster, page: WebDriver) ->
         alert.accept()
         wait_until(lambda: message_row() is None, timeout=10, message="the removed message is still shown")
         assert "Removed without NDR" in page.find_element(By.ID, "notice").text
-        rows = httpx.get(site.viewer_url + "/api/messages", params={"queue": CAROL_QUEUE}).json()  # type: ignore
+        rows = httpx.get(site.viewer_url + "/api/messages", params={"queue": CAROL_QUEUE},  # type: ignore
+                         headers=AUTH).json()
         assert s not in [m["subject"] for m in rows]
     finally:
         act(site, "resume")
@@ -210,3 +254,38 @@ def test_a_bad_filter_shows_the_error_under_the_bad_part(page: WebDriver) -> Non
                == [CAROL_QUEUE], timeout=10, message="the filter did not apply")
     page.find_element(By.ID, "queue-filter-clear").click()
     wait_until(lambda: len(page.find_elements(By.CSS_SELECTOR, "#queues tbody tr")) > 1, timeout=10)
+
+
+def shows_no_queue_data(page: WebDriver) -> None:
+    assert page.find_element(By.ID, "logon").is_displayed()
+    assert not page.find_element(By.ID, "main").is_displayed()
+    assert page.find_elements(By.CSS_SELECTOR, "#queues tbody tr") == []
+    assert page.find_elements(By.CSS_SELECTOR, "#messages tbody tr") == []
+    assert page.find_elements(By.CSS_SELECTOR, "#hubs [data-hub]") == []
+    text = page.find_element(By.TAG_NAME, "body").text
+    assert "MBX-AMS-02" not in text and "Submission" not in text and "web-1" not in text
+
+
+def test_without_the_token_the_page_shows_no_queue_data(site: Cluster, browser: WebDriver) -> None:
+    page = logged_off(site, browser)
+    message = page.find_element(By.ID, "logon-message")
+    wait_until(lambda: "needs its token" in message.text, timeout=10, message=lambda: message.text)
+    wait_until(lambda: page.find_element(By.ID, "updated").text == "not logged on", timeout=10)
+    shows_no_queue_data(page)
+
+    # A wrong token (the demo's placeholder) is refused, clearly, and still shows nothing.
+    log_on(page, "contoso-demo-viewer-token")
+    wait_until(lambda: "refused this token" in message.text, timeout=10, message=lambda: message.text)
+    shows_no_queue_data(page)
+    assert page.execute_script("return sessionStorage.length") == 0, "a refused token is not kept"
+
+    # The right one: in, and kept for this tab (a reload needs no new logon) until logging off.
+    log_on(page, TOKEN)
+    wait_until(lambda: row(page, CAROL_QUEUE), timeout=15, message="the queue table never filled")
+    page.refresh()
+    wait_until(lambda: row(page, CAROL_QUEUE), timeout=15, message="the reloaded page lost its logon")
+    assert not page.find_element(By.ID, "logon").is_displayed()
+    click(page, "#logoff")
+    wait_until(lambda: page.find_element(By.ID, "logon").is_displayed(), timeout=10)
+    shows_no_queue_data(page)
+    assert page.execute_script("return sessionStorage.length") == 0

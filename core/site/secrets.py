@@ -1,0 +1,193 @@
+"""The site's secrets: one file, ``<data dir>/secrets.toml``, mode 0600.
+
+``mailyard site up`` keeps there every secret it generates (``secrets.token_urlsafe``), and
+reads them back on the next start, so a restart keeps the same credentials:
+
+    [flower]            Flower's basic-auth logon
+    user = "admin"
+    password = "..."
+
+    [viewer]            the Queue Viewer's bearer tokens
+    token = "..."       the API (reads and actions) and /metrics
+    metrics_token = "..."   /metrics only, for a Prometheus scraper
+
+Other sections (the operator's credential, the Redis password) are added here by name as
+they come: unknown sections and keys in the file are kept as they are.
+
+A value that is empty or a well-known placeholder (anything containing ``change-me``, or the
+demo's ``contoso-demo-viewer-token``) is never used: it is replaced by a generated one. To
+rotate a secret, delete its line (or the whole file) and start the site again, or write a
+value of your own there.
+
+The file is created with mode 0600 (``os.open(..., 0o600)``, never a chmod afterwards) and
+replaced atomically; one that another user may read, or that another user owns, is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailyard.errors import SiteError
+
+FILE_NAME = "secrets.toml"
+MODE = 0o600
+TOKEN_BYTES = 32  # secrets.token_urlsafe: 43 characters of [A-Za-z0-9_-]
+
+# Secrets nobody may use: the demo organization's and compose's placeholders.
+PLACEHOLDER_MARKERS = ("change-me", "changeme")
+WELL_KNOWN = frozenset({"contoso-demo-viewer-token"})
+
+FLOWER_USER = "admin"
+
+
+def is_placeholder(value: str | None) -> bool:
+    """True for a value that must never work as a secret: empty, or a well-known placeholder."""
+    if value is None or not value.strip():
+        return True
+    lowered = value.strip().lower()
+    return lowered in WELL_KNOWN or any(marker in lowered for marker in PLACEHOLDER_MARKERS)
+
+
+def token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+# (section, key) -> how to make the value when the file has none (or a placeholder).
+GENERATED: dict[tuple[str, str], Callable[[], str]] = {
+    ("flower", "user"): lambda: FLOWER_USER,
+    ("flower", "password"): token,
+    ("viewer", "token"): token,
+    ("viewer", "metrics_token"): token,
+}
+
+
+def secrets_path(data_dir: Path) -> Path:
+    return Path(data_dir) / FILE_NAME
+
+
+@dataclass(frozen=True)
+class SiteSecrets:
+    """The secrets of one site, as kept in ``path``."""
+
+    path: Path
+    values: Mapping[str, Mapping[str, str]]
+
+    def get(self, section: str, key: str) -> str:
+        try:
+            return self.values[section][key]
+        except KeyError:
+            raise SiteError(f"{self.path}: no [{section}] {key}") from None
+
+    @property
+    def flower_basic_auth(self) -> str:
+        """``user:password`` as Flower's ``basic_auth`` option takes it."""
+        user, password = self.get("flower", "user"), self.get("flower", "password")
+        # Flower splits FLOWER_BASIC_AUTH at commas (several logons) and a logon at the first colon.
+        if not re.fullmatch(r"[^\s:,]+", user):
+            raise SiteError(f"{self.path}: [flower] user must be one word without ':' or ','")
+        if "," in password:
+            raise SiteError(f"{self.path}: [flower] password must not contain ','")
+        return f"{user}:{password}"
+
+    @property
+    def viewer_token(self) -> str:
+        return self.get("viewer", "token")
+
+    @property
+    def metrics_token(self) -> str:
+        return self.get("viewer", "metrics_token")
+
+
+def load(path: Path) -> dict[str, dict[str, str]]:
+    """The file's sections, or ``{}`` when it does not exist. Refuses a file others may read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise SiteError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise SiteError(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise SiteError(f"{path} belongs to another user (uid {st.st_uid}); it holds this site's secrets")
+        if st.st_mode & 0o077:
+            raise SiteError(f"{path} may be read by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
+                            "its secrets may be known; delete it to have new ones generated, "
+                            "or `chmod 600` it if nobody else could have read it")
+        text = f.read()
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SiteError(f"{path} is not valid TOML: {exc}") from None
+    out: dict[str, dict[str, str]] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise SiteError(f"{path}: [{section}] must be a table of strings")
+        out[section] = dict(table)
+    return out
+
+
+def _quote(value: str) -> str:
+    """A TOML basic string (JSON's escapes are TOML's, with non-ASCII as \\uXXXX)."""
+    return json.dumps(value, ensure_ascii=True).replace("\x7f", "\\u007f")  # (TOML escapes DEL too)
+
+
+def _bare(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _quote(key)
+
+
+HEADER = """\
+# The secrets of the Mailyard site in this directory, written by `mailyard site up`.
+# Only its owner may read this file (mode 0600). To rotate a secret, delete its line (or the
+# file) and start the site again, or put a value of your own in its place; an empty value or
+# a placeholder containing "change-me" is replaced by a generated one.
+"""
+
+
+def render(values: Mapping[str, Mapping[str, str]]) -> str:
+    parts = [HEADER]
+    for section, table in values.items():
+        parts.append(f"\n[{_bare(section)}]\n")
+        parts += [f"{_bare(key)} = {_quote(value)}\n" for key, value in table.items()]
+    return "".join(parts)
+
+
+def write(path: Path, values: Mapping[str, Mapping[str, str]]) -> None:
+    """Replace ``path`` atomically with a file created 0600 from the start."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, MODE)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(render(values))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def ensure(data_dir: Path) -> SiteSecrets:
+    """The site's secrets: those in its file, and a generated one for each that is missing or a
+    placeholder (the file is rewritten only then)."""
+    path = secrets_path(data_dir)
+    values = load(path)
+    changed = not path.exists()
+    for (section, key), make in GENERATED.items():
+        if is_placeholder(values.get(section, {}).get(key)):
+            values.setdefault(section, {})[key] = make()
+            changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path, values)
+    return SiteSecrets(path, values)
