@@ -50,10 +50,13 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--metrics-token", envvar=METRICS_TOKEN_ENV, metavar="TOKEN",
               help="A second token that opens /metrics only, for a Prometheus scraper "
                    f"(or set {METRICS_TOKEN_ENV}); needs --token.")
+@click.option("--secrets-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Without --token: use the tokens kept in DIR/secrets.toml (mode 0600), generating them "
+                   "on the first start (as `site up` does for its data directory; docker compose uses this).")
 @redis_option
 @handle_errors
-def viewer(host: str, port: int, token: str | None, metrics_token: str | None, redis_url: str | None,
-           data_dir: Path) -> None:
+def viewer(host: str, port: int, token: str | None, metrics_token: str | None, secrets_dir: Path | None,
+           redis_url: str | None, data_dir: Path) -> None:
     """Serve the Queue Viewer: queues and messages of every hub, actions, tracking, /metrics.
 
     With a token, everything but the page itself and /health needs it: reads show every
@@ -66,6 +69,12 @@ def viewer(host: str, port: int, token: str | None, metrics_token: str | None, r
     from mailyard.hub.queue_viewer import create_app
 
     token, metrics_token = token or None, metrics_token or None
+    if secrets_dir is not None and token is None:
+        from mailyard.site import secrets as site_secrets
+
+        kept = site_secrets.ensure(secrets_dir)
+        token, metrics_token = kept.viewer_token, metrics_token or kept.metrics_token
+        click.echo(f"Queue Viewer tokens: {kept.path} [viewer]")
     for option, value in (("--token", token), ("--metrics-token", metrics_token)):
         if value is not None and is_placeholder(value):
             raise SiteError(f"{option}: {value!r} is a well-known placeholder, not a secret; choose your own, "

@@ -419,3 +419,24 @@ def test_without_a_token_it_refuses_an_address_that_is_not_loopback(site) -> Non
 
 
 # endregion
+
+
+def test_with_a_secrets_dir_it_generates_its_tokens_once_and_needs_them(site, tmp_path) -> None:
+    """As docker compose runs it: no token given, the tokens kept in a volume of its own."""
+    secrets_dir = tmp_path / "viewer"
+    urls = []
+    for run in ("first", "second"):
+        proc = spawn_viewer(site, f"viewer-secrets-{run}", "--secrets-dir", str(secrets_dir))
+        try:
+            urls.append(viewer_url(site, proc))
+            path = secrets_dir / "secrets.toml"
+            assert path.stat().st_mode & 0o777 == 0o600
+            token = re.search(r'^token = "([^"]+)"', path.read_text(), re.M).group(1)
+            if run == "first":
+                first_token = token
+            assert token == first_token, "the same token after a restart"
+            assert httpx.get(urls[-1] + "/api/queues", timeout=10).status_code == 401
+            ok = httpx.get(urls[-1] + "/api/queues", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            assert ok.status_code == 200
+        finally:
+            site.kill(proc.name)
