@@ -69,7 +69,8 @@ class Directory:
             self._entries.setdefault(contact.external_address, entry)
             if contact.address:
                 self._entries[contact.address] = entry
-        self.passwords = {mb.address: mb.password for mb in org.mailboxes if mb.password}
+        # Each mailbox's password hash, as `mailyard org apply` stored it (check with passwords.verify).
+        self.password_hashes = {mb.address: mb.password for mb in org.mailboxes if mb.password}
 
     def is_accepted(self, address: str) -> bool:
         return address.rpartition("@")[2].lower().rstrip(".") in self.accepted_domains

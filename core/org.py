@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,6 +25,7 @@ from pydantic import (
     field_validator,
 )
 
+from mailyard import passwords
 from mailyard.errors import ConfigError, ConfigProblem
 from mailyard.units import format_duration, format_size, parse_duration, parse_size
 
@@ -76,6 +78,10 @@ def _check_name(value: str) -> str:
 
 Name = Annotated[str, BeforeValidator(_check_name)]
 
+# A mailbox's password: in clear (the demo) or hashed (`mailyard org hash-password`, scrypt$...).
+# `mailyard org apply` stores only the hash (mailyard.orgstore); a malformed hash is refused here.
+Password = Annotated[str, AfterValidator(passwords.check)]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -121,6 +127,7 @@ class TransportSettings(_Model):
     pressure_backlog_normal: int = Field(50_000, ge=0)
     pressure_backlog_medium: int = Field(100_000, ge=0)
     pressure_backlog_high: int = Field(200_000, ge=0)
+    # Kept in clear in Redis (a hub sends it: relay AUTH, the mailbox API's Bearer); never shown.
     server_token: str = Field("", description="shared secret of hubs and mailbox servers")
     dns_servers: list[str] = Field(default_factory=list)  # empty: the system resolver
 
@@ -151,7 +158,9 @@ class Mailbox(_Model):
     name: str = ""
     aliases: list[Address] = Field(default_factory=list)
     server: Name
-    password: str = ""  # for SMTP AUTH on receive connectors; empty: cannot log on
+    # For SMTP AUTH on receive connectors; empty: cannot log on. In clear or a hash in the
+    # file; always a hash once applied (mailyard.orgstore.apply_org).
+    password: Password = ""
 
 
 class Group(_Model):
@@ -207,7 +216,7 @@ class SendConnector(_Model):
     dns_routing: bool = True
     smart_hosts: list[str] = Field(default_factory=list)
     smart_host_username: str = ""
-    smart_host_password: str = ""
+    smart_host_password: str = ""  # kept in clear in Redis (a hub sends it to the smart host); never shown
     port: int = Field(25, ge=1, le=65535)
     source_sites: list[Name] = Field(default_factory=list)
     source_servers: list[str] = Field(default_factory=list)

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import redis
 import redis.asyncio
 
-from mailyard import keys
+from mailyard import keys, passwords
 from mailyard.directory import Directory
 from mailyard.errors import SiteError
 from mailyard.org import Organization
@@ -24,13 +24,15 @@ log = logging.getLogger("mailyard.org")
 def apply_org(r: redis.Redis, org: Organization) -> int:
     """Store a validated organization and announce it; returns the new version.
 
-    Without a ``server_token`` in the file, the one already in use is kept (or one is
-    generated), so running hubs and mailbox servers keep trusting each other."""
+    Mailbox passwords are stored only as hashes: a password given in clear is hashed here
+    (keeping the hash already stored when it is of the same password, so applying the same file
+    again changes nothing a hub verifies against). Without a ``server_token`` in the file, the
+    one already in use is kept (or one is generated), so running hubs and mailbox servers keep
+    trusting each other."""
+    current = _stored(r)
+    org = hash_passwords(org, current)
     if not org.transport.server_token:
-        token = ""
-        current = r.get(keys.ORG)
-        if current:
-            token = Organization.from_json(current).transport.server_token
+        token = current.transport.server_token if current else ""
         token = token or secrets.token_urlsafe(24)
         org = org.model_copy(update={"transport": org.transport.model_copy(update={"server_token": token})})
     pipe = r.pipeline(transaction=True)
@@ -41,6 +43,39 @@ def apply_org(r: redis.Redis, org: Organization) -> int:
     return int(version)
 
 
+def hash_passwords(org: Organization, current: Organization | None = None) -> Organization:
+    """``org`` with every mailbox password in clear replaced by its hash: the hash ``current``
+    has for that mailbox when it verifies that password, else a new one (one scrypt each)."""
+    stored = {mb.address: mb.password for mb in current.mailboxes} if current else {}
+    mailboxes = []
+    for mb in org.mailboxes:
+        if mb.password and not passwords.is_hash(mb.password):
+            known = stored.get(mb.address, "")
+            hashed = known if passwords.verify(mb.password, known) else passwords.hash_password(mb.password)
+            mb = mb.model_copy(update={"password": hashed})
+        mailboxes.append(mb)
+    return org.model_copy(update={"mailboxes": mailboxes})
+
+
+def _stored(r: redis.Redis) -> Organization | None:
+    """The organization in Redis now, if there is one Mailyard can still read."""
+    text = r.get(keys.ORG)
+    if not text:
+        return None
+    try:
+        return Organization.from_json(text)
+    except ValueError as exc:  # (pydantic's ValidationError): written by another version
+        log.warning("the organization in Redis could not be read (%s): replacing it", exc)
+        return None
+
+
+def _warn_clear_passwords(org: Organization) -> None:
+    clear = [mb.address for mb in org.mailboxes if mb.password and not passwords.is_hash(mb.password)]
+    if clear:
+        log.warning("the organization in Redis has %d mailbox password(s) in clear (stored by an older "
+                    "Mailyard); they cannot log on until `mailyard org apply` stores their hashes", len(clear))
+
+
 def read_org(r: redis.Redis) -> tuple[int, Organization]:
     pipe = r.pipeline(transaction=True)
     pipe.get(keys.ORG_VERSION)
@@ -48,7 +83,9 @@ def read_org(r: redis.Redis) -> tuple[int, Organization]:
     version, text = pipe.execute()
     if text is None:
         raise SiteError("no organization in Redis yet: run `mailyard org apply FILE` first")
-    return number(version), Organization.from_json(text)
+    org = Organization.from_json(text)
+    _warn_clear_passwords(org)
+    return number(version), org
 
 
 class OrgCache:
@@ -108,7 +145,9 @@ class AsyncOrgWatcher:
         text = await self._r.get(keys.ORG)
         if text is None:
             raise SiteError("no organization in Redis yet: run `mailyard org apply FILE` first")
-        self.directory, self._version = Directory(Organization.from_json(text)), version
+        org = Organization.from_json(text)
+        _warn_clear_passwords(org)
+        self.directory, self._version = Directory(org), version
         for listener in self.listeners:
             await listener(self.directory)
         return True

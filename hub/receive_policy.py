@@ -30,7 +30,7 @@ import hmac
 import ipaddress
 from dataclasses import dataclass
 
-from mailyard import headers
+from mailyard import headers, passwords
 from mailyard.directory import Directory
 from mailyard.hub import relay, replies
 from mailyard.hub.pressure import Level
@@ -135,7 +135,8 @@ def logon(directory: Directory, conn: ReceiveConnector, login: str, password: by
 
     A hub logs on as ``exchange-server/<hub>`` with the organization's server token, where the
     connector has ExchangeServer; a mailbox with its address (or an alias) and its password,
-    where it has BasicAuth."""
+    where it has BasicAuth (checked against the stored hash: ``passwords.verify``, an scrypt
+    unless the same password verified before; the session runs this off its event loop)."""
     mechanisms = set(conn.auth_mechanisms)
     hub = relay.server_of(login)
     if hub is not None:
@@ -146,8 +147,8 @@ def logon(directory: Directory, conn: ReceiveConnector, login: str, password: by
     if not mechanisms & USER_LOGONS:
         return None
     entry = directory.mailbox_entry(login)
-    expected = directory.passwords.get(entry.address, "") if entry else ""
-    if entry and expected and hmac.compare_digest(password, expected.encode()):
+    stored = directory.password_hashes.get(entry.address, "") if entry else ""
+    if entry and stored and passwords.verify(password, stored):
         aliases = {a for m in directory.org.mailboxes if m.address == entry.address for a in m.aliases}
         return Identity("user", entry.address, frozenset({entry.address, *aliases}))
     return None

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio
-from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
 
 from mailyard import keys
 from mailyard.directory import Directory
@@ -53,6 +53,8 @@ log = logging.getLogger("mailyard.hub.receive")
 MAX_UNBROKEN_LINE = 64 * 1024
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# What ``_authenticate`` answers aiosmtpd: "verify in a thread, then decide" (see auth_PLAIN).
+_VERIFY_LATER = AuthResult(success=False, handled=True)
 SIMPLE_PATH = re.compile(  # <dot-atom@domain> [SP params]: the path nearly every client sends
     rf"[ \t]*<(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>{_LABEL}(?:\.{_LABEL})*)>(?:[ \t]+(?P<rest>.*))?\Z", re.ASCII)
 
@@ -136,6 +138,7 @@ class ReceiveProtocol(SMTP):
         self._all_auth_methods = dict(self._auth_methods)
         self._unbroken = 0  # bytes received since the last CRLF
         self._after_cr = False
+        self._auth_request: tuple[str, Any] | None = None
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Nearly every address is a plain <dot-atom@domain>: a regular expression reads that
@@ -206,6 +209,28 @@ class ReceiveProtocol(SMTP):
             self._close()
             return
         super().data_received(data)
+
+    # AUTH: aiosmtpd calls the authenticator on the event loop, and checking a password is an
+    # scrypt (mailyard.passwords: tens of ms, with the GIL released) that would stall every other
+    # session of this listener. So aiosmtpd's own AUTH PLAIN and LOGIN read the credentials, and
+    # the handler's authenticator then runs in a thread.
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        self._auth_request = (mechanism, auth_data)
+        return _VERIFY_LATER
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verified(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verified(await super().auth_LOGIN(_, args))
+
+    async def _verified(self, result: AuthResult) -> AuthResult:
+        request, self._auth_request = self._auth_request, None
+        if result is not _VERIFY_LATER or request is None:
+            return result
+        assert self._authenticator is not None and self.session is not None and self.envelope is not None
+        return await asyncio.to_thread(self._authenticator, self, self.session, self.envelope, *request)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

@@ -1,13 +1,16 @@
-"""``mailyard org``: show, check and apply the organization directory."""
+"""``mailyard org``: show, check and apply the organization directory; hash a password for it."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from mailyard import passwords
 from mailyard.cli.common import connect, handle_errors, json_option, print_json, redis_option, table
+from mailyard.errors import MailyardError
 from mailyard.org import Organization, load_org
 from mailyard.orgstore import apply_org, read_org
 
@@ -17,17 +20,23 @@ def org() -> None:
     """The organization directory (Active Directory's part): show, check, apply."""
 
 
+MASK = "********"
+
+
 def public_view(o: Organization) -> dict[str, Any]:
-    """The organization as JSON, with secrets masked."""
+    """The organization as JSON, every secret masked: a set password (or its hash), the server
+    token and a smart host's password read ``********``, an unset one ``""``."""
     data = o.model_dump(mode="json")
-    if data["transport"].get("server_token"):
-        data["transport"]["server_token"] = "(set)"
+    data["transport"]["server_token"] = _mask(data["transport"].get("server_token"))
     for mb in data["mailboxes"]:
-        mb["password"] = "(set)" if mb.get("password") else ""
+        mb["password"] = _mask(mb.get("password"))
     for conn in data["send_connectors"]:
-        if conn.get("smart_host_password"):
-            conn["smart_host_password"] = "(set)"
+        conn["smart_host_password"] = _mask(conn.get("smart_host_password"))
     return data
+
+
+def _mask(value: object) -> str:
+    return MASK if value else ""
 
 
 @org.command()
@@ -118,3 +127,42 @@ def apply(file: Path, dns_servers: tuple[str, ...], redis_url: str | None, data_
     dns = f"; DNS servers {', '.join(dns_servers)}" if dns_servers else ""
     click.echo(f"applied {file} as version {version}: {len(o.sites)} sites, "
                f"{len(o.mailboxes)} mailboxes, {len(o.groups)} groups, {len(o.contacts)} contacts{dns}")
+
+
+@org.command("hash-password")
+@click.option("--stdin", "from_stdin", is_flag=True,
+              help="Read the password from standard input (one line) instead of a prompt.")
+@handle_errors
+def hash_password(from_stdin: bool) -> None:
+    """Print the hash of a mailbox password, for the organization file's mailboxes[].password.
+
+    On a terminal the password is asked twice, without echo; with --stdin it is read from
+    standard input (e.g. `mailyard org hash-password --stdin < password-file`). It is never
+    taken from the command line, where every user's `ps` would see it."""
+    if from_stdin:
+        password = _read_stdin()
+    elif not sys.stdin.isatty():
+        raise MailyardError("standard input is not a terminal: pass --stdin to read the password from it")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt="Repeat the password",
+                                err=True)
+    if not password:
+        raise MailyardError("the password is empty (an empty password in the organization file means "
+                            "the mailbox cannot log on)")
+    if passwords.is_hash(password):
+        raise MailyardError("that is already a password hash: give the password itself")
+    click.echo(passwords.hash_password(password))
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read(64 * 1024 + 1)
+    if len(data) > 64 * 1024:
+        raise MailyardError("standard input holds more than 64 KiB: give one line, the password")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MailyardError("the password on standard input is not UTF-8") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if "\n" in text or "\r" in text:
+        raise MailyardError("standard input holds more than one line: give one line, the password")
+    return text

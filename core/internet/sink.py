@@ -29,6 +29,7 @@ import asyncio
 import email.policy
 import email.utils
 import fnmatch
+import hmac
 import itertools
 import json
 import logging
@@ -348,8 +349,8 @@ class Sink(Service):
                       auth_data: Any) -> AuthResult:
         if isinstance(auth_data, LoginPassword):
             user = auth_data.login.decode("utf-8", "replace")
-            password = auth_data.password.decode("utf-8", "replace")
-            if user in self.credentials and self.credentials[user] == password:
+            expected = self.credentials.get(user)
+            if expected is not None and hmac.compare_digest(auth_data.password, expected.encode()):
                 return AuthResult(success=True, auth_data=user)
         return AuthResult(success=False, handled=False)
 

@@ -10,10 +10,11 @@ import uuid
 
 import pytest
 
-from mailyard import tracking
+from mailyard import keys, passwords, tracking
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
-from tests.hub.receive_site import HUB, connect, receive_site, reply, tls, user
+from mailyard.testing.waiting import wait_until
+from tests.hub.receive_site import HUB, connect, receive_org, receive_site, reply, tls, user
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,48 @@ def test_exchange_servers_log_on_with_the_server_token_and_may_relay_anything(si
     with pytest.raises(smtplib.SMTPAuthenticationError) as info:
         wrong.login("exchange-server/other-hub", "not-the-token")
     assert info.value.smtp_code == 535
+
+
+def log_on(site: Cluster, address: str, password: str, mechanism: str) -> tuple[int, bytes]:
+    """AUTH PLAIN or LOGIN after STARTTLS on Default: the reply (235, or why not)."""
+    client = tls(connect(site))
+    client.user, client.password = address, password
+    try:
+        return client.auth(mechanism, client.auth_plain if mechanism == "PLAIN" else client.auth_login)
+    except smtplib.SMTPAuthenticationError as refused:
+        return refused.smtp_code, refused.smtp_error
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_a_mailbox_whose_password_is_in_clear_in_the_file_logs_on_with_it(site: Cluster, mechanism: str) -> None:
+    # The demo file has alice's password in clear; `org apply` stored only its hash.
+    assert "alice-demo-password" not in (site.r.get(keys.ORG) or b"").decode()
+    assert log_on(site, "alice@contoso.com", "alice-demo-password", mechanism)[0] == 235
+    assert log_on(site, "a.anders@contoso.com", "alice-demo-password", mechanism)[0] == 235, "by an alias"
+    # a wrong password: aiosmtpd's 535 5.7.8, in Exchange's words
+    assert log_on(site, "alice@contoso.com", "alice-demo-passwordX", mechanism) == (
+        535, b"5.7.3 Authentication unsuccessful")
+    assert log_on(site, "alice@contoso.com", "bob-demo-password", mechanism)[0] == 535
+
+
+def test_a_mailbox_whose_password_is_hashed_in_the_file_logs_on_with_the_password(site: Cluster) -> None:
+    org = receive_org()
+    hashed = passwords.hash_password("carol-new-password")
+    data = org.model_dump(mode="json")
+    for mb in data["mailboxes"]:
+        if mb["address"] == "carol@contoso.com":
+            mb["password"] = hashed
+    site.apply(type(org).model_validate(data))
+    try:
+        wait_until(lambda: log_on(site, "carol@contoso.com", "carol-new-password", "PLAIN")[0] == 235, timeout=10)
+        assert log_on(site, "carol@contoso.com", "carol-new-password", "LOGIN")[0] == 235
+        assert log_on(site, "carol@contoso.com", "carol-demo-password", "PLAIN")[0] == 535, "the old one"
+        assert log_on(site, "carol@contoso.com", hashed, "PLAIN")[0] == 535, "the hash is no password"
+    finally:
+        site.apply(receive_org())
+        wait_until(lambda: log_on(site, "carol@contoso.com", "carol-demo-password", "PLAIN")[0] == 235, timeout=10)
 
 
 def test_an_externally_secured_connector_trusts_its_remote_range_without_a_logon(site: Cluster) -> None:

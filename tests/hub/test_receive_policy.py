@@ -30,9 +30,10 @@ from mailyard.hub.receive_policy import (
     too_many_logon_failures,
 )
 from mailyard.org import ReceiveConnector
+from mailyard.orgstore import hash_passwords
 from tests.conftest import make_org
 
-ORG = make_org()
+ORG = hash_passwords(make_org())  # as hubs read it: `org apply` stores only password hashes
 DIRECTORY = Directory(ORG)
 CONNECTORS = {c.name: c for c in ORG.receive_connectors}
 DEFAULT, INTERNET, CLIENT = CONNECTORS["Default"], CONNECTORS["Internet"], CONNECTORS["Client"]
@@ -145,6 +146,13 @@ def test_a_mailbox_logs_on_with_its_password_and_is_every_one_of_its_addresses()
 ])
 def test_a_mailbox_logon_fails(conn: ReceiveConnector, login: str, password: bytes) -> None:
     assert logon(DIRECTORY, conn, login, password) is None
+
+
+def test_a_mailbox_logs_on_against_the_hash_of_its_password_never_a_password_kept_in_clear() -> None:
+    alice = next(m for m in ORG.mailboxes if m.address == "alice@contoso.com")
+    assert alice.password.startswith("scrypt$") and "alice-demo-password" not in ORG.to_json()
+    in_clear = make_org()  # an organization stored by an older Mailyard, passwords in clear
+    assert logon(Directory(in_clear), DEFAULT, "alice@contoso.com", b"alice-demo-password") is None
 
 
 def test_a_hub_logs_on_with_the_server_token_where_the_connector_has_exchange_server() -> None:
