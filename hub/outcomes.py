@@ -108,7 +108,6 @@ def settle(hub: Hub, batch: Batch, outcomes: dict[str, dict[str, Outcome]], *, e
     now = now_ms()
     settings = hub.settings
     bodies: dict[str, bytes] = {}  # the originals that reports quote, read when a report is due
-    delivered_any = False
 
     def original_of(msg: Message) -> bytes | None:
         if msg.id not in bodies:
@@ -116,7 +115,6 @@ def settle(hub: Hub, batch: Batch, outcomes: dict[str, dict[str, Outcome]], *, e
         return bodies.get(msg.id)
 
     def build(item: Item) -> Change:
-        nonlocal delivered_any
         change = hub.queues.change().require_lease(item, batch.token).require_pending(item, item.pending)
         msg = batch.messages.get(item.msg)
         if msg is None:  # the message vanished (removed meanwhile): drop the husk
@@ -143,7 +141,9 @@ def settle(hub: Hub, batch: Batch, outcomes: dict[str, dict[str, Outcome]], *, e
                                                  f"{r.last_error or 'none'}")) for r in remaining]
             remaining = []
         if delivered:
-            delivered_any = True
+            # A delivery worked: the queue leaves Retry and its failure count starts over, in
+            # the same step (no reader sees the message gone and the queue still failing).
+            change.set_queue(batch.queue, failures=0, next_retry=0, last_error="", last_active=now)
             change.track(_record(hub, msg, event, item, [r.address for r, _ in delivered],
                                  [o.reply for _, o in delivered], source=source, remote=remote), now)
         if failed:
@@ -171,10 +171,6 @@ def settle(hub: Hub, batch: Batch, outcomes: dict[str, dict[str, Outcome]], *, e
                            last_error=last_error)
 
     _commit_honouring_requests(hub, batch.items, batch.token, build)
-    if delivered_any:
-        # A delivery worked: the queue leaves Retry and its failure count starts over.
-        hub.queues.commit([hub.queues.change().set_queue(batch.queue, failures=0, next_retry=0, last_error="",
-                                                         last_active=now)])
 
 
 def defer_batch(hub: Hub, batch: Batch, error: DeliveryError, *, source: str = "STOREDRIVER") -> None:

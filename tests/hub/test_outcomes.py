@@ -233,3 +233,15 @@ def test_after_a_batch_crash_an_item_with_a_request_is_not_tried_again(hub: Stat
     item = _item(hub, first)
     assert item is not None and item.status == "Suspended" and item.crashes == 0
     assert _item(hub, second) is None, "its neighbour was delivered"
+
+
+def test_a_delivery_that_works_takes_the_queue_out_of_retry_in_the_same_step(hub: StaticHub) -> None:
+    batch = _in_flight(hub, ["bob@contoso.com"])
+    defer_batch(hub, batch, TransientDeliveryError(451, "4.4.0", "connection refused"))
+    hub.queues.commit([hub.queues.change().set_queue(QUEUE.identity, next_retry=0)])  # Retry-Queue
+    again = hub.queues.claim(QUEUE.identity, worker=hub.worker, n=1, lease_ms=60_000, cap=0, token="t2")
+    assert again is not None
+    retried = Batch(QUEUE.identity, QUEUE.next_hop, QUEUE.delivery_type.value, "t2", again.items, again.messages)
+    settle(hub, retried, {again.items[0].id: {"bob@contoso.com": OK}})
+    (info,) = hub.queues.queues([QUEUE.identity])
+    assert (info.failures, info.last_error, info.status) == (0, "", "Ready")
