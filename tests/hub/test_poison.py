@@ -12,7 +12,7 @@ from tests.conftest import make_org
 
 
 def test_a_message_that_kills_its_worker_twice_is_set_aside_and_released_on_resume(cluster_factory) -> None:
-    site = cluster_factory(make_org(lease_time=3, message_expiration_timeout=30))
+    site = cluster_factory(make_org(lease_time=3, message_expiration_timeout=600))
     site.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
     site.start_hub("Amsterdam", "victim", faults="categorize.pill=child", concurrency=1)
 
