@@ -55,7 +55,12 @@ def make_app(redis_url: str) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A lost broker connection is not the message's fault: a task keeps running on its
+        # own Redis connection (whose errors the runner does not count as crashes). Celery
+        # terminating its pool child instead would count a crash against the message held,
+        # and two partitions would send good mail to Poison. The message is redelivered
+        # anyway (it cannot be acked on the new channel); queue leases make that harmless.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
