@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailyard import redisconn
+from mailyard import pki, redisconn
 from mailyard.errors import SiteError
 from mailyard.org import Organization
 from mailyard.orgstore import apply_org
@@ -250,6 +250,10 @@ class Site:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._refuse_if_running()
         self.load_secrets()
+        # The organization's CA, and a certificate for each site's hubs and each mailbox server
+        # (kept, and renewed near their end, on later starts).
+        pki.issue_all(pki.pki_dir(self.data_dir), self.cfg.org.name,
+                      [(s.name, s.mailbox_servers) for s in self.cfg.org.sites])
         self.plan()
         env = self.env()
         if self.redis:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import redis
 
-from mailyard import keys, redisconn, registry
+from mailyard import keys, pki, redisconn, registry
 from mailyard.org import Organization
 from mailyard.orgstore import apply_org
 from mailyard.redisconn import number, text
@@ -80,6 +80,10 @@ class Cluster:
 
     def apply(self, org: Organization) -> None:
         self.org = org
+        # The organization's CA and a certificate for each hub site and mailbox server, where
+        # the nodes look for them (``<data-dir>/pki``), as ``site up`` makes them.
+        self.pki = pki.issue_all(pki.pki_dir(self.data_dir), org.name,
+                                 [(s.name, s.mailbox_servers) for s in org.sites])
         apply_org(self.r, org)
 
     def _env(self, faults: str | None) -> dict[str, str]:
