@@ -48,6 +48,17 @@ class Expansion:
     expanded: list[tuple[str, list[str]]] = field(default_factory=list)  # (group, members)
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Someone logged on: a mailbox (``name`` its primary address) or an operator."""
+
+    kind: str  # "mailbox" or "operator"
+    name: str
+
+    def __str__(self) -> str:
+        return self.name if self.kind == "mailbox" else f"operator {self.name}"
+
+
 class Directory:
     """Indexes of one organization version."""
 
@@ -71,6 +82,40 @@ class Directory:
                 self._entries[contact.address] = entry
         # Each mailbox's password hash, as `mailyard org apply` stored it (check with passwords.verify).
         self.password_hashes = {mb.address: mb.password for mb in org.mailboxes if mb.password}
+        self._operators = {op.name: op for op in org.operators}
+        self._mailboxes = {mb.address: mb for mb in org.mailboxes}
+
+    # region: who logs on, and what they may do (the mailbox API; SMTP has its own in the hub)
+
+    def principal(self, login: str) -> tuple[Principal, str] | None:
+        """Who a login names (a mailbox by its address or an alias, or an operator by its name)
+        and the password hash to check, or None (unknown, or no password: cannot log on)."""
+        if "@" in login:
+            entry = self.mailbox_entry(login)
+            stored = self.password_hashes.get(entry.address, "") if entry else ""
+            return (Principal("mailbox", entry.address), stored) if entry and stored else None
+        op = self._operators.get(login)
+        return (Principal("operator", op.name), op.password) if op and op.password else None
+
+    def may(self, who: Principal, right: str, address: str) -> bool:
+        """Does ``who`` hold ``right`` (FullAccess, SendAs, SendOnBehalf) on the mailbox
+        ``address`` (a primary address)? A mailbox holds every right on itself."""
+        if who.kind == "operator":
+            op = self._operators.get(who.name)
+            return op is not None and right in op.rights
+        if who.name == address:
+            return True
+        mb = self._mailboxes.get(address)
+        granted = {"FullAccess": mb.full_access, "SendAs": mb.send_as,
+                   "SendOnBehalf": mb.send_on_behalf}.get(right, []) if mb else []
+        return who.name in granted
+
+    def addresses_of(self, address: str) -> frozenset[str]:
+        """A mailbox's primary address and its aliases."""
+        mb = self._mailboxes.get(address)
+        return frozenset({address, *(mb.aliases if mb else ())})
+
+    # endregion
 
     def is_accepted(self, address: str) -> bool:
         return address.rpartition("@")[2].lower().rstrip(".") in self.accepted_domains

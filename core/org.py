@@ -158,9 +158,37 @@ class Mailbox(_Model):
     name: str = ""
     aliases: list[Address] = Field(default_factory=list)
     server: Name
-    # For SMTP AUTH on receive connectors; empty: cannot log on. In clear or a hash in the
-    # file; always a hash once applied (mailyard.orgstore.apply_org).
+    # For SMTP AUTH on receive connectors and the mailbox API; empty: cannot log on. In clear
+    # or a hash in the file; always a hash once applied (mailyard.orgstore.apply_org).
     password: Password = ""
+    # Who else may act on this mailbox (mailbox addresses or operator names), as Exchange
+    # grants it: read it (Add-MailboxPermission -AccessRights FullAccess), send as it
+    # (Add-ADPermission -ExtendedRights Send-As), send on its behalf (GrantSendOnBehalfTo).
+    full_access: list[str] = Field(default_factory=list)
+    send_as: list[str] = Field(default_factory=list)
+    send_on_behalf: list[str] = Field(default_factory=list)
+
+    @field_validator("full_access", "send_as", "send_on_behalf", mode="before")
+    @classmethod
+    def _principals(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [v.strip().lower() if isinstance(v, str) and "@" in v else v for v in value]
+        return value
+
+
+Right = Literal["FullAccess", "SendAs", "SendOnBehalf"]
+RIGHTS: tuple[str, ...] = get_args(Right)
+
+
+class Operator(_Model):
+    """Someone who runs the organization rather than a mailbox: the local operator of
+    ``mailyard site up``, a help desk. Logs on to mailbox servers with its name and password
+    and holds ``rights`` on every mailbox of the organization."""
+
+    name: Name
+    # Empty: `mailyard site up` generates one and keeps it in <data-dir>/secrets.toml [operator].
+    password: Password = ""
+    rights: list[Right] = Field(default_factory=list)
 
 
 class Group(_Model):
@@ -289,6 +317,7 @@ class Organization(_Model):
     sites: list[Site] = Field(min_length=1)
     site_links: list[SiteLink] = Field(default_factory=list)
     mailboxes: list[Mailbox] = Field(default_factory=list)
+    operators: list[Operator] = Field(default_factory=list)
     groups: list[Group] = Field(default_factory=list)
     contacts: list[Contact] = Field(default_factory=list)
     send_connectors: list[SendConnector] = Field(default_factory=list)
@@ -405,6 +434,17 @@ def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
             problems.append((("mailboxes", i, "server"), f"no mailbox server named {mb.server!r}"))
     for i, group in enumerate(org.groups):
         claim(group.address, ("groups", i, "address"))
+    operators = [op.name for op in org.operators]
+    for i, op in enumerate(org.operators):
+        if operators.count(op.name) > 1:
+            problems.append((("operators", i, "name"), f"operator {op.name!r} is defined twice"))
+    mailbox_addresses = {mb.address for mb in org.mailboxes}
+    for i, mb in enumerate(org.mailboxes):
+        for field in ("full_access", "send_as", "send_on_behalf"):
+            for j, who in enumerate(getattr(mb, field)):
+                if who not in mailbox_addresses and who not in operators:
+                    problems.append((("mailboxes", i, field, j),
+                                     f"{who!r} is not a mailbox (primary address) or operator of this organization"))
     for i, contact in enumerate(org.contacts):
         if contact.external_address.rpartition("@")[2] in accepted:
             problems.append(

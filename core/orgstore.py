@@ -44,17 +44,22 @@ def apply_org(r: redis.Redis, org: Organization) -> int:
 
 
 def hash_passwords(org: Organization, current: Organization | None = None) -> Organization:
-    """``org`` with every mailbox password in clear replaced by its hash: the hash ``current``
-    has for that mailbox when it verifies that password, else a new one (one scrypt each)."""
+    """``org`` with every password in clear (mailboxes' and operators') replaced by its hash:
+    the hash ``current`` has for that logon when it verifies that password, else a new one
+    (one scrypt each)."""
     stored = {mb.address: mb.password for mb in current.mailboxes} if current else {}
-    mailboxes = []
-    for mb in org.mailboxes:
-        if mb.password and not passwords.is_hash(mb.password):
-            known = stored.get(mb.address, "")
-            hashed = known if passwords.verify(mb.password, known) else passwords.hash_password(mb.password)
-            mb = mb.model_copy(update={"password": hashed})
-        mailboxes.append(mb)
-    return org.model_copy(update={"mailboxes": mailboxes})
+    stored_ops = {op.name: op.password for op in current.operators} if current else {}
+
+    def hashed(password: str, known: str) -> str:
+        if not password or passwords.is_hash(password):
+            return password
+        return known if passwords.verify(password, known) else passwords.hash_password(password)
+
+    mailboxes = [mb.model_copy(update={"password": hashed(mb.password, stored.get(mb.address, ""))})
+                 for mb in org.mailboxes]
+    operators = [op.model_copy(update={"password": hashed(op.password, stored_ops.get(op.name, ""))})
+                 for op in org.operators]
+    return org.model_copy(update={"mailboxes": mailboxes, "operators": operators})
 
 
 def _stored(r: redis.Redis) -> Organization | None:

@@ -274,6 +274,12 @@ def trust_context(ca_path: Path) -> ssl.SSLContext:
     return ctx
 
 
+def sni(identity: Identity) -> dict[str, str]:
+    """httpx request extensions that make ``identity`` the TLS server name (SNI and the
+    name the certificate must carry), whatever address the URL has."""
+    return {"sni_hostname": identity.dns_name}
+
+
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity | None:
     """The organization identity a verified peer certificate names, or None (no TLS, no
     certificate, or a name that is not a node's). Only meaningful with a context that

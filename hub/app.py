@@ -12,6 +12,7 @@ from pathlib import Path
 
 from celery import Celery, bootsteps
 
+from mailyard import pki
 from mailyard.broker import TASK_DRAIN, TASK_PICKUP, hub_queue, make_app, site_queue
 from mailyard.hub import store_driver
 from mailyard.hub.node import Node
@@ -22,10 +23,10 @@ from mailyard.hub.sweeper import Services
 log = logging.getLogger("mailyard.hub")
 
 
-def create(name: str, site: str, redis_url: str, *, receive: ListenerProcess | None = None
-           ) -> tuple[Celery, Node]:
+def create(name: str, site: str, redis_url: str, *, receive: ListenerProcess | None = None,
+           pki_dir: Path | None = None) -> tuple[Celery, Node]:
     app = make_app(redis_url)
-    node = Node(name=name, site=site, redis_url=redis_url, app=app)
+    node = Node(name=name, site=site, redis_url=redis_url, app=app, pki_dir=pki_dir)
 
     @app.task(name=TASK_PICKUP)
     def pickup(server: str, mailbox: str, item: str) -> None:
@@ -76,7 +77,8 @@ def run(
 ) -> None:
     receiver = ListenerProcess(hub=name, site=site, redis_url=redis_url, data_dir=data_dir,
                                binds=binds or [], loglevel=loglevel) if receive else None
-    app, node = create(name, site, redis_url, receive=receiver)
+    app, node = create(name, site, redis_url, receive=receiver, pki_dir=pki.pki_dir(data_dir))
+    node.node_cert.check()  # a hub without the organization's certificate cannot reach anyone
     argv = [
         "worker",
         f"--hostname=hub@{name}",

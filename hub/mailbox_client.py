@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import httpx
 import redis
 
-from mailyard import registry
+from mailyard import pki, registry
 from mailyard.errors import NotFoundError, PermanentDeliveryError, TransientDeliveryError
-from mailyard.orgstore import OrgCache
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
@@ -31,11 +30,15 @@ class MailboxResult:
 
 
 class MailboxClient:
-    def __init__(self, r: redis.Redis, hub: str) -> None:
+    """HTTPS with mutual TLS: the hub presents its site's certificate, and a mailbox server
+    must present the certificate of the server the hub means to reach (its identity is the
+    TLS server name, checked in the handshake, before anything is sent)."""
+
+    def __init__(self, r: redis.Redis, hub: str, cert: pki.NodeCert) -> None:
         self._r = r
-        self._orgs = OrgCache(r)
         self._hub = hub
-        self._http = httpx.Client(timeout=TIMEOUT, limits=httpx.Limits(max_keepalive_connections=8))
+        self._http = httpx.Client(timeout=TIMEOUT, verify=cert.client_context(),
+                                  limits=httpx.Limits(max_keepalive_connections=8))
 
     def _url(self, server: str) -> str:
         try:
@@ -43,15 +46,10 @@ class MailboxClient:
         except NotFoundError as exc:
             raise TransientDeliveryError(451, "4.4.1", str(exc)) from None
 
-    def _headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self._orgs.org.transport.server_token}",
-            "X-Mailyard-Hub": self._hub,
-        }
-
     def _request(self, server: str, method: str, path: str, **kw) -> httpx.Response:
         try:
-            response = self._http.request(method, self._url(server) + path, headers=self._headers(), **kw)
+            response = self._http.request(method, self._url(server) + path, headers={"X-Mailyard-Hub": self._hub},
+                                          extensions=pki.sni(pki.Identity.mailbox(server)), **kw)
         except httpx.HTTPError as exc:
             raise TransientDeliveryError(
                 451, "4.4.1", f"STOREDRV: cannot reach mailbox server {server}: {exc!r}"

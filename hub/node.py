@@ -14,14 +14,16 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from celery import Celery
 
-from mailyard import faults, redisconn
+from mailyard import faults, pki, redisconn
 from mailyard.broker import DrainMessages
 from mailyard.directory import Directory
+from mailyard.errors import SiteError
 from mailyard.hub.queues import MailQueues, Worker
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.org import TransportSettings
@@ -47,6 +49,13 @@ class Hub(Protocol):
     def fqdn(self) -> str: ...
 
     @property
+    def node_cert(self) -> pki.NodeCert:
+        """The certificate this hub proves itself with: its site's, from the organization's CA."""
+        if self.pki_dir is None:
+            raise SiteError(f"hub {self.name} has no certificate directory")
+        return pki.NodeCert(self.pki_dir, pki.Identity.hub(self.site))
+
+    @property
     def worker(self) -> Worker: ...
 
     def directory(self) -> Directory: ...
@@ -62,6 +71,7 @@ class Node:
     site: str
     redis_url: str
     app: Celery
+    pki_dir: Path | None = None  # where its site's certificate is (mailyard.pki); None: no links
     _pid: int = -1
     _res: dict[str, Any] = field(default_factory=dict)
 
@@ -107,8 +117,15 @@ class Node:
 
         res = self._resources()
         if "mailboxes" not in res:
-            res["mailboxes"] = MailboxClient(self.r, self.name)
+            res["mailboxes"] = MailboxClient(self.r, self.name, self.node_cert)
         return res["mailboxes"]
+
+    @property
+    def node_cert(self) -> pki.NodeCert:
+        """The certificate this hub proves itself with: its site's, from the organization's CA."""
+        if self.pki_dir is None:
+            raise SiteError(f"hub {self.name} has no certificate directory")
+        return pki.NodeCert(self.pki_dir, pki.Identity.hub(self.site))
 
     @property
     def worker(self) -> Worker:

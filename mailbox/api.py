@@ -1,22 +1,31 @@
 """The mailbox server's HTTP API.
 
-For clients (what Outlook does over MAPI in Exchange):
+It is served over TLS only, with the server's certificate from the organization's CA.
+
+For clients (what Outlook does over MAPI in Exchange), who log on with HTTP Basic as a
+mailbox (its address and password) or an operator (its name and password):
   POST /mailboxes/{address}/outbox                 "Send": a message into the Outbox (once per
-                                                   Message-ID: a retried request is no new mail)
-  GET  /mailboxes/{address}/folders/{folder}        list a folder
-  GET  /mailboxes/{address}/folders/{folder}/{id}   one message, as RFC 5322 text
-For hubs (the store driver's RPC; a server token is required):
+                                                   Message-ID: a retried request is no new mail);
+                                                   needs SendAs or SendOnBehalf on the mailbox
+  GET  /mailboxes/{address}/folders/{folder}        list a folder        } need FullAccess
+  GET  /mailboxes/{address}/folders/{folder}/{id}   one message          } on the mailbox
+A mailbox holds every right on itself; the organization file grants others (a mailbox's
+``full_access``, ``send_as``, ``send_on_behalf``; an operator's ``rights``).
+For hubs of this server's site, who present their client certificate (mutual TLS):
   GET  /hub/outbox/{address}/{id}                   fetch an Outbox item
   POST /hub/outbox/{address}/{id}/submitted         pickup acknowledged: move to Sent Items
   POST /hub/deliver                                 deliver a batch to local mailboxes
-Every error is JSON ``{"error": "..."}`` with a 4xx status that fits.
+No browser can forge a request: state changes take only ``application/json`` or
+``message/rfc822`` bodies (never a "simple" cross-origin POST) and an ``Authorization``
+header, and a request whose ``Host`` does not name this server is refused (DNS rebinding).
+Every error is JSON ``{"error": "..."}`` with a 4xx status that fits; 401 (with
+``WWW-Authenticate``) when the logon is missing or wrong, 403 when it may not.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 import logging
 from collections.abc import Callable
@@ -31,7 +40,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mailyard.directory import Directory
+from mailyard import passwords, pki
+from mailyard.directory import Directory, Principal
 from mailyard.errors import NotFoundError
 from mailyard.mailbox.store import MailboxStore, folder_name
 from mailyard.org import normalize_address
@@ -41,29 +51,51 @@ log = logging.getLogger("mailyard.mailbox.api")
 MAX_DELIVER_BATCH = 1000
 
 
+PEER = "mailyard_peer"  # the request state key of the client's verified certificate identity
+SEND_TYPES = ("application/json", "message/rfc822")
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def create_app(
     *,
     server: str,
+    site: str,
+    hosts: frozenset[str],
     store: MailboxStore,
     directory: Callable[[], Directory],
     on_submitted: Callable[[str, str], None],
     on_acknowledged: Callable[[str, str], None],
     fault: Callable[[str], None] = lambda name: None,
 ) -> FastAPI:
+    """The API of mailbox server ``server`` of ``site``; ``hosts``: the names a request's
+    ``Host`` may give (what the server listens on and is advertised as, and its identity)."""
     app = FastAPI(title=f"Mailyard mailbox server {server}", docs_url=None, redoc_url=None)
+    realm = f'Basic realm="Mailyard {server}", charset="UTF-8"'
+    hub_identity = pki.Identity.hub(site)
+
+    @app.middleware("http")
+    async def _host_check(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        host = request.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name.lower().strip("[]") not in hosts:
+            return JSONResponse({"error": f"Host {host!r} does not name this server ({server})"},
+                                status_code=421, headers={"Connection": "close"})
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        # A body too large, or sent without the server token, is refused unread: close the
+        # A body too large, or sent without a valid logon, is refused unread: close the
         # connection, or the HTTP server would go on reading (and dropping) the rest of it.
-        close = {"Connection": "close"} if exc.status in (401, 403, 413) else None
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=close)
+        headers = dict(exc.headers or {})
+        if exc.status in (401, 403, 413, 415):
+            headers["Connection"] = "close"
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers or None)
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
@@ -94,15 +126,36 @@ def create_app(
             raise ApiError(404, f"no mailbox {address} on {server}")
         return entry.address
 
-    def require_token(request: Request) -> None:
-        token = directory().org.transport.server_token
+    def require_hub(request: Request) -> None:
+        """The hub API: a hub of this site, proven by its client certificate (mutual TLS)."""
+        peer = getattr(request.state, PEER, None)
+        if peer is None:
+            raise ApiError(401, f"the hub API needs the client certificate of a hub of site {site}")
+        if not pki.matches(peer, hub_identity):
+            raise ApiError(403, f"the certificate of {peer} may not use the hub API of {server} "
+                                f"(only hubs of site {site})")
+
+    def logon(request: Request) -> Principal:
+        """The client's HTTP Basic logon (runs in a worker thread: scrypt is slow on purpose)."""
         given = request.headers.get("authorization", "")
-        if not token:
-            raise ApiError(503, "this organization has no server_token yet; apply it again")
-        if not given.startswith("Bearer "):
-            raise ApiError(401, "server token required (Authorization: Bearer <token>)")
-        if not hmac.compare_digest(given[7:].encode(), token.encode()):
-            raise ApiError(403, "wrong server token")
+        scheme, _, encoded = given.partition(" ")
+        if scheme.lower() != "basic" or not encoded:
+            raise ApiError(401, "log on with HTTP Basic: a mailbox address or operator name, and its password",
+                           {"WWW-Authenticate": realm})
+        try:
+            login, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, ValueError):
+            raise ApiError(401, "the Authorization header is not valid Basic credentials",
+                           {"WWW-Authenticate": realm}) from None
+        found = directory().principal(login.strip()) if sep else None
+        if found is None or not passwords.verify(password, found[1]):
+            raise ApiError(401, "logon failed: unknown user or wrong password", {"WWW-Authenticate": realm})
+        return found[0]
+
+    def require_right(who: Principal, rights: tuple[str, ...], owner: str, doing: str) -> None:
+        d = directory()
+        if not any(d.may(who, right, owner) for right in rights):
+            raise ApiError(403, f"{who} may not {doing} {owner} (needs {' or '.join(rights)})")
 
     async def read_body(request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
@@ -125,17 +178,17 @@ def create_app(
 
     @app.post("/mailboxes/{address}/outbox", status_code=202)
     async def send(address: str, request: Request) -> dict[str, Any]:
+        who = await _in_thread(logon, request)
         owner = mailbox_here(address)
+        require_right(who, ("SendAs", "SendOnBehalf"), owner, "send from")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in SEND_TYPES:
+            # (text/plain, a form, or none: what a page of another site can POST without asking)
+            raise ApiError(415, f"send message/rfc822 or application/json, not {ctype or 'no Content-Type'}")
         limit = directory().org.transport.max_message_size
         body = await read_body(request, limit + 64 * 1024)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "application/json":
-            raw = compose_from_json(body, owner)
-        elif ctype in ("message/rfc822", "text/plain", "application/octet-stream", ""):
-            raw = body
-        else:
-            raise ApiError(415, f"send message/rfc822 or application/json, not {ctype}")
-        raw, message_id, recipients = prepare_outgoing(raw, owner, directory())
+        raw = compose_from_json(body, owner) if ctype == "application/json" else body
+        raw, message_id, recipients = prepare_outgoing(raw, owner, directory(), who)
         if len(raw) > limit:
             raise ApiError(413, f"message is {len(raw)} bytes; the limit is {limit}")
         item_id, fresh = await _in_thread(store.submit, owner, message_id, raw)
@@ -145,14 +198,18 @@ def create_app(
         return {"id": item_id, "message_id": message_id, "recipients": recipients, "duplicate": not fresh}
 
     @app.get("/mailboxes/{address}/folders/{folder}")
-    def list_folder(address: str, folder: str) -> dict[str, Any]:
+    def list_folder(address: str, folder: str, request: Request) -> dict[str, Any]:
+        who = logon(request)
         owner = mailbox_here(address)
+        require_right(who, ("FullAccess",), owner, "read")
         items = store.list(owner, folder_name(folder))
         return {"mailbox": owner, "folder": folder_name(folder), "items": [i.as_dict() for i in items]}
 
     @app.get("/mailboxes/{address}/folders/{folder}/{item_id}")
-    def read_item(address: str, folder: str, item_id: str) -> Response:
+    def read_item(address: str, folder: str, item_id: str, request: Request) -> Response:
+        who = logon(request)
         owner = mailbox_here(address)
+        require_right(who, ("FullAccess",), owner, "read")
         return Response(store.read(owner, folder_name(folder), item_id), media_type="message/rfc822")
 
     # endregion
@@ -161,14 +218,14 @@ def create_app(
 
     @app.get("/hub/outbox/{address}/{item_id}")
     def fetch_outbox(address: str, item_id: str, request: Request) -> Response:
-        require_token(request)
+        require_hub(request)
         owner = mailbox_here(address)
         raw = store.read(owner, "Outbox", item_id)
         return Response(raw, media_type="message/rfc822", headers={"X-Mailyard-Sender": owner})
 
     @app.post("/hub/outbox/{address}/{item_id}/submitted")
     def submitted(address: str, item_id: str, request: Request) -> dict[str, Any]:
-        require_token(request)
+        require_hub(request)
         owner = mailbox_here(address)
         moved = False
         if store.has(owner, "Outbox", item_id):
@@ -181,7 +238,9 @@ def create_app(
 
     @app.post("/hub/deliver")
     async def deliver(request: Request) -> dict[str, Any]:
-        require_token(request)
+        require_hub(request)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "the delivery batch is application/json")
         org = directory().org
         limit = org.transport.max_message_size * 2 * min(org.transport.batch_size, 64) + 65536
         body = await read_body(request, limit)
@@ -301,8 +360,14 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
         raise ApiError(400, f"the message cannot be built: {exc}") from None
 
 
-def prepare_outgoing(raw: bytes, owner: str, directory: Directory) -> tuple[bytes, str, list[str]]:
-    """Check a message a client sends and add what a mail client would (Date, Message-ID)."""
+def prepare_outgoing(raw: bytes, owner: str, directory: Directory,
+                     who: Principal | None = None) -> tuple[bytes, str, list[str]]:
+    """Check a message a client sends from ``owner``'s mailbox, logged on as ``who`` (the owner
+    when None), and add what a mail client would (Date, Message-ID, Sender).
+
+    Every ``From`` address must be one of the mailbox's own. Sending for the mailbox with
+    SendOnBehalf only (not SendAs), the message says so: ``Sender`` is the one logged on."""
+    who = who or Principal("mailbox", owner)
     if not raw.strip():
         raise ApiError(400, "the message is empty")
     head_end = raw.find(b"\r\n\r\n")
@@ -315,11 +380,22 @@ def prepare_outgoing(raw: bytes, owner: str, directory: Directory) -> tuple[byte
         raise ApiError(400, "the message headers cannot be parsed") from None
     if headers.defects and not headers.keys():
         raise ApiError(400, "the message has no headers")
-    sender = [a for _, a in getaddresses(headers.get_all("From", []))]
-    mailbox = next((m for m in directory.org.mailboxes if m.address == owner), None)
-    allowed = {owner, *(mailbox.aliases if mailbox else [])}
-    if sender and sender[0].lower() not in allowed:
-        raise ApiError(403, f"{owner} may not send as {sender[0]}")
+    own = directory.addresses_of(owner)
+    senders = [a.lower() for _, a in getaddresses(headers.get_all("From", []))]
+    for address in senders:
+        if address not in own:
+            raise ApiError(403, f"{who} may not send as {address or '(an empty From)'} from the mailbox {owner}")
+    on_behalf = who.name != owner and not directory.may(who, "SendAs", owner)
+    sender_field = [a.lower() for _, a in getaddresses(headers.get_all("Sender", []))]
+    if on_behalf:
+        if who.kind != "mailbox":
+            raise ApiError(403, f"{who} may send on behalf of {owner} only as a mailbox")
+        if sender_field and sender_field != [who.name]:
+            raise ApiError(403, f"{who} sends on behalf of {owner}: Sender must be {who.name}")
+    elif sender_field and not set(sender_field) <= own:
+        raise ApiError(403, f"Sender {', '.join(sender_field)} is not an address of {owner}")
+    if len(senders) > 1 and not sender_field and not on_behalf:
+        raise ApiError(400, "a message with several From addresses needs a Sender (RFC 5322 3.6.2)")
     recipients = []
     for field in ("To", "Cc", "Bcc"):
         for name, addr in getaddresses(headers.get_all(field, [])):
@@ -330,8 +406,10 @@ def prepare_outgoing(raw: bytes, owner: str, directory: Directory) -> tuple[byte
     if not recipients:
         raise ApiError(400, "the message has no recipients (To, Cc or Bcc)")
     extra = b""
-    if not sender:
+    if not senders:
         extra += f"From: {owner}\r\n".encode()
+    if on_behalf and not sender_field:
+        extra += f"Sender: {who.name}\r\n".encode()
     if headers.get("Date") is None:
         extra += f"Date: {formatdate(localtime=False)}\r\n".encode()
     message_id = str(headers.get("Message-ID", "")).strip()

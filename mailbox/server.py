@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mailyard import faults, redisconn
+from mailyard import faults, pki, redisconn
 from mailyard.errors import SiteError
-from mailyard.mailbox.api import create_app
+from mailyard.mailbox.api import PEER, create_app
 from mailyard.mailbox.store import MailboxStore
 from mailyard.orgstore import OrgCache
 from mailyard.registry import register_server
@@ -20,11 +23,23 @@ from mailyard.submission.service import SubmissionService
 log = logging.getLogger("mailyard.mailbox")
 
 
+class _PeerH11(H11Protocol):
+    """uvicorn's h11 protocol, telling the app who the client's verified certificate names
+    (uvicorn puts nothing of the peer certificate in the ASGI scope). The TLS handshake is
+    over when ``connection_made`` runs; ``app_state`` is copied into each request's state."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def, override]
+        identity = pki.peer_identity(transport.get_extra_info("ssl_object"))
+        self.app_state = {**self.app_state, PEER: identity}
+        super().connection_made(transport)
+
+
 def serve(
     *,
     server: str,
     redis_url: str,
     data_dir: Path,
+    pki_dir: Path,
     host: str = "127.0.0.1",
     port: int = 0,
     advertise_url: str | None = None,
@@ -51,9 +66,23 @@ def serve(
             out += [(address, item) for item in store.ids(address, "Outbox")]
         return out
 
+    identity = pki.Identity.mailbox(server)
+    node_cert = pki.NodeCert(pki_dir, identity)
+    node_cert.check()  # (a clear error now, rather than a TLS failure per request)
+
+    # Bind first, so the port is known (port 0 picks a free one) before anyone is told.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    url = advertise_url or f"https://{host if ':' not in host else f'[{host}]'}:{bound}"
+    hosts = frozenset(h.lower() for h in (host, urlsplit(url).hostname or host, identity.dns_name))
+
     service = SubmissionService(r, redis_url, orgs, server, outbox_items)
     app = create_app(
         server=server,
+        site=site,
+        hosts=hosts,
         store=store,
         directory=orgs.get,
         on_submitted=service.submitted,
@@ -61,17 +90,14 @@ def serve(
         fault=lambda name: faults.point(name, r),
     )
 
-    # Bind first, so the port is known (port 0 picks a free one) before anyone is told.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound = sock.getsockname()[1]
-    url = advertise_url or f"http://{host if ':' not in host else f'[{host}]'}:{bound}"
-
     # h11 rather than httptools: it refuses a header section larger than 64 KB, where
     # httptools buffers any size a client sends (a memory attack on a mailbox server).
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http="h11",
-                            h11_max_incomplete_event_size=64 * 1024)
+    # TLS only, with the organization's certificate; a client may present one of the
+    # organization's (a hub, for the hub API) or log on with a password (CERT_OPTIONAL).
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http=_PeerH11,
+                            h11_max_incomplete_event_size=64 * 1024,
+                            ssl_certfile=str(node_cert.cert_path), ssl_keyfile=str(node_cert.key_path),
+                            ssl_ca_certs=str(node_cert.ca_path), ssl_cert_reqs=ssl.CERT_OPTIONAL)
     web = uvicorn.Server(config)
     stop = threading.Event()
 

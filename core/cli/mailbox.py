@@ -11,7 +11,7 @@ import click
 import httpx
 import redis
 
-from mailyard import registry
+from mailyard import pki, registry
 from mailyard.cli.common import (
     connect,
     handle_errors,
@@ -46,7 +46,7 @@ def serve(server: str, host: str, port: int, advertise_url: str | None, loglevel
 
     setup_logging(loglevel)
     run(server=server, redis_url=resolve_redis_url(redis_url, data_dir), data_dir=data_dir / "mailboxes",
-        host=host, port=port, advertise_url=advertise_url)
+        pki_dir=pki.pki_dir(data_dir), host=host, port=port, advertise_url=advertise_url)
 
 
 def mailbox_url(r: redis.Redis, address: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import mailbox as stdlib_mailbox
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import httpx
 import redis
 
 from mailyard import keys, pki, redisconn, registry
-from mailyard.org import Organization
+from mailyard.org import Operator, Organization
 from mailyard.orgstore import apply_org
 from mailyard.redisconn import number, text
 from mailyard.site.redis_server import free_port
@@ -56,6 +57,24 @@ class Proc:
         return found
 
 
+OPERATOR = "cluster-operator"
+
+
+class _MailboxServers(httpx.HTTPTransport):
+    """Sets the TLS server name of a request to a mailbox server from the port it calls."""
+
+    def __init__(self, ports: dict[str, int], **kw: Any) -> None:
+        super().__init__(**kw)
+        self._ports = ports
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme == "https" and "sni_hostname" not in request.extensions:
+            server = next((s for s, port in self._ports.items() if port == request.url.port), None)
+            if server is not None:
+                request.extensions = {**request.extensions, **pki.sni(pki.Identity.mailbox(server))}
+        return super().handle_request(request)
+
+
 class Cluster:
     def __init__(
         self, redis_url: str, data_dir: Path, org: Organization, *, cwd: Path | None = None,
@@ -73,12 +92,18 @@ class Cluster:
         self._stay_down: set[str] = set()
         self._closing = False
         self.r: redis.Redis = redisconn.connect(redis_url)
-        self.http = httpx.Client(timeout=30)
+        # The tests' own logon on mailbox servers: an operator who may read and send as any
+        # mailbox (as site up's local operator may), with a password made for this cluster.
+        self.operator = (OPERATOR, secrets.token_urlsafe(16))
         self.apply(org)
+        self.http = self.client(auth=self.operator)
 
     # region: processes
 
     def apply(self, org: Organization) -> None:
+        if not any(op.name == OPERATOR for op in org.operators):
+            op = Operator(name=OPERATOR, password=self.operator[1], rights=["FullAccess", "SendAs"])
+            org = org.model_copy(update={"operators": [*org.operators, op]})
         self.org = org
         # The organization's CA and a certificate for each hub site and mailbox server, where
         # the nodes look for them (``<data-dir>/pki``), as ``site up`` makes them.
@@ -136,11 +161,20 @@ class Cluster:
         self._mailbox_ports[server] = port
         proc = self._spawn(server, "mailbox",
                            ["mailbox", "serve", "--server", server, "--port", str(port)], faults)
-        url = f"http://127.0.0.1:{port}"
+        url = f"https://127.0.0.1:{port}"
         if wait:
             wait_until(lambda: self._healthy(url, proc), timeout=30,
                        message=lambda: f"mailbox server {server} did not start: {self.tail(server)}")
         return proc
+
+    def client(self, auth: tuple[str, str] | None = None, *, cert: pki.Identity | None = None) -> httpx.Client:
+        """An HTTP client for the mailbox servers: it trusts the organization's CA only and
+        names the server it means (TLS server name) by the port it calls; ``auth``: the Basic
+        logon (none: anonymous); ``cert``: present that node's certificate (a hub's: mutual TLS)."""
+        ctx = (pki.NodeCert(self.pki.dir, cert).client_context() if cert
+               else pki.trust_context(self.pki.cert_path))
+        transport = _MailboxServers(self._mailbox_ports, verify=ctx)
+        return httpx.Client(timeout=30, transport=transport, auth=auth)
 
     def _healthy(self, url: str, proc: Proc) -> bool:
         if not proc.alive:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from mailyard import registry
+from mailyard.pki import Identity
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
 from tests.conftest import ROOT, make_org
@@ -30,8 +31,10 @@ def base(api: Cluster) -> str:
     return registry.server_url(api.r, "MBX-AMS-01")
 
 
-def token(api: Cluster) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api.org.transport.server_token}"}
+@pytest.fixture(scope="module")
+def hub(api: Cluster) -> httpx.Client:
+    """A client with the certificate of Amsterdam's hubs, as the store driver has it."""
+    return api.client(cert=Identity.hub("Amsterdam"))
 
 
 def error_of(response: httpx.Response) -> str:
@@ -57,13 +60,20 @@ def test_unknown_things_are_404_with_a_reason(api, base, method, path, status, n
     assert needle in error_of(response)
 
 
-def test_the_hub_api_needs_the_server_token(api, base) -> None:
+def test_the_hub_api_needs_the_client_certificate_of_a_hub_of_the_servers_site(api, base, hub) -> None:
     url = base + "/hub/deliver"
     body = {"messages": [{"id": "m1", "recipients": ["alice@contoso.com"], "raw": ""}]}
-    assert api.http.post(url, json=body).status_code == 401
-    wrong = api.http.post(url, json=body, headers={"Authorization": "Bearer wrong"})
-    assert wrong.status_code == 403 and "wrong server token" in error_of(wrong)
+    anonymous = api.http.post(url, json=body)  # (a password logon is no hub's)
+    assert anonymous.status_code == 401 and "client certificate" in error_of(anonymous)
+    for other in (Identity.hub("London"), Identity.mailbox("MBX-AMS-02")):
+        with api.client(cert=other) as client:
+            refused = client.post(url, json=body)
+            assert refused.status_code == 403, f"{other}: {refused.status_code}"
+            assert "only hubs of site Amsterdam" in error_of(refused)
+            assert client.get(base + "/hub/outbox/alice@contoso.com/x").status_code == 403
     assert api.http.get(base + "/hub/outbox/alice@contoso.com/x").status_code == 401
+    body["messages"][0]["raw"] = base64.b64encode(b"Subject: from a hub\r\n\r\nx\r\n").decode()
+    assert hub.post(url, json=body).status_code == 200, "a hub of the site may deliver"
 
 
 @pytest.mark.parametrize(
@@ -79,20 +89,20 @@ def test_the_hub_api_needs_the_server_token(api, base) -> None:
          "messages[0].raw: not valid base64"),
     ],
 )
-def test_bad_deliveries_are_400_naming_the_field(api, base, payload: bytes, needle: str) -> None:
-    response = api.http.post(base + "/hub/deliver", content=payload, headers=token(api))
+def test_bad_deliveries_are_400_naming_the_field(hub, base, payload: bytes, needle: str) -> None:
+    response = hub.post(base + "/hub/deliver", content=payload, headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     assert needle in error_of(response)
 
 
-def test_delivery_to_a_mailbox_of_another_server_is_a_permanent_failure(api, base) -> None:
+def test_delivery_to_a_mailbox_of_another_server_is_a_permanent_failure(api, base, hub) -> None:
     raw = base64.b64encode(b"Subject: x\r\n\r\nx\r\n").decode()
     body = {"messages": [{"id": "m77", "recipients": ["carol@contoso.com", "alice@contoso.com"], "raw": raw}]}
-    results = api.http.post(base + "/hub/deliver", json=body, headers=token(api)).json()["results"]
+    results = hub.post(base + "/hub/deliver", json=body).json()["results"]
     by_rcpt = {r["recipient"]: r for r in results}
     assert by_rcpt["carol@contoso.com"]["code"] == 550 and by_rcpt["carol@contoso.com"]["status"] == "5.1.1"
     assert by_rcpt["alice@contoso.com"]["code"] == 250
-    again = api.http.post(base + "/hub/deliver", json=body, headers=token(api)).json()["results"]
+    again = hub.post(base + "/hub/deliver", json=body).json()["results"]
     assert {r["recipient"]: r["code"] for r in again}["alice@contoso.com"] == 250
     inbox = [i for i in api.folder("alice@contoso.com") if i["subject"] == "x"]
     assert len(inbox) == 1, "a repeated delivery is stored once"
@@ -105,7 +115,7 @@ def test_delivery_to_a_mailbox_of_another_server_is_a_permanent_failure(api, bas
         (b"Subject: nobody\r\n\r\nhi\r\n", "message/rfc822", 400, "no recipients"),
         (b"To: bob\r\nSubject: x\r\n\r\nhi\r\n", "message/rfc822", 400, "'bob' is not a valid e-mail address"),
         (b"From: bob@contoso.com\r\nTo: carol@contoso.com\r\n\r\nhi\r\n", "message/rfc822", 403,
-         "alice@contoso.com may not send as bob@contoso.com"),
+         "may not send as bob@contoso.com from the mailbox alice@contoso.com"),
         (b'{"to": "carol@contoso.com", "colour": 1}', "application/json", 400, "unknown field(s): colour"),
         (b'{"to": [1]}', "application/json", 400, "to: expected a list of addresses"),
         (b"[1", "application/json", 400, "body is not JSON"),
