@@ -57,7 +57,10 @@ def hash_passwords(org: Organization, current: Organization | None = None) -> Or
 
     mailboxes = [mb.model_copy(update={"password": hashed(mb.password, stored.get(mb.address, ""))})
                  for mb in org.mailboxes]
-    operators = [op.model_copy(update={"password": hashed(op.password, stored_ops.get(op.name, ""))})
+    # An operator the file gives no password keeps the one stored (site up's local operator,
+    # whose password is in its secrets.toml, survives an `org apply` of the same file).
+    operators = [op.model_copy(update={"password": hashed(op.password, stored_ops.get(op.name, ""))
+                                       if op.password else stored_ops.get(op.name, "")})
                  for op in org.operators]
     return org.model_copy(update={"mailboxes": mailboxes, "operators": operators})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -62,7 +63,9 @@ def test_send_show_queue_and_track_from_the_command_line(cluster_factory) -> Non
     site = cluster_factory()
     site.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
     site.start_hub("Amsterdam", "cli-hub")
-    env = {"MAILYARD_REDIS_URL": site.redis_url}
+    # (the cluster's operator, named the way a user outside the site's directory names a logon)
+    env = {"MAILYARD_REDIS_URL": site.redis_url, "MAILYARD_USER": site.operator[0],
+           "MAILYARD_PASSWORD": site.operator[1], "MAILYARD_CA_FILE": str(site.pki.cert_path)}
 
     sent = json.loads(mailyard("send", "--from", "alice@contoso.com", "--to", "carol@contoso.com",
                                "--cc", "erin@contoso.com", "--subject", "from the CLI", "--body", "Hello!",
@@ -183,7 +186,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         assert state["redis_url"].startswith("redis://127.0.0.1:")
         for p in state["processes"]:
             if p["role"] == "mailbox":
-                assert p["url"].startswith("http://127.0.0.1:")
+                assert p["url"].startswith("https://127.0.0.1:")
 
         # Mail flows, through the commands a user types, found through the state file
         env = {"MAILYARD_DATA_DIR": str(data), "MAILYARD_REDIS_URL": ""}
@@ -198,6 +201,20 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         def arrived_outside() -> list:
             shown = mailyard("internet", "show", "fabrikam.example", "--json", env=env)
             return [m for m in json.loads(shown.stdout) if m["subject"] == "out"]
+
+        # Only the site's operator (who can read its secrets.toml) logs on as its operator:
+        # from another directory, or with the operator's name but not its password, no one
+        elsewhere = {"MAILYARD_DATA_DIR": str(tmp_path / "elsewhere"), "MAILYARD_REDIS_URL": state["redis_url"]}
+        (tmp_path / "elsewhere" / "pki").mkdir(parents=True)
+        shutil.copy(data / "pki" / "ca.crt", tmp_path / "elsewhere" / "pki" / "ca.crt")
+        for extra in ({}, {"MAILYARD_USER": "operator", "MAILYARD_PASSWORD": "guess"},
+                      {"MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": "wrong"}):
+            refused = mailyard("mailbox", "show", "dave@contoso.com", env={**elsewhere, **extra}, check=False)
+            assert refused.returncode == 1, refused.stdout
+            assert "secrets.toml" in refused.stderr or "401" in refused.stderr, refused.stderr
+        nosy = mailyard("mailbox", "show", "dave@contoso.com", check=False,
+                        env={**elsewhere, "MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": "bob-demo-password"})
+        assert nosy.returncode == 1 and "403" in nosy.stderr and "may not read dave@contoso.com" in nosy.stderr
 
         (outside,) = wait_until(arrived_outside, timeout=60)
         assert outside["from"] == "erin@contoso.com" and outside["to"] == ["someone@fabrikam.example"]

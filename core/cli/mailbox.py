@@ -8,10 +8,10 @@ from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 
 import click
-import httpx
 import redis
 
 from mailyard import pki, registry
+from mailyard.cli import logon
 from mailyard.cli.common import (
     connect,
     handle_errors,
@@ -21,7 +21,7 @@ from mailyard.cli.common import (
     resolve_redis_url,
     table,
 )
-from mailyard.errors import MailyardError, NotFoundError
+from mailyard.errors import NotFoundError
 from mailyard.orgstore import OrgCache
 from mailyard.processes import setup_logging
 
@@ -49,43 +49,32 @@ def serve(server: str, host: str, port: int, advertise_url: str | None, loglevel
         pki_dir=pki.pki_dir(data_dir), host=host, port=port, advertise_url=advertise_url)
 
 
-def mailbox_url(r: redis.Redis, address: str) -> str:
+def mailbox_url(r: redis.Redis, address: str) -> tuple[str, str]:
+    """The mailbox's server and its API URL."""
     entry = OrgCache(r).get().mailbox_entry(address)
     if entry is None or entry.server is None:
         raise NotFoundError(f"{address} is not a mailbox of this organization")
-    return f"{registry.server_url(r, entry.server)}/mailboxes/{entry.address}"
-
-
-def _call(method: str, url: str, **kw) -> httpx.Response:
-    try:
-        response = httpx.request(method, url, timeout=30, **kw)
-    except httpx.HTTPError as exc:
-        raise MailyardError(f"cannot reach the mailbox server at {url}: {exc}") from None
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("error", response.text)
-        except ValueError:
-            detail = response.text
-        raise MailyardError(f"{response.status_code}: {detail}")
-    return response
+    return entry.server, f"{registry.server_url(r, entry.server)}/mailboxes/{entry.address}"
 
 
 @mailbox.command()
 @click.argument("address")
 @click.option("--folder", default="Inbox", show_default=True, help="Inbox, Outbox or 'Sent Items'.")
 @click.option("--raw", "raw_id", metavar="ID", help="Print one message as RFC 5322 text.")
+@logon.logon_options
 @redis_option
 @json_option
 @handle_errors
-def show(address: str, folder: str, raw_id: str | None, redis_url: str | None, data_dir: Path,
-         as_json: bool) -> None:
-    """List a mailbox folder, or print one message with --raw ID."""
-    base = mailbox_url(connect(redis_url, data_dir), address)
-    if raw_id:
-        response = _call("GET", f"{base}/folders/{folder}/{raw_id}")
-        sys.stdout.buffer.write(response.content)
-        return
-    data = _call("GET", f"{base}/folders/{folder}").json()
+def show(address: str, folder: str, raw_id: str | None, user: str | None, password_file: Path | None,
+         ca_file: Path | None, redis_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """List a mailbox folder, or print one message with --raw ID (needs FullAccess on it)."""
+    server, base = mailbox_url(connect(redis_url, data_dir), address)
+    with logon.resolve(data_dir, user, password_file, ca_file).client() as client:
+        if raw_id:
+            response = logon.call(client, server, "GET", f"{base}/folders/{folder}/{raw_id}")
+            sys.stdout.buffer.write(response.content)
+            return
+        data = logon.call(client, server, "GET", f"{base}/folders/{folder}").json()
     if as_json:
         print_json(data["items"])
         return
@@ -106,13 +95,15 @@ def show(address: str, folder: str, raw_id: str | None, redis_url: str | None, d
 @click.option("--body", help="The message text.")
 @click.option("--file", "eml", type=click.Path(dir_okay=False, path_type=Path),
               help="Send this RFC 5322 file (its headers may be completed by --to/--subject).")
+@logon.logon_options
 @redis_option
 @json_option
 @handle_errors
 def send(sender: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tuple[str, ...], subject: str,
-         body: str | None, eml: Path | None, redis_url: str | None, data_dir: Path,
-         as_json: bool) -> None:
-    """Send a message from a mailbox: it goes into the Outbox, a hub picks it up."""
+         body: str | None, eml: Path | None, user: str | None, password_file: Path | None,
+         ca_file: Path | None, redis_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """Send a message from a mailbox (needs SendAs or SendOnBehalf on it): it goes into the
+    Outbox, a hub picks it up."""
     if (body is None) == (eml is None):
         raise click.UsageError("give exactly one of --body and --file")
     if eml is not None:
@@ -133,8 +124,10 @@ def send(sender: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tuple[str, 
         msg["Subject"] = subject
         msg.set_content(body or "")
         raw = msg.as_bytes(policy=SMTP_POLICY)
-    base = mailbox_url(connect(redis_url, data_dir), sender)
-    data = _call("POST", f"{base}/outbox", content=raw, headers={"Content-Type": "message/rfc822"}).json()
+    server, base = mailbox_url(connect(redis_url, data_dir), sender)
+    with logon.resolve(data_dir, user, password_file, ca_file).client() as client:
+        data = logon.call(client, server, "POST", f"{base}/outbox", content=raw,
+                          headers={"Content-Type": "message/rfc822"}).json()
     if as_json:
         print_json(data)
     else:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mailyard import passwords
-from mailyard.cli.common import connect, handle_errors, json_option, print_json, redis_option, table
+from mailyard import passwords, pki
+from mailyard.cli.common import connect, data_dir_option, handle_errors, json_option, print_json, redis_option, table
 from mailyard.errors import MailyardError
 from mailyard.org import Organization, load_org
 from mailyard.orgstore import apply_org, read_org
@@ -30,6 +31,8 @@ def public_view(o: Organization) -> dict[str, Any]:
     data["transport"]["server_token"] = _mask(data["transport"].get("server_token"))
     for mb in data["mailboxes"]:
         mb["password"] = _mask(mb.get("password"))
+    for op in data.get("operators", []):
+        op["password"] = _mask(op.get("password"))
     for conn in data["send_connectors"]:
         conn["smart_host_password"] = _mask(conn.get("smart_host_password"))
     return data
@@ -166,3 +169,31 @@ def _read_stdin() -> str:
     if "\n" in text or "\r" in text:
         raise MailyardError("standard input holds more than one line: give one line, the password")
     return text
+
+
+@org.group()
+def ca() -> None:
+    """The organization's certificate authority: every hub and mailbox server proves who it
+    is with a certificate from it (``site up`` makes it and them in <data-dir>/pki)."""
+
+
+def _pki_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--pki-dir", type=click.Path(file_okay=False, path_type=Path),
+                        help="Where the CA and the certificates are (default: <data-dir>/pki).")(data_dir_option(fn))
+
+
+@ca.command("init")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_pki_dir_option
+@handle_errors
+def ca_init(file: Path, pki_dir: Path | None, data_dir: Path) -> None:
+    """Create the CA of the organization in FILE (unless there is one), and a certificate for
+    each site's hubs and each mailbox server it names (unless a valid one is there)."""
+    o = load_org(file)
+    where = pki_dir or pki.pki_dir(data_dir)
+    created = not pki.CA(where).exists()
+    ca_ = pki.issue_all(where, o.name, [(s.name, s.mailbox_servers) for s in o.sites])
+    state = "created" if created else "kept"
+    click.echo(f"{state} the CA of {o.name} in {ca_.dir} (key {ca_.key_path.name}, mode 0600)")
+    for identity in pki.node_identities([(s.name, s.mailbox_servers) for s in o.sites]):
+        click.echo(f"  {identity}: {ca_.dir / identity.file_stem}.crt ({identity.dns_name})")

@@ -155,7 +155,7 @@ class Site:
         for site in cfg.org.sites:
             for server in site.mailbox_servers:
                 port = self._port()
-                url = f"http://{cfg.host}:{port}"
+                url = f"https://{cfg.host}:{port}"
                 self.children.append(Child(
                     server, "mailbox",
                     mailyard_cmd("mailbox", "serve", "--server", server, "--host", cfg.host,
@@ -213,6 +213,14 @@ class Site:
 
     def org_to_apply(self) -> Organization:
         org = self.cfg.org
+        if self.secrets is not None:
+            # The local operator logs on with the password in secrets.toml, unless the
+            # organization file gives it one of its own.
+            user, password = self.secrets.operator
+            org = org.model_copy(update={"operators": [
+                op.model_copy(update={"password": password})
+                if op.name == user and site_secrets.is_placeholder(op.password) else op
+                for op in org.operators]})
         if not self.cfg.internet:
             return org
         transport = org.transport.model_copy(update={"dns_servers": [f"{self.cfg.host}:{self.dns_port}"]})

@@ -11,6 +11,10 @@ reads them back on the next start, so a restart keeps the same credentials:
     token = "..."       the API (reads and actions) and /metrics
     metrics_token = "..."   /metrics only, for a Prometheus scraper
 
+    [operator]          the local operator's logon on mailbox servers (the CLI's `send`,
+    user = "operator"   `mailbox show`): the organization's operator of that name, when the
+    password = "..."    organization file gives it no password of its own
+
 Other sections (the operator's credential, the Redis password) are added here by name as
 they come: unknown sections and keys in the file are kept as they are.
 
@@ -46,6 +50,7 @@ PLACEHOLDER_MARKERS = ("change-me", "changeme")
 WELL_KNOWN = frozenset({"contoso-demo-viewer-token"})
 
 FLOWER_USER = "admin"
+OPERATOR_USER = "operator"
 
 
 def is_placeholder(value: str | None) -> bool:
@@ -66,6 +71,8 @@ GENERATED: dict[tuple[str, str], Callable[[], str]] = {
     ("flower", "password"): token,
     ("viewer", "token"): token,
     ("viewer", "metrics_token"): token,
+    ("operator", "user"): lambda: OPERATOR_USER,
+    ("operator", "password"): token,
 }
 
 
@@ -104,6 +111,10 @@ class SiteSecrets:
     @property
     def metrics_token(self) -> str:
         return self.get("viewer", "metrics_token")
+
+    @property
+    def operator(self) -> tuple[str, str]:
+        return self.get("operator", "user"), self.get("operator", "password")
 
 
 def load(path: Path) -> dict[str, dict[str, str]]:

@@ -196,5 +196,5 @@ def test_the_api_is_tls_only_and_its_certificate_names_the_server(site) -> None:
         httpx.get(base.replace("https://", "http://") + "/health", timeout=10)
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         httpx.get(base + "/health", timeout=10)  # the system's CAs do not know the organization's
-    with site.client() as client, pytest.raises(httpx.ConnectError, match="[Hh]ostname mismatch"):
+    with site.client() as client, pytest.raises(httpx.ConnectError, match=r"[Hh]ostname mismatch"):
         client.get(base + "/health", extensions={"sni_hostname": "mbx-ams-02.mailbox.mailyard.internal"})
