@@ -121,6 +121,18 @@ def verify(password: str | bytes, encoded: str) -> bool:
     return True
 
 
+def verify_nothing(password: str | bytes) -> None:
+    """Spend what a verification costs, for a logon that names no one: the answer then takes
+    as long as for a wrong password, and does not tell who exists."""
+    global _decoy
+    if _decoy is None:
+        _decoy = hash_password(secrets.token_urlsafe(16))
+    verify(password, _decoy)
+
+
+_decoy: str | None = None
+
+
 def forget() -> None:
     """Empty the cache of successful verifications (for measurements and tests)."""
     with _lock:

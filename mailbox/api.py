@@ -148,6 +148,8 @@ def create_app(
             raise ApiError(401, "the Authorization header is not valid Basic credentials",
                            {"WWW-Authenticate": realm}) from None
         found = directory().principal(login.strip()) if sep else None
+        if found is None:
+            passwords.verify_nothing(password)
         if found is None or not passwords.verify(password, found[1]):
             raise ApiError(401, "logon failed: unknown user or wrong password", {"WWW-Authenticate": realm})
         return found[0]

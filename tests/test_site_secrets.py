@@ -39,11 +39,12 @@ def test_the_file_is_created_0600_even_under_a_permissive_umask(tmp_path: Path) 
 def test_the_secrets_are_kept_across_starts_and_unknown_entries_too(tmp_path: Path) -> None:
     first = secrets.ensure(tmp_path)
     path = first.path
-    path.write_text(path.read_text() + '\n[operator]\nuser = "me"\n')
+    path.write_text(path.read_text() + '\n[backup]\nuser = "me"\n')
     stamp = path.stat().st_mtime_ns
     again = secrets.ensure(tmp_path)
     assert again.viewer_token == first.viewer_token and again.flower_basic_auth == first.flower_basic_auth
-    assert again.get("operator", "user") == "me"
+    assert again.operator == first.operator and again.operator[0] == "operator"
+    assert again.get("backup", "user") == "me"
     assert path.stat().st_mtime_ns == stamp, "nothing was missing: the file is not rewritten"
 
 

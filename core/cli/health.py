@@ -24,8 +24,8 @@ import click
 import httpx
 import redis
 
-from mailyard import redisconn, registry
-from mailyard.cli.common import redis_option, resolve_redis_url
+from mailyard import pki, redisconn, registry
+from mailyard.cli.common import data_dir_option, redis_option, resolve_redis_url
 from mailyard.errors import MailyardError
 
 DEFAULT_TIMEOUT = 5.0
@@ -165,15 +165,25 @@ def hub_health(name: str | None, timeout: float, redis_url: str | None, data_dir
 
 
 @health.command(name="mailbox")
-@click.option("--url", required=True, help="The mailbox server's API, e.g. http://mbx-ams-01:8000.")
+@click.option("--url", required=True, help="The mailbox server's API, e.g. https://127.0.0.1:8000.")
+@click.option("--server", required=True, help="The mailbox server's name: its certificate must name it.")
+@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The organization's CA certificate (default: <data-dir>/pki/ca.crt).")
+@data_dir_option
 @_timeout_option
-def mailbox_health(url: str, timeout: float) -> None:
-    """A mailbox server is healthy when its API answers /health."""
+def mailbox_health(url: str, server: str, ca_file: Path | None, data_dir: Path, timeout: float) -> None:
+    """A mailbox server is healthy when its API answers /health over TLS with its certificate
+    from the organization's CA."""
     target = url.rstrip("/")
     if not target.endswith("/health"):
         target += "/health"
+    identity = pki.Identity.mailbox(server)
+    ca = ca_file or pki.pki_dir(data_dir) / pki.CA_CERT
     try:
-        response = httpx.get(target, timeout=timeout)
+        with httpx.Client(verify=pki.trust_context(ca), timeout=timeout) as client:
+            response = client.get(target, headers={"Host": identity.dns_name}, extensions=pki.sni(identity))
+    except OSError as exc:
+        _unhealthy(f"cannot read the CA certificate {ca}: {exc.strerror or exc}")
     except httpx.HTTPError as exc:
         _unhealthy(f"{target}: {exc or type(exc).__name__}")
     if response.status_code != 200:
