@@ -237,7 +237,7 @@ class NodeCert:
         for path in (self.cert_path, self.key_path, self.ca_path):
             if not path.exists():
                 raise SiteError(f"{path} is missing: the {self.identity} has no certificate of the "
-                                "organization (`mailyard org ca issue`, or `site up` makes them)")
+                                "organization (`mailyard org ca init <file>` makes them, as `site up` does)")
         _check_private(self.key_path)
 
     def server_context(self, *, client_certs: bool) -> ssl.SSLContext:
