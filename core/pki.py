@@ -289,7 +289,8 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity 
     cert = ssl_object.getpeercert()
     if not cert:  # none presented, or not verified (getpeercert() is empty then)
         return None
-    for kind, value in cert.get("subjectAltName", ()):
+    for entry in cert.get("subjectAltName", ()):
+        kind, value = entry[0], entry[1]
         if kind != "DNS" or not isinstance(value, str) or not value.endswith("." + DOMAIN):
             continue
         label, _, role = value[: -len(DOMAIN) - 1].partition(".")

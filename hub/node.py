@@ -49,11 +49,7 @@ class Hub(Protocol):
     def fqdn(self) -> str: ...
 
     @property
-    def node_cert(self) -> pki.NodeCert:
-        """The certificate this hub proves itself with: its site's, from the organization's CA."""
-        if self.pki_dir is None:
-            raise SiteError(f"hub {self.name} has no certificate directory")
-        return pki.NodeCert(self.pki_dir, pki.Identity.hub(self.site))
+    def node_cert(self) -> pki.NodeCert: ...
 
     @property
     def worker(self) -> Worker: ...

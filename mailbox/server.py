@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
@@ -28,7 +29,7 @@ class _PeerH11(H11Protocol):
     (uvicorn puts nothing of the peer certificate in the ASGI scope). The TLS handshake is
     over when ``connection_made`` runs; ``app_state`` is copied into each request's state."""
 
-    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def, override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         identity = pki.peer_identity(transport.get_extra_info("ssl_object"))
         self.app_state = {**self.app_state, PEER: identity}
         super().connection_made(transport)

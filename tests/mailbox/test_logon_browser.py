@@ -49,7 +49,7 @@ def site(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
 def attacker() -> Iterator[str]:
     """The other site: a page on another loopback origin."""
     class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
             self.end_headers()
