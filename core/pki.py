@@ -34,6 +34,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -245,7 +246,10 @@ class NodeCert:
         the organization (CERT_OPTIONAL: one that does not verify fails the handshake; none at
         all leaves the client to log on another way)."""
         self.check()
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        # Not ssl.create_default_context(Purpose.CLIENT_AUTH): that also trusts the system's CA
+        # store for client certificates, and a client certificate must verify against the
+        # organization's CA and nothing else.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.cert_path, self.key_path)
         if client_certs:
@@ -283,7 +287,8 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity 
     cert = ssl_object.getpeercert()
     if not cert:  # none presented, or not verified (getpeercert() is empty then)
         return None
-    for kind, value in cert.get("subjectAltName", ()):
+    names = cast("tuple[tuple[str, str], ...]", cert.get("subjectAltName", ()))
+    for kind, value in names:
         if kind != "DNS" or not isinstance(value, str) or not value.endswith("." + DOMAIN):
             continue
         label, _, role = value[: -len(DOMAIN) - 1].partition(".")
