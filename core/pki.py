@@ -245,7 +245,10 @@ class NodeCert:
         the organization (CERT_OPTIONAL: one that does not verify fails the handshake; none at
         all leaves the client to log on another way)."""
         self.check()
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        # Not ssl.create_default_context(Purpose.CLIENT_AUTH): that also trusts the system's CA
+        # store for client certificates, and a client certificate must verify against the
+        # organization's CA and nothing else.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.cert_path, self.key_path)
         if client_certs:

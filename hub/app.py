@@ -12,8 +12,8 @@ from pathlib import Path
 
 from celery import Celery, bootsteps
 
-from mailyard import pki
 from mailyard.broker import TASK_DRAIN, TASK_PICKUP, hub_queue, make_app, site_queue
+from mailyard.errors import SiteError
 from mailyard.hub import store_driver
 from mailyard.hub.node import Node
 from mailyard.hub.receive_listener import ListenerProcess
@@ -23,10 +23,10 @@ from mailyard.hub.sweeper import Services
 log = logging.getLogger("mailyard.hub")
 
 
-def create(name: str, site: str, redis_url: str, *, receive: ListenerProcess | None = None,
-           pki_dir: Path | None = None) -> tuple[Celery, Node]:
+def create(name: str, site: str, redis_url: str, *, data_dir: Path | None = None,
+           receive: ListenerProcess | None = None) -> tuple[Celery, Node]:
     app = make_app(redis_url)
-    node = Node(name=name, site=site, redis_url=redis_url, app=app, pki_dir=pki_dir)
+    node = Node(name=name, site=site, redis_url=redis_url, app=app, data_dir=data_dir)
 
     @app.task(name=TASK_PICKUP)
     def pickup(server: str, mailbox: str, item: str) -> None:
@@ -77,8 +77,13 @@ def run(
 ) -> None:
     receiver = ListenerProcess(hub=name, site=site, redis_url=redis_url, data_dir=data_dir,
                                binds=binds or [], loglevel=loglevel) if receive else None
-    app, node = create(name, site, redis_url, receive=receiver, pki_dir=pki.pki_dir(data_dir))
-    node.node_cert.check()  # a hub without the organization's certificate cannot reach anyone
+    app, node = create(name, site, redis_url, data_dir=data_dir, receive=receiver)
+    try:
+        node.node_cert.check()
+    except SiteError as exc:
+        # Not fatal: the hub still delivers within its site; relays to other sites defer, each
+        # with this reason as the queue's last error, until the certificate is there.
+        log.error("%s; mail to other sites waits in Retry until this hub has one", exc)
     argv = [
         "worker",
         f"--hostname=hub@{name}",

@@ -9,7 +9,7 @@ import httpx
 import redis
 
 from mailyard import pki, registry
-from mailyard.errors import NotFoundError, PermanentDeliveryError, TransientDeliveryError
+from mailyard.errors import NotFoundError, PermanentDeliveryError, SiteError, TransientDeliveryError
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
@@ -37,8 +37,18 @@ class MailboxClient:
     def __init__(self, r: redis.Redis, hub: str, cert: pki.NodeCert) -> None:
         self._r = r
         self._hub = hub
-        self._http = httpx.Client(timeout=TIMEOUT, verify=cert.client_context(),
-                                  limits=httpx.Limits(max_keepalive_connections=8))
+        self._cert = cert
+        self._client: httpx.Client | None = None
+
+    @property
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            try:
+                ctx = self._cert.client_context()
+            except SiteError as exc:  # no certificate (yet): nothing is sent, the queue retries
+                raise TransientDeliveryError(451, "4.7.5", f"STOREDRV: {exc}; nothing sent") from None
+            self._client = httpx.Client(timeout=TIMEOUT, verify=ctx, limits=httpx.Limits(max_keepalive_connections=8))
+        return self._client
 
     def _url(self, server: str) -> str:
         try:
@@ -91,7 +101,8 @@ class MailboxClient:
         ]
 
     def close(self) -> None:
-        self._http.close()
+        if self._client is not None:
+            self._client.close()
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -7,12 +7,17 @@ hub over the in-memory queues (tests/hub/helpers.py).
 
 Celery's prefork pool forks children from the main process; Redis and HTTP clients are
 created lazily in each process (a client made before a fork must not be used after it).
+
+A hub's identity to other nodes is its site's certificate of the organization, in
+``pki.pki_dir(data_dir)`` (``<data-dir>/pki`` unless ``$MAILYARD_PKI_DIR`` says otherwise):
+``Node.relay_tls`` is the client context of its links to hubs of other sites.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,7 +28,6 @@ from celery import Celery
 from mailyard import faults, pki, redisconn
 from mailyard.broker import DrainMessages
 from mailyard.directory import Directory
-from mailyard.errors import SiteError
 from mailyard.hub.queues import MailQueues, Worker
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.org import TransportSettings
@@ -49,9 +53,6 @@ class Hub(Protocol):
     def fqdn(self) -> str: ...
 
     @property
-    def node_cert(self) -> pki.NodeCert: ...
-
-    @property
     def worker(self) -> Worker: ...
 
     def directory(self) -> Directory: ...
@@ -67,7 +68,7 @@ class Node:
     site: str
     redis_url: str
     app: Celery
-    pki_dir: Path | None = None  # where its site's certificate is (mailyard.pki); None: no links
+    data_dir: Path | None = None  # where its certificate is (pki.pki_dir); None: the working directory's
     _pid: int = -1
     _res: dict[str, Any] = field(default_factory=dict)
 
@@ -118,10 +119,26 @@ class Node:
 
     @property
     def node_cert(self) -> pki.NodeCert:
-        """The certificate this hub proves itself with: its site's, from the organization's CA."""
-        if self.pki_dir is None:
-            raise SiteError(f"hub {self.name} has no certificate directory")
-        return pki.NodeCert(self.pki_dir, pki.Identity.hub(self.site))
+        """This hub's certificate: its site's, issued by the organization's CA."""
+        return pki.NodeCert(pki.pki_dir(self.data_dir or Path(".")), pki.Identity.hub(self.site))
+
+    def relay_tls(self) -> ssl.SSLContext:
+        """The client context of a link to a hub of another site: it presents this hub's
+        certificate and trusts the organization's CA and nothing else. Made again when the
+        certificate file changes (renewed); raises SiteError if the hub has none."""
+        node = self.node_cert
+        node.check()
+        stamp = (node.cert_path.stat().st_mtime_ns, node.key_path.stat().st_mtime_ns, node.ca_path.stat().st_mtime_ns)
+        res = self._resources()
+        cached = res.get("relay_tls")
+        if cached is None or cached[0] != stamp:
+            ctx = node.client_context()
+            # The chain is verified in the handshake (CERT_REQUIRED, the organization's CA only);
+            # the name right after it, before anything is sent (send._org_tls, pki.matches), so
+            # that the queue's last error can say whose certificate the peer presented.
+            ctx.check_hostname = False
+            cached = res["relay_tls"] = (stamp, ctx)
+        return cached[1]
 
     @property
     def worker(self) -> Worker:

@@ -11,6 +11,13 @@ closes its listener within a second. Where the hub runs, a binding of the organi
 (``0.0.0.0:25``) may be mapped to another address (``127.0.0.1:2525``): the local site gives
 each hub its own ports that way. Once a second the listener reads the site's back-pressure
 level and writes out its session counters.
+
+TLS (``tls_contexts``): the hub's own certificate (self-signed unless one is configured, as
+Exchange 2010 makes one at install) for every client, and the site's certificate of the
+organization (``<data-dir>/pki``, ``mailyard.pki``) for a client that asks for the site's
+name under ``hub.mailyard.internal``: the name a hub of another site checks when it relays.
+A hub without that certificate still receives mail, but no other hub can log on to it (and
+it says so at start).
 """
 
 from __future__ import annotations
@@ -21,14 +28,16 @@ import ipaddress
 import logging
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-from mailyard import keys, redisconn, registry
+from mailyard import keys, pki, redisconn, registry
 from mailyard.broker import DrainMessages, make_app
 from mailyard.directory import Directory
+from mailyard.errors import SiteError
 from mailyard.hub.pressure import Level
 from mailyard.hub.receive_handler import ReceiveHandler
 from mailyard.hub.receive_protocol import ReceiveContext, ReceiveProtocol
@@ -74,6 +83,46 @@ def _split(address: str) -> tuple[str, int]:
 # region: in the listener process
 
 
+def tls_contexts(cert: Path, key: Path, node: pki.NodeCert | None) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
+    """The receive connectors' TLS contexts: (for every connector, for connectors with
+    ExchangeServer). Both present ``cert`` unless the client asks for a name under
+    ``hub.mailyard.internal`` (SNI): then the site's certificate of the organization (``node``).
+    The second also asks the client for a certificate and verifies one against the
+    organization's CA only (CERT_OPTIONAL: a client without one logs on another way, one that
+    does not verify fails the handshake). OpenSSL keeps the verify mode of the context a
+    connection started with when SNI switches it, so asking for a client certificate is
+    decided by the connector, not by the name asked for; None without ``node``."""
+    own = server_context(cert, key)
+    if node is None:
+        return own, None
+    org = node.server_context(client_certs=True)
+    suffix = f".hub.{pki.DOMAIN}"
+
+    def by_name(ssl_object: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext) -> None:
+        if name and name.lower().endswith(suffix):
+            ssl_object.context = org
+
+    mutual = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    mutual.minimum_version = ssl.TLSVersion.TLSv1_2
+    mutual.load_cert_chain(cert, key)
+    mutual.load_verify_locations(cafile=str(node.ca_path))  # the organization's CA, nothing else
+    mutual.verify_mode = ssl.CERT_OPTIONAL
+    for ctx in (own, mutual):
+        ctx.sni_callback = by_name
+    return own, mutual
+
+
+def site_cert(data_dir: Path, site: str) -> pki.NodeCert | None:
+    """The site's certificate of the organization, or None (logged: no hub can log on here)."""
+    node = pki.NodeCert(pki.pki_dir(data_dir), pki.Identity.hub(site))
+    try:
+        node.check()
+    except SiteError as exc:
+        log.error("%s; hubs of other sites cannot relay to this hub until it has one", exc)
+        return None
+    return node
+
+
 class ReceiveListener:
     """One hub's listeners, one per actual address its site's connectors are bound to."""
 
@@ -98,12 +147,13 @@ class ReceiveListener:
         tls_dir = self.data_dir / "tls"
         cert, key = tls_dir / f"{self.hub}.crt", tls_dir / f"{self.hub}.key"
         self_signed(cert, key, fqdn)
+        own, mutual = tls_contexts(cert, key, site_cert(self.data_dir, self.site))
         self.ctx = ReceiveContext(
             hub=self.hub, site=self.site, fqdn=fqdn, r=self.r,
             directory=self.watcher.current,
             queues=RedisQueues(self.sync_r, DrainMessages(self.app),
                                lambda: self.watcher.current().org.transport.message_tracking_log_max_age),
-            tls=server_context(cert, key),
+            tls=own, mutual_tls=mutual,
         )
         self.watcher.listeners.append(self.reconcile)
         await self.reconcile(self.watcher.current())

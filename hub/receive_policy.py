@@ -6,14 +6,17 @@ directory and what the client sent; nothing here reads a socket or Redis (the se
 
 - Which connector: each connection is matched to the connector of its listening address
   whose remote IP range matches the client most specifically (``receive_connector_for``).
-- What it offers (``session_rules``): STARTTLS (Tls), AUTH PLAIN/LOGIN (BasicAuth, and
-  ExchangeServer for hubs), AUTH only after STARTTLS (BasicAuthRequireTLS); with
-  ExternalAuthoritative every client the remote IP ranges admit is an Exchange server
-  without a logon (the link is secured by other means).
+- What it offers (``session_rules``): STARTTLS (Tls), AUTH PLAIN/LOGIN (BasicAuth), AUTH
+  only after STARTTLS (BasicAuthRequireTLS); with ExchangeServer, STARTTLS asks the client for
+  a certificate of the organization's CA, and a hub that presents its site's is an Exchange
+  server without any AUTH (``certificate_logon``: mutual TLS, the way Exchange's
+  ExchangeServer authentication with direct trust works); with ExternalAuthoritative every
+  client the remote IP ranges admit is an Exchange server without a logon (the link is
+  secured by other means).
 - Who may submit (permission groups, ``granted_groups``): AnonymousUsers, ExchangeUsers (a
-  mailbox that logged on), ExchangeServers (another hub, logged on with the organization's
-  server token), Partners; a client with none of them gets ``530 5.7.1 Client was not
-  authenticated``, and a user sends only as one of its own addresses.
+  mailbox that logged on), ExchangeServers (another hub, by its certificate), Partners; a
+  client with none of them gets ``530 5.7.1 Client was not authenticated``, and a user sends
+  only as one of its own addresses.
 - Who may relay (``rcpt_to``): ExchangeUsers and ExchangeServers; anyone else may only send
   to the accepted domains (``550 5.7.1 Unable to relay``), and only to recipients that exist
   (``550 5.1.1 User unknown``).
@@ -26,20 +29,19 @@ A refused command raises ``Refused``, which carries the reply.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 from dataclasses import dataclass
 
-from mailyard import headers, passwords
+from mailyard import headers, passwords, pki
 from mailyard.directory import Directory
-from mailyard.hub import relay, replies
+from mailyard.hub import replies
 from mailyard.hub.pressure import Level
 from mailyard.org import Organization, ReceiveConnector, normalize_address, parse_ip_range
 
 RELAY_GROUPS = frozenset({"ExchangeUsers", "ExchangeServers"})
 ANY_SENDER_GROUPS = frozenset({"AnonymousUsers", "ExchangeServers", "Partners"})
 USER_LOGONS = frozenset({"BasicAuth", "BasicAuthRequireTLS"})  # mechanisms a mailbox logs on with
-LOGONS = USER_LOGONS | {"ExchangeServer"}  # mechanisms that offer AUTH at all
+SERVER_LOGON = "ExchangeServer"  # hubs, by their certificate after STARTTLS: never with AUTH
 
 
 class Refused(Exception):
@@ -95,8 +97,9 @@ class SessionRules:
 
     size_limit: int  # advertised with SIZE
     starttls: bool  # Tls
-    auth_methods: frozenset[str]  # of PLAIN and LOGIN; none without a logon mechanism
+    auth_methods: frozenset[str]  # of PLAIN and LOGIN; none without a mailbox logon (BasicAuth)
     auth_require_tls: bool  # BasicAuthRequireTLS: AUTH only after STARTTLS
+    client_certs: bool  # ExchangeServer: STARTTLS asks for a certificate of the organization's CA
     implicit: Identity | None  # ExternalAuthoritative: the client is an Exchange server without a logon
     ident: str | None  # the greeting's text after "220 <hostname> ", from the connector's banner
     hostname: str | None  # the connector's own FQDN, when it has one
@@ -107,8 +110,9 @@ def session_rules(conn: ReceiveConnector, client_ip: str) -> SessionRules:
     return SessionRules(
         size_limit=conn.max_message_size,
         starttls="Tls" in mechanisms,
-        auth_methods=frozenset({"PLAIN", "LOGIN"}) if mechanisms & LOGONS else frozenset(),
+        auth_methods=frozenset({"PLAIN", "LOGIN"}) if mechanisms & USER_LOGONS else frozenset(),
         auth_require_tls="BasicAuthRequireTLS" in mechanisms,
+        client_certs="Tls" in mechanisms and SERVER_LOGON in mechanisms,
         implicit=Identity("server", f"[{client_ip}]") if "ExternalAuthoritative" in mechanisms else None,
         ident=conn.banner.removeprefix("220 ").split(" ", 1)[-1] if conn.banner else None,
         hostname=conn.fqdn or None,
@@ -133,17 +137,12 @@ def too_many_logon_failures(conn: ReceiveConnector, failures: int) -> bool:
 def logon(directory: Directory, conn: ReceiveConnector, login: str, password: bytes) -> Identity | None:
     """AUTH: the identity a login and password prove on this connector, or None.
 
-    A hub logs on as ``exchange-server/<hub>`` with the organization's server token, where the
-    connector has ExchangeServer; a mailbox with its address (or an alias) and its password,
-    where it has BasicAuth (checked against the stored hash: ``passwords.verify``, an scrypt
-    unless the same password verified before; the session runs this off its event loop)."""
+    Only a mailbox logs on with AUTH: its address (or an alias) and its password, where the
+    connector has BasicAuth (checked against the stored hash: ``passwords.verify``, an scrypt
+    unless the same password verified before; the session runs this off its event loop). No
+    login makes a client an Exchange server: a hub proves itself with its certificate
+    (``certificate_logon``), and no shared secret of the organization is a password here."""
     mechanisms = set(conn.auth_mechanisms)
-    hub = relay.server_of(login)
-    if hub is not None:
-        token = directory.org.transport.server_token.encode()
-        if token and "ExchangeServer" in mechanisms and hmac.compare_digest(password, token):
-            return Identity("server", hub)
-        return None
     if not mechanisms & USER_LOGONS:
         return None
     entry = directory.mailbox_entry(login)
@@ -152,6 +151,20 @@ def logon(directory: Directory, conn: ReceiveConnector, login: str, password: by
         aliases = {a for m in directory.org.mailboxes if m.address == entry.address for a in m.aliases}
         return Identity("user", entry.address, frozenset({entry.address, *aliases}))
     return None
+
+
+def certificate_logon(directory: Directory, conn: ReceiveConnector, peer: pki.Identity | None) -> Identity | None:
+    """STARTTLS: the identity a verified client certificate proves on this connector, or None.
+
+    ``peer`` is what the certificate names (``pki.peer_identity``; the session's TLS context
+    verified it against the organization's CA and nothing else). A certificate of a site's hubs
+    makes the client an Exchange server of that site, where the connector has ExchangeServer;
+    a mailbox server's certificate, or one of a site the organization no longer has, proves
+    nothing here."""
+    if peer is None or peer.role != "hub" or SERVER_LOGON not in conn.auth_mechanisms:
+        return None
+    site = next((s.name for s in directory.org.sites if pki.matches(peer, pki.Identity.hub(s.name))), None)
+    return Identity("server", site) if site else None
 
 
 def granted_groups(conn: ReceiveConnector, identity: Identity | None) -> frozenset[str]:

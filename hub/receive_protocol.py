@@ -8,6 +8,13 @@ every new connection, so ``mailyard org apply`` changes them without a restart) 
 what that connector offers: SIZE, STARTTLS, the AUTH mechanisms, its banner. The commands
 themselves are decided by the handler (``receive_handler``), which asks the policy.
 
+STARTTLS presents the hub's own certificate (``ReceiveContext.tls``), or, to a client that
+asks for a name under ``hub.mailyard.internal`` (SNI), the site's certificate of the
+organization. On a connector with ExchangeServer it asks the client for a certificate of the
+organization's CA (``ReceiveContext.mutual_tls``); a hub that presents its site's is logged
+on as an Exchange server once the handshake is done, without AUTH
+(``receive_policy.certificate_logon``).
+
 What the protocol adds to aiosmtpd's, for a server on the Internet: a line without CRLF is
 capped (``MAX_UNBROKEN_LINE``); DATA is read in chunks (``smtp_data``); every reply gets
 Exchange's wording and an enhanced status code (``replies``), and EHLO's lines go out in one
@@ -32,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio
 from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
 
-from mailyard import keys
+from mailyard import keys, pki
 from mailyard.directory import Directory
 from mailyard.hub import receive_policy as policy
 from mailyard.hub import replies
@@ -81,6 +88,7 @@ class ReceiveContext:
     directory: Callable[[], Directory]
     queues: RedisQueues  # builds the changes this process commits (and their drain tasks)
     tls: ssl.SSLContext | None = None
+    mutual_tls: ssl.SSLContext | None = None  # connectors with ExchangeServer: asks for a client certificate
     per_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sessions: Counter[str] = field(default_factory=Counter)
     level: Level = Level.NORMAL  # the site's back pressure, kept current by the listener
@@ -159,7 +167,8 @@ class ReceiveProtocol(SMTP):
         rules = policy.session_rules(conn, ip)
         self.state = SessionState(conn, ip, rules)
         self.data_size_limit = rules.size_limit
-        self.tls_context = self.ctx.tls if rules.starttls else None
+        tls = (self.ctx.mutual_tls or self.ctx.tls) if rules.client_certs else self.ctx.tls
+        self.tls_context = tls if rules.starttls else None
         self._auth_require_tls = rules.auth_require_tls
         self._auth_methods = {k: v for k, v in self._all_auth_methods.items() if k in rules.auth_methods}
         if rules.ident:
@@ -274,6 +283,22 @@ class ReceiveProtocol(SMTP):
                 if error is not None:
                     traceback.clear_frames(error.__traceback__)
             raise
+        self._certificate_logon()
+
+    def _certificate_logon(self) -> None:
+        """After the handshake (aiosmtpd began a new session for it): a client certificate of a
+        site's hubs, verified against the organization's CA, logs the client on as an Exchange
+        server. Only the mutual context verifies client certificates; with any other, the
+        certificate dict is empty and this proves nothing."""
+        if self.state is None or self.session is None or self.transport is None:
+            return
+        if self.tls_context is None or self.tls_context is not self.ctx.mutual_tls:
+            return
+        peer = pki.peer_identity(self.transport.get_extra_info("ssl_object"))
+        identity = policy.certificate_logon(self.ctx.directory(), self.state.connector, peer)
+        if identity is not None:
+            self.session.authenticated = True
+            self.session.auth_data = identity  # type: ignore[assignment]  # (aiosmtpd declares it None)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.state is not None and self.state.counted:

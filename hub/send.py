@@ -2,7 +2,14 @@
 
 A drain task delivers a batch of one queue over one SMTP connection: EHLO, STARTTLS when
 offered (opportunistic; required when the connector says so), AUTH where configured, then
-MAIL, RCPT, DATA for each message with RSET between them. Each recipient gets its own
+MAIL, RCPT, DATA for each message with RSET between them.
+
+To a hub of another site the link is always TLS verified against the organization's CA
+(``_org_tls``): STARTTLS is required, the peer's certificate must be issued by that CA for
+the site's hubs (``<site>.hub.mailyard.internal``), and this hub presents its own site's
+certificate, which logs it on as an Exchange server (mutual TLS; no AUTH, no secret). A peer
+that offers no STARTTLS or presents another certificate gets nothing: the queue goes into
+Retry with a 4.7.5 last error that says why. Each recipient gets its own
 outcome: 2xx done, 4xx retried, 5xx NDR. If no target host can be reached the whole queue
 goes into Retry, with the last error shown, instead of every message hammering a dead host.
 """
@@ -13,6 +20,7 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -21,14 +29,14 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from mailyard import headers, redisconn, registry
-from mailyard.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from mailyard import headers, pki, redisconn, registry
+from mailyard.errors import DeliveryError, PermanentDeliveryError, SiteError, TransientDeliveryError
 from mailyard.hub import mx
 from mailyard.hub.node import Node
 from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
 from mailyard.hub.records import DeliveryType, Item
 from mailyard.hub.redis_queues import RedisQueues
-from mailyard.hub.relay import ORIGIN_HEADER, SERVER_LOGIN_PREFIX
+from mailyard.hub.relay import ORIGIN_HEADER
 from mailyard.org import SendConnector
 from mailyard.tls import opportunistic_client_context
 from mailyard.tracking import Event
@@ -36,6 +44,7 @@ from mailyard.tracking import Event
 log = logging.getLogger("mailyard.hub.send")
 
 CONNECT_TIMEOUT = 30.0  # at most; shorter if the inactivity timeout is
+ORG_TLS = "hub to hub links are TLS verified against the organization's CA"
 
 
 @dataclass
@@ -48,6 +57,13 @@ class Destination:
     username: str = ""
     password: str = ""
     org_origin: bool = False  # add X-Mailyard-Origin (hub-to-hub relay within the organization)
+    peer: pki.Identity | None = None  # a node of the organization: TLS verified against its CA, to this identity
+    tls_context: ssl.SSLContext | None = None  # with ``peer``: this hub's client context (Node.relay_tls)
+
+    @property
+    def session_key(self) -> str:
+        """What a cached connection must have been opened for, besides the address."""
+        return self.peer.dns_name if self.peer else self.username
 
 
 @dataclass
@@ -110,10 +126,12 @@ def _is_ip(host: str) -> bool:
 
 def _remote_site_destination(node: Node, site: str) -> Destination:
     """The live hubs of ``site`` (shuffled: the load spreads), at a receive connector that
-    takes Exchange servers; this hub logs on as one with the site's server token."""
+    takes Exchange servers by their certificate; this hub presents its own (``Node.relay_tls``)
+    and expects the certificate of ``site``'s hubs."""
     org = node.orgs.org
     takes_servers = {c.name for c in org.receive_connectors
-                     if c.enabled and "ExchangeServers" in c.permission_groups and (not c.sites or site in c.sites)}
+                     if c.enabled and "ExchangeServers" in c.permission_groups and "ExchangeServer" in c.auth_mechanisms
+                     and (not c.sites or site in c.sites)}
     targets = []
     for hub in registry.hubs(node.r):
         if hub.site != site or not hub.alive(org.transport.hub_heartbeat_timeout):
@@ -126,8 +144,12 @@ def _remote_site_destination(node: Node, site: str) -> Destination:
     if not targets:
         raise TransientDeliveryError(451, "4.4.1", f"no hub of site {site} is reachable over SMTP")
     random.shuffle(targets)
-    return Destination(targets, 25, False, f"{SERVER_LOGIN_PREFIX}/{node.name}", org.transport.server_token,
-                 org_origin=True)
+    try:
+        tls_context = node.relay_tls()
+    except SiteError as exc:
+        raise TransientDeliveryError(451, "4.7.5", f"{exc}: nothing sent ({ORG_TLS})") from None
+    return Destination(targets, 25, require_tls=True, org_origin=True, peer=pki.Identity.hub(site),
+                       tls_context=tls_context)
 
 
 class ConnectionCache:
@@ -183,7 +205,10 @@ async def _open(target: mx.Target, port: int, dest: Destination, *, helo: str, t
     try:
         await smtp.connect(timeout=min(CONNECT_TIMEOUT, timeout))
         await smtp.ehlo()
-        if smtp.supports_extension("starttls"):
+        if dest.peer is not None:
+            await _org_tls(smtp, target, dest.peer, dest.tls_context)
+            await smtp.ehlo()
+        elif smtp.supports_extension("starttls"):
             await smtp.starttls(tls_context=opportunistic_client_context())
             await smtp.ehlo()
         elif dest.require_tls:
@@ -196,6 +221,40 @@ async def _open(target: mx.Target, port: int, dest: Destination, *, helo: str, t
     return smtp
 
 
+async def _org_tls(smtp: aiosmtplib.SMTP, target: mx.Target, peer: pki.Identity,
+                   tls_context: ssl.SSLContext | None) -> None:
+    """STARTTLS to a node of the organization, verified before anything else is sent: the
+    chain against the organization's CA only (the context trusts nothing else), then the name
+    the certificate carries against ``peer`` (``pki.matches``). Raises TransientDeliveryError
+    (4.7.5) saying why not."""
+    where = f"{target.host} [{target.address}]"
+    if tls_context is None:
+        raise TransientDeliveryError(451, "4.7.5", f"this hub has no certificate to present to {where}: "
+                                                   f"nothing sent ({ORG_TLS})")
+    if not smtp.supports_extension("starttls"):
+        raise TransientDeliveryError(451, "4.7.5", f"{where} does not offer STARTTLS: nothing sent ({ORG_TLS})")
+    try:
+        await smtp.starttls(server_hostname=peer.dns_name, tls_context=tls_context)
+    except ssl.SSLCertVerificationError as exc:
+        raise TransientDeliveryError(
+            451, "4.7.5", f"the certificate of {where} is not issued by the organization's CA "
+                          f"({exc.verify_message}): nothing sent ({ORG_TLS})") from None
+    except ssl.SSLError as exc:
+        raise TransientDeliveryError(
+            451, "4.7.5", f"no TLS with {where} ({exc.reason or exc}): nothing sent ({ORG_TLS})") from None
+    except aiosmtplib.SMTPResponseException as exc:
+        raise TransientDeliveryError(
+            451, "4.7.5", f"{where} refused STARTTLS ({exc.code} {exc.message}): nothing sent ({ORG_TLS})") from None
+    # The context verified the chain (and nothing but the chain: Node.relay_tls); the name is
+    # checked here, before anything is sent, so that the error can say whose certificate it was.
+    found = pki.peer_identity(smtp.get_transport_info("ssl_object"))
+    if not pki.matches(found, peer):
+        names = found.dns_name if found else "no node of the organization"
+        raise TransientDeliveryError(
+            451, "4.7.5", f"the certificate of {where} names {names}, not {peer.dns_name} ({peer}): "
+                          f"nothing sent ({ORG_TLS})")
+
+
 async def transfer(dest: Destination, jobs: list[Job], *, helo: str, timeout: float,
                    cache: ConnectionCache | None = None) -> str:
     """Deliver ``jobs`` over one connection to the first target that answers (a cached one
@@ -203,9 +262,10 @@ async def transfer(dest: Destination, jobs: list[Job], *, helo: str, timeout: fl
     TransientDeliveryError if none answers. ``timeout`` bounds every wait for the peer
     (connect, each reply, DATA)."""
     last_error = "no target"
+    refused: TransientDeliveryError | None = None  # the last target that failed the organization's TLS
     for target in dest.targets:
         port = target.port or dest.port
-        key = (target.address, port, dest.username)
+        key = (target.address, port, dest.session_key)
         reused = await cache.take(key, timeout) if cache else None
         if reused:
             smtp, sent = reused
@@ -213,6 +273,8 @@ async def transfer(dest: Destination, jobs: list[Job], *, helo: str, timeout: fl
             try:
                 smtp, sent = await _open(target, port, dest, helo=helo, timeout=timeout), 0
             except (aiosmtplib.SMTPException, OSError, TransientDeliveryError) as exc:
+                if isinstance(exc, TransientDeliveryError) and exc.status.startswith("4.7."):
+                    refused = exc
                 last_error = f"{target.host} [{target.address}]: {_describe(exc)}"
                 log.info("cannot deliver to %s: %s", target.host, last_error)
                 continue
@@ -225,6 +287,8 @@ async def transfer(dest: Destination, jobs: list[Job], *, helo: str, timeout: fl
             except (aiosmtplib.SMTPException, OSError):
                 smtp.close()
         return f"{target.host} [{target.address}]"
+    if refused is not None:  # the reason that matters: no link we could trust (4.7.x, not 4.4.0)
+        raise TransientDeliveryError(refused.code, refused.status, refused.text)
     raise TransientDeliveryError(
         451, "4.4.0",
         f"Primary target IP address responded with: \"{last_error}.\" Attempted failover to "

@@ -155,12 +155,16 @@ transaction = st.builds(
     lambda sender, rcpts, b: sender + b"".join(rcpts) + b"DATA\r\n" + b + b"\r\n.\r\n",
     mail, st.lists(rcpt, min_size=1, max_size=3), body,
 )
+# The hubs' old logon (exchange-server/<hub> with the organization's server token): no AUTH
+# makes a client an Exchange server any more, so it must fail like any wrong password.
+TOKEN_LOGON = b"AUTH PLAIN " + b64(b"\0exchange-server/rx-1\0" + ORG.transport.server_token.encode()) + CRLF
 AUTH = [
     b"AUTH\r\n", b"AUTH PLAIN a b c\r\n", b"AUTH CRAM-MD5\r\n", b"AUTH XOAUTH2 dGVzdA==\r\n", b"AUTH GSSAPI\r\n",
     b"AUTH plain " + b64(b"\0alice@contoso.com\0x") + CRLF, b"AUTH PLAIN !!!notbase64\r\n", b"AUTH PLAIN ====\r\n",
     b"AUTH PLAIN " + b64(b"no separators") + CRLF, b"AUTH PLAIN " + b64(b"a\0b\0c\0d") + CRLF,
     b"AUTH PLAIN " + b64(b"\0alice@contoso.com\0wrong") + CRLF,
     b"AUTH PLAIN " + b64(b"\0exchange-server/evil\0guess") + CRLF,
+    TOKEN_LOGON,  # the old server logon, with the organization's real token: refused like any other
     b"AUTH PLAIN " + b64(b"\0\xff\xfe\0\xff") + CRLF,
     b"AUTH PLAIN " + b64(b"\0alice@contoso.com\0alice-demo-password") + CRLF,  # right, where it is allowed
     b"AUTH PLAIN\r\n*\r\n", b"AUTH PLAIN\r\n%%%\r\n", b"AUTH PLAIN\r\n\r\n",
@@ -195,7 +199,7 @@ TLS_GARBAGE = [
 ]
 LOGON = b"AUTH PLAIN " + b64(b"\0alice@contoso.com\0alice-demo-password") + CRLF
 AFTER_TLS = [
-    b"", b"STARTTLS\r\n", LOGON, LOGON + LOGON, b"AUTH PLAIN " + b64(b"\0alice@contoso.com\0wrong") + CRLF,
+    b"", b"STARTTLS\r\n", LOGON, TOKEN_LOGON + b"MAIL FROM:<anyone@example.org>\r\n", LOGON + LOGON, b"AUTH PLAIN " + b64(b"\0alice@contoso.com\0wrong") + CRLF,
     LOGON + b"MAIL FROM:<alice@contoso.com>\r\nRCPT TO:<bob@contoso.com>\r\nRCPT TO:<friend@fabrikam.example>\r\n"
     b"DATA\r\nSubject: logged on\r\n\r\nhi\r\n.\r\n",
     LOGON + b"MAIL FROM:<bob@contoso.com>\r\n",  # send as someone else
@@ -278,6 +282,7 @@ class Model:
         self.codes["AUTH-reply" if self.auth_pending else known, reply.code] += 1
         assert reply.code != 235 or line.startswith(b"AUTH") or self.auth_pending, context
         if self.auth_pending or verb == b"AUTH":
+            assert not (line == TOKEN_LOGON and reply.code == 235), f"the server token logged on: {context}"
             self.auth_pending = reply.code == 334
             if reply.code == 235:
                 assert self.connector == "Default" and s.sock.__class__.__name__ == "SSLSocket", context

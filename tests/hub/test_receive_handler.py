@@ -6,11 +6,13 @@ are in test_receive_policy.py."""
 from __future__ import annotations
 
 import smtplib
+import ssl
 import uuid
 
 import pytest
+from cryptography import x509
 
-from mailyard import keys, passwords, tracking
+from mailyard import keys, passwords, pki, tracking
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
@@ -75,16 +77,75 @@ def test_logged_on_users_may_relay_but_only_as_themselves(site: Cluster) -> None
     client.quit()
 
 
-def test_exchange_servers_log_on_with_the_server_token_and_may_relay_anything(site: Cluster) -> None:
-    client = tls(connect(site))
-    client.login("exchange-server/other-hub", site.org.transport.server_token)
-    assert reply(client, "MAIL FROM:<anyone@example.org>")[0] == 250
+def node_cert(site: Cluster, identity: pki.Identity) -> pki.NodeCert:
+    return pki.NodeCert(pki.pki_dir(site.data_dir), identity)
+
+
+def starttls(client: smtplib.SMTP, ctx: ssl.SSLContext, server_name: str | None) -> ssl.SSLSocket:
+    """STARTTLS asking for ``server_name`` (SNI; smtplib would send none for 127.0.0.1), then EHLO."""
+    assert client.docmd("STARTTLS")[0] == 220
+    client.sock = ctx.wrap_socket(client.sock, server_hostname=server_name)
+    client.file = None
+    client.helo_resp = client.ehlo_resp = None
+    client.esmtp_features, client.does_esmtp = {}, False
+    client.ehlo()
+    return client.sock
+
+
+AMSTERDAM_HUBS = pki.Identity.hub("Amsterdam").dns_name  # rx-1's site
+
+
+def test_a_hub_of_another_site_is_an_exchange_server_by_its_certificate_and_may_relay_anything(site: Cluster) -> None:
+    client = connect(site)
+    sock = starttls(client, node_cert(site, pki.Identity.hub("London")).client_context(), AMSTERDAM_HUBS)
+    # the context verified the site's certificate of the organization, for the name asked for
+    assert pki.matches(pki.peer_identity(sock), pki.Identity.hub("Amsterdam"))
+    assert reply(client, "MAIL FROM:<anyone@example.org>")[0] == 250, "no AUTH needed"
     assert reply(client, "RCPT TO:<friend@fabrikam.example>")[0] == 250
     client.quit()
-    wrong = tls(connect(site))
-    with pytest.raises(smtplib.SMTPAuthenticationError) as info:
-        wrong.login("exchange-server/other-hub", "not-the-token")
-    assert info.value.smtp_code == 535
+
+
+def test_a_client_that_asks_for_no_hub_name_gets_the_connectors_own_certificate(site: Cluster) -> None:
+    client = tls(connect(site))
+    assert isinstance(client.sock, ssl.SSLSocket)
+    cert = x509.load_der_x509_certificate(client.sock.getpeercert(binary_form=True))
+    assert cert.subject.rfc4514_string() == f"CN={HUB}.contoso.com", "as before: the hub's self-signed one"
+    client.quit()
+
+
+def test_without_a_hubs_certificate_a_client_is_no_exchange_server(site: Cluster) -> None:
+    trust = pki.trust_context(node_cert(site, pki.Identity.hub("Amsterdam")).ca_path)
+    mailbox_server = node_cert(site, pki.Identity.mailbox("MBX-AMS-01")).client_context()
+    for ctx in (trust, mailbox_server):  # no client certificate; the mailbox server's
+        client = connect(site)
+        starttls(client, ctx, AMSTERDAM_HUBS)
+        assert reply(client, "MAIL FROM:<anyone@example.org>") == (530, "5.7.1 Client was not authenticated")
+        client.quit()
+
+
+def test_a_client_certificate_from_another_ca_fails_the_handshake(site: Cluster, tmp_path) -> None:
+    other = pki.CA(tmp_path / "other")
+    other.init("Not Contoso")
+    forged = other.issue(pki.Identity.hub("London"))  # the right name, the wrong CA
+    ctx = pki.trust_context(node_cert(site, pki.Identity.hub("Amsterdam")).ca_path)
+    ctx.load_cert_chain(forged.cert_path, forged.key_path)
+    client = connect(site)
+    with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError)):
+        starttls(client, ctx, AMSTERDAM_HUBS)  # (TLS 1.3: the client hears of it at EHLO)
+        reply(client, "MAIL FROM:<anyone@example.org>")
+    client.close()
+
+
+def test_the_old_server_logon_with_the_organizations_token_is_refused(site: Cluster) -> None:
+    token = site.org.transport.server_token
+    assert token
+    for login in ("exchange-server/other-hub", "exchange-server"):
+        client = tls(connect(site))
+        with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+            client.login(login, token)
+        assert (info.value.smtp_code, info.value.smtp_error) == (535, b"5.7.3 Authentication unsuccessful")
+        assert reply(client, "MAIL FROM:<anyone@example.org>")[0] == 530
+        client.close()
 
 
 def log_on(site: Cluster, address: str, password: str, mechanism: str) -> tuple[int, bytes]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import pytest
 
+from mailyard import pki
 from mailyard.directory import Directory
 from mailyard.hub import replies
 from mailyard.hub.pressure import Level
 from mailyard.hub.receive_policy import (
     Identity,
     Refused,
+    certificate_logon,
     check_hops,
     connectors_for,
     granted_groups,
@@ -40,7 +42,7 @@ DEFAULT, INTERNET, CLIENT = CONNECTORS["Default"], CONNECTORS["Internet"], CONNE
 TOKEN = ORG.transport.server_token.encode()
 
 ALICE = Identity("user", "alice@contoso.com", frozenset({"alice@contoso.com", "a.anders@contoso.com"}))
-HUB = Identity("server", "lon-1")
+HUB = Identity("server", "London")  # a hub of London, by its site's certificate
 
 
 def connector(**fields: object) -> ReceiveConnector:
@@ -104,6 +106,15 @@ def test_a_connector_without_logons_offers_no_auth() -> None:
     assert rules.starttls and not rules.auth_methods and not rules.auth_require_tls
 
 
+def test_only_a_connector_with_exchange_server_asks_for_client_certificates() -> None:
+    assert session_rules(DEFAULT, "127.0.0.1").client_certs
+    assert not session_rules(INTERNET, "192.0.2.7").client_certs and not session_rules(CLIENT, "127.0.0.1").client_certs
+    # ExchangeServer alone is no AUTH: hubs never log on with a password
+    servers_only = session_rules(connector(auth_mechanisms=["Tls", "ExchangeServer"]), "127.0.0.1")
+    assert servers_only.client_certs and not servers_only.auth_methods
+    assert not session_rules(connector(auth_mechanisms=["ExchangeServer"]), "127.0.0.1").client_certs, "no Tls"
+
+
 def test_an_externally_secured_connector_makes_its_clients_exchange_servers_without_a_logon() -> None:
     rules = session_rules(connector(auth_mechanisms=["ExternalAuthoritative"]), "127.0.0.5")
     assert rules.implicit == Identity("server", "[127.0.0.5]")
@@ -155,20 +166,32 @@ def test_a_mailbox_logs_on_against_the_hash_of_its_password_never_a_password_kep
     assert logon(Directory(in_clear), DEFAULT, "alice@contoso.com", b"alice-demo-password") is None
 
 
-def test_a_hub_logs_on_with_the_server_token_where_the_connector_has_exchange_server() -> None:
-    assert logon(DIRECTORY, DEFAULT, "exchange-server/lon-1", TOKEN) == HUB
-    assert logon(DIRECTORY, DEFAULT, "Exchange-Server", TOKEN) == Identity("server", "hub")
-    assert logon(DIRECTORY, DEFAULT, "exchange-server/lon-1", b"not-the-token") is None
-    assert logon(DIRECTORY, CLIENT, "exchange-server/lon-1", TOKEN) is None, "Client has no ExchangeServer"
-
-
-def test_a_server_login_is_never_tried_as_a_mailbox() -> None:
+def test_no_login_and_no_secret_makes_a_client_an_exchange_server() -> None:
+    # The old server logon (exchange-server/<hub> with the organization's server token) is gone:
+    # it fails like any wrong logon, the token included.
+    assert ORG.transport.server_token, "the organization has a token (the mailbox servers' for now)"
+    for login in ("exchange-server/lon-1", "Exchange-Server", "exchange-server"):
+        assert logon(DIRECTORY, DEFAULT, login, TOKEN) is None
     assert logon(DIRECTORY, DEFAULT, "exchange-server/alice@contoso.com", b"alice-demo-password") is None
 
 
-def test_no_server_logs_on_when_the_organization_has_no_token() -> None:
-    org = ORG.model_copy(update={"transport": ORG.transport.model_copy(update={"server_token": ""})})
-    assert logon(Directory(org), DEFAULT, "exchange-server/lon-1", b"") is None
+def test_a_hub_logs_on_by_its_sites_certificate_where_the_connector_has_exchange_server() -> None:
+    # (what pki.peer_identity reads off a verified certificate: the site as a DNS label)
+    london = pki.Identity("hub", "london")
+    assert certificate_logon(DIRECTORY, DEFAULT, london) == HUB, "the site as the organization spells it"
+    assert certificate_logon(DIRECTORY, DEFAULT, pki.Identity("hub", "amsterdam")) == Identity("server", "Amsterdam")
+    assert certificate_logon(DIRECTORY, CLIENT, london) is None, "Client has no ExchangeServer"
+    assert certificate_logon(DIRECTORY, INTERNET, london) is None
+    assert certificate_logon(DIRECTORY, DEFAULT, None) is None, "no certificate, or one that did not verify"
+
+
+@pytest.mark.parametrize("peer", [
+    pki.Identity("mailbox", "mbx-ams-01"),  # a mailbox server is no Exchange server of the transport
+    pki.Identity("hub", "paris"),           # a site the organization does not have (any more)
+    pki.Identity("hub", "london.evil"),
+])
+def test_other_certificates_of_the_organization_prove_nothing(peer: pki.Identity) -> None:
+    assert certificate_logon(DIRECTORY, DEFAULT, peer) is None
 
 
 # endregion

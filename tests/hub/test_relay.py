@@ -1,20 +1,14 @@
-"""Mail between sites: relayed over SMTP to a hub of the other site, logged on as an Exchange
-server, categorized there and delivered to its mailbox server; never twice, never looping."""
+"""Mail between sites: relayed over SMTP to a hub of the other site, which takes the sending
+hub's certificate of the organization as an Exchange server's (mutual TLS, no AUTH: see
+test_relay_tls.py for the links it refuses), categorized there and delivered to its mailbox
+server; never twice, never looping."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 from mailyard import keys, tracking
-from mailyard.hub.relay import server_login, server_of
 from mailyard.testing.waiting import wait_until
-
-
-def test_a_hub_relays_with_a_server_login_that_names_it() -> None:
-    assert server_login("ams-1") == "exchange-server/ams-1"
-    assert server_of(server_login("ams-1")) == "ams-1"
-    assert server_of("Exchange-Server") == "hub", "a server login without a name"
-    assert server_of("alice@contoso.com") is None
 
 
 def test_mail_goes_from_amsterdam_to_london_and_back(cluster_factory) -> None:
@@ -44,11 +38,13 @@ def test_mail_goes_from_amsterdam_to_london_and_back(cluster_factory) -> None:
     london = [r for r in tracking.search(site.r, event="RECEIVE") if r.subject in subjects and r.source == "SMTP"]
     assert {r.server for r in london} <= {"lon-r1", "lon-r2"} and len(london) == len(subjects)
     assert all(r.connector.endswith("\\Default") for r in london)
+    assert all("origin=" in r.context for r in london), "London took the sender for an Exchange server"
 
     # The London copy carries both hubs' Received headers; org headers never reach a mailbox
     (item,) = [i for i in site.folder("erin@contoso.com") if i["subject"] == subjects[0]]
     raw = site.raw("erin@contoso.com", item["id"])
     assert raw.count(b"Received:") >= 3 and b"X-Mailyard-Origin" not in raw
+    assert b"with ESMTPSA" in raw, "over TLS, logged on (by the certificate)"
 
 
 def test_a_repeated_relay_is_taken_in_once(cluster_factory) -> None:
