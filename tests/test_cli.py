@@ -173,7 +173,13 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         assert secrets_file == (data / "secrets.toml").resolve()
         assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
         secrets = tomllib.loads(secrets_file.read_text())
-        assert set(secrets) >= {"flower", "viewer"} and len(secrets["viewer"]["token"]) >= 40
+        assert set(secrets) >= {"flower", "viewer", "redis"} and len(secrets["viewer"]["token"]) >= 40
+        # Redis has a password, which is in no process's command line and not in site.json
+        redis_password = secrets["redis"]["password"]
+        assert len(redis_password) >= 40 and redis_password not in (data / "site.json").read_text()
+        for p in state["processes"]:
+            assert redis_password not in Path(f"/proc/{p['pid']}/cmdline").read_bytes().decode(errors="replace"), p
+        assert stat.S_IMODE((data / "redis").stat().st_mode) == 0o700
         shown = mailyard("site", "status", "--data-dir", str(data)).stdout
         assert str(secrets_file) in shown and "logon: user and password in secrets.toml [flower]" in shown
         assert secrets["flower"]["password"] not in shown and secrets["viewer"]["token"] not in shown
