@@ -207,20 +207,21 @@ def backlog_run(args: argparse.Namespace, site: Site) -> dict:
     t = time.monotonic()
     message_rows(r, queues=[queue], limit=1000)
     messages_s = time.monotonic() - t
-    url = site.redis.url(0)  # type: ignore[union-attr]
+    # Redis's URL holds its password: in the environment, as the CLI reads it, not on the command line.
+    env = {**os.environ, "MAILYARD_REDIS_URL": site.redis.url(0)}  # type: ignore[union-attr]
     cli = {}
     for name, command in (("queue_list", ["queue", "list"]), ("queue_messages", ["queue", "messages", queue]),
                           ("queue_messages_filtered", ["queue", "messages", queue, "--filter",
                                                        "FromAddress -like 'load@*'", "--limit", "100"])):
         t = time.monotonic()  # the command as an operator types it: Python's start-up included
-        subprocess.run([sys.executable, "-m", "mailyard", *command, "--json", "--redis-url", url],
-                       check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "mailyard", *command, "--json"],
+                       check=True, capture_output=True, env=env)
         cli[f"cli_{name}_seconds"] = round(time.monotonic() - t, 3)
     site.sink_up()  # the next hop is back; the operator retries the queue now
     site.reset_arrivals()
     start = time.time()
-    subprocess.run([sys.executable, "-m", "mailyard", "queue", "retry", queue, "--redis-url", url],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "mailyard", "queue", "retry", queue],
+                   check=True, capture_output=True, env=env)
     arrivals = site.wait_arrivals(wait_count, timeout=max(300, args.messages / 50))
     drain_s = (max(a for _, _, a in arrivals) - start) if arrivals else float("nan")
     idents = {ident for ident, _, _ in arrivals}

@@ -6,9 +6,9 @@ serves to anyone; ``logon_for_metrics`` puts that page behind the same logon. Wi
 auth (``mailyard flower`` on loopback) nothing changes: Flower then lets everyone in anyway.
 """
 
-import os
 from typing import Any
 
+from mailyard import redisconn
 from mailyard.broker import make_app
 
 
@@ -29,4 +29,5 @@ def logon_for_metrics() -> None:
 
 
 logon_for_metrics()
-app = make_app(os.environ.get("MAILYARD_REDIS_URL", "redis://127.0.0.1:6379/0"))
+# MAILYARD_REDIS_URL holds Redis's password (or MAILYARD_REDIS_PASSWORD_FILE names a file that does).
+app = make_app(redisconn.url_from_env("redis://127.0.0.1:6379/0") or "redis://127.0.0.1:6379/0")

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -233,12 +234,14 @@ def serve(*, hub: str, site: str, redis_url: str, data_dir: Path, binds: dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mailyard.hub.receive_listener --hub H --site S --redis-url URL --data-dir D [--bind ...]``."""
+    """``python -m mailyard.hub.receive_listener --hub H --site S --data-dir D [--bind ...]``, with
+    Redis's URL in ``MAILYARD_REDIS_URL`` (it holds the password: never on a command line)."""
     parser = argparse.ArgumentParser(prog="python -m mailyard.hub.receive_listener",
                                      description="A hub's receive listener (started by its worker).")
     parser.add_argument("--hub", required=True)
     parser.add_argument("--site", required=True)
-    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--redis-url", default=redisconn.url_from_env(),
+                        help=f"Redis (default: ${redisconn.ENV_URL}, where the worker puts it)")
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--bind", dest="binds", action="append", default=[], metavar="CONFIGURED=HOST:PORT")
     parser.add_argument("--loglevel", default="INFO")
@@ -247,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         binds = parse_binds(args.binds)
     except ValueError as exc:
         parser.error(str(exc))
+    if not args.redis_url:
+        parser.error(f"no Redis: set {redisconn.ENV_URL}")
     setup_logging(args.loglevel)
     serve(hub=args.hub, site=args.site, redis_url=args.redis_url, data_dir=args.data_dir, binds=binds)
 
@@ -261,10 +266,12 @@ class ListenerProcess:
 
     def __init__(self, *, hub: str, site: str, redis_url: str, data_dir: Path, binds: list[str],
                  loglevel: str = "INFO") -> None:
-        self.cmd = [sys.executable, "-m", ENTRY_POINT, "--hub", hub, "--site", site, "--redis-url", redis_url,
+        self.cmd = [sys.executable, "-m", ENTRY_POINT, "--hub", hub, "--site", site,
                     "--data-dir", str(data_dir), "--loglevel", loglevel]
         for bind in binds:
             self.cmd += ["--bind", bind]
+        # Redis's URL holds its password: in the environment, not in everyone's `ps`.
+        self.env = {**os.environ, redisconn.ENV_URL: redis_url}
         self.proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -276,7 +283,7 @@ class ListenerProcess:
 
     def _spawn(self) -> None:
         # Output goes where the hub's goes; the process dies with the hub (PDEATHSIG).
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, env=self.env, preexec_fn=die_with_parent)
 
     def _watch(self) -> None:
         backoff = 0.5

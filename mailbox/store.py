@@ -7,6 +7,10 @@ renamed into place, so nothing is ever half-written. Mailbox delivery is idempot
 message delivered twice to the same mailbox (a hub retrying after a crash) is stored once,
 recorded by a marker under ``mailyard-delivered/`` (not a dot-folder, so Maildir tools do
 not take it for a folder).
+
+Mail is for its mailbox's eyes only: every directory is created 0700 and every file 0600
+(with that mode from the start, never a chmod afterwards); a directory of an older store that
+others may enter is tightened to 0700 on the first use of its mailbox.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
 from email.utils import getaddresses, parsedate_to_datetime
 from pathlib import Path
+from typing import IO, Any
 
 from mailyard.errors import NotFoundError
 
@@ -29,6 +34,8 @@ FOLDERS = {"Inbox": "", "Outbox": ".Outbox", "Sent Items": ".Sent Items"}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DELIVERED_ID = re.compile(r"\.Y([A-Za-z0-9_-]+)\.")
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,23 @@ def folder_name(name: str) -> str:
     raise NotFoundError(f"no folder {name!r}: folders are {', '.join(FOLDERS)}")
 
 
+def _mkdir(path: Path) -> None:
+    """A directory of mode 0700 (an existing one that others may enter is tightened)."""
+    try:
+        path.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, DIR_MODE)
+
+
+def _open_new(path: Path, mode: str = "wb") -> IO[Any]:
+    """A file for writing, created 0600 (truncated if it is there)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    return os.fdopen(fd, mode)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -86,7 +110,8 @@ class MailboxStore:
         self._lock = threading.Lock()
         self._mailbox_locks: dict[str, threading.Lock] = {}
         self._ready: set[str] = set()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        _mkdir(self.root)
 
     # region: layout
 
@@ -107,12 +132,15 @@ class MailboxStore:
         if address in self._ready:
             return
         base = self._maildir(address)
+        _mkdir(base)
         for sub in FOLDERS.values():
-            for part in ("tmp", "new", "cur"):
-                (base / sub / part).mkdir(parents=True, exist_ok=True)
             if sub:
-                (base / sub / "maildirfolder").touch(exist_ok=True)
-        (base / "mailyard-delivered").mkdir(parents=True, exist_ok=True)
+                _mkdir(base / sub)
+            for part in ("tmp", "new", "cur"):
+                _mkdir(base / sub / part)
+            if sub:
+                (base / sub / "maildirfolder").touch(mode=FILE_MODE, exist_ok=True)
+        _mkdir(base / "mailyard-delivered")
         self._recover(base)
         self._ready.add(address)
 
@@ -146,7 +174,7 @@ class MailboxStore:
 
     def _write(self, folder_dir: Path, item_id: str, raw: bytes) -> None:
         tmp = folder_dir / "tmp" / item_id
-        with open(tmp, "wb") as fh:
+        with _open_new(tmp) as fh:
             fh.write(raw)
             fh.flush()
             os.fsync(fh.fileno())
@@ -176,7 +204,7 @@ class MailboxStore:
                     return item_id, False
             else:
                 item_id = self._new_id()
-                marker.parent.mkdir(exist_ok=True)
+                _mkdir(marker.parent)
                 self._write_marker(marker, item_id)
             self._write(self._folder_dir(address, "Outbox"), item_id, raw)
         return item_id, True
@@ -197,7 +225,7 @@ class MailboxStore:
 
     def _write_marker(self, marker: Path, item_id: str) -> None:
         tmp = marker.with_name(marker.name + ".tmp")
-        with open(tmp, "w") as fh:
+        with _open_new(tmp, "w") as fh:
             fh.write(item_id)
             fh.flush()
             os.fsync(fh.fileno())

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mailyard import redisconn
 from mailyard.testing.waiting import wait_until
 from tests.conftest import CONTOSO, ROOT
 
@@ -176,7 +177,13 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         assert secrets_file == (data / "secrets.toml").resolve()
         assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
         secrets = tomllib.loads(secrets_file.read_text())
-        assert set(secrets) >= {"flower", "viewer"} and len(secrets["viewer"]["token"]) >= 40
+        assert set(secrets) >= {"flower", "viewer", "redis"} and len(secrets["viewer"]["token"]) >= 40
+        # Redis has a password, which is in no process's command line and not in site.json
+        redis_password = secrets["redis"]["password"]
+        assert len(redis_password) >= 40 and redis_password not in (data / "site.json").read_text()
+        for p in state["processes"]:
+            assert redis_password not in Path(f"/proc/{p['pid']}/cmdline").read_bytes().decode(errors="replace"), p
+        assert stat.S_IMODE((data / "redis").stat().st_mode) == 0o700
         shown = mailyard("site", "status", "--data-dir", str(data)).stdout
         assert str(secrets_file) in shown and "logon: user and password in secrets.toml [flower]" in shown
         assert secrets["flower"]["password"] not in shown and secrets["viewer"]["token"] not in shown
@@ -202,18 +209,25 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
             shown = mailyard("internet", "show", "fabrikam.example", "--json", env=env)
             return [m for m in json.loads(shown.stdout) if m["subject"] == "out"]
 
-        # Only the site's operator (who can read its secrets.toml) logs on as its operator:
-        # from another directory, or with the operator's name but not its password, no one
+        # Only the site's operator (who can read its secrets.toml) logs on as its operator.
+        # From another directory, the same commands reach nothing: Redis wants its password...
         elsewhere = {"MAILYARD_DATA_DIR": str(tmp_path / "elsewhere"), "MAILYARD_REDIS_URL": state["redis_url"]}
         (tmp_path / "elsewhere" / "pki").mkdir(parents=True)
         shutil.copy(data / "pki" / "ca.crt", tmp_path / "elsewhere" / "pki" / "ca.crt")
+        for command in (["mailbox", "show", "dave@contoso.com"], ["queue", "list"], ["track", "--sender", "bob@contoso.com"],
+                        ["send", "--from", "bob@contoso.com", "--to", "dave@contoso.com", "--body", "x"]):
+            refused = mailyard(*command, env=elsewhere, check=False)
+            assert refused.returncode == 1 and "password" in refused.stderr, (command, refused.stderr)
+        # ...and one who has Redis's password still logs on to no mailbox without a password of its own
+        redis_url = redisconn.with_password(state["redis_url"], secrets["redis"]["password"])
+        nearer = {**elsewhere, "MAILYARD_REDIS_URL": redis_url}
         for extra in ({}, {"MAILYARD_USER": "operator", "MAILYARD_PASSWORD": "guess"},
                       {"MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": "wrong"}):
-            refused = mailyard("mailbox", "show", "dave@contoso.com", env={**elsewhere, **extra}, check=False)
+            refused = mailyard("mailbox", "show", "dave@contoso.com", env={**nearer, **extra}, check=False)
             assert refused.returncode == 1, refused.stdout
-            assert "secrets.toml" in refused.stderr or "401" in refused.stderr, refused.stderr
+            assert "no local operator" in refused.stderr or "401" in refused.stderr, refused.stderr
         nosy = mailyard("mailbox", "show", "dave@contoso.com", check=False,
-                        env={**elsewhere, "MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": "bob-demo-password"})
+                        env={**nearer, "MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": "bob-demo-password"})
         assert nosy.returncode == 1 and "403" in nosy.stderr and "may not read dave@contoso.com" in nosy.stderr
 
         (outside,) = wait_until(arrived_outside, timeout=60)

@@ -73,6 +73,42 @@ def test_number_refuses_what_is_not_an_integer() -> None:
         number(b"1.5")
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://:s3cret@127.0.0.1:6379/0", "redis://:**@127.0.0.1:6379/0"),
+    ("redis://user:s3cret@host:1/2", "redis://user:**@host:1/2"),
+    ("rediss://:a%40s3cret@host:6380", "rediss://:**@host:6380"),
+    ("unix://:s3cret@/run/redis.sock?db=1", "unix://:**@/run/redis.sock?db=1"),
+    ("redis://host:1/0?password=s3cret&db=2", "redis://host:1/0?password=**&db=2"),
+])
+def test_a_url_is_shown_with_its_password_masked(url: str, shown: str) -> None:
+    assert redisconn.redacted(url) == shown and "s3cret" not in redisconn.redacted(url)
+    assert "s3cret" not in redisconn.without_password(url) and not redisconn.has_password(redisconn.without_password(url))
+
+
+def test_a_password_goes_into_a_url_that_has_none_quoted_as_redis_py_reads_it() -> None:
+    url = redisconn.with_password("redis://127.0.0.1:6379/0", "p@ss/word")
+    assert url == "redis://:p%40ss%2Fword@127.0.0.1:6379/0"
+    assert redisconn.password_of(url) == "p@ss/word"
+    assert redisconn.with_password("redis://user@h/0", "pw") == "redis://user:pw@h/0"
+    assert redisconn.with_password("redis://:mine@h/0", "other") == "redis://:mine@h/0", "a URL's own password wins"
+    assert redisconn.password_of("redis://h/0") is None
+
+
+def test_the_password_file_fills_in_a_url_without_password(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailyard.errors import SiteError
+
+    secret = tmp_path / "password"
+    secret.write_text("from-the-file\n")
+    monkeypatch.setenv(redisconn.ENV_PASSWORD_FILE, str(secret))
+    monkeypatch.setenv(redisconn.ENV_URL, "redis://redis:6379/0")
+    assert redisconn.url_from_env() == "redis://:from-the-file@redis:6379/0"
+    assert redisconn.with_password_file("redis://:own@redis:6379/0") == "redis://:own@redis:6379/0"
+    secret.unlink()
+    with pytest.raises(SiteError, match="cannot read the Redis password file"):
+        redisconn.url_from_env()
+
+
 # endregion
 
 # region: real connections
@@ -80,10 +116,28 @@ def test_number_refuses_what_is_not_an_integer() -> None:
 
 def test_url_from_env_reads_mailyard_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(redisconn.ENV_URL, raising=False)
+    monkeypatch.delenv(redisconn.ENV_PASSWORD_FILE, raising=False)
     assert redisconn.url_from_env() is None
     assert redisconn.url_from_env("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     monkeypatch.setenv(redisconn.ENV_URL, "redis://127.0.0.1:7000/3")
     assert redisconn.url_from_env("ignored") == "redis://127.0.0.1:7000/3"
+
+
+def test_a_refused_logon_fails_at_once_with_a_message_that_masks_the_url(redis_server) -> None:
+    import time
+
+    import redis
+
+    wrong = redisconn.with_password(redis_server.url(password=False), "not-it")
+    started = time.monotonic()
+    with pytest.raises(redis.AuthenticationError) as refused:
+        redisconn.connect(wrong).ping()
+    assert time.monotonic() - started < 2, "a refused logon is not retried"
+    message = redisconn.refused(wrong, refused.value)
+    assert "wrong password" in message and "not-it" not in message and "redis://:**@" in message
+    with pytest.raises(redis.AuthenticationError) as refused:
+        redisconn.connect(redis_server.url(password=False)).ping()
+    assert "requires a password" in redisconn.refused(redis_server.url(password=False), refused.value)
 
 
 def test_a_client_returns_bytes_and_the_helpers_read_them(redis_url: str) -> None:

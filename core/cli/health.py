@@ -125,7 +125,7 @@ def hub_health(name: str | None, timeout: float, redis_url: str | None, data_dir
         _, org = read_org(r)
         info = next((h for h in registry.hubs(r) if h.name == name), None)
     except (redis.RedisError, MailyardError) as exc:
-        _unhealthy(f"hub {name}: cannot read its state in Redis at {url}: {exc}")
+        _unhealthy(f"hub {name}: cannot read its state in Redis at {redisconn.redacted(url)}: {exc}")
     if info is None:
         _unhealthy(f"hub {name} has not registered in Redis (not started, or another name)")
     timeout_s = org.transport.hub_heartbeat_timeout

@@ -17,6 +17,7 @@ from mailyard.cli.common import (
     json_option,
     print_json,
     read_state,
+    site_redis_url,
     table,
 )
 from mailyard.errors import SiteError
@@ -37,7 +38,8 @@ def site() -> None:
               default=DEFAULT_CONFIG, show_default=True, help="The organization file.")
 @click.option("--hubs", default=2, show_default=True, type=click.IntRange(1, 32),
               help="Hub transport nodes per site.")
-@click.option("--redis-url", help="Use this Redis instead of starting an embedded one.")
+@click.option("--redis-url", help="Use this Redis instead of starting an embedded one (its password is kept in "
+              "secrets.toml, not in site.json).")
 @click.option("--redis-port", default=0, type=int, help="Port of the embedded Redis (default: free).")
 @click.option("--fsync", type=click.Choice(["always", "everysec", "no"]), default="always",
               show_default=True, help="appendfsync of the embedded Redis (see README: Guarantees).")
@@ -84,10 +86,11 @@ def _print_endpoints(state: dict[str, Any]) -> None:
         rows.append((p["role"], p["name"], p.get("site", ""), where, p.get("pid") or "",
                      "up" if p.get("up", True) else "down"))
     click.echo(table(rows, ["Role", "Name", "Site", "Endpoint", "PID", "State"]))
-    click.echo(f"\nRedis: {state['redis_url']}   data: {state['data_dir']}")
+    click.echo(f"\nRedis: {redisconn.redacted(state['redis_url'])}   data: {state['data_dir']}")
     if secrets_file:
         click.echo(f"Secrets: {secrets_file} (mode 0600, yours only): Flower's user and password [flower], "
-                   "the Queue Viewer's token and its /metrics-only metrics_token [viewer]")
+                   "the Queue Viewer's token and its /metrics-only metrics_token [viewer], "
+                   "Redis's password [redis]")
 
 
 def site_status(data_dir: Path) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def site_status(data_dir: Path) -> dict[str, Any]:
     state["running"] = bool(runner) and _pid_alive(runner)
     live_hubs: dict[str, registry.HubInfo] = {}
     try:
-        r = redisconn.connect(state["redis_url"])
+        r = redisconn.connect(site_redis_url(state["redis_url"], data_dir))
         r.ping()
         live_hubs = {h.name: h for h in registry.hubs(r)}
     except Exception:

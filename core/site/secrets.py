@@ -15,8 +15,15 @@ reads them back on the next start, so a restart keeps the same credentials:
     user = "operator"   `mailbox show`): the organization's operator of that name, when the
     password = "..."    organization file gives it no password of its own
 
-Other sections (the operator's credential, the Redis password) are added here by name as
-they come: unknown sections and keys in the file are kept as they are.
+    [redis]             the site's Redis (requirepass): every process of the site, and the CLI
+    password = "..."    run from this data directory, connect with it
+
+The [redis] password is generated for the embedded Redis of ``site up``; with ``--redis-url``
+it is the password of that URL (and absent when it has none). ``site.json`` holds Redis's URL
+without it; the CLI adds it from here, so only who may read this file reaches Redis.
+
+Other sections are added here by name as they come: unknown
+sections and keys in the file are kept as they are.
 
 A value that is empty or a well-known placeholder (anything containing ``change-me``, or the
 demo's ``contoso-demo-viewer-token``) is never used: it is replaced by a generated one. To
@@ -35,7 +42,7 @@ import re
 import secrets
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +80,9 @@ GENERATED: dict[tuple[str, str], Callable[[], str]] = {
     ("viewer", "metrics_token"): token,
     ("operator", "user"): lambda: OPERATOR_USER,
     ("operator", "password"): token,
+    ("redis", "password"): token,
 }
+REDIS_PASSWORD = ("redis", "password")
 
 
 def secrets_path(data_dir: Path) -> Path:
@@ -115,6 +124,11 @@ class SiteSecrets:
     @property
     def operator(self) -> tuple[str, str]:
         return self.get("operator", "user"), self.get("operator", "password")
+
+    @property
+    def redis_password(self) -> str | None:
+        """The site's Redis password, or None when its Redis has none (an external one)."""
+        return self.values.get("redis", {}).get("password") or None
 
 
 def load(path: Path) -> dict[str, dict[str, str]]:
@@ -188,13 +202,28 @@ def write(path: Path, values: Mapping[str, Mapping[str, str]]) -> None:
         raise
 
 
-def ensure(data_dir: Path) -> SiteSecrets:
+def ensure(data_dir: Path, *, skip: Collection[str] = (),
+           set_values: Mapping[tuple[str, str], str | None] | None = None) -> SiteSecrets:
     """The site's secrets: those in its file, and a generated one for each that is missing or a
-    placeholder (the file is rewritten only then)."""
+    placeholder (the file is rewritten only then). Sections in ``skip`` are not generated;
+    ``set_values`` are written as given (None: removed), e.g. the password of an external Redis."""
     path = secrets_path(data_dir)
     values = load(path)
     changed = not path.exists()
+    forced = dict(set_values or {})
+    for (section, key), value in forced.items():
+        if values.get(section, {}).get(key) == value:
+            continue
+        if value is None:
+            values[section].pop(key)
+            if not values[section]:
+                del values[section]
+        else:
+            values.setdefault(section, {})[key] = value
+        changed = True
     for (section, key), make in GENERATED.items():
+        if section in skip or (section, key) in forced:
+            continue
         if is_placeholder(values.get(section, {}).get(key)):
             values.setdefault(section, {})[key] = make()
             changed = True

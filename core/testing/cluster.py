@@ -111,10 +111,11 @@ class Cluster:
                                  [(s.name, s.mailbox_servers) for s in org.sites])
         apply_org(self.r, org)
 
-    def _env(self, faults: str | None) -> dict[str, str]:
+    def _env(self, faults: str | None, redis_url: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.extra_env)
-        env[redisconn.ENV_URL] = self.redis_url
+        # The URL (with Redis's password) in the environment, never on a command line.
+        env[redisconn.ENV_URL] = redis_url or self.redis_url
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("MAILYARD_FAULTS", None)
         if faults:
@@ -147,10 +148,9 @@ class Cluster:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "mailyard", *args, "--redis-url", redis_url or self.redis_url,
-                 "--data-dir", str(self.data_dir)],
+                [sys.executable, "-m", "mailyard", *args, "--data-dir", str(self.data_dir)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self._env(faults), cwd=self.cwd, start_new_session=True,
+                env=self._env(faults, redis_url), cwd=self.cwd, start_new_session=True,
             )
         proc = Proc(name, role, popen, log)
         self.procs[name] = proc

@@ -19,8 +19,10 @@ Mode = Literal["forward", "blackhole", "drop_replies"]
 
 
 class Proxy:
-    def __init__(self, target_host: str, target_port: int, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, target_host: str, target_port: int, *, host: str = "127.0.0.1", port: int = 0,
+                 password: str | None = None) -> None:
         self.target = (target_host, target_port)
+        self.password = password  # the target Redis's, for url()
         self.host = host
         self.port = port
         self.mode: Mode = "forward"
@@ -31,7 +33,8 @@ class Proxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="proxy", daemon=True)
 
     def url(self, db: int = 0) -> str:
-        return f"redis://{self.host}:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/{db}"
 
     def start(self) -> Proxy:
         self._thread.start()

@@ -1,7 +1,9 @@
-"""A real redis-server on a free loopback port, with AOF, that tests can kill and restart."""
+"""A real redis-server on a free loopback port, with AOF and a password (as every Redis
+Mailyard starts), that tests can kill and restart. ``url()`` carries the password."""
 
 from __future__ import annotations
 
+import secrets
 import signal
 import subprocess
 from pathlib import Path
@@ -17,16 +19,21 @@ class RedisServer:
         self.databases = databases
         self.maxmemory = maxmemory
         self.port = redis_server.free_port()
+        self.password = secrets.token_urlsafe(24)
         self.proc: subprocess.Popen | None = None
         self._next_db = 0
 
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+    def url(self, db: int = 0, *, password: bool = True) -> str:
+        """The URL of database ``db``, with the password (``password=False``: without, as
+        an intruder would try)."""
+        auth = f":{self.password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self) -> RedisServer:
-        cmd = redis_server.command(self.data_dir, self.port, fsync=self.fsync,
-                                   maxmemory=self.maxmemory, databases=self.databases)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = redis_server.command(self.data_dir, self.port, fsync=self.fsync, maxmemory=self.maxmemory,
+                                   databases=self.databases, password=self.password)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     umask=redis_server.UMASK)
         redis_server.wait_ready(self.url(), self.proc)
         return self
 

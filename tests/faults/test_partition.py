@@ -17,7 +17,7 @@ from mailyard.testing.waiting import wait_until
 @pytest.mark.parametrize("mode", ["blackhole", "drop_replies"])
 def test_hubs_cut_off_from_redis_recover_when_the_network_heals(world_factory, tmp_path, mode) -> None:
     redis = RedisServer(tmp_path / "redis", databases=2).start()
-    proxy = Proxy("127.0.0.1", redis.port).start()
+    proxy = Proxy("127.0.0.1", redis.port, password=redis.password).start()
     try:
         world = world_factory(redis=redis, hub_redis_url=proxy.url(0), hubs_per_site=1)
         stream = world.stream(f"partition-{mode}").run(28, interval=0.1)

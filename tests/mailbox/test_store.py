@@ -70,3 +70,39 @@ def test_path_tricks_in_item_ids_and_mailboxes_find_nothing(store, bad: str) -> 
 def test_unknown_folders_are_refused(store) -> None:
     with pytest.raises(NotFoundError, match="folders are Inbox, Outbox, Sent Items"):
         store.list("b@t.example", "Junk")
+
+
+def test_maildirs_are_0700_and_messages_0600_from_the_start_whatever_the_umask(tmp_path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0)  # (a permissive umask: the modes must not depend on it)
+    try:
+        s = MailboxStore(tmp_path / "MBX", "MBX")
+        s.ensure("b@t.example")
+        s.deliver("b@t.example", "msg3", RAW)
+        s.submit("b@t.example", "<2@t>", RAW)
+        item = s.put("b@t.example", "Outbox", RAW)
+        s.move("b@t.example", item, "Outbox", "Sent Items")
+    finally:
+        os.umask(old)
+    root = tmp_path / "MBX"
+    paths = [root, *root.rglob("*")]
+    assert any(p.parent.name == "new" for p in paths) and any(p.parent.name == "cur" for p in paths)
+    for path in paths:
+        wanted = 0o700 if path.is_dir() else 0o600
+        assert stat.S_IMODE(path.stat().st_mode) == wanted, f"{path.relative_to(tmp_path)}: {path.stat().st_mode:o}"
+
+
+def test_an_older_store_that_others_may_enter_is_tightened_on_first_use(tmp_path) -> None:
+    import os
+    import stat
+
+    base = tmp_path / "MBX" / "b@t.example"
+    for part in ("tmp", "new", "cur"):
+        (base / part).mkdir(parents=True)
+    os.chmod(tmp_path / "MBX", 0o755)
+    os.chmod(base, 0o755)
+    MailboxStore(tmp_path / "MBX", "MBX").ensure("b@t.example")
+    assert stat.S_IMODE((tmp_path / "MBX").stat().st_mode) == 0o700
+    assert stat.S_IMODE(base.stat().st_mode) == 0o700
