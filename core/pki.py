@@ -322,6 +322,23 @@ def node_identities(sites: Iterable[tuple[str, Iterable[str]]]) -> list[Identity
     return out
 
 
+def export(ca: CA, identity: Identity, directory: Path, *, owner: int | None = None) -> Path:
+    """Copy a node's certificate, its key and the CA's certificate (never the CA's key) into
+    ``directory`` (mode 0700; the key 0600), for a node that runs elsewhere: a container's
+    volume. ``owner``: the uid to give them to (the node's user, when this runs as root)."""
+    node = ca.issue(identity)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    copy = NodeCert(directory, identity)
+    _write_private(copy.key_path, node.key_path.read_bytes())
+    _write_public(copy.cert_path, node.cert_path.read_bytes())
+    _write_public(copy.ca_path, ca.cert_path.read_bytes())
+    if owner is not None:
+        for path in (directory, copy.key_path, copy.cert_path, copy.ca_path):
+            os.chown(path, owner, owner)
+    return directory
+
+
 def issue_all(directory: Path, organization: str, sites: Iterable[tuple[str, Iterable[str]]]) -> CA:
     """The CA in ``directory`` (made if missing) and a certificate there for every node."""
     ca = CA(directory)

@@ -25,6 +25,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import tomllib
 from collections import Counter
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -38,7 +39,7 @@ import redis
 import yaml
 from click.testing import CliRunner
 
-from mailyard import redisconn, registry, tracking
+from mailyard import pki, redisconn, registry, tracking
 from mailyard.broker import make_app
 from mailyard.cli.main import cli
 from mailyard.internet.dns import make_resolver
@@ -262,7 +263,7 @@ def all_mailyard_commands() -> list[tuple[str, list[str]]]:
 
 def test_every_service_and_health_check_runs_a_mailyard_command_with_valid_options() -> None:
     checked = all_mailyard_commands()
-    assert len(checked) >= 2 * len(mailyard_services()) - 1  # all but init have a mailyard health check
+    assert len(checked) >= 2 * len(mailyard_services()) - 2  # all but init and pki have a mailyard health check
     runner = CliRunner()
     for where, args in checked:
         with pytest.MonkeyPatch.context() as mp:
@@ -320,14 +321,36 @@ def test_each_mailbox_server_of_the_organization_has_its_service_with_its_own_vo
         assert name == server.lower(), f"the service of {server} is named {server.lower()}, not {name}"
         args = command(name)
         port = one(args, "--port")
-        assert one(args, "--advertise-url") == f"http://{name}:{port}", "hubs reach it by its service name"
+        assert one(args, "--advertise-url") == f"https://{name}:{port}", "hubs reach it by its service name, over TLS"
         assert one(args, "--host") == "0.0.0.0"
         volume = mounts(services()[name]).get(str(data))
         assert volume in compose()["volumes"], f"{name}: its Maildirs ({data}) need a named volume"
         volumes.add(volume)
         health = healthcheck_args(services()[name])
-        assert health[:3] == ["mailyard", "health", "mailbox"] and one(health, "--url") == f"http://127.0.0.1:{port}"
+        assert health[:3] == ["mailyard", "health", "mailbox"] and one(health, "--url") == f"https://127.0.0.1:{port}"
+        assert one(health, "--server") == server, "the health check checks the server's certificate"
     assert len(volumes) == len(served), "each mailbox server has a volume of its own"
+
+
+def test_the_ca_key_stays_in_the_pki_service_and_each_node_mounts_only_its_own_certificate() -> None:
+    pki_service = services()["pki"]
+    args = command("pki")
+    assert args[:3] == ["org", "ca", "init"] and pki_service.get("restart") == "no"
+    ca_dir, export = one(args, "--pki-dir"), one(args, "--export")
+    ca_volume = mounts(pki_service)[ca_dir]
+    for name, service in services().items():
+        if name != "pki":
+            assert ca_volume not in " ".join(map(str, service.get("volumes", []))), f"{name} may not see the CA key"
+    node_dir = str(image_data_dir() / "pki")
+    expected = {name: f"mailbox-{name}" for name in services_running("mailbox", "serve")}
+    expected |= {name: f"hub-{site.lower()}" for site, name in hub_services().items()}
+    for name, stem in expected.items():
+        volume = mounts(pki_service)[f"{export}/{stem}"]
+        assert f"{volume}:{node_dir}:ro" in services()[name]["volumes"], f"{name} mounts {volume} read-only"
+        for other, service in services().items():
+            if other not in (name, "pki"):
+                assert volume not in " ".join(map(str, service.get("volumes", []))), f"{other} sees {name}'s key"
+        assert services()[name]["depends_on"]["pki"]["condition"] == "service_completed_successfully", name
 
 
 def hub_services() -> dict[str, str]:
@@ -469,7 +492,7 @@ def test_redis_has_a_password_that_is_no_literal_of_the_compose_file() -> None:
     assert mounts(redis_service)[folder] == REDIS_SECRET_VOLUME and REDIS_SECRET_VOLUME in compose()["volumes"]
     assert str(redis_password_file()) in script
     users = [n for n, s in mailyard_services().items() if (s.get("environment") or {}).get("MAILYARD_REDIS_URL")]
-    assert set(users) == set(mailyard_services()) - {"internet"}
+    assert set(users) == set(mailyard_services()) - {"internet", "pki"}
     for name in users:
         service = services()[name]
         assert service["environment"]["MAILYARD_REDIS_PASSWORD_FILE"] == str(redis_password_file()), name
@@ -548,9 +571,10 @@ def test_a_service_reads_the_redis_password_from_its_file(redis_server, tmp_path
 
 def test_restart_policies_health_checks_dependencies_and_stop_grace_are_in_place() -> None:
     for name, service in services().items():
-        if name == "init":
-            assert service.get("restart") == "no", "init runs once; dependents wait for it to complete"
-            assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        if name in ("init", "pki"):
+            assert service.get("restart") == "no", f"{name} runs once; dependents wait for it to complete"
+            if name == "init":
+                assert service["depends_on"]["redis"]["condition"] == "service_healthy"
             continue
         # Celery 5.7 workers exit when Redis restarts under them: something must start them again.
         assert service.get("restart") in ("unless-stopped", "always"), f"{name}: restart policy"
@@ -623,10 +647,16 @@ def local_site(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         log.close()
 
 
-def send(r: redis.Redis, sender: str, to: str, subject: str) -> None:
+def send(site: dict[str, Any], sender: str, to: str, subject: str) -> None:
+    """Send as the site's local operator (its logon in secrets.toml), over TLS to the server."""
+    data_dir, r = site["data_dir"], site["r"]
+    operator = tomllib.loads((data_dir / "secrets.toml").read_text())["operator"]
     server = next(m.server for m in organization().mailboxes if m.address == sender)
-    response = httpx.post(f"{registry.server_url(r, server)}/mailboxes/{sender}/outbox", timeout=30,
-                          json={"to": [to], "subject": subject, "body": "round robin"})
+    with httpx.Client(verify=pki.trust_context(data_dir / "pki" / "ca.crt"), timeout=30,
+                      auth=(operator["user"], operator["password"])) as client:
+        response = client.post(f"{registry.server_url(r, server)}/mailboxes/{sender}/outbox",
+                               json={"to": [to], "subject": subject, "body": "round robin"},
+                               extensions=pki.sni(pki.Identity.mailbox(server)))
     assert response.status_code == 202, response.text
 
 
@@ -647,7 +677,7 @@ def test_site_up_with_three_hubs_round_robins_over_all_three_amsterdam_hubs(loca
     # When an Amsterdam mailbox sends nine messages
     subjects = {f"compose round robin {i}" for i in range(9)}
     for subject in sorted(subjects):
-        send(r, sender, to, subject)
+        send(local_site, sender, to, subject)
 
     # Then each of the three hubs picked some of them up from the Outbox (store driver RECEIVE)
     def picked_up() -> Counter:
@@ -673,9 +703,14 @@ def test_the_health_commands_judge_the_running_site(local_site) -> None:
     assert result.returncode == 1 and result.stdout.startswith("unhealthy: ") and len(result.stdout.splitlines()) == 1
 
     mailbox = processes(state, "mailbox")[0]
-    result = run_mailyard(["health", "mailbox", "--url", mailbox["url"]])
+    where = ["--server", mailbox["name"], "--data-dir", str(local_site["data_dir"])]
+    result = run_mailyard(["health", "mailbox", "--url", mailbox["url"], *where])
     assert result.returncode == 0 and mailbox["name"] in result.stdout, result.stdout
-    result = run_mailyard(["health", "mailbox", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"])
+    other = next(p["name"] for p in processes(state, "mailbox") if p["name"] != mailbox["name"])
+    result = run_mailyard(["health", "mailbox", "--url", mailbox["url"], "--server", other,
+                           "--data-dir", str(local_site["data_dir"]), "--timeout", "2"])
+    assert result.returncode == 1 and "mismatch" in result.stdout, "another server's name: its certificate says no"
+    result = run_mailyard(["health", "mailbox", "--url", f"https://127.0.0.1:{free_port()}", *where, "--timeout", "2"])
     assert result.returncode == 1 and result.stdout.startswith("unhealthy: "), result.stdout
 
     viewer = processes(state, "viewer")[0]
@@ -686,22 +721,38 @@ def test_the_health_commands_judge_the_running_site(local_site) -> None:
 @pytest.mark.slow
 def test_mailyard_flower_shows_every_hub_node(local_site) -> None:
     port = free_port()
+    secrets_dir = local_site["data_dir"] / "flower"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mailyard", "flower", "--address", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "mailyard", "flower", "--address", "127.0.0.1", "--port", str(port),
+         "--secrets-dir", str(secrets_dir)],  # as compose runs it
         cwd=ROOT, env=mailyard_env(local_site["redis_url"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
         base = f"http://127.0.0.1:{port}"
 
+        def logon() -> tuple[str, str] | None:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            path = secrets_dir / "secrets.toml"
+            flower = tomllib.loads(path.read_text()).get("flower") if path.exists() else None
+            return (flower["user"], flower["password"]) if flower else None
+
+        user_password = wait_until(logon, timeout=30)
+
         def workers() -> set[str]:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-            response = httpx.get(f"{base}/api/workers", params={"refresh": "1"}, timeout=10)
+            try:
+                response = httpx.get(f"{base}/api/workers", params={"refresh": "1"}, timeout=10, auth=user_password)
+            except httpx.ConnectError:
+                return set()
             return set(response.json()) if response.status_code == 200 else set()
 
         wanted = {f"hub@{p['name']}" for p in processes(local_site["state"], "hub")}
-        # On loopback its REST API answers without credentials; every hub is its own node.
+        # Its pages and REST API answer only with the logon it generated; every hub is its own node.
         wait_until(lambda: wanted <= workers(), timeout=60, interval=0.5,
                    message=lambda: f"Flower shows {sorted(workers())}, wanted {sorted(wanted)}")
+        for path in ("/", "/api/workers"):
+            assert httpx.get(base + path, timeout=10).status_code == 401, path
+        assert httpx.post(f"{base}/api/worker/shutdown/hub@x", timeout=10).status_code == 401
     finally:
         proc.terminate()
         try:

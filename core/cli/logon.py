@@ -2,10 +2,11 @@
 
 Who: ``--user`` (or ``$MAILYARD_USER``), a mailbox address or an operator name, with the
 password from ``--password-file`` (or ``$MAILYARD_PASSWORD``), else asked for on a terminal.
-Without ``--user``, the site's local operator, from ``<data-dir>/secrets.toml``: only the
-person who ran ``mailyard site up`` there can read that file (as only root runs
-``postqueue``). The mailbox servers' certificates are checked against the organization's
-CA, ``<data-dir>/pki/ca.crt`` (or ``--ca-file`` / ``$MAILYARD_CA_FILE``).
+Without ``--user``, the site's local operator, from ``<data-dir>/secrets.toml`` (or the file
+``$MAILYARD_OPERATOR_SECRETS`` names: compose's): only the person who ran ``mailyard site
+up`` there can read that file (as only root runs ``postqueue``). The mailbox servers'
+certificates are checked against the organization's CA, ``<data-dir>/pki/ca.crt`` (or
+``--ca-file`` / ``$MAILYARD_CA_FILE``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def resolve(data_dir: Path, user: str | None, password_file: Path | None, ca_fil
                 raise SiteError(f"no password for {user}: give --password-file or set {ENV_PASSWORD}")
             password = click.prompt(f"password of {user}", hide_input=True, err=True)
         return Logon(user, password, ca)
-    path = site_secrets.secrets_path(data_dir)
+    path = Path(os.environ.get(site_secrets.ENV_OPERATOR_FILE) or site_secrets.secrets_path(data_dir))
     try:
         values = site_secrets.load(path)
     except SiteError as exc:

@@ -119,13 +119,23 @@ def with_dns_servers(o: Organization, servers: list[str]) -> Organization:
 @click.option("--dns-server", "dns_servers", multiple=True, metavar="IP[:PORT]", callback=_dns_server,
               help="Use this DNS server (repeatable) instead of the file's transport.dns_servers, "
                    "e.g. the demo Internet's in docker compose.")
+@click.option("--operator-secrets", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Give the local operator (an operator the file leaves without a password) the "
+                   "password kept in DIR/secrets.toml [operator], generated the first time (as "
+                   "`site up` does; docker compose's init service uses this).")
 @redis_option
 @handle_errors
-def apply(file: Path, dns_servers: tuple[str, ...], redis_url: str | None, data_dir: Path) -> None:
+def apply(file: Path, dns_servers: tuple[str, ...], operator_secrets: Path | None, redis_url: str | None,
+          data_dir: Path) -> None:
     """Validate FILE and make it the directory every node uses, live (no restarts)."""
     o = load_org(file)
     if dns_servers:
         o = with_dns_servers(o, list(dns_servers))
+    if operator_secrets is not None:
+        from mailyard.site import secrets as site_secrets
+
+        kept = site_secrets.ensure(operator_secrets, skip={"redis", "flower", "viewer"})
+        o = site_secrets.with_local_operator(o, kept)
     version = apply_org(connect(redis_url, data_dir), o)
     dns = f"; DNS servers {', '.join(dns_servers)}" if dns_servers else ""
     click.echo(f"applied {file} as version {version}: {len(o.sites)} sites, "
@@ -185,15 +195,25 @@ def _pki_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 @ca.command("init")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @_pki_dir_option
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also copy each node's certificate, key and the CA certificate (never the CA key) "
+              "into DIR/<node> (hub-<site>, mailbox-<server>): a volume per node in compose.")
+@click.option("--owner", type=click.IntRange(0), metavar="UID",
+              help="With --export, give each node's directory and files to this user (run as root).")
 @handle_errors
-def ca_init(file: Path, pki_dir: Path | None, data_dir: Path) -> None:
+def ca_init(file: Path, pki_dir: Path | None, data_dir: Path, export_dir: Path | None, owner: int | None) -> None:
     """Create the CA of the organization in FILE (unless there is one), and a certificate for
     each site's hubs and each mailbox server it names (unless a valid one is there)."""
     o = load_org(file)
     where = pki_dir or pki.pki_dir(data_dir)
     created = not pki.CA(where).exists()
-    ca_ = pki.issue_all(where, o.name, [(s.name, s.mailbox_servers) for s in o.sites])
+    sites = [(s.name, s.mailbox_servers) for s in o.sites]
+    ca_ = pki.issue_all(where, o.name, sites)
     state = "created" if created else "kept"
     click.echo(f"{state} the CA of {o.name} in {ca_.dir} (key {ca_.key_path.name}, mode 0600)")
-    for identity in pki.node_identities([(s.name, s.mailbox_servers) for s in o.sites]):
-        click.echo(f"  {identity}: {ca_.dir / identity.file_stem}.crt ({identity.dns_name})")
+    for identity in pki.node_identities(sites):
+        line = f"  {identity}: {ca_.dir / identity.file_stem}.crt ({identity.dns_name})"
+        if export_dir is not None:
+            out = pki.export(ca_, identity, export_dir / identity.file_stem, owner=owner)
+            line += f" -> {out}"
+        click.echo(line)

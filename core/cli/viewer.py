@@ -53,10 +53,14 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--secrets-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Without --token: use the tokens kept in DIR/secrets.toml (mode 0600), generating them "
                    "on the first start (as `site up` does for its data directory; docker compose uses this).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A host name the page and API answer to (repeatable): the name people reach it by "
+                   "when it listens on a non-loopback address (a container's 0.0.0.0). Any other Host "
+                   "header is refused, so no web page reaches it through DNS rebinding.")
 @redis_option
 @handle_errors
 def viewer(host: str, port: int, token: str | None, metrics_token: str | None, secrets_dir: Path | None,
-           redis_url: str | None, data_dir: Path) -> None:
+           allowed_hosts: tuple[str, ...], redis_url: str | None, data_dir: Path) -> None:
     """Serve the Queue Viewer: queues and messages of every hub, actions, tracking, /metrics.
 
     With a token, everything but the page itself and /health needs it: reads show every
@@ -72,7 +76,7 @@ def viewer(host: str, port: int, token: str | None, metrics_token: str | None, s
     if secrets_dir is not None and token is None:
         from mailyard.site import secrets as site_secrets
 
-        kept = site_secrets.ensure(secrets_dir, skip={"redis"})  # (not the Redis password: not its to make)
+        kept = site_secrets.ensure(secrets_dir, skip={"redis", "operator", "flower"})  # (only its own)
         token, metrics_token = kept.viewer_token, metrics_token or kept.metrics_token
         click.echo(f"Queue Viewer tokens: {kept.path} [viewer]")
     for option, value in (("--token", token), ("--metrics-token", metrics_token)):
@@ -93,7 +97,9 @@ def viewer(host: str, port: int, token: str | None, metrics_token: str | None, s
     logon = "; the API and /metrics need its token" if token else " (no token: open to every local user)"
     click.echo(f"Queue Viewer: http://{shown}:{bound_port}/  (metrics: http://{shown}:{bound_port}/metrics){logon}")
     # On loopback, only loopback host names: a web page cannot reach it through DNS rebinding.
-    hosts = ["127.0.0.1", "localhost", "[::1]", host] if _is_loopback(host) else None
+    hosts = ["127.0.0.1", "localhost", "[::1]", host] if _is_loopback(host) or allowed_hosts else None
+    if hosts is not None:
+        hosts += [h.strip().lower() for h in allowed_hosts]
     app = create_app(url, token=token, metrics_token=metrics_token, allowed_hosts=hosts)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
                                            http="h11", h11_max_incomplete_event_size=64 * 1024))

@@ -224,13 +224,7 @@ class Site:
     def org_to_apply(self) -> Organization:
         org = self.cfg.org
         if self.secrets is not None:
-            # The local operator logs on with the password in secrets.toml, unless the
-            # organization file gives it one of its own.
-            user, password = self.secrets.operator
-            org = org.model_copy(update={"operators": [
-                op.model_copy(update={"password": password})
-                if op.name == user and site_secrets.is_placeholder(op.password) else op
-                for op in org.operators]})
+            org = site_secrets.with_local_operator(org, self.secrets)
         if not self.cfg.internet:
             return org
         transport = org.transport.model_copy(update={"dns_servers": [f"{self.cfg.host}:{self.dns_port}"]})

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailyard.errors import SiteError
+from mailyard.org import Organization
 
 FILE_NAME = "secrets.toml"
 MODE = 0o600
@@ -83,6 +84,9 @@ GENERATED: dict[tuple[str, str], Callable[[], str]] = {
     ("redis", "password"): token,
 }
 REDIS_PASSWORD = ("redis", "password")
+
+
+ENV_OPERATOR_FILE = "MAILYARD_OPERATOR_SECRETS"  # the CLI's [operator] elsewhere than <data-dir>
 
 
 def secrets_path(data_dir: Path) -> Path:
@@ -231,3 +235,12 @@ def ensure(data_dir: Path, *, skip: Collection[str] = (),
         path.parent.mkdir(parents=True, exist_ok=True)
         write(path, values)
     return SiteSecrets(path, values)
+
+
+def with_local_operator(org: Organization, kept: SiteSecrets) -> Organization:
+    """``org`` where the local operator (``[operator] user``) logs on with the password kept
+    here, unless the organization file gives it one of its own."""
+    user, password = kept.operator
+    return org.model_copy(update={"operators": [
+        op.model_copy(update={"password": password}) if op.name == user and is_placeholder(op.password) else op
+        for op in org.operators]})
