@@ -127,8 +127,10 @@ class TransportSettings(_Model):
     pressure_backlog_normal: int = Field(50_000, ge=0)
     pressure_backlog_medium: int = Field(100_000, ge=0)
     pressure_backlog_high: int = Field(200_000, ge=0)
-    # Kept in clear in Redis (a hub sends it: relay AUTH, the mailbox API's Bearer); never shown.
-    server_token: str = Field("", description="shared secret of hubs and mailbox servers")
+    # No longer used: hubs and mailbox servers prove who they are with certificates of the
+    # organization's CA (mailyard.pki). Still accepted in a file, so that an older one
+    # validates, but never stored, and it opens nothing.
+    server_token: str = Field("", exclude=True, description="ignored (see mailyard.pki)")
     dns_servers: list[str] = Field(default_factory=list)  # empty: the system resolver
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,15 +25,9 @@ def apply_org(r: redis.Redis, org: Organization) -> int:
 
     Mailbox passwords are stored only as hashes: a password given in clear is hashed here
     (keeping the hash already stored when it is of the same password, so applying the same file
-    again changes nothing a hub verifies against). Without a ``server_token`` in the file, the
-    one already in use is kept (or one is generated), so running hubs and mailbox servers keep
-    trusting each other."""
+    again changes nothing a hub verifies against)."""
     current = _stored(r)
     org = hash_passwords(org, current)
-    if not org.transport.server_token:
-        token = current.transport.server_token if current else ""
-        token = token or secrets.token_urlsafe(24)
-        org = org.model_copy(update={"transport": org.transport.model_copy(update={"server_token": token})})
     pipe = r.pipeline(transaction=True)
     pipe.set(keys.ORG, org.to_json())
     pipe.incr(keys.ORG_VERSION)

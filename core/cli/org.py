@@ -28,7 +28,6 @@ def public_view(o: Organization) -> dict[str, Any]:
     """The organization as JSON, every secret masked: a set password (or its hash), the server
     token and a smart host's password read ``********``, an unset one ``""``."""
     data = o.model_dump(mode="json")
-    data["transport"]["server_token"] = _mask(data["transport"].get("server_token"))
     for mb in data["mailboxes"]:
         mb["password"] = _mask(mb.get("password"))
     for op in data.get("operators", []):

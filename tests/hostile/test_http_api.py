@@ -44,7 +44,7 @@ from tests.hostile.helpers import rss_kb, running_site
 SERVER = "MBX-AMS-01"
 SERVER_NAME = pki.Identity.mailbox(SERVER).dns_name  # the TLS server name, checked against its certificate
 ORG = make_org()
-TOKEN = ORG.transport.server_token  # the hub API's old shared secret: it must open nothing now
+TOKEN = "contoso-demo-token-change-me"  # the hub API's old shared secret (the demo's): it opens nothing now
 ALICE = ("alice@contoso.com", "alice-demo-password")  # deploy/contoso.toml
 HUB = pki.Identity.hub("Amsterdam")  # the server's site: the only certificate the hub API takes
 OTHER_SITE_HUB = pki.Identity.hub("London")

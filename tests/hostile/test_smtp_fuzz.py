@@ -157,7 +157,7 @@ transaction = st.builds(
 )
 # The hubs' old logon (exchange-server/<hub> with the organization's server token): no AUTH
 # makes a client an Exchange server any more, so it must fail like any wrong password.
-TOKEN_LOGON = b"AUTH PLAIN " + b64(b"\0exchange-server/rx-1\0" + ORG.transport.server_token.encode()) + CRLF
+TOKEN_LOGON = b"AUTH PLAIN " + b64(b"\0exchange-server/rx-1\0" + b"contoso-demo-token-change-me") + CRLF
 AUTH = [
     b"AUTH\r\n", b"AUTH PLAIN a b c\r\n", b"AUTH CRAM-MD5\r\n", b"AUTH XOAUTH2 dGVzdA==\r\n", b"AUTH GSSAPI\r\n",
     b"AUTH plain " + b64(b"\0alice@contoso.com\0x") + CRLF, b"AUTH PLAIN !!!notbase64\r\n", b"AUTH PLAIN ====\r\n",
