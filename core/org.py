@@ -38,6 +38,7 @@ _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a
 _LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 
+TlsAuthLevel = Literal["EncryptionOnly", "CertificateValidation", "DomainValidation"]
 PermissionGroup = Literal["AnonymousUsers", "ExchangeUsers", "ExchangeServers", "Partners"]
 AuthMechanism = Literal["None", "Tls", "BasicAuth", "BasicAuthRequireTLS", "ExchangeServer", "ExternalAuthoritative"]
 PERMISSION_GROUPS: tuple[str, ...] = get_args(PermissionGroup)
@@ -251,7 +252,14 @@ class SendConnector(_Model):
     source_sites: list[Name] = Field(default_factory=list)
     source_servers: list[str] = Field(default_factory=list)
     max_message_size: Size = 10 * 1024 * 1024
+    # Outbound TLS, as Exchange's Set-SendConnector: opportunistic (STARTTLS when offered, any
+    # certificate) unless require_tls; with it, tls_auth_level says what the peer's certificate
+    # must prove, against the system's CA store: nothing (EncryptionOnly, the default), a valid
+    # chain (CertificateValidation), or a chain for tls_domain, else the host's own name
+    # (DomainValidation). A smart host's password is only ever sent inside TLS.
     require_tls: bool = False
+    tls_auth_level: TlsAuthLevel | None = None
+    tls_domain: Domain | None = None
     enabled: bool = True
 
 
@@ -479,6 +487,10 @@ def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
         for j, name in enumerate(conn.source_sites):
             if name not in sites:
                 problems.append((("send_connectors", i, "source_sites", j), f"no site {name!r}"))
+        if conn.tls_auth_level and not conn.require_tls:
+            problems.append((("send_connectors", i, "tls_auth_level"), "needs require_tls = true"))
+        if conn.tls_domain and conn.tls_auth_level != "DomainValidation":
+            problems.append((("send_connectors", i, "tls_domain"), 'needs tls_auth_level = "DomainValidation"'))
     names = set()
     for i, rc in enumerate(org.receive_connectors):
         if rc.name in names:

@@ -59,11 +59,13 @@ class Destination:
     org_origin: bool = False  # add X-Mailyard-Origin (hub-to-hub relay within the organization)
     peer: pki.Identity | None = None  # a node of the organization: TLS verified against its CA, to this identity
     tls_context: ssl.SSLContext | None = None  # with ``peer``: this hub's client context (Node.relay_tls)
+    tls_auth_level: str | None = None  # with require_tls: EncryptionOnly, CertificateValidation, DomainValidation
+    tls_domain: str | None = None  # with DomainValidation: the name the certificate must carry
 
     @property
     def session_key(self) -> str:
         """What a cached connection must have been opened for, besides the address."""
-        return self.peer.dns_name if self.peer else self.username
+        return self.peer.dns_name if self.peer else f"{self.username}|{self.tls_auth_level}|{self.tls_domain}"
 
 
 @dataclass
@@ -111,7 +113,8 @@ def destination_of(node: Node, batch: Batch) -> Destination:
             targets += [mx.Target(host, a, port=port) for a in found]
         if not targets:
             raise TransientDeliveryError(451, "4.4.0", f"no address for the smart hosts of {conn.name}")
-    return Destination(targets, conn.port, conn.require_tls, conn.smart_host_username, conn.smart_host_password)
+    return Destination(targets, conn.port, conn.require_tls, conn.smart_host_username, conn.smart_host_password,
+                       tls_auth_level=conn.tls_auth_level, tls_domain=conn.tls_domain)
 
 
 def _is_ip(host: str) -> bool:
@@ -209,16 +212,40 @@ async def _open(target: mx.Target, port: int, dest: Destination, *, helo: str, t
             await _org_tls(smtp, target, dest.peer, dest.tls_context)
             await smtp.ehlo()
         elif smtp.supports_extension("starttls"):
-            await smtp.starttls(tls_context=opportunistic_client_context())
+            await _starttls(smtp, target, dest)
             await smtp.ehlo()
         elif dest.require_tls:
-            raise TransientDeliveryError(451, "4.7.5", f"{target.host} does not offer STARTTLS")
+            raise TransientDeliveryError(451, "4.7.5", f"{target.host} does not offer STARTTLS (require_tls)")
         if dest.username:
+            if smtp.get_transport_info("sslcontext") is None:
+                raise TransientDeliveryError(451, "4.7.5", f"{target.host} does not offer STARTTLS: the smart "
+                                                           "host's password is never sent in clear")
             await smtp.login(dest.username, dest.password)
     except BaseException:
         smtp.close()
         raise
     return smtp
+
+
+async def _starttls(smtp: aiosmtplib.SMTP, target: mx.Target, dest: Destination) -> None:
+    """STARTTLS to a host outside the organization, checked as the connector's tls_auth_level
+    says (against the system's CA store); without require_tls, opportunistic (RFC 7435)."""
+    level = dest.tls_auth_level if dest.require_tls else None
+    if level in (None, "EncryptionOnly"):
+        await smtp.starttls(tls_context=opportunistic_client_context())
+        return
+    ctx = ssl.create_default_context()
+    name = dest.tls_domain or target.host
+    if level == "CertificateValidation":
+        ctx.check_hostname = False  # a valid chain, for whatever name
+    try:
+        await smtp.starttls(server_hostname=name, tls_context=ctx)
+    except ssl.SSLCertVerificationError as exc:
+        what = f"a valid certificate for {name}" if level == "DomainValidation" else "a valid certificate"
+        raise TransientDeliveryError(451, "4.7.5", f"{target.host} [{target.address}] did not present {what} "
+                                                   f"({exc.verify_message}; tls_auth_level {level})") from None
+    except ssl.SSLError as exc:
+        raise TransientDeliveryError(451, "4.7.5", f"no TLS with {target.host} ({exc.reason or exc})") from None
 
 
 async def _org_tls(smtp: aiosmtplib.SMTP, target: mx.Target, peer: pki.Identity,
