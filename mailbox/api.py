@@ -28,6 +28,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -51,7 +52,17 @@ log = logging.getLogger("mailyard.mailbox.api")
 MAX_DELIVER_BATCH = 1000
 
 
+HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\]|[^\[\]:]+)(?::[0-9]{1,5})?")
 PEER = "mailyard_peer"  # the request state key of the client's verified certificate identity
+# The request state key of a dict the server shares with one connection: "abort" set there
+# means the response refuses the request and the connection is cut once it is written.
+CONNECTION = "mailyard_connection"
+
+
+def _cut_after_response(request: Request) -> None:
+    conn = getattr(request.state, CONNECTION, None)
+    if isinstance(conn, dict):
+        conn["abort"] = True
 SEND_TYPES = ("application/json", "message/rfc822")
 
 
@@ -82,19 +93,22 @@ def create_app(
     @app.middleware("http")
     async def _host_check(request: Request, call_next: Callable[[Request], Any]) -> Any:
         host = request.headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if name.lower().strip("[]") not in hosts:
+        # host[:port], an IPv6 literal in brackets: anything else names no server
+        shape = HOST_HEADER.fullmatch(host)
+        if shape is None or shape.group(1).strip("[]").lower() not in hosts:
+            _cut_after_response(request)
             return JSONResponse({"error": f"Host {host!r} does not name this server ({server})"},
                                 status_code=421, headers={"Connection": "close"})
         return await call_next(request)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         # A body too large, or sent without a valid logon, is refused unread: close the
         # connection, or the HTTP server would go on reading (and dropping) the rest of it.
         headers = dict(exc.headers or {})
         if exc.status in (401, 403, 413, 415):
             headers["Connection"] = "close"
+            _cut_after_response(request)
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers or None)
 
     @app.exception_handler(NotFoundError)

@@ -15,7 +15,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mailyard import faults, pki, redisconn
 from mailyard.errors import SiteError
-from mailyard.mailbox.api import PEER, create_app
+from mailyard.mailbox.api import CONNECTION, PEER, create_app
 from mailyard.mailbox.store import MailboxStore
 from mailyard.orgstore import OrgCache
 from mailyard.registry import register_server
@@ -31,8 +31,40 @@ class _PeerH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         identity = pki.peer_identity(transport.get_extra_info("ssl_object"))
-        self.app_state = {**self.app_state, PEER: identity}
-        super().connection_made(transport)
+        shared: dict[str, bool] = {}
+        self.app_state = {**self.app_state, PEER: identity, CONNECTION: shared}
+        super().connection_made(_CutAfterRefusal(transport, shared))  # type: ignore[arg-type]
+
+
+class _CutAfterRefusal:
+    """The connection's transport, whose ``close`` after a refusal aborts instead of a TLS
+    shutdown: asyncio's SSL transport would go on reading (and decrypting, and dropping)
+    whatever the client sends until its close_notify or 30 s, gigabytes of a refused upload.
+    The refusal is written first (as far as the kernel's buffer)."""
+
+    def __init__(self, transport: asyncio.Transport, shared: dict[str, bool]) -> None:
+        self._transport = transport
+        self._shared = shared
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        transport = self._transport
+        if not self._shared.get("abort") or transport.is_closing():
+            transport.close()
+            return
+        transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+
+        def cut() -> None:
+            if transport.get_write_buffer_size() and loop.time() < deadline:
+                loop.call_later(0.01, cut)
+                return
+            transport.abort()
+
+        cut()
 
 
 def serve(

@@ -400,10 +400,6 @@ def test_a_refused_streamed_body_is_answered_and_not_buffered(api, address, path
     assert api.http.get(registry.server_url(api.r, SERVER) + "/health").status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "over TLS the refused connection is closed with a TLS shutdown, and asyncio's SSL transport "
-    "reads (decrypts and drops) whatever the client goes on sending until the peer's close_notify "
-    "or ssl_shutdown_timeout (30 s): gigabytes on loopback; over plain TCP the close reset it"))
 @pytest.mark.parametrize(("path", "headers", "cert", "status"), REFUSED_STREAMS)
 def test_the_server_stops_reading_a_refused_streamed_body(api, address, path, headers, cert, status) -> None:
     answer, sent = chunked_upload(address, path, headers, 6 * LIMIT, cert)

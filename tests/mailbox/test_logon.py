@@ -181,7 +181,9 @@ def test_a_send_a_browser_could_forge_is_refused(site, ctype) -> None:
     assert outbox_count(site, "alice@contoso.com") == before
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:443", "127.0.0.2", "mbx-ams-02.mailbox.mailyard.internal"])
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:443", "127.0.0.2", "mbx-ams-02.mailbox.mailyard.internal",
+                                  "127.0.0.1:notaport", "[127.0.0.1]", "[mbx-ams-01.mailbox.mailyard.internal]",
+                                  "127.0.0.1:1:2", "127.0.0.1.evil.example"])
 def test_a_host_that_does_not_name_the_server_is_refused(site, host) -> None:
     with as_(site, ALICE) as alice:
         response = alice.get(url(site, "alice@contoso.com", "/folders/Inbox"), headers={"Host": host})
