@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ssl
 from dataclasses import dataclass
 
 import httpx
@@ -32,23 +33,30 @@ class MailboxResult:
 class MailboxClient:
     """HTTPS with mutual TLS: the hub presents its site's certificate, and a mailbox server
     must present the certificate of the server the hub means to reach (its identity is the
-    TLS server name, checked in the handshake, before anything is sent)."""
+    TLS server name, checked in the handshake, before anything is sent).
+
+    One connection pool per mailbox server: httpx reuses a pooled connection by address, not
+    by TLS server name, so with one shared pool a request for server Y whose registered URL
+    named server M would travel over a connection verified as M."""
 
     def __init__(self, r: redis.Redis, hub: str, cert: pki.NodeCert) -> None:
         self._r = r
         self._hub = hub
         self._cert = cert
-        self._client: httpx.Client | None = None
+        self._ctx: ssl.SSLContext | None = None
+        self._clients: dict[str, httpx.Client] = {}
 
-    @property
-    def _http(self) -> httpx.Client:
-        if self._client is None:
-            try:
-                ctx = self._cert.client_context()
-            except SiteError as exc:  # no certificate (yet): nothing is sent, the queue retries
-                raise TransientDeliveryError(451, "4.7.5", f"STOREDRV: {exc}; nothing sent") from None
-            self._client = httpx.Client(timeout=TIMEOUT, verify=ctx, limits=httpx.Limits(max_keepalive_connections=8))
-        return self._client
+    def _http(self, server: str) -> httpx.Client:
+        client = self._clients.get(server)
+        if client is None:
+            if self._ctx is None:
+                try:
+                    self._ctx = self._cert.client_context()
+                except SiteError as exc:  # no certificate (yet): nothing is sent, the queue retries
+                    raise TransientDeliveryError(451, "4.7.5", f"STOREDRV: {exc}; nothing sent") from None
+            client = self._clients[server] = httpx.Client(
+                timeout=TIMEOUT, verify=self._ctx, limits=httpx.Limits(max_keepalive_connections=8))
+        return client
 
     def _url(self, server: str) -> str:
         try:
@@ -58,8 +66,9 @@ class MailboxClient:
 
     def _request(self, server: str, method: str, path: str, **kw) -> httpx.Response:
         try:
-            response = self._http.request(method, self._url(server) + path, headers={"X-Mailyard-Hub": self._hub},
-                                          extensions=pki.sni(pki.Identity.mailbox(server)), **kw)
+            response = self._http(server).request(
+                method, self._url(server) + path, headers={"X-Mailyard-Hub": self._hub},
+                extensions=pki.sni(pki.Identity.mailbox(server)), **kw)
         except httpx.HTTPError as exc:
             raise TransientDeliveryError(
                 451, "4.4.1", f"STOREDRV: cannot reach mailbox server {server}: {exc!r}"
@@ -101,8 +110,9 @@ class MailboxClient:
         ]
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
 
 def _error_text(response: httpx.Response) -> str:
