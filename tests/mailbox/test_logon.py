@@ -169,6 +169,17 @@ def test_every_from_address_must_be_the_mailboxs_own(site, raw) -> None:
     assert response.status_code == 403, response.text
 
 
+@pytest.mark.parametrize("raw", [
+    b"From : carol@contoso.com\r\nTo: bob@contoso.com\r\n\r\nx\r\n",  # an "mbox From line" to Python
+    b"To: bob@contoso.com\r\nnot a field\r\nFrom: carol@contoso.com\r\n\r\nx\r\n",  # ends Python's headers
+    b" From: carol@contoso.com\r\nTo: bob@contoso.com\r\n\r\nx\r\n",  # folds nothing
+])
+def test_a_header_the_parser_would_skip_cannot_smuggle_another_from(site, raw) -> None:
+    with as_(site, ALICE) as alice:
+        response = send(alice, site, "alice@contoso.com", raw)
+    assert response.status_code == 400 and "is not a header field" in error_of(response), response.text
+
+
 @pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
                                    "application/octet-stream", ""])
 def test_a_send_a_browser_could_forge_is_refused(site, ctype) -> None:
