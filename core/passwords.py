@@ -121,6 +121,13 @@ def verify(password: str | bytes, encoded: str) -> bool:
     return True
 
 
+def verified_before(password: str | bytes, encoded: str) -> bool:
+    """True if this password verified against ``encoded`` recently (no scrypt needed)."""
+    secret = password.encode() if isinstance(password, str) else password
+    with _lock:
+        return _cache_key(encoded, secret) in _cache
+
+
 def verify_nothing(password: str | bytes) -> None:
     """Spend what a verification costs, for a logon that names no one: the answer then takes
     as long as for a wrong password, and does not tell who exists."""

@@ -29,6 +29,7 @@ import binascii
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -65,6 +66,8 @@ def _cut_after_response(request: Request) -> None:
     if isinstance(conn, dict):
         conn["abort"] = True
 SEND_TYPES = ("application/json", "message/rfc822")
+SCRYPT_AT_ONCE = 4  # password verifications at a time (each 16 MiB of memory)
+LOGON_WAIT = 5.0  # seconds a logon waits for one before 503
 
 
 class ApiError(Exception):
@@ -90,6 +93,7 @@ def create_app(
     app = FastAPI(title=f"Mailyard mailbox server {server}", docs_url=None, redoc_url=None)
     realm = f'Basic realm="Mailyard {server}", charset="UTF-8"'
     hub_identity = pki.Identity.hub(site)
+    scrypt_slots = threading.BoundedSemaphore(SCRYPT_AT_ONCE)
 
     @app.middleware("http")
     async def _host_check(request: Request, call_next: Callable[[Request], Any]) -> Any:
@@ -163,10 +167,19 @@ def create_app(
             raise ApiError(401, "the Authorization header is not valid Basic credentials",
                            {"WWW-Authenticate": realm}) from None
         found = directory().principal(login.strip()) if sep else None
-        if found is None:
-            passwords.verify_nothing(password)
-        if found is None or not passwords.verify(password, found[1]):
-            raise ApiError(401, "logon failed: unknown user or wrong password", {"WWW-Authenticate": realm})
+        if found is not None and passwords.verified_before(password, found[1]):
+            return found[0]
+        # Each other logon costs an scrypt (16 MiB, tens of ms): a few at a time, so that a flood
+        # of guesses cannot take every thread and the memory with them.
+        if not scrypt_slots.acquire(timeout=LOGON_WAIT):
+            raise ApiError(503, "too many logons at once; try again in a moment", {"Retry-After": "1"})
+        try:
+            if found is None:
+                passwords.verify_nothing(password)
+            if found is None or not passwords.verify(password, found[1]):
+                raise ApiError(401, "logon failed: unknown user or wrong password", {"WWW-Authenticate": realm})
+        finally:
+            scrypt_slots.release()
         return found[0]
 
     def require_right(who: Principal, rights: tuple[str, ...], owner: str, doing: str) -> None:
