@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from mailyard import passwords
+from mailyard import passwords, pki
 from mailyard.errors import ConfigError, ConfigProblem
 from mailyard.units import format_duration, format_size, parse_duration, parse_size
 
@@ -419,6 +419,19 @@ def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
                     )
                 )
             servers[server] = site.name
+    # Each site's hubs and each mailbox server have a certificate named after them as a DNS
+    # label (mailyard.pki): two names that make the same label would share one identity.
+    labels: dict[str, str] = {}
+    for i, site in enumerate(org.sites):
+        for path, role, name in ((("sites", i, "name"), "hub", site.name),
+                                 *((("sites", i, "mailbox_servers", j), "mailbox", server)
+                                   for j, server in enumerate(site.mailbox_servers))):
+            label = pki.dns_label(name)
+            if not label:
+                problems.append((path, f"{name!r} cannot name a certificate (a DNS label of 1 to 63 characters)"))
+            elif labels.setdefault(f"{role}:{label}", name) != name:
+                problems.append((path, f"{name!r} and {labels[role + ':' + label]!r} would share one certificate "
+                                       f"identity ({label}); rename one"))
     for i, link in enumerate(org.site_links):
         for j, name in enumerate(link.sites):
             if name not in sites:

@@ -51,10 +51,16 @@ NODE_DAYS = 2 * 365
 RENEW_DAYS = 30  # a node certificate this close to its end is issued again
 
 
-def _label(name: str) -> str:
-    """An organization name (``MBX-AMS-01``, ``New York``) as one DNS label."""
+def dns_label(name: str) -> str:
+    """An organization name (``MBX-AMS-01``, ``New York``) as one DNS label, or "" if it
+    makes none (the organization file's check refuses such a name, and two that make one)."""
     label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    if not label or len(label) > 63:
+    return label if 0 < len(label) <= 63 else ""
+
+
+def _label(name: str) -> str:
+    label = dns_label(name)
+    if not label:
         raise SiteError(f"{name!r} cannot be made a DNS label for a certificate")
     return label
 

@@ -144,3 +144,26 @@ def test_contacts_route_to_their_external_address_and_unknowns_are_reported() ->
     assert out.unknown == ["nobody@contoso.com"]
 
 # endregion
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ('mailbox_servers = ["MBX-LON-01"]', 'mailbox_servers = ["MBX-LON-01", "mbx_lon_01"]',
+     "'mbx_lon_01' and 'MBX-LON-01' would share one certificate identity (mbx-lon-01)"),
+    ('name = "London"\nmailbox_servers', 'name = "amsterdam"\nmailbox_servers',
+     "'amsterdam' and 'Amsterdam' would share one certificate identity"),
+    ('mailbox_servers = ["MBX-LON-01"]', 'mailbox_servers = ["MBX-LON-01", "' + "M" * 64 + '"]',
+     "cannot name a certificate"),
+])
+def test_names_that_would_share_a_certificate_identity_are_refused(old: str, new: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_org(CONTOSO.read_text().replace(old, new))
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["full_access", "send_as", "send_on_behalf"])
+def test_a_grant_names_a_mailbox_or_an_operator_of_the_organization(field: str) -> None:
+    text = CONTOSO.read_text().replace(f"{field} = []", f'{field} = ["mallory@contoso.com"]', 1)
+    with pytest.raises(ConfigError) as info:
+        parse_org(text)
+    assert f"mailboxes[1].{field}[0]" in str(info.value) and "is not a mailbox" in str(info.value)
+    assert parse_org(CONTOSO.read_text().replace(f"{field} = []", f'{field} = ["Alice@Contoso.com", "operator"]', 1))
