@@ -226,9 +226,18 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
             refused = mailyard("mailbox", "show", "dave@contoso.com", env={**nearer, **extra}, check=False)
             assert refused.returncode == 1, refused.stdout
             assert "no local operator" in refused.stderr or "401" in refused.stderr, refused.stderr
+        # The demo's well-known mailbox passwords do not work here: site up generated others
+        bob = secrets["mailboxes"]["bob@contoso.com"]
+        assert bob != "bob-demo-password" and len(bob) >= 40
+        known = mailyard("mailbox", "show", "bob@contoso.com", check=False,
+                         env={**nearer, "MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": "bob-demo-password"})
+        assert known.returncode == 1 and "401" in known.stderr, known.stderr
         nosy = mailyard("mailbox", "show", "dave@contoso.com", check=False,
-                        env={**nearer, "MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": "bob-demo-password"})
+                        env={**nearer, "MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": bob})
         assert nosy.returncode == 1 and "403" in nosy.stderr and "may not read dave@contoso.com" in nosy.stderr
+        mine = mailyard("mailbox", "show", "bob@contoso.com",
+                        env={**nearer, "MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": bob})
+        assert "bob@contoso.com / Inbox" in mine.stdout
 
         (outside,) = wait_until(arrived_outside, timeout=60)
         assert outside["from"] == "erin@contoso.com" and outside["to"] == ["someone@fabrikam.example"]

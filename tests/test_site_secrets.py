@@ -96,3 +96,25 @@ def test_the_runner_gives_each_secret_only_to_its_child(tmp_path: Path, monkeypa
     for child in site.children:
         assert made.viewer_token not in " ".join(child.cmd) and made.flower_basic_auth not in " ".join(child.cmd)
     assert site.state()["secrets_file"] == str(made.path)
+
+
+def test_a_site_runs_with_generated_passwords_where_the_file_has_the_demos(tmp_path: Path) -> None:
+    from mailyard.passwords import hash_password
+
+    org = make_org()
+    own = hash_password("erin-own-password")
+    org = org.model_copy(update={"mailboxes": [
+        mb.model_copy(update={"password": own}) if mb.address == "erin@contoso.com" else mb for mb in org.mailboxes]})
+    ran, kept = secrets.with_site_passwords(org, tmp_path)
+    generated = kept.values["mailboxes"]
+    by_address = {mb.address: mb.password for mb in ran.mailboxes}
+    assert "erin@contoso.com" not in generated and by_address["erin@contoso.com"] == own, "its own is kept"
+    for mb in org.mailboxes:
+        if mb.password.endswith("-demo-password"):
+            assert by_address[mb.address] == generated[mb.address] != mb.password
+            assert len(generated[mb.address]) >= 40
+    operator = next(op for op in ran.operators if op.name == "operator")
+    assert operator.password == kept.operator[1] and not secrets.is_placeholder(operator.password)
+    again, _ = secrets.with_site_passwords(make_org(), tmp_path)
+    assert {mb.address: mb.password for mb in again.mailboxes}["bob@contoso.com"] == by_address["bob@contoso.com"]
+    assert mode(kept.path) == 0o600

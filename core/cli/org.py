@@ -118,23 +118,32 @@ def with_dns_servers(o: Organization, servers: list[str]) -> Organization:
 @click.option("--dns-server", "dns_servers", multiple=True, metavar="IP[:PORT]", callback=_dns_server,
               help="Use this DNS server (repeatable) instead of the file's transport.dns_servers, "
                    "e.g. the demo Internet's in docker compose.")
-@click.option("--operator-secrets", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Give the local operator (an operator the file leaves without a password) the "
-                   "password kept in DIR/secrets.toml [operator], generated the first time (as "
-                   "`site up` does; docker compose's init service uses this).")
+@click.option("--secrets-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Apply the passwords kept in DIR/secrets.toml, generated the first time, as `site up` "
+                   "does: the local operator's ([operator]) and one for each mailbox whose password is "
+                   "the demo's ([mailboxes]). Default: the data directory's, when it has one (docker "
+                   "compose's init service names its volume).")
 @redis_option
 @handle_errors
-def apply(file: Path, dns_servers: tuple[str, ...], operator_secrets: Path | None, redis_url: str | None,
+def apply(file: Path, dns_servers: tuple[str, ...], secrets_dir: Path | None, redis_url: str | None,
           data_dir: Path) -> None:
     """Validate FILE and make it the directory every node uses, live (no restarts)."""
+    from mailyard.site import secrets as site_secrets
+
     o = load_org(file)
     if dns_servers:
         o = with_dns_servers(o, list(dns_servers))
-    if operator_secrets is not None:
-        from mailyard.site import secrets as site_secrets
-
-        kept = site_secrets.ensure(operator_secrets, skip={"redis", "flower", "viewer"})
-        o = site_secrets.with_local_operator(o, kept)
+    if secrets_dir is None and site_secrets.secrets_path(data_dir).exists():
+        secrets_dir = data_dir
+    if secrets_dir is not None:
+        o, kept = site_secrets.with_site_passwords(o, secrets_dir)
+        click.echo(f"passwords of the local operator and of the demo's mailboxes: {kept.path}")
+    else:
+        demo = [mb.address for mb in o.mailboxes if site_secrets.is_demo_password(mb.password)]
+        if demo:
+            click.echo(f"warning: {len(demo)} mailbox(es) ({', '.join(demo[:3])}...) have the demo's well-known "
+                       "passwords; give --secrets-dir (or run where `site up` keeps its secrets.toml) to have "
+                       "them replaced by generated ones", err=True)
     version = apply_org(connect(redis_url, data_dir), o)
     dns = f"; DNS servers {', '.join(dns_servers)}" if dns_servers else ""
     click.echo(f"applied {file} as version {version}: {len(o.sites)} sites, "

@@ -224,7 +224,7 @@ class Site:
     def org_to_apply(self) -> Organization:
         org = self.cfg.org
         if self.secrets is not None:
-            org = site_secrets.with_local_operator(org, self.secrets)
+            org, self.secrets = site_secrets.with_site_passwords(org, self.data_dir)
         if not self.cfg.internet:
             return org
         transport = org.transport.model_copy(update={"dns_servers": [f"{self.cfg.host}:{self.dns_port}"]})

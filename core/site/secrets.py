@@ -237,10 +237,33 @@ def ensure(data_dir: Path, *, skip: Collection[str] = (),
     return SiteSecrets(path, values)
 
 
-def with_local_operator(org: Organization, kept: SiteSecrets) -> Organization:
-    """``org`` where the local operator (``[operator] user``) logs on with the password kept
-    here, unless the organization file gives it one of its own."""
+MAILBOXES = "mailboxes"  # the section of generated mailbox passwords, keyed by address
+DEMO_PASSWORD = "-demo-password"  # the demo organization's mailbox passwords end so
+
+
+def is_demo_password(value: str) -> bool:
+    """A mailbox password the demo file gives (``alice-demo-password``) or a placeholder: known
+    to everyone who read the file, so never what a site runs with."""
+    return bool(value) and (value.strip().lower().endswith(DEMO_PASSWORD) or is_placeholder(value))
+
+
+def with_site_passwords(org: Organization, data_dir: Path) -> tuple[Organization, SiteSecrets]:
+    """``org`` as a site runs it, and the secrets that made it so: the local operator
+    (``[operator] user``) logs on with the password kept here unless the organization file
+    gives it one of its own, and every mailbox whose password is the demo's (or a
+    placeholder) gets one generated here (``[mailboxes] "<address>"``), kept across starts."""
+    kept = ensure(data_dir, skip={"redis", "flower", "viewer"})
+    values = {section: dict(table) for section, table in kept.values.items()}
+    generated = values.setdefault(MAILBOXES, {})
+    wanted = {mb.address for mb in org.mailboxes if is_demo_password(mb.password)}
+    fresh = {address: token() for address in wanted if is_placeholder(generated.get(address))}
+    if fresh:
+        generated.update(fresh)
+        write(kept.path, values)
+        kept = SiteSecrets(kept.path, values)
     user, password = kept.operator
-    return org.model_copy(update={"operators": [
-        op.model_copy(update={"password": password}) if op.name == user and is_placeholder(op.password) else op
-        for op in org.operators]})
+    operators = [op.model_copy(update={"password": password}) if op.name == user and is_placeholder(op.password)
+                 else op for op in org.operators]
+    mailboxes = [mb.model_copy(update={"password": generated[mb.address]}) if mb.address in wanted else mb
+                 for mb in org.mailboxes]
+    return org.model_copy(update={"operators": operators, "mailboxes": mailboxes}), kept
