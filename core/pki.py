@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import secrets
 import ssl
 import stat
 from collections.abc import Iterable
@@ -94,8 +95,8 @@ class Identity:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 from the start, and replace it atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
