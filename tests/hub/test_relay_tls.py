@@ -138,7 +138,12 @@ def relay_queue(site: Cluster, *, listed: bool = False) -> dict | None:
 def relay(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("relay-tls")
     peer = CapturingPeer()
-    site = Cluster(redis_server.new_db(), tmp / "site", make_org(), cwd=ROOT)
+    # Retries a minute apart: the queue stays in Retry while a test reads it (every attempt
+    # after the first is asked for with `queue retry`); with the tests' 1 s, a loaded machine
+    # saw it back in Ready before `queue list` answered.
+    slow = {"queue_glitch_retry_interval": 60, "transient_failure_retry_interval": 60,
+            "outbound_connection_failure_retry_interval": 60}
+    site = Cluster(redis_server.new_db(), tmp / "site", make_org(**slow), cwd=ROOT)
     beating = threading.Event()
 
     def heartbeat() -> None:  # the peer is London's only hub, alive as long as the test runs
