@@ -110,6 +110,34 @@ class Directory:
                    "SendOnBehalf": mb.send_on_behalf}.get(right, []) if mb else []
         return who.name in granted
 
+    def send_as_refusal(self, who: Principal, senders: list[str], sender_field: list[str]) -> str | None:
+        """Why ``who`` may not send a message whose ``From`` addresses are ``senders`` and whose
+        ``Sender`` addresses are ``sender_field``, or None if it may (the one rule of the
+        mailbox API and of SMTP submission).
+
+        Each From address must be ``who``'s own mailbox, a mailbox it has SendAs on, or one it
+        has SendOnBehalf on when the message names ``who`` as its Sender. A Sender must be
+        ``who`` (or a mailbox it may send as); several From addresses need a Sender (RFC 5322
+        3.6.2). An address outside the organization's mailboxes is no one's to send as."""
+        own = self.addresses_of(who.name) if who.kind == "mailbox" else frozenset()
+        for address in sender_field:
+            if address not in own and not self.may_on(who, "SendAs", address):
+                return f"{who} may not name {address} as Sender"
+        for address in senders:
+            if address in own or self.may_on(who, "SendAs", address):
+                continue
+            if own and sender_field and set(sender_field) <= own and self.may_on(who, "SendOnBehalf", address):
+                continue
+            return f"{who} may not send as {address or '(an empty From)'}"
+        if len(senders) > 1 and not sender_field:
+            return "a message with several From addresses needs a Sender (RFC 5322 3.6.2)"
+        return None
+
+    def may_on(self, who: Principal, right: str, address: str) -> bool:
+        """``may`` for the mailbox an address (or alias) names; False for any other address."""
+        entry = self.mailbox_entry(address)
+        return entry is not None and self.may(who, right, entry.address)
+
     def addresses_of(self, address: str) -> frozenset[str]:
         """A mailbox's primary address and its aliases."""
         mb = self._mailboxes.get(address)

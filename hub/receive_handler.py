@@ -76,7 +76,7 @@ class ReceiveHandler:
         assert state is not None
         identity = self._identity(server, session)
         try:
-            sender = policy.mail_from(state.connector, identity, address)
+            sender = policy.mail_from(state.connector, identity, address, self.ctx.directory())
         except policy.Refused as refused:
             return refused.reply
         internal = policy.is_internal(self.ctx.directory(), identity, sender)
@@ -110,7 +110,12 @@ class ReceiveHandler:
         except policy.Refused as refused:
             return refused.reply
         head = headers.parse(raw)
-        origin = policy.relay_origin(self._identity(server, session), head.get(ORIGIN_HEADER))
+        identity = self._identity(server, session)
+        if refusal := policy.header_senders_refusal(self.ctx.directory(), identity, head):
+            log.info("refused a message from %s logged on as %s: %s", state.client_ip,
+                     identity.name if identity else "?", refusal)
+            return replies.SEND_AS_DENIED
+        origin = policy.relay_origin(identity, head.get(ORIGIN_HEADER))
         raw = headers.strip(raw, *ORG_HEADERS)
         now_s = time.time()
         now = int(now_s * 1000)

@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from email.message import Message
+from email.utils import getaddresses
 
 from mailyard import headers, passwords, pki
-from mailyard.directory import Directory
+from mailyard.directory import Directory, Principal
 from mailyard.hub import replies
 from mailyard.hub.pressure import Level
 from mailyard.org import Organization, ReceiveConnector, normalize_address, parse_ip_range
 
 RELAY_GROUPS = frozenset({"ExchangeUsers", "ExchangeServers"})
-ANY_SENDER_GROUPS = frozenset({"AnonymousUsers", "ExchangeServers", "Partners"})
 USER_LOGONS = frozenset({"BasicAuth", "BasicAuthRequireTLS"})  # mechanisms a mailbox logs on with
 SERVER_LOGON = "ExchangeServer"  # hubs, by their certificate after STARTTLS: never with AUTH
 
@@ -179,11 +180,14 @@ def granted_groups(conn: ReceiveConnector, identity: Identity | None) -> frozens
     return frozenset(have)
 
 
-def mail_from(conn: ReceiveConnector, identity: Identity | None, address: str) -> str:
+def mail_from(conn: ReceiveConnector, identity: Identity | None, address: str,
+              directory: Directory | None = None) -> str:
     """MAIL FROM: the sender, normalized ("" for the null sender ``<>``).
 
     Refused: a client in none of the connector's permission groups (``530 5.7.1``), a
-    malformed address (``501 5.1.7``), a user sending as someone else (``550 5.7.1``)."""
+    malformed address (``501 5.1.7``), a logged-on user sending as someone it has neither
+    SendAs nor SendOnBehalf on in ``directory`` (``550 5.7.1``), whatever the connector's
+    groups: a logon says who the client is, and that is who it sends as."""
     groups = granted_groups(conn, identity)
     if not groups:
         raise Refused(replies.NOT_AUTHENTICATED)
@@ -193,11 +197,25 @@ def mail_from(conn: ReceiveConnector, identity: Identity | None, address: str) -
             sender = normalize_address(address)
         except ValueError:
             raise Refused(replies.INVALID_SENDER) from None
-    if identity and identity.kind == "user" and not groups & ANY_SENDER_GROUPS and sender and (
-        sender not in identity.addresses
-    ):
-        raise Refused(replies.SEND_AS_DENIED)
+    if identity and identity.kind == "user" and sender and sender not in identity.addresses:
+        who = Principal("mailbox", identity.name)
+        if directory is None or not any(directory.may_on(who, right, sender) for right in ("SendAs", "SendOnBehalf")):
+            raise Refused(replies.SEND_AS_DENIED)
     return sender
+
+
+def header_senders_refusal(directory: Directory, identity: Identity | None, head: Message) -> str | None:
+    """At DATA, for a logged-on user: may it send as every ``From`` of the message, and is its
+    ``Sender`` (if any) itself? The rule of the mailbox API (``Directory.send_as_refusal``):
+    Exchange's "Client does not have permissions to send as this sender". None: it may."""
+    if identity is None or identity.kind != "user":
+        return None
+    try:
+        senders = [a.lower() for _, a in getaddresses([str(v) for v in head.get_all("From", [])])]
+        sender_field = [a.lower() for _, a in getaddresses([str(v) for v in head.get_all("Sender", [])])]
+    except (RecursionError, ValueError, TypeError, IndexError):
+        return "the From or Sender header cannot be parsed"
+    return directory.send_as_refusal(Principal("mailbox", identity.name), senders, sender_field)
 
 
 def is_internal(directory: Directory, identity: Identity | None, sender: str) -> bool:

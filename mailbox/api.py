@@ -390,6 +390,15 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
         raise ApiError(400, f"the message cannot be built: {exc}") from None
 
 
+def _addresses(headers: Any, field: str) -> list[tuple[str, str]]:
+    """The (name, address) pairs of every ``field`` header; 400 for one that cannot be read
+    (3,000 nested parentheses make the email package recurse too deeply)."""
+    try:
+        return getaddresses([str(v) for v in headers.get_all(field, [])])
+    except (RecursionError, ValueError, TypeError, IndexError):
+        raise ApiError(400, f"the {field} header cannot be parsed") from None
+
+
 def prepare_outgoing(raw: bytes, owner: str, directory: Directory,
                      who: Principal | None = None) -> tuple[bytes, str, list[str]]:
     """Check a message a client sends from ``owner``'s mailbox, logged on as ``who`` (the owner
@@ -418,12 +427,12 @@ def prepare_outgoing(raw: bytes, owner: str, directory: Directory,
     if headers.defects and not headers.keys():
         raise ApiError(400, "the message has no headers")
     own = directory.addresses_of(owner)
-    senders = [a.lower() for _, a in getaddresses(headers.get_all("From", []))]
+    senders = [a.lower() for _, a in _addresses(headers, "From")]
     for address in senders:
         if address not in own:
             raise ApiError(403, f"{who} may not send as {address or '(an empty From)'} from the mailbox {owner}")
     on_behalf = who.name != owner and not directory.may(who, "SendAs", owner)
-    sender_field = [a.lower() for _, a in getaddresses(headers.get_all("Sender", []))]
+    sender_field = [a.lower() for _, a in _addresses(headers, "Sender")]
     if on_behalf:
         if who.kind != "mailbox":
             raise ApiError(403, f"{who} may send on behalf of {owner} only as a mailbox")
@@ -433,9 +442,13 @@ def prepare_outgoing(raw: bytes, owner: str, directory: Directory,
         raise ApiError(403, f"Sender {', '.join(sender_field)} is not an address of {owner}")
     if len(senders) > 1 and not sender_field and not on_behalf:
         raise ApiError(400, "a message with several From addresses needs a Sender (RFC 5322 3.6.2)")
+    # (the rule SMTP submission applies too: one place, core/directory.py)
+    refusal = directory.send_as_refusal(who, senders or [owner], sender_field or ([who.name] if on_behalf else []))
+    if refusal:
+        raise ApiError(403, refusal)
     recipients = []
     for field in ("To", "Cc", "Bcc"):
-        for name, addr in getaddresses(headers.get_all(field, [])):
+        for name, addr in _addresses(headers, field):
             try:
                 recipients.append(normalize_address(addr))
             except ValueError:

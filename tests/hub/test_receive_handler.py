@@ -79,6 +79,32 @@ def test_logged_on_users_may_relay_but_only_as_themselves(site: Cluster) -> None
     client.quit()
 
 
+@pytest.mark.parametrize("fields", [
+    'From: "Bob Berg" <bob@contoso.com>',
+    "From: alice@contoso.com\r\nFrom: ceo@contoso.com",
+    "From: alice@contoso.com, dave@contoso.com",
+    "From: alice@contoso.com\r\nSender: bob@contoso.com",
+])
+def test_a_logged_on_user_cannot_put_someone_else_in_from_or_sender(site: Cluster, fields: str) -> None:
+    subject = f"spoof {uuid.uuid4().hex[:8]}"
+    client = user(site)
+    assert reply(client, "MAIL FROM:<alice@contoso.com>")[0] == 250
+    assert reply(client, "RCPT TO:<carol@contoso.com>")[0] == 250
+    assert reply(client, "DATA")[0] == 354
+    client.send(f"{fields}\r\nTo: carol@contoso.com\r\nSubject: {subject}\r\n\r\nfrom bob, honest\r\n.\r\n".encode())
+    code, text = client.getreply()
+    assert (code, text.decode()) == (550, "5.7.1 Client does not have permissions to send as this sender")
+    # the session goes on, and the same message with the user's own From is taken
+    assert reply(client, "MAIL FROM:<alice@contoso.com>")[0] == 250
+    assert reply(client, "RCPT TO:<carol@contoso.com>")[0] == 250
+    assert reply(client, "DATA")[0] == 354
+    client.send(f"From: Alice <a.anders@contoso.com>\r\nTo: carol@contoso.com\r\nSubject: ok {subject}\r\n\r\nx\r\n.\r\n".encode())
+    assert client.getreply()[0] == 250
+    client.quit()
+    site.wait_for_subject("carol@contoso.com", f"ok {subject}")
+    assert subject not in " ".join(s for s in site.subjects("carol@contoso.com") if not s.startswith("ok "))
+
+
 def node_cert(site: Cluster, identity: pki.Identity) -> pki.NodeCert:
     return pki.NodeCert(pki.pki_dir(site.data_dir), identity)
 

@@ -19,6 +19,7 @@ from mailyard.hub.receive_policy import (
     check_hops,
     connectors_for,
     granted_groups,
+    header_senders_refusal,
     is_internal,
     logon,
     mail_from,
@@ -225,11 +226,55 @@ def test_a_user_sends_only_as_one_of_its_own_addresses() -> None:
     assert refusal(mail_from, DEFAULT, ALICE, "bob@contoso.com") == replies.SEND_AS_DENIED
 
 
-def test_servers_and_anonymous_clients_send_as_anyone() -> None:
+def test_servers_and_anonymous_clients_send_as_anyone_but_a_logged_on_user_as_itself() -> None:
     assert mail_from(DEFAULT, HUB, "bob@contoso.com") == "bob@contoso.com"
     assert mail_from(INTERNET, None, "bob@contoso.com") == "bob@contoso.com"
-    assert mail_from(connector(permission_groups=["AnonymousUsers", "ExchangeUsers"]), ALICE,
-                     "bob@contoso.com") == "bob@contoso.com", "AnonymousUsers lets anyone be anyone"
+    # A logon says who the client is: AnonymousUsers on the connector changes nothing for it
+    anyone = connector(permission_groups=["AnonymousUsers", "ExchangeUsers"])
+    assert refusal(mail_from, anyone, ALICE, "bob@contoso.com", DIRECTORY) == replies.SEND_AS_DENIED
+
+
+def granting(**grants: list[str]) -> Directory:
+    """The directory where bob grants alice the given rights (send_as=..., send_on_behalf=...)."""
+    boxes = [mb.model_copy(update=grants) if mb.address == "bob@contoso.com" else mb for mb in ORG.mailboxes]
+    return Directory(ORG.model_copy(update={"mailboxes": boxes}))
+
+
+def test_send_as_or_send_on_behalf_lets_a_user_use_that_mailbox_as_envelope_sender() -> None:
+    for grant in ("send_as", "send_on_behalf"):
+        assert mail_from(DEFAULT, ALICE, "bob@contoso.com", granting(**{grant: ["alice@contoso.com"]})) == \
+            "bob@contoso.com", grant
+    assert refusal(mail_from, DEFAULT, ALICE, "bob@contoso.com", granting(full_access=["alice@contoso.com"])) == \
+        replies.SEND_AS_DENIED, "FullAccess is no right to send"
+
+
+def head(text: str):  # type: ignore[no-untyped-def]
+    from mailyard import headers as mail_headers
+
+    return mail_headers.parse(text.replace("\n", "\r\n").encode() + b"\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize(("grants", "fields", "allowed"), [
+    ({}, "From: alice@contoso.com", True),
+    ({}, "From: \"Alice\" <a.anders@contoso.com>", True),
+    ({}, "From: \"Bob Berg\" <bob@contoso.com>", False),
+    ({}, "From: alice@contoso.com\nFrom: ceo@contoso.com", False),
+    ({}, "From: alice@contoso.com, dave@contoso.com", False),
+    ({}, "From: alice@contoso.com, a.anders@contoso.com", False),  # several From, no Sender
+    ({}, "From: alice@contoso.com, a.anders@contoso.com\nSender: alice@contoso.com", True),
+    ({}, "From: alice@contoso.com\nSender: bob@contoso.com", False),
+    ({}, "From: someone@fabrikam.example", False),
+    ({"send_as": ["alice@contoso.com"]}, "From: bob@contoso.com", True),
+    ({"send_on_behalf": ["alice@contoso.com"]}, "From: bob@contoso.com", False),  # not saying who sent it
+    ({"send_on_behalf": ["alice@contoso.com"]}, "From: bob@contoso.com\nSender: alice@contoso.com", True),
+    ({"send_on_behalf": ["alice@contoso.com"]}, "From: bob@contoso.com\nSender: dave@contoso.com", False),
+    ({"full_access": ["alice@contoso.com"]}, "From: bob@contoso.com", False),
+])
+def test_a_logged_on_user_may_send_as_each_from_only_with_a_right_to(grants, fields, allowed) -> None:
+    found = header_senders_refusal(granting(**grants), ALICE, head(fields))
+    assert (found is None) == allowed, found
+    assert header_senders_refusal(granting(**grants), HUB, head(fields)) is None, "a hub relays what it got"
+    assert header_senders_refusal(granting(**grants), None, head(fields)) is None, "anonymous: the connector decides"
 
 
 def test_anonymous_clients_send_only_to_recipients_that_exist_in_accepted_domains() -> None:
