@@ -58,6 +58,14 @@ class SiteError(MailyardError):
     """The local site cannot be found, started or reached."""
 
 
+def smtp_reply(code: int, status: str, text: str) -> str:
+    """``code status text`` as one reply line, the status once: a peer's text often starts
+    with it already ("5.5.2 Line too long"), and "500 5.5.2 5.5.2 ..." says it twice."""
+    if status and (text == status or text.startswith(status + " ")):
+        text = text[len(status):].lstrip()
+    return f"{code} {status} {text}".strip()
+
+
 class DeliveryError(MailyardError):
     """A delivery attempt failed. ``code`` and ``status`` are SMTP-style (451, "4.4.1")."""
 
@@ -65,7 +73,7 @@ class DeliveryError(MailyardError):
         self.code = code
         self.status = status
         self.text = text
-        super().__init__(f"{code} {status} {text}")
+        super().__init__(smtp_reply(code, status, text))
 
 
 class TransientDeliveryError(DeliveryError):

@@ -10,7 +10,7 @@ import httpx
 import redis
 
 from mailyard import pki, registry
-from mailyard.errors import NotFoundError, PermanentDeliveryError, SiteError, TransientDeliveryError
+from mailyard.errors import NotFoundError, PermanentDeliveryError, SiteError, TransientDeliveryError, smtp_reply
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
@@ -27,7 +27,7 @@ class MailboxResult:
 
     @property
     def reply(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
+        return smtp_reply(self.code, self.status, self.text)
 
 
 class MailboxClient:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from mailyard.errors import DeliveryError
+from mailyard.errors import DeliveryError, smtp_reply
 from mailyard.hub import dsn
 from mailyard.hub.bounce import queue_report
 from mailyard.hub.node import Hub
@@ -65,7 +65,7 @@ class Outcome:
 
     @property
     def reply(self) -> str:
-        return f"{self.code} {self.status} {self.text}".strip()
+        return smtp_reply(self.code, self.status, self.text)
 
     @classmethod
     def of(cls, error: DeliveryError) -> Outcome:
@@ -179,7 +179,7 @@ def defer_batch(hub: Hub, batch: Batch, error: DeliveryError, *, source: str = "
     found = hub.queues.queues([batch.queue])
     failures = (found[0].failures if found else 0) + 1
     next_retry = now + int(queue_retry_delay(hub.settings, failures) * 1000)
-    reply = f"{error.code} {error.status} {error.text}"
+    reply = smtp_reply(error.code, error.status, error.text)
 
     def build(item: Item) -> Change:
         change = hub.queues.change().require_lease(item, batch.token).require_pending(item, item.pending)

@@ -131,10 +131,12 @@ class ReceiveHandler:
         if not message_id:
             message_id = make_msgid(domain=self.ctx.fqdn)
             extra.append(f"Message-ID: {message_id}")
+        if head.get("Date") is None:  # RFC 5322 requires one; Exchange adds it
+            extra.append(f"Date: {formatdate(now_s, localtime=False)}")
         msg.message_id = message_id
         msg.subject = str(head.get("Subject", ""))[:500]
         with_ = "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
-        helo = session.host_name or "unknown"
+        helo = policy.received_name(session.host_name)
         received = (f"Received: from {helo} ([{state.client_ip}]) by {self.ctx.fqdn} (Mailyard) with {with_}"
                     f" id {msg.id}; {formatdate(now_s, localtime=False)}")
         body = headers.prepend(raw, received, *extra)

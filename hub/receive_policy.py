@@ -30,6 +30,7 @@ A refused command raises ``Refused``, which carries the reply.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import getaddresses
@@ -202,6 +203,18 @@ def mail_from(conn: ReceiveConnector, identity: Identity | None, address: str,
         if directory is None or not any(directory.may_on(who, right, sender) for right in ("SendAs", "SendOnBehalf")):
             raise Refused(replies.SEND_AS_DENIED)
     return sender
+
+
+_HELO_CHARS = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def received_name(helo: str | None) -> str:
+    """What the client said in EHLO, as our Received header may carry it (RFC 5321 4.4): a
+    domain or an address literal, anything else (a NUL, a line break, text made to look like
+    a header) as "?", at most 255 characters."""
+    if not helo:
+        return "unknown"
+    return _HELO_CHARS.sub("?", helo[:255]) or "unknown"
 
 
 def header_senders_refusal(directory: Directory, identity: Identity | None, head: Message) -> str | None:

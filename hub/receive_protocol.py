@@ -247,6 +247,9 @@ class ReceiveProtocol(SMTP):
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
+        if self.envelope.mail_from is None:
+            await self.push(replies.NEED_MAIL)
+            return
         if not self.envelope.rcpt_tos:
             await self.push("503 Error: need RCPT command")
             return

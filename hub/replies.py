@@ -11,6 +11,7 @@ SENDER_OK = "250 2.1.0 Sender OK"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
 NOT_AUTHENTICATED = "530 5.7.1 Client was not authenticated"
 UNABLE_TO_RELAY = "550 5.7.1 Unable to relay"
+NEED_MAIL = "503 5.5.1 Need MAIL command"  # DATA before MAIL FROM
 SEND_AS_DENIED = "550 5.7.1 Client does not have permissions to send as this sender"
 USER_UNKNOWN = "550 5.1.1 User unknown"
 INVALID_RECIPIENT = "501 5.1.3 Invalid address"
@@ -67,6 +68,10 @@ _REWRITES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^502 (?!\d\.\d)(.*)"), r"502 5.5.1 \1"),
     (re.compile(r"^555 (?!\d\.\d)(.*)"), r"555 5.5.4 \1"),
     (re.compile(r"^421 Too many connections$"), TOO_MANY_CONNECTIONS),
+    # 2xx replies carry an enhanced code too (RFC 2034: every reply once ENHANCEDSTATUSCODES
+    # is offered), and HELP answers 214 (RFC 5321 4.2.3), not aiosmtpd's 250
+    (re.compile(r"^252 (?!\d\.\d)(.*)"), r"252 2.0.0 \1"),
+    (re.compile(r"^250 (Supported commands|Syntax): (.*)"), r"214 2.0.0 \1: \2"),
 ]
 
 

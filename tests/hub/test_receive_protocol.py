@@ -94,10 +94,35 @@ def test_a_client_that_no_connector_of_the_binding_admits_is_told_421(site: Clus
 def test_replies_carry_enhanced_status_codes(site: Cluster) -> None:
     client = connect(site, "Internet", source="127.0.0.2")
     assert reply(client, "RCPT TO:<bob@contoso.com>") == (503, "5.5.2 Need mail command")
-    assert reply(client, "DATA")[0] == 503
+    assert reply(client, "DATA") == (503, "5.5.1 Need MAIL command")
     assert reply(client, "FOO")[1].startswith("5.3.3")
     assert reply(client, "NOOP") == (250, "2.0.0 OK")
+    # 2xx replies too (RFC 2034), and HELP is 214 (RFC 5321 4.2.3)
+    code, text = reply(client, "VRFY <bob@contoso.com>")
+    assert code == 252 and text.startswith("2.0.0 "), text
+    code, text = reply(client, "HELP")
+    assert code == 214 and text.startswith("2.0.0 Supported commands:"), text
+    assert reply(client, "MAIL FROM:<someone@fabrikam.example>")[0] == 250
+    assert reply(client, "DATA") == (503, "5.5.2 Need rcpt command"), "MAIL, but no RCPT yet"
     client.quit()
+
+
+def test_what_the_client_said_in_ehlo_cannot_forge_text_in_our_received_header(site: Cluster) -> None:
+    subject = f"ehlo {uuid.uuid4().hex[:6]}"
+    client = connect(site, "Internet", source="127.0.0.2")
+    assert reply(client, "EHLO evil\x00name) by trusted.example (\x01")[0] == 250
+    assert reply(client, "MAIL FROM:<someone@fabrikam.example>")[0] == 250
+    assert reply(client, "RCPT TO:<carol@contoso.com>")[0] == 250
+    assert reply(client, "DATA")[0] == 354
+    client.send(f"Subject: {subject}\r\n\r\nno Date header\r\n.\r\n".encode())
+    assert client.getreply()[0] == 250
+    client.quit()
+    (item,) = site.wait_for_subject("carol@contoso.com", subject)
+    raw = site.raw("carol@contoso.com", item["id"])
+    received = next(line for line in raw.split(b"\r\n") if line.startswith(b"Received: from evil"))
+    assert received.startswith(b"Received: from evil?name??by?trusted.example??? ([127.0.0.2]) by "), received
+    assert b"\x00" not in raw.split(b"\r\n\r\n")[0]
+    assert b"\r\nDate: " in raw.split(b"\r\n\r\n")[0], "a message without Date gets one (RFC 5322)"
 
 
 # endregion
