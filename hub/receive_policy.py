@@ -262,12 +262,18 @@ def rcpt_to(conn: ReceiveConnector, identity: Identity | None, address: str, dir
     any other domain for a client that may not relay (``550 5.7.1``)."""
     if taken >= conn.max_recipients_per_message:
         raise Refused(replies.TOO_MANY_RECIPIENTS)
+    postmaster = directory.org.postmaster_address
+    if address.strip().lower() == "postmaster":  # RFC 5321 4.5.1: accepted without a domain
+        address = postmaster
     try:
         rcpt = normalize_address(address)
     except ValueError:
         raise Refused(replies.INVALID_RECIPIENT) from None
     if directory.is_accepted(rcpt):
         if directory.lookup(rcpt) is None:
+            # postmaster@ every accepted domain is the organization's postmaster (RFC 5321 4.5.1)
+            if rcpt.partition("@")[0] == "postmaster" and directory.lookup(postmaster) is not None:
+                return postmaster
             raise Refused(replies.USER_UNKNOWN)
     elif not granted_groups(conn, identity) & RELAY_GROUPS:
         raise Refused(replies.UNABLE_TO_RELAY)

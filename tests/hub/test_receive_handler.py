@@ -287,3 +287,23 @@ def test_an_origin_header_from_outside_is_removed_and_not_trusted(site: Cluster)
 
 
 # endregion
+
+
+def test_mail_to_postmaster_with_or_without_a_domain_reaches_the_postmaster(site: Cluster) -> None:
+    subject = f"to postmaster {uuid.uuid4().hex[:6]}"
+    client = connect(site, "Internet", source="127.0.0.2")
+    assert reply(client, "MAIL FROM:<someone@fabrikam.example>")[0] == 250
+    assert reply(client, "RCPT TO:<postmaster>")[0] == 250, "RFC 5321 4.5.1: without a domain"
+    assert reply(client, "RCPT TO:<PostMaster@contoso.com>")[0] == 250
+    assert reply(client, "DATA")[0] == 354
+    client.send(f"Subject: {subject}\r\n\r\nhello postmaster\r\n.\r\n".encode())
+    assert client.getreply()[0] == 250
+    client.quit()
+    # (this site runs no London mailbox server: the postmaster's mail is seen categorized to it)
+    def routed() -> list:
+        return [r for r in tracking.search(site.r, recipient="frank@contoso.com")
+                if r.subject == subject and r.event in ("RESOLVE", "TRANSFER", "DELIVER", "RECEIVE")]
+
+    assert wait_until(routed, timeout=30), "the postmaster's mail was not routed to its mailbox"
+    received = [r for r in tracking.search(site.r, recipient="postmaster@contoso.com") if r.subject == subject]
+    assert received and received[0].recipients == ["postmaster@contoso.com"], "both names: one recipient"

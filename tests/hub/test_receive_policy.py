@@ -358,3 +358,10 @@ def test_a_relaying_hubs_origin_is_trusted_from_exchange_servers_only() -> None:
 
 
 # endregion
+
+
+def test_postmaster_is_accepted_without_a_domain_and_at_every_accepted_domain() -> None:
+    for address in ("postmaster", "PostMaster", "postmaster@contoso.com", "POSTMASTER@Contoso.com"):
+        assert rcpt_to(INTERNET, None, address, DIRECTORY, taken=0) == "postmaster@contoso.com", address
+    assert DIRECTORY.mailbox_entry("postmaster@contoso.com").address == "frank@contoso.com", "the demo names Frank"
+    assert refusal(rcpt_to, INTERNET, None, "webmaster", DIRECTORY, taken=0) == replies.INVALID_RECIPIENT
