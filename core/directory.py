@@ -122,7 +122,7 @@ class Directory:
         own = self.addresses_of(who.name) if who.kind == "mailbox" else frozenset()
         for address in sender_field:
             if address not in own and not self.may_on(who, "SendAs", address):
-                return f"{who} may not name {address} as Sender"
+                return f"{who} may not send with Sender {address}: not its own address"
         for address in senders:
             if address in own or self.may_on(who, "SendAs", address):
                 continue

@@ -6,6 +6,7 @@ import re
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from email.utils import getaddresses
 
 _FOLD = (b" ", b"\t")
 
@@ -24,6 +25,16 @@ def parse(raw: bytes) -> Message:
     """The headers only, tolerant of whatever a client or peer sent."""
     head, _ = split(raw)
     return BytesHeaderParser(policy=compat32).parsebytes(head)
+
+
+def addresses(head: Message, field: str) -> list[tuple[str, str]]:
+    """The (name, address) pairs of every ``field`` header (From, Sender, To...). Raises
+    ValueError for one that cannot be read (3,000 nested parentheses make the email package
+    recurse too deeply)."""
+    try:
+        return getaddresses([str(v) for v in head.get_all(field, [])])
+    except (RecursionError, ValueError, TypeError, IndexError):
+        raise ValueError(f"the {field} header cannot be parsed") from None
 
 
 def strip(raw: bytes, *names: str) -> bytes:

@@ -111,7 +111,8 @@ class ReceiveHandler:
             return refused.reply
         head = headers.parse(raw)
         identity = self._identity(server, session)
-        if refusal := policy.header_senders_refusal(self.ctx.directory(), identity, head):
+        directory = self.ctx.directory()
+        if refusal := policy.header_senders_refusal(directory, identity, head):
             log.info("refused a message from %s logged on as %s: %s", state.client_ip,
                      identity.name if identity else "?", refusal)
             return replies.SEND_AS_DENIED
@@ -119,7 +120,6 @@ class ReceiveHandler:
         raw = headers.strip(raw, *ORG_HEADERS)
         now_s = time.time()
         now = int(now_s * 1000)
-        directory = self.ctx.directory()
         settings = directory.org.transport
         msg = Message(
             id=new_message_id(), sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",

@@ -33,7 +33,6 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from email.message import Message
-from email.utils import getaddresses
 
 from mailyard import headers, passwords, pki
 from mailyard.directory import Directory, Principal
@@ -150,8 +149,7 @@ def logon(directory: Directory, conn: ReceiveConnector, login: str, password: by
     entry = directory.mailbox_entry(login)
     stored = directory.password_hashes.get(entry.address, "") if entry else ""
     if entry and stored and passwords.verify(password, stored):
-        aliases = {a for m in directory.org.mailboxes if m.address == entry.address for a in m.aliases}
-        return Identity("user", entry.address, frozenset({entry.address, *aliases}))
+        return Identity("user", entry.address, directory.addresses_of(entry.address))
     return None
 
 
@@ -224,10 +222,10 @@ def header_senders_refusal(directory: Directory, identity: Identity | None, head
     if identity is None or identity.kind != "user":
         return None
     try:
-        senders = [a.lower() for _, a in getaddresses([str(v) for v in head.get_all("From", [])])]
-        sender_field = [a.lower() for _, a in getaddresses([str(v) for v in head.get_all("Sender", [])])]
-    except (RecursionError, ValueError, TypeError, IndexError):
-        return "the From or Sender header cannot be parsed"
+        senders = [a.lower() for _, a in headers.addresses(head, "From")]
+        sender_field = [a.lower() for _, a in headers.addresses(head, "Sender")]
+    except ValueError as exc:
+        return str(exc)
     return directory.send_as_refusal(Principal("mailbox", identity.name), senders, sender_field)
 
 

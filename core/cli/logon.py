@@ -75,7 +75,7 @@ def resolve(data_dir: Path, user: str | None, password_file: Path | None, ca_fil
 def _password(password_file: Path | None) -> str | None:
     if password_file is not None:
         try:
-            return password_file.read_text(encoding="utf-8").splitlines()[0] if password_file.stat().st_size else ""
+            return (password_file.read_text(encoding="utf-8").splitlines() or [""])[0]
         except OSError as exc:
             raise SiteError(f"cannot read {password_file}: {exc.strerror or exc}") from None
     return os.environ.get(ENV_PASSWORD)
