@@ -68,6 +68,7 @@ class Directory:
         self.site_of_server = {srv: s.name for s in org.sites for srv in s.mailbox_servers}
         self._entries: dict[str, Entry] = {}
         self._groups: dict[str, list[str]] = {g.address: list(g.members) for g in org.groups}
+        self._closed_groups = {g.address for g in org.groups if g.require_sender_authentication}
         for mb in org.mailboxes:
             entry = Entry(Kind.MAILBOX, mb.address, mb.server, self.site_of_server.get(mb.server))
             self._entries[mb.address] = entry
@@ -151,6 +152,23 @@ class Directory:
     def lookup(self, address: str) -> Entry | None:
         """The directory entry of an address, or None (unknown or outside the organization)."""
         return self._entries.get(address.lower())
+
+    def requires_sender_authentication(self, address: str) -> bool:
+        """Whether only a sender that proved who it is may send to ``address``: a group with
+        RequireSenderAuthenticationEnabled, or a group with one nested in it (anywhere: an
+        open group must not be a way into a closed one; refused whole, at RCPT, rather than
+        bounced in part later)."""
+        seen: set[str] = set()
+        todo = [address.lower()]
+        while todo:
+            group = self.lookup(todo.pop())
+            if group is None or group.kind is not Kind.GROUP or group.address in seen:
+                continue
+            if group.address in self._closed_groups:
+                return True
+            seen.add(group.address)
+            todo.extend(self._groups.get(group.address, []))
+        return False
 
     def mailbox_entry(self, address: str) -> Entry | None:
         entry = self.lookup(address)

@@ -58,6 +58,18 @@ Schedules (the sweeper acts on what is due)
   my:expiry                   ZSET    item -> expiration time, ms
   my:delay                    ZSET    message -> time its delay DSN is due, ms
 
+Failed SMTP logons (mailyard.hub.lockout; every key expires by itself)
+  my:logon:fails:src:<source> STRING  failed logons from a source (an IPv4 address, an IPv6 /64)
+                                      within the failure window
+  my:logon:fails:acct:<mailbox>
+                              STRING  failed logons as a mailbox (its primary address), from anywhere
+  my:logon:failed:<mailbox>|<source>
+                              STRING  "1": this source failed as this mailbox lately (as long as
+                                      a lockout lasts, or the window if longer)
+  my:logon:lock:src:<source>  STRING  set while the source is locked out of every logon
+  my:logon:lock:acct:<mailbox>
+                              STRING  set while the mailbox is locked for the sources that failed on it
+
 Tests
   my:fault:<point>            STRING  a crash point that already fired (mailyard.faults)
 
@@ -126,6 +138,26 @@ def legacy_pickup(ref: str) -> str:
 
 def request_result(item_id: str) -> str:
     return f"{P}request:{item_id}"
+
+
+def logon_fails_source(source: str) -> str:
+    return f"{P}logon:fails:src:{source}"
+
+
+def logon_fails_account(mailbox: str) -> str:
+    return f"{P}logon:fails:acct:{mailbox}"
+
+
+def logon_failed(mailbox: str, source: str) -> str:
+    return f"{P}logon:failed:{mailbox}|{source}"
+
+
+def logon_lock_source(source: str) -> str:
+    return f"{P}logon:lock:src:{source}"
+
+
+def logon_lock_account(mailbox: str) -> str:
+    return f"{P}logon:lock:acct:{mailbox}"
 
 
 def fault(point: str) -> str:

@@ -128,6 +128,15 @@ class TransportSettings(_Model):
     pressure_backlog_normal: int = Field(50_000, ge=0)
     pressure_backlog_medium: int = Field(100_000, ge=0)
     pressure_backlog_high: int = Field(200_000, ge=0)
+    # Failed SMTP logons, counted in Redis across connections and hubs (mailyard.hub.lockout):
+    # a source (an IPv4 address, an IPv6 /64) that fails this often within the window is
+    # refused every logon for the lockout duration, right password or not; an account that
+    # fails this often from anywhere is locked for the sources that failed on it, never for
+    # one that did not (its owner elsewhere), so that guessing cannot lock a user out. 0: off.
+    logon_failures_per_source: int = Field(10, ge=0)
+    logon_failures_per_account: int = Field(30, ge=0)
+    logon_failure_window: Duration = 10 * 60
+    logon_lockout_duration: Duration = 15 * 60
     # No longer used: hubs and mailbox servers prove who they are with certificates of the
     # organization's CA (mailyard.pki). Still accepted in a file, so that an older one
     # validates, but never stored, and it opens nothing.
@@ -198,6 +207,8 @@ class Group(_Model):
     address: Address
     name: str = ""
     members: list[Address] = Field(default_factory=list)
+    # RequireSenderAuthenticationEnabled: only logged-on senders (and other hubs) may send to it
+    require_sender_authentication: bool = True
 
 
 class Contact(_Model):
@@ -273,8 +284,15 @@ class ReceiveConnector(_Model):
     max_message_size: Size = 10 * 1024 * 1024
     max_recipients_per_message: int = Field(200, ge=1, le=512000)
     max_hop_count: int = Field(30, ge=1, le=500)
-    max_inbound_connection_per_source: int = Field(20, ge=1)
+    max_inbound_connection: int = Field(5000, ge=1)  # per hub
+    max_inbound_connection_per_source: int = Field(20, ge=1)  # an IPv6 source is its /64
     max_logon_failures: int = Field(3, ge=0)
+    # 5xx replies to a client that has not logged on; the 535s count as logon failures instead
+    max_protocol_errors: int = Field(10, ge=0)
+    tarpit_interval: Duration = Field(5, le=600)  # before each 5xx to a client not logged on
+    auth_tarpit_interval: Duration = Field(5, le=600)  # before each failed logon's reply
+    connection_inactivity_timeout: Duration = Field(5 * 60, gt=0)  # any bytes received reset it
+    connection_timeout: Duration = Field(10 * 60, gt=0)  # the whole session
     banner: str = ""
     fqdn: str = ""
     enabled: bool = True
@@ -521,6 +539,9 @@ def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
         if "ExternalAuthoritative" in rc.auth_mechanisms and "ExchangeServers" not in rc.permission_groups:
             problems.append((("receive_connectors", i, "auth_mechanisms"),
                              "ExternalAuthoritative needs the ExchangeServers permission group"))
+        if rc.connection_timeout <= rc.connection_inactivity_timeout:
+            problems.append((("receive_connectors", i, "connection_timeout"),
+                             "must be longer than connection_inactivity_timeout"))
     return problems
 
 

@@ -33,6 +33,7 @@ class Event(StrEnum):
     DSN = "DSN"
     POISONMESSAGE = "POISONMESSAGE"
     REDIRECT = "REDIRECT"
+    LOCKOUT = "LOCKOUT"  # Mailyard's: a source or a mailbox locked out of SMTP logons (no message)
 
 
 # Exchange's field names (Get-MessageTrackingLog output), in log order.

@@ -79,8 +79,7 @@ class ReceiveHandler:
             sender = policy.mail_from(state.connector, identity, address, self.ctx.directory())
         except policy.Refused as refused:
             return refused.reply
-        internal = policy.is_internal(self.ctx.directory(), identity, sender)
-        if refusal := policy.pressure_refusal(self.ctx.level, internal):
+        if refusal := policy.pressure_refusal(self.ctx.level, policy.is_internal(identity)):
             return refusal
         server.data_size_limit = policy.size_limit(state.connector, identity)
         envelope.mail_from = sender or "<>"  # aiosmtpd needs it non-empty to see a MAIL happened
@@ -105,13 +104,13 @@ class ReceiveHandler:
         state = server.state
         assert state is not None
         raw = envelope.original_content or b""
+        identity = self._identity(server, session)
+        directory = self.ctx.directory()
         try:
-            policy.check_hops(state.connector, raw)
+            policy.check_hops(state.connector, identity, raw, org_hops=len(directory.org.sites))
         except policy.Refused as refused:
             return refused.reply
         head = headers.parse(raw)
-        identity = self._identity(server, session)
-        directory = self.ctx.directory()
         if refusal := policy.header_senders_refusal(directory, identity, head):
             log.info("refused a message from %s logged on as %s: %s", state.client_ip,
                      identity.name if identity else "?", refusal)

@@ -120,14 +120,53 @@ def session_rules(conn: ReceiveConnector, client_ip: str) -> SessionRules:
     )
 
 
-def too_many_connections(conn: ReceiveConnector, open_from_source: int) -> bool:
-    """A new connection from a source that already has ``open_from_source`` open is one too many."""
-    return open_from_source >= conn.max_inbound_connection_per_source
+def source_of(ip: str) -> str:
+    """The source a client's connections and failed logons are counted by: its IPv4 address,
+    or the /64 of an IPv6 address (one host holds a whole /64: counting addresses would let
+    it open 2^64 "sources")."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+def too_many_connections(conn: ReceiveConnector, open_from_source: int, open_on_connector: int) -> bool:
+    """A new connection is one too many when its source already has
+    MaxInboundConnectionPerSource open, or this hub's sessions on the connector MaxInboundConnection."""
+    return (open_from_source >= conn.max_inbound_connection_per_source
+            or open_on_connector >= conn.max_inbound_connection)
 
 
 def too_many_logon_failures(conn: ReceiveConnector, failures: int) -> bool:
     """The connection is closed after this many failed logons (0: never)."""
     return bool(conn.max_logon_failures) and failures >= conn.max_logon_failures
+
+
+def too_many_errors(conn: ReceiveConnector, errors: int) -> bool:
+    """The connection is closed after this many 5xx replies to a client not logged on (0: never)."""
+    return bool(conn.max_protocol_errors) and errors >= conn.max_protocol_errors
+
+
+def tarpit(conn: ReceiveConnector, reply: str, trusted: bool) -> float:
+    """Seconds to wait before sending ``reply``: AuthTarpitInterval before a failed logon's,
+    TarpitInterval before any other 5xx to a client that has not proved who it is (a directory
+    harvester's 550 5.1.1 among them). A logged-on client, or one the connector trusts, never waits."""
+    if trusted:
+        return 0.0
+    if reply.startswith("535") or reply == replies.LOGON_LOCKED:
+        return conn.auth_tarpit_interval
+    return conn.tarpit_interval if reply.startswith("5") else 0.0
+
+
+def is_error(reply: str) -> bool:
+    """A reply that counts against MaxProtocolErrors: every 5xx but a failed logon's (those
+    count against MaxLogonFailures)."""
+    return reply.startswith("5") and not reply.startswith("535")
 
 
 # endregion
@@ -151,6 +190,22 @@ def logon(directory: Directory, conn: ReceiveConnector, login: str, password: by
     if entry and stored and passwords.verify(password, stored):
         return Identity("user", entry.address, directory.addresses_of(entry.address))
     return None
+
+
+def mailbox_of(directory: Directory, login: str) -> str | None:
+    """The mailbox (its primary address) a login names, or None: what failed logons count against."""
+    entry = directory.mailbox_entry(login)
+    return entry.address if entry else None
+
+
+def authzid_refused(directory: Directory, login: str, authzid: str) -> bool:
+    """AUTH PLAIN's authorization identity (RFC 4616): empty, or the mailbox that logs on (by
+    any of its addresses). Acting as another mailbox is a right no one has over SMTP; SendAs
+    and SendOnBehalf say whom a mailbox may send as once it has logged on as itself."""
+    if not authzid:
+        return False
+    mine = mailbox_of(directory, login)
+    return mine is None or mailbox_of(directory, authzid) != mine
 
 
 def certificate_logon(directory: Directory, conn: ReceiveConnector, peer: pki.Identity | None) -> Identity | None:
@@ -229,9 +284,11 @@ def header_senders_refusal(directory: Directory, identity: Identity | None, head
     return directory.send_as_refusal(Principal("mailbox", identity.name), senders, sender_field)
 
 
-def is_internal(directory: Directory, identity: Identity | None, sender: str) -> bool:
-    """Mail from the organization: a client that logged on, or a sender of an accepted domain."""
-    return identity is not None or (bool(sender) and directory.is_accepted(sender))
+def is_internal(identity: Identity | None) -> bool:
+    """Mail from the organization, which Medium back pressure lets through: a client that
+    proved who it is (logged on, or a hub by its certificate, or trusted by the connector).
+    Never the envelope's domain, which any anonymous client may write."""
+    return identity is not None
 
 
 def pressure_refusal(level: Level, internal: bool) -> str | None:
@@ -273,15 +330,24 @@ def rcpt_to(conn: ReceiveConnector, identity: Identity | None, address: str, dir
             if rcpt.partition("@")[0] == "postmaster" and directory.lookup(postmaster) is not None:
                 return postmaster
             raise Refused(replies.USER_UNKNOWN)
+        if identity is None and directory.requires_sender_authentication(rcpt):
+            raise Refused(replies.AUTH_REQUIRED)
     elif not granted_groups(conn, identity) & RELAY_GROUPS:
         raise Refused(replies.UNABLE_TO_RELAY)
     return rcpt
 
 
-def check_hops(conn: ReceiveConnector, raw: bytes) -> None:
-    """DATA: a message with the connector's maximum number of Received headers or more went
-    around too often (``554 5.4.6``, a possible mail loop)."""
-    if headers.hop_count(raw) >= conn.max_hop_count:
+def check_hops(conn: ReceiveConnector, identity: Identity | None, raw: bytes, org_hops: int) -> None:
+    """DATA: a message that went around too often (``554 5.4.6``, a possible mail loop): with
+    our own Received header it would have more than MaxHopCount.
+
+    Refused here, at the first hub, rather than by a hub it is relayed to (a bounce, i.e.
+    backscatter): a hub relaying within the organization is allowed ``org_hops`` more, the
+    Received headers hubs add on the way (one per site a message crosses; least-cost routing
+    crosses each site at most once), so whether a message arrives does not depend on where its
+    recipient is, and a loop through the organization still ends."""
+    allowed = conn.max_hop_count + (org_hops if identity is not None and identity.kind == "server" else 0)
+    if headers.hop_count(raw) >= allowed:
         raise Refused(replies.HOP_COUNT)
 
 

@@ -26,6 +26,7 @@ is freed as soon as its connection ends.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import re
@@ -37,17 +38,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio
-from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, TLSSetupException, syntax
 
-from mailyard import keys, pki
+from mailyard import keys, pki, tracking
 from mailyard.directory import Directory
+from mailyard.hub import lockout, replies
 from mailyard.hub import receive_policy as policy
-from mailyard.hub import replies
 from mailyard.hub.pressure import Level
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.hub.smtp_data import read_data
 from mailyard.org import ReceiveConnector
-from mailyard.txn import GroupCommit
+from mailyard.tracking import Event, Record
+from mailyard.txn import GroupCommit, Txn
+from mailyard.units import format_duration
 
 if TYPE_CHECKING:
     from mailyard.hub.receive_handler import ReceiveHandler
@@ -73,8 +76,10 @@ class SessionState:
     connector: ReceiveConnector
     client_ip: str
     rules: policy.SessionRules
+    source: str  # what its connections and failed logons count against (policy.source_of)
     logon_failures: int = 0
-    counted: bool = False  # in the connections per source
+    errors: int = 0  # 5xx replies but 535s (MaxProtocolErrors)
+    counted: bool = False  # in the connections per source and per connector
 
 
 @dataclass
@@ -90,6 +95,7 @@ class ReceiveContext:
     tls: ssl.SSLContext | None = None
     mutual_tls: ssl.SSLContext | None = None  # connectors with ExchangeServer: asks for a client certificate
     per_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    per_connector: Counter[str] = field(default_factory=Counter)  # open sessions, for MaxInboundConnection
     sessions: Counter[str] = field(default_factory=Counter)
     level: Level = Level.NORMAL  # the site's back pressure, kept current by the listener
     commits: GroupCommit = field(init=False)
@@ -147,6 +153,10 @@ class ReceiveProtocol(SMTP):
         self._unbroken = 0  # bytes received since the last CRLF
         self._after_cr = False
         self._auth_request: tuple[str, Any] | None = None
+        self._authzid = b""  # AUTH PLAIN's authorization identity (RFC 4616), if the client gave one
+        self._challenge_reply: bytes | None = None
+        self._last_input = 0.0  # loop time of the last bytes received (ConnectionInactivityTimeout)
+        self._timers: list[asyncio.TimerHandle] = []
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Nearly every address is a plain <dot-atom@domain>: a regular expression reads that
@@ -165,8 +175,11 @@ class ReceiveProtocol(SMTP):
 
     def _configure(self, conn: ReceiveConnector, ip: str) -> None:
         rules = policy.session_rules(conn, ip)
-        self.state = SessionState(conn, ip, rules)
+        self.state = SessionState(conn, ip, rules, policy.source_of(ip))
         self.data_size_limit = rules.size_limit
+        # aiosmtpd's own timer restarts on every command: at ConnectionTimeout it can never
+        # fire before ours (``_start_timers``), which say why they close.
+        self._timeout_duration = conn.connection_timeout
         tls = (self.ctx.mutual_tls or self.ctx.tls) if rules.client_certs else self.ctx.tls
         self.tls_context = tls if rules.starttls else None
         self._auth_require_tls = rules.auth_require_tls
@@ -186,14 +199,46 @@ class ReceiveProtocol(SMTP):
             return
         self._configure(conn, ip)
         assert self.state is not None
-        if policy.too_many_connections(conn, self.ctx.per_source[ip]):
+        source = self.state.source
+        if policy.too_many_connections(conn, self.ctx.per_source[source], self.ctx.per_connector[conn.name]):
             await self.push(replies.TOO_MANY_CONNECTIONS)
             self._close()
             return
-        self.ctx.per_source[ip] += 1
+        self.ctx.per_source[source] += 1
+        self.ctx.per_connector[conn.name] += 1
         self.state.counted = True
         self.ctx.count_session(conn.name)
+        self._start_timers(conn)
         await super()._handle_client()
+
+    # Timeouts, Exchange's pair: ConnectionInactivityTimeout (any bytes received restart it,
+    # a slow DATA transfer's included) and ConnectionTimeout (the whole session). Either ends
+    # the session with a reply that says why, never a silent close.
+
+    def _start_timers(self, conn: ReceiveConnector) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_input = loop.time()
+        self._timers = [
+            loop.call_later(conn.connection_inactivity_timeout, self._check_inactivity,
+                            conn.connection_inactivity_timeout),
+            loop.call_later(conn.connection_timeout, self._timed_out, replies.CONNECTION_TIMEOUT),
+        ]
+
+    def _check_inactivity(self, limit: float) -> None:
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self._last_input
+        if idle >= limit:
+            self._timed_out(replies.INACTIVITY_TIMEOUT)
+        else:  # bytes came since: look again when the newest would be too old
+            self._timers[0] = loop.call_later(limit - idle, self._check_inactivity, limit)
+
+    def _timed_out(self, reply: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        log.info("closing the session of %s: %s", self.state.client_ip if self.state else "?", reply)
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.write(reply.encode() + b"\r\n")
+        self._close()
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -202,6 +247,7 @@ class ReceiveProtocol(SMTP):
     def data_received(self, data: bytes) -> None:
         if self._unbroken > MAX_UNBROKEN_LINE:
             return  # closing: read nothing more
+        self._last_input = self.loop.time()
         end = data.rfind(b"\r\n")
         if end >= 0:
             self._unbroken = len(data) - end - 2
@@ -229,17 +275,70 @@ class ReceiveProtocol(SMTP):
         return _VERIFY_LATER
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._verified(await super().auth_PLAIN(_, args))
+        # aiosmtpd drops PLAIN's authorization identity; RFC 4616 wants it checked. It is the
+        # part before the first NUL of the initial response, or of the reply to the challenge.
+        self._challenge_reply = None
+        result = await super().auth_PLAIN(_, args)
+        blob = self._challenge_reply
+        if len(args) == 2:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except ValueError:
+                blob = None
+        self._authzid = blob.split(b"\0", 1)[0] if blob and blob.count(b"\0") == 2 else b""
+        return await self._verified(result)
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        self._authzid = b""
         return await self._verified(await super().auth_LOGIN(_, args))
+
+    async def challenge_auth(self, *args: Any, **kwargs: Any) -> Any:
+        reply = await super().challenge_auth(*args, **kwargs)
+        self._challenge_reply = reply if isinstance(reply, bytes) else None
+        return reply
 
     async def _verified(self, result: AuthResult) -> AuthResult:
         request, self._auth_request = self._auth_request, None
         if result is not _VERIFY_LATER or request is None:
             return result
         assert self._authenticator is not None and self.session is not None and self.envelope is not None
-        return await asyncio.to_thread(self._authenticator, self, self.session, self.envelope, *request)
+        assert self.state is not None
+        credentials = request[1]
+        login = credentials.login.decode("utf-8", "replace").strip() if isinstance(credentials, LoginPassword) else ""
+        directory = self.ctx.directory()
+        mailbox = policy.mailbox_of(directory, login)
+        try:
+            if await lockout.locked(self.ctx.r, self.state.source, mailbox):
+                return AuthResult(success=False, handled=False, message=replies.LOGON_LOCKED)
+        except redis.RedisError as exc:  # unknown whether it is locked: refuse for now
+            log.warning("could not read the logon lockouts: %s", exc)
+            return AuthResult(success=False, handled=False, message=replies.LOGON_UNAVAILABLE)
+        if policy.authzid_refused(directory, login, self._authzid.decode("utf-8", "replace")):
+            outcome = AuthResult(success=False, handled=False)
+        else:
+            outcome = await asyncio.to_thread(self._authenticator, self, self.session, self.envelope, *request)
+        if not outcome.success:
+            await self._logon_failed(mailbox, login)
+        return outcome
+
+    async def _logon_failed(self, mailbox: str | None, login: str) -> None:
+        assert self.state is not None
+        settings = self.ctx.directory().org.transport
+        try:
+            began = await lockout.failed(self.ctx.r, settings, self.state.source, mailbox)
+            for lock in began:
+                log.warning("%s %s locked out of logons for %gs after %d failed logons",
+                            lock.of, lock.name, settings.logon_lockout_duration, lock.failures)
+                txn = Txn()
+                tracking.add(txn, Record(
+                    Event.LOCKOUT, source="SMTP", server=self.ctx.hub, client=self.state.client_ip,
+                    connector=f"{self.ctx.hub}\\{self.state.connector.name}", sender=mailbox or login[:320],
+                    context=(f"{lock.of} {lock.name} locked out of logons for "
+                             f"{format_duration(settings.logon_lockout_duration)} after {lock.failures} failed logons"),
+                ), settings.message_tracking_log_max_age)
+                await self.ctx.commits.run(txn)
+        except redis.RedisError as exc:
+            log.warning("could not count a failed logon from %s: %s", self.state.client_ip, exc)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -304,12 +403,16 @@ class ReceiveProtocol(SMTP):
             self.session.auth_data = identity  # type: ignore[assignment]  # (aiosmtpd declares it None)
 
     def connection_lost(self, error: Exception | None) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
         if self.state is not None and self.state.counted:
             self.state.counted = False
-            ip = self.state.client_ip
-            self.ctx.per_source[ip] -= 1
-            if self.ctx.per_source[ip] <= 0:
-                self.ctx.per_source.pop(ip, None)
+            source = self.state.source
+            self.ctx.per_source[source] -= 1
+            if self.ctx.per_source[source] <= 0:
+                self.ctx.per_source.pop(source, None)
+            self.ctx.per_connector[self.state.connector.name] -= 1
         # Why the connection ended matters to no one (the session is cancelled either way), and
         # an exception kept in the stream reader holds its traceback's frames, the TLS layer with them.
         super().connection_lost(None)
@@ -336,9 +439,29 @@ class ReceiveProtocol(SMTP):
         if self._pending_lines:
             text = "\r\n".join([*self._pending_lines, text])
             self._pending_lines.clear()
+        state = self.state
+        trusted = self._trusted()
+        if state is not None and (delay := policy.tarpit(state.connector, text, trusted)):
+            await asyncio.sleep(delay)
+            if self.transport is None or self.transport.is_closing():
+                return
         await super().push(text)
-        if text.startswith("535") and self.state is not None:
-            self.state.logon_failures += 1
-            if policy.too_many_logon_failures(self.state.connector, self.state.logon_failures):
-                await super().push(replies.TOO_MANY_LOGON_FAILURES)
-                self._close()
+        if state is None:
+            return
+        if text.startswith("535") or text == replies.LOGON_LOCKED:
+            state.logon_failures += 1
+            if policy.too_many_logon_failures(state.connector, state.logon_failures):
+                await self._close_with(replies.TOO_MANY_ERRORS)
+        elif not trusted and policy.is_error(text):
+            state.errors += 1
+            if policy.too_many_errors(state.connector, state.errors):
+                await self._close_with(replies.TOO_MANY_ERRORS)
+
+    def _trusted(self) -> bool:
+        """Whether the client proved who it is: logged on, or trusted by its connector."""
+        return bool(self.session and self.session.authenticated) or bool(self.state and self.state.rules.implicit)
+
+    async def _close_with(self, reply: str) -> None:
+        log.info("closing the session of %s: %s", self.state.client_ip if self.state else "?", reply)
+        await super().push(reply)
+        self._close()

@@ -29,7 +29,12 @@ TOO_MANY_CONNECTIONS = (
 )
 STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
-TOO_MANY_LOGON_FAILURES = "421 4.7.0 Too many errors on this connection, closing transmission channel"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors on this connection, closing transmission channel"
+LOGON_LOCKED = "454 4.7.0 Too many failed logons; try again later"  # right password or not
+LOGON_UNAVAILABLE = "454 4.7.0 Temporary authentication failure"  # RFC 4954: the lockout state unreadable
+AUTH_REQUIRED = "550 5.7.1 RESOLVER.RST.AuthRequired; authentication required"  # a group's, for anonymous senders
+INACTIVITY_TIMEOUT = "451 4.7.0 Timeout waiting for client input"  # ConnectionInactivityTimeout
+CONNECTION_TIMEOUT = "421 4.4.2 Connection timed out, closing transmission channel"  # ConnectionTimeout
 
 
 def queued(message_id: str, internal_id: str, hub: str) -> str:

@@ -26,14 +26,25 @@ FAST = {
     "transient_failure_retry_interval": 1,
     "outbound_connection_failure_retry_interval": 1,
     "message_retry_interval": 1,
+    # Logon lockouts count per source address, and every test logs on from 127.0.0.1: tests
+    # of the lockouts turn them on (tests/hub/test_receive_abuse.py).
+    "logon_failures_per_source": 0,
+    "logon_failures_per_account": 0,
 }
+
+
+# The receive connectors' tarpits (5 s before every 5xx to an anonymous client, and before
+# every failed logon's reply) would make each refusal a test asks for cost 5 s: tests of the
+# tarpits set them themselves (tests/hub/test_receive_abuse.py).
+FAST_CONNECTORS = {"tarpit_interval": 0, "auth_tarpit_interval": 0}
 
 
 def make_org(**transport: Any) -> Organization:
     """The demo organization (deploy/contoso.toml) with test timers and any overrides."""
     org = load_org(CONTOSO)
     settings = org.transport.model_copy(update={**FAST, **transport})
-    return org.model_copy(update={"transport": settings})
+    connectors = [c.model_copy(update=FAST_CONNECTORS) for c in org.receive_connectors]
+    return org.model_copy(update={"transport": settings, "receive_connectors": connectors})
 
 
 @pytest.fixture(scope="session")

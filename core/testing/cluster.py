@@ -215,7 +215,9 @@ class Cluster:
         if receive:
             bindings = sorted({b for c in self.org.receive_connectors for b in c.bindings})
             ports = self._hub_ports.setdefault(name, {b: free_port() for b in bindings})
-            args += [arg for b, port in ports.items() for arg in ("--bind", f"{b}=127.0.0.1:{port}")]
+            # An IPv6 binding ("[::]:25") listens on ::1, every other on 127.0.0.1
+            args += [arg for b, port in ports.items()
+                     for arg in ("--bind", f"{b}={'[::1]' if b.startswith('[') else '127.0.0.1'}:{port}")]
         else:
             args.append("--no-receive")
         proc = self._spawn(name, "hub", args, faults, redis_url)
@@ -231,7 +233,7 @@ class Cluster:
             if not address:
                 return None
             host, _, port = address.rpartition(":")
-            return host, int(port)
+            return host.strip("[]"), int(port)
         return wait_until(published, timeout=30, message=lambda: f"{hub} has no {connector} listener: "
                           f"{self.tail(hub)}")
 

@@ -20,8 +20,8 @@ in DATA), so it knows which reply answers which line, and checks:
   tracking log says was received has only such recipients;
 - the receive process is the same process afterwards and still takes a normal message.
 
-The known exceptions to "one reply per line" are modelled: QUIT, 421 and the fifth unknown
-command close the connection; after ``220`` to STARTTLS the server discards plaintext and
+The known exceptions to "one reply per line" are modelled: QUIT, 421, the fifth unknown
+command and the tenth 5xx to a client not logged on close the connection; after ``220`` to STARTTLS the server discards plaintext and
 waits for a handshake; a run of more than 64 KB without CRLF makes the server close
 (``hub/receive_protocol.py``, ``MAX_UNBROKEN_LINE``).
 """
@@ -259,6 +259,7 @@ class Model:
     unbroken: int = 0  # bytes sent since the last CRLF
     accepted: int = 0
     replies: int = 0
+    errors: int = 0  # 5xx replies but 535s while not logged on (the connector's max_protocol_errors)
     codes: Counter = field(default_factory=Counter)  # (command, reply code) seen
 
     def reset(self) -> None:
@@ -320,6 +321,7 @@ class Model:
 
 
 CLOSING = (221, 421)
+MAX_PROTOCOL_ERRORS = 10  # the demo's connectors: the default
 VERBS = {b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY", b"HELP", b"AUTH", b"STARTTLS"}
 
 
@@ -332,6 +334,14 @@ def read(s: RawSession, model: Model) -> Reply:
     if reply.code in CLOSING or (reply.code == 502 and "goodbye" in reply.text):
         s.expect_closed()
         raise Closed
+    if not model.authenticated and reply.code >= 500 and reply.code != 535:
+        model.errors += 1
+        if model.errors >= MAX_PROTOCOL_ERRORS:  # answered, then 421 4.7.0 and closed
+            final = s.reply()
+            assert (final.code, final.text) == (421, "4.7.0 Too many errors on this connection, closing "
+                                                     "transmission channel"), f"{final}\n{s.dump()}"
+            s.expect_closed()
+            raise Closed
     return reply
 
 

@@ -5,7 +5,10 @@ recovers by itself; nothing accepted is lost."""
 from __future__ import annotations
 
 import smtplib
+import ssl
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -36,10 +39,31 @@ def level(site, name: str = "Amsterdam") -> Level:
     return Level(int(value)) if value is not None else Level.NORMAL
 
 
-def mail_from(site, sender: str, source: str = "127.0.0.2") -> int:
-    host, port = site.smtp("bp-1", "Internet")
-    with smtplib.SMTP(host, port, local_hostname="client.example", timeout=15, source_address=(source, 0)) as c:
-        c.ehlo()
+@contextmanager
+def session(site, sender: str, logon: bool | None = None) -> Iterator[smtplib.SMTP]:
+    """An SMTP session of ``sender``'s: a mailbox of the organization logs on (the only way a
+    client proves it is of the organization) unless told not to; anyone else is anonymous,
+    from the Internet."""
+    if sender.endswith("@contoso.com") if logon is None else logon:
+        with smtplib.SMTP(*site.smtp("bp-1", "Default"), local_hostname="client.example", timeout=15) as c:
+            c.starttls(context=_unverified())
+            c.login(sender, f"{sender.split('@')[0]}-demo-password")
+            yield c
+    else:
+        with smtplib.SMTP(*site.smtp("bp-1", "Internet"), local_hostname="client.example", timeout=15,
+                          source_address=("127.0.0.2", 0)) as c:
+            c.ehlo()
+            yield c
+
+
+def _unverified() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
+
+
+def mail_from(site, sender: str, logon: bool | None = None) -> int:
+    with session(site, sender, logon) as c:
         code, text = c.docmd(f"MAIL FROM:<{sender}>")
         if code == 452:
             assert text == b"4.3.1 Insufficient system resources", text
@@ -47,8 +71,7 @@ def mail_from(site, sender: str, source: str = "127.0.0.2") -> int:
 
 
 def send(site, sender: str, subject: str) -> None:
-    host, port = site.smtp("bp-1", "Internet")
-    with smtplib.SMTP(host, port, local_hostname="client.example", timeout=15, source_address=("127.0.0.2", 0)) as c:
+    with session(site, sender) as c:
         c.sendmail(sender, ["bob@contoso.com"], f"From: {sender}\r\nSubject: {subject}\r\n\r\nx\r\n")
 
 
@@ -67,8 +90,10 @@ def test_a_growing_submission_queue_brings_medium_then_high_then_recovery(cluste
     wait_until(lambda: level(site) is Level.MEDIUM, timeout=15)
     # Medium: outside senders wait (receive connectors see the level within a second)...
     wait_until(lambda: mail_from(site, "someone@fabrikam.example") == 452, timeout=10)
-    # ...while the organization's own senders still get through
+    # ...while the organization's own senders still get through (logged on: an anonymous
+    # client that writes an address of ours is not one of ours)
     assert mail_from(site, "alice@contoso.com") == 250
+    assert mail_from(site, "alice@contoso.com", logon=False) == 452
     for i in range(4):
         send(site, "alice@contoso.com", f"inside {i}")
         accepted.append(f"inside {i}")

@@ -15,11 +15,13 @@ from mailyard.hub.pressure import Level
 from mailyard.hub.receive_policy import (
     Identity,
     Refused,
+    authzid_refused,
     certificate_logon,
     check_hops,
     connectors_for,
     granted_groups,
     header_senders_refusal,
+    is_error,
     is_internal,
     logon,
     mail_from,
@@ -29,7 +31,10 @@ from mailyard.hub.receive_policy import (
     relay_origin,
     session_rules,
     size_limit,
+    source_of,
+    tarpit,
     too_many_connections,
+    too_many_errors,
     too_many_logon_failures,
 )
 from mailyard.org import ReceiveConnector
@@ -128,10 +133,50 @@ def test_the_banner_and_fqdn_of_a_connector_replace_the_hubs() -> None:
     assert (session_rules(DEFAULT, "::1").ident, session_rules(DEFAULT, "::1").hostname) == (None, None)
 
 
-def test_connections_per_source_are_capped_at_the_connectors_limit() -> None:
-    limited = connector(max_inbound_connection_per_source=2)
-    assert not too_many_connections(limited, 1)
-    assert too_many_connections(limited, 2)
+def test_connections_are_capped_per_source_and_per_connector() -> None:
+    limited = connector(max_inbound_connection_per_source=2, max_inbound_connection=5)
+    assert not too_many_connections(limited, 1, 4)
+    assert too_many_connections(limited, 2, 0)
+    assert too_many_connections(limited, 0, 5)
+    assert (DEFAULT.max_inbound_connection, DEFAULT.max_inbound_connection_per_source) == (5000, 20)
+
+
+@pytest.mark.parametrize(("ip", "source"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # the same host, to a /64
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),  # an IPv4 client of a dual-stack listener
+    ("::1", "::/64"),
+])
+def test_a_source_is_an_ipv4_address_or_an_ipv6_64(ip: str, source: str) -> None:
+    assert source_of(ip) == source
+
+
+def test_replies_to_a_client_not_logged_on_are_tarpitted_before_a_5xx() -> None:
+    conn = connector(tarpit_interval="5s", auth_tarpit_interval="7s")
+    assert (conn.tarpit_interval, conn.auth_tarpit_interval) == (5, 7)
+    assert tarpit(conn, replies.USER_UNKNOWN, trusted=False) == 5
+    assert tarpit(conn, "535 5.7.3 Authentication unsuccessful", trusted=False) == 7
+    assert tarpit(conn, replies.LOGON_LOCKED, trusted=False) == 7
+    assert tarpit(conn, replies.RECIPIENT_OK, trusted=False) == 0
+    assert tarpit(conn, replies.TOO_MANY_RECIPIENTS, trusted=False) == 0  # 4xx: not an error of the client's
+    assert tarpit(conn, replies.USER_UNKNOWN, trusted=True) == 0  # a logged-on client never waits
+
+
+def test_every_5xx_but_a_failed_logon_counts_against_the_error_limit() -> None:
+    assert is_error(replies.USER_UNKNOWN) and is_error("500 5.3.3 Unrecognized command 'X'")
+    assert not is_error("535 5.7.3 Authentication unsuccessful") and not is_error(replies.NO_RESOURCES)
+    assert DEFAULT.max_protocol_errors == 10
+    assert not too_many_errors(DEFAULT, 9) and too_many_errors(DEFAULT, 10)
+    assert not too_many_errors(connector(max_protocol_errors=0), 1000)
+
+
+def test_auth_plains_authorization_identity_must_be_the_mailbox_that_logs_on() -> None:
+    assert not authzid_refused(DIRECTORY, "alice@contoso.com", "")
+    assert not authzid_refused(DIRECTORY, "alice@contoso.com", "A.Anders@contoso.com")  # her alias
+    assert authzid_refused(DIRECTORY, "alice@contoso.com", "bob@contoso.com")
+    assert authzid_refused(DIRECTORY, "nobody@contoso.com", "nobody@contoso.com")
 
 
 def test_failed_logons_close_a_connection_at_the_limit_and_never_with_no_limit() -> None:
@@ -279,10 +324,30 @@ def test_a_logged_on_user_may_send_as_each_from_only_with_a_right_to(grants, fie
 
 def test_anonymous_clients_send_only_to_recipients_that_exist_in_accepted_domains() -> None:
     assert rcpt_to(INTERNET, None, "Bob@Contoso.com", DIRECTORY, taken=0) == "bob@contoso.com"
-    for existing in ("a.anders@contoso.com", "all-staff@contoso.com", "grace.fabrikam@contoso.com"):
-        assert rcpt_to(INTERNET, None, existing, DIRECTORY, taken=0) == existing, "aliases, groups, contacts"
+    for existing in ("a.anders@contoso.com", "grace.fabrikam@contoso.com"):
+        assert rcpt_to(INTERNET, None, existing, DIRECTORY, taken=0) == existing, "aliases, contacts"
     assert refusal(rcpt_to, INTERNET, None, "nobody@contoso.com", DIRECTORY, taken=0) == replies.USER_UNKNOWN
     assert refusal(rcpt_to, INTERNET, None, "friend@fabrikam.example", DIRECTORY, taken=0) == replies.UNABLE_TO_RELAY
+
+
+def open_groups(*addresses: str) -> Directory:
+    """The demo's directory with ``addresses`` open to senders that did not log on."""
+    groups = [g.model_copy(update={"require_sender_authentication": g.address not in addresses}) for g in ORG.groups]
+    return Directory(ORG.model_copy(update={"groups": groups}))
+
+
+def test_groups_take_mail_only_from_senders_that_proved_who_they_are_unless_opened() -> None:
+    # RequireSenderAuthenticationEnabled, Exchange's default: on for every group of the demo
+    for group in ("all-staff@contoso.com", "amsterdam-team@contoso.com"):
+        assert refusal(rcpt_to, INTERNET, None, group, DIRECTORY, taken=0) == replies.AUTH_REQUIRED
+        assert rcpt_to(DEFAULT, ALICE, group, DIRECTORY, taken=0) == group
+        assert rcpt_to(DEFAULT, HUB, group, DIRECTORY, taken=0) == group
+    opened = open_groups("all-staff@contoso.com", "amsterdam-team@contoso.com")
+    assert rcpt_to(INTERNET, None, "all-staff@contoso.com", opened, taken=0) == "all-staff@contoso.com"
+    # An open group is no way into a closed one nested in it
+    outer_open = open_groups("all-staff@contoso.com")
+    assert refusal(rcpt_to, INTERNET, None, "all-staff@contoso.com", outer_open, taken=0) == replies.AUTH_REQUIRED
+    assert rcpt_to(INTERNET, None, "bob@contoso.com", DIRECTORY, taken=0) == "bob@contoso.com", "mailboxes: open"
 
 
 @pytest.mark.parametrize("address", [
@@ -317,12 +382,10 @@ def test_one_recipient_more_than_the_connectors_limit_is_refused_before_anything
 # region: back pressure, size and hops
 
 
-def test_mail_from_the_organization_is_a_logged_on_client_or_a_sender_of_an_accepted_domain() -> None:
-    assert is_internal(DIRECTORY, ALICE, "")
-    assert is_internal(DIRECTORY, HUB, "someone@example.org")
-    assert is_internal(DIRECTORY, None, "bob@contoso.com")
-    assert not is_internal(DIRECTORY, None, "someone@example.org")
-    assert not is_internal(DIRECTORY, None, "")
+def test_mail_from_the_organization_is_mail_from_a_client_that_proved_who_it_is() -> None:
+    assert is_internal(ALICE)
+    assert is_internal(HUB)
+    assert not is_internal(None), "an anonymous client writing bob@contoso.com is no one of ours"
 
 
 @pytest.mark.parametrize(("level", "internal", "refused"), [
@@ -346,8 +409,12 @@ def test_a_message_with_as_many_received_headers_as_the_hop_limit_is_refused() -
                         for i in range(hops)) + b"Subject: around\r\n\r\nReceived: in the body\r\n"
 
     limited = connector(max_hop_count=3)
-    check_hops(limited, message(2))
-    assert refusal(check_hops, limited, message(3)) == replies.HOP_COUNT
+    check_hops(limited, None, message(2), org_hops=2)
+    assert refusal(check_hops, limited, None, message(3), org_hops=2) == replies.HOP_COUNT
+    assert refusal(check_hops, limited, ALICE, message(3), org_hops=2) == replies.HOP_COUNT
+    # A hub relaying within the organization brings the Received headers of the hubs before it
+    check_hops(limited, HUB, message(4), org_hops=2)
+    assert refusal(check_hops, limited, HUB, message(5), org_hops=2) == replies.HOP_COUNT
 
 
 def test_a_relaying_hubs_origin_is_trusted_from_exchange_servers_only() -> None:
