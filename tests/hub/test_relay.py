@@ -5,10 +5,18 @@ server; never twice, never looping."""
 
 from __future__ import annotations
 
+import smtplib
+import ssl
 from collections import Counter
 
 from mailyard import keys, tracking
 from mailyard.testing.waiting import wait_until
+
+
+def unverified_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the hub's own self-signed certificate
+    return ctx
 
 
 def test_mail_goes_from_amsterdam_to_london_and_back(cluster_factory) -> None:
@@ -24,6 +32,21 @@ def test_mail_goes_from_amsterdam_to_london_and_back(cluster_factory) -> None:
     for s in subjects:
         site.send("alice@contoso.com", ["erin@contoso.com", "bob@contoso.com"], subject=s)
     site.send("frank@contoso.com", ["c.claes@contoso.com"], subject="to amsterdam")
+    # 29 hops before ours (MaxHopCount 30): accepted in Amsterdam, so it must arrive in London
+    # too, not be bounced there for the hop Amsterdam added
+    hops = "".join(f"Received: from hop{i}.example by hop{i + 1}.example; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+                   for i in range(29))
+    with smtplib.SMTP(*site.smtp("ams-r1"), local_hostname="client.example", timeout=15) as client:
+        client.starttls(context=unverified_tls())
+        client.login("alice@contoso.com", "alice-demo-password")
+        client.sendmail("alice@contoso.com", ["erin@contoso.com"],
+                        f"{hops}From: alice@contoso.com\r\nSubject: many hops\r\n\r\naround\r\n")
+        client.mail("alice@contoso.com")
+        client.rcpt("erin@contoso.com")
+        code, text = client.data(f"Received: from hop.example by hop0.example; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+                                 f"{hops}From: alice@contoso.com\r\nSubject: too many hops\r\n\r\naround\r\n")
+        assert (code, text) == (554, b"5.4.6 Hop count exceeded - possible mail loop"), "30 before ours: refused"
+    site.wait_for_subject("erin@contoso.com", "many hops", timeout=60)
 
     wait_until(lambda: set(subjects) <= set(site.subjects("erin@contoso.com")), timeout=60,
                message=lambda: f"erin has {site.subjects('erin@contoso.com')}")
