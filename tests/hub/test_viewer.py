@@ -336,6 +336,27 @@ def test_every_error_is_json(api) -> None:
                                        415)
 
 
+@pytest.mark.parametrize("path", ["/api/queues/actions", "/api/messages/actions"])
+@pytest.mark.parametrize(("body", "needle"), [
+    (b"[" * 100_000, "body is not JSON"),  # nested too deeply for a recursive parser
+    (b'{"action": "suspend", "queues": ' + b"[" * 100_000, "body is not JSON"),
+    (b'{"action": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001, "body is not JSON"),
+    (b"", "body is not JSON"),
+    (b'{"action": "suspend"} and more', "body is not JSON"),
+    (b"\xff\xfe\x00{", "body is not JSON"),
+    (b'{"action": "suspend", "identities": ["\\ud800"], "queues": ["\\ud800"]}', "body is not JSON"),  # (lone surrogate)
+    (b"null", "body: Input should be an object"),
+    (b"[]", "body: Input should be an object"),
+    (b'"suspend"', "body: Input should be an object"),
+    (b'{"action": ["suspend"]}', "action:"),
+    (b'{"action": "suspend", "filter": 7}', "filter:"),
+])
+def test_a_bad_action_body_is_a_400_naming_what_is_wrong(api, path: str, body: bytes, needle: str) -> None:
+    response = api.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    assert needle in response.json()["error"], response.text[:300]
+
+
 READS = [("/api/queues", {}), ("/api/messages", {}), ("/api/track", {"sender": "alice@contoso.com"}),
          ("/api/hubs", {}), ("/api/messages/export", {"identity": "Amsterdam\\MBX-AMS-02\\999999"}),
          ("/metrics", {}), ("/api/nothing", {})]
