@@ -40,7 +40,6 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,16 +106,12 @@ def _iso(ms: int) -> str | None:
 
 
 def _time_ms(name: str, value: str | None) -> int | None:
-    """ISO 8601 (UTC unless it says otherwise), as ``mailyard track --start/--end`` takes it."""
     if not value:
         return None
     try:
-        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(400, f"{name}: {value!r} is not a time; use ISO 8601, e.g. 2026-11-26T10:00:00") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+        return tracking.parse_time(value)
+    except ValueError as exc:
+        raise ApiError(400, f"{name}: {exc}") from None
 
 
 def _outcome(outcome: actions.ActionReport) -> JSONResponse:

@@ -284,6 +284,26 @@ def test_tracking_search_and_hubs(site, api) -> None:
     assert hub["endpoints"].get("Default")
 
 
+@pytest.mark.parametrize(("params", "needle"), [
+    ({"start": "1960-01-01"}, "start: '1960-01-01' is before 1970"),
+    ({"end": "1969-12-31T23:59:59"}, "end: '1969-12-31T23:59:59' is before 1970"),
+    ({"start": "1970-01-01T00:00:00+05:00"}, "start: "),
+    ({"start": "0001-01-01"}, "start: "),
+    ({"end": "2026-13-01"}, "end: '2026-13-01' is not a time"),
+    ({"start": "\x00"}, "start: "),
+])
+def test_a_tracking_time_before_1970_or_not_a_time_is_a_400_naming_it(api, params, needle: str) -> None:
+    response = api.get("/api/track", params=params)
+    assert response.status_code == 400 and needle in response.json()["error"], response.text
+
+
+def test_tracking_times_at_the_ends_of_the_calendar(site, api) -> None:
+    assert api.get("/api/track", params={"start": "1970-01-01"}).json(), "the site has tracked mail"
+    assert api.get("/api/track", params={"start": "9999-12-31T23:59:59.999-23:59"}).json() == []
+    assert api.get("/api/track", params={"end": "1970-01-01T00:00:00Z"}).json() == [], "the end is exclusive"
+    assert api.get("/api/track", params={"end": "9999-12-31", "limit": 1}).json()
+
+
 def test_the_page_and_its_files_are_served(api) -> None:
     page = api.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
