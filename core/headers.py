@@ -1,4 +1,4 @@
-"""Small, byte-exact edits of a message's header block (no re-serialization of the body)."""
+"""A message's header block: read tolerantly, and edited byte-exactly (no re-serialization of the body)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from email.policy import compat32
 from email.utils import getaddresses
 
 _FOLD = (b" ", b"\t")
+_UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 def split(raw: bytes) -> tuple[bytes, bytes]:
@@ -35,6 +36,46 @@ def addresses(head: Message, field: str) -> list[tuple[str, str]]:
         return getaddresses([str(v) for v in head.get_all(field, [])])
     except (RecursionError, ValueError, TypeError, IndexError):
         raise ValueError(f"the {field} header cannot be parsed") from None
+
+
+# A listing (a mailbox folder, the demo Internet's mail) shows whatever arrived, from anyone: a
+# header the email package cannot parse (it raises IndexError, AttributeError,
+# UnboundLocalError... on some, a Message-ID of "<[@x>" among them) or cannot encode (8-bit
+# bytes) is shown as its raw text, so one hostile message cannot make the listing fail.
+
+
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8: 8-bit header bytes decoded as UTF-8 where they are, else U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _raw_values(head: Message, name: str) -> list[str]:
+    """Every ``name`` header as it came, unfolded (RFC 5322 2.2.3)."""
+    return [_UNFOLD.sub("", str(v)) for k, v in head.raw_items() if k.lower() == name.lower()]
+
+
+def shown_text(head: Message, name: str) -> str:
+    """The first ``name`` header as a listing shows it: decoded, else as it came; "" if none."""
+    try:
+        return _printable(str(head.get(name, "")))
+    except Exception:
+        return _printable(next(iter(_raw_values(head, name)), ""))
+
+
+def shown_addresses(head: Message, name: str) -> list[str]:
+    """The addresses of every ``name`` header (``"Alice <a@x>, b@y"`` -> ["a@x", "b@y"]) as a
+    listing shows them; none for a header too broken to read."""
+    try:
+        values = [str(v) for v in head.get_all(name, [])]
+    except Exception:
+        values = _raw_values(head, name)
+    try:
+        return [_printable(addr) for _, addr in getaddresses(values) if addr]
+    except Exception:
+        return []
 
 
 def strip(raw: bytes, *names: str) -> bytes:

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 
 import redis
@@ -124,6 +125,21 @@ def _record(entry_id: str, data: dict[str, str]) -> Record:
     return rec
 
 
+def parse_time(value: str) -> int:
+    """Milliseconds since 1970 of an ISO 8601 time (UTC unless it says otherwise), as
+    ``mailyard track --start/--end`` and the Queue Viewer take it. ValueError says why not."""
+    try:
+        dt = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a time; use ISO 8601, e.g. 2026-11-26T10:00:00") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    ms = int(dt.timestamp() * 1000)
+    if ms < 0:  # the log's stream ids are milliseconds since 1970: Redis refuses a negative one
+        raise ValueError(f"{value!r} is before 1970-01-01T00:00:00Z; the tracking log holds nothing older")
+    return ms
+
+
 def search(
     r: redis.Redis,
     *,
@@ -158,8 +174,10 @@ def search(
 
 
 def _scan(r: redis.Redis, start_ms: int | None, end_ms: int | None) -> Iterator[Record]:
-    lo = f"{start_ms}-0" if start_ms else "-"
-    hi = f"({end_ms}-0" if end_ms else "+"
+    if end_ms is not None and end_ms <= 0:
+        return  # (nothing is before 1970, and Redis refuses the exclusive end "(0-0")
+    lo = f"{start_ms}-0" if start_ms is not None else "-"
+    hi = f"({end_ms}-0" if end_ms is not None else "+"
     while True:
         batch = r.xrange(keys.TRACK, lo, hi, count=1000)
         if not batch:

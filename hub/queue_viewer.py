@@ -38,10 +38,8 @@ act on it. The page, its files and ``/health`` stay open: they show no mail.
 from __future__ import annotations
 
 import hmac
-import json
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,16 +106,12 @@ def _iso(ms: int) -> str | None:
 
 
 def _time_ms(name: str, value: str | None) -> int | None:
-    """ISO 8601 (UTC unless it says otherwise), as ``mailyard track --start/--end`` takes it."""
     if not value:
         return None
     try:
-        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(400, f"{name}: {value!r} is not a time; use ISO 8601, e.g. 2026-11-26T10:00:00") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+        return tracking.parse_time(value)
+    except ValueError as exc:
+        raise ApiError(400, f"{name}: {exc}") from None
 
 
 def _outcome(outcome: actions.ActionReport) -> JSONResponse:
@@ -269,16 +263,14 @@ def create_app(redis_url: str, *, token: str | None = None, metrics_token: str |
             if size > MAX_BODY:
                 raise ApiError(413, f"request body is larger than the limit of {MAX_BODY} bytes")
             chunks.append(chunk)
+        # pydantic parses and checks at once, bounding the nesting (json.loads would recurse on
+        # 100,000 "[" until RecursionError) and refusing lone surrogates Redis cannot encode.
         try:
-            data = json.loads(b"".join(chunks))
-        except ValueError as exc:
-            raise ApiError(400, f"body is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "body: expected a JSON object")
-        try:
-            return model.model_validate(data)
+            return model.model_validate_json(b"".join(chunks))
         except ValidationError as exc:
             first = exc.errors()[0]
+            if first["type"] == "json_invalid":
+                raise ApiError(400, f"body is not JSON: {first['msg'].removeprefix('Invalid JSON: ')}") from None
             raise ApiError(400, f"{_where(first.get('loc', ()))}: {first.get('msg', 'invalid')}") from None
 
     # endregion

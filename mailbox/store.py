@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
-from email.utils import getaddresses, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any
 
 from mailyard.errors import NotFoundError
+from mailyard.headers import shown_addresses, shown_text
 
 FOLDERS = {"Inbox": "", "Outbox": ".Outbox", "Sent Items": ".Sent Items"}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -290,50 +291,18 @@ class MailboxStore:
                     ItemInfo(
                         id=item_id,
                         folder=folder,
-                        message_id=_text(headers, "Message-ID").strip(),
-                        sender=(_addresses(headers, "From") or [""])[0],
-                        to=_addresses(headers, "To"),
-                        cc=_addresses(headers, "Cc"),
-                        subject=_text(headers, "Subject"),
-                        date=_iso_date(_text(headers, "Date")),
+                        message_id=shown_text(headers, "Message-ID").strip(),
+                        sender=(shown_addresses(headers, "From") or [""])[0],
+                        to=shown_addresses(headers, "To"),
+                        cc=shown_addresses(headers, "Cc"),
+                        subject=shown_text(headers, "Subject"),
+                        date=_iso_date(shown_text(headers, "Date")),
                         size=size,
                         seen="S" in info.partition(",")[2],
                     )
                 )
         items.sort(key=lambda i: (i.date, i.id))
         return items
-
-
-# A folder lists whatever mail arrived, from anyone: a header the email package cannot parse
-# (it raises IndexError, AttributeError, UnboundLocalError... on some) or cannot encode (8-bit
-# bytes) is shown as its raw text, so one hostile message cannot make the folder unlistable.
-
-
-def _clean(text: str) -> str:
-    """Text that encodes as UTF-8: 8-bit header bytes decoded as UTF-8 where they are, else U+FFFD."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def _text(headers, name: str) -> str:
-    try:
-        return _clean(str(headers.get(name, "")))
-    except Exception:
-        raw = next((v for k, v in headers.raw_items() if k.lower() == name.lower()), "")
-        return _clean(str(raw))
-
-
-def _addresses(headers, name: str) -> list[str]:
-    try:
-        values = [str(v) for v in headers.get_all(name, [])]
-    except Exception:
-        values = [str(v) for k, v in headers.raw_items() if k.lower() == name.lower()]
-    try:
-        return [_clean(addr) for _, addr in getaddresses(values) if addr]
-    except Exception:
-        return []
 
 
 def _iso_date(value: str) -> str:

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
-from mailyard import redisconn
+from mailyard import redisconn, tracking
 from mailyard.testing.waiting import wait_until
+from mailyard.txn import Txn
 from tests.conftest import CONTOSO, ROOT
 
 
@@ -103,6 +105,31 @@ def test_send_show_queue_and_track_from_the_command_line(cluster_factory) -> Non
     assert bad.returncode == 1 and "not a mailbox of this organization" in bad.stderr
     usage = mailyard("send", "--from", "alice@contoso.com", "--subject", "x", env=env, check=False)
     assert usage.returncode == 2 and "exactly one of --body and --file" in usage.stderr
+
+
+def test_track_times_before_1970_or_not_times_are_usage_errors(redis_url) -> None:
+    txn = Txn()
+    tracking.add(txn, tracking.Record(tracking.Event.RECEIVE, internal_id="m1"), 86_400.0)
+    assert txn.run(redis.Redis.from_url(redis_url)).ok
+    env = {"MAILYARD_REDIS_URL": redis_url}
+    for option, value, needle in (("--start", "1960-01-01", "before 1970"),
+                                  ("--end", "1969-12-31T23:59:59", "before 1970"),
+                                  ("--start", "1970-01-01T00:00:00+05:00", "before 1970"),
+                                  ("--start", "0001-01-01", "before 1970"),
+                                  ("--start", "garbage", "not a time"), ("--end", "2026-13-01", "not a time"),
+                                  ("--limit", "0", "0 is not in the range")):
+        result = mailyard("track", option, value, env=env, check=False)
+        assert result.returncode == 2, (option, value, result.stderr)
+        assert f"Invalid value for '{option}'" in result.stderr and needle in result.stderr, result.stderr
+        assert "Redis" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+    def found(*args: str) -> list[str]:
+        return [r["internal_id"] for r in json.loads(mailyard("track", *args, "--json", env=env).stdout)]
+
+    assert found("--start", "1970-01-01") == ["m1"]
+    assert found("--start", "9999-12-31T23:59:59.999-23:59") == []
+    assert found("--end", "1970-01-01T00:00:00Z") == [], "the end is exclusive, even at 1970"
+    assert found("--end", "9999-12-31") == ["m1"]
 
 
 def start_site(data: Path, *args: str) -> subprocess.Popen:

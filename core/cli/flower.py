@@ -53,9 +53,9 @@ def flower(address: str, port: int, purge_offline_workers: int, unauthenticated_
                    err=True)
 
     from mailyard.broker import make_app
-    from mailyard.flower import logon_for_metrics
+    from mailyard.flower import harden
 
-    logon_for_metrics()
+    harden()
     argv = ["flower", f"--address={address}", f"--port={port}"]
     if purge_offline_workers:
         argv.append(f"--purge_offline_workers={purge_offline_workers}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -11,16 +10,18 @@ from mailyard import tracking
 from mailyard.cli.common import connect, handle_errors, json_option, print_json, redis_option, table
 
 
-def _ms(value: str | None) -> int | None:
-    if not value:
-        return None
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use ISO 8601, e.g. 2026-11-26T10:00:00") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+class TrackingTime(click.ParamType):
+    """A --start or --end: checked before anything connects, so a bad one is a usage error."""
+
+    name = "TIME"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):  # (already converted)
+            return value
+        try:
+            return tracking.parse_time(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 @click.command()
@@ -29,19 +30,19 @@ def _ms(value: str | None) -> int | None:
 @click.option("--sender", help="Envelope sender.")
 @click.option("--recipient", help="A recipient address.")
 @click.option("--event", type=click.Choice([e.value for e in tracking.Event], case_sensitive=False))
-@click.option("--start", help="From this time (ISO 8601, UTC unless it says otherwise).")
-@click.option("--end", help="Before this time (exclusive).")
-@click.option("--limit", default=1000, show_default=True)
+@click.option("--start", type=TrackingTime(), help="From this time (ISO 8601, UTC unless it says otherwise).")
+@click.option("--end", type=TrackingTime(), help="Before this time (exclusive).")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1))
 @redis_option
 @json_option
 @handle_errors
 def track(message_id: str | None, internal_id: str | None, sender: str | None, recipient: str | None,
-          event: str | None, start: str | None, end: str | None, limit: int, redis_url: str | None,
+          event: str | None, start: int | None, end: int | None, limit: int, redis_url: str | None,
           data_dir: Path, as_json: bool) -> None:
     """Search tracking events across the site, oldest first: a message's whole path."""
     records = tracking.search(
         connect(redis_url, data_dir), message_id=message_id, internal_id=internal_id, sender=sender,
-        recipient=recipient, event=event, start_ms=_ms(start), end_ms=_ms(end), limit=limit,
+        recipient=recipient, event=event, start_ms=start, end_ms=end, limit=limit,
     )
     if as_json:
         print_json([r.as_dict() for r in records])

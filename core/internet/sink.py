@@ -26,8 +26,8 @@ stored, and the reply given to every RCPT.
 from __future__ import annotations
 
 import asyncio
+import email.message
 import email.policy
-import email.utils
 import fnmatch
 import hmac
 import itertools
@@ -49,6 +49,7 @@ from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from mailyard.headers import shown_addresses, shown_text
 from mailyard.internet.background import Service
 
 log = logging.getLogger(__name__)
@@ -507,23 +508,14 @@ def list_messages(folder: Path | str, domain: str) -> list[dict[str, Any]]:
         with eml.open("rb") as f:
             headers = parser.parse(f)
         items.append({
-            "from": next(iter(_addresses(headers, "From")), ""), "to": _addresses(headers, "To"),
-            "cc": _addresses(headers, "Cc"), "subject": str(headers.get("Subject", "")),
-            "message_id": str(headers.get("Message-ID", "")).strip(), "date": str(headers.get("Date", "")),
+            "from": next(iter(shown_addresses(headers, "From")), ""), "to": shown_addresses(headers, "To"),
+            "cc": shown_addresses(headers, "Cc"), "subject": shown_text(headers, "Subject"),
+            "message_id": shown_text(headers, "Message-ID").strip(), "date": shown_text(headers, "Date"),
             "envelope_from": meta.get("mail_from"), "envelope_to": meta.get("rcpt_to", []),
             "peer": meta.get("peer"), "received_at": meta.get("received_at"), "tls": meta.get("tls"),
             "auth_user": meta.get("auth_user"), "size": meta.get("size"), "file": str(eml),
         })
     return items
-
-
-def _addresses(headers: email.message.Message, name: str) -> list[str]:
-    """The addresses of a header (``"Alice <a@x>, b@y"`` -> ["a@x", "b@y"]), as mailboxes show them."""
-    try:
-        values = [str(v) for v in headers.get_all(name, [])]
-    except Exception:  # a header too broken to parse is shown as no address
-        return []
-    return [addr for _, addr in email.utils.getaddresses(values) if addr]
 
 
 def read_message(file: Path | str) -> email.message.EmailMessage:

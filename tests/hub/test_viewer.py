@@ -284,6 +284,26 @@ def test_tracking_search_and_hubs(site, api) -> None:
     assert hub["endpoints"].get("Default")
 
 
+@pytest.mark.parametrize(("params", "needle"), [
+    ({"start": "1960-01-01"}, "start: '1960-01-01' is before 1970"),
+    ({"end": "1969-12-31T23:59:59"}, "end: '1969-12-31T23:59:59' is before 1970"),
+    ({"start": "1970-01-01T00:00:00+05:00"}, "start: "),
+    ({"start": "0001-01-01"}, "start: "),
+    ({"end": "2026-13-01"}, "end: '2026-13-01' is not a time"),
+    ({"start": "\x00"}, "start: "),
+])
+def test_a_tracking_time_before_1970_or_not_a_time_is_a_400_naming_it(api, params, needle: str) -> None:
+    response = api.get("/api/track", params=params)
+    assert response.status_code == 400 and needle in response.json()["error"], response.text
+
+
+def test_tracking_times_at_the_ends_of_the_calendar(site, api) -> None:
+    assert api.get("/api/track", params={"start": "1970-01-01"}).json(), "the site has tracked mail"
+    assert api.get("/api/track", params={"start": "9999-12-31T23:59:59.999-23:59"}).json() == []
+    assert api.get("/api/track", params={"end": "1970-01-01T00:00:00Z"}).json() == [], "the end is exclusive"
+    assert api.get("/api/track", params={"end": "9999-12-31", "limit": 1}).json()
+
+
 def test_the_page_and_its_files_are_served(api) -> None:
     page = api.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -334,6 +354,27 @@ def test_every_error_is_json(api) -> None:
     assert "application/json" in error(api.post("/api/queues/actions", content=b"action=suspend",
                                                 headers={"Content-Type": "application/x-www-form-urlencoded"}),
                                        415)
+
+
+@pytest.mark.parametrize("path", ["/api/queues/actions", "/api/messages/actions"])
+@pytest.mark.parametrize(("body", "needle"), [
+    (b"[" * 100_000, "body is not JSON"),  # nested too deeply for a recursive parser
+    (b'{"action": "suspend", "queues": ' + b"[" * 100_000, "body is not JSON"),
+    (b'{"action": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001, "body is not JSON"),
+    (b"", "body is not JSON"),
+    (b'{"action": "suspend"} and more', "body is not JSON"),
+    (b"\xff\xfe\x00{", "body is not JSON"),
+    (b'{"action": "suspend", "identities": ["\\ud800"], "queues": ["\\ud800"]}', "body is not JSON"),  # (lone surrogate)
+    (b"null", "body: Input should be an object"),
+    (b"[]", "body: Input should be an object"),
+    (b'"suspend"', "body: Input should be an object"),
+    (b'{"action": ["suspend"]}', "action:"),
+    (b'{"action": "suspend", "filter": 7}', "filter:"),
+])
+def test_a_bad_action_body_is_a_400_naming_what_is_wrong(api, path: str, body: bytes, needle: str) -> None:
+    response = api.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    assert needle in response.json()["error"], response.text[:300]
 
 
 READS = [("/api/queues", {}), ("/api/messages", {}), ("/api/track", {"sender": "alice@contoso.com"}),

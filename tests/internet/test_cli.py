@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mailyard.internet.dns import make_resolver
+from mailyard.internet.sink import Sink
 from mailyard.testing.waiting import wait_until
 
 
@@ -88,6 +89,25 @@ def test_serve_receive_stop_and_show(serve, tmp_path) -> None:
 
     table = mailyard("internet", "show", "fabrikam.example", "--dir", str(tmp_path / "mail"), cwd=tmp_path)
     assert "Hello Grace" in table.stdout and "<demo-1@contoso.com>" in table.stdout
+
+
+@pytest.mark.parametrize("message_id", [b"<[@x>", b"<x@[", b"<x@[127.0.0.1", b"<:>", b"<@>", b"<",
+                                        b"<" + b"\r\n ".join([b"(" * 500] * 6) + b">"])
+def test_show_lists_a_message_whose_headers_cannot_be_parsed(tmp_path, message_id: bytes) -> None:
+    """Anyone on the Internet can send anything: a Message-ID (or From) the email package trips
+    over, or a subject of 8-bit bytes, is shown as it came."""
+    raw = (b"From: <grace@[fabrikam\r\nTo: henry@fabrikam.example\r\nSubject: caf\xe9 \xff\r\n"
+           b"Message-ID: " + message_id + b"\r\n\r\nhi\r\n")
+    with Sink(tmp_path / "mail") as sink, smtplib.SMTP(*sink.address, timeout=5) as client:
+        client.sendmail("grace@fabrikam.example", ["henry@fabrikam.example"], raw)
+    shown = mailyard("internet", "show", "fabrikam.example", "--dir", str(tmp_path / "mail"), "--json", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    (item,) = json.loads(shown.stdout)
+    assert item["message_id"] == message_id.decode().replace("\r\n", "")  # (unfolded)
+    assert item["subject"] == "caf\ufffd \ufffd"
+    assert item["envelope_from"] == "grace@fabrikam.example"
+    table = mailyard("internet", "show", "fabrikam.example", "--dir", str(tmp_path / "mail"), cwd=tmp_path)
+    assert table.returncode == 0 and message_id.decode()[:20] in table.stdout, table.stderr
 
 
 def test_show_defaults_to_the_data_dir_and_says_when_there_is_nothing(tmp_path) -> None:

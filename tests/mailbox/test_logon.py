@@ -5,6 +5,7 @@ real mailbox server, with the organization's CA."""
 
 from __future__ import annotations
 
+import base64
 import email
 import json
 from collections.abc import Iterator
@@ -107,6 +108,16 @@ def test_a_mailbox_reads_and_sends_as_itself(site) -> None:
         assert sent.status_code == 202, sent.text
         # an alias is the mailbox too
         assert alice.get(url(site, "a.anders@contoso.com", "/folders/Inbox")).status_code == 200
+
+
+@pytest.mark.parametrize("scheme", ["basic", "BASIC", "bAsIc"])
+def test_the_basic_scheme_is_taken_in_any_case(site, scheme: str) -> None:
+    """RFC 7235 2.1: the auth scheme is case-insensitive."""
+    logon = {"Authorization": f"{scheme} " + base64.b64encode(":".join(ALICE).encode()).decode()}
+    wrong = {"Authorization": f"{scheme} " + base64.b64encode(f"{ALICE[0]}:wrong".encode()).decode()}
+    with as_(site, None) as client:
+        assert client.get(url(site, "alice@contoso.com", "/folders/Inbox"), headers=logon).status_code == 200
+        assert client.get(url(site, "alice@contoso.com", "/folders/Inbox"), headers=wrong).status_code == 401
 
 
 def test_without_a_grant_another_mailbox_is_403_and_nothing_is_queued(site) -> None:
