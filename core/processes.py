@@ -6,6 +6,7 @@ import ctypes
 import logging
 import signal
 import sys
+from typing import Any
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -29,3 +30,16 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def serve_until_stopped(server: Any, sockets: list[Any]) -> None:
+    """Run a ``uvicorn.Server`` on ``sockets`` until SIGTERM or SIGINT, then return, so that
+    the caller's cleanup runs and the process ends with status 0. (uvicorn handles the signal,
+    stops, and then raises it again for the handler it found: the default one would end the
+    process by the signal, status 143, skipping the cleanup.)"""
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=sockets)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -18,6 +18,7 @@ from mailyard.errors import SiteError
 from mailyard.mailbox.api import CONNECTION, PEER, create_app
 from mailyard.mailbox.store import MailboxStore
 from mailyard.orgstore import OrgCache
+from mailyard.processes import serve_until_stopped
 from mailyard.registry import register_server
 from mailyard.submission.service import SubmissionService
 
@@ -33,7 +34,15 @@ class _PeerH11(H11Protocol):
         identity = pki.peer_identity(transport.get_extra_info("ssl_object"))
         shared: dict[str, bool] = {}
         self.app_state = {**self.app_state, PEER: identity, CONNECTION: shared}
+        self._shared = shared
         super().connection_made(_CutAfterRefusal(transport, shared))  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        # The server is stopping (SIGTERM): a connection is cut once its last response is
+        # written. A TLS close would wait for the client's close_notify, which a client holding
+        # an idle keep-alive connection never sends: SIGTERM would take asyncio's 30 s.
+        self._shared["abort"] = True
+        super().shutdown()
 
 
 class _CutAfterRefusal:
@@ -148,7 +157,7 @@ def serve(
     print(f"mailbox server {server} listening on {url}", flush=True)
 
     try:
-        web.run(sockets=[sock])
+        serve_until_stopped(web, [sock])
     finally:
         stop.set()
         service.stop()

@@ -10,7 +10,7 @@ import click
 
 from mailyard.cli.common import connect, handle_errors, redis_option, resolve_redis_url
 from mailyard.errors import SiteError
-from mailyard.processes import setup_logging
+from mailyard.processes import serve_until_stopped, setup_logging
 from mailyard.site.secrets import is_placeholder
 
 TOKEN_ENV = "MAILYARD_VIEWER_TOKEN"
@@ -103,4 +103,4 @@ def viewer(host: str, port: int, token: str | None, metrics_token: str | None, s
     app = create_app(url, token=token, metrics_token=metrics_token, allowed_hosts=hosts)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
                                            http="h11", h11_max_incomplete_event_size=64 * 1024))
-    server.run(sockets=[sock])
+    serve_until_stopped(server, [sock])

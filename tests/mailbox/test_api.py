@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 
 import httpx
 import pytest
@@ -149,3 +151,14 @@ def test_a_good_submission_is_accepted_with_its_id_and_message_id(api, base) -> 
     (item,) = api.folder("alice@contoso.com", "Outbox")  # no hub runs in this module
     stored = api.raw("alice@contoso.com", item["id"], folder="Outbox")
     assert b"From: alice@contoso.com" in stored and b"Message-ID:" in stored and b"Date:" in stored
+
+
+def test_sigterm_stops_a_server_at_once_with_status_0_though_a_client_keeps_a_connection_open(
+        cluster_factory) -> None:
+    # A TLS connection a client keeps alive (the hubs' pools do) used to hold the server for
+    # asyncio's 30 s TLS shutdown, and uvicorn then ended it by the signal (status 143)
+    site = cluster_factory()
+    proc = site.start_mailbox("MBX-AMS-01")
+    site.send("alice@contoso.com", ["bob@contoso.com"], subject="keep-alive")  # the pool's connection stays open
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.popen.wait(timeout=20) == 0, site.tail("MBX-AMS-01")
