@@ -30,11 +30,20 @@ def parse(raw: bytes) -> Message:
 def addresses(head: Message, field: str) -> list[tuple[str, str]]:
     """The (name, address) pairs of every ``field`` header (From, Sender, To...). Raises
     ValueError for one that cannot be read (3,000 nested parentheses make the email package
-    recurse too deeply)."""
+    recurse too deeply). Header text in 8-bit octets is read as UTF-8 (RFC 6532), so that an
+    internationalized address reads as the characters it is."""
+    wanted = field.lower()
+    values = [_utf8(v) for name, v in head.raw_items() if name.lower() == wanted]
     try:
-        return getaddresses([str(v) for v in head.get_all(field, [])])
+        return getaddresses(values)
     except (RecursionError, ValueError, TypeError, IndexError):
         raise ValueError(f"the {field} header cannot be parsed") from None
+
+
+def _utf8(value: str) -> str:
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def strip(raw: bytes, *names: str) -> bytes:
