@@ -40,6 +40,13 @@ def addresses(head: Message, field: str) -> list[tuple[str, str]]:
         raise ValueError(f"the {field} header cannot be parsed") from None
 
 
+def text(head: Message, field: str) -> str:
+    """The first ``field`` header's value as sent ("" if none), 8-bit octets read as UTF-8
+    (RFC 6532; compat32 would give U+FFFD for each octet)."""
+    wanted = field.lower()
+    return next((_utf8(v) for name, v in head.raw_items() if name.lower() == wanted), "")
+
+
 def _utf8(value: str) -> str:
     if value.isascii():
         return value
