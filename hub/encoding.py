@@ -24,19 +24,13 @@ from dataclasses import dataclass, field
 
 from mailyard import mime
 from mailyard.addresses import ascii_address, needs_smtputf8
+from mailyard.hub import replies
 from mailyard.hub.outcomes import Outcome
-
-NEED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
 
 
 def envelope_refusal(address: str, smtputf8: bool) -> str | None:
     """MAIL FROM or RCPT TO: the reply to a non-ASCII address without SMTPUTF8, or None."""
-    return None if smtputf8 or address.isascii() else NEED_SMTPUTF8
-
-
-def header_refusal(problem: mime.LongHeaderLine) -> str:
-    """DATA: the reply to a message whose header cannot cross SMTP."""
-    return f"554 5.6.0 Message refused: {problem}"
+    return None if smtputf8 or address.isascii() else replies.NEED_SMTPUTF8
 
 
 @dataclass

@@ -18,7 +18,7 @@ INVALID_RECIPIENT = "501 5.1.3 Invalid address"
 INVALID_SENDER = "501 5.1.7 Invalid address"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-LINE_TOO_LONG = "500 5.5.2 Line too long"
+NEED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"  # RFC 6531 3.4 (Postfix's text)
 HOP_COUNT = "554 5.4.6 Hop count exceeded - possible mail loop"
 NO_RESOURCES = "452 4.3.1 Insufficient system resources"
 STORAGE_FAILED = "451 4.3.0 Temporary storage failure; try again later"
@@ -30,6 +30,11 @@ TOO_MANY_CONNECTIONS = (
 STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
 TOO_MANY_LOGON_FAILURES = "421 4.7.0 Too many errors on this connection, closing transmission channel"
+
+
+def header_refused(problem: object) -> str:
+    """DATA: a message whose header cannot cross SMTP (``mailyard.mime.LongHeaderLine``)."""
+    return f"554 5.6.0 Message refused: {problem}"
 
 
 def queued(message_id: str, internal_id: str, hub: str) -> str:
