@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from mailyard.addresses import canonical
 from mailyard.org import Organization
 
 
@@ -121,6 +122,7 @@ class Directory:
         ``who`` (or a mailbox it may send as); several From addresses need a Sender (RFC 5322
         3.6.2). An address outside the organization's mailboxes is no one's to send as."""
         own = self.addresses_of(who.name) if who.kind == "mailbox" else frozenset()
+        senders, sender_field = [canonical(a) for a in senders], [canonical(a) for a in sender_field]
         for address in sender_field:
             if address not in own and not self.may_on(who, "SendAs", address):
                 return f"{who} may not send with Sender {address}: not its own address"
@@ -147,11 +149,12 @@ class Directory:
     # endregion
 
     def is_accepted(self, address: str) -> bool:
-        return address.rpartition("@")[2].lower().rstrip(".") in self.accepted_domains
+        return canonical(address).rpartition("@")[2].rstrip(".") in self.accepted_domains
 
     def lookup(self, address: str) -> Entry | None:
-        """The directory entry of an address, or None (unknown or outside the organization)."""
-        return self._entries.get(address.lower())
+        """The directory entry of an address, or None (unknown or outside the organization).
+        Any spelling of an address finds it: any case, and an IDN's A-labels or U-labels."""
+        return self._entries.get(canonical(address))
 
     def requires_sender_authentication(self, address: str) -> bool:
         """Whether only a sender that proved who it is may send to ``address``: a group with
@@ -188,7 +191,7 @@ class Directory:
         seen_group: set[str] = set()
 
         def add(address: str, original: str) -> None:
-            lowered = address.lower()
+            lowered = canonical(address)
             entry = self._entries.get(lowered)
             if entry is None:
                 if self.is_accepted(lowered):
@@ -213,5 +216,5 @@ class Directory:
             out.finals.append(Final(entry.address, entry.kind, original, entry.server, entry.site))
 
         for address in addresses:
-            add(address, address.lower())
+            add(address, canonical(address))
         return out

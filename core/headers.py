@@ -31,9 +31,12 @@ def parse(raw: bytes) -> Message:
 def addresses(head: Message, field: str) -> list[tuple[str, str]]:
     """The (name, address) pairs of every ``field`` header (From, Sender, To...). Raises
     ValueError for one that cannot be read (3,000 nested parentheses make the email package
-    recurse too deeply)."""
+    recurse too deeply). Header text in 8-bit octets is read as UTF-8 (RFC 6532), so that an
+    internationalized address reads as the characters it is."""
+    wanted = field.lower()
+    values = [_printable(v) for name, v in head.raw_items() if name.lower() == wanted]
     try:
-        return getaddresses([str(v) for v in head.get_all(field, [])])
+        return getaddresses(values)
     except (RecursionError, ValueError, TypeError, IndexError):
         raise ValueError(f"the {field} header cannot be parsed") from None
 
@@ -46,6 +49,8 @@ def addresses(head: Message, field: str) -> list[tuple[str, str]]:
 
 def _printable(text: str) -> str:
     """Text that encodes as UTF-8: 8-bit header bytes decoded as UTF-8 where they are, else U+FFFD."""
+    if text.isascii():
+        return text
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     except UnicodeError:
@@ -76,6 +81,13 @@ def shown_addresses(head: Message, name: str) -> list[str]:
         return [_printable(addr) for _, addr in getaddresses(values) if addr]
     except Exception:
         return []
+
+
+def text(head: Message, field: str) -> str:
+    """The first ``field`` header's value as sent ("" if none), 8-bit octets read as UTF-8
+    (RFC 6532; compat32 would give U+FFFD for each octet)."""
+    wanted = field.lower()
+    return next((_printable(v) for name, v in head.raw_items() if name.lower() == wanted), "")
 
 
 def strip(raw: bytes, *names: str) -> bytes:

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from mailyard import passwords, pki
+from mailyard.addresses import canonical, normalize_address, normalize_domain
 from mailyard.errors import ConfigError, ConfigProblem
 from mailyard.units import format_duration, format_size, parse_duration, parse_size
 
@@ -34,8 +35,6 @@ Duration = Annotated[
 ]
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 
 TlsAuthLevel = Literal["EncryptionOnly", "CertificateValidation", "DomainValidation"]
@@ -47,23 +46,10 @@ _DEFAULT_GROUPS: list[PermissionGroup] = ["ExchangeUsers", "ExchangeServers"]
 _DEFAULT_MECHANISMS: list[AuthMechanism] = ["Tls", "BasicAuth", "BasicAuthRequireTLS"]
 
 
-def normalize_address(value: str) -> str:
-    """Lower-case an SMTP address and check its shape (local@domain, no tricks)."""
-    if not isinstance(value, str):
-        raise ValueError("expected an e-mail address")
-    address = value.strip().lower()
-    local, sep, domain = address.rpartition("@")
-    if not sep or not _LOCAL.match(local) or not _DOMAIN.match(domain):
-        raise ValueError(f"{value!r} is not a valid e-mail address")
-    return address
-
-
-def normalize_domain(value: str) -> str:
-    if not isinstance(value, str) or not _DOMAIN.match(value.strip().lower().rstrip(".")):
-        raise ValueError(f"{value!r} is not a valid domain name")
-    return value.strip().lower().rstrip(".")
-
-
+# An address or domain in the file may be written in any case and, for an internationalized
+# one (RFC 6531), with its domain as U-labels or A-labels: each is stored in the one canonical
+# form of mailyard.addresses (lower case, NFC, U-labels), so ``jürgen@bücher.example`` and
+# ``Jürgen@xn--bcher-kva.example`` name the same mailbox.
 Address = Annotated[str, BeforeValidator(normalize_address)]
 Domain = Annotated[str, BeforeValidator(normalize_domain)]
 
@@ -184,7 +170,7 @@ class Mailbox(_Model):
     @classmethod
     def _principals(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return [v.strip().lower() if isinstance(v, str) and "@" in v else v for v in value]
+            return [canonical(v) if isinstance(v, str) and "@" in v else v for v in value]
         return value
 
 
@@ -239,12 +225,13 @@ class AddressSpace(_Model):
     def _space(cls, value: str) -> str:
         if value == "*":
             return value
-        bare = value[2:] if value.startswith("*.") else value
-        if not _DOMAIN.match(bare):
+        wildcard = "*." if value.startswith("*.") else ""
+        try:
+            return wildcard + normalize_domain(value.removeprefix(wildcard))
+        except ValueError:
             raise ValueError(
                 f"{value!r} is not an SMTP address space: use *, *.example.com or example.com"
-            )
-        return value
+            ) from None
 
     def __str__(self) -> str:
         return f"{self.type}:{self.space};{self.cost}"

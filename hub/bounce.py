@@ -61,6 +61,7 @@ def queue_report(
         site=site,
         hub=hub.name,
         dsn="delay" if delayed else "ndr",
+        smtputf8=not msg.sender.isascii(),  # dsn.build: to such a sender, an SMTPUTF8 message
     )
     change.add_message(report, raw, refs=1)
     change.enqueue(submission_queue(site), item_id, report, [Recipient(msg.sender)], now=now)

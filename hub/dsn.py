@@ -14,6 +14,7 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP as SMTP_POLICY
+from email.policy import SMTPUTF8 as SMTPUTF8_POLICY
 from email.utils import formatdate, make_msgid
 
 # Texts from Exchange 2007/2010 NDRs (reference/exchange-2010-transport.md §7).
@@ -123,8 +124,8 @@ def build(
     for f in failures:
         block = Message()
         if f.original and f.original != f.recipient:
-            block["Original-Recipient"] = f"rfc822; {f.original}"
-        block["Final-Recipient"] = f"rfc822; {f.recipient}"
+            block["Original-Recipient"] = typed_address(f.original)
+        block["Final-Recipient"] = typed_address(f.recipient)
         block["Action"] = "delayed" if delayed else "failed"
         block["Status"] = f.status
         if f.remote_mta:
@@ -139,4 +140,16 @@ def build(
     # "?" so that the report itself stays valid 7-bit MIME.
     headers.set_payload(_header_block(original).decode("ascii", "replace").replace("\ufffd", "?"))
     outer.attach(headers)
-    return outer.as_bytes(policy=SMTP_POLICY), message_id
+    # To a sender whose address is not ASCII the report is itself an SMTPUTF8 message (its To
+    # header cannot be written otherwise); the delivery-status part stays ASCII either way.
+    return outer.as_bytes(policy=SMTP_POLICY if recipient.isascii() else SMTPUTF8_POLICY), message_id
+
+
+def typed_address(address: str) -> str:
+    """A recipient field of the report: ``rfc822; a@b``, or for an address that is not ASCII
+    RFC 6533's ``utf-8;`` type in its 7-bit form (``j\\x{FC}rgen@...``; ``+``, ``=`` and ``\\``
+    escaped alike), which message/delivery-status requires."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return "utf-8; " + "".join(ch if "!" <= ch <= "~" and ch not in "+=\\" else f"\\x{{{ord(ch):02X}}}"
+                               for ch in address)

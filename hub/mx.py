@@ -18,6 +18,7 @@ import dns.exception
 import dns.name
 import dns.resolver
 
+from mailyard.addresses import a_label
 from mailyard.errors import PermanentDeliveryError, TransientDeliveryError
 
 NXDOMAIN = (554, "5.4.4", "SMTPSEND.DNS.NonExistentDomain; nonexistent domain")
@@ -126,6 +127,7 @@ def addresses(resolver: dns.resolver.Resolver, host: str) -> list[str]:
 
 def resolve(resolver: dns.resolver.Resolver, domain: str) -> list[Target]:
     """The addresses to try for ``domain``, in order. Raises Permanent/TransientDeliveryError."""
+    domain = a_label(domain)  # DNS knows an IDN by its A-labels
     targets: list[Target] = []
     transient: TransientDeliveryError | None = None
     exchanges = _exchanges(resolver, domain)

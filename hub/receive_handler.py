@@ -19,9 +19,9 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
-from mailyard import headers
+from mailyard import headers, mime
+from mailyard.hub import encoding, replies
 from mailyard.hub import receive_policy as policy
-from mailyard.hub import replies
 from mailyard.hub.intake import accept
 from mailyard.hub.receive_policy import Identity
 from mailyard.hub.receive_protocol import ReceiveContext, ReceiveProtocol, aiosmtpd_members
@@ -79,6 +79,8 @@ class ReceiveHandler:
             sender = policy.mail_from(state.connector, identity, address, self.ctx.directory())
         except policy.Refused as refused:
             return refused.reply
+        if refusal := encoding.envelope_refusal(address, envelope.smtp_utf8):
+            return refusal
         if refusal := policy.pressure_refusal(self.ctx.level, policy.is_internal(identity)):
             return refusal
         server.data_size_limit = policy.size_limit(state.connector, identity)
@@ -95,6 +97,8 @@ class ReceiveHandler:
                                   taken=len(envelope.rcpt_tos))
         except policy.Refused as refused:
             return refused.reply
+        if refusal := encoding.envelope_refusal(address, envelope.smtp_utf8):
+            return refusal
         if rcpt not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(rcpt)
             envelope.rcpt_options.extend(rcpt_options)
@@ -117,6 +121,11 @@ class ReceiveHandler:
             return replies.SEND_AS_DENIED
         origin = policy.relay_origin(identity, head.get(ORIGIN_HEADER))
         raw = headers.strip(raw, *ORG_HEADERS)
+        size = len(raw)
+        taken = mime.intake(raw)  # once, on the way in: CRLF line ends, no line too long for SMTP
+        if isinstance(taken, mime.LongHeaderLine):
+            return replies.header_refused(taken)
+        raw = taken
         now_s = time.time()
         now = int(now_s * 1000)
         settings = directory.org.transport
@@ -124,6 +133,7 @@ class ReceiveHandler:
             id=new_message_id(), sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             received=now, expires=now + int(settings.message_expiration_timeout * 1000),
             source="SMTP", origin=origin, site=self.ctx.site, hub=self.ctx.hub, client=state.client_ip,
+            smtputf8=envelope.smtp_utf8,
         )
         message_id = str(head.get("Message-ID", "")).strip()
         extra = []
@@ -133,15 +143,16 @@ class ReceiveHandler:
         if head.get("Date") is None:  # RFC 5322 requires one; Exchange adds it
             extra.append(f"Date: {formatdate(now_s, localtime=False)}")
         msg.message_id = message_id
-        msg.subject = str(head.get("Subject", ""))[:500]
-        with_ = "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
+        msg.subject = headers.text(head, "Subject")[:500]
+        with_ = ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") + ("S" if session.ssl else "") + (
+            "A" if session.authenticated else "")  # RFC 3848, RFC 6531 4.3
         helo = policy.received_name(session.host_name)
         received = (f"Received: from {helo} ([{state.client_ip}]) by {self.ctx.fqdn} (Mailyard) with {with_}"
                     f" id {msg.id}; {formatdate(now_s, localtime=False)}")
         body = headers.prepend(raw, received, *extra)
         # The size as received, which the limits apply to (Exchange's OriginalSize): our own trace
         # headers must not turn a message accepted at exactly the limit into a 5.3.4 bounce.
-        msg.size = len(raw)
+        msg.size = size
         dedup = f"{origin}:{','.join(sorted(envelope.rcpt_tos))}" if origin else None
         try:
             (item_id,) = await item_ids.take_async(self.ctx.r, 1)

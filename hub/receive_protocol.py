@@ -357,7 +357,7 @@ class ReceiveProtocol(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            data = await read_data(self._reader, size_limit=self.data_size_limit, line_limit=self.line_length_limit)
+            data = await read_data(self._reader, size_limit=self.data_size_limit)
         except asyncio.CancelledError:  # the connection was lost during DATA
             self._writer.close()
             raise

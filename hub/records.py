@@ -19,6 +19,8 @@ Message fields (``my:msg:<id>``, a hash; empty values are not stored)
   site, hub     where it was accepted
   client        the mailbox server or SMTP client it came from
   dsn           "" for ordinary mail; "ndr" or "delay" for reports Mailyard generated
+  smtputf8      "1": an SMTPUTF8 message (RFC 6531: MAIL FROM had the parameter, or a
+                mailbox submitted it with non-ASCII addresses or header text)
   refs          how many items hold the message (integer)
   delay_dsn_sent  ms when its delay DSN was queued (at most one per message)
 
@@ -145,10 +147,14 @@ class Message:
     hub: str = ""
     dsn: str = ""  # "" for ordinary mail; "ndr" or "delay" for notifications we generated
     client: str = ""
+    smtputf8: bool = False
 
     def fields(self) -> dict[str, str | int]:
         """What is stored in ``my:msg:<id>`` (empty fields left out: they read back as empty)."""
-        return {k: v for k, v in self.__dict__.items() if k != "id" and v not in ("", 0)}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("id", "smtputf8") and v not in ("", 0)}
+        if self.smtputf8:
+            out["smtputf8"] = "1"
+        return out
 
     @property
     def wants_report(self) -> bool:
@@ -172,6 +178,7 @@ class Message:
             hub=d.get("hub", ""),
             dsn=d.get("dsn", ""),
             client=d.get("client", ""),
+            smtputf8=d.get("smtputf8") == "1",
         )
 
 

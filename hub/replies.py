@@ -18,7 +18,7 @@ INVALID_RECIPIENT = "501 5.1.3 Invalid address"
 INVALID_SENDER = "501 5.1.7 Invalid address"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-LINE_TOO_LONG = "500 5.5.2 Line too long"
+NEED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"  # RFC 6531 3.4 (Postfix's text)
 HOP_COUNT = "554 5.4.6 Hop count exceeded - possible mail loop"
 NO_RESOURCES = "452 4.3.1 Insufficient system resources"
 STORAGE_FAILED = "451 4.3.0 Temporary storage failure; try again later"
@@ -35,6 +35,11 @@ LOGON_UNAVAILABLE = "454 4.7.0 Temporary authentication failure"  # RFC 4954: th
 AUTH_REQUIRED = "550 5.7.1 RESOLVER.RST.AuthRequired; authentication required"  # a group's, for anonymous senders
 INACTIVITY_TIMEOUT = "451 4.7.0 Timeout waiting for client input"  # ConnectionInactivityTimeout
 CONNECTION_TIMEOUT = "421 4.4.2 Connection timed out, closing transmission channel"  # ConnectionTimeout
+
+
+def header_refused(problem: object) -> str:
+    """DATA: a message whose header cannot cross SMTP (``mailyard.mime.LongHeaderLine``)."""
+    return f"554 5.6.0 Message refused: {problem}"
 
 
 def queued(message_id: str, internal_id: str, hub: str) -> str:

@@ -31,7 +31,7 @@ import aiosmtplib
 
 from mailyard import headers, pki, redisconn, registry
 from mailyard.errors import DeliveryError, PermanentDeliveryError, SiteError, TransientDeliveryError
-from mailyard.hub import mx
+from mailyard.hub import encoding, mx
 from mailyard.hub.node import Node
 from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
 from mailyard.hub.records import DeliveryType, Item
@@ -74,6 +74,7 @@ class Job:
     sender: str
     recipients: list[str]
     body: bytes
+    smtputf8: bool = False  # sent with SMTPUTF8 (records.Message.smtputf8)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
 
 
@@ -305,7 +306,7 @@ async def transfer(dest: Destination, jobs: list[Job], *, helo: str, timeout: fl
                 last_error = f"{target.host} [{target.address}]: {_describe(exc)}"
                 log.info("cannot deliver to %s: %s", target.host, last_error)
                 continue
-        healthy = await _send_jobs(smtp, jobs, timeout)
+        healthy = await _send_jobs(smtp, jobs, timeout, target.host)
         if cache is not None and healthy:
             cache.give_back(key, smtp, sent + len(jobs))
         else:
@@ -323,8 +324,9 @@ async def transfer(dest: Destination, jobs: list[Job], *, helo: str, timeout: fl
     )
 
 
-async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float) -> bool:
-    """MAIL/RCPT/DATA per job on an open connection; False if the connection was lost. A lost
+async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float, host: str) -> bool:
+    """MAIL/RCPT/DATA per job on an open connection to ``host``, each as the peer's extensions
+    allow (``encoding.plan``: SMTPUTF8, 8BITMIME); False if the connection was lost. A lost
     connection leaves the jobs not yet answered without outcome (they are retried)."""
     open_transaction = False  # RSET only after a transaction that did not end with DATA's reply
     for job in jobs:
@@ -332,25 +334,29 @@ async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float) -> 
             if open_transaction:
                 await smtp.rset()
                 open_transaction = False
-            options = [f"SIZE={len(job.body)}"] if smtp.supports_extension("size") else []
+            how = encoding.plan(job.sender, job.recipients, job.body, smtputf8=job.smtputf8,
+                                offers=smtp.supports_extension, host=host)
+            job.outcomes.update(how.refused)
+            if not how.recipients:
+                continue
             try:
-                await smtp.mail(job.sender, options=options)
+                await smtp.mail(how.sender, options=how.options, encoding=how.encoding)
             except aiosmtplib.SMTPResponseException as exc:
-                for rcpt in job.recipients:
+                for rcpt in how.recipients:
                     job.outcomes[rcpt] = Outcome(exc.code, _status(exc), exc.message)
                 continue
             open_transaction = True
             accepted = []
-            for rcpt in job.recipients:
+            for rcpt, sent_as in how.recipients.items():
                 try:
-                    await smtp.rcpt(rcpt)
+                    await smtp.rcpt(sent_as, encoding=how.encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPResponseException as exc:
                     job.outcomes[rcpt] = Outcome(exc.code, _status(exc), exc.message)
             if not accepted:
                 continue
             try:
-                response = await smtp.data(job.body, timeout=timeout)
+                response = await smtp.data(how.body, timeout=timeout)
                 outcome = Outcome(response.code, _status_of(response.message, response.code), response.message)
                 open_transaction = False
             except aiosmtplib.SMTPResponseException as exc:
@@ -431,7 +437,7 @@ def deliver(node: Node, batch: Batch) -> None:
         body = bodies[item.msg]
         if dest.org_origin:
             body = headers.prepend(body, f"{ORIGIN_HEADER}: {msg.id}")
-        jobs.append(Job(item, msg.sender, [r.address for r in item.recipients], body))
+        jobs.append(Job(item, msg.sender, [r.address for r in item.recipients], body, msg.smtputf8))
     node.crash_point("send.before_connect")
     try:
         cache = connection_cache()

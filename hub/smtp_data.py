@@ -5,7 +5,10 @@ aiosmtpd reads DATA one line at a time, an await and a buffer copy per line (abo
 checks whether a CRLF came before it, so a message costs a few awaits. The meaning is the
 same: lines end in CRLF only, so a bare LF never ends a line and ``<LF>.<LF>`` or
 ``<LF>.<CRLF>`` cannot end (or split) a message; a leading dot is removed from each line; a
-message too large or with a line too long is read to its end and then refused.
+message too large is read to its end and then refused. Line ends and line lengths are the
+intake's business (``mailyard.mime.intake``): a bare LF is normalized there, in a message
+already read, and a line over 998 octets re-encoded; the session closes on a line of more
+than 64 KB (``receive_protocol.MAX_UNBROKEN_LINE``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class Data:
     error: str | None = None  # the reply when refused
 
 
-async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None, line_limit: int) -> Data:
+async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None) -> Data:
     """Read up to and including the terminating ``<CRLF>.<CRLF>`` (the CRLF that ends the
     DATA command counts as the first one, so an empty message is just ``.<CRLF>``)."""
     buffer = bytearray(b"\r\n")
@@ -48,6 +51,4 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None, lin
     if too_much or (size_limit and received - 3 > size_limit):
         return Data(None, replies.TOO_BIG)
     raw = bytes(buffer[:-3])  # the leading CRLF, the message, without the final ".\r\n"
-    if max(map(len, raw.split(b"\r\n"))) + 2 > line_limit:
-        return Data(None, replies.LINE_TOO_LONG)
     return Data(raw.replace(b"\r\n.", b"\r\n")[2:])

@@ -13,9 +13,9 @@ server stores each message once per mailbox, however often it is retried.
 from __future__ import annotations
 
 import logging
-from email.utils import formatdate, getaddresses
+from email.utils import formatdate
 
-from mailyard import headers, keys
+from mailyard import headers, keys, mime
 from mailyard.errors import DeliveryError, TransientDeliveryError
 from mailyard.hub.intake import accept
 from mailyard.hub.node import Node
@@ -53,10 +53,20 @@ def pickup(node: Node, server: str, mailbox: str, item: str) -> str | None:
 
 def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
     settings = node.settings
+    size = len(raw)  # as submitted: the limits apply to that (Exchange's OriginalSize)
+    taken = mime.intake(raw)  # once, on the way in: CRLF, and no line too long for SMTP
+    if isinstance(taken, mime.LongHeaderLine):  # the mailbox API refuses these; pass it on as it is
+        log.warning("%s: %s", ref, taken)
+    else:
+        raw = taken
     head = headers.parse(raw)
     recipients: list[str] = []
     for field in ("To", "Cc", "Bcc"):
-        for _, addr in getaddresses([str(v) for v in head.get_all(field, [])]):
+        try:
+            found = headers.addresses(head, field)
+        except ValueError:
+            continue  # the mailbox server checked them
+        for _, addr in found:
             try:
                 address = normalize_address(addr)
             except ValueError:
@@ -68,7 +78,7 @@ def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
         id=new_message_id(),
         sender=mailbox,
         message_id=str(head.get("Message-ID", "")).strip(),
-        subject=str(head.get("Subject", ""))[:500],
+        subject=headers.text(head, "Subject")[:500],
         received=now,
         expires=now + int(settings.message_expiration_timeout * 1000),
         source="STOREDRIVER",
@@ -76,13 +86,14 @@ def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
         site=node.site,
         hub=node.name,
         client=server,
+        smtputf8=mime.utf8_message(mailbox, recipients, raw),
     )
     body = headers.prepend(
         headers.strip(raw, "Bcc"),
         f"Received: from {server} by {node.fqdn} (Mailyard hub) with MAPI id {msg.id};"
         f" {formatdate(localtime=False)}",
     )
-    msg.size = len(raw)  # the size as submitted: the limits apply to that (Exchange's OriginalSize)
+    msg.size = size
     queues = node.queues
     change = accept(
         queues.change(), msg, body, recipients, item_id=queues.new_item_ids(1)[0], settings=settings, now=now,

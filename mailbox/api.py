@@ -34,6 +34,7 @@ from collections.abc import Callable
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.policy import SMTP as SMTP_POLICY
+from email.policy import SMTPUTF8 as SMTPUTF8_POLICY
 from email.utils import formatdate, make_msgid
 from typing import Any
 
@@ -43,7 +44,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailyard import headers as mail_headers
-from mailyard import passwords, pki
+from mailyard import mime, passwords, pki
+from mailyard.addresses import canonical
 from mailyard.directory import Directory, Principal
 from mailyard.errors import NotFoundError
 from mailyard.mailbox.store import MailboxStore, folder_name
@@ -363,6 +365,7 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
     if unknown:
         raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
     msg = EmailMessage()
+    ascii_only = owner.isascii()
     try:
         msg["From"] = owner
         for field in ("to", "cc", "bcc"):
@@ -373,6 +376,7 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
                 raise ApiError(400, f"{field}: expected a list of addresses")
             if value:
                 msg[field.capitalize()] = ", ".join(value)
+                ascii_only = ascii_only and all(v.isascii() for v in value)
         subject, text = data.get("subject", ""), data.get("body", "")
         if not isinstance(subject, str) or not isinstance(text, str):
             raise ApiError(400, "subject and body must be strings")
@@ -383,7 +387,9 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
                 raise ApiError(400, "message_id: expected <unique@domain>")
             msg["Message-ID"] = message_id
         msg.set_content(text)
-        return msg.as_bytes(policy=SMTP_POLICY)
+        # An address that is not ASCII cannot be an encoded word (RFC 2047 5): such a message is
+        # an SMTPUTF8 one, with UTF-8 headers (RFC 6532)
+        return msg.as_bytes(policy=SMTP_POLICY if ascii_only else SMTPUTF8_POLICY)
     except ApiError:
         raise
     except Exception as exc:  # the email package refuses a value (a line break in a header, a lone
@@ -426,12 +432,14 @@ def prepare_outgoing(raw: bytes, owner: str, directory: Directory,
     if headers.defects and not headers.keys():
         raise ApiError(400, "the message has no headers")
     own = directory.addresses_of(owner)
-    senders = [a.lower() for _, a in _addresses(headers, "From")]
+    if problem := mime.long_header_line(mime.normalize_line_ends(raw)):  # the rule of SMTP's DATA
+        raise ApiError(400, f"{problem}: fold it (RFC 5322 2.2.3)")
+    senders = [canonical(a) for _, a in _addresses(headers, "From")]
     for address in senders:
         if address not in own:
             raise ApiError(403, f"{who} may not send as {address or '(an empty From)'} from the mailbox {owner}")
     on_behalf = who.name != owner and not directory.may(who, "SendAs", owner)
-    sender_field = [a.lower() for _, a in _addresses(headers, "Sender")]
+    sender_field = [canonical(a) for _, a in _addresses(headers, "Sender")]
     if on_behalf and sender_field and sender_field != [who.name]:
         raise ApiError(403, f"{who} sends on behalf of {owner}: Sender must be {who.name}")
     if len(senders) > 1 and not sender_field and not on_behalf:

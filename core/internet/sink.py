@@ -17,7 +17,9 @@ Behaviour, all changeable while the sink runs:
   before the greeting, hold the greeting until released, drop the connection or stall after
   the final dot), optionally for
   the next N connections or messages only;
-- STARTTLS with a given server ``ssl.SSLContext``, AUTH PLAIN/LOGIN with given credentials.
+- STARTTLS with a given server ``ssl.SSLContext``, AUTH PLAIN/LOGIN with given credentials;
+  SMTPUTF8 and 8BITMIME offered or not (a peer of an older kind: ``smtputf8=False``,
+  ``eightbitmime=False``), the MAIL FROM parameters kept with each message (``mail_options``).
 
 Counters (:meth:`Sink.stats`): connections, MAIL FROM commands per connection, messages
 stored, and the reply given to every RCPT.
@@ -61,7 +63,7 @@ NO_SUCH_USER = "550 5.1.1 User unknown"
 SERVICE_NOT_AVAILABLE = "421 4.3.2 Service not available, closing transmission channel"
 
 _REPLY = re.compile(r"^[245]\d\d( .*)?$")
-_DOMAIN = re.compile(r"^[a-z0-9\[][a-z0-9.\-:\[\]_]*$")  # a host name or address literal, no "/"
+_DOMAIN = re.compile(r"^[\w\[][\w.\-:\[\]]*$")  # a host name (an IDN too) or address literal, no "/"
 _NO_DOMAIN = "_nodomain"  # the folder for a bare recipient such as <postmaster>
 _sequence = itertools.count()
 
@@ -140,7 +142,8 @@ class Sink(Service):
                  mode: Mode | str = Mode.ACCEPT, tls_context: ssl.SSLContext | None = None,
                  require_starttls: bool = False, credentials: Mapping[str, str] | None = None,
                  auth_required: bool | None = None, auth_require_tls: bool | None = None,
-                 data_size_limit: int = 64 * 1024 * 1024) -> None:
+                 data_size_limit: int = 64 * 1024 * 1024, smtputf8: bool = True,
+                 eightbitmime: bool = True) -> None:
         super().__init__()
         self.folder = Path(folder)
         self.host = host
@@ -152,6 +155,8 @@ class Sink(Service):
         self.auth_required = bool(self.credentials) if auth_required is None else auth_required
         self.auth_require_tls = (tls_context is not None) if auth_require_tls is None else auth_require_tls
         self.data_size_limit = data_size_limit
+        self.smtputf8 = smtputf8
+        self.eightbitmime = eightbitmime
         self._lock = threading.Lock()
         self._rules: tuple[Rule, ...] = tuple(rules)
         self._rule_hits: dict[tuple[int, str], int] = {}
@@ -343,7 +348,7 @@ class Sink(Service):
             tls_context=self.tls_context, require_starttls=self.require_starttls,
             auth_require_tls=self.auth_require_tls,  # auth_required: see handle_MAIL
             authenticator=self._authenticate if self.credentials else None,
-            data_size_limit=self.data_size_limit, loop=loop,
+            data_size_limit=self.data_size_limit, enable_SMTPUTF8=self.smtputf8, loop=loop,
         )
 
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
@@ -373,6 +378,7 @@ class Sink(Service):
                 "peer": list(session.peer) if session.peer else None, "received_at": received_at,
                 "connection": connection, "transaction": transaction, "tls": session.ssl is not None,
                 "auth_user": session.auth_data if session.authenticated else None, "size": len(content),
+                "mail_options": envelope.mail_options,
             }
             _write(folder / f"{name}.json", json.dumps(meta, indent=1).encode())
             _write(folder / f"{name}.eml", content)
@@ -401,6 +407,8 @@ class _Handler:
         session.host_name = hostname
         if not self.sink.credentials:  # aiosmtpd offers AUTH even with nobody to log in
             responses = [r for r in responses if not r.startswith("250-AUTH")]
+        if not self.sink.eightbitmime:
+            responses = [r for r in responses if r != "250-8BITMIME"]
         return responses
 
     async def handle_MAIL(self, server: _SinkSMTP, session: Session, envelope: Envelope, address: str,
@@ -492,8 +500,8 @@ def list_messages(folder: Path | str, domain: str) -> list[dict[str, Any]]:
 
     Each item: ``from`` (an address), ``to``, ``cc`` (lists of addresses), ``subject``,
     ``message_id``, ``date`` (headers, decoded), ``envelope_from``, ``envelope_to`` (this
-    domain's recipients), ``peer``, ``received_at``, ``tls``, ``auth_user``, ``size`` and
-    ``file`` (the .eml's path).
+    domain's recipients), ``peer``, ``received_at``, ``tls``, ``auth_user``, ``size``,
+    ``mail_options`` (MAIL FROM's parameters) and ``file`` (the .eml's path).
     """
     directory = Path(folder) / (domain.strip().rstrip(".").lower() or _NO_DOMAIN)
     if not directory.is_dir():
@@ -514,6 +522,7 @@ def list_messages(folder: Path | str, domain: str) -> list[dict[str, Any]]:
             "envelope_from": meta.get("mail_from"), "envelope_to": meta.get("rcpt_to", []),
             "peer": meta.get("peer"), "received_at": meta.get("received_at"), "tls": meta.get("tls"),
             "auth_user": meta.get("auth_user"), "size": meta.get("size"), "file": str(eml),
+            "mail_options": meta.get("mail_options", []),
         })
     return items
 

@@ -2,7 +2,9 @@
 
 Hypothesis draws SMTP sessions: valid commands and transactions, commands out of order,
 malformed and overlong lines (over 1000 bytes and over 64 KB), NUL and 8-bit bytes, invalid
-UTF-8 with and without SMTPUTF8, invalid addresses and relay tricks, pipelined garbage, AUTH
+UTF-8 with and without SMTPUTF8, UTF-8 addresses (RFC 6531: a mailbox's alias in several
+spellings, an IDN domain as U-labels and A-labels, look-alike tricks), invalid addresses and
+relay tricks, pipelined garbage, AUTH
 garbage (bad base64, unknown mechanisms, aborted exchanges), STARTTLS followed by a real
 handshake or by garbage, and huge headers. Each session is played against ``Default``
 (127.0.0.1: no anonymous submission) or ``Internet`` (127.0.0.2: anonymous, mail for existing
@@ -13,6 +15,7 @@ in DATA), so it knows which reply answers which line, and checks:
 
 - every reply line is ``ddd<SP or ->text`` with printable ASCII text, and every 4xx/5xx
   reply carries an enhanced status code of its own class;
+- no 250 to MAIL or RCPT with a non-ASCII address unless MAIL FROM carried SMTPUTF8;
 - every line gets its reply, or the connection is closed, within 10 seconds (never a hang);
 - no envelope that must be refused gets through: no 250 to MAIL for an anonymous client on
   Default, no 250 to RCPT for an address that is not an existing contoso.com recipient, no
@@ -43,7 +46,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailyard import tracking
+from mailyard.addresses import canonical
 from mailyard.hub.receive_protocol import MAX_UNBROKEN_LINE
+from mailyard.org import Organization
 from mailyard.testing.cluster import Cluster
 from tests.conftest import make_org
 from tests.hostile.helpers import (
@@ -58,7 +63,17 @@ from tests.hostile.helpers import (
     running_site,
 )
 
-ORG = make_org()
+
+def fuzz_org() -> Organization:
+    """The demo organization, where bob also has internationalized aliases (RFC 6531)."""
+    data = make_org().model_dump(mode="json")
+    data["accepted_domains"].append("bücher.example")
+    bob = next(m for m in data["mailboxes"] if m["address"] == "bob@contoso.com")
+    bob["aliases"] = [*bob["aliases"], "bøb@contoso.com", "bob@bücher.example"]
+    return Organization.model_validate(data)
+
+
+ORG = fuzz_org()
 # Everything that exists in the accepted domain: what an anonymous Internet client may send to.
 VALID_RECIPIENTS = frozenset(
     [m.address for m in ORG.mailboxes] + [a for m in ORG.mailboxes for a in m.aliases]
@@ -91,6 +106,11 @@ ADDRESSES = [
     # 8-bit: UTF-8 and invalid UTF-8
     b"b\xc3\xb6b@contoso.com", b"bob@c\xc3\xb6ntoso.com", b"\xff\xfe@contoso.com", b"bob@contoso.com\xc0\xaf",
     b"\xe2\x80\xaebob@contoso.com",
+    # internationalized (RFC 6531): bob's aliases in several spellings, relay, look-alikes, bad UTF-8
+    b"b\xc3\xb8b@contoso.com", b"B\xc3\x98B@Contoso.com", b"bob@b\xc3\xbccher.example", b"BOB@xn--bcher-kva.example",
+    b"bob@bu\xcc\x88cher.example", b"j\xc3\xb6rg@fabrikam.example", b"bob@m\xc3\xbcnchen.example",
+    b"b\xc3\xb8b@contoso.com\xe2\x80\x8b", b"b\xe2\x80\x8d\xc3\xb8b@contoso.com", b"b\xc3\xb8b\xff@contoso.com",
+    b"bob@xn--zz.example", b"\xe7\x94\xa8\xe6\x88\xb7@\xe4\xbe\x8b\xe5\xad\x90.\xe5\xb9\xbf\xe5\x91\x8a",
 ]
 address = st.one_of(st.sampled_from(ADDRESSES), st.binary(max_size=24))
 mail_params = st.sampled_from([
@@ -110,12 +130,14 @@ def envelope(verbs: list[bytes], keyword: bytes) -> st.SearchStrategy[bytes]:
 mail = st.one_of(
     envelope([b"MAIL", b"mail", b"MaIl"], b"FROM:"),
     st.sampled_from([b"MAIL FROM:<sender@fabrikam.example>\r\n", b"MAIL FROM:<>\r\n", b"MAIL FROM:<alice@contoso.com>\r\n",
-                     b"MAIL FROM:<a.anders@contoso.com> BODY=8BITMIME\r\n", b"MAIL FROM:<s@fabrikam.example> SMTPUTF8\r\n"]),
+                     b"MAIL FROM:<a.anders@contoso.com> BODY=8BITMIME\r\n", b"MAIL FROM:<s@fabrikam.example> SMTPUTF8\r\n",
+                     b"MAIL FROM:<j\xc3\xb6rg@fabrikam.example> SMTPUTF8\r\n", b"MAIL FROM:<j\xc3\xb6rg@fabrikam.example>\r\n"]),
 )
 rcpt = st.one_of(
     envelope([b"RCPT", b"rcpt"], b"TO:"),
     st.sampled_from([b"RCPT TO:<bob@contoso.com>\r\n", b"RCPT TO:<friend@fabrikam.example>\r\n",
-                     b"RCPT TO:<a.anders@contoso.com>\r\n", b"RCPT TO:<nobody@contoso.com>\r\n"]),
+                     b"RCPT TO:<a.anders@contoso.com>\r\n", b"RCPT TO:<nobody@contoso.com>\r\n",
+                     b"RCPT TO:<b\xc3\xb8b@contoso.com>\r\n", b"RCPT TO:<bob@xn--bcher-kva.example>\r\n"]),
 )
 SIMPLE = [
     b"EHLO client.example\r\n", b"HELO client.example\r\n", b"EHLO\r\n", b"EHLO \xff\xfe\r\n", b"ehlo x\n",
@@ -234,6 +256,18 @@ class Closed(Exception):
 
 def envelope_address(arg: bytes, keyword: str) -> str | None:
     """The address of a MAIL/RCPT argument, parsed as the server (aiosmtpd) parses it."""
+    parsed = parse_envelope(arg, keyword)
+    return parsed[0] if parsed else None
+
+
+def smtputf8_requested(arg: bytes) -> bool:
+    """Whether MAIL FROM's parameters hold SMTPUTF8 (as aiosmtpd reads them: upper-cased, no value)."""
+    parsed = parse_envelope(arg, "FROM:")
+    return parsed is not None and "SMTPUTF8" in parsed[1].upper().split()
+
+
+def parse_envelope(arg: bytes, keyword: str) -> tuple[str, str] | None:
+    """(address, parameters) of a MAIL/RCPT argument."""
     text = arg.decode("utf-8", "surrogateescape")
     if text[: len(keyword)].upper() != keyword:
         return None
@@ -241,10 +275,10 @@ def envelope_address(arg: bytes, keyword: str) -> str | None:
     if not text:
         return None
     try:
-        addr, _ = (get_angle_addr if text.lstrip().startswith("<") else get_addr_spec)(text)
+        addr, rest = (get_angle_addr if text.lstrip().startswith("<") else get_addr_spec)(text)
     except HeaderParseError:
         return None
-    return addr.addr_spec
+    return addr.addr_spec, rest
 
 
 @dataclass
@@ -252,6 +286,7 @@ class Model:
     connector: str
     authenticated: bool = False
     sender: str | None = None
+    smtputf8: bool = False  # MAIL FROM carried SMTPUTF8
     recipients: list[str] = field(default_factory=list)
     auth_pending: bool = False  # the last reply was 334: the next line answers the challenge
     in_data: bool = False
@@ -263,7 +298,7 @@ class Model:
     codes: Counter = field(default_factory=Counter)  # (command, reply code) seen
 
     def reset(self) -> None:
-        self.sender, self.recipients = None, []
+        self.sender, self.recipients, self.smtputf8 = None, [], False
 
     def trips_guard(self, blob: bytes) -> bool:
         run, longest = self.unbroken, 0
@@ -298,15 +333,18 @@ class Model:
         elif verb == b"MAIL" and reply.code == 250:
             sender = envelope_address(arg, "FROM:")
             assert sender is not None and self.sender is None, context
+            self.smtputf8 = smtputf8_requested(arg)
+            assert sender.isascii() or self.smtputf8, f"a UTF-8 sender without SMTPUTF8: {context}"
             if self.connector == "Default":
                 assert self.authenticated, f"anonymous MAIL accepted on Default: {context}"
-                assert sender == "<>" or sender.strip().lower() in ALICE, f"sent as someone else: {context}"
+                assert sender == "<>" or canonical(sender) in ALICE, f"sent as someone else: {context}"
             self.sender = sender
         elif verb == b"RCPT" and reply.code == 250:
             recipient = envelope_address(arg, "TO:")
             assert recipient is not None and self.sender is not None, context
+            assert recipient.isascii() or self.smtputf8, f"a UTF-8 recipient without SMTPUTF8: {context}"
             if not self.authenticated:
-                assert recipient.strip().lower() in VALID_RECIPIENTS, f"relay or unknown recipient accepted: {context}"
+                assert canonical(recipient) in VALID_RECIPIENTS, f"relay or unknown recipient accepted: {context}"
             self.recipients.append(recipient)
         elif reply.code == 250 and verb in (b"MAIL", b"RCPT", b"DATA"):
             raise AssertionError(f"unexpected 250: {context}")
