@@ -112,8 +112,8 @@ def needs_smtputf8(address: str) -> bool:
 
 def canonical(address: str) -> str:
     """``normalize_address`` for a lookup: the address as given (lower-cased) if it is invalid."""
-    lowered = address.strip().lower()
-    if lowered.isascii() and "xn--" not in lowered:
+    lowered = address.lower()  # (not stripped: "alice@contoso.com " names no one)
+    if (lowered.isascii() and "xn--" not in lowered) or lowered != lowered.strip():
         return lowered
     try:
         return normalize_address(lowered)

@@ -20,9 +20,13 @@ Nodes
                                       re-routed for (the sweeper re-routes after a change)
 
 Mail submission service (mailbox server -> hub)
-  my:submit:pending:<server>  ZSET    "<server>/<mailbox>/<item>" -> ack deadline, ms
+  my:submit:pending:<server>  ZSET    "<server>/<mailbox>/<item>" -> ack deadline, ms: every Outbox
+                                      item of the server that no hub acknowledged yet
+  my:submit:kick:<server>     STRING  the hub last told that the server's Outbox has mail, until its
+                                      pickup begins (PX): no second kick while one is pending
   my:submit:<server>/<mailbox>/<item>
-                              HASH    hub last notified, notifications sent, first notified
+                              HASH    where versions before December 2026 counted notifications of
+                                      one item; no longer written, each expires within 30 days
 
 Messages and queue items
   my:seq:item                 STRING  counter; queue item ids (Exchange-style integers)
@@ -130,6 +134,10 @@ def submit_pending(server: str) -> str:
 
 def submit(ref: str) -> str:
     return f"{P}submit:{ref}"
+
+
+def submit_kick(server: str) -> str:
+    return f"{P}submit:kick:{server}"
 
 
 def legacy_pickup(ref: str) -> str:

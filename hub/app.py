@@ -29,9 +29,10 @@ def create(name: str, site: str, redis_url: str, *, data_dir: Path | None = None
     node = Node(name=name, site=site, redis_url=redis_url, app=app, data_dir=data_dir)
 
     @app.task(name=TASK_PICKUP)
-    def pickup(server: str, mailbox: str, item: str) -> None:
+    def pickup(server: str, *_: str) -> None:
+        # (versions before December 2026 named one Outbox item too: it goes with the batch)
         node.fresh()
-        store_driver.pickup(node, server, mailbox, item)
+        store_driver.pickup(node, server)
 
     @app.task(name=TASK_DRAIN)
     def drain(queue: str) -> None:

@@ -10,7 +10,7 @@ import httpx
 import redis
 
 from mailyard import pki, registry
-from mailyard.errors import NotFoundError, PermanentDeliveryError, SiteError, TransientDeliveryError, smtp_reply
+from mailyard.errors import NotFoundError, SiteError, TransientDeliveryError, smtp_reply
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
@@ -28,6 +28,15 @@ class MailboxResult:
     @property
     def reply(self) -> str:
         return smtp_reply(self.code, self.status, self.text)
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A message waiting in an Outbox, as a hub takes it."""
+
+    mailbox: str
+    id: str
+    raw: bytes
 
 
 class MailboxClient:
@@ -80,17 +89,22 @@ class MailboxClient:
             )
         return response
 
-    def fetch_outbox(self, server: str, mailbox: str, item: str) -> bytes | None:
-        response = self._request(server, "GET", f"/hub/outbox/{mailbox}/{item}")
-        if response.status_code == 404:
-            return None
+    def take_outbox(self, server: str, limit: int) -> list[OutboxItem]:
+        """Up to ``limit`` waiting Outbox items of ``server``, oldest first, held for this hub
+        (a lease) until it acknowledges them or the lease ends."""
+        response = self._request(server, "POST", "/hub/outbox/take", json={"limit": limit})
         if response.status_code != 200:
-            raise PermanentDeliveryError(550, "5.2.1", _error_text(response))
-        return response.content
+            raise TransientDeliveryError(451, "4.4.2", f"STOREDRV: {server} gave no Outbox items: "
+                                                       f"{_error_text(response)}")
+        return [OutboxItem(i["mailbox"], i["id"], base64.b64decode(i["raw"])) for i in response.json()["items"]]
 
-    def ack_outbox(self, server: str, mailbox: str, item: str) -> bool:
-        response = self._request(server, "POST", f"/hub/outbox/{mailbox}/{item}/submitted")
-        return response.status_code == 200
+    def ack_outbox(self, server: str, items: list[tuple[str, str]]) -> None:
+        """The hub has these items (durably): the server moves them to Sent Items."""
+        payload = {"items": [{"mailbox": mailbox, "id": item} for mailbox, item in items]}
+        response = self._request(server, "POST", "/hub/outbox/submitted", json=payload)
+        if response.status_code != 200:
+            raise TransientDeliveryError(451, "4.4.2", f"STOREDRV: {server} took no acknowledgement: "
+                                                       f"{_error_text(response)}")
 
     def deliver(self, server: str, batch: list[tuple[str, list[str], bytes]]) -> list[MailboxResult]:
         payload = {

@@ -1,11 +1,13 @@
 """The store driver: pickup from mailbox servers' Outboxes, delivery to their Inboxes.
 
-Pickup (a hub was notified by the Mail Submission Service):
-  1. fetch the Outbox item over the mailbox server's API;
-  2. write the message into the Submission queue in one atomic step, recorded against the
-     Outbox item so a second pickup of the same item (a re-notification after a crash)
-     creates nothing;
-  3. only then acknowledge it, which moves the original to Sent Items.
+Pickup (the Mail Submission Service kicked this hub: the server's Outboxes hold mail):
+  1. take up to ``batch_size`` waiting items of the server in one API call (the server holds
+     them for this hub meanwhile, so that a hub kicked next takes others);
+  2. write them into the Submission queue in one Redis round trip, each message in one atomic
+     step recorded against its Outbox item, so that a second pickup of an item (after a crash,
+     or a lease that ran out) creates nothing;
+  3. only then acknowledge them in one call, which moves them to Sent Items;
+and again while batches come back full.
 Delivery (MapiDelivery, one queue per mailbox server): one API call per batch; the mailbox
 server stores each message once per mailbox, however often it is retried.
 """
@@ -13,46 +15,64 @@ server stores each message once per mailbox, however often it is retried.
 from __future__ import annotations
 
 import logging
+import time
 from email.utils import formatdate
 
 from mailyard import headers, keys, mime
 from mailyard.errors import DeliveryError, TransientDeliveryError
 from mailyard.hub.intake import accept
+from mailyard.hub.mailbox_client import OutboxItem
 from mailyard.hub.node import Node
 from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
+from mailyard.hub.queues import Change
 from mailyard.hub.records import Message, new_message_id
 from mailyard.org import normalize_address
 from mailyard.registry import now_ms
+from mailyard.submission.service import Notifier
 from mailyard.tracking import Event, Record
 
 log = logging.getLogger("mailyard.hub.store_driver")
 
+PICKUP_TIME = 10.0  # seconds one pickup task spends before it hands what is left to the next hub
 
-def pickup(node: Node, server: str, mailbox: str, item: str) -> str | None:
-    """Take one Outbox item into the Submission queue; returns its message id."""
-    ref = keys.outbox_ref(server, mailbox, item)
-    msg_id = node.queues.known(ref)
-    if msg_id is None:
+
+def pickup(node: Node, server: str) -> int:
+    """Take the waiting Outbox items of ``server`` into the Submission queue; how many."""
+    node.r.delete(keys.submit_kick(server))  # mail that comes from now on kicks again
+    limit = node.settings.batch_size
+    deadline = time.monotonic() + PICKUP_TIME
+    taken = 0
+    while True:
         try:
-            raw = node.mailboxes.fetch_outbox(server, mailbox, item)
+            items = node.mailboxes.take_outbox(server, limit)
         except DeliveryError as exc:
-            log.warning("pickup of %s failed: %s (the submission service will re-notify)", ref, exc)
-            return None
-        if raw is None:
-            # Gone from the Outbox: another hub took it and it is in Sent Items already.
-            node.r.zrem(keys.submit_pending(server), ref)
-            return None
-        msg_id = _submit(node, server, mailbox, ref, raw)
+            log.warning("pickup from %s failed: %s (the submission service will kick again)", server, exc)
+            return taken
+        if not items:
+            return taken
+        node.crash_point("pickup.taken")
+        ids = node.queues.new_item_ids(len(items))
+        node.queues.commit([_change(node, server, item, item_id) for item, item_id in zip(items, ids, strict=True)])
         node.crash_point("pickup.stored")
-    try:
-        node.mailboxes.ack_outbox(server, mailbox, item)
-    except DeliveryError as exc:
-        log.warning("could not acknowledge %s: %s (a re-notification will finish it)", ref, exc)
-    return msg_id
+        try:
+            node.mailboxes.ack_outbox(server, [(item.mailbox, item.id) for item in items])
+        except DeliveryError as exc:
+            log.warning("could not acknowledge %d item(s) of %s: %s (the next pickup finishes them)",
+                        len(items), server, exc)
+            return taken
+        taken += len(items)
+        if len(items) < limit:
+            return taken
+        if time.monotonic() > deadline:  # a backlog: share it with the site's other hubs
+            Notifier(node.r, node.app, node.orgs).kick(server, again=True)
+            return taken
 
 
-def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
+def _change(node: Node, server: str, item: OutboxItem, item_id: str) -> Change:
+    """The change that puts one Outbox item into the Submission queue (nothing, if it is there)."""
     settings = node.settings
+    mailbox, raw = item.mailbox, item.raw
+    ref = keys.outbox_ref(server, mailbox, item.id)
     size = len(raw)  # as submitted: the limits apply to that (Exchange's OriginalSize)
     taken = mime.intake(raw)  # once, on the way in: CRLF, and no line too long for SMTP
     if isinstance(taken, mime.LongHeaderLine):  # the mailbox API refuses these; pass it on as it is
@@ -94,19 +114,13 @@ def _submit(node: Node, server: str, mailbox: str, ref: str, raw: bytes) -> str:
         f" {formatdate(localtime=False)}",
     )
     msg.size = size
-    queues = node.queues
-    change = accept(
-        queues.change(), msg, body, recipients, item_id=queues.new_item_ids(1)[0], settings=settings, now=now,
-        dedup=ref,
+    return accept(
+        node.queues.change(), msg, body, recipients, item_id=item_id, settings=settings, now=now, dedup=ref,
         record=Record(Event.RECEIVE, source="STOREDRIVER", server=node.name, client=server,
                       message_id=msg.message_id, recipients=recipients, sender=mailbox,
                       subject=msg.subject, size=msg.size,
-                      context=f"Mailbox:{mailbox}, Item:{ref.rsplit('/', 1)[-1]}"),
+                      context=f"Mailbox:{mailbox}, Item:{item.id}"),
     )
-    result = queues.commit([change])[0]
-    if result.failed == "first":  # picked up meanwhile by another hub
-        return result.value or ""
-    return msg.id
 
 
 def deliver(node: Node, batch: Batch) -> None:

@@ -12,8 +12,9 @@ mailbox (its address and password) or an operator (its name and password):
 A mailbox holds every right on itself; the organization file grants others (a mailbox's
 ``full_access``, ``send_as``, ``send_on_behalf``; an operator's ``rights``).
 For hubs of this server's site, who present their client certificate (mutual TLS):
-  GET  /hub/outbox/{address}/{id}                   fetch an Outbox item
-  POST /hub/outbox/{address}/{id}/submitted         pickup acknowledged: move to Sent Items
+  POST /hub/outbox/take                             take up to N waiting Outbox items (oldest
+                                                   first), held for the hub for a while
+  POST /hub/outbox/submitted                        pickup acknowledged: move them to Sent Items
   POST /hub/deliver                                 deliver a batch to local mailboxes
 No browser can forge a request: state changes take only ``application/json`` or
 ``message/rfc822`` bodies (never a "simple" cross-origin POST) and an ``Authorization``
@@ -48,12 +49,14 @@ from mailyard import mime, passwords, pki
 from mailyard.addresses import canonical
 from mailyard.directory import Directory, Principal
 from mailyard.errors import NotFoundError
+from mailyard.mailbox.outbox import OutboxIndex
 from mailyard.mailbox.store import MailboxStore, folder_name
 from mailyard.org import normalize_address
 
 log = logging.getLogger("mailyard.mailbox.api")
 
 MAX_DELIVER_BATCH = 1000
+MAX_TAKE = 1000  # Outbox items a hub takes, or acknowledges, per request
 
 
 FIELD_LINE = re.compile(rb"[!-9;-~]+:")  # RFC 5322 2.2: printable ASCII but colon, then a colon
@@ -87,8 +90,9 @@ def create_app(
     hosts: frozenset[str],
     store: MailboxStore,
     directory: Callable[[], Directory],
+    outbox: OutboxIndex,
     on_submitted: Callable[[str, str], None],
-    on_acknowledged: Callable[[str, str], None],
+    on_acknowledged: Callable[[list[tuple[str, str]]], None],
     fault: Callable[[str], None] = lambda name: None,
 ) -> FastAPI:
     """The API of mailbox server ``server`` of ``site``; ``hosts``: the names a request's
@@ -146,6 +150,7 @@ def create_app(
         entry = directory().mailbox_entry(address)
         if entry is None or entry.server != server:
             raise ApiError(404, f"no mailbox {address} on {server}")
+        store.ensure(entry.address)  # (a mailbox the organization gained since the start)
         return entry.address
 
     def require_hub(request: Request) -> None:
@@ -190,6 +195,15 @@ def create_app(
         if not any(d.may(who, right, owner) for right in rights):
             raise ApiError(403, f"{who} may not {doing} {owner} (needs {' or '.join(rights)})")
 
+    async def json_object(request: Request, limit: int) -> dict[str, Any]:
+        """The hub API's request body: a JSON object of at most ``limit`` bytes."""
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "the hub API takes application/json")
+        data = parse_json(await read_body(request, limit))
+        if not isinstance(data, dict):
+            raise ApiError(400, "expected a JSON object")
+        return data
+
     async def read_body(request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -227,6 +241,7 @@ def create_app(
         item_id, fresh = await _in_thread(store.submit, owner, message_id, raw)
         fault("mailbox.outbox.stored")  # tests: die between the durable write and the notification
         if fresh:
+            outbox.add(owner, item_id)
             on_submitted(owner, item_id)
         return {"id": item_id, "message_id": message_id, "recipients": recipients, "duplicate": not fresh}
 
@@ -249,39 +264,66 @@ def create_app(
 
     # region: hub API (store driver)
 
-    @app.get("/hub/outbox/{address}/{item_id}")
-    def fetch_outbox(address: str, item_id: str, request: Request) -> Response:
+    @app.post("/hub/outbox/take")
+    async def take_outbox(request: Request) -> dict[str, Any]:
         require_hub(request)
-        owner = mailbox_here(address)
-        raw = store.read(owner, "Outbox", item_id)
-        return Response(raw, media_type="message/rfc822", headers={"X-Mailyard-Sender": owner})
+        data = await json_object(request, 4096)
+        limit = data.get("limit")
+        if type(limit) is not int or not 1 <= limit <= MAX_TAKE:
+            raise ApiError(400, f"limit: expected an integer from 1 to {MAX_TAKE}")
+        # Held for half the time after which the submission service kicks another hub: by
+        # then a hub that died holding them has let them go.
+        lease = directory().org.transport.submission_ack_timeout / 2
+        return {"items": await _in_thread(_take, limit, lease)}
 
-    @app.post("/hub/outbox/{address}/{item_id}/submitted")
-    def submitted(address: str, item_id: str, request: Request) -> dict[str, Any]:
+    def _take(limit: int, lease: float) -> list[dict[str, str]]:
+        out = []
+        for mailbox, item in outbox.take(limit, lease):
+            try:
+                raw = store.read(mailbox, "Outbox", item)
+            except NotFoundError:  # left meanwhile (another hub's acknowledgement)
+                outbox.remove(mailbox, item)
+                continue
+            out.append({"mailbox": mailbox, "id": item, "raw": base64.b64encode(raw).decode()})
+        return out
+
+    @app.post("/hub/outbox/submitted")
+    async def submitted(request: Request) -> dict[str, Any]:
         require_hub(request)
-        owner = mailbox_here(address)
-        moved = False
-        if store.has(owner, "Outbox", item_id):
-            store.move(owner, item_id, "Outbox", "Sent Items")
-            moved = True
-        elif not store.has(owner, "Sent Items", item_id):
-            raise ApiError(404, f"no item {item_id} in the Outbox or Sent Items of {owner}")
-        on_acknowledged(owner, item_id)
-        return {"id": item_id, "moved": moved}
+        data = await json_object(request, 256 * 1024)
+        items = data.get("items")
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_TAKE:
+            raise ApiError(400, f"items: expected a list of 1 to {MAX_TAKE} items")
+        refs = []
+        for i, entry in enumerate(items):
+            if not (isinstance(entry, dict) and isinstance(entry.get("mailbox"), str)
+                    and isinstance(entry.get("id"), str)):
+                raise ApiError(400, f"items[{i}]: expected {{\"mailbox\": ..., \"id\": ...}}")
+            refs.append((mailbox_here(entry["mailbox"]), entry["id"]))
+        return {"results": await _in_thread(_acknowledge, refs)}
+
+    def _acknowledge(refs: list[tuple[str, str]]) -> list[dict[str, str]]:
+        waiting = [(mailbox, item) for mailbox, item in refs if store.has(mailbox, "Outbox", item)]
+        store.move_many(waiting, "Outbox", "Sent Items")
+        moved = set(waiting)
+        results = []
+        for mailbox, item in refs:
+            outbox.remove(mailbox, item)
+            if (mailbox, item) in moved:
+                state = "moved"
+            else:  # acknowledged before, or gone: either way nothing waits for a hub any more
+                state = "sent" if store.has(mailbox, "Sent Items", item) else "gone"
+            results.append({"mailbox": mailbox, "id": item, "state": state})
+        on_acknowledged(refs)
+        return results
 
     @app.post("/hub/deliver")
     async def deliver(request: Request) -> dict[str, Any]:
         require_hub(request)
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-            raise ApiError(415, "the delivery batch is application/json")
         org = directory().org
-        limit = org.transport.max_message_size * 2 * min(org.transport.batch_size, 64) + 65536
-        body = await read_body(request, limit)
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
-            raise ApiError(400, f"body is not JSON: {exc}") from None
-        messages = data.get("messages") if isinstance(data, dict) else None
+        data = await json_object(request, org.transport.max_message_size * 2 * min(org.transport.batch_size, 64)
+                                 + 65536)
+        messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages: expected a non-empty list")
         if len(messages) > MAX_DELIVER_BATCH:
@@ -353,12 +395,16 @@ def _received(hub: str, server: str, key: str, rcpt: str) -> bytes:
     ).encode()
 
 
-def compose_from_json(body: bytes, owner: str) -> bytes:
-    """Build a message from ``{"to": [...], "cc": [...], "bcc": [...], "subject", "body"}``."""
+def parse_json(body: bytes) -> Any:
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise ApiError(400, f"body is not JSON: {exc}") from None
+
+
+def compose_from_json(body: bytes, owner: str) -> bytes:
+    """Build a message from ``{"to": [...], "cc": [...], "bcc": [...], "subject", "body"}``."""
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise ApiError(400, "expected a JSON object with to, cc, bcc, subject and body")
     unknown = set(data) - {"to", "cc", "bcc", "subject", "body", "message_id"}

@@ -16,6 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from mailyard import faults, pki, redisconn
 from mailyard.errors import SiteError
 from mailyard.mailbox.api import CONNECTION, PEER, create_app
+from mailyard.mailbox.outbox import OutboxIndex
 from mailyard.mailbox.store import MailboxStore
 from mailyard.orgstore import OrgCache
 from mailyard.processes import serve_until_stopped
@@ -98,15 +99,11 @@ def serve(
     def my_mailboxes() -> list[str]:
         return [m.address for m in orgs.org.mailboxes if m.server == server]
 
+    # The Outboxes are read once, here; the API keeps the index from now on (mailbox.outbox).
+    outbox = OutboxIndex()
     for address in my_mailboxes():
         store.ensure(address)
-
-    def outbox_items() -> list[tuple[str, str]]:
-        out = []
-        for address in my_mailboxes():
-            store.ensure(address)
-            out += [(address, item) for item in store.ids(address, "Outbox")]
-        return out
+        outbox.load((address, item) for item in store.ids(address, "Outbox"))
 
     identity = pki.Identity.mailbox(server)
     node_cert = pki.NodeCert(pki_dir, identity)
@@ -120,13 +117,14 @@ def serve(
     url = advertise_url or f"https://{host if ':' not in host else f'[{host}]'}:{bound}"
     hosts = frozenset(h.lower() for h in (host, urlsplit(url).hostname or host, identity.dns_name))
 
-    service = SubmissionService(r, redis_url, orgs, server, outbox_items)
+    service = SubmissionService(r, redis_url, orgs, server, outbox.items)
     app = create_app(
         server=server,
         site=site,
         hosts=hosts,
         store=store,
         directory=orgs.get,
+        outbox=outbox,
         on_submitted=service.submitted,
         on_acknowledged=service.acknowledged,
         fault=lambda name: faults.point(name, r),

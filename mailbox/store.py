@@ -251,12 +251,19 @@ class MailboxStore:
 
     def move(self, address: str, item_id: str, src: str, dst: str, *, seen: bool = True) -> None:
         """Move an item between folders (Outbox -> Sent Items), atomically by rename."""
-        path = self.locate(address, src, item_id)
-        dst_dir = self._folder_dir(address, dst)
-        target = dst_dir / "cur" / (item_id + (":2,S" if seen else ":2,"))
-        os.rename(path, target)
-        _fsync_dir(dst_dir / "cur")
-        _fsync_dir(path.parent)
+        self.move_many([(address, item_id)], src, dst, seen=seen)
+
+    def move_many(self, items: list[tuple[str, str]], src: str, dst: str, *, seen: bool = True) -> None:
+        """Move several (mailbox, item) between folders: each by rename, and each directory
+        fsynced once for all of them (a pickup's batch leaving the Outboxes)."""
+        touched: set[Path] = set()
+        for address, item_id in items:
+            path = self.locate(address, src, item_id)
+            dst_dir = self._folder_dir(address, dst) / "cur"
+            os.rename(path, dst_dir / (item_id + (":2,S" if seen else ":2,")))
+            touched.update((dst_dir, path.parent))
+        for directory in touched:
+            _fsync_dir(directory)
 
     def has(self, address: str, folder: str, item_id: str) -> bool:
         try:

@@ -1,11 +1,14 @@
-"""The Mail Submission Service: tell a hub of the site that an Outbox holds a message.
+"""The Mail Submission Service: tell a hub of the site that a mailbox server's Outboxes hold mail.
 
-It runs inside each mailbox server. When a message enters an Outbox it notifies one hub of
-the server's own site, round robin over the hubs that are alive, by sending a pickup task
-to that hub's own Celery queue. The item stays in ``my:submit:pending:<server>`` until a hub
-acknowledges the pickup (the mailbox server then moves it to Sent Items); if that does not
-happen within ``transport.submission_ack_timeout``, the next live hub is notified. With no
-hub alive the message waits in the Outbox and goes as soon as a hub appears, as in Exchange.
+It runs inside each mailbox server. When a message enters an Outbox it is registered in
+``my:submit:pending:<server>`` (until a hub acknowledges it; the mailbox server then moves it
+to Sent Items) and one hub of the server's own site is kicked, round robin over the hubs that
+are alive: a pickup task on that hub's own Celery queue that names the server, not the
+message. The hub then takes up to ``batch_size`` waiting items in one call. While a kick is
+pending (``my:submit:kick:<server>``, cleared by the hub as its pickup begins) new mail kicks
+no one: it goes with the next batch. If an item is not acknowledged within
+``transport.submission_ack_timeout``, another live hub is kicked. With no hub alive the message
+waits in the Outbox and goes as soon as a hub appears, as in Exchange.
 
 It reaches hubs only through the Celery task name and the hub registry in Redis.
 """
@@ -23,7 +26,7 @@ from celery import Celery
 from mailyard import keys, tracking
 from mailyard.broker import TASK_PICKUP, hub_queue, make_app
 from mailyard.orgstore import OrgCache
-from mailyard.redisconn import number, text, texts
+from mailyard.redisconn import number, text_or_none, texts
 from mailyard.registry import live_hubs, now_ms
 from mailyard.scripts import script
 from mailyard.tracking import Event, Record
@@ -47,8 +50,9 @@ def parse_ref(ref: str) -> tuple[str, str, str]:
 
 
 class Notifier:
-    """Round-robin notification of the live hubs of a site (shared by the mailbox server's
-    service and the hubs' sweeper, which re-notifies when a mailbox server cannot)."""
+    """Round-robin kicks of the live hubs of a site (shared by the mailbox server's service,
+    the hubs' sweeper, which re-kicks when a mailbox server cannot, and a hub whose pickup
+    left mail behind)."""
 
     def __init__(self, r: redis.Redis, app: Celery, orgs: OrgCache) -> None:
         self.r = r
@@ -56,58 +60,44 @@ class Notifier:
         self.orgs = orgs
         self._turn = itertools.count()
 
-    def notify(self, ref: str, *, avoid: str | None = None) -> str | None:
-        """Notify the next live hub of the item's site; returns the hub, or None if none."""
-        server, mailbox, item = parse_ref(ref)
+    def kick(self, server: str, *, avoid: str | None = None, again: bool = False) -> str | None:
+        """Tell the next live hub of ``server``'s site that its Outboxes hold mail, unless a kick
+        is pending already (``again``: the pending one is given up). Returns the hub that has
+        the kick, or None when there is none to tell."""
         directory = self.orgs.get()
         site = directory.site_of_server.get(server)
-        if site is None:
-            return None
-        if _held(self.r, site):
-            return None  # back pressure at High: mail submission from mailbox servers pauses
-        candidates = live_hubs(self.r, site, directory.org.transport.hub_heartbeat_timeout)
+        if site is None or _held(self.r, site):
+            return None  # (back pressure at High: mail submission from mailbox servers pauses)
+        settings = directory.org.transport
+        candidates = live_hubs(self.r, site, settings.hub_heartbeat_timeout)
         if not candidates:
             return None
         if avoid in candidates and len(candidates) > 1:
             candidates.remove(avoid)
         hub = candidates[next(self._turn) % len(candidates)]
-        self.app.send_task(TASK_PICKUP, args=[server, mailbox, item], queue=hub_queue(hub))
-        txn = Txn()
-        txn.op("HSET", keys.submit(ref), "hub", hub, "notified", now_ms())
-        txn.op("HINCRBY", keys.submit(ref), "notifications", 1)
-        txn.op("HSETNX", keys.submit(ref), "first", now_ms())
-        txn.op("EXPIRE", keys.submit(ref), 30 * 86400)
-        tracking.add(
-            txn,
-            Record(
-                Event.SUBMIT,
-                source="STOREDRIVER",
-                server=server,
-                context=f"Mailbox:{mailbox}, Item:{item}, Hub:{hub}",
-                sender=mailbox,
-            ),
-            directory.org.transport.message_tracking_log_max_age,
-        )
-        txn.run(self.r)
+        ttl = max(1, int(settings.submission_ack_timeout * 1000))
+        if again:
+            self.r.set(keys.submit_kick(server), hub, px=ttl)
+        else:
+            pending = self.r.set(keys.submit_kick(server), hub, px=ttl, nx=True, get=True)
+            if pending is not None:
+                return text_or_none(pending)
+        self.app.send_task(TASK_PICKUP, args=[server], queue=hub_queue(hub))
         return hub
 
     def renotify_due(self, server: str, *, limit: int = 100) -> int:
-        """Re-notify the items of ``server`` whose pickup was not acknowledged in time."""
+        """Kick another hub for the items of ``server`` whose pickup was not acknowledged in time."""
         org = self.orgs.org
         hold_ms = int(org.transport.submission_ack_timeout * 1000)
-        due = script(self.r, "due")(
-            keys=[keys.submit_pending(server)], args=[now_ms(), limit, hold_ms]
-        )
-        sent = 0
-        for ref in texts(due):
-            last = text(self.r.hget(keys.submit(ref), "hub"))
-            hub = self.notify(ref, avoid=last or None)
-            if hub is None:
-                # Nobody to tell: keep it due so the first hub that appears gets it.
-                self.r.zadd(keys.submit_pending(server), {ref: now_ms() + NO_HUB_RECHECK_MS}, xx=True)
-            else:
-                sent += 1
-        return sent
+        due = texts(script(self.r, "due")(keys=[keys.submit_pending(server)], args=[now_ms(), limit, hold_ms]))
+        if not due:
+            return 0
+        last = text_or_none(self.r.get(keys.submit_kick(server)))
+        if self.kick(server, avoid=last, again=True) is None:
+            # Nobody to tell: keep them due so the first hub that appears gets them.
+            self.r.zadd(keys.submit_pending(server), dict.fromkeys(due, now_ms() + NO_HUB_RECHECK_MS), xx=True)
+            return 0
+        return len(due)
 
 
 class SubmissionService:
@@ -136,34 +126,38 @@ class SubmissionService:
         return keys.outbox_ref(self.server, mailbox, item)
 
     def submitted(self, mailbox: str, item: str) -> None:
-        """A message entered an Outbox (it is already durable on disk): notify a hub."""
+        """A message entered an Outbox (it is already durable on disk): register it, kick a hub."""
         ref = self.ref(mailbox, item)
-        timeout_ms = int(self.orgs.org.transport.submission_ack_timeout * 1000)
+        org = self.orgs.org
+        timeout_ms = int(org.transport.submission_ack_timeout * 1000)
         try:
-            self.r.zadd(keys.submit_pending(self.server), {ref: now_ms() + timeout_ms})
-            if self.notifier.notify(ref) is None:
+            txn = Txn().op("ZADD", keys.submit_pending(self.server), now_ms() + timeout_ms, ref)
+            tracking.add(txn, Record(Event.SUBMIT, source="STOREDRIVER", server=self.server, sender=mailbox,
+                                     context=f"Mailbox:{mailbox}, Item:{item}"),
+                         org.transport.message_tracking_log_max_age)
+            txn.run(self.r)
+            if self.notifier.kick(self.server) is None:
                 self.r.zadd(keys.submit_pending(self.server), {ref: now_ms()}, xx=True)
         except redis.RedisError as exc:
             # The message is safe in the Outbox; the periodic scan registers it later.
             log.warning("could not register outbox item %s now: %s", ref, exc)
 
-    def acknowledged(self, mailbox: str, item: str) -> None:
-        """A hub has the message: it left the Outbox for Sent Items."""
-        ref = self.ref(mailbox, item)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.zrem(keys.submit_pending(self.server), ref)
-        pipe.delete(keys.submit(ref))
-        pipe.execute()
+    def acknowledged(self, items: Iterable[tuple[str, str]]) -> None:
+        """A hub has these messages: they left the Outbox for Sent Items."""
+        refs = [self.ref(mailbox, item) for mailbox, item in items]
+        if refs:
+            self.r.zrem(keys.submit_pending(self.server), *refs)
 
     def scan(self) -> int:
-        """Register Outbox items Redis does not know (after a Redis loss or a crash)."""
-        added = 0
-        pending = keys.submit_pending(self.server)
-        for mailbox, item in self._outbox_items():
-            ref = self.ref(mailbox, item)
-            if self.r.zadd(pending, {ref: now_ms()}, nx=True):
-                added += 1
-        return added
+        """Register Outbox items Redis does not know (after a Redis loss or a crash): due at once,
+        so the next pass kicks a hub for them."""
+        refs = [self.ref(mailbox, item) for mailbox, item in self._outbox_items()]
+        if not refs:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for i in range(0, len(refs), 1000):
+            pipe.zadd(keys.submit_pending(self.server), dict.fromkeys(refs[i:i + 1000], now_ms()), nx=True)
+        return sum(pipe.execute())
 
     def run_once(self) -> None:
         self.notifier.renotify_due(self.server)

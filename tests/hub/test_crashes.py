@@ -30,7 +30,7 @@ def outbox_of(site: Cluster, *senders: str):
     return busy
 
 
-POINTS = ["pickup.stored", "categorize.before_commit", "deliver.before_api", "deliver.after_api"]
+POINTS = ["pickup.taken", "pickup.stored", "categorize.before_commit", "deliver.before_api", "deliver.after_api"]
 
 
 @pytest.mark.parametrize("mode", ["hub", "child"])

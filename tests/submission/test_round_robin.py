@@ -1,4 +1,5 @@
-"""The Mail Submission Service round-robins pickups over the live hubs of the site."""
+"""The Mail Submission Service kicks the live hubs of the site in turn, and a kicked hub takes
+the server's waiting Outbox items in batches."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections import Counter
 
 from mailyard import keys, tracking
 from mailyard.testing.waiting import wait_until
+from tests.conftest import make_org
 
 
 def pickups_by_hub(r, subjects: set[str]) -> Counter:
@@ -51,8 +53,8 @@ def test_thirty_messages_spread_over_three_hubs_and_a_killed_hub_drops_out(clust
 
 
 def test_with_no_hub_alive_the_message_waits_in_the_outbox_then_goes(cluster_factory) -> None:
-    # Given a site whose mailbox servers run but no hub does
-    site = cluster_factory()
+    # Given a site whose mailbox servers run but no hub does (and hubs that take 10 at once)
+    site = cluster_factory(make_org(batch_size=10))
     site.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
     site.send("bob@contoso.com", ["dave@contoso.com"], subject="waiting for a hub")
 
@@ -60,8 +62,18 @@ def test_with_no_hub_alive_the_message_waits_in_the_outbox_then_goes(cluster_fac
     wait_until(lambda: site.subjects("bob@contoso.com", "Outbox") == ["waiting for a hub"], timeout=10)
     assert site.subjects("dave@contoso.com") == []
 
-    # When a hub starts, the message goes at once
+    # ...and so do the next ones, a backlog of more than one batch
+    backlog = [f"backlog {i}" for i in range(25)]
+    for s in backlog:
+        site.send("bob@contoso.com", ["dave@contoso.com"], subject=s)
+
+    # When a hub starts, they go at once, each once
     site.start_hub("Amsterdam", "late-hub")
     site.wait_for_subject("dave@contoso.com", "waiting for a hub")
     site.wait_for_subject("bob@contoso.com", "waiting for a hub", folder="Sent Items")
-    assert site.subjects("bob@contoso.com", "Outbox") == []
+    wait_until(lambda: set(backlog) <= set(site.subjects("dave@contoso.com")), timeout=60,
+               message=lambda: f"dave has {site.subjects('dave@contoso.com')}")
+    wait_until(lambda: site.subjects("bob@contoso.com", "Outbox") == [], timeout=30)
+    assert Counter(site.subjects("dave@contoso.com")) == Counter(["waiting for a hub", *backlog])
+    assert sorted(site.subjects("bob@contoso.com", "Sent Items")) == sorted(["waiting for a hub", *backlog])
+    assert not site.r.zcard(keys.submit_pending("MBX-AMS-02")), "every pickup was acknowledged"
