@@ -30,6 +30,12 @@ TOO_MANY_CONNECTIONS = (
 STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
 TOO_MANY_LOGON_FAILURES = "421 4.7.0 Too many errors on this connection, closing transmission channel"
+BDAT_SYNTAX = "501 5.5.4 Syntax: BDAT chunk-size [LAST]"
+DATA_AFTER_BDAT = "503 5.5.1 Bad sequence of commands"  # RFC 3030 §2: no DATA in a transaction begun with BDAT
+
+
+def chunk_received(size: int) -> str:
+    return f"250 2.6.0 CHUNK received OK, {size} octets"
 
 
 def queued(message_id: str, internal_id: str, hub: str) -> str:

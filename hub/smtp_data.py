@@ -48,6 +48,12 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None, lin
     if too_much or (size_limit and received - 3 > size_limit):
         return Data(None, replies.TOO_BIG)
     raw = bytes(buffer[:-3])  # the leading CRLF, the message, without the final ".\r\n"
-    if max(map(len, raw.split(b"\r\n"))) + 2 > line_limit:
+    if line_too_long(raw, line_limit):
         return Data(None, replies.LINE_TOO_LONG)
     return Data(raw.replace(b"\r\n.", b"\r\n")[2:])
+
+
+def line_too_long(content: bytes, line_limit: int) -> bool:
+    """Whether a line of the message, with its CRLF, is over ``line_limit`` octets (whether it
+    came by DATA or by BDAT: what is taken in must not depend on how it was sent)."""
+    return max(map(len, content.split(b"\r\n"))) + 2 > line_limit
