@@ -129,7 +129,8 @@ class Sink(Service):
     (``require_starttls`` insists on it). ``credentials`` (user → password) offers AUTH PLAIN
     and LOGIN; ``auth_required`` (default: when credentials are given) refuses MAIL before
     AUTH, and ``auth_require_tls`` (default: when a TLS context is given) offers AUTH only
-    after STARTTLS.
+    after STARTTLS. ``pipelining`` offers PIPELINING (aiosmtpd reads pipelined commands in
+    order anyway; this only says so in EHLO, as Exchange and Postfix do).
     """
 
     _thread_name = "smtp-sink"
@@ -139,7 +140,7 @@ class Sink(Service):
                  mode: Mode | str = Mode.ACCEPT, tls_context: ssl.SSLContext | None = None,
                  require_starttls: bool = False, credentials: Mapping[str, str] | None = None,
                  auth_required: bool | None = None, auth_require_tls: bool | None = None,
-                 data_size_limit: int = 64 * 1024 * 1024) -> None:
+                 data_size_limit: int = 64 * 1024 * 1024, pipelining: bool = False) -> None:
         super().__init__()
         self.folder = Path(folder)
         self.host = host
@@ -151,6 +152,7 @@ class Sink(Service):
         self.auth_required = bool(self.credentials) if auth_required is None else auth_required
         self.auth_require_tls = (tls_context is not None) if auth_require_tls is None else auth_require_tls
         self.data_size_limit = data_size_limit
+        self.pipelining = pipelining
         self._lock = threading.Lock()
         self._rules: tuple[Rule, ...] = tuple(rules)
         self._rule_hits: dict[tuple[int, str], int] = {}
@@ -400,6 +402,8 @@ class _Handler:
         session.host_name = hostname
         if not self.sink.credentials:  # aiosmtpd offers AUTH even with nobody to log in
             responses = [r for r in responses if not r.startswith("250-AUTH")]
+        if self.sink.pipelining:
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(self, server: _SinkSMTP, session: Session, envelope: Envelope, address: str,
