@@ -9,7 +9,9 @@ while the client's next command line is already in the buffer (it will be answer
 waiting), only for replies after which the session goes on reading commands as usual (not a
 3xx, STARTTLS's 220, 221, 421 or anything that ends in a close), and at most ``MAX_HELD`` of
 them; the next reply that is not held takes them all along in one write. Whoever is about to
-wait for input other than a command line (a BDAT chunk) calls ``flush_replies`` first.
+wait for input other than a command line (a BDAT chunk) calls ``flush_replies`` first, and so
+must whoever closes the connection after a reply in ``GROUPABLE`` (a held reply is lost with
+the connection).
 """
 
 from __future__ import annotations

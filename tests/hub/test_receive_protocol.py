@@ -1,6 +1,7 @@
 """The SMTP session over real sockets: what a connector offers (STARTTLS, AUTH, SIZE), the
 limits that close a connection, Exchange's replies, DATA read exactly as RFC 5321 says (no
-smuggling), and the fast reading of plain addresses. What each command is answered is in
+smuggling), BDAT (RFC 3030) and pipelined bursts (RFC 2920), and the fast reading of plain
+addresses. What each command is answered is in
 test_receive_handler.py (over sockets) and test_receive_policy.py (the decisions alone)."""
 
 from __future__ import annotations
