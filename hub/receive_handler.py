@@ -67,6 +67,7 @@ class ReceiveHandler:
         last = responses.pop()  # "250 HELP"
         responses = [r for r in responses if r.rstrip() != "250-AUTH"]  # AUTH with no mechanism
         responses.append("250-ENHANCEDSTATUSCODES")
+        responses += ["250-PIPELINING", "250-CHUNKING"]  # as Exchange 2010 (smtp_pipelining, smtp_bdat)
         responses.append(last)
         return responses
 

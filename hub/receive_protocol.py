@@ -16,7 +16,8 @@ on as an Exchange server once the handshake is done, without AUTH
 (``receive_policy.certificate_logon``).
 
 What the protocol adds to aiosmtpd's, for a server on the Internet: a line without CRLF is
-capped (``MAX_UNBROKEN_LINE``); DATA is read in chunks (``smtp_data``); every reply gets
+capped (``MAX_UNBROKEN_LINE``); DATA is read in chunks (``smtp_data``); BDAT is served
+(``smtp_bdat``) and the replies to pipelined commands go out together (``smtp_pipelining``); every reply gets
 Exchange's wording and an enhanced status code (``replies``), and EHLO's lines go out in one
 write; a connection is closed after too many connections from its source or too many failed
 logons; a session that ended acts on no command the client pipelined; a TLS session's state
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, TLSSetupException, syntax
+from aiosmtpd.smtp import AuthResult, LoginPassword, TLSSetupException, syntax
 
 from mailyard import keys, pki, tracking
 from mailyard.directory import Directory
@@ -46,6 +47,7 @@ from mailyard.hub import lockout, replies
 from mailyard.hub import receive_policy as policy
 from mailyard.hub.pressure import Level
 from mailyard.hub.redis_queues import RedisQueues
+from mailyard.hub.smtp_bdat import Chunking
 from mailyard.hub.smtp_data import read_data
 from mailyard.org import ReceiveConnector
 from mailyard.tracking import Event, Record
@@ -133,7 +135,7 @@ def _members(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     return [n for n in dir(cls) if n.startswith(prefixes)]
 
 
-class ReceiveProtocol(SMTP):
+class ReceiveProtocol(Chunking):
     """One SMTP session, configured by the connector that matches the client."""
 
     def __dir__(self) -> list[str]:
@@ -237,7 +239,8 @@ class ReceiveProtocol(SMTP):
             return
         log.info("closing the session of %s: %s", self.state.client_ip if self.state else "?", reply)
         if isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.write(reply.encode() + b"\r\n")
+            held, self._held = self._held, []  # (replies smtp_pipelining holds back go first)
+            self.transport.write("\r\n".join([*held, reply]).encode() + b"\r\n")
         self._close()
 
     def _close(self) -> None:
@@ -348,6 +351,8 @@ class ReceiveProtocol(SMTP):
         assert self.envelope is not None
         if self.envelope.mail_from is None:
             await self.push(replies.NEED_MAIL)
+            return
+        if await self.refuse_data_after_bdat():
             return
         if not self.envelope.rcpt_tos:
             await self.push("503 Error: need RCPT command")

@@ -35,11 +35,17 @@ LOGON_UNAVAILABLE = "454 4.7.0 Temporary authentication failure"  # RFC 4954: th
 AUTH_REQUIRED = "550 5.7.1 RESOLVER.RST.AuthRequired; authentication required"  # a group's, for anonymous senders
 INACTIVITY_TIMEOUT = "451 4.7.0 Timeout waiting for client input"  # ConnectionInactivityTimeout
 CONNECTION_TIMEOUT = "421 4.4.2 Connection timed out, closing transmission channel"  # ConnectionTimeout
+BDAT_SYNTAX = "501 5.5.4 Syntax: BDAT chunk-size [LAST]"
+DATA_AFTER_BDAT = "503 5.5.1 Bad sequence of commands"  # RFC 3030 §2: no DATA in a transaction begun with BDAT
 
 
 def header_refused(problem: object) -> str:
     """DATA: a message whose header cannot cross SMTP (``mailyard.mime.LongHeaderLine``)."""
     return f"554 5.6.0 Message refused: {problem}"
+
+
+def chunk_received(size: int) -> str:
+    return f"250 2.6.0 CHUNK received OK, {size} octets"
 
 
 def queued(message_id: str, internal_id: str, hub: str) -> str:

@@ -2,7 +2,8 @@
 
 A drain task delivers a batch of one queue over one SMTP connection: EHLO, STARTTLS when
 offered (opportunistic; required when the connector says so), AUTH where configured, then
-MAIL, RCPT, DATA for each message with RSET between them.
+MAIL, RCPT, DATA for each message (``send_transaction``: pipelined when the peer offers
+PIPELINING), with RSET after a transaction that failed.
 
 To a hub of another site the link is always TLS verified against the organization's CA
 (``_org_tls``): STARTTLS is required, the peer's certificate must be issued by that CA for
@@ -37,6 +38,7 @@ from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
 from mailyard.hub.records import DeliveryType, Item
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.hub.relay import ORIGIN_HEADER
+from mailyard.hub.send_transaction import transaction
 from mailyard.org import SendConnector
 from mailyard.tls import opportunistic_client_context
 from mailyard.tracking import Event
@@ -325,53 +327,29 @@ async def transfer(dest: Destination, jobs: list[Job], *, helo: str, timeout: fl
 
 
 async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float, host: str) -> bool:
-    """MAIL/RCPT/DATA per job on an open connection to ``host``, each as the peer's extensions
-    allow (``encoding.plan``: SMTPUTF8, 8BITMIME); False if the connection was lost. A lost
+    """One transaction per job on an open connection to ``host`` (``send_transaction``:
+    pipelined where the peer offers it), each as the peer's extensions allow
+    (``encoding.plan``: SMTPUTF8, 8BITMIME); False if the connection was lost. A lost
     connection leaves the jobs not yet answered without outcome (they are retried)."""
     open_transaction = False  # RSET only after a transaction that did not end with DATA's reply
     for job in jobs:
+        how = encoding.plan(job.sender, job.recipients, job.body, smtputf8=job.smtputf8,
+                            offers=smtp.supports_extension, host=host)
+        job.outcomes.update(how.refused)
+        if not how.recipients:
+            continue
         try:
-            if open_transaction:
-                await smtp.rset()
-                open_transaction = False
-            how = encoding.plan(job.sender, job.recipients, job.body, smtputf8=job.smtputf8,
-                                offers=smtp.supports_extension, host=host)
-            job.outcomes.update(how.refused)
-            if not how.recipients:
-                continue
-            try:
-                await smtp.mail(how.sender, options=how.options, encoding=how.encoding)
-            except aiosmtplib.SMTPResponseException as exc:
-                for rcpt in how.recipients:
-                    job.outcomes[rcpt] = Outcome(exc.code, _status(exc), exc.message)
-                continue
-            open_transaction = True
-            accepted = []
-            for rcpt, sent_as in how.recipients.items():
-                try:
-                    await smtp.rcpt(sent_as, encoding=how.encoding)
-                    accepted.append(rcpt)
-                except aiosmtplib.SMTPResponseException as exc:
-                    job.outcomes[rcpt] = Outcome(exc.code, _status(exc), exc.message)
-            if not accepted:
-                continue
-            try:
-                response = await smtp.data(how.body, timeout=timeout)
-                outcome = Outcome(response.code, _status_of(response.message, response.code), response.message)
-                open_transaction = False
-            except aiosmtplib.SMTPResponseException as exc:
-                # Refused at DATA or after the final dot: RSET before the next one either way.
-                outcome = Outcome(exc.code, _status(exc), exc.message)
-            for rcpt in accepted:
-                job.outcomes[rcpt] = outcome
+            done = await transaction(smtp, how.sender, list(how.recipients.values()), how.body, how.options,
+                                     rset=open_transaction, timeout=timeout, encoding=how.encoding)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             log.warning("connection lost during a delivery: %s", _describe(exc))
             return False
+        open_transaction = done.open
+        recipient_of = {sent_as: rcpt for rcpt, sent_as in how.recipients.items()}
+        for sent_as, reply in done.replies.items():
+            job.outcomes[recipient_of[sent_as]] = Outcome(reply.code, _status_of(reply.message, reply.code),
+                                                          reply.message)
     return True
-
-
-def _status(exc: aiosmtplib.SMTPResponseException) -> str:
-    return _status_of(exc.message, exc.code)
 
 
 def _status_of(message: str, code: int) -> str:

@@ -52,3 +52,4 @@ async def read_data(reader: asyncio.StreamReader, *, size_limit: int | None) -> 
         return Data(None, replies.TOO_BIG)
     raw = bytes(buffer[:-3])  # the leading CRLF, the message, without the final ".\r\n"
     return Data(raw.replace(b"\r\n.", b"\r\n")[2:])
+

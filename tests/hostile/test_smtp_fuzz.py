@@ -6,12 +6,14 @@ UTF-8 with and without SMTPUTF8, UTF-8 addresses (RFC 6531: a mailbox's alias in
 spellings, an IDN domain as U-labels and A-labels, look-alike tricks), invalid addresses and
 relay tricks, pipelined garbage, AUTH
 garbage (bad base64, unknown mechanisms, aborted exchanges), STARTTLS followed by a real
-handshake or by garbage, and huge headers. Each session is played against ``Default``
+handshake or by garbage, huge headers, and BDAT (RFC 3030): whole transactions in chunks,
+chunks whose size says more or less than what follows, malformed sizes, BDAT out of order
+and mixed with DATA. Each session is played against ``Default``
 (127.0.0.1: no anonymous submission) or ``Internet`` (127.0.0.2: anonymous, mail for existing
 contoso.com recipients only).
 
 The client simulates how the server splits the byte stream into lines (LF in commands, CRLF
-in DATA), so it knows which reply answers which line, and checks:
+in DATA, a BDAT chunk's exact size), so it knows which reply answers which line, and checks:
 
 - every reply line is ``ddd<SP or ->text`` with printable ASCII text, and every 4xx/5xx
   reply carries an enhanced status code of its own class;
@@ -19,7 +21,8 @@ in DATA), so it knows which reply answers which line, and checks:
 - every line gets its reply, or the connection is closed, within 10 seconds (never a hang);
 - no envelope that must be refused gets through: no 250 to MAIL for an anonymous client on
   Default, no 250 to RCPT for an address that is not an existing contoso.com recipient, no
-  354/250 for DATA without an accepted sender and recipient; afterwards, every message the
+  354/250 for DATA, and no 250 for BDAT, without an accepted sender and recipient, no 354 in a
+  transaction begun with BDAT, and a chunk's reply only once all its octets are sent; afterwards, every message the
   tracking log says was received has only such recipients;
 - the receive process is the same process afterwards and still takes a normal message.
 
@@ -32,6 +35,7 @@ waits for a handshake; a run of more than 64 KB without CRLF makes the server cl
 from __future__ import annotations
 
 import base64
+import itertools
 import smtplib
 import ssl
 import time
@@ -48,6 +52,7 @@ from hypothesis import strategies as st
 from mailyard import tracking
 from mailyard.addresses import canonical
 from mailyard.hub.receive_protocol import MAX_UNBROKEN_LINE
+from mailyard.hub.smtp_bdat import parse as parse_bdat
 from mailyard.org import Organization
 from mailyard.testing.cluster import Cluster
 from tests.conftest import make_org
@@ -177,6 +182,33 @@ transaction = st.builds(
     lambda sender, rcpts, b: sender + b"".join(rcpts) + b"DATA\r\n" + b + b"\r\n.\r\n",
     mail, st.lists(rcpt, min_size=1, max_size=3), body,
 )
+
+
+def chunked(message: bytes, cuts: list[int], last: bool) -> bytes:
+    """``message`` as BDAT chunks, cut at ``cuts``; the last with LAST (or a BDAT 0 LAST after it)."""
+    bounds = [0, *sorted({c % (len(message) + 1) for c in cuts}), len(message)]
+    *first, final = [message[a:b] for a, b in itertools.pairwise(bounds)]
+    out = b"".join(b"BDAT %d\r\n" % len(p) + p for p in first)
+    if last:
+        return out + b"BDAT %d LAST\r\n" % len(final) + final
+    return out + b"BDAT %d\r\n" % len(final) + final + b"BDAT 0 LAST\r\n"
+
+
+chunks = st.builds(chunked, body, st.lists(st.integers(min_value=0, max_value=400), max_size=3), st.booleans())
+bdat_transaction = st.builds(lambda sender, rcpts, c: sender + b"".join(rcpts) + c,
+                             mail, st.lists(rcpt, min_size=1, max_size=3), chunks)
+BDAT_LINES = [
+    b"BDAT 0\r\n", b"BDAT 0 LAST\r\n", b"BDAT 5 last\r\n", b"BDAT\t3\tLAST\r\n", b"BDAT  4  LAST \r\n", b"BDAT\r\n",
+    b"BDAT -1\r\n", b"BDAT 1e3\r\n", b"BDAT 10 LAST now\r\n", b"BDAT LAST\r\n", b"BDAT 0x10\r\n", b"bdat 2\n",
+    b"BDAT " + b"9" * 21 + b" LAST\r\n", b"BDAT 00000000000000000003 LAST\r\n", b"BDAT \xff\r\n", b"BDAT 7\x00\r\n",
+    b"BDAT 99999999 LAST\r\n",  # more than will ever be sent: read (and dropped) until we give up
+]
+# a BDAT line with what follows: its chunk, or more or fewer octets than it says
+bdat_chunk = st.builds(lambda verb, b: verb + b, st.sampled_from(BDAT_LINES),
+                       st.one_of(st.sampled_from([b"", b"QUIT\r\n", b"RSET\r\nNOOP\r\n", b"DATA\r\n.\r\n"]),
+                                 st.binary(max_size=40)))
+bdat_then_data = st.builds(lambda sender, rcpt_, c, b: sender + rcpt_ + b"BDAT %d\r\n" % len(c) + c + b"DATA\r\n" + b
+                           + b"\r\n.\r\n", mail, rcpt, body, body)
 # The hubs' old logon (exchange-server/<hub> with the organization's server token): no AUTH
 # makes a client an Exchange server any more, so it must fail like any wrong password.
 TOKEN_LOGON = b"AUTH PLAIN " + b64(b"\0exchange-server/rx-1\0" + b"contoso-demo-token-change-me") + CRLF
@@ -238,9 +270,10 @@ starttls = st.one_of(
 unbroken = st.builds(lambda prefix, n, sep: prefix + (b"y" * 1000 + sep) * n, st.sampled_from([b"", b"NOOP "]),
                      st.sampled_from([66, 70, 130]), st.sampled_from([b"", b"\n", b"\r"]))
 line = st.one_of(simple, mail, rcpt, garbage_line, auth)
-pipelined = st.lists(st.one_of(line, data), min_size=2, max_size=6).map(b"".join)
+pipelined = st.lists(st.one_of(line, data, bdat_chunk), min_size=2, max_size=6).map(b"".join)
 action = st.one_of(*(part.map(Action) for part in (
-    simple, mail, rcpt, data, transaction, transaction, garbage_line, overlong, auth, pipelined, unbroken)), starttls)
+    simple, mail, rcpt, data, transaction, transaction, garbage_line, overlong, auth, pipelined, unbroken,
+    bdat_transaction, bdat_transaction, bdat_chunk, bdat_then_data)), starttls)
 # (EHLO first?, an opening TLS handshake and logon or none, then anything)
 session = st.tuples(st.sampled_from([True, True, True, False]), st.one_of(st.none(), handshake),
                     st.lists(action, min_size=1, max_size=8))
@@ -290,6 +323,9 @@ class Model:
     recipients: list[str] = field(default_factory=list)
     auth_pending: bool = False  # the last reply was 334: the next line answers the challenge
     in_data: bool = False
+    chunk: int = 0  # octets of a BDAT chunk still to come (its reply comes after them)
+    chunk_line: bytes = b""  # that BDAT command
+    chunking: bool = False  # BDAT began this transaction
     pending: bytes = b""  # what was sent after the last complete line
     unbroken: int = 0  # bytes sent since the last CRLF
     accepted: int = 0
@@ -298,7 +334,39 @@ class Model:
     codes: Counter = field(default_factory=Counter)  # (command, reply code) seen
 
     def reset(self) -> None:
-        self.sender, self.recipients, self.smtputf8 = None, [], False
+        self.sender, self.recipients, self.smtputf8, self.chunking = None, [], False, False
+
+    def bdat_size(self, line: bytes) -> int | None:
+        """The chunk size of a BDAT command as the server reads it (after the line, it reads
+        exactly that many octets), or None if the line is no BDAT with a chunk."""
+        text = line.rstrip(b"\r\n")
+        verb, _, arg = text.partition(b" ")
+        if self.auth_pending or verb.upper() != b"BDAT" or len(text) > 512:
+            return None
+        parsed = parse_bdat(arg.strip().decode("utf-8", "surrogateescape"))
+        return parsed[0] if parsed else None
+
+    def on_chunk(self, reply: Reply, s: RawSession) -> None:
+        """The reply to a BDAT command, once its whole chunk was sent."""
+        line = self.chunk_line
+        last = parse_bdat(line.rstrip(b"\r\n").partition(b" ")[2].strip().decode("utf-8", "surrogateescape"))
+        context = f"{self.connector}: {line!r} got {reply}\n{s.dump()}"
+        self.codes["BDAT", reply.code] += 1
+        if self.sender is None or not self.recipients:
+            assert reply.code == 503, f"BDAT outside a transaction: {context}"
+            return
+        assert last is not None
+        if not last[1]:
+            if reply.code == 250:
+                assert reply.text == f"2.6.0 CHUNK received OK, {last[0]} octets", context
+                self.chunking = True
+            else:
+                self.reset()
+            return
+        if reply.code == 250:
+            assert reply.text.startswith("2.6.0 ") and "Queued" in reply.text, f"250 to BDAT LAST: {context}"
+            self.accepted += 1
+        self.reset()
 
     def trips_guard(self, blob: bytes) -> bool:
         run, longest = self.unbroken, 0
@@ -326,6 +394,7 @@ class Model:
             return
         if reply.code == 354:
             assert verb == b"DATA", context
+            assert not self.chunking, f"DATA in a transaction begun with BDAT: {context}"
             assert self.sender is not None and self.recipients, f"DATA accepted without an envelope: {context}"
             self.in_data = True
         elif reply.code == 250 and verb in (b"EHLO", b"HELO", b"RSET"):
@@ -346,7 +415,7 @@ class Model:
             if not self.authenticated:
                 assert canonical(recipient) in VALID_RECIPIENTS, f"relay or unknown recipient accepted: {context}"
             self.recipients.append(recipient)
-        elif reply.code == 250 and verb in (b"MAIL", b"RCPT", b"DATA"):
+        elif reply.code == 250 and verb in (b"MAIL", b"RCPT", b"DATA", b"BDAT"):
             raise AssertionError(f"unexpected 250: {context}")
 
     def on_data_end(self, reply: Reply, s: RawSession) -> None:
@@ -360,7 +429,9 @@ class Model:
 
 CLOSING = (221, 421)
 MAX_PROTOCOL_ERRORS = 10  # the demo's connectors: the default
-VERBS = {b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY", b"HELP", b"AUTH", b"STARTTLS"}
+VERBS = {b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"BDAT", b"RSET", b"NOOP", b"QUIT", b"VRFY", b"HELP", b"AUTH",
+         b"STARTTLS"}
+BIG_CHUNK = 100_000  # a chunk still owed beyond this at the end: the session ends without it
 
 
 def read(s: RawSession, model: Model) -> Reply:
@@ -389,11 +460,18 @@ def play(s: RawSession, model: Model, blob: bytes) -> bool:
         s.send(blob)
         s.expect_closed()
         raise Closed
-    if not s.send(blob):
-        s.expect_closed()
-        raise AssertionError(f"the server closed the connection while we were sending\n{s.dump()}")
+    # A send that fails is fine only if the replies before it end the session (the fifth unknown
+    # command of a long blob closes the connection while the rest is still on its way).
+    sent = s.send(blob)
     stream, pos = model.pending + blob, 0
     while True:
+        if model.chunk:  # a chunk: exactly its size, whatever it holds
+            take = min(model.chunk, len(stream) - pos)
+            pos, model.chunk = pos + take, model.chunk - take
+            if model.chunk:
+                break
+            model.on_chunk(read(s, model), s)
+            continue
         if model.in_data:  # DATA lines end with CRLF; a line of one dot ends the message
             end = stream.find(CRLF, pos)
             if end < 0:
@@ -407,6 +485,12 @@ def play(s: RawSession, model: Model, blob: bytes) -> bool:
         if end < 0:
             break
         line, pos = stream[pos:end + 1], end + 1
+        if (size := model.bdat_size(line)) is not None:
+            model.chunk, model.chunk_line = size, line
+            if size:
+                continue
+            model.on_chunk(read(s, model), s)
+            continue
         if model.auth_pending and len(line) > 1000:
             # aiosmtpd's AUTH exchange reads with readline(), which answers an overlong line
             # in two parts; the model cannot follow, so the session ends here
@@ -418,6 +502,9 @@ def play(s: RawSession, model: Model, blob: bytes) -> bool:
         if line.rstrip(b"\r\n").upper() == b"STARTTLS" and reply.code == 220:
             model.pending = b""  # the server discards plaintext sent after STARTTLS
             return True
+    if not sent:
+        s.expect_closed()
+        raise AssertionError(f"the server closed the connection while we were sending\n{s.dump()}")
     model.pending = stream[pos:]
     return False
 
@@ -436,6 +523,7 @@ def run_session(address: tuple[str, int], source: str, connector: str, ehlo: boo
                 continue
             model.reset()
             model.auth_pending = model.in_data = False
+            model.chunk = 0
             if act.tls == "handshake":
                 s.starttls()
                 model.unbroken = 0
@@ -450,6 +538,12 @@ def run_session(address: tuple[str, int], source: str, connector: str, ehlo: boo
             s.half_close()  # the server must give up on the handshake and close, not wait
             s.expect_closed()
             raise Closed
+        if model.chunk > BIG_CHUNK:  # the server must give up on the chunk when we stop sending
+            s.half_close()
+            s.expect_closed()
+            raise Closed
+        if model.chunk:
+            play(s, model, (b"z" * 98 + CRLF) * (model.chunk // 100) + b"z" * (model.chunk % 100))
         for _ in range(3):  # end the session politely; QUIT may first answer an AUTH challenge
             if model.in_data or model.pending:
                 play(s, model, b"\r\n.\r\n")

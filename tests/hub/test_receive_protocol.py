@@ -1,15 +1,19 @@
 """The SMTP session over real sockets: what a connector offers (STARTTLS, AUTH, SIZE), the
 limits that close a connection, Exchange's replies, DATA read exactly as RFC 5321 says (no
-smuggling), and the fast reading of plain addresses. What each command is answered is in
+smuggling), BDAT (RFC 3030) and pipelined bursts (RFC 2920), and the fast reading of plain
+addresses. What each command is answered is in
 test_receive_handler.py (over sockets) and test_receive_policy.py (the decisions alone)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import select
 import smtplib
 import socket
+import ssl
 import uuid
+from typing import Any
 
 import pytest
 
@@ -155,6 +159,158 @@ def test_smtp_smuggling_does_not_split_a_message(site: Cluster) -> None:
     assert b"still the same message" in body and b"Subject: smuggled" in body
     assert "smuggled" not in site.subjects("carol@contoso.com")
     assert "smuggled" not in site.subjects("bob@contoso.com")
+
+
+# endregion
+
+# region: BDAT (RFC 3030) and PIPELINING (RFC 2920)
+
+
+def raw_session(site: Cluster, connector: str = "Internet", source: str = "127.0.0.2") -> tuple[socket.socket, Any]:
+    s = socket.create_connection(site.smtp(HUB, connector), timeout=10, source_address=(source, 0))
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"220")
+    return s, f
+
+
+def replies(f: Any, n: int) -> list[str]:
+    """The next ``n`` replies, each as its last line ("250 2.1.5 Recipient OK")."""
+    got = []
+    for _ in range(n):
+        while (line := f.readline())[3:4] == b"-":
+            pass
+        got.append(line.decode().rstrip("\r\n"))
+    return got
+
+
+def bdat(chunk: bytes, last: bool = False) -> bytes:
+    return b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b"") + chunk
+
+
+ENVELOPE = b"EHLO client.example\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<bob@contoso.com>\r\n"
+
+
+def test_pipelining_and_chunking_are_advertised(site: Cluster) -> None:
+    client = connect(site, "Internet", source="127.0.0.2")
+    assert "pipelining" in client.esmtp_features and "chunking" in client.esmtp_features
+    assert "binarymime" not in client.esmtp_features
+    client.quit()
+
+
+def test_one_bdat_last_takes_a_message_as_it_is_without_dot_stuffing(site: Cluster) -> None:
+    subject = f"bdat {uuid.uuid4().hex[:6]}"
+    # What would end (or split) a DATA section is plain content here, leading dots included.
+    message = (f"Subject: {subject}\r\n\r\n..two dots\r\n.\r\nMAIL FROM:<evil@example.org>\r\n"
+               "RCPT TO:<carol@contoso.com>\r\n\x00 and 8-bit \xff\r\n").encode("latin-1")
+    s, f = raw_session(site)
+    with s:
+        s.sendall(ENVELOPE + bdat(message, last=True))
+        got = replies(f, 4)
+        assert got[1:3] == ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"], got
+        assert got[3].startswith("250 2.6.0 ") and "Queued mail for delivery" in got[3], got
+        s.sendall(b"QUIT\r\n")
+    (item,) = site.wait_for_subject("bob@contoso.com", subject)
+    assert site.raw("bob@contoso.com", item["id"]).endswith(message.split(b"\r\n\r\n", 1)[1])
+    assert site.subjects("carol@contoso.com").count(subject) == 0
+
+
+def test_chunks_pipelined_in_one_write_make_one_message_and_bdat_0_last_ends_it(site: Cluster) -> None:
+    subject = f"chunks {uuid.uuid4().hex[:6]}"
+    message = f"Subject: {subject}\r\n\r\n".encode() + b"".join(b"line %d\r\n" % i for i in range(200))
+    parts = [message[:7], message[7:1001], message[1001:-1], message[-1:]]  # CRLFs split across chunks
+    s, f = raw_session(site)
+    with s:
+        s.sendall(ENVELOPE + b"".join(map(bdat, parts)) + bdat(b"", last=True))
+        got = replies(f, 3 + len(parts) + 1)
+        assert got[3:-1] == [f"250 2.6.0 CHUNK received OK, {len(p)} octets" for p in parts], got
+        assert got[-1].startswith("250 2.6.0 ") and "Queued mail" in got[-1], got
+        s.sendall(b"QUIT\r\n")
+    (item,) = site.wait_for_subject("bob@contoso.com", subject)
+    assert site.raw("bob@contoso.com", item["id"]).endswith(message.split(b"\r\n\r\n", 1)[1])
+
+
+def test_a_chunk_over_the_size_limit_is_refused_and_the_rest_read_and_dropped(site: Cluster) -> None:
+    s, f = raw_session(site, "Limited", source="127.0.0.1")  # 4 KB
+    with s:
+        s.sendall(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<bob@contoso.com>\r\n"
+                  + bdat(b"x" * 3000) + bdat(b"MAIL FROM:<b@example.org>\r\n" * 60) + bdat(b"NOOP\r\n", last=True)
+                  + b"NOOP\r\n")
+        assert replies(f, 7)[3:] == [
+            "250 2.6.0 CHUNK received OK, 3000 octets",
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "503 5.5.1 Need MAIL command",  # the transaction ended with the 552 (RFC 3030 §4.2)
+            "250 2.0.0 OK",  # in step: no octet of a chunk was taken for a command
+        ]
+        s.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<bob@contoso.com>\r\n" + bdat(b"x" * 5000, last=True)
+                  + b"MAIL FROM:<a@example.org>\r\n")
+        assert replies(f, 4) == ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK",
+                                 "552 5.3.4 Message size exceeds fixed maximum message size", "250 2.1.0 Sender OK"]
+
+
+def test_bdat_without_a_transaction_is_503_and_its_octets_are_still_read(site: Cluster) -> None:
+    s, f = raw_session(site)
+    with s:
+        chunk = b"RSET\r\nQUIT\r\n"  # octets of a chunk, never commands
+        s.sendall(b"EHLO client.example\r\n" + bdat(chunk, last=True) + b"MAIL FROM:<x@example.org>\r\n"
+                  + bdat(chunk) + b"NOOP\r\n" + b"BDAT 12 LAST\r\n")
+        assert replies(f, 5)[1:] == ["503 5.5.1 Need MAIL command", "250 2.1.0 Sender OK",
+                                     "503 5.5.2 Need rcpt command", "250 2.0.0 OK"]
+        s.sendall(b"QUIT\r\nQUIT")  # the 12 octets of the last BDAT: no reply before they are all here
+        assert select.select([s], [], [], 0.5)[0] == [], "a reply before the chunk was complete"
+        s.sendall(b"\r\n" + b"RSET\r\nBDAT x\r\n")
+        assert replies(f, 3) == ["503 5.5.2 Need rcpt command", "250 2.0.0 OK",
+                                 "501 5.5.4 Syntax: BDAT chunk-size [LAST]"]
+
+
+def test_data_in_a_transaction_begun_with_bdat_is_503_and_rset_clears_it(site: Cluster) -> None:
+    subject = f"after rset {uuid.uuid4().hex[:6]}"
+    s, f = raw_session(site)
+    with s:
+        s.sendall(ENVELOPE + bdat(b"Subject: dropped\r\n") + b"DATA\r\nRSET\r\n" + bdat(b"\r\nnot a message\r\n", True)
+                  + b"MAIL FROM:<x@example.org>\r\nRCPT TO:<bob@contoso.com>\r\n"
+                  + bdat(f"Subject: {subject}\r\n\r\nafter RSET\r\n".encode(), last=True))
+        got = replies(f, 9)
+        assert got[3:8] == ["250 2.6.0 CHUNK received OK, 18 octets", "503 5.5.1 Bad sequence of commands",
+                            "250 2.0.0 OK", "503 5.5.1 Need MAIL command", "250 2.1.0 Sender OK"], got
+        assert got[8] == "250 2.1.5 Recipient OK"
+        assert replies(f, 1)[0].startswith("250 2.6.0 ")
+    (item,) = site.wait_for_subject("bob@contoso.com", subject)
+    body = site.raw("bob@contoso.com", item["id"])
+    assert b"Subject: dropped" not in body and b"not a message" not in body
+
+
+def test_a_pipelined_burst_is_answered_in_order_in_one_write(site: Cluster) -> None:
+    subject = f"burst {uuid.uuid4().hex[:6]}"
+    # (4 of the 8 refused: under the 10 errors after which an anonymous session is closed)
+    rcpts = ["bob@contoso.com", "nobody@contoso.com", "carol@contoso.com", "friend@fabrikam.example"] * 2
+    s, f = raw_session(site)
+    with s:
+        s.sendall(b"EHLO client.example\r\nMAIL FROM:<x@example.org>\r\n"
+                  + b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts) + b"DATA\r\n")
+        # One write of the server reaches a loopback socket whole: the group's replies come in
+        # one recv when they were sent as one unit (RFC 2920 §3.2), not one segment per reply.
+        first = s.recv(65536)
+        assert first.endswith(b"\r\n354 Start mail input; end with <CRLF>.<CRLF>\r\n"), first
+        lines = [line for line in first.decode().split("\r\n") if line and line[3] == " "]
+        expected = {"bob@contoso.com": "250 2.1.5 Recipient OK", "carol@contoso.com": "250 2.1.5 Recipient OK",
+                    "nobody@contoso.com": "550 5.1.1 User unknown", "friend@fabrikam.example": "550 5.7.1 Unable to relay"}
+        assert lines[1:-1] == ["250 2.1.0 Sender OK", *(expected[r] for r in rcpts)], lines
+        s.sendall(f"Subject: {subject}\r\n\r\nburst\r\n.\r\nQUIT\r\n".encode())
+        assert f.readline().startswith(b"250 2.6.0 ")
+    for rcpt in ("bob@contoso.com", "carol@contoso.com"):
+        site.wait_for_subject(rcpt, subject)
+
+
+def test_commands_pipelined_after_starttls_are_discarded(site: Cluster) -> None:
+    s, f = raw_session(site, "Default", source="127.0.0.1")
+    s.sendall(b"EHLO client.example\r\nSTARTTLS\r\nMAIL FROM:<alice@contoso.com>\r\n")
+    assert replies(f, 2)[1].startswith("220 ")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with ctx.wrap_socket(s) as t:
+        f = t.makefile("rb")
+        t.sendall(b"EHLO client.example\r\nRCPT TO:<bob@contoso.com>\r\n")
+        assert replies(f, 2)[1] == "503 5.5.2 Need mail command", "the plaintext MAIL was acted on"
 
 
 # endregion

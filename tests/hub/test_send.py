@@ -43,7 +43,8 @@ def net(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     sinks = {}
     for i, ip in enumerate(("127.0.0.2", "127.0.0.3", "127.0.0.4"), start=1):
-        sinks[i] = Sink(tmp / f"sink{i}", host=ip, port=port)
+        # the first offers PIPELINING: the hub pipelines to it, and goes in lock step to the others
+        sinks[i] = Sink(tmp / f"sink{i}", host=ip, port=port, pipelining=i == 1)
         sinks[i].start()
     cluster = Cluster(redis_server.new_db(), tmp / "site", internet_org(dns, port), cwd=ROOT)
     try:
