@@ -21,7 +21,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
@@ -236,16 +236,16 @@ class MailboxStore:
     def _still_there(self, address: str, scope: tuple[str, ...], item_id: str, since: float) -> Path | None:
         """The item's file if it is still in the scope's folders, stored after ``since`` (its
         mtime: a copy the user deleted, or older than the window, is no duplicate)."""
-        for folder in scope:
-            folder_dir = self._folder_dir(address, folder)
-            # where this store puts it (a few stats), before a listing of cur/
-            for path in (folder_dir / "new" / item_id, folder_dir / "cur" / f"{item_id}:2,S",
-                         folder_dir / "cur" / f"{item_id}:2,"):
-                with contextlib.suppress(FileNotFoundError):
-                    return path if path.stat().st_mtime >= since else None
-        for folder in scope:
-            with contextlib.suppress(NotFoundError, FileNotFoundError):
-                path = self.locate(address, folder, item_id)
+        def places() -> Iterator[Path]:
+            dirs = [self._folder_dir(address, folder) for folder in scope]
+            for d in dirs:  # where this store puts it (a few stats), before any listing of cur/
+                yield from (d / "new" / item_id, d / "cur" / f"{item_id}:2,S", d / "cur" / f"{item_id}:2,")
+            for folder in scope:
+                with contextlib.suppress(NotFoundError):
+                    yield self.locate(address, folder, item_id)
+
+        for path in places():
+            with contextlib.suppress(FileNotFoundError):  # (or moved meanwhile: Outbox to Sent Items)
                 return path if path.stat().st_mtime >= since else None
         return None
 
