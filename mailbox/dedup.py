@@ -27,7 +27,7 @@ from mailyard import headers
 from mailyard.org import TransportSettings
 
 _NAME = re.compile(r"^(\d+)\.(?:Y([A-Za-z0-9_-]{1,64})|M\d+P\d+Q\d+)(?:\.I([0-9a-f]{24}))?\.")
-_HEAD_BYTES = 64 * 1024  # enough for any header block a message we take can have
+_HEAD_BYTES = 64 * 1024  # read of a file named without its digest (a Message-ID further down is not seen)
 
 
 @dataclass(frozen=True)
