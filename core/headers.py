@@ -114,6 +114,15 @@ def prepend(raw: bytes, *lines: str) -> bytes:
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
+def first_value(raw: bytes, name: str) -> bytes | None:
+    """The value of the first ``name`` field, unfolded and stripped, without parsing the rest
+    (a regular expression over the header block: cheap on every message)."""
+    head, _ = split(raw)
+    found = re.search(rb"^" + re.escape(name.encode()) + rb"[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", head,
+                      re.IGNORECASE | re.MULTILINE)
+    return b" ".join(found.group(1).split()) if found else None
+
+
 def hop_count(raw: bytes) -> int:
     """Number of Received headers (the hop count Exchange limits at 30)."""
     head, _ = split(raw)

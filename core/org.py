@@ -100,6 +100,11 @@ class TransportSettings(_Model):
     lease_time: Duration = 120  # how long a worker owns the items it took from a queue
     batch_size: int = Field(50, ge=1, le=1000)  # items a delivery task takes at once
     sweep_interval: Duration = 1
+    # A message whose Message-ID is already in the mailbox's folder (its Inbox; for a client's
+    # "Send", its Outbox or Sent Items) and was stored there less than this long ago is not
+    # stored again, whatever hub or path brought it (the Exchange store's duplicate
+    # detection; mailyard.mailbox.dedup). 0: off (a hub's retry is still stored once).
+    duplicate_detection_window: Duration = Field(2 * 86400, ge=0)
     # Send connectors' ConnectionInactivityTimeOut (Exchange 2010: 10 min): how long an SMTP
     # peer may stay silent (connecting, answering a command, taking DATA) before giving up.
     smtp_inactivity_timeout: Duration = 600

@@ -5,7 +5,8 @@ It is served over TLS only, with the server's certificate from the organization'
 For clients (what Outlook does over MAPI in Exchange), who log on with HTTP Basic as a
 mailbox (its address and password) or an operator (its name and password):
   POST /mailboxes/{address}/outbox                 "Send": a message into the Outbox (once per
-                                                   Message-ID: a retried request is no new mail);
+                                                   Message-ID within the duplicate detection
+                                                   window: a retried request is no new mail);
                                                    needs SendAs or SendOnBehalf on the mailbox
   GET  /mailboxes/{address}/folders/{folder}        list a folder        } need FullAccess
   GET  /mailboxes/{address}/folders/{folder}/{id}   one message          } on the mailbox
@@ -15,7 +16,8 @@ For hubs of this server's site, who present their client certificate (mutual TLS
   POST /hub/outbox/take                             take up to N waiting Outbox items (oldest
                                                    first), held for the hub for a while
   POST /hub/outbox/submitted                        pickup acknowledged: move them to Sent Items
-  POST /hub/deliver                                 deliver a batch to local mailboxes
+  POST /hub/deliver                                 deliver a batch to local mailboxes (once per
+                                                   message id, and per Message-ID in the window)
 No browser can forge a request: state changes take only ``application/json`` or
 ``message/rfc822`` bodies (never a "simple" cross-origin POST) and an ``Authorization``
 header, and a request whose ``Host`` does not name this server is refused (DNS rebinding).
@@ -238,7 +240,12 @@ def create_app(
         raw, message_id, recipients = prepare_outgoing(raw, owner, directory(), who)
         if len(raw) > limit:
             raise ApiError(413, f"message is {len(raw)} bytes; the limit is {limit}")
-        item_id, fresh = await _in_thread(store.submit, owner, message_id, raw)
+        try:
+            item_id, fresh = await _in_thread(store.submit, owner, message_id, raw)
+        except OSError as exc:  # (EIO, ENOSPC): nothing new is in the Outbox, or it is there once
+            log.error("submission of %s from %s failed: %s", message_id, owner, exc)
+            raise ApiError(503, f"the Outbox of {owner} cannot be written now ({exc.strerror}); send again "
+                                "with the same Message-ID, it is stored once", {"Retry-After": "5"}) from None
         fault("mailbox.outbox.stored")  # tests: die between the durable write and the notification
         if fresh:
             outbox.add(owner, item_id)

@@ -94,7 +94,7 @@ def serve(
     if site is None:
         known = ", ".join(sorted(directory.site_of_server)) or "none"
         raise SiteError(f"the organization has no mailbox server {server!r} (known: {known})")
-    store = MailboxStore(data_dir / server, server)
+    store = MailboxStore(data_dir / server, server, lambda: orgs.org.transport)
 
     def my_mailboxes() -> list[str]:
         return [m.address for m in orgs.org.mailboxes if m.server == server]

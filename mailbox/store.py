@@ -3,10 +3,10 @@
 Layout under the data directory: ``<address>/`` is the mailbox's Maildir (its Inbox) with
 the subfolders ``.Outbox`` and ``.Sent Items``, readable by any Maildir tool (and by the
 standard library's ``mailbox.Maildir``). Every write goes to ``tmp/``, is fsynced, then
-renamed into place, so nothing is ever half-written. Mailbox delivery is idempotent: a
-message delivered twice to the same mailbox (a hub retrying after a crash) is stored once,
-recorded by a marker under ``mailyard-delivered/`` (not a dot-folder, so Maildir tools do
-not take it for a folder).
+renamed into place, so nothing is ever half-written. A message is stored in a folder once:
+per hub delivery key (a hub retrying after a crash) and per Message-ID within the duplicate
+detection window, whatever path brought it; the marker is the file's own name
+(mailyard.mailbox.dedup).
 
 Mail is for its mailbox's eyes only: every directory is created 0700 and every file 0600
 (with that mode from the start, never a chmod afterwards); a directory of an older store that
@@ -15,12 +15,13 @@ others may enter is tightened to 0700 on the first use of its mailbox.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
@@ -30,11 +31,16 @@ from typing import IO, Any
 
 from mailyard.errors import NotFoundError
 from mailyard.headers import shown_addresses, shown_text
+from mailyard.mailbox import dedup
+from mailyard.org import TransportSettings
 
 FOLDERS = {"Inbox": "", "Outbox": ".Outbox", "Sent Items": ".Sent Items"}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_DELIVERED_ID = re.compile(r"\.Y([A-Za-z0-9_-]+)\.")
+# The scopes of duplicate detection: the Inbox, and a client's "Send" (its item moves from the
+# Outbox to Sent Items when a hub picks it up).
+INBOX: tuple[str, ...] = ("Inbox",)
+SENT: tuple[str, ...] = ("Outbox", "Sent Items")
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -103,14 +109,17 @@ def _fsync_dir(path: Path) -> None:
 class MailboxStore:
     """The Maildirs of the mailboxes one server holds."""
 
-    def __init__(self, root: Path, server: str) -> None:
+    def __init__(self, root: Path, server: str,
+                 settings: Callable[[], TransportSettings] = TransportSettings) -> None:
         self.root = Path(root)
         self.server = server
+        self._settings = settings  # (read per message: `org apply` changes the window live)
         self._host = socket.gethostname().replace("/", "_").replace(":", "_") or "mailyard"
         self._seq = 0
         self._lock = threading.Lock()
         self._mailbox_locks: dict[str, threading.Lock] = {}
         self._ready: set[str] = set()
+        self._indexes: dict[tuple[str, tuple[str, ...]], dedup.Index] = {}
         self.root.parent.mkdir(parents=True, exist_ok=True)
         _mkdir(self.root)
 
@@ -141,22 +150,11 @@ class MailboxStore:
                 _mkdir(base / sub / part)
             if sub:
                 (base / sub / "maildirfolder").touch(mode=FILE_MODE, exist_ok=True)
-        _mkdir(base / "mailyard-delivered")
-        self._recover(base)
-        self._ready.add(address)
-
-    def _recover(self, base: Path) -> None:
-        # A crash can leave a partial write in tmp/ (never visible), or a delivered message
-        # whose marker was not yet written; write the missing markers now.
+        # A crash can leave a partial write in tmp/ (never visible, never counted): clear it.
         for sub in FOLDERS.values():
             for leftover in (base / sub / "tmp").iterdir():
                 leftover.unlink(missing_ok=True)
-        marks = base / "mailyard-delivered"
-        for part in ("new", "cur"):
-            for entry in (base / part).iterdir():
-                m = _DELIVERED_ID.search(entry.name)
-                if m and not (marks / m.group(1)).exists():
-                    self._write_marker(marks / m.group(1), entry.name.split(":")[0])
+        self._ready.add(address)
 
     # endregion
 
@@ -164,74 +162,92 @@ class MailboxStore:
         with self._lock:
             return self._mailbox_locks.setdefault(address, threading.Lock())
 
-    def _new_id(self, key: str | None = None) -> str:
-        now = time.time()
+    def _new_id(self, now: float, key: str | None = None, message_digest: str | None = None) -> str:
         if key:
-            return f"{int(now)}.Y{key}.{self._host}"
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-        return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{seq}.{self._host}"
+            unique = f"Y{key}"
+        else:
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+            unique = f"M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{seq}"
+        return dedup.item_name(int(now), unique, message_digest, self._host)
 
-    def _write(self, folder_dir: Path, item_id: str, raw: bytes) -> None:
+    def _write(self, folder_dir: Path, item_id: str, raw: bytes,
+               visible: Callable[[], None] = lambda: None) -> None:
         tmp = folder_dir / "tmp" / item_id
-        with _open_new(tmp) as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, folder_dir / "new" / item_id)
+        try:
+            with _open_new(tmp) as fh:
+                fh.write(raw)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, folder_dir / "new" / item_id)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        # In the folder now, whatever happens next: ``visible`` counts it before the directory's
+        # fsync, which may fail (EIO) and be answered 4xx; the retry then finds it.
+        visible()
         _fsync_dir(folder_dir / "new")
 
     def put(self, address: str, folder: str, raw: bytes) -> str:
         """Store a message in a folder (Outbox for "Send"); returns its id once durable."""
         folder_dir = self._folder_dir(address, folder)
-        item_id = self._new_id()
+        item_id = self._new_id(time.time())
         self._write(folder_dir, item_id, raw)
         return item_id
 
     def submit(self, address: str, message_id: str, raw: bytes) -> tuple[str, bool]:
-        """"Send": store in the Outbox once per Message-ID; returns (item id, False if this
-        message was submitted before, when a client retries after a lost answer).
-
-        The marker naming the item is written first, so a crash in between leaves a marker
-        without its item, which the retry fills in; never two items for one message."""
-        base = self._maildir(address)
-        digest = hashlib.sha256(message_id.strip().encode()).hexdigest()[:32]
-        marker = base / "mailyard-submitted" / digest
-        with self._lock_for(address):
-            if marker.exists():
-                item_id = marker.read_text().strip()
-                if self.has(address, "Outbox", item_id) or self.has(address, "Sent Items", item_id):
-                    return item_id, False
-            else:
-                item_id = self._new_id()
-                _mkdir(marker.parent)
-                self._write_marker(marker, item_id)
-            self._write(self._folder_dir(address, "Outbox"), item_id, raw)
-        return item_id, True
+        """"Send": store in the Outbox once per Message-ID (within the window, in the Outbox or,
+        picked up since, in Sent Items); returns (item id, False if a client sent this message
+        before and retries after a lost answer)."""
+        return self._store_once(address, SENT, raw, None, dedup.digest(message_id))
 
     def deliver(self, address: str, key: str, raw: bytes) -> tuple[str, bool]:
-        """Deliver to the Inbox once per ``key``; returns (item id, False if a duplicate)."""
+        """Deliver to the Inbox once per ``key`` and per Message-ID within the window; returns
+        (item id, False if a duplicate: the one stored before)."""
         if not _KEY.match(key):
             raise ValueError(f"bad delivery key {key!r}")
-        base = self._maildir(address)
-        marker = base / "mailyard-delivered" / key
+        return self._store_once(address, INBOX, raw, key, dedup.digest_of(raw))
+
+    def _store_once(self, address: str, scope: tuple[str, ...], raw: bytes, key: str | None,
+                    message_digest: str | None) -> tuple[str, bool]:
+        self.ensure(address)
+        windows = dedup.Windows.of(self._settings())
         with self._lock_for(address):
-            if marker.exists():
-                return marker.read_text().strip(), False
-            item_id = self._new_id(key)
-            self._write(base, item_id, raw)
-            self._write_marker(marker, item_id)
+            now = time.time()  # (taken under the lock: the index stays in the order stored)
+            index = self._indexes.get((address, scope))
+            if index is None:  # the first use since the start: from the folder's names
+                index = dedup.build([self._folder_dir(address, f) for f in scope], windows, now)
+                self._indexes[(address, scope)] = index
+            for table, value, window in ((index.by_key, key, windows.key),
+                                         (index.by_digest, message_digest, windows.message_id)):
+                seen = table.get(value) if value else None
+                if seen and (found := self._still_there(address, scope, seen[0], now - window)):
+                    # Made durable again: the first answer may have been a failed fsync's 451.
+                    _fsync_dir(found.parent)
+                    return seen[0], False
+            item_id = self._new_id(now, key, message_digest)
+            index.trim(now, windows)
+            self._write(self._folder_dir(address, scope[0]), item_id, raw,
+                        lambda: index.add(item_id, now, key, message_digest))
         return item_id, True
 
-    def _write_marker(self, marker: Path, item_id: str) -> None:
-        tmp = marker.with_name(marker.name + ".tmp")
-        with _open_new(tmp, "w") as fh:
-            fh.write(item_id)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, marker)
-        _fsync_dir(marker.parent)
+    def _still_there(self, address: str, scope: tuple[str, ...], item_id: str, since: float) -> Path | None:
+        """The item's file if it is still in the scope's folders, stored after ``since`` (its
+        mtime: a copy the user deleted, or older than the window, is no duplicate)."""
+        def places() -> Iterator[Path]:
+            dirs = [self._folder_dir(address, folder) for folder in scope]
+            for d in dirs:  # where this store puts it (a few stats), before any listing of cur/
+                yield from (d / "new" / item_id, d / "cur" / f"{item_id}:2,S", d / "cur" / f"{item_id}:2,")
+            for folder in scope:
+                with contextlib.suppress(NotFoundError):
+                    yield self.locate(address, folder, item_id)
+
+        for path in places():
+            with contextlib.suppress(FileNotFoundError):  # (or moved meanwhile: Outbox to Sent Items)
+                return path if path.stat().st_mtime >= since else None
+        return None
 
     def locate(self, address: str, folder: str, item_id: str) -> Path:
         if not _ID.match(item_id):

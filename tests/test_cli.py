@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from mailyard import redisconn, tracking
+from mailyard import keys, redisconn, tracking
 from mailyard.testing.waiting import wait_until
 from mailyard.txn import Txn
 from tests.conftest import CONTOSO, ROOT
@@ -103,6 +103,27 @@ def test_send_show_queue_and_track_from_the_command_line(cluster_factory) -> Non
 
     bad = mailyard("mailbox", "show", "nobody@contoso.com", env=env, check=False)
     assert bad.returncode == 1 and "not a mailbox of this organization" in bad.stderr
+
+
+def test_a_send_whose_answer_is_lost_is_asked_again_and_is_one_message(cluster_factory) -> None:
+    site = cluster_factory()
+    # The mailbox server dies once the message is in the Outbox, before it answers (no hub runs:
+    # the Outbox keeps what it gets); restarted, as site up does
+    site.start_mailbox("MBX-AMS-01", faults="mailbox.outbox.stored=child")
+    site.supervise()
+    env = {"MAILYARD_REDIS_URL": site.redis_url, "MAILYARD_USER": site.operator[0],
+           "MAILYARD_PASSWORD": site.operator[1], "MAILYARD_CA_FILE": str(site.pki.cert_path)}
+    sent = json.loads(mailyard("send", "--from", "alice@contoso.com", "--to", "bob@contoso.com", "--subject",
+                               "answer lost", "--body", "once", "--json", env=env).stdout)
+    assert site.r.exists(keys.fault("mailbox.outbox.stored")), "the first answer was lost"
+    assert sent["duplicate"], "the answer is the resent request's: the message was there already"
+    outbox = [i for i in site.folder("alice@contoso.com", "Outbox") if i["subject"] == "answer lost"]
+    assert [(i["id"], i["message_id"]) for i in outbox] == [(sent["id"], sent["message_id"])]
+    # the same Message-ID, given again by the user, is no new mail either
+    again = json.loads(mailyard("send", "--from", "alice@contoso.com", "--to", "bob@contoso.com", "--subject",
+                                "answer lost", "--body", "once", "--message-id", sent["message_id"], "--json",
+                                env=env).stdout)
+    assert again["duplicate"] and again["id"] == sent["id"]
     usage = mailyard("send", "--from", "alice@contoso.com", "--subject", "x", env=env, check=False)
     assert usage.returncode == 2 and "exactly one of --body and --file" in usage.stderr
 

@@ -89,6 +89,14 @@ def test_prepend_puts_each_line_on_top_ending_in_crlf() -> None:
     assert out == b"Received: from hub1\r\nX-Trace: 1\r\nX-Plain: 2\r\nSubject: x\r\n\r\nbody"
 
 
+def test_first_value_is_the_first_fields_unfolded_in_any_case_and_never_the_bodys() -> None:
+    assert headers.first_value(MESSAGE, "subject") == b"Hello again"
+    assert headers.first_value(MESSAGE, "Bcc") == b"bob@contoso.com, carol@contoso.com"
+    assert headers.first_value(MESSAGE, "Received") == b"from a by b; Mon, 1 Dec 2026 10:00:00 +0000"
+    assert headers.first_value(b"X-Subject: no\nSubject : yes\n\n", "Subject") == b"yes"
+    assert headers.first_value(MESSAGE, "Message-ID") is None
+
+
 # endregion
 
 # region: hop count

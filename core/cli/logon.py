@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,12 +82,30 @@ def _password(password_file: Path | None) -> str | None:
     return os.environ.get(ENV_PASSWORD)
 
 
-def call(client: httpx.Client, server: str, method: str, url: str, **kw: Any) -> httpx.Response:
-    """One request to mailbox server ``server``; an error status becomes a MailyardError."""
-    try:
-        response = client.request(method, url, extensions=pki.sni(pki.Identity.mailbox(server)), **kw)
-    except httpx.HTTPError as exc:
-        raise MailyardError(f"cannot reach the mailbox server {server} at {url}: {exc}") from None
+def call(client: httpx.Client, server: str, method: str, url: str, *, resend_for: float = 0.0,
+         **kw: Any) -> httpx.Response:
+    """One request to mailbox server ``server``; an error status becomes a MailyardError.
+
+    ``resend_for`` (seconds), for a request that is safe to repeat (a message with its
+    Message-ID): sent again, until answered or for that long, after a 503 or once its answer
+    may have been lost (the connection broke, or timed out, after the request went out). A
+    server that cannot be reached at all is reported at once."""
+    deadline = time.monotonic() + resend_for
+    pause, went_out = 0.25, False
+    while True:
+        try:
+            response = client.request(method, url, extensions=pki.sni(pki.Identity.mailbox(server)), **kw)
+        except httpx.TransportError as exc:
+            went_out = went_out or not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+            if not went_out or time.monotonic() + pause > deadline:
+                raise MailyardError(f"cannot reach the mailbox server {server} at {url}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise MailyardError(f"cannot reach the mailbox server {server} at {url}: {exc}") from None
+        else:
+            if response.status_code != 503 or time.monotonic() + pause > deadline:
+                break
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
     if response.status_code >= 400:
         try:
             detail = response.json().get("error", response.text)

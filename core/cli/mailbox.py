@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
+from email.utils import make_msgid
 from pathlib import Path
 
 import click
 import redis
 
-from mailyard import pki, registry
+from mailyard import headers, pki, registry
 from mailyard.cli import logon
 from mailyard.cli.common import (
     connect,
@@ -24,6 +25,8 @@ from mailyard.cli.common import (
 from mailyard.errors import NotFoundError
 from mailyard.orgstore import OrgCache
 from mailyard.processes import setup_logging
+
+SEND_RETRY_TIME = 60.0  # seconds `send` asks again for an answer lost on the way (a mailbox server restarting)
 
 
 @click.group()
@@ -95,23 +98,33 @@ def show(address: str, folder: str, raw_id: str | None, user: str | None, passwo
 @click.option("--body", help="The message text.")
 @click.option("--file", "eml", type=click.Path(dir_okay=False, path_type=Path),
               help="Send this RFC 5322 file (its headers may be completed by --to/--subject).")
+@click.option("--message-id", help="The message's Message-ID, <unique@domain> (default: a new one; a "
+              "--file keeps its own). Sent again with the same one, it is no new mail.")
 @logon.logon_options
 @redis_option
 @json_option
 @handle_errors
 def send(sender: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tuple[str, ...], subject: str,
-         body: str | None, eml: Path | None, user: str | None, password_file: Path | None,
-         ca_file: Path | None, redis_url: str | None, data_dir: Path, as_json: bool) -> None:
+         body: str | None, eml: Path | None, message_id: str | None, user: str | None,
+         password_file: Path | None, ca_file: Path | None, redis_url: str | None, data_dir: Path,
+         as_json: bool) -> None:
     """Send a message from a mailbox (needs SendAs or SendOnBehalf on it): it goes into the
-    Outbox, a hub picks it up."""
+    Outbox, a hub picks it up. An answer lost on the way (the connection broke) is asked for
+    again for up to a minute: the mailbox stores a Message-ID once, so that is one message."""
     if (body is None) == (eml is None):
         raise click.UsageError("give exactly one of --body and --file")
+    if message_id is not None and not (message_id.startswith("<") and message_id.endswith(">")
+                                       and "@" in message_id and len(message_id.split()) == 1):
+        raise click.UsageError(f"--message-id: expected <unique@domain>, not {message_id!r}")
+    message_id = message_id or make_msgid(domain=sender.rpartition("@")[2] or None)
     if eml is not None:
         raw = eml.read_bytes()
         extra = "".join(f"{name}: {', '.join(values)}\r\n"
                         for name, values in (("To", to), ("Cc", cc), ("Bcc", bcc)) if values)
         if subject:
             extra += f"Subject: {subject}\r\n"
+        if headers.first_value(raw, "Message-ID") is None:
+            extra += f"Message-ID: {message_id}\r\n"
         raw = extra.encode() + raw
     else:
         if not (to or cc or bcc):
@@ -122,11 +135,12 @@ def send(sender: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tuple[str, 
             if values:
                 msg[name] = ", ".join(values)
         msg["Subject"] = subject
+        msg["Message-ID"] = message_id
         msg.set_content(body or "")
         raw = msg.as_bytes(policy=SMTP_POLICY)
     server, base = mailbox_url(connect(redis_url, data_dir), sender)
     with logon.resolve(data_dir, user, password_file, ca_file).client() as client:
-        data = logon.call(client, server, "POST", f"{base}/outbox", content=raw,
+        data = logon.call(client, server, "POST", f"{base}/outbox", content=raw, resend_for=SEND_RETRY_TIME,
                           headers={"Content-Type": "message/rfc822"}).json()
     if as_json:
         print_json(data)

@@ -91,7 +91,7 @@ class Stream:
         while True:  # keep trying until accepted, as a client would (bounded)
             try:
                 if kind == "smtp-in":
-                    self._smtp_in(rcpt, subject)
+                    self._smtp_in(rcpt, subject, message_id)
                 else:
                     self.site.send(sender, [rcpt], subject=subject, message_id=message_id)
                 self.sent.append(Sent(subject, kind, rcpt))
@@ -102,7 +102,7 @@ class Stream:
                     return
                 time.sleep(0.2)
 
-    def _smtp_in(self, rcpt: str, subject: str) -> None:
+    def _smtp_in(self, rcpt: str, subject: str, message_id: str) -> None:
         hubs = [h for h in registry.hubs(self.site.r) if "Internet" in h.endpoints and h.alive(3)]
         if not hubs:
             raise ConnectionError("no hub listening")
@@ -117,7 +117,7 @@ class Stream:
             # Only from here on can the receive connector have stored the message without the
             # client hearing so: a lost or late reply to DATA.
             try:
-                code, reply = client.data(f"Subject: {subject}\r\n\r\nfault test\r\n")
+                code, reply = client.data(f"Subject: {subject}\r\nMessage-ID: {message_id}\r\n\r\nfault test\r\n")
             except smtplib.SMTPResponseException:
                 raise  # refused with a reply: nothing was stored
             except (OSError, smtplib.SMTPServerDisconnected):

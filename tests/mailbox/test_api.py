@@ -7,14 +7,18 @@ import base64
 import json
 import os
 import signal
+import smtplib
+import time
+import uuid
 
 import httpx
 import pytest
 
-from mailyard import registry
+from mailyard import registry, tracking
 from mailyard.pki import Identity
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
+from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT, make_org
 
 
@@ -162,3 +166,96 @@ def test_sigterm_stops_a_server_at_once_with_status_0_though_a_client_keeps_a_co
     site.send("alice@contoso.com", ["bob@contoso.com"], subject="keep-alive")  # the pool's connection stays open
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.popen.wait(timeout=20) == 0, site.tail("MBX-AMS-01")
+
+
+# region: duplicate detection
+
+def test_the_same_message_id_delivered_by_two_hubs_is_stored_once(api, base, hub) -> None:
+    tag = uuid.uuid4().hex[:8]
+    raw = base64.b64encode(f"Subject: twice {tag}\r\nMessage-ID: <{tag}@contoso.com>\r\n\r\nx\r\n".encode()).decode()
+    texts = []
+    for key, name in ((f"a{tag}", "ams-1"), (f"b{tag}", "ams-2")):  # each hub's own message id
+        body = {"messages": [{"id": key, "recipients": ["bob@contoso.com"], "raw": raw}]}
+        (result,) = hub.post(base + "/hub/deliver", json=body, headers={"X-Mailyard-Hub": name}).json()["results"]
+        assert result["code"] == 250, result
+        texts.append(result["text"])
+    assert texts == ["STOREDRV.Deliver: delivered", "STOREDRV.Deliver: duplicate, stored once"]
+    assert api.subjects("bob@contoso.com").count(f"twice {tag}") == 1
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "message/rfc822"])
+def test_a_client_that_sends_again_after_a_lost_answer_makes_no_second_outbox_item(api, base, ctype) -> None:
+    tag = uuid.uuid4().hex[:8]
+    if ctype == "application/json":
+        body = json.dumps({"to": ["carol@contoso.com"], "subject": f"resent {tag}", "message_id": f"<{tag}@c>"})
+    else:
+        body = f"To: carol@contoso.com\r\nSubject: resent {tag}\r\nMessage-ID: <{tag}@c>\r\n\r\nhi\r\n"
+    answers = [api.http.post(base + "/mailboxes/bob@contoso.com/outbox", content=body,
+                             headers={"Content-Type": ctype}) for _ in range(2)]
+    assert [a.status_code for a in answers] == [202, 202], answers[1].text
+    first, again = (a.json() for a in answers)
+    assert (first["duplicate"], again["duplicate"]) == (False, True) and again["id"] == first["id"]
+    assert api.subjects("bob@contoso.com", "Outbox").count(f"resent {tag}") == 1
+
+
+def smtp_in(site: Cluster, hub: str, raw: bytes) -> None:
+    """A message from the Internet, into ``hub``'s Internet receive connector."""
+    host, port = site.smtp(hub, "Internet")
+    with smtplib.SMTP(host, port, local_hostname="sender.example", timeout=15,
+                      source_address=("127.0.0.2", 0)) as client:
+        client.sendmail("someone@fabrikam.example", ["bob@contoso.com"], raw)
+
+
+def test_a_message_id_is_stored_once_whatever_hub_or_path_brought_it_also_after_a_restart(
+        cluster_factory) -> None:
+    site = cluster_factory()
+    site.start_mailbox("MBX-AMS-01")
+    for name in ("ams-1", "ams-2"):
+        site.start_hub("Amsterdam", name)
+    tag = uuid.uuid4().hex[:8]
+    message_id, subject = f"<{tag}@contoso.com>", f"one copy {tag}"
+    smtp_raw = f"From: someone@fabrikam.example\r\nTo: bob@contoso.com\r\nSubject: {subject}\r\n" \
+               f"Message-ID: {message_id}\r\n\r\nthe same message, by another path\r\n".encode()
+
+    def deliveries() -> list[tracking.Record]:
+        return [r for r in tracking.search(site.r, message_id=message_id, event="DELIVER")
+                if "bob@contoso.com" in r.recipients]
+
+    def delivered(count: int) -> list[tracking.Record]:
+        """Once ``count`` deliveries of the message to bob have been answered, stored or not."""
+        wait_until(lambda: len(deliveries()) >= count, timeout=60,
+                   message=lambda: f"{count} deliveries of {message_id}: {deliveries()}\n{site.all_logs(20)}")
+        records = deliveries()
+        assert len(records) == count, records
+        return records
+
+    # Given it in bob's Inbox, sent by alice through the mailbox API (Outbox, a hub, the Inbox)
+    site.send("alice@contoso.com", ["bob@contoso.com"], subject=subject, message_id=message_id)
+    site.wait_for_subject("bob@contoso.com", subject)
+    # When it comes again from the Internet, through either hub's Internet receive connector
+    smtp_in(site, "ams-1", smtp_raw)
+    smtp_in(site, "ams-2", smtp_raw)
+    # Then both deliveries are answered "duplicate", and bob has it once
+    records = delivered(3)
+    assert [("duplicate" in " ".join(r.recipient_status)) for r in records] == [False, True, True], records
+    assert site.subjects("bob@contoso.com").count(subject) == 1
+
+    # When the copy is older than the window (2 days), the message is stored again
+    (item,) = [i for i in site.folder("bob@contoso.com") if i["subject"] == subject]
+    (path,) = (site.data_dir / "mailboxes" / "MBX-AMS-01" / "bob@contoso.com" / "new").glob(item["id"])
+    three_days_ago = time.time() - 3 * 86400
+    os.utime(path, (three_days_ago, three_days_ago))
+    smtp_in(site, "ams-1", smtp_raw)
+    delivered(4)
+    assert site.subjects("bob@contoso.com").count(subject) == 2
+
+    # And a restarted mailbox server still knows the new copy (its index is rebuilt from disk)
+    site.kill("MBX-AMS-01", signal.SIGTERM)
+    site.start_mailbox("MBX-AMS-01")
+    smtp_in(site, "ams-2", smtp_raw)
+    assert "duplicate" in " ".join(delivered(5)[-1].recipient_status)
+    assert site.subjects("bob@contoso.com").count(subject) == 2
+    resent = site.send("alice@contoso.com", ["bob@contoso.com"], subject=subject, message_id=message_id)
+    assert resent["duplicate"], "the Sent Items copy is a duplicate too, after the restart"
+
+# endregion
