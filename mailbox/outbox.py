@@ -66,5 +66,8 @@ class OutboxIndex:
         with self._lock:
             return list(self._leases)
 
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._leases
+
     def __len__(self) -> int:
         return len(self._leases)

@@ -117,7 +117,8 @@ def serve(
     url = advertise_url or f"https://{host if ':' not in host else f'[{host}]'}:{bound}"
     hosts = frozenset(h.lower() for h in (host, urlsplit(url).hostname or host, identity.dns_name))
 
-    service = SubmissionService(r, redis_url, orgs, server, outbox.items)
+    service = SubmissionService(r, redis_url, orgs, server, outbox.items,
+                                is_waiting=lambda mailbox, item: (mailbox, item) in outbox)
     app = create_app(
         server=server,
         site=site,

@@ -15,7 +15,6 @@ It reaches hubs only through the Celery task name and the hub registry in Redis.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -58,7 +57,7 @@ class Notifier:
         self.r = r
         self.app = app
         self.orgs = orgs
-        self._turn = itertools.count()
+        self._turn = 0  # kicks sent: the next one goes to the next hub
 
     def kick(self, server: str, *, avoid: str | None = None, again: bool = False) -> str | None:
         """Tell the next live hub of ``server``'s site that its Outboxes hold mail, unless a kick
@@ -74,7 +73,7 @@ class Notifier:
             return None
         if avoid in candidates and len(candidates) > 1:
             candidates.remove(avoid)
-        hub = candidates[next(self._turn) % len(candidates)]
+        hub = candidates[self._turn % len(candidates)]
         ttl = max(1, int(settings.submission_ack_timeout * 1000))
         if again:
             self.r.set(keys.submit_kick(server), hub, px=ttl)
@@ -82,14 +81,21 @@ class Notifier:
             pending = self.r.set(keys.submit_kick(server), hub, px=ttl, nx=True, get=True)
             if pending is not None:
                 return text_or_none(pending)
+        self._turn += 1  # (only for a kick sent: kicks, not messages, go round)
         self.app.send_task(TASK_PICKUP, args=[server], queue=hub_queue(hub))
         return hub
 
-    def renotify_due(self, server: str, *, limit: int = 100) -> int:
-        """Kick another hub for the items of ``server`` whose pickup was not acknowledged in time."""
+    def renotify_due(self, server: str, *, limit: int = 100,
+                     waiting: Callable[[str], bool] | None = None) -> int:
+        """Kick another hub for the items of ``server`` whose pickup was not acknowledged in time.
+        ``waiting`` (on the mailbox server itself) tells the items still in an Outbox: the others
+        (registered again by a scan that raced their acknowledgement) are let go."""
         org = self.orgs.org
         hold_ms = int(org.transport.submission_ack_timeout * 1000)
         due = texts(script(self.r, "due")(keys=[keys.submit_pending(server)], args=[now_ms(), limit, hold_ms]))
+        if waiting is not None and (gone := [ref for ref in due if not waiting(ref)]):
+            self.r.zrem(keys.submit_pending(server), *gone)
+            due = [ref for ref in due if waiting(ref)]
         if not due:
             return 0
         last = text_or_none(self.r.get(keys.submit_kick(server)))
@@ -110,6 +116,7 @@ class SubmissionService:
         orgs: OrgCache,
         server: str,
         outbox_items: Callable[[], Iterable[tuple[str, str]]],
+        is_waiting: Callable[[str, str], bool],
         *,
         scan_interval: float = 5.0,
     ) -> None:
@@ -118,6 +125,7 @@ class SubmissionService:
         self.notifier = Notifier(r, make_app(broker_url), orgs)
         self.orgs = orgs
         self._outbox_items = outbox_items
+        self._is_waiting = is_waiting  # (mailbox, item) is still in its Outbox
         self._scan_interval = scan_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -160,7 +168,11 @@ class SubmissionService:
         return sum(pipe.execute())
 
     def run_once(self) -> None:
-        self.notifier.renotify_due(self.server)
+        self.notifier.renotify_due(self.server, waiting=self._waiting)
+
+    def _waiting(self, ref: str) -> bool:
+        _, mailbox, item = parse_ref(ref)
+        return self._is_waiting(mailbox, item)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="submission", daemon=True)

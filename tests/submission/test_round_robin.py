@@ -14,7 +14,16 @@ def pickups_by_hub(r, subjects: set[str]) -> Counter:
     return Counter(rec.server for rec in tracking.search(r, event="RECEIVE") if rec.subject in subjects)
 
 
-def test_thirty_messages_spread_over_three_hubs_and_a_killed_hub_drops_out(cluster_factory) -> None:
+def send_one_by_one(site, subjects: list[str]) -> None:
+    """Send each once the one before has left alice's Outbox: each then gets a kick of its own
+    (mail that comes while a kick is pending goes with that hub's batch)."""
+    for s in subjects:
+        site.send("alice@contoso.com", ["carol@contoso.com"], subject=s)
+        wait_until(lambda: not site.subjects("alice@contoso.com", "Outbox"), timeout=30,
+                   message=lambda: f"alice's Outbox holds {site.subjects('alice@contoso.com', 'Outbox')}")
+
+
+def test_kicks_go_round_the_live_hubs_and_a_killed_hub_drops_out(cluster_factory) -> None:
     # Given a site with three hubs
     site = cluster_factory()
     site.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
@@ -22,33 +31,31 @@ def test_thirty_messages_spread_over_three_hubs_and_a_killed_hub_drops_out(clust
     for hub in hubs:
         site.wait_hub(hub)
 
-    # When 30 messages are sent
-    first = {f"rr first {i}" for i in range(30)}
-    for s in sorted(first):
-        site.send("alice@contoso.com", ["carol@contoso.com"], subject=s)
-    wait_until(lambda: first <= set(site.subjects("carol@contoso.com")), timeout=60,
-               message=lambda: f"missing {sorted(first - set(site.subjects('carol@contoso.com')))}")
+    # When 9 messages are sent one after another
+    first = [f"rr first {i}" for i in range(9)]
+    send_one_by_one(site, first)
+    wait_until(lambda: set(first) <= set(site.subjects("carol@contoso.com")), timeout=60,
+               message=lambda: f"missing {sorted(set(first) - set(site.subjects('carol@contoso.com')))}")
 
-    # Then every hub picked up some of them
-    counts = pickups_by_hub(site.r, first)
-    assert set(counts) == {"rr-1", "rr-2", "rr-3"}, f"pickups per hub: {dict(counts)}"
-    assert sum(counts.values()) == 30
+    # Then the hubs picked them up in turn
+    counts = pickups_by_hub(site.r, set(first))
+    # (3 each, unless a pickup slower than the ack timeout made the sweeper kick another hub)
+    assert set(counts) == {"rr-1", "rr-2", "rr-3"} and min(counts.values()) >= 2, f"pickups per hub: {dict(counts)}"
 
     # When one hub is killed, it leaves the rotation within the heartbeat timeout
     site.kill("rr-2")
     wait_until(lambda: "rr-2" not in site.live_hubs("Amsterdam"), timeout=30,
                message="rr-2 still counted as alive")
-    second = {f"rr second {i}" for i in range(20)}
-    for s in sorted(second):
-        site.send("alice@contoso.com", ["carol@contoso.com"], subject=s)
+    second = [f"rr second {i}" for i in range(6)]
+    send_one_by_one(site, second)
 
     # Then the next messages all go to the others, and none is lost or doubled
-    wait_until(lambda: second <= set(site.subjects("carol@contoso.com")), timeout=60,
-               message=lambda: f"missing {sorted(second - set(site.subjects('carol@contoso.com')))}")
-    later = pickups_by_hub(site.r, second)
-    assert "rr-2" not in later and sum(later.values()) == 20, dict(later)
+    wait_until(lambda: set(second) <= set(site.subjects("carol@contoso.com")), timeout=60,
+               message=lambda: f"missing {sorted(set(second) - set(site.subjects('carol@contoso.com')))}")
+    later = pickups_by_hub(site.r, set(second))
+    assert set(later) == {"rr-1", "rr-3"} and sum(later.values()) == 6, dict(later)
     inbox = Counter(site.subjects("carol@contoso.com"))
-    assert all(inbox[s] == 1 for s in first | second), {s: n for s, n in inbox.items() if n != 1}
+    assert all(inbox[s] == 1 for s in first + second), {s: n for s, n in inbox.items() if n != 1}
     assert not site.r.zcard(keys.submit_pending("MBX-AMS-01")), "every pickup was acknowledged"
 
 
