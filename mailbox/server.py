@@ -38,11 +38,19 @@ class _PeerH11(H11Protocol):
         self._shared = shared
         super().connection_made(_CutAfterRefusal(transport, shared))  # type: ignore[arg-type]
 
+    # A TLS close waits for the client's close_notify, up to asyncio's 30 s, and a client that
+    # holds an idle keep-alive connection open (the hubs' pools, an httpx client) never sends
+    # one: an idle connection is cut instead, and so is every connection once SIGTERM came
+    # (after its last response is written), or stopping would take those 30 s.
+
+    def timeout_keep_alive_handler(self) -> None:
+        self._shared["abort"] = True  # (nothing is in flight on an idle connection)
+        super().timeout_keep_alive_handler()
+
     def shutdown(self) -> None:
-        # The server is stopping (SIGTERM): a connection is cut once its last response is
-        # written. A TLS close would wait for the client's close_notify, which a client holding
-        # an idle keep-alive connection never sends: SIGTERM would take asyncio's 30 s.
         self._shared["abort"] = True
+        if self.transport.is_closing():  # a TLS close already under way: cut it short
+            self.transport.abort()
         super().shutdown()
 
 
