@@ -1,13 +1,16 @@
-"""A hub for unit tests of the stages' rules: real stage code over any queue implementation."""
+"""A hub for unit tests of the stages' rules (real stage code over any queue implementation), and
+what the tests of the send connectors share."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 
 from mailyard.directory import Directory
 from mailyard.hub.queues import MailQueues, Worker
 from mailyard.hub.records import Message, new_message_id
+from mailyard.internet.sink import Sink
 from mailyard.org import Organization, TransportSettings
 from mailyard.tracking import Record
 
@@ -52,3 +55,13 @@ def message(sender: str = "alice@contoso.com", *, subject: str = "hello", expire
 
 def record(msg: Message) -> Record:
     return Record("RECEIVE", source="SMTP", server="HUB-T1", sender=msg.sender, subject=msg.subject)
+
+
+def tag(label: str) -> str:
+    """A subject no other test uses."""
+    return f"{label} {uuid.uuid4().hex[:6]}"
+
+
+def at_sink(sink: Sink, domain: str, subject: str) -> list[dict]:
+    """The messages with ``subject`` that ``sink`` received for ``domain``."""
+    return [m for m in sink.messages(domain) if m["subject"] == subject]

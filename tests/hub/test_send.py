@@ -5,7 +5,6 @@ connection reuse, smart hosts with STARTTLS and AUTH, contacts and the Unreachab
 from __future__ import annotations
 
 import email
-import uuid
 from collections import Counter
 from email import policy
 from pathlib import Path
@@ -23,6 +22,7 @@ from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT, make_org
+from tests.hub.helpers import at_sink, tag
 
 
 def internet_org(dns: DnsServer, port: int, **changes) -> Organization:
@@ -57,14 +57,6 @@ def net(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory):
         for sink in sinks.values():
             sink.stop()
         dns.stop()
-
-
-def tag(label: str) -> str:
-    return f"{label} {uuid.uuid4().hex[:6]}"
-
-
-def at_sink(sink: Sink, domain: str, subject: str) -> list[dict]:
-    return [m for m in sink.messages(domain) if m["subject"] == subject]
 
 
 def ndr_status(site: Cluster, address: str, subject: str) -> list[tuple[str, str]]:

@@ -5,7 +5,6 @@ older kind (127.0.0.3: neither), with hubs in Amsterdam and London relaying to e
 from __future__ import annotations
 
 import email
-import uuid
 from email import policy
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT, make_org
+from tests.hub.helpers import at_sink, tag
 
 JURGEN = "jürgen@contoso.com"  # a mailbox in London, with an alias in an IDN accepted domain
 MODERN, OLD = "127.0.0.2", "127.0.0.3"
@@ -60,14 +60,6 @@ def net(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory):
         for sink in sinks.values():
             sink.stop()
         dns.stop()
-
-
-def tag(label: str) -> str:
-    return f"{label} {uuid.uuid4().hex[:6]}"
-
-
-def at_sink(sink: Sink, domain: str, subject: str) -> list[dict]:
-    return [m for m in sink.messages(domain) if m["subject"] == subject]
 
 
 def text(msg: email.message.Message) -> str:
