@@ -342,7 +342,9 @@ def create_app(
         return {"results": results}
 
     def _deliver_all(work: list[tuple[str, list[str], bytes]], hub: str) -> list[dict[str, Any]]:
-        results = []
+        results: list[dict[str, Any] | None] = []
+        batch: list[tuple[str, str, bytes]] = []  # (mailbox, key, message) for the store, at once
+        slots: list[tuple[int, str, str]] = []  # (where its result goes, key, recipient as given)
         d = directory()
         for key, recipients, raw in work:
             for rcpt in recipients:
@@ -351,25 +353,24 @@ def create_app(
                     results.append(_result(key, rcpt, 550, "5.1.1",
                                            f"STOREDRV.Deliver: no mailbox {rcpt} on {server}"))
                     continue
-                stamped = _received(hub, server, key, entry.address) + raw
-                try:
-                    store.ensure(entry.address)
-                    _, fresh = store.deliver(entry.address, key, stamped)
-                except OSError as exc:
-                    log.error("delivery of %s to %s failed: %s", key, rcpt, exc)
-                    results.append(_result(key, rcpt, 451, "4.3.2", f"STOREDRV.Deliver: {exc.strerror}"))
-                    continue
-                text = "STOREDRV.Deliver: delivered" if fresh else "STOREDRV.Deliver: duplicate, stored once"
-                results.append(_result(key, rcpt, 250, "2.0.0", text))
-        return results
+                slots.append((len(results), key, rcpt))
+                results.append(None)
+                batch.append((entry.address, key, _received(hub, server, key, entry.address) + raw))
+        # One directory fsync per Inbox for the whole batch; each file still fsynced on its own.
+        for (at, key, rcpt), stored in zip(slots, store.deliver_many(batch), strict=True):
+            if isinstance(stored, OSError):
+                log.error("delivery of %s to %s failed: %s", key, rcpt, stored)
+                results[at] = _result(key, rcpt, 451, "4.3.2", f"STOREDRV.Deliver: {stored.strerror}")
+                continue
+            text = "STOREDRV.Deliver: delivered" if stored[1] else "STOREDRV.Deliver: duplicate, stored once"
+            results[at] = _result(key, rcpt, 250, "2.0.0", text)
+        return [r for r in results if r is not None]
 
     # endregion
     return app
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    from starlette.concurrency import run_in_threadpool
-
     return await run_in_threadpool(fn, *args)
 
 
