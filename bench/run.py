@@ -287,13 +287,21 @@ def mailbox_run(args: argparse.Namespace, site: Site, name: str) -> dict:
         await asyncio.gather(*(client(queue) for _ in range(args.sessions)))
         return time.monotonic() - start
 
+    # CPU per part too (the sending mailbox server, the receiving one, the hubs, Redis): where
+    # the path's cost lies.
+    roles = {p.name: [p.pid] for p in site.cluster.procs.values() if p.role == "mailbox"}
+    roles["hubs"] = [p.pid for p in site.cluster.procs.values() if p.role == "hub"]
+    roles["redis"] = [site.redis.proc.pid]  # type: ignore[union-attr]
     quiet()
     cpu0 = cpu_seconds(site.site_pids())
+    role0 = {role: cpu_seconds(pids) for role, pids in roles.items()}
     wall = asyncio.run(go())
     deadline = time.monotonic() + max(120, args.messages / 20)
     while time.monotonic() < deadline and len(list(inbox.iterdir())) < len(accepted):
         time.sleep(0.2)
     cpu = cpu_seconds(site.site_pids()) - cpu0
+    per_role = {role: round(1000 * (cpu_seconds(pids) - role0[role]) / max(1, len(accepted)), 2)
+                for role, pids in roles.items()}
     arrivals = []
     for path in inbox.iterdir():
         head = path.read_bytes()[:4096]
@@ -303,7 +311,8 @@ def mailbox_run(args: argparse.Namespace, site: Site, name: str) -> dict:
     load = Load("", 0, 0, 0, ["carol@contoso.com"])
     load.accepted = accepted
     result = summarize(name, load, arrivals, 1, wall, cpu, 0.0)
-    print(line(result), flush=True)
+    result["cpu_ms_per_message_by_role"] = per_role
+    print(line(result), f"by role (ms/msg): {per_role}", flush=True)
     return result
 
 

@@ -98,12 +98,61 @@ def _open_new(path: Path, mode: str = "wb") -> IO[Any]:
     return os.fdopen(fd, mode)
 
 
+def _rename_or_drop(tmp: Path, target: Path) -> None:
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _DirSync:
+    """Group commit of one directory's fsync: a writer whose rename is done waits for an
+    fsync of the directory that began after it, and runs one itself if none is under way, so
+    writers that renamed while one ran share the next (one fsync for all of them, not one
+    each). The error of the fsync that covered a writer is raised to that writer."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._started = 0  # fsyncs begun (numbered from 1), one at a time
+        self._done = 0  # the last fsync finished
+        self._failed: dict[int, OSError] = {}  # (kept a while: its writers wake to read it)
+
+    def sync(self) -> None:
+        with self._cond:
+            mine = self._started + 1  # the first fsync to begin after this writer's rename
+            while self._done < mine:
+                if self._started == self._done:  # none under way: this writer runs the next one
+                    self._started += 1
+                    number = self._started
+                    self._cond.release()
+                    try:
+                        _fsync_dir(self.path)
+                        error = None
+                    except OSError as exc:
+                        error = exc
+                    finally:
+                        self._cond.acquire()
+                    self._done = number
+                    if error is not None:
+                        self._failed[number] = error
+                        for old in [n for n in self._failed if n < number - 10_000]:
+                            del self._failed[old]
+                    self._cond.notify_all()
+                else:
+                    self._cond.wait()
+            if mine in self._failed:
+                raise self._failed[mine]
 
 
 class MailboxStore:
@@ -120,6 +169,7 @@ class MailboxStore:
         self._mailbox_locks: dict[str, threading.Lock] = {}
         self._ready: set[str] = set()
         self._indexes: dict[tuple[str, tuple[str, ...]], dedup.Index] = {}
+        self._dir_syncs: dict[Path, _DirSync] = {}
         self.root.parent.mkdir(parents=True, exist_ok=True)
         _mkdir(self.root)
 
@@ -172,29 +222,35 @@ class MailboxStore:
             unique = f"M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{seq}"
         return dedup.item_name(int(now), unique, message_digest, self._host)
 
-    def _write(self, folder_dir: Path, item_id: str, raw: bytes,
-               visible: Callable[[], None] = lambda: None) -> None:
-        tmp = folder_dir / "tmp" / item_id
+    def _dir_sync(self, directory: Path) -> _DirSync:
+        with self._lock:
+            found = self._dir_syncs.get(directory)
+            if found is None:
+                found = self._dir_syncs[directory] = _DirSync(directory)
+            return found
+
+    def _write_tmp(self, folder_dir: Path, raw: bytes) -> Path:
+        """The message in the folder's tmp/, fsynced (under a name of its own: the item's is
+        chosen when it goes into new/)."""
+        tmp = folder_dir / "tmp" / self._new_id(time.time())
         try:
             with _open_new(tmp) as fh:
                 fh.write(raw)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.rename(tmp, folder_dir / "new" / item_id)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise
-        # In the folder now, whatever happens next: ``visible`` counts it before the directory's
-        # fsync, which may fail (EIO) and be answered 4xx; the retry then finds it.
-        visible()
-        _fsync_dir(folder_dir / "new")
+        return tmp
 
     def put(self, address: str, folder: str, raw: bytes) -> str:
         """Store a message in a folder (Outbox for "Send"); returns its id once durable."""
         folder_dir = self._folder_dir(address, folder)
+        tmp = self._write_tmp(folder_dir, raw)
         item_id = self._new_id(time.time())
-        self._write(folder_dir, item_id, raw)
+        _rename_or_drop(tmp, folder_dir / "new" / item_id)
+        self._dir_sync(folder_dir / "new").sync()
         return item_id
 
     def submit(self, address: str, message_id: str, raw: bytes) -> tuple[str, bool]:
@@ -206,32 +262,90 @@ class MailboxStore:
     def deliver(self, address: str, key: str, raw: bytes) -> tuple[str, bool]:
         """Deliver to the Inbox once per ``key`` and per Message-ID within the window; returns
         (item id, False if a duplicate: the one stored before)."""
-        if not _KEY.match(key):
-            raise ValueError(f"bad delivery key {key!r}")
-        return self._store_once(address, INBOX, raw, key, dedup.digest_of(raw))
+        result = self.deliver_many([(address, key, raw)])[0]
+        if isinstance(result, OSError):
+            raise result
+        return result
+
+    def deliver_many(self, messages: list[tuple[str, str, bytes]]) -> list[tuple[str, bool] | OSError]:
+        """``deliver`` for a batch of (mailbox, key, message): each file fsynced, and each
+        directory once for the whole batch (group commit); a result per message, in order, or
+        the OSError that kept it from being durable (each of those is safe to retry)."""
+        for _, key, _ in messages:
+            if not _KEY.match(key):
+                raise ValueError(f"bad delivery key {key!r}")
+        placed: list[tuple[str, bool, Path] | OSError] = []
+        for address, key, raw in messages:
+            try:
+                placed.append(self._place(address, INBOX, raw, key, dedup.digest_of(raw)))
+            except OSError as exc:
+                placed.append(exc)
+        synced: dict[Path, OSError | None] = {}
+        for entry in placed:
+            if not isinstance(entry, OSError) and entry[2] not in synced:
+                try:
+                    self._dir_sync(entry[2]).sync()
+                    synced[entry[2]] = None
+                except OSError as exc:
+                    synced[entry[2]] = exc
+        return [entry if isinstance(entry, OSError) else synced[entry[2]] or (entry[0], entry[1])
+                for entry in placed]
 
     def _store_once(self, address: str, scope: tuple[str, ...], raw: bytes, key: str | None,
                     message_digest: str | None) -> tuple[str, bool]:
+        item_id, fresh, directory = self._place(address, scope, raw, key, message_digest)
+        self._dir_sync(directory).sync()
+        return item_id, fresh
+
+    def _place(self, address: str, scope: tuple[str, ...], raw: bytes, key: str | None,
+               message_digest: str | None) -> tuple[str, bool, Path]:
+        """Put the message into the first folder of ``scope`` unless a copy is there (within the
+        windows): (item id, False if that copy, the directory to fsync before it counts).
+
+        Only the check and the rename hold the mailbox's lock: the file's own fsync before it,
+        and the directory's after it, overlap with other writers (group commit)."""
         self.ensure(address)
         windows = dedup.Windows.of(self._settings())
+        with self._lock_for(address):  # a retry finds its first copy without writing anything
+            found = self._stored_copy(address, scope, key, message_digest, windows)
+        if found:
+            return found[0], False, found[1].parent
+        folder_dir = self._folder_dir(address, scope[0])
+        tmp = self._write_tmp(folder_dir, raw)
         with self._lock_for(address):
+            found = self._stored_copy(address, scope, key, message_digest, windows)  # (meanwhile?)
+            if found:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                return found[0], False, found[1].parent
             now = time.time()  # (taken under the lock: the index stays in the order stored)
-            index = self._indexes.get((address, scope))
-            if index is None:  # the first use since the start: from the folder's names
-                index = dedup.build([self._folder_dir(address, f) for f in scope], windows, now)
-                self._indexes[(address, scope)] = index
-            for table, value, window in ((index.by_key, key, windows.key),
-                                         (index.by_digest, message_digest, windows.message_id)):
-                seen = table.get(value) if value else None
-                if seen and (found := self._still_there(address, scope, seen[0], now - window)):
-                    # Made durable again: the first answer may have been a failed fsync's 451.
-                    _fsync_dir(found.parent)
-                    return seen[0], False
+            index = self._index(address, scope, windows, now)
             item_id = self._new_id(now, key, message_digest)
             index.trim(now, windows)
-            self._write(self._folder_dir(address, scope[0]), item_id, raw,
-                        lambda: index.add(item_id, now, key, message_digest))
-        return item_id, True
+            _rename_or_drop(tmp, folder_dir / "new" / item_id)
+            # In the folder now, whatever happens next: counted before the directory's fsync,
+            # which may fail (EIO) and be answered 4xx; the retry then finds it.
+            index.add(item_id, now, key, message_digest)
+        return item_id, True, folder_dir / "new"
+
+    def _index(self, address: str, scope: tuple[str, ...], windows: dedup.Windows, now: float) -> dedup.Index:
+        index = self._indexes.get((address, scope))
+        if index is None:  # the first use since the start: from the folder's names
+            index = dedup.build([self._folder_dir(address, f) for f in scope], windows, now)
+            self._indexes[(address, scope)] = index
+        return index
+
+    def _stored_copy(self, address: str, scope: tuple[str, ...], key: str | None, message_digest: str | None,
+                     windows: dedup.Windows) -> tuple[str, Path] | None:
+        """The copy stored within the windows, by key or Message-ID (the mailbox's lock held)."""
+        now = time.time()
+        index = self._index(address, scope, windows, now)
+        for table, value, window in ((index.by_key, key, windows.key),
+                                     (index.by_digest, message_digest, windows.message_id)):
+            seen = table.get(value) if value else None
+            if seen and (path := self._still_there(address, scope, seen[0], now - window)):
+                return seen[0], path
+        return None
 
     def _still_there(self, address: str, scope: tuple[str, ...], item_id: str, since: float) -> Path | None:
         """The item's file if it is still in the scope's folders, stored after ``since`` (its
@@ -279,7 +393,7 @@ class MailboxStore:
             os.rename(path, dst_dir / (item_id + (":2,S" if seen else ":2,")))
             touched.update((dst_dir, path.parent))
         for directory in touched:
-            _fsync_dir(directory)
+            self._dir_sync(directory).sync()
 
     def has(self, address: str, folder: str, item_id: str) -> bool:
         try:

@@ -143,8 +143,14 @@ class SubmissionService:
             tracking.add(txn, Record(Event.SUBMIT, source="STOREDRIVER", server=self.server, sender=mailbox,
                                      context=f"Mailbox:{mailbox}, Item:{item}"),
                          org.transport.message_tracking_log_max_age)
-            txn.run(self.r)
-            if self.notifier.kick(self.server) is None:
+            # One round trip: the registration, and whether a kick is pending already (under load
+            # it is: the hub it names takes this item with its batch, as it would after a kick,
+            # since the item is in the Outbox index before this asks).
+            pipe = self.r.pipeline(transaction=False)
+            script(self.r, "txn")(keys=[], args=txn.argv(), client=pipe)
+            pipe.get(keys.submit_kick(self.server))
+            _, pending = pipe.execute()
+            if pending is None and self.notifier.kick(self.server) is None:
                 self.r.zadd(keys.submit_pending(self.server), {ref: now_ms()}, xx=True)
         except redis.RedisError as exc:
             # The message is safe in the Outbox; the periodic scan registers it later.

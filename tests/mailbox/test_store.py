@@ -280,3 +280,83 @@ def test_a_failed_write_never_stores_a_second_copy_across_retries(nobodys_dir, b
     assert seen["restarted"] is False and len(seen["files"]) == 2 and seen["tmp"] == [], seen
 
 # endregion
+
+
+# region: group commit (each file fsynced; a directory's fsync shared)
+
+
+def count_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from mailyard.mailbox import store as store_module
+
+    real, seen = store_module._fsync_dir, []
+
+    def counting(path: Path) -> None:
+        seen.append(f"{path.parent.name}/{path.name}")
+        real(path)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", counting)
+    return seen
+
+
+def test_a_batch_delivery_fsyncs_each_inbox_once(store, monkeypatch) -> None:
+    store.ensure("c@t.example")
+    fsyncs = count_dir_fsyncs(monkeypatch)
+    results = store.deliver_many([("b@t.example", "k1", with_id("<a@t>")), ("c@t.example", "k1", with_id("<a@t>")),
+                                  ("b@t.example", "k2", with_id("<b@t>")), ("b@t.example", "k1", with_id("<a@t>"))])
+    assert [fresh for _, fresh in results] == [True, True, True, False]  # (the last: k1 again, stored once)
+    assert sorted(fsyncs) == ["b@t.example/new", "c@t.example/new"]
+    assert len(store.list("b@t.example", "Inbox")) == 2
+
+
+def test_a_failed_directory_fsync_fails_each_message_of_that_inbox_and_a_retry_finds_them(store, monkeypatch) -> None:
+    store.ensure("c@t.example")
+    from mailyard.mailbox import store as store_module
+
+    real = store_module._fsync_dir
+
+    def failing(path: Path) -> None:
+        if path.parent.name == "b@t.example":
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", failing)
+    batch = [("b@t.example", "k1", with_id("<a@t>")), ("c@t.example", "k1", with_id("<a@t>"))]
+    first = store.deliver_many(batch)
+    assert isinstance(first[0], OSError) and first[1] == (first[1][0], True)  # type: ignore[index]
+    monkeypatch.setattr(store_module, "_fsync_dir", real)
+    again = store.deliver_many(batch)
+    assert [fresh for _, fresh in again] == [False, False]  # type: ignore[misc]
+    assert len(store.list("b@t.example", "Inbox")) == 1
+
+
+def test_concurrent_sends_share_directory_fsyncs_and_each_returns_after_one_that_saw_it(
+        store, monkeypatch) -> None:
+    import threading
+
+    from mailyard.mailbox import store as store_module
+
+    real, listings = store_module._fsync_dir, []
+
+    def slow(path: Path) -> None:
+        listings.append(set(os.listdir(path)))  # what this fsync makes durable: the names there as it begins
+        time.sleep(0.05)
+        real(path)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", slow)
+    uncovered: list[str] = []
+
+    def send(n: int) -> None:
+        item, fresh = store.submit("b@t.example", f"<{n}@t>", with_id(f"<{n}@t>"))
+        if not (fresh and any(item in names for names in listings)):
+            uncovered.append(item)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not uncovered, "every Send returns after a directory fsync that began after its rename"
+    assert len(store.ids("b@t.example", "Outbox")) == 8
+    assert 1 <= len(listings) < 8, f"8 concurrent Sends share the fsyncs of .Outbox/new: {len(listings)}"
+
+# endregion
