@@ -155,6 +155,36 @@ class Site:
         assert self.sink_proc
         return self.sink_proc.pid
 
+    def harness_pids(self) -> list[int]:
+        """What runs for the measurement but is not the site: the sink."""
+        return [self.sink_pid()]
+
+    def internet_endpoints(self) -> list[tuple[str, int]]:
+        """Every hub's ``Internet`` receive connector (anonymous, for the organization's own
+        domains: a client from 127.0.0.2 gets it, 127.0.0.1 gets ``Default``)."""
+        assert self.cluster
+        return [self.cluster.smtp(f"bench-{i}", "Internet") for i in range(1, self.hubs + 1)]
+
+    def inbox(self, server: str, address: str) -> Path:
+        """The ``new/`` directory of a mailbox's Inbox on a mailbox server."""
+        return self.work / "site" / "mailboxes" / server / address / "new"
+
+    def settle(self, timeout: float = 120) -> None:
+        """Wait until every delivery and redelivery is over (nothing in flight, no lease
+        left, no retry due, no Outbox pickup unacknowledged, every Outbox empty), so that an
+        exactly-once count sees the copies a redelivery would add."""
+        from mailyard.testing.quiet import wait_quiet
+
+        assert self.cluster
+        outboxes = list((self.work / "site" / "mailboxes").glob("*/*/.Outbox"))
+
+        def waiting() -> list[str]:
+            return [f"{box.parent.name}'s Outbox holds {n}" for box in outboxes
+                    if (n := sum(1 for sub in ("new", "cur") if (box / sub).is_dir()
+                                 for _ in (box / sub).iterdir()))]
+
+        wait_quiet(self.cluster.r, timeout=timeout, settle=1.0, also=waiting)
+
     def read_arrivals(self) -> list[tuple[str, str, float]]:
         assert self.sink_log
         return self.sink_log.arrivals()
