@@ -53,6 +53,24 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (every CPU, anything but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / TICK
+
+
+class Others:
+    """How much CPU work not of this measurement (other engineers' on a shared machine) ran
+    beside it: the machine's busy time minus what the measured processes used."""
+
+    def __init__(self) -> None:
+        self.busy0, self.t0 = machine_busy_seconds(), time.monotonic()
+
+    def cores(self, measured_cpu: float) -> float:
+        wall = time.monotonic() - self.t0
+        return round(max(0.0, machine_busy_seconds() - self.busy0 - measured_cpu) / max(wall, 1e-9), 2)
+
+
 def bench_org(dns: DnsServer, sink_port: int) -> Organization:
     data = load_org(ROOT / "deploy" / "contoso.toml").model_dump(mode="json")
     data["transport"].update({"dns_servers": [dns.address], "sweep_interval": "1s"})
@@ -154,6 +172,14 @@ class Site:
     def sink_pid(self) -> int:
         assert self.sink_proc
         return self.sink_proc.pid
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far of each of the site's processes with its children (a hub's
+        receive and pool processes are its children), and Redis's."""
+        assert self.cluster and self.redis and self.redis.proc
+        out = {name: cpu_seconds([proc.pid]) for name, proc in self.cluster.procs.items()}
+        out["redis"] = cpu_seconds([self.redis.proc.pid])
+        return out
 
     def harness_pids(self) -> list[int]:
         """What runs for the measurement but is not the site: the sink."""

@@ -33,7 +33,7 @@ from typing import Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ctools
-from harness import DOMAIN, Site, cpu_seconds, quiet
+from harness import DOMAIN, Others, Site, cpu_seconds, quiet
 from load import Load
 from maildir import MaildirArrivals
 from results import write
@@ -114,6 +114,7 @@ def inject(args: argparse.Namespace, site: Arrivals, endpoints: list[tuple[str, 
     site.reset_arrivals()
     quiet()
     cpu0_site, cpu0_sink = cpu_seconds(pids), cpu_seconds(site.harness_pids())
+    others = Others()
     r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     merged = Load("", 0, 0, 0, recipients)
     if c_tools:
@@ -150,6 +151,7 @@ def inject(args: argparse.Namespace, site: Arrivals, endpoints: list[tuple[str, 
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_load = sum(b.ru_utime - a.ru_utime + b.ru_stime - a.ru_stime for a, b in ((r0, r1), (c0, c1)))
     cpu_other = cpu_load + cpu_seconds(site.harness_pids()) - cpu0_sink
+    others_cores = others.cores(cpu_site + cpu_other)
     arrivals = counted_after(arrivals, settle, lambda: site.wait_arrivals(0, 0))
     if c_tools:  # every message smtp-source sent counts as accepted, at the moment it finished
         stamp = time.time()
@@ -164,13 +166,16 @@ def inject(args: argparse.Namespace, site: Arrivals, endpoints: list[tuple[str, 
     else:
         result = summarize(name, merged, arrivals, args.recipients, wall, cpu_site, cpu_other)
     result["load"] = "smtp-source" if c_tools else ("python, paced" if rate else "python")
+    result["other_work_cores"] = others_cores
     return result
 
 
 def measure(args: argparse.Namespace, name: str, run: Callable[[int, float], dict]) -> dict:
     """Peak throughput, then latency at half of it (the target's condition): one result.
     ``run(messages, rate)`` sends and measures (rate 0: as fast as it goes)."""
+    load_before = [round(x, 2) for x in os.getloadavg()]  # other work on the machine, as uptime says it
     peak = run(args.messages, 0.0)
+    peak["loadavg_before"] = load_before
     rate = (peak["delivered_per_s"] or 0) / 2
     if rate and args.variant in ("relay", "mailbox", "smtp-mailbox"):
         count = int(min(4000, max(300, rate * 20), args.paced_max))
@@ -181,6 +186,7 @@ def measure(args: argparse.Namespace, name: str, run: Callable[[int, float], dic
             if peak[key] is not None:
                 peak["saturated_" + key] = peak[key]
             peak[key] = paced[key]
+        peak["paced_other_work_cores"] = paced.get("other_work_cores")
         peak["paced_exactly_once"] = paced["exactly_once"]
         peak["exactly_once"] = peak["exactly_once"] and paced["exactly_once"]
         peak["missing"] += paced["missing"]
@@ -213,7 +219,8 @@ def line(r: dict) -> str:
     return (f"{r['name']:<28} accepted {r['accepted_per_s']:>7}/s  delivered {r['delivered_per_s']:>7}/s  "
             f"p50 {r['latency_p50_ms']} ms  p95 {r['latency_p95_ms']} ms  p99 {r['latency_p99_ms']} ms  "
             f"max {r['latency_max_ms']} ms{at}  "
-            f"CPU {r['cpu_ms_per_message_site']} ms/msg  exactly once: {r['exactly_once']}"
+            f"CPU {r['cpu_ms_per_message_site']} ms/msg (harness {r['cpu_ms_per_message_harness']})  "
+            f"other work {r.get('other_work_cores', '?')} cores  exactly once: {r['exactly_once']}"
             + (f" (missing {r['missing']}, duplicates {r['duplicates']})" if not r["exactly_once"] else ""))
 
 
@@ -342,27 +349,40 @@ def mailbox_inject(args: argparse.Namespace, site: Site, name: str, messages: in
     watch.reset()
     quiet()
     pids = site.site_pids()
-    cpu0 = cpu_seconds(pids)
+    cpu0, by0 = cpu_seconds(pids), site.cpu_by_process()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
+    others = Others()
     wall = asyncio.run(go())
     arrivals = watch.wait_arrivals(len(accepted), timeout=max(120, messages / 20))
-    cpu = cpu_seconds(pids) - cpu0
+    cpu, by1 = cpu_seconds(pids) - cpu0, site.cpu_by_process()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu_load = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+    others_cores = others.cores(cpu + cpu_load)
     arrivals = counted_after(arrivals, site.settle, watch.arrivals)
     load = Load("", 0, 0, 0, [MAILBOX_RCPT])
     load.accepted, load.refused = accepted, refused
     result = summarize(name, load, arrivals, 1, wall, cpu, cpu_load)
     result["load"] = "python, mailbox API" + (", paced" if rate else "")
+    result["cpu_ms_per_message_by_process"] = per_message(by0, by1, len(accepted))
+    result["other_work_cores"] = others_cores
     return result
+
+
+def per_message(before: dict[str, float], after: dict[str, float], messages: int) -> dict[str, float]:
+    """CPU milliseconds per message of each process (with its children) between two readings."""
+    return {name: round(1000 * (after[name] - before.get(name, 0.0)) / max(1, messages), 2) for name in after}
 
 
 def smtp_mailbox_inject(args: argparse.Namespace, site: Site, name: str, messages: int, rate: float = 0.0) -> dict:
     """SMTP in to a mailbox: the Python load, from 127.0.0.2, into every hub's ``Internet``
     receive connector, for carol@contoso.com; arrival in her Inbox on MBX-AMS-02."""
     watch = MaildirArrivals({site.inbox("MBX-AMS-02", MAILBOX_RCPT): MAILBOX_RCPT})
-    return inject(args, watch, site.internet_endpoints(), site.site_pids(), name, messages, rate=rate,
-                  settle=site.settle)
+    by0 = site.cpu_by_process()
+    result = inject(args, watch, site.internet_endpoints(), site.site_pids(), name, messages, rate=rate,
+                    settle=site.settle)
+    # (read after the settle: a second or so of idle heartbeats and sweeps more than the total)
+    result["cpu_ms_per_message_by_process"] = per_message(by0, site.cpu_by_process(), result["messages"])
+    return result
 
 
 def run_mailyard(args: argparse.Namespace, label: str) -> dict:
@@ -447,8 +467,8 @@ MATRIX: list[dict] = [
 ]
 
 
-def one(args: argparse.Namespace) -> list[dict]:
-    """One run of Mailyard, and of Postfix beside it when there is one and it applies."""
+def prepare(args: argparse.Namespace) -> None:
+    """What the variant implies: the load and sink, the recipients, the load's address."""
     args.tempfail = args.permfail = 0.0
     if args.variant == "realistic":
         args.tempfail, args.permfail = 0.05, 0.02
@@ -464,6 +484,11 @@ def one(args: argparse.Namespace) -> list[dict]:
     if args.sink == "python":  # smtp-source's messages carry no X-Bench-Id for the Python sink
         args.load = "python"
     args.c_tools = args.load == "smtp-source"
+
+
+def one(args: argparse.Namespace) -> list[dict]:
+    """One run of Mailyard, and of Postfix beside it when there is one and it applies."""
+    prepare(args)
     print(f"== {args.variant}: {args.size} bytes x{args.recipients}, {args.sessions} sessions, {args.hubs} hubs, "
           f"fsync {args.fsync}; load {args.load}, sink {args.sink}", flush=True)
     label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}"
@@ -487,7 +512,7 @@ def one(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--size", type=int, default=5120, help="bytes per message")
@@ -507,7 +532,11 @@ def main() -> None:
                     help="the sink (default: Postfix's smtp-sink when installed; --variant realistic uses python)")
     ap.add_argument("--matrix", action="store_true", help="every variant the README reports, one after another")
     ap.add_argument("--matrix-from", type=int, default=0, metavar="K", help="start the matrix at its K-th run (from 0)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.load_choice, args.sink_choice = args.load, args.sink
     if args.install_postfix and not shutil.which("postfix"):
         subprocess.run(["apt-get", "install", "-y", "-qq", "postfix"], check=True,
