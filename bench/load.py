@@ -18,6 +18,7 @@ class Load:
     recipients: list[str]
     sessions: int = 20
     sender: str = "load@bench.example"
+    source: str = "127.0.0.1"  # the address the load connects from (127.0.0.2: the hubs' Internet connector)
     rate: float = 0.0  # messages per second to start, all sessions together; 0: as fast as they can
     bounce_share: float = 0.0  # this share of messages goes to a recipient the sink refuses (550)
     bounced: set[str] = field(default_factory=set)  # the ids sent to such a recipient
@@ -47,7 +48,7 @@ class Load:
         return self.recipients
 
     async def _one(self, ident: str) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port, local_addr=("127.0.0.1", 0))
+        reader, writer = await asyncio.open_connection(self.host, self.port, local_addr=(self.source, 0))
         try:
             await self._reply(reader)
             writer.write(b"EHLO load.bench\r\n")

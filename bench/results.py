@@ -29,18 +29,18 @@ def machine() -> dict:
 
 def write(results: list[dict], tag: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    data = {"machine": machine(), "results": results}
-    (RESULTS / f"{STAMP}-{tag}.json").write_text(json.dumps(data, indent=2))
-    m = data["machine"]
+    m = machine()
+    (RESULTS / f"{STAMP}-{tag}.json").write_text(json.dumps({"machine": m, "results": results}, indent=2))
     rows = [f"{m['cpus']} vCPU {m['cpu']}, Linux {m['kernel']}, Python {m['python']}, {m['when']}", "",
-            "| run | accepted/s | delivered/s | delivered vs Postfix | p50 ms | p99 ms | CPU ms/msg | exactly once |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| run | accepted/s | delivered/s | delivered vs Postfix | p50 ms | p95 ms | p99 ms | CPU ms/msg "
+            "| exactly once |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "accepted_per_s" in r:
             ratio = r.get("postfix_ratio", {}).get("delivered", "")
             rows.append(f"| {r['name']} | {r['accepted_per_s']} | {r['delivered_per_s']} | {ratio and f'{ratio}x'} | "
-                        f"{r['latency_p50_ms']} | {r['latency_p99_ms']} | {r['cpu_ms_per_message_site']} | "
-                        f"{r['exactly_once']} |")
+                        f"{r['latency_p50_ms']} | {r.get('latency_p95_ms')} | {r['latency_p99_ms']} | "
+                        f"{r['cpu_ms_per_message_site']} | {r['exactly_once']} |")
     for r in results:
         if "drain_per_s" in r:
             rows += ["", f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "name")]

@@ -20,20 +20,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ctools
-from harness import DOMAIN, Site, cpu_seconds, quiet
+from harness import DOMAIN, Others, Site, cpu_seconds, quiet
 from load import Load
+from maildir import MaildirArrivals
 from results import write
 
 from mailyard import keys
@@ -50,7 +52,7 @@ def percentile(values: list[float], p: float) -> float:
 def summarize(name: str, load: Load, arrivals: list[tuple[str, str, float]], recipients: int,
               load_wall: float, cpu_site: float, cpu_other: float) -> dict:
     accepted_times = sorted(load.accepted.values())
-    first_arrival = {}
+    first_arrival: dict[str, float] = {}
     counts: dict[tuple[str, str], int] = {}
     ndrs = [a for a in arrivals if a[1] == load.sender]  # NDRs for the bounced, sent back to the load
     # Only this run's messages: a deferred one from the warm-up may arrive during it.
@@ -89,17 +91,30 @@ def summarize(name: str, load: Load, arrivals: list[tuple[str, str, float]], rec
     }
 
 
-def inject(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]], pids: list[int], name: str,
-           messages: int, *, rate: float = 0.0, c_tools: bool = False, arrive: bool = True) -> dict:
-    """Send ``messages`` into ``endpoints`` and measure until they arrived at the sink.
+class Arrivals(Protocol):
+    """Where inject reads arrivals: a Site's sink, or a MaildirArrivals watching Inboxes."""
+
+    def reset_arrivals(self) -> None: ...
+    def wait_arrivals(self, expected: int, timeout: float) -> list[tuple[str, str, float]]: ...
+    def harness_pids(self) -> list[int]: ...
+
+
+def inject(args: argparse.Namespace, site: Arrivals, endpoints: list[tuple[str, int]], pids: list[int], name: str,
+           messages: int, *, rate: float = 0.0, c_tools: bool = False, arrive: bool = True,
+           settle: Callable[[], None] | None = None) -> dict:
+    """Send ``messages`` into ``endpoints`` and measure until they arrived (at the sink, or
+    in the Inboxes).
 
     With ``c_tools`` the load is Postfix's ``smtp-source`` (accepted/s is its count over its
     wall time; it does not say when each 250 came); otherwise the Python load, which notes
-    every 250 and so gives latencies. ``rate`` paces the Python load."""
-    recipients = [f"user{i}@{DOMAIN}" for i in range(args.recipients)]
+    every 250 and so gives latencies. ``rate`` paces the Python load. ``settle`` waits until
+    every redelivery is over: the exactly-once counts are taken after it (throughput,
+    latency and CPU at the arrivals)."""
+    recipients = args.rcpts or [f"user{i}@{DOMAIN}" for i in range(args.recipients)]
     site.reset_arrivals()
     quiet()
-    cpu0_site, cpu0_sink = cpu_seconds(pids), cpu_seconds([site.sink_pid()])
+    cpu0_site, cpu0_sink = cpu_seconds(pids), cpu_seconds(site.harness_pids())
+    others = Others()
     r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     merged = Load("", 0, 0, 0, recipients)
     if c_tools:
@@ -110,10 +125,13 @@ def inject(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]
     else:
         per = messages // len(endpoints)
         loads = [Load(host, port, per, args.size, recipients, sessions=max(1, args.sessions // len(endpoints)),
-                      rate=rate / len(endpoints), bounce_share=args.permfail) for host, port in endpoints]
+                      rate=rate / len(endpoints), bounce_share=args.permfail, source=args.source)
+                 for host, port in endpoints]
 
         async def go() -> float:
-            tag = f"r{int(time.time())}"  # no spaces: the sink reads the id up to the first one
+            # No spaces: the sink reads the id up to the first one. Unique per run: it makes
+            # the Message-ID, and a mailbox server stores a Message-ID it has seen only once.
+            tag = f"r{time.time_ns() // 1000:x}"
             walls = await asyncio.gather(*(ld.run(f"{tag}-{i}") for i, ld in enumerate(loads)))
             return max(walls)
 
@@ -132,7 +150,9 @@ def inject(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]
     cpu_site = cpu_seconds(pids) - cpu0_site
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_load = sum(b.ru_utime - a.ru_utime + b.ru_stime - a.ru_stime for a, b in ((r0, r1), (c0, c1)))
-    cpu_other = cpu_load + cpu_seconds([site.sink_pid()]) - cpu0_sink
+    cpu_other = cpu_load + cpu_seconds(site.harness_pids()) - cpu0_sink
+    others_cores = others.cores(cpu_site + cpu_other)
+    arrivals = counted_after(arrivals, settle, lambda: site.wait_arrivals(0, 0))
     if c_tools:  # every message smtp-source sent counts as accepted, at the moment it finished
         stamp = time.time()
         merged.accepted = {ident: stamp for ident, _, _ in arrivals}
@@ -146,28 +166,46 @@ def inject(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]
     else:
         result = summarize(name, merged, arrivals, args.recipients, wall, cpu_site, cpu_other)
     result["load"] = "smtp-source" if c_tools else ("python, paced" if rate else "python")
+    result["other_work_cores"] = others_cores
     return result
 
 
-def measure(args: argparse.Namespace, site: Site, endpoints: list[tuple[str, int]], pids: list[int],
-            name: str) -> dict:
-    """Peak throughput, then latency at half of it (the target's condition): one result."""
-    peak = inject(args, site, endpoints, pids, name, args.messages, c_tools=args.c_tools)
+def measure(args: argparse.Namespace, name: str, run: Callable[[int, float], dict]) -> dict:
+    """Peak throughput, then latency at half of it (the target's condition): one result.
+    ``run(messages, rate)`` sends and measures (rate 0: as fast as it goes)."""
+    load_before = [round(x, 2) for x in os.getloadavg()]  # other work on the machine, as uptime says it
+    peak = run(args.messages, 0.0)
+    peak["loadavg_before"] = load_before
     rate = (peak["delivered_per_s"] or 0) / 2
-    if rate and args.variant == "relay":
-        count = int(min(4000, max(300, rate * 20)))
-        paced = inject(args, site, endpoints, pids, name, count, rate=rate)
+    if rate and args.variant in ("relay", "mailbox", "smtp-mailbox"):
+        count = int(min(4000, max(300, rate * 20), args.paced_max))
+        paced = run(count, rate)
         peak["half_peak_rate"] = round(rate, 1)
+        peak["paced_messages"] = paced["messages"]
         for key in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms"):
             if peak[key] is not None:
                 peak["saturated_" + key] = peak[key]
             peak[key] = paced[key]
+        peak["paced_other_work_cores"] = paced.get("other_work_cores")
         peak["paced_exactly_once"] = paced["exactly_once"]
         peak["exactly_once"] = peak["exactly_once"] and paced["exactly_once"]
         peak["missing"] += paced["missing"]
         peak["duplicates"] += paced["duplicates"]
     print(line(peak), flush=True)
     return peak
+
+
+def counted_after(arrivals: list[tuple[str, str, float]], settle: Callable[[], None] | None,
+                  read: Callable[[], list[tuple[str, str, float]]]) -> list[tuple[str, str, float]]:
+    """The arrivals once every redelivery is over (``settle``), for the exactly-once count;
+    the first arrival of each message stays the one its latency is taken from."""
+    if settle is None:
+        return arrivals
+    try:
+        settle()
+    except AssertionError as exc:  # still busy at the deadline: count what is there, and say so
+        print(f"(not quiet before the count: {exc})", flush=True)
+    return read()
 
 
 def relay_run(args: argparse.Namespace, site: Site, name: str, messages: int, *, arrive: bool = True) -> dict:
@@ -179,8 +217,10 @@ def relay_run(args: argparse.Namespace, site: Site, name: str, messages: int, *,
 def line(r: dict) -> str:
     at = f" at {r['half_peak_rate']}/s" if "half_peak_rate" in r else ""
     return (f"{r['name']:<28} accepted {r['accepted_per_s']:>7}/s  delivered {r['delivered_per_s']:>7}/s  "
-            f"p50 {r['latency_p50_ms']} ms  p99 {r['latency_p99_ms']} ms  max {r['latency_max_ms']} ms{at}  "
-            f"CPU {r['cpu_ms_per_message_site']} ms/msg  exactly once: {r['exactly_once']}"
+            f"p50 {r['latency_p50_ms']} ms  p95 {r['latency_p95_ms']} ms  p99 {r['latency_p99_ms']} ms  "
+            f"max {r['latency_max_ms']} ms{at}  "
+            f"CPU {r['cpu_ms_per_message_site']} ms/msg (harness {r['cpu_ms_per_message_harness']})  "
+            f"other work {r.get('other_work_cores', '?')} cores  exactly once: {r['exactly_once']}"
             + (f" (missing {r['missing']}, duplicates {r['duplicates']})" if not r["exactly_once"] else ""))
 
 
@@ -242,15 +282,19 @@ def backlog_run(args: argparse.Namespace, site: Site) -> dict:
     return out
 
 
-def mailbox_run(args: argparse.Namespace, site: Site, name: str) -> dict:
+MAILBOX_RCPT = "carol@contoso.com"  # on MBX-AMS-02; in Postfix's Maildirs, the same address
+
+
+def mailbox_inject(args: argparse.Namespace, site: Site, name: str, messages: int, rate: float = 0.0) -> dict:
     """The mailbox-to-mailbox path: clients "click Send" (the mailbox API's Outbox) at
     alice@contoso.com on MBX-AMS-01, for carol@contoso.com on MBX-AMS-02; arrival is the
-    Maildir file's write time in carol's Inbox.
+    rename of the Maildir file into carol's Inbox (``new/``), the accepted time the 202.
 
     Over HTTPS, as every client: the server's certificate is checked against the
     organization's CA (and its identity as the TLS server name), and each client logs on
     with HTTP Basic as the site's operator (SendAs on every mailbox); one connection per
-    session, kept open, so the TLS handshake and the logon's scrypt are not what is measured."""
+    session, kept open, so the TLS handshake and the logon's scrypt are not what is measured.
+    ``rate`` paces the sends (message n no earlier than n / rate after the first)."""
     import httpx
 
     from mailyard import pki, registry
@@ -260,75 +304,105 @@ def mailbox_run(args: argparse.Namespace, site: Site, name: str) -> dict:
     tls = pki.trust_context(site.cluster.pki.cert_path)
     server_name = pki.sni(pki.Identity.mailbox("MBX-AMS-01"))
     logon = httpx.BasicAuth(*site.cluster.operator)
-    inbox = site.work / "site" / "mailboxes" / "MBX-AMS-02" / "carol@contoso.com" / "new"
+    watch = MaildirArrivals({site.inbox("MBX-AMS-02", MAILBOX_RCPT): MAILBOX_RCPT})
     accepted: dict[str, float] = {}
+    refused = 0
     filler = "x" * max(0, args.size - 300)
-    tag = f"m{int(time.time())}"
+    tag = f"m{time.time_ns() // 1000:x}"  # unique per run: it makes the Message-ID
+    started = 0
 
-    async def client(queue: asyncio.Queue[int]) -> None:
+    async def client(queue: asyncio.Queue[int], start: float) -> None:
+        nonlocal refused, started
         async with httpx.AsyncClient(timeout=60, verify=tls, auth=logon) as http:
             while not queue.empty():
                 n = queue.get_nowait()
+                if rate:
+                    started += 1
+                    await asyncio.sleep(max(0.0, start + (started - 1) / rate - time.monotonic()))
                 ident = f"{tag}-{n}"
-                body = {"to": ["carol@contoso.com"], "subject": f"bench {ident}", "body": f"X {ident}\n{filler}",
+                body = {"to": [MAILBOX_RCPT], "subject": f"bench {ident}", "body": f"X {ident}\n{filler}",
                         "message_id": f"<{ident}@bench.example>"}
-                response = await http.post(base, json=body, extensions=server_name)
-                if response.status_code == 202:
-                    accepted[ident] = time.time()
-                elif response.status_code in (401, 403, 415, 421):  # every other send would fail the same way
-                    raise RuntimeError(f"the mailbox API refused the benchmark's send: {response.status_code} "
-                                       f"{response.text}")
+                for _ in range(5):  # a 503 (not durable yet) or a lost answer: the same send again
+                    try:
+                        response = await http.post(base, json=body, extensions=server_name)
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.05)
+                        continue
+                    if response.status_code == 202:
+                        accepted[ident] = time.time()
+                        break
+                    if response.status_code in (401, 403, 415, 421):  # every other send would fail the same way
+                        raise RuntimeError(f"the mailbox API refused the benchmark's send: {response.status_code} "
+                                           f"{response.text}")
+                    await asyncio.sleep(0.05)
+                else:
+                    refused += 1
 
     async def go() -> float:
         queue: asyncio.Queue[int] = asyncio.Queue()
-        for n in range(args.messages):
+        for n in range(messages):
             queue.put_nowait(n)
         start = time.monotonic()
-        await asyncio.gather(*(client(queue) for _ in range(args.sessions)))
+        await asyncio.gather(*(client(queue, start) for _ in range(args.sessions)))
         return time.monotonic() - start
 
-    # CPU per part too (the sending mailbox server, the receiving one, the hubs, Redis): where
-    # the path's cost lies.
-    roles = {p.name: [p.pid] for p in site.cluster.procs.values() if p.role == "mailbox"}
-    roles["hubs"] = [p.pid for p in site.cluster.procs.values() if p.role == "hub"]
-    roles["redis"] = [site.redis.proc.pid]  # type: ignore[union-attr]
+    watch.reset()
     quiet()
-    cpu0 = cpu_seconds(site.site_pids())
-    role0 = {role: cpu_seconds(pids) for role, pids in roles.items()}
+    pids = site.site_pids()
+    cpu0, by0 = cpu_seconds(pids), site.cpu_by_process()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    others = Others()
     wall = asyncio.run(go())
-    deadline = time.monotonic() + max(120, args.messages / 20)
-    while time.monotonic() < deadline and len(list(inbox.iterdir())) < len(accepted):
-        time.sleep(0.2)
-    cpu = cpu_seconds(site.site_pids()) - cpu0
-    per_role = {role: round(1000 * (cpu_seconds(pids) - role0[role]) / max(1, len(accepted)), 2)
-                for role, pids in roles.items()}
-    arrivals = []
-    for path in inbox.iterdir():
-        head = path.read_bytes()[:4096]
-        found = re.search(rb"Subject: bench (\S+)", head)
-        if found:
-            arrivals.append((found.group(1).decode(), "carol@contoso.com", path.stat().st_mtime))
-    load = Load("", 0, 0, 0, ["carol@contoso.com"])
-    load.accepted = accepted
-    result = summarize(name, load, arrivals, 1, wall, cpu, 0.0)
-    result["cpu_ms_per_message_by_role"] = per_role
-    print(line(result), f"by role (ms/msg): {per_role}", flush=True)
+    arrivals = watch.wait_arrivals(len(accepted), timeout=max(120, messages / 20))
+    cpu, by1 = cpu_seconds(pids) - cpu0, site.cpu_by_process()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_load = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+    others_cores = others.cores(cpu + cpu_load)
+    arrivals = counted_after(arrivals, site.settle, watch.arrivals)
+    load = Load("", 0, 0, 0, [MAILBOX_RCPT])
+    load.accepted, load.refused = accepted, refused
+    result = summarize(name, load, arrivals, 1, wall, cpu, cpu_load)
+    result["load"] = "python, mailbox API" + (", paced" if rate else "")
+    result["cpu_ms_per_message_by_process"] = per_message(by0, by1, len(accepted))
+    result["other_work_cores"] = others_cores
+    return result
+
+
+def per_message(before: dict[str, float], after: dict[str, float], messages: int) -> dict[str, float]:
+    """CPU milliseconds per message of each process (with its children) between two readings."""
+    return {name: round(1000 * (after[name] - before.get(name, 0.0)) / max(1, messages), 2) for name in after}
+
+
+def smtp_mailbox_inject(args: argparse.Namespace, site: Site, name: str, messages: int, rate: float = 0.0) -> dict:
+    """SMTP in to a mailbox: the Python load, from 127.0.0.2, into every hub's ``Internet``
+    receive connector, for carol@contoso.com; arrival in her Inbox on MBX-AMS-02."""
+    watch = MaildirArrivals({site.inbox("MBX-AMS-02", MAILBOX_RCPT): MAILBOX_RCPT})
+    by0 = site.cpu_by_process()
+    result = inject(args, watch, site.internet_endpoints(), site.site_pids(), name, messages, rate=rate,
+                    settle=site.settle)
+    # (read after the settle: a second or so of idle heartbeats and sweeps more than the total)
+    result["cpu_ms_per_message_by_process"] = per_message(by0, site.cpu_by_process(), result["messages"])
     return result
 
 
 def run_mailyard(args: argparse.Namespace, label: str) -> dict:
+    mailboxes = args.variant in ("mailbox", "smtp-mailbox")
     with tempfile.TemporaryDirectory(prefix="mailyard-bench-") as tmp:
         site = Site(Path(tmp), hubs=args.hubs, fsync=args.fsync, concurrency=args.concurrency,
-                    tempfail=args.tempfail, permfail=args.permfail, mailboxes=args.variant == "mailbox",
+                    tempfail=args.tempfail, permfail=args.permfail, mailboxes=mailboxes,
                     c_sink=args.sink == "smtp-sink")
         try:
             site.start()
-            if args.variant == "mailbox":
-                return mailbox_run(args, site, f"mailbox {args.size // 1024}KB c{args.sessions} h{args.hubs}")
+            if mailboxes:
+                run = mailbox_inject if args.variant == "mailbox" else smtp_mailbox_inject
+                run(args, site, "warmup", min(100, args.messages))  # unmeasured: the first mail of each process
+                return measure(args, label, lambda n, rate: run(args, site, label, n, rate))
             relay_run(args, site, "warmup", min(300, args.messages))
             if args.variant == "backlog":
                 return backlog_run(args, site)
-            result = measure(args, site, site.relay_endpoints, site.site_pids(), label)
+            result = measure(args, label, lambda n, rate: inject(
+                args, site, site.relay_endpoints, site.site_pids(), label, n, rate=rate,
+                c_tools=args.c_tools and not rate))
             result["redis_used_memory_bytes"] = site.redis_memory()
             return result
         finally:
@@ -336,19 +410,46 @@ def run_mailyard(args: argparse.Namespace, label: str) -> dict:
 
 
 def run_postfix(args: argparse.Namespace) -> dict | None:
+    """The same load through a private Postfix: relayed to the same kind of sink (the relay
+    variants), or over SMTP into a Maildir through ``virtual(8)`` (the mailbox variants)."""
     from postfix import Postfix
 
     if not shutil.which("postfix"):
         print("Postfix is not installed: Mailyard's figures alone (--install-postfix adds Debian's package)")
         return None
     with tempfile.TemporaryDirectory(prefix="postfix-bench-") as tmp:
-        site = Site(Path(tmp) / "m", hubs=1, c_sink=args.sink == "smtp-sink")
         pf = Postfix(Path(tmp) / "pf")
+        endpoint = [("127.0.0.1", pf.port)]
+        if args.variant in ("mailbox", "smtp-mailbox"):
+            try:
+                pf.start(maildirs=(MAILBOX_RCPT,))
+                watch = MaildirArrivals({pf.inbox(MAILBOX_RCPT): MAILBOX_RCPT})
+                pf_args = argparse.Namespace(**{**vars(args), "rcpts": [MAILBOX_RCPT], "source": "127.0.0.2"})
+
+                def settle() -> None:  # nothing left in Postfix's queue, for a second
+                    since = time.monotonic()
+                    for _ in range(1200):
+                        if not pf.queue_empty():
+                            since = time.monotonic()
+                        elif time.monotonic() - since >= 1.0:
+                            return
+                        time.sleep(0.1)
+                    raise AssertionError("Postfix's queue is not empty")
+
+                def run(n: int, rate: float) -> dict:
+                    return inject(pf_args, watch, endpoint, [pf.master_pid], "postfix", n, rate=rate, settle=settle)
+
+                run(min(100, args.messages), 0.0)  # warm-up
+                return measure(pf_args, "postfix", run)
+            finally:
+                pf.stop()
+        site = Site(Path(tmp) / "m", hubs=1, c_sink=args.sink == "smtp-sink")
         try:
             site.start_sink_only()
             pf.start(relay_to=("127.0.0.3", site.sink_port))
-            inject(args, site, [("127.0.0.1", pf.port)], [pf.master_pid], "warmup", min(300, args.messages))
-            return measure(args, site, [("127.0.0.1", pf.port)], [pf.master_pid], "postfix")
+            inject(args, site, endpoint, [pf.master_pid], "warmup", min(300, args.messages))
+            return measure(args, "postfix", lambda n, rate: inject(
+                args, site, endpoint, [pf.master_pid], "postfix", n, rate=rate, c_tools=args.c_tools and not rate))
         finally:
             pf.stop()
             site.stop()
@@ -361,32 +462,45 @@ MATRIX: list[dict] = [
     {"size": 1024}, {"size": 10240}, {"size": 102400, "messages": 2000},
     {"recipients": 5, "messages": 2000},
     {"variant": "realistic"}, {"variant": "mailbox", "messages": 1000, "sessions": 10},
+    {"variant": "smtp-mailbox", "messages": 1000, "sessions": 10},
     {"variant": "backlog", "messages": 100_000},
 ]
 
 
-def one(args: argparse.Namespace) -> list[dict]:
-    """One run of Mailyard, and of Postfix beside it when there is one and it applies."""
+def prepare(args: argparse.Namespace) -> None:
+    """What the variant implies: the load and sink, the recipients, the load's address."""
     args.tempfail = args.permfail = 0.0
     if args.variant == "realistic":
         args.tempfail, args.permfail = 0.05, 0.02
     args.load = args.load_choice or ("smtp-source" if ctools.available() else "python")
     args.sink = args.sink_choice or ("smtp-sink" if ctools.available() else "python")
-    if args.variant in ("realistic", "mailbox"):
+    args.rcpts, args.source = [], "127.0.0.1"
+    if args.variant == "smtp-mailbox":  # the Internet connector is the one for 127.0.0.2
+        args.rcpts, args.source = [MAILBOX_RCPT], "127.0.0.2"
+    if args.variant in ("realistic", "mailbox", "smtp-mailbox"):
         args.load = "python"
     if args.variant == "realistic":  # smtp-sink cannot refuse a share of recipients
         args.sink = "python"
     if args.sink == "python":  # smtp-source's messages carry no X-Bench-Id for the Python sink
         args.load = "python"
     args.c_tools = args.load == "smtp-source"
+
+
+def one(args: argparse.Namespace) -> list[dict]:
+    """One run of Mailyard, and of Postfix beside it when there is one and it applies."""
+    prepare(args)
     print(f"== {args.variant}: {args.size} bytes x{args.recipients}, {args.sessions} sessions, {args.hubs} hubs, "
           f"fsync {args.fsync}; load {args.load}, sink {args.sink}", flush=True)
     label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}"
+    if args.variant in ("mailbox", "smtp-mailbox"):
+        label = f"{args.variant} {args.size // 1024}KB s{args.sessions} h{args.hubs}"
     results = [run_mailyard(args, label)]
-    if args.postfix == "auto" and args.variant == "relay":
+    if args.postfix == "auto" and args.variant in ("relay", "mailbox", "smtp-mailbox"):
         pf = run_postfix(args)
         if pf:
             pf["name"] = f"postfix {args.size // 1024}KB x{args.recipients} s{args.sessions}"
+            if args.variant != "relay":
+                pf["name"] = f"postfix SMTP to Maildir {args.size // 1024}KB s{args.sessions}"
             results.append(pf)
             mine = results[0]
             mine["postfix_ratio"] = {
@@ -398,7 +512,7 @@ def one(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--size", type=int, default=5120, help="bytes per message")
@@ -407,7 +521,9 @@ def main() -> None:
     ap.add_argument("--hubs", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=2, help="worker processes per hub")
     ap.add_argument("--fsync", choices=["always", "everysec"], default="always")
-    ap.add_argument("--variant", choices=["relay", "mailbox", "backlog", "realistic"], default="relay")
+    ap.add_argument("--variant", choices=["relay", "mailbox", "smtp-mailbox", "backlog", "realistic"], default="relay")
+    ap.add_argument("--paced-max", type=int, default=4000, metavar="N",
+                    help="at most N messages in the run at half the peak rate")
     ap.add_argument("--postfix", choices=["auto", "no"], default="auto")
     ap.add_argument("--install-postfix", action="store_true")
     ap.add_argument("--load", choices=["smtp-source", "python"], default=None,
@@ -416,7 +532,11 @@ def main() -> None:
                     help="the sink (default: Postfix's smtp-sink when installed; --variant realistic uses python)")
     ap.add_argument("--matrix", action="store_true", help="every variant the README reports, one after another")
     ap.add_argument("--matrix-from", type=int, default=0, metavar="K", help="start the matrix at its K-th run (from 0)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.load_choice, args.sink_choice = args.load, args.sink
     if args.install_postfix and not shutil.which("postfix"):
         subprocess.run(["apt-get", "install", "-y", "-qq", "postfix"], check=True,
