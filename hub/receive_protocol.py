@@ -63,6 +63,7 @@ log = logging.getLogger("mailyard.hub.receive")
 # a long line only when it ends, and in DATA it keeps every piece of it until then: without a
 # cap, one client sending no line break would make the process buffer without bound.
 MAX_UNBROKEN_LINE = 64 * 1024
+CLOSE_GRACE = 5.0  # seconds a closing connection has to take its last replies, then it is cut
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # What ``_authenticate`` answers aiosmtpd: "verify in a thread, then decide" (see auth_PLAIN).
@@ -244,8 +245,14 @@ class ReceiveProtocol(Chunking):
         self._close()
 
     def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """Close after what was written, and cut the connection if it is not gone within
+        ``CLOSE_GRACE``: a client that reads nothing keeps unsent replies in the buffer, and a
+        plain close would wait for them for ever (the session's slot with it)."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        self._timers.append(asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort))
 
     def data_received(self, data: bytes) -> None:
         if self._unbroken > MAX_UNBROKEN_LINE:

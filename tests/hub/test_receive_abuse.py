@@ -40,6 +40,7 @@ TARPIT = {
 SLOW = {
     "name": "Slow", "bindings": ["0.0.0.0:2622"], "permission_groups": ["AnonymousUsers"],
     "auth_mechanisms": ["Tls"], "connection_inactivity_timeout": "1500ms", "connection_timeout": "4s",
+    "max_inbound_connection_per_source": 1,
 }
 CAPS = {
     "name": "Caps", "bindings": ["0.0.0.0:2623"], "permission_groups": ["AnonymousUsers"],
@@ -243,6 +244,30 @@ def test_noop_does_not_keep_a_session_past_the_connection_timeout(site: Cluster)
     assert time.monotonic() < deadline
 
 
+def test_a_client_that_reads_nothing_is_cut_and_its_slot_freed(site: Cluster) -> None:
+    host, port = site.smtp(HUBS[0], "Slow")
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    stuck.bind(("127.0.0.73", 0))
+    stuck.connect((host, port))
+    stuck.setblocking(False)
+    # Commands whose replies it never reads, until neither side can write any more
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            stuck.send(b"EHLO a\r\n" * 512)
+        except BlockingIOError:
+            time.sleep(0.05)
+    try:
+        with pytest.raises(smtplib.SMTPConnectError):
+            connect(site, "Slow", "127.0.0.73")  # its one connection per source is taken
+        # Past ConnectionTimeout and the grace for its last replies, it is cut: the slot is free
+        wait_until(lambda: _admitted(site, "127.0.0.73", "Slow"), timeout=30,
+                   message="a connection that reads nothing still holds its slot")
+    finally:
+        stuck.close()
+
+
 # endregion
 
 # region: connection caps
@@ -262,9 +287,9 @@ def test_a_hubs_sessions_on_a_connector_are_capped(site: Cluster) -> None:
         client.quit()
 
 
-def _admitted(site: Cluster, source: str) -> bool:
+def _admitted(site: Cluster, source: str, connector: str = "Caps") -> bool:
     try:
-        connect(site, "Caps", source).quit()
+        connect(site, connector, source).quit()
         return True
     except smtplib.SMTPConnectError:
         return False
