@@ -187,7 +187,10 @@ def logon(directory: Directory, conn: ReceiveConnector, login: str, password: by
         return None
     entry = directory.mailbox_entry(login)
     stored = directory.password_hashes.get(entry.address, "") if entry else ""
-    if entry and stored and passwords.verify(password, stored):
+    if not (entry and stored):
+        passwords.verify_nothing(password)  # as long as a wrong password takes: no one is told who exists
+        return None
+    if passwords.verify(password, stored):
         return Identity("user", entry.address, directory.addresses_of(entry.address))
     return None
 

@@ -252,7 +252,8 @@ class ReceiveProtocol(Chunking):
         if transport is None:
             return
         transport.close()
-        self._timers.append(asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort))
+        if isinstance(transport, asyncio.WriteTransport):
+            self._timers.append(asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort))
 
     def data_received(self, data: bytes) -> None:
         if self._unbroken > MAX_UNBROKEN_LINE:
@@ -317,38 +318,44 @@ class ReceiveProtocol(Chunking):
         login = credentials.login.decode("utf-8", "replace").strip() if isinstance(credentials, LoginPassword) else ""
         directory = self.ctx.directory()
         mailbox = policy.mailbox_of(directory, login)
+        settings = directory.org.transport
         try:
             if await lockout.locked(self.ctx.r, self.state.source, mailbox):
                 return AuthResult(success=False, handled=False, message=replies.LOGON_LOCKED)
+            counted = await lockout.attempt(self.ctx.r, settings, self.state.source, mailbox)
         except redis.RedisError as exc:  # unknown whether it is locked: refuse for now
             log.warning("could not read the logon lockouts: %s", exc)
             return AuthResult(success=False, handled=False, message=replies.LOGON_UNAVAILABLE)
+        if counted.over:  # (others from here are being checked right now: no more)
+            return AuthResult(success=False, handled=False, message=replies.LOGON_LOCKED)
         if policy.authzid_refused(directory, login, self._authzid.decode("utf-8", "replace")):
             outcome = AuthResult(success=False, handled=False)
         else:
             outcome = await asyncio.to_thread(self._authenticator, self, self.session, self.envelope, *request)
-        if not outcome.success:
-            await self._logon_failed(mailbox, login)
+        try:
+            if outcome.success:
+                await lockout.succeeded(self.ctx.r, counted)
+            else:
+                await self._logon_failed(counted, login)
+        except redis.RedisError as exc:
+            log.warning("could not count a logon from %s: %s", self.state.client_ip, exc)
         return outcome
 
-    async def _logon_failed(self, mailbox: str | None, login: str) -> None:
+    async def _logon_failed(self, counted: lockout.Attempt, login: str) -> None:
         assert self.state is not None
         settings = self.ctx.directory().org.transport
-        try:
-            began = await lockout.failed(self.ctx.r, settings, self.state.source, mailbox)
-            for lock in began:
-                log.warning("%s %s locked out of logons for %gs after %d failed logons",
-                            lock.of, lock.name, settings.logon_lockout_duration, lock.failures)
-                txn = Txn()
-                tracking.add(txn, Record(
-                    Event.LOCKOUT, source="SMTP", server=self.ctx.hub, client=self.state.client_ip,
-                    connector=f"{self.ctx.hub}\\{self.state.connector.name}", sender=mailbox or login[:320],
-                    context=(f"{lock.of} {lock.name} locked out of logons for "
-                             f"{format_duration(settings.logon_lockout_duration)} after {lock.failures} failed logons"),
-                ), settings.message_tracking_log_max_age)
-                await self.ctx.commits.run(txn)
-        except redis.RedisError as exc:
-            log.warning("could not count a failed logon from %s: %s", self.state.client_ip, exc)
+        mailbox = counted.mailbox
+        for lock in await lockout.failed(self.ctx.r, settings, counted):
+            log.warning("%s %s locked out of logons for %gs after %d failed logons",
+                        lock.of, lock.name, settings.logon_lockout_duration, lock.failures)
+            txn = Txn()
+            tracking.add(txn, Record(
+                Event.LOCKOUT, source="SMTP", server=self.ctx.hub, client=self.state.client_ip,
+                connector=f"{self.ctx.hub}\\{self.state.connector.name}", sender=mailbox or login[:320],
+                context=(f"{lock.of} {lock.name} locked out of logons for "
+                         f"{format_duration(settings.logon_lockout_duration)} after {lock.failures} failed logons"),
+            ), settings.message_tracking_log_max_age)
+            await self.ctx.commits.run(txn)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

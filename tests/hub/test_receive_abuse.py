@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import smtplib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -134,6 +135,29 @@ def test_guessing_one_mailbox_from_many_sources_locks_it_for_those_sources_only(
     assert logon(site, "carol@contoso.com", right, source="127.0.0.30")[0] == 235
     (event,) = [r for r in tracking.search(site.r, event="LOCKOUT") if r.sender == "carol@contoso.com"]
     assert "mailbox carol@contoso.com locked out" in event.context
+
+
+def test_logons_racing_each_other_are_checked_no_more_often_than_the_limit(site: Cluster) -> None:
+    # Twenty connections from one source log on as frank at the same moment, one of them
+    # with the right password: only as many are checked as the limits allow (5 from a source)
+    source, start = "127.0.0.12", threading.Barrier(20)
+    clients = [tls(connect(site, "Guard", source)) for _ in range(20)]
+    passwords = ["guess"] * 19 + [PASSWORD.format("frank")]
+    codes: list[int] = []
+
+    def one(client: smtplib.SMTP, password: str) -> None:
+        start.wait()
+        codes.append(client.docmd("AUTH", "PLAIN " + plain("", "frank@contoso.com", password))[0])
+
+    threads = [threading.Thread(target=one, args=pair) for pair in zip(clients, passwords, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for client in clients:
+        client.close()
+    assert len(codes) == 20 and set(codes) <= {235, 535, 454}, codes
+    assert codes.count(535) + codes.count(235) <= 5, f"checked {codes.count(535) + codes.count(235)}: {codes}"
 
 
 def test_a_failed_logons_reply_waits_for_the_auth_tarpit_and_a_logged_on_session_never_waits(site: Cluster) -> None:
