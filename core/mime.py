@@ -35,8 +35,19 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _IDENTITY = frozenset({"", "7bit", "8bit", "binary"})  # transfer encodings that leave octets as they are
 
 
+class Unfit:
+    """Why a message cannot be taken in as it is (its ``str`` says so, for the reply)."""
+
+
+class TooDeep(Unfit):
+    """MIME parts nested deeper than the email package can read (Python's recursion limit)."""
+
+    def __str__(self) -> str:
+        return "its MIME parts are nested too deeply to be read"
+
+
 @dataclass(frozen=True)
-class LongHeaderLine:
+class LongHeaderLine(Unfit):
     """A header line too long for SMTP (``number`` counts from 1)."""
 
     number: int
@@ -83,24 +94,30 @@ def _too_long(data: bytes) -> bool:
     return len(data) > MAX_LINE and max(map(len, data.split(b"\r\n"))) > MAX_LINE
 
 
-def intake(raw: bytes) -> bytes | LongHeaderLine:
+def intake(raw: bytes) -> bytes | Unfit:
     """A message as it enters the organization: CRLF line ends, and quoted-printable for any
-    body part with a line over 998 octets; or, for a header line over 998 octets, that line
-    (the message is refused: a header cannot be re-encoded without changing what it says)."""
+    body part with a line over 998 octets; or why it is refused: a header line over 998 octets
+    (a header cannot be re-encoded without changing what it says), parts nested too deeply."""
     raw = normalize_line_ends(raw)
     if problem := long_header_line(raw):
         return problem
     if not _too_long(split(raw)[1]):
         return raw
-    return _reencode(raw, _too_long, _POLICY)
+    try:
+        return _reencode(raw, _too_long, _POLICY)
+    except RecursionError:
+        return TooDeep()
 
 
-def downgrade(raw: bytes) -> bytes:
+def downgrade(raw: bytes) -> bytes | TooDeep:
     """A message with 8-bit octets as 7-bit MIME, for a peer without 8BITMIME (RFC 6152 §3):
-    quoted-printable body parts, RFC 2047 header text."""
+    quoted-printable body parts, RFC 2047 header text; TooDeep if it cannot be read."""
     if raw.isascii():
         return raw
-    return _reencode(raw, lambda payload: not payload.isascii(), _SEVEN_BIT)
+    try:
+        return _reencode(raw, lambda payload: not payload.isascii(), _SEVEN_BIT)
+    except RecursionError:
+        return TooDeep()
 
 
 def _reencode(raw: bytes, wanted: Callable[[bytes], bool], policy: EmailPolicy[EmailMessage]) -> bytes:

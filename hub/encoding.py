@@ -64,7 +64,14 @@ def plan(sender: str, recipients: list[str], body: bytes, *, smtputf8: bool,
         if offers("8bitmime"):
             transfer.options.append("BODY=8BITMIME")
         else:
-            transfer.body = mime.downgrade(body)
+            seven_bit = mime.downgrade(body)
+            if isinstance(seven_bit, mime.TooDeep):  # (cannot be converted: for this peer, never)
+                refusal = Outcome(554, "5.6.3", f"Conversion to 7 bit for host {host}, which lacks 8BITMIME, "
+                                                f"failed: {seven_bit}")
+                transfer.refused.update(dict.fromkeys(transfer.recipients, refusal))
+                transfer.recipients.clear()
+            else:
+                transfer.body = seven_bit
     if offers("size"):
         transfer.options.append(f"SIZE={len(transfer.body)}")
     return transfer

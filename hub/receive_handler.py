@@ -124,7 +124,7 @@ class ReceiveHandler:
         raw = headers.strip(raw, *ORG_HEADERS)
         size = len(raw)
         taken = mime.intake(raw)  # once, on the way in: CRLF line ends, no line too long for SMTP
-        if isinstance(taken, mime.LongHeaderLine):
+        if isinstance(taken, mime.Unfit):
             return replies.header_refused(taken)
         raw = taken
         now_s = time.time()

@@ -385,8 +385,10 @@ class ReceiveProtocol(Chunking):
             await self.push(data.error or replies.STORAGE_FAILED)
             return
         self.envelope.content = self.envelope.original_content = data.content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:  # (a handler that raised: the transaction is over all the same, 451 follows)
+            self._set_post_data_state()
         await self.push(status)
 
     @syntax("STARTTLS", when="tls_context")

@@ -40,7 +40,7 @@ DATA_AFTER_BDAT = "503 5.5.1 Bad sequence of commands"  # RFC 3030 §2: no DATA 
 
 
 def header_refused(problem: object) -> str:
-    """DATA: a message whose header cannot cross SMTP (``mailyard.mime.LongHeaderLine``)."""
+    """DATA: a message that cannot be taken in as it is (``mailyard.mime.Unfit``)."""
     return f"554 5.6.0 Message refused: {problem}"
 
 

@@ -120,6 +120,8 @@ class Chunking(Pipelining):
         assert self.envelope is not None and self._chunks is not None
         content = bytes(self._chunks)
         self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:  # (a handler that raised: the transaction is over all the same, 451 follows)
+            self._set_post_data_state()
         await self.push(status)

@@ -75,7 +75,7 @@ def _change(node: Node, server: str, item: OutboxItem, item_id: str) -> Change:
     ref = keys.outbox_ref(server, mailbox, item.id)
     size = len(raw)  # as submitted: the limits apply to that (Exchange's OriginalSize)
     taken = mime.intake(raw)  # once, on the way in: CRLF, and no line too long for SMTP
-    if isinstance(taken, mime.LongHeaderLine):  # the mailbox API refuses these; pass it on as it is
+    if isinstance(taken, mime.Unfit):  # (the mailbox API refuses long header lines) pass it on as it is
         log.warning("%s: %s", ref, taken)
     else:
         raw = taken

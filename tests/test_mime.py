@@ -75,3 +75,18 @@ def test_utf8_message_is_detected_from_addresses_and_header_text() -> None:
     assert mime.utf8_message("jürgen@contoso.com", ["bob@contoso.com"], b"Subject: x\r\n\r\n")
     assert mime.utf8_message("a@contoso.com", ["b@contoso.com"], b"Subject: caf\xc3\xa9\r\n\r\n")
     assert not mime.utf8_message("a@contoso.com", ["b@contoso.com"], b"Subject: x\r\n\r\ncaf\xc3\xa9")
+
+
+def nested(depth: int, leaf: bytes) -> bytes:
+    """A message of ``depth`` multipart/mixed parts, one inside the other, around ``leaf``."""
+    head = b"".join(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i) for i in range(depth))
+    tail = b"".join(b"\r\n--b%d--\r\n" % i for i in reversed(range(depth)))
+    return b"Subject: deep\r\nMIME-Version: 1.0\r\n" + head + b"Content-Type: text/plain\r\n\r\n" + leaf + tail
+
+
+def test_parts_nested_too_deeply_to_read_are_named_not_a_crash() -> None:
+    assert isinstance(mime.intake(nested(1500, b"x" * 1200 + b"\r\n")), mime.TooDeep)
+    assert isinstance(mime.downgrade(nested(1500, "\u00e9t\u00e9\r\n".encode())), mime.TooDeep)
+    assert "nested too deeply" in str(mime.TooDeep())
+    # (a few levels are nothing special)
+    assert isinstance(mime.intake(nested(5, b"x" * 1200 + b"\r\n")), bytes)

@@ -24,6 +24,7 @@ from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT, make_org
 from tests.hub.receive_site import tls, with_connector
+from tests.test_mime import nested
 
 HUBS = ("ab-1", "ab-2")
 PASSWORD = "{}-demo-password"
@@ -345,6 +346,22 @@ def test_an_anonymous_sender_may_not_write_to_a_group_that_requires_authenticati
     client.login("bob@contoso.com", PASSWORD.format("bob"))
     client.mail("bob@contoso.com")
     assert client.rcpt("all-staff@contoso.com")[0] == 250
+    client.quit()
+
+
+# endregion
+
+
+# region: what cannot be read
+
+
+def test_a_message_nested_too_deeply_to_read_is_refused_and_the_session_goes_on(site: Cluster) -> None:
+    client = connect(site, "Guard", "127.0.0.95")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        client.sendmail("someone@fabrikam.example", ["bob@contoso.com"], nested(1500, b"x" * 1200 + b"\r\n"))
+    assert refused.value.smtp_code == 554, refused.value
+    assert b"5.6.0 Message refused: its MIME parts are nested too deeply" in refused.value.smtp_error
+    assert client.mail("someone@fabrikam.example")[0] == 250, "the transaction after it starts afresh"
     client.quit()
 
 
