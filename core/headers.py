@@ -127,3 +127,18 @@ def hop_count(raw: bytes) -> int:
     """Number of Received headers (the hop count Exchange limits at 30)."""
     head, _ = split(raw)
     return len(_RECEIVED.findall(head))
+
+
+_FIELD_LINE = re.compile(rb"[!-9;-~]+:")  # RFC 5322 2.2: printable ASCII but colon, then a colon
+
+
+def malformed_line(head: bytes) -> tuple[int, str] | None:
+    """The first line of a header section (``head``, without the blank line) that is neither
+    a field (name: value) nor the fold of one, as (its number from 1, its start); None if every
+    line is. What the email package would skip (``From :`` taken for an mbox separator, a line
+    without a colon that ends its reading early) a mail client may still show."""
+    lines = head.replace(b"\r\n", b"\n").rstrip(b"\n").split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if not (_FIELD_LINE.match(line) or (number > 1 and line[:1] in (b" ", b"\t"))):
+            return number, line[:60].decode("ascii", "replace")
+    return None

@@ -64,7 +64,6 @@ MAX_DELIVER_BATCH = 1000
 MAX_TAKE = 1000  # Outbox items a hub takes, or acknowledges, per request
 
 
-FIELD_LINE = re.compile(rb"[!-9;-~]+:")  # RFC 5322 2.2: printable ASCII but colon, then a colon
 HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\]|[^\[\]:]+)(?::[0-9]{1,5})?")
 PEER = "mailyard_peer"  # the request state key of the client's verified certificate identity
 # The request state key of a dict the server shares with one connection: "abort" set there
@@ -514,13 +513,9 @@ def prepare_outgoing(raw: bytes, owner: str, directory: Directory,
     if head_end < 0:
         head_end = raw.find(b"\n\n")
     head = raw if head_end < 0 else raw[:head_end]
-    # Every line of the header section is a field (name: value) or folds the one before. What
-    # the email package would skip (a "From :" taken for an mbox separator, a line without a
-    # colon that ends its reading early) a mail client may still show: refused, not passed on.
-    for number, line in enumerate(head.replace(b"\r\n", b"\n").split(b"\n"), start=1):
-        if not (FIELD_LINE.match(line) or (number > 1 and line[:1] in (b" ", b"\t"))):
-            shown = line[:60].decode("ascii", "replace")
-            raise ApiError(400, f"header line {number} is not a header field (name: value): {shown!r}")
+    # Every line of the header section is a field (name: value) or folds the one before.
+    if bad := mail_headers.malformed_line(head):
+        raise ApiError(400, f"header line {bad[0]} is not a header field (name: value): {bad[1]!r}")
     try:
         headers = BytesParser().parsebytes(head + b"\r\n\r\n", headersonly=True)
     except Exception:

@@ -355,6 +355,21 @@ def test_an_anonymous_sender_may_not_write_to_a_group_that_requires_authenticati
 # region: what cannot be read
 
 
+@pytest.mark.parametrize("head", [
+    b"From : Bob Berg <bob@contoso.com>\r\n",  # obs-from: mail clients show it; the email package skips it
+    b"X-Junk\r\nFrom: Bob Berg <bob@contoso.com>\r\n",  # a line that ends the email package's reading
+])
+def test_a_logged_on_sender_cannot_hide_a_from_in_a_header_line_a_reader_would_skip(site: Cluster,
+                                                                                    head: bytes) -> None:
+    client = tls(connect(site, "Guard", "127.0.0.96"))
+    client.login("alice@contoso.com", PASSWORD.format("alice"))
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        client.sendmail("alice@contoso.com", ["carol@contoso.com"], head + b"Subject: from bob\r\n\r\nx\r\n")
+    assert refused.value.smtp_code == 554, refused.value
+    assert b"is not a header field" in refused.value.smtp_error
+    client.quit()
+
+
 def test_a_message_nested_too_deeply_to_read_is_refused_and_the_session_goes_on(site: Cluster) -> None:
     client = connect(site, "Guard", "127.0.0.95")
     with pytest.raises(smtplib.SMTPDataError) as refused:
