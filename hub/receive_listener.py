@@ -150,7 +150,7 @@ class ReceiveListener:
         self_signed(cert, key, fqdn)
         own, mutual = tls_contexts(cert, key, site_cert(self.data_dir, self.site))
         self.ctx = ReceiveContext(
-            hub=self.hub, site=self.site, fqdn=fqdn, r=self.r,
+            hub=self.hub, site=self.site, fqdn=fqdn, r=self.r, sync_r=self.sync_r,
             directory=self.watcher.current,
             queues=RedisQueues(self.sync_r, DrainMessages(self.app),
                                lambda: self.watcher.current().org.transport.message_tracking_log_max_age),

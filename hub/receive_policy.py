@@ -120,21 +120,6 @@ def session_rules(conn: ReceiveConnector, client_ip: str) -> SessionRules:
     )
 
 
-def source_of(ip: str) -> str:
-    """The source a client's connections and failed logons are counted by: its IPv4 address,
-    or the /64 of an IPv6 address (one host holds a whole /64: counting addresses would let
-    it open 2^64 "sources")."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
-
-
 def too_many_connections(conn: ReceiveConnector, open_from_source: int, open_on_connector: int) -> bool:
     """A new connection is one too many when its source already has
     MaxInboundConnectionPerSource open, or this hub's sessions on the connector MaxInboundConnection."""

@@ -41,18 +41,16 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio
 from aiosmtpd.smtp import AuthResult, LoginPassword, TLSSetupException, syntax
 
-from mailyard import keys, pki, tracking
+from mailyard import keys, lockout, pki, tracking
 from mailyard.directory import Directory
-from mailyard.hub import lockout, replies
 from mailyard.hub import receive_policy as policy
+from mailyard.hub import replies
 from mailyard.hub.pressure import Level
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.hub.smtp_bdat import Chunking
 from mailyard.hub.smtp_data import read_data
 from mailyard.org import ReceiveConnector
-from mailyard.tracking import Event, Record
 from mailyard.txn import GroupCommit, Txn
-from mailyard.units import format_duration
 
 if TYPE_CHECKING:
     from mailyard.hub.receive_handler import ReceiveHandler
@@ -93,6 +91,7 @@ class ReceiveContext:
     site: str
     fqdn: str
     r: redis.asyncio.Redis
+    sync_r: redis.Redis  # for work in a worker thread (a logon's lockout check, beside its scrypt)
     directory: Callable[[], Directory]
     queues: RedisQueues  # builds the changes this process commits (and their drain tasks)
     tls: ssl.SSLContext | None = None
@@ -178,7 +177,7 @@ class ReceiveProtocol(Chunking):
 
     def _configure(self, conn: ReceiveConnector, ip: str) -> None:
         rules = policy.session_rules(conn, ip)
-        self.state = SessionState(conn, ip, rules, policy.source_of(ip))
+        self.state = SessionState(conn, ip, rules, lockout.source_of(ip))
         self.data_size_limit = rules.size_limit
         # aiosmtpd's own timer restarts on every command: at ConnectionTimeout it can never
         # fire before ours (``_start_timers``), which say why they close.
@@ -319,43 +318,32 @@ class ReceiveProtocol(Chunking):
         directory = self.ctx.directory()
         mailbox = policy.mailbox_of(directory, login)
         settings = directory.org.transport
-        try:
-            if await lockout.locked(self.ctx.r, self.state.source, mailbox):
-                return AuthResult(success=False, handled=False, message=replies.LOGON_LOCKED)
-            counted = await lockout.attempt(self.ctx.r, settings, self.state.source, mailbox)
-        except redis.RedisError as exc:  # unknown whether it is locked: refuse for now
-            log.warning("could not read the logon lockouts: %s", exc)
-            return AuthResult(success=False, handled=False, message=replies.LOGON_UNAVAILABLE)
-        if counted.over:  # (others from here are being checked right now: no more)
-            return AuthResult(success=False, handled=False, message=replies.LOGON_LOCKED)
-        if policy.authzid_refused(directory, login, self._authzid.decode("utf-8", "replace")):
-            outcome = AuthResult(success=False, handled=False)
-        else:
-            outcome = await asyncio.to_thread(self._authenticator, self, self.session, self.envelope, *request)
-        try:
-            if outcome.success:
-                await lockout.succeeded(self.ctx.r, counted)
-            else:
-                await self._logon_failed(counted, login)
-        except redis.RedisError as exc:
-            log.warning("could not count a logon from %s: %s", self.state.client_ip, exc)
-        return outcome
+        outcome = AuthResult(success=False, handled=False)
 
-    async def _logon_failed(self, counted: lockout.Attempt, login: str) -> None:
-        assert self.state is not None
-        settings = self.ctx.directory().org.transport
-        mailbox = counted.mailbox
-        for lock in await lockout.failed(self.ctx.r, settings, counted):
+        authenticator, session, envelope = self._authenticator, self.session, self.envelope
+
+        def verify() -> bool:  # (in the worker thread, after the lockout's check)
+            nonlocal outcome
+            if not policy.authzid_refused(directory, login, self._authzid.decode("utf-8", "replace")):
+                outcome = authenticator(self, session, envelope, *request)
+            return bool(outcome.success)
+
+        verdict, began = await asyncio.to_thread(lockout.check, self.ctx.sync_r, settings, self.state.source,
+                                                 mailbox, verify)
+        for lock in began:
             log.warning("%s %s locked out of logons for %gs after %d failed logons",
                         lock.of, lock.name, settings.logon_lockout_duration, lock.failures)
             txn = Txn()
-            tracking.add(txn, Record(
-                Event.LOCKOUT, source="SMTP", server=self.ctx.hub, client=self.state.client_ip,
-                connector=f"{self.ctx.hub}\\{self.state.connector.name}", sender=mailbox or login[:320],
-                context=(f"{lock.of} {lock.name} locked out of logons for "
-                         f"{format_duration(settings.logon_lockout_duration)} after {lock.failures} failed logons"),
-            ), settings.message_tracking_log_max_age)
+            tracking.add(txn, lockout.event(lock, settings, source="SMTP", server=self.ctx.hub,
+                                            client=self.state.client_ip, login=mailbox or login,
+                                            connector=f"{self.ctx.hub}\\{self.state.connector.name}"),
+                         settings.message_tracking_log_max_age)
             await self.ctx.commits.run(txn)
+        if verdict == "locked":
+            return AuthResult(success=False, handled=False, message=replies.LOGON_LOCKED)
+        if verdict == "unavailable":
+            return AuthResult(success=False, handled=False, message=replies.LOGON_UNAVAILABLE)
+        return outcome
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

@@ -41,6 +41,7 @@ from email.policy import SMTPUTF8 as SMTPUTF8_POLICY
 from email.utils import formatdate, make_msgid
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -50,13 +51,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailyard import headers as mail_headers
-from mailyard import mime, passwords, pki
+from mailyard import lockout, mime, passwords, pki, tracking
 from mailyard.addresses import canonical
 from mailyard.directory import Directory, Principal
 from mailyard.errors import NotFoundError
 from mailyard.mailbox.outbox import OutboxIndex
 from mailyard.mailbox.store import MailboxStore, folder_name
 from mailyard.org import normalize_address
+from mailyard.txn import Txn
 
 log = logging.getLogger("mailyard.mailbox.api")
 
@@ -122,6 +124,7 @@ def create_app(
     hosts: frozenset[str],
     store: MailboxStore,
     directory: Callable[[], Directory],
+    r: redis.Redis,
     outbox: OutboxIndex,
     on_submitted: Callable[[str, str], None],
     on_acknowledged: Callable[[list[tuple[str, str]]], None],
@@ -188,13 +191,16 @@ def create_app(
     def logon(request: Request) -> Principal:
         """The client's HTTP Basic logon (in a worker thread: scrypt is slow on purpose)."""
         found, password = credentials(request)
-        return known_logon(found, password) or verify_logon(found, password)
+        return known_logon(found, password) or verify_logon(found, password, client_of(request))
 
     async def logon_async(request: Request) -> Principal:
         """``logon`` from the event loop: a logon verified before (an HMAC) is checked here, only
         an scrypt goes to a worker thread (a hop costs more CPU than the HMAC)."""
         found, password = credentials(request)
-        return known_logon(found, password) or await _in_thread(verify_logon, found, password)
+        return known_logon(found, password) or await _in_thread(verify_logon, found, password, client_of(request))
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "?"
 
     def credentials(request: Request) -> tuple[tuple[Principal, str] | None, str]:
         """(the principal the Basic logon names and its password hash, or None; the password)."""
@@ -213,18 +219,40 @@ def create_app(
     def known_logon(found: tuple[Principal, str] | None, password: str) -> Principal | None:
         return found[0] if found is not None and passwords.verified_before(password, found[1]) else None
 
-    def verify_logon(found: tuple[Principal, str] | None, password: str) -> Principal:
+    def verify_logon(found: tuple[Principal, str] | None, password: str, client: str) -> Principal:
         # Each other logon costs an scrypt (16 MiB, tens of ms): a few at a time, so that a flood
-        # of guesses cannot take every thread and the memory with them.
+        # of guesses cannot take every thread and the memory with them. A password not known to
+        # be right counts against the lockouts SMTP AUTH counts against too (mailyard.lockout).
         if not scrypt_slots.acquire(timeout=LOGON_WAIT):
             raise ApiError(503, "too many logons at once; try again in a moment", {"Retry-After": "1"})
         try:
-            if found is None:
-                passwords.verify_nothing(password)
-            if found is None or not passwords.verify(password, found[1]):
-                raise ApiError(401, "logon failed: unknown user or wrong password", {"WWW-Authenticate": realm})
+            def verify() -> bool:
+                if found is None:
+                    passwords.verify_nothing(password)
+                    return False
+                return passwords.verify(password, found[1])
+
+            settings = directory().org.transport
+            account = None if found is None else str(found[0])
+            verdict, began = lockout.check(r, settings, lockout.source_of(client), account, verify)
         finally:
             scrypt_slots.release()
+        for lock in began:
+            log.warning("%s %s locked out of logons after %d failed logons", lock.of, lock.name, lock.failures)
+            txn = Txn()
+            tracking.add(txn, lockout.event(lock, settings, source="HTTP", server=server, client=client,
+                                            connector="", login=account or ""), settings.message_tracking_log_max_age)
+            try:
+                txn.run(r)
+            except redis.RedisError as exc:
+                log.warning("could not record a lockout: %s", exc)
+        if verdict == "locked":
+            raise ApiError(429, "too many failed logons; try again later",
+                           {"Retry-After": str(int(settings.logon_lockout_duration))})
+        if verdict == "unavailable":
+            raise ApiError(503, "logons cannot be checked right now; try again in a moment", {"Retry-After": "1"})
+        if verdict != "ok" or found is None:
+            raise ApiError(401, "logon failed: unknown user or wrong password", {"WWW-Authenticate": realm})
         return found[0]
 
     def require_right(who: Principal, rights: tuple[str, ...], owner: str, doing: str) -> None:

@@ -133,6 +133,7 @@ def serve(
         hosts=hosts,
         store=store,
         directory=orgs.get,
+        r=r,
         outbox=outbox,
         on_submitted=service.submitted,
         on_acknowledged=service.acknowledged,

@@ -167,13 +167,15 @@ class Cluster:
                        message=lambda: f"mailbox server {server} did not start: {self.tail(server)}")
         return proc
 
-    def client(self, auth: tuple[str, str] | None = None, *, cert: pki.Identity | None = None) -> httpx.Client:
+    def client(self, auth: tuple[str, str] | None = None, *, cert: pki.Identity | None = None,
+               source: str | None = None) -> httpx.Client:
         """An HTTP client for the mailbox servers: it trusts the organization's CA only and
         names the server it means (TLS server name) by the port it calls; ``auth``: the Basic
-        logon (none: anonymous); ``cert``: present that node's certificate (a hub's: mutual TLS)."""
+        logon (none: anonymous); ``cert``: present that node's certificate (a hub's: mutual TLS);
+        ``source``: the loopback address it connects from."""
         ctx = (pki.NodeCert(self.pki.dir, cert).client_context() if cert
                else pki.trust_context(self.pki.cert_path))
-        transport = _MailboxServers(self._mailbox_ports, verify=ctx)
+        transport = _MailboxServers(self._mailbox_ports, verify=ctx, local_address=source)
         return httpx.Client(timeout=30, transport=transport, auth=auth)
 
     def _healthy(self, url: str, proc: Proc) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailyard import tracking
+from mailyard import registry, tracking
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
@@ -159,6 +159,26 @@ def test_logons_racing_each_other_are_checked_no_more_often_than_the_limit(site:
         client.close()
     assert len(codes) == 20 and set(codes) <= {235, 535, 454}, codes
     assert codes.count(535) + codes.count(235) <= 5, f"checked {codes.count(535) + codes.count(235)}: {codes}"
+
+
+def test_the_mailbox_api_and_smtp_count_against_the_same_lockout(site: Cluster) -> None:
+    inbox = registry.server_url(site.r, "MBX-AMS-01") + "/mailboxes/bob@contoso.com/folders/Inbox"
+    # Guessed over SMTP until the source is locked out: the API refuses it too, right password or not
+    for i in range(5):
+        assert logon(site, f"nobody{i}@contoso.com", "guess", source="127.0.0.13")[0] == 535
+    with site.client(("bob@contoso.com", PASSWORD.format("bob")), source="127.0.0.13") as http:
+        refused = http.get(inbox)
+        assert refused.status_code == 429 and "too many failed logons" in refused.json()["error"], refused.text
+    # Guessed over the API (4 times as bob: his limit here), then locked: SMTP refuses that
+    # source as bob too, right password or not
+    codes = []
+    for _ in range(5):
+        with site.client(("bob@contoso.com", "guess"), source="127.0.0.14") as http:
+            codes.append(http.get(inbox).status_code)
+    assert codes == [401, 401, 401, 401, 429], codes
+    assert logon(site, "bob@contoso.com", PASSWORD.format("bob"), source="127.0.0.14")[0] == 454
+    with site.client(("bob@contoso.com", PASSWORD.format("bob")), source="127.0.0.15") as http:
+        assert http.get(inbox).status_code == 200, "from elsewhere bob logs on"
 
 
 def test_a_failed_logons_reply_waits_for_the_auth_tarpit_and_a_logged_on_session_never_waits(site: Cluster) -> None:

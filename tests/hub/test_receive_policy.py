@@ -31,12 +31,12 @@ from mailyard.hub.receive_policy import (
     relay_origin,
     session_rules,
     size_limit,
-    source_of,
     tarpit,
     too_many_connections,
     too_many_errors,
     too_many_logon_failures,
 )
+from mailyard.lockout import source_of
 from mailyard.org import ReceiveConnector
 from mailyard.orgstore import hash_passwords
 from tests.conftest import make_org
