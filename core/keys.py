@@ -73,6 +73,7 @@ Failed SMTP logons (mailyard.hub.lockout; every key expires by itself)
   my:logon:lock:src:<source>  STRING  set while the source is locked out of every logon
   my:logon:lock:acct:<mailbox>
                               STRING  set while the mailbox is locked for the sources that failed on it
+  my:errors:src:<source>      STRING  5xx replies to a source that did not log on, within the window
 
 Tests
   my:fault:<point>            STRING  a crash point that already fired (mailyard.faults)
@@ -166,6 +167,10 @@ def logon_lock_source(source: str) -> str:
 
 def logon_lock_account(mailbox: str) -> str:
     return f"{P}logon:lock:acct:{mailbox}"
+
+
+def errors_source(source: str) -> str:
+    return f"{P}errors:src:{source}"
 
 
 def fault(point: str) -> str:

@@ -128,6 +128,11 @@ class TransportSettings(_Model):
     logon_failures_per_account: int = Field(30, ge=0)
     logon_failure_window: Duration = 10 * 60
     logon_lockout_duration: Duration = 15 * 60
+    # 5xx replies to clients that did not log on, counted per source across connections and
+    # hubs over the same window: at this many the source gets 421 4.7.0 on connecting until
+    # the window ends (a harvester that reconnects for every guess escapes the per-session
+    # limit, max_protocol_errors, and the tarpit's wait). 0: off.
+    protocol_errors_per_source: int = Field(100, ge=0)
     # No longer used: hubs and mailbox servers prove who they are with certificates of the
     # organization's CA (mailyard.pki). Still accepted in a file, so that an older one
     # validates, but never stored, and it opens nothing.

@@ -50,6 +50,7 @@ from mailyard.hub.redis_queues import RedisQueues
 from mailyard.hub.smtp_bdat import Chunking
 from mailyard.hub.smtp_data import read_data
 from mailyard.org import ReceiveConnector
+from mailyard.redisconn import number
 from mailyard.txn import GroupCommit, Txn
 
 if TYPE_CHECKING:
@@ -204,6 +205,10 @@ class ReceiveProtocol(Chunking):
         source = self.state.source
         if policy.too_many_connections(conn, self.ctx.per_source[source], self.ctx.per_connector[conn.name]):
             await self.push(replies.TOO_MANY_CONNECTIONS)
+            self._close()
+            return
+        if not self.state.rules.implicit and await self._source_errors() >= self._source_error_limit() > 0:
+            await self.push(replies.SOURCE_ERRORS)
             self._close()
             return
         self.ctx.per_source[source] += 1
@@ -450,6 +455,8 @@ class ReceiveProtocol(Chunking):
             self._pending_lines.clear()
         state = self.state
         trusted = self._trusted()
+        if state is not None and not trusted and policy.is_error(text):
+            await self._count_source_error()  # (before the tarpit: a client may leave while it waits)
         if state is not None and (delay := policy.tarpit(state.connector, text, trusted)):
             await asyncio.sleep(delay)
             if self.transport is None or self.transport.is_closing():
@@ -465,6 +472,34 @@ class ReceiveProtocol(Chunking):
             state.errors += 1
             if policy.too_many_errors(state.connector, state.errors):
                 await self._close_with(replies.TOO_MANY_ERRORS)
+
+    def _source_error_limit(self) -> int:
+        return self.ctx.directory().org.transport.protocol_errors_per_source
+
+    async def _source_errors(self) -> int:
+        """The 5xx replies this session's source got lately without logging on, on any hub."""
+        assert self.state is not None
+        if not self._source_error_limit():
+            return 0
+        try:
+            return number(await self.ctx.r.get(keys.errors_source(self.state.source)))
+        except redis.RedisError as exc:  # (the per-session limits still hold)
+            log.warning("could not read the errors of %s: %s", self.state.source, exc)
+            return 0
+
+    async def _count_source_error(self) -> None:
+        assert self.state is not None
+        if not self._source_error_limit():
+            return
+        settings = self.ctx.directory().org.transport
+        key = keys.errors_source(self.state.source)
+        try:
+            pipe = self.ctx.r.pipeline(transaction=True)
+            pipe.incr(key)
+            pipe.pexpire(key, max(1, int(settings.logon_failure_window * 1000)), nx=True)
+            await pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not count an error of %s: %s", self.state.source, exc)
 
     def _trusted(self) -> bool:
         """Whether the client proved who it is: logged on, or trusted by its connector."""

@@ -30,6 +30,7 @@ TOO_MANY_CONNECTIONS = (
 STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors on this connection, closing transmission channel"
+SOURCE_ERRORS = "421 4.7.0 Too many errors from your address; try again later"  # protocol_errors_per_source
 LOGON_LOCKED = "454 4.7.0 Too many failed logons; try again later"  # right password or not
 LOGON_UNAVAILABLE = "454 4.7.0 Temporary authentication failure"  # RFC 4954: the lockout state unreadable
 AUTH_REQUIRED = "550 5.7.1 RESOLVER.RST.AuthRequired; authentication required"  # a group's, for anonymous senders

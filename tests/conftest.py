@@ -30,6 +30,7 @@ FAST = {
     # of the lockouts turn them on (tests/hub/test_receive_abuse.py).
     "logon_failures_per_source": 0,
     "logon_failures_per_account": 0,
+    "protocol_errors_per_source": 0,
 }
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailyard import registry, tracking
+from mailyard import keys, registry, tracking
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
@@ -57,7 +57,7 @@ SIX = {
 @pytest.fixture(scope="module")
 def site(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     org = make_org(logon_failures_per_source=5, logon_failures_per_account=4,
-                   logon_failure_window=120, logon_lockout_duration=120)
+                   logon_failure_window=120, logon_lockout_duration=120, protocol_errors_per_source=5)
     for connector in (GUARD, TARPIT, SLOW, CAPS, SIX):
         org = with_connector(org, connector)
     cluster = Cluster(redis_server.new_db(), tmp_path_factory.mktemp("abuse"), org, cwd=ROOT)
@@ -233,6 +233,25 @@ def test_a_harvester_is_tarpitted_and_disconnected_after_the_error_limit(site: C
     rest = read_reply(client.sock)
     assert rest == (b"550 5.1.1 User unknown\r\n"
                     b"421 4.7.0 Too many errors on this connection, closing transmission channel\r\n"), rest
+
+
+def test_a_harvester_that_reconnects_for_every_guess_is_refused_at_connect_after_the_source_limit(
+        site: Cluster) -> None:
+    # Each guess on a connection of its own, gone before the tarpitted 550 comes: the session's
+    # limit never applies, but the source's (5 here) does, on every hub
+    host, port = site.smtp(HUBS[0], "Tarpit")
+    for i in range(5):
+        with socket.create_connection((host, port), timeout=20, source_address=("127.0.0.61", 0)) as s:
+            s.recv(4096)
+            s.sendall(b"EHLO h.example\r\nMAIL FROM:<x@fabrikam.example>\r\nRCPT TO:<guess%d@contoso.com>\r\n" % i)
+            wait_until(lambda n=i: int(site.r.get(keys.errors_source("127.0.0.61")) or 0) > n, timeout=20,
+                       message="the guess was not counted")
+    for hub in HUBS:
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            connect(site, "Tarpit", "127.0.0.61", hub=hub)
+        assert (refused.value.smtp_code, refused.value.smtp_error) == (
+            421, b"4.7.0 Too many errors from your address; try again later")
+    connect(site, "Tarpit", "127.0.0.62").quit()  # another address is let in
 
 
 # endregion
