@@ -13,7 +13,7 @@ that back if the password was right (``succeeded``), or sees which lockouts the 
   sources) it is locked for the sources that failed on it, never for one that did not, so
   that its owner, logging on from elsewhere, is not locked out by whoever guesses.
 
-Each lockout that begins is a LOCKOUT event in message tracking (written by the caller). The
+Each lockout that begins is a LOCKOUT event in message tracking. The
 keys (``keys.logon_*``) expire by themselves; a login that names no one counts only against
 its source.
 """
@@ -29,6 +29,7 @@ import redis
 
 from mailyard import keys, tracking
 from mailyard.org import TransportSettings
+from mailyard.txn import Txn
 from mailyard.units import format_duration
 
 log = logging.getLogger("mailyard.lockout")
@@ -131,39 +132,51 @@ def failed(r: redis.Redis, settings: TransportSettings, attempt: Attempt) -> lis
     return began
 
 
+@dataclass(frozen=True)
+class Where:
+    """Where a logon happens, for the LOCKOUT event of a lockout it begins."""
+
+    service: str  # "SMTP" or "HTTP" (the event's source)
+    server: str  # the hub or mailbox server
+    client: str  # the client's address
+    login: str
+    connector: str = ""
+
+
 def check(r: redis.Redis, settings: TransportSettings, source: str, mailbox: str | None,
-          verify: Callable[[], bool]) -> tuple[str, list[Lockout]]:
+          verify: Callable[[], bool], where: Where) -> str:
     """One logon from ``source`` (as ``mailbox``, if the login names one), whose password
-    ``verify`` checks: ("ok" | "failed" | "locked" | "unavailable", the lockouts it began).
-    "locked": refused unchecked; "unavailable": Redis cannot say, refused unchecked too."""
+    ``verify`` checks: "ok", "failed", "locked" (refused unchecked) or "unavailable" (Redis
+    cannot say: refused unchecked too). A lockout it begins is logged and tracked."""
     if not (settings.logon_failures_per_source or settings.logon_failures_per_account):
-        return ("ok" if verify() else "failed"), []  # (lockouts off: nothing to count)
+        return "ok" if verify() else "failed"  # (lockouts off: nothing to count)
     try:
         if locked(r, source, mailbox):
-            return "locked", []
+            return "locked"
         counted = attempt(r, settings, source, mailbox)
     except redis.RedisError as exc:
         log.warning("could not read the logon lockouts: %s", exc)
-        return "unavailable", []
+        return "unavailable"
     if counted.over:  # (others from here are being checked right now: no more)
-        return "locked", []
+        return "locked"
     right = verify()
     try:
         if right:
             succeeded(r, counted)
-            return "ok", []
-        return "failed", failed(r, settings, counted)
+            return "ok"
+        for lock in failed(r, settings, counted):
+            _record(r, settings, lock, where)
     except redis.RedisError as exc:
         log.warning("could not count a logon from %s: %s", source, exc)
-        return ("ok" if right else "failed"), []
+    return "ok" if right else "failed"
 
 
-def event(lock: Lockout, settings: TransportSettings, *, source: str, server: str, client: str, connector: str,
-          login: str) -> tracking.Record:
-    """The LOCKOUT tracking event of a lockout that began."""
-    return tracking.Record(
-        tracking.Event.LOCKOUT, source=source, server=server, client=client, connector=connector,
-        sender=login[:320],
-        context=(f"{lock.of} {lock.name} locked out of logons for "
-                 f"{format_duration(settings.logon_lockout_duration)} after {lock.failures} failed logons"),
-    )
+def _record(r: redis.Redis, settings: TransportSettings, lock: Lockout, where: Where) -> None:
+    duration = format_duration(settings.logon_lockout_duration)
+    text = f"{lock.of} {lock.name} locked out of logons for {duration} after {lock.failures} failed logons"
+    log.warning("%s (%s on %s)", text, where.service, where.server)
+    txn = Txn()
+    tracking.add(txn, tracking.Record(tracking.Event.LOCKOUT, source=where.service, server=where.server,
+                                      client=where.client, connector=where.connector, sender=where.login[:320],
+                                      context=text), settings.message_tracking_log_max_age)
+    txn.run(r)

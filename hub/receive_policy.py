@@ -143,9 +143,14 @@ def tarpit(conn: ReceiveConnector, reply: str, trusted: bool) -> float:
     harvester's 550 5.1.1 among them). A logged-on client, or one the connector trusts, never waits."""
     if trusted:
         return 0.0
-    if reply.startswith("535") or reply == replies.LOGON_LOCKED:
+    if is_failed_logon(reply):
         return conn.auth_tarpit_interval
     return conn.tarpit_interval if reply.startswith("5") else 0.0
+
+
+def is_failed_logon(reply: str) -> bool:
+    """A reply that counts against MaxLogonFailures: a wrong password's, or a lockout's."""
+    return reply.startswith("535") or reply == replies.LOGON_LOCKED
 
 
 def is_error(reply: str) -> bool:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio
 from aiosmtpd.smtp import AuthResult, LoginPassword, TLSSetupException, syntax
 
-from mailyard import keys, lockout, pki, tracking
+from mailyard import keys, lockout, pki
 from mailyard.directory import Directory
 from mailyard.hub import receive_policy as policy
 from mailyard.hub import replies
@@ -51,7 +51,7 @@ from mailyard.hub.smtp_bdat import Chunking
 from mailyard.hub.smtp_data import read_data
 from mailyard.org import ReceiveConnector
 from mailyard.redisconn import number
-from mailyard.txn import GroupCommit, Txn
+from mailyard.txn import GroupCommit
 
 if TYPE_CHECKING:
     from mailyard.hub.receive_handler import ReceiveHandler
@@ -333,17 +333,10 @@ class ReceiveProtocol(Chunking):
                 outcome = authenticator(self, session, envelope, *request)
             return bool(outcome.success)
 
-        verdict, began = await asyncio.to_thread(lockout.check, self.ctx.sync_r, settings, self.state.source,
-                                                 mailbox, verify)
-        for lock in began:
-            log.warning("%s %s locked out of logons for %gs after %d failed logons",
-                        lock.of, lock.name, settings.logon_lockout_duration, lock.failures)
-            txn = Txn()
-            tracking.add(txn, lockout.event(lock, settings, source="SMTP", server=self.ctx.hub,
-                                            client=self.state.client_ip, login=mailbox or login,
-                                            connector=f"{self.ctx.hub}\\{self.state.connector.name}"),
-                         settings.message_tracking_log_max_age)
-            await self.ctx.commits.run(txn)
+        where = lockout.Where("SMTP", self.ctx.hub, self.state.client_ip, mailbox or login,
+                              f"{self.ctx.hub}\\{self.state.connector.name}")
+        verdict = await asyncio.to_thread(lockout.check, self.ctx.sync_r, settings, self.state.source, mailbox,
+                                          verify, where)
         if verdict == "locked":
             return AuthResult(success=False, handled=False, message=replies.LOGON_LOCKED)
         if verdict == "unavailable":
@@ -454,21 +447,23 @@ class ReceiveProtocol(Chunking):
             text = "\r\n".join([*self._pending_lines, text])
             self._pending_lines.clear()
         state = self.state
+        if state is None:
+            await super().push(text)
+            return
         trusted = self._trusted()
-        if state is not None and not trusted and policy.is_error(text):
+        error = not trusted and policy.is_error(text)
+        if error:
             await self._count_source_error()  # (before the tarpit: a client may leave while it waits)
-        if state is not None and (delay := policy.tarpit(state.connector, text, trusted)):
+        if delay := policy.tarpit(state.connector, text, trusted):
             await asyncio.sleep(delay)
             if self.transport is None or self.transport.is_closing():
                 return
         await super().push(text)
-        if state is None:
-            return
-        if text.startswith("535") or text == replies.LOGON_LOCKED:
+        if policy.is_failed_logon(text):
             state.logon_failures += 1
             if policy.too_many_logon_failures(state.connector, state.logon_failures):
                 await self._close_with(replies.TOO_MANY_ERRORS)
-        elif not trusted and policy.is_error(text):
+        elif error:
             state.errors += 1
             if policy.too_many_errors(state.connector, state.errors):
                 await self._close_with(replies.TOO_MANY_ERRORS)

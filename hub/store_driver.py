@@ -64,7 +64,7 @@ def pickup(node: Node, server: str) -> int:
         if len(items) < limit:
             return taken
         if time.monotonic() > deadline:  # a backlog: share it with the site's other hubs
-            Notifier(node.r, node.app, node.orgs).kick(server, again=True)
+            Notifier(node.r, node.app, node.orgs).kick(server, avoid=node.name, again=True)
             return taken
 
 

@@ -51,14 +51,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailyard import headers as mail_headers
-from mailyard import lockout, mime, passwords, pki, tracking
+from mailyard import lockout, mime, passwords, pki
 from mailyard.addresses import canonical
 from mailyard.directory import Directory, Principal
 from mailyard.errors import NotFoundError
 from mailyard.mailbox.outbox import OutboxIndex
 from mailyard.mailbox.store import MailboxStore, folder_name
 from mailyard.org import normalize_address
-from mailyard.txn import Txn
 
 log = logging.getLogger("mailyard.mailbox.api")
 
@@ -234,18 +233,10 @@ def create_app(
 
             settings = directory().org.transport
             account = None if found is None else str(found[0])
-            verdict, began = lockout.check(r, settings, lockout.source_of(client), account, verify)
+            verdict = lockout.check(r, settings, lockout.source_of(client), account, verify,
+                                    lockout.Where("HTTP", server, client, account or ""))
         finally:
             scrypt_slots.release()
-        for lock in began:
-            log.warning("%s %s locked out of logons after %d failed logons", lock.of, lock.name, lock.failures)
-            txn = Txn()
-            tracking.add(txn, lockout.event(lock, settings, source="HTTP", server=server, client=client,
-                                            connector="", login=account or ""), settings.message_tracking_log_max_age)
-            try:
-                txn.run(r)
-            except redis.RedisError as exc:
-                log.warning("could not record a lockout: %s", exc)
         if verdict == "locked":
             raise ApiError(429, "too many failed logons; try again later",
                            {"Retry-After": str(int(settings.logon_lockout_duration))})
@@ -379,9 +370,7 @@ def create_app(
         return {"results": await _in_thread(_acknowledge, refs)}
 
     def _acknowledge(refs: list[tuple[str, str]]) -> list[dict[str, str]]:
-        waiting = [(mailbox, item) for mailbox, item in refs if store.has(mailbox, "Outbox", item)]
-        store.move_many(waiting, "Outbox", "Sent Items")
-        moved = set(waiting)
+        moved = set(store.move_many(refs, "Outbox", "Sent Items"))
         results = []
         for mailbox, item in refs:
             outbox.remove(mailbox, item)

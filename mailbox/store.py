@@ -381,19 +381,28 @@ class MailboxStore:
 
     def move(self, address: str, item_id: str, src: str, dst: str, *, seen: bool = True) -> None:
         """Move an item between folders (Outbox -> Sent Items), atomically by rename."""
-        self.move_many([(address, item_id)], src, dst, seen=seen)
+        if not self.move_many([(address, item_id)], src, dst, seen=seen):
+            raise NotFoundError(f"no item {item_id!r} in {folder_name(src)} of {address}")
 
-    def move_many(self, items: list[tuple[str, str]], src: str, dst: str, *, seen: bool = True) -> None:
+    def move_many(self, items: list[tuple[str, str]], src: str, dst: str, *,
+                  seen: bool = True) -> list[tuple[str, str]]:
         """Move several (mailbox, item) between folders: each by rename, and each directory
-        fsynced once for all of them (a pickup's batch leaving the Outboxes)."""
+        fsynced once for all of them (a pickup's batch leaving the Outboxes). Returns those
+        moved; an item not in ``src`` is left out."""
         touched: set[Path] = set()
+        moved = []
         for address, item_id in items:
-            path = self.locate(address, src, item_id)
+            try:
+                path = self.locate(address, src, item_id)
+            except NotFoundError:
+                continue
             dst_dir = self._folder_dir(address, dst) / "cur"
             os.rename(path, dst_dir / (item_id + (":2,S" if seen else ":2,")))
             touched.update((dst_dir, path.parent))
+            moved.append((address, item_id))
         for directory in touched:
             self._dir_sync(directory).sync()
+        return moved
 
     def has(self, address: str, folder: str, item_id: str) -> bool:
         try:
