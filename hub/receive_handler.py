@@ -116,10 +116,6 @@ class ReceiveHandler:
         except policy.Refused as refused:
             return refused.reply
         head = headers.parse(raw)
-        if identity is not None and identity.kind == "user" and (
-                bad := headers.malformed_line(mime.split(mime.normalize_line_ends(raw))[0])):
-            # (what a reader skips here, a mail client may show: "From : the CEO" among them)
-            return replies.header_refused(f"header line {bad[0]} is not a header field (name: value)")
         if refusal := policy.header_senders_refusal(directory, identity, head):
             log.info("refused a message from %s logged on as %s: %s", state.client_ip,
                      identity.name if identity else "?", refusal)
@@ -131,6 +127,10 @@ class ReceiveHandler:
         if isinstance(taken, mime.Unfit):
             return replies.header_refused(taken)
         raw = taken
+        if identity is not None and identity.kind == "user" and (bad := headers.malformed_line(mime.split(raw)[0])):
+            # (what a reader skips, a mail client may show, "From : the CEO" among them: the
+            # send-as check above cannot see it)
+            return replies.header_refused(f"header line {bad[0]} is not a header field (name: value)")
         now_s = time.time()
         now = int(now_s * 1000)
         settings = directory.org.transport
