@@ -93,9 +93,11 @@ class Notifier:
         org = self.orgs.org
         hold_ms = int(org.transport.submission_ack_timeout * 1000)
         due = texts(script(self.r, "due")(keys=[keys.submit_pending(server)], args=[now_ms(), limit, hold_ms]))
-        if waiting is not None and (gone := [ref for ref in due if not waiting(ref)]):
-            self.r.zrem(keys.submit_pending(server), *gone)
-            due = [ref for ref in due if waiting(ref)]
+        if waiting is not None:
+            gone = [ref for ref in due if not waiting(ref)]
+            if gone:
+                self.r.zrem(keys.submit_pending(server), *gone)
+                due = [ref for ref in due if ref not in gone]
         if not due:
             return 0
         last = text_or_none(self.r.get(keys.submit_kick(server)))
