@@ -102,6 +102,7 @@ class Sweeper:
                 # The worker died on a batch: which message killed it is not known. None of
                 # them counts; each is taken alone from now on, so a second crash is attributed.
                 suspect, crashed, why = True, False, why + " (on a batch: each message will be tried alone)"
+            log.info("item %s of %s taken back: %s", item.id, item.queue, why)
             change = queues.change().require_lease(item, item.lease).require_pending(item, item.pending)
             stop_processing(node, change, item, why, now, crashed=crashed, suspect=suspect)
             change.kick(item.queue, queues.celery_queue_of(item.queue))
@@ -225,15 +226,27 @@ def resubmit(node: Hub, queue: str) -> int:
 
 
 def worker_pids() -> list[int]:
-    """This process and its children (Celery's pool): which processes hold leases now."""
-    pids = [os.getpid()]
+    """This process and its living children (Celery's pool): which processes hold leases now.
+    A child killed but not yet reaped by the pool (a zombie, for seconds under load) is
+    dead: listing it would read its crash as a stall and count nothing towards Poison."""
+    me = os.getpid()
+    pids = [me]
     try:
-        for task in os.listdir(f"/proc/{os.getpid()}/task"):
-            with open(f"/proc/{os.getpid()}/task/{task}/children") as fh:
-                pids += [int(p) for p in fh.read().split()]
+        for task in os.listdir(f"/proc/{me}/task"):
+            with open(f"/proc/{me}/task/{task}/children") as fh:
+                pids += [int(p) for p in fh.read().split() if _alive(int(p))]
     except OSError:  # not Linux: crash detection falls back to restarts
         pass
     return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rpartition(")")[2].split()[0]  # after "pid (comm)"
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 class Services:

@@ -4,6 +4,7 @@ running hub: what each of its duties does to queued mail."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -13,8 +14,9 @@ from mailyard.hub.intake import accept
 from mailyard.hub.node import Node
 from mailyard.hub.queues import mapi_queue, submission_queue
 from mailyard.hub.records import Item, Recipient
-from mailyard.hub.sweeper import Sweeper, worker_crashed
+from mailyard.hub.sweeper import Sweeper, worker_crashed, worker_pids
 from mailyard.orgstore import apply_org
+from mailyard.testing.waiting import wait_until
 from mailyard.tracking import search
 from tests.conftest import make_org
 from tests.hub.helpers import message, record
@@ -62,6 +64,22 @@ def test_a_worker_that_died_counts_as_a_crash_a_stalled_one_does_not() -> None:
     silent = registry.HubInfo("h", "Amsterdam", started=500, heartbeat=now - 60_000, pids=[1, 2])
     assert worker_crashed(item, silent, 3, now)[0] is False, "cut off from Redis, maybe alive"
     assert worker_crashed(item, None, 3, now)[0] is False
+
+
+def test_a_pool_child_killed_but_not_yet_reaped_is_no_longer_listed_as_a_worker() -> None:
+    # (the pool reaps a killed child seconds later under load; a crash in between must count)
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    try:
+        def zombie() -> bool:
+            with open(f"/proc/{child}/stat") as fh:
+                return fh.read().rpartition(")")[2].split()[0] == "Z"
+        wait_until(zombie, timeout=30, message="the child did not exit")
+        assert os.getpid() in worker_pids()
+        assert child not in worker_pids(), "a zombie is listed as a living worker"
+    finally:
+        os.waitpid(child, 0)
 
 
 def test_an_expired_lease_goes_back_to_its_queue_and_a_drain_is_queued(node: Node) -> None:
