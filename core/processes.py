@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -43,3 +44,31 @@ def serve_until_stopped(server: Any, sockets: list[Any]) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of a process (R, S, Z for a zombie, ...), None when there is none
+    (or no /proc to read it from)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0]  # after "pid (comm)"
+    except (OSError, IndexError):
+        return None
+
+
+def living_children(pid: int) -> list[int]:
+    """The child processes of ``pid`` that have not exited, whichever of its threads started
+    them. A child killed but not yet reaped (a zombie, for seconds under load) is not one.
+    Empty where there is no /proc (not Linux)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found += [int(p) for p in fh.read().split()]
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return [p for p in found if process_state(p) not in (None, "Z", "X")]

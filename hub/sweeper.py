@@ -27,6 +27,7 @@ from mailyard.hub.node import Hub, Node
 from mailyard.hub.outcomes import stop_processing
 from mailyard.hub.queues import QueueKind, standing_queues, submission_queue
 from mailyard.hub.records import Item, ItemStatus
+from mailyard.processes import living_children
 from mailyard.redisconn import number, text
 from mailyard.registry import now_ms
 from mailyard.scripts import script
@@ -227,26 +228,9 @@ def resubmit(node: Hub, queue: str) -> int:
 
 def worker_pids() -> list[int]:
     """This process and its living children (Celery's pool): which processes hold leases now.
-    A child killed but not yet reaped by the pool (a zombie, for seconds under load) is
-    dead: listing it would read its crash as a stall and count nothing towards Poison."""
-    me = os.getpid()
-    pids = [me]
-    try:
-        for task in os.listdir(f"/proc/{me}/task"):
-            with open(f"/proc/{me}/task/{task}/children") as fh:
-                pids += [int(p) for p in fh.read().split() if _alive(int(p))]
-    except OSError:  # not Linux: crash detection falls back to restarts
-        pass
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rpartition(")")[2].split()[0]  # after "pid (comm)"
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    A killed child the pool has not reaped yet is dead: listing it would read its crash as a
+    stall and count nothing towards Poison. Not Linux: crash detection falls back to restarts."""
+    return [os.getpid(), *living_children(os.getpid())]
 
 
 class Services:

@@ -25,6 +25,7 @@ import redis
 from mailyard import keys, pki, redisconn, registry
 from mailyard.org import Operator, Organization
 from mailyard.orgstore import apply_org
+from mailyard.processes import living_children
 from mailyard.redisconn import number, text
 from mailyard.site.redis_server import free_port
 from mailyard.testing.waiting import wait_until
@@ -46,15 +47,9 @@ class Proc:
         return self.popen.poll() is None
 
     def children(self) -> list[int]:
-        """Its child processes, whichever of its threads started them (a hub's receive
-        listener is started again from a watching thread)."""
-        found = []
-        for task in Path(f"/proc/{self.pid}/task").glob("*"):
-            try:
-                found += [int(p) for p in (task / "children").read_text().split()]
-            except OSError:
-                continue
-        return found
+        """Its living child processes, whichever of its threads started them (a hub's
+        receive listener is started again from a watching thread)."""
+        return living_children(self.pid)
 
 
 OPERATOR = "cluster-operator"

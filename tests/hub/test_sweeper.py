@@ -16,6 +16,7 @@ from mailyard.hub.queues import mapi_queue, submission_queue
 from mailyard.hub.records import Item, Recipient
 from mailyard.hub.sweeper import Sweeper, worker_crashed, worker_pids
 from mailyard.orgstore import apply_org
+from mailyard.processes import process_state
 from mailyard.testing.waiting import wait_until
 from mailyard.tracking import search
 from tests.conftest import make_org
@@ -72,10 +73,7 @@ def test_a_pool_child_killed_but_not_yet_reaped_is_no_longer_listed_as_a_worker(
     if child == 0:
         os._exit(0)
     try:
-        def zombie() -> bool:
-            with open(f"/proc/{child}/stat") as fh:
-                return fh.read().rpartition(")")[2].split()[0] == "Z"
-        wait_until(zombie, timeout=30, message="the child did not exit")
+        wait_until(lambda: process_state(child) == "Z", timeout=30, message="the child did not exit")
         assert os.getpid() in worker_pids()
         assert child not in worker_pids(), "a zombie is listed as a living worker"
     finally:
