@@ -55,6 +55,7 @@ from mailyard import lockout, mime, passwords, pki
 from mailyard.addresses import canonical
 from mailyard.directory import Directory, Principal
 from mailyard.errors import NotFoundError
+from mailyard.mailbox.compose import plain_message
 from mailyard.mailbox.outbox import OutboxIndex
 from mailyard.mailbox.store import MailboxStore, folder_name
 from mailyard.org import normalize_address
@@ -476,34 +477,37 @@ def compose_from_json(body: bytes, owner: str) -> bytes:
     unknown = set(data) - {"to", "cc", "bcc", "subject", "body", "message_id"}
     if unknown:
         raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+    recipients: dict[str, list[str]] = {}
+    for field in ("to", "cc", "bcc"):
+        value = data.get(field, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ApiError(400, f"{field}: expected a list of addresses")
+        recipients[field.capitalize()] = value
+    subject, text = data.get("subject", ""), data.get("body", "")
+    if not isinstance(subject, str) or not isinstance(text, str):
+        raise ApiError(400, "subject and body must be strings")
+    message_id = data.get("message_id")
+    if message_id is not None and (not isinstance(message_id, str) or not message_id.startswith("<")
+                                   or not message_id.endswith(">")):
+        raise ApiError(400, "message_id: expected <unique@domain>")
+    if (plain := plain_message(owner, recipients, subject, message_id, text)) is not None:
+        return plain
     msg = EmailMessage()
-    ascii_only = owner.isascii()
     try:
         msg["From"] = owner
-        for field in ("to", "cc", "bcc"):
-            value = data.get(field, [])
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ApiError(400, f"{field}: expected a list of addresses")
-            if value:
-                msg[field.capitalize()] = ", ".join(value)
-                ascii_only = ascii_only and all(v.isascii() for v in value)
-        subject, text = data.get("subject", ""), data.get("body", "")
-        if not isinstance(subject, str) or not isinstance(text, str):
-            raise ApiError(400, "subject and body must be strings")
+        for name, addresses in recipients.items():
+            if addresses:
+                msg[name] = ", ".join(addresses)
         msg["Subject"] = subject
-        message_id = data.get("message_id")
         if message_id is not None:
-            if not isinstance(message_id, str) or not message_id.startswith("<") or not message_id.endswith(">"):
-                raise ApiError(400, "message_id: expected <unique@domain>")
             msg["Message-ID"] = message_id
         msg.set_content(text)
         # An address that is not ASCII cannot be an encoded word (RFC 2047 5): such a message is
         # an SMTPUTF8 one, with UTF-8 headers (RFC 6532)
+        ascii_only = owner.isascii() and all(a.isascii() for v in recipients.values() for a in v)
         return msg.as_bytes(policy=SMTP_POLICY if ascii_only else SMTPUTF8_POLICY)
-    except ApiError:
-        raise
     except Exception as exc:  # the email package refuses a value (a line break in a header, a lone
         # surrogate) or trips over it: the client's mistake, not the server's
         raise ApiError(400, f"the message cannot be built: {exc}") from None
