@@ -35,6 +35,8 @@ import sys
 import threading
 from pathlib import Path
 
+import uvloop
+
 from mailyard import keys, pki, redisconn, registry
 from mailyard.broker import DrainMessages, make_app
 from mailyard.directory import Directory
@@ -229,8 +231,9 @@ class ReceiveListener:
 
 
 def serve(*, hub: str, site: str, redis_url: str, data_dir: Path, binds: dict[str, str]) -> None:
-    """Run a hub's receive listener until SIGTERM or SIGINT."""
-    asyncio.run(ReceiveListener(hub=hub, site=site, redis_url=redis_url, data_dir=data_dir, binds=binds).run())
+    """Run a hub's receive listener until SIGTERM or SIGINT, on uvloop: measured beside asyncio's
+    own loop (issue 13's note), the relay's CPU per message is about the same, its p99 lower."""
+    uvloop.run(ReceiveListener(hub=hub, site=site, redis_url=redis_url, data_dir=data_dir, binds=binds).run())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,7 @@ import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio
 from aiosmtpd.smtp import AuthResult, LoginPassword, TLSSetupException, syntax
@@ -121,6 +121,12 @@ class ReceiveContext:
 
     def connectors_for(self, binding: str) -> list[ReceiveConnector]:
         return policy.connectors_for(self.directory().org, binding, self.site)
+
+
+def writable(transport: asyncio.BaseTransport | None) -> asyncio.WriteTransport | None:
+    """The transport to write replies to, whichever event loop made it: uvloop's transports
+    have asyncio's methods but are not subclasses of its classes, so isinstance says no."""
+    return cast(asyncio.WriteTransport, transport) if hasattr(transport, "write") else None
 
 
 def aiosmtpd_members(cls: type, prefixes: tuple[str, ...]) -> list[str]:
@@ -243,9 +249,9 @@ class ReceiveProtocol(Chunking):
         if self.transport is None or self.transport.is_closing():
             return
         log.info("closing the session of %s: %s", self.state.client_ip if self.state else "?", reply)
-        if isinstance(self.transport, asyncio.WriteTransport):
+        if (transport := writable(self.transport)) is not None:
             held, self._held = self._held, []  # (replies smtp_pipelining holds back go first)
-            self.transport.write("\r\n".join([*held, reply]).encode() + b"\r\n")
+            transport.write("\r\n".join([*held, reply]).encode() + b"\r\n")
         self._close()
 
     def _close(self) -> None:
@@ -256,8 +262,8 @@ class ReceiveProtocol(Chunking):
         if transport is None:
             return
         transport.close()
-        if isinstance(transport, asyncio.WriteTransport):
-            self._timers.append(asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort))
+        if (writer := writable(transport)) is not None:
+            self._timers.append(asyncio.get_running_loop().call_later(CLOSE_GRACE, writer.abort))
 
     def data_received(self, data: bytes) -> None:
         if self._unbroken > MAX_UNBROKEN_LINE:
@@ -274,8 +280,8 @@ class ReceiveProtocol(Chunking):
         if self._unbroken > MAX_UNBROKEN_LINE:
             log.warning("closing the connection of %s: a line longer than %d bytes",
                         self.state.client_ip if self.state else "?", MAX_UNBROKEN_LINE)
-            if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
-                self.transport.write(b"500 5.5.2 Line too long\r\n")
+            if (transport := writable(self.transport)) is not None and not transport.is_closing():
+                transport.write(b"500 5.5.2 Line too long\r\n")
             self._close()
             return
         super().data_received(data)

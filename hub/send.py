@@ -17,7 +17,6 @@ goes into Retry, with the last error shown, instead of every message hammering a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import random
@@ -29,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import aiosmtplib
+import uvloop
 
 from mailyard import headers, pki, redisconn, registry
 from mailyard.errors import DeliveryError, PermanentDeliveryError, SiteError, TransientDeliveryError
@@ -169,7 +169,7 @@ class ConnectionCache:
     MAX_MESSAGES = 500
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # as the receive listener's (receive_listener.serve)
         self._idle: dict[tuple[str, int, str], list[tuple[aiosmtplib.SMTP, float, int]]] = {}
 
     async def take(self, key: tuple[str, int, str], timeout: float) -> tuple[aiosmtplib.SMTP, int] | None:
