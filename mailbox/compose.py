@@ -12,7 +12,9 @@ and the caller builds the message with the email package as before.
 
 from __future__ import annotations
 
+import binascii
 import re
+from email import quoprimime
 
 # RFC 5322 3.2.3's atext, dot-atoms on both sides of the @ (RFC 5322 3.4.1's addr-spec
 # without quoted local parts or domain literals: those go the long way)
@@ -23,8 +25,7 @@ _MESSAGE_ID = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
 # Printable ASCII, no space at either end or twice in a row, nothing an encoded word starts with
 _SUBJECT = re.compile(r"[!-~]+(?: [!-~]+)*")
 _MAX_LINE = 78  # the email package's max_line_length: longer header lines get folded
-_TRAILER = (b'Content-Type: text/plain; charset="utf-8"\r\n'
-            b"Content-Transfer-Encoding: 7bit\r\nMIME-Version: 1.0\r\n\r\n")
+_CONTENT_TYPE = b'Content-Type: text/plain; charset="utf-8"\r\n'
 
 
 def plain_message(sender: str, recipients: dict[str, list[str]], subject: str,
@@ -47,10 +48,24 @@ def plain_message(sender: str, recipients: dict[str, list[str]], subject: str,
         if not _MESSAGE_ID.fullmatch(message_id):
             return None
         lines.append(f"Message-ID: {message_id}")
-    if any(len(line) > _MAX_LINE for line in lines) or not text.isascii():
+    if any(len(line) > _MAX_LINE for line in lines) or (body := _body(text)) is None:
         return None
-    body = text.encode("ascii").splitlines()  # bytes split at CR, LF and CRLF only, as the package's
-    if any(len(line) > _MAX_LINE for line in body):
-        return None  # the email package would choose quoted-printable
-    head = "\r\n".join(lines).encode("ascii") + b"\r\n"
-    return head + _TRAILER + b"\r\n".join(body) + b"\r\n"
+    encoding, content = body
+    return ("\r\n".join(lines).encode("ascii") + b"\r\n" + _CONTENT_TYPE
+            + b"Content-Transfer-Encoding: " + encoding + b"\r\nMIME-Version: 1.0\r\n\r\n" + content)
+
+
+def _body(text: str) -> tuple[bytes, bytes] | None:
+    """The transfer encoding and the encoded body, CRLF line ends, as ``set_content`` chooses
+    them (email.contentmanager): 7bit when every line is short, else quoted-printable unless
+    base64 is shorter on the first ten lines. Not ASCII, or base64: None."""
+    if not text.isascii():
+        return None
+    lines = text.encode("ascii").splitlines()  # split at CR, LF and CRLF only, as the package does
+    if all(len(line) <= _MAX_LINE for line in lines):
+        return b"7bit", b"\r\n".join(lines) + b"\r\n"
+    sniff = b"\n".join(lines[:10]) + b"\n"
+    if len(quoprimime.body_encode(sniff.decode("ascii"), _MAX_LINE)) > len(binascii.b2a_base64(sniff)):
+        return None
+    encoded = quoprimime.body_encode((b"\n".join(lines) + b"\n").decode("ascii"), _MAX_LINE)
+    return b"quoted-printable", encoded.replace("\n", "\r\n").encode("ascii")

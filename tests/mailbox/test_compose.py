@@ -41,7 +41,8 @@ any_address = st.one_of(addresses, st.text(alphabet='ab@." <>,\\()é', min_size=
 subjects = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=80) \
     | st.text(max_size=20)
 message_ids = st.none() | addresses.map(lambda a: f"<{a}>") | st.text(max_size=12).map(lambda t: f"<{t}>")
-body_lines = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=90)
+body_lines = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=90) \
+    | st.text(alphabet="ab =.\t", min_size=70, max_size=300)
 bodies = st.lists(body_lines, max_size=8).flatmap(
     lambda lines: st.sampled_from(["\n", "\r\n", "\r"]).map(lambda end: end.join(lines))) | st.text(max_size=30)
 
@@ -84,8 +85,16 @@ def test_what_needs_encoding_or_folding_goes_the_long_way() -> None:
     assert plain_message("alice@contoso.com", plain, "Grüße", None, "") is None
     assert plain_message("alice@contoso.com", plain, "s", None, "Grüße\n") is None
     assert plain_message("alice@contoso.com", plain, "x" * 80, None, "") is None
-    assert plain_message("alice@contoso.com", plain, "s", None, "x" * 79 + "\n") is None
+    assert plain_message("alice@contoso.com", plain, "s", None, "\x01" * 79 + "\n") is None  # base64
     assert plain_message("alice@contoso.com", plain, "s", None, "ok\r\n") is not None
+
+
+def test_a_long_line_is_quoted_printable_as_the_email_package_makes_it() -> None:
+    text = "A paragraph typed without line breaks, as web mail clients send them. " * 20 + "\n"
+    written = plain_message("alice@contoso.com", {"To": ["carol@contoso.com"]}, "s", None, text)
+    assert written is not None, "a long ASCII line went the long way"
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n" in written
+    assert written == by_the_email_package("alice@contoso.com", {"To": ["carol@contoso.com"]}, "s", None, text)
 
 
 def test_the_api_writes_the_same_message_either_way() -> None:
