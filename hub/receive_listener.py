@@ -10,7 +10,7 @@ organization: a connector added, removed or rebound with ``mailyard org apply`` 
 closes its listener within a second. Where the hub runs, a binding of the organization file
 (``0.0.0.0:25``) may be mapped to another address (``127.0.0.1:2525``): the local site gives
 each hub its own ports that way. Once a second the listener reads the site's back-pressure
-level and writes out its session counters.
+level, writes out its session counters, and tries again to listen where it could not.
 
 TLS (``tls_contexts``): the hub's own certificate (self-signed unless one is configured, as
 Exchange 2010 makes one at install) for every client, and the site's certificate of the
@@ -138,6 +138,7 @@ class ReceiveListener:
         self.binds = binds or {}
         self.servers: dict[str, asyncio.Server] = {}  # actual address -> listener
         self.failed: set[str] = set()
+        self._reconciling = asyncio.Lock()
 
     async def start(self) -> None:
         self.r = redisconn.connect_async(self.redis_url)
@@ -170,6 +171,8 @@ class ReceiveListener:
                 await self.ctx.flush_counts()
             except Exception as exc:  # keep the last level while Redis is away
                 log.warning("could not read the back-pressure level: %s", exc)
+            if self.failed:  # an address that was taken (a restarted hub's old listener, closing) may be free now
+                await self.reconcile(self.watcher.current())
             await asyncio.sleep(1.0)
 
     def wanted(self, directory: Directory) -> dict[str, tuple[str, list[str]]]:
@@ -184,7 +187,12 @@ class ReceiveListener:
         return out
 
     async def reconcile(self, directory: Directory) -> None:
+        async with self._reconciling:  # (the organization's watcher and the retry both call it)
+            await self._reconcile(directory)
+
+    async def _reconcile(self, directory: Directory) -> None:
         wanted = self.wanted(directory)
+        self.failed &= set(wanted)
         for actual in list(self.servers):
             if actual not in wanted:
                 self.servers.pop(actual).close()
@@ -196,7 +204,9 @@ class ReceiveListener:
             try:
                 self.servers[actual] = await asyncio.get_running_loop().create_server(
                     lambda b=binding: ReceiveProtocol(ReceiveHandler(self.ctx), self.ctx, b),
-                    host=host, port=port, reuse_address=True, reuse_port=True,
+                    # No SO_REUSEPORT: a second listener on the address (another site's hub)
+                    # must fail, not silently take half of its connections.
+                    host=host, port=port, reuse_address=True,
                     family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                 )
                 self.failed.discard(actual)

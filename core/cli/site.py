@@ -22,7 +22,8 @@ from mailyard.cli.common import (
 )
 from mailyard.errors import SiteError
 from mailyard.org import load_org
-from mailyard.processes import setup_logging
+from mailyard.processes import process_state, setup_logging
+from mailyard.site import ports
 from mailyard.site.runner import Site, SiteConfig, _pid_alive
 
 DEFAULT_CONFIG = Path("deploy/contoso.toml")
@@ -44,7 +45,13 @@ def site() -> None:
 @click.option("--fsync", type=click.Choice(["always", "everysec", "no"]), default="always",
               show_default=True, help="appendfsync of the embedded Redis (see README: Guarantees).")
 @click.option("--flower/--no-flower", default=True, show_default=True, help="Start Flower.")
-@click.option("--flower-port", default=0, type=int, help="Port of Flower (default: free).")
+@click.option("--flower-port", default=0, type=click.IntRange(0, 65535),
+              help=f"Port of Flower [default: {ports.FLOWER} when free, else a free one].")
+@click.option("--viewer-port", default=0, type=click.IntRange(0, 65535),
+              help=f"Port of the Queue Viewer [default: {ports.VIEWER} when free, else a free one].")
+@click.option("--free-ports", is_flag=True,
+              help=f"Free ports only, none of the defaults (SMTP {ports.SMTP} and {ports.CLIENT}, Flower "
+                   f"{ports.FLOWER}, the viewer {ports.VIEWER}, the demo Internet's MX port).")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes per hub.")
 @click.option("--internet/--no-internet", default=True, show_default=True,
@@ -53,14 +60,21 @@ def site() -> None:
 @data_dir_option
 @handle_errors
 def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, fsync: str, flower: bool,
-       flower_port: int, concurrency: int, internet: bool, data_dir: Path) -> None:
-    """Start the site and keep it running until Ctrl-C or SIGTERM."""
+       flower_port: int, viewer_port: int, free_ports: bool, concurrency: int, internet: bool,
+       data_dir: Path) -> None:
+    """Start the site and keep it running until Ctrl-C or SIGTERM.
+
+    Ports: the first Amsterdam hub's Default and Internet connectors on 127.0.0.1:2525, its
+    Client connector on 2587, Flower on 5555, the Queue Viewer on 8080, the demo Internet's MX
+    hosts on the Internet send connector's port (2525): each when free, else a free port
+    (another site may have it). Every other port is free. All are printed, and "The site is
+    up" only once every one of them answers."""
     setup_logging("INFO")
     org = load_org(config_path)
     runner = Site(SiteConfig(org=org, config_path=config_path.resolve(), data_dir=data_dir,
                              hubs_per_site=hubs, redis_url=redis_url, redis_port=redis_port, fsync=fsync,
-                             flower=flower, flower_port=flower_port, concurrency=concurrency,
-                             internet=internet))
+                             flower=flower, flower_port=flower_port, viewer_port=viewer_port,
+                             concurrency=concurrency, internet=internet, default_ports=not free_ports))
     signal.signal(signal.SIGTERM, runner.request_stop)
     signal.signal(signal.SIGINT, runner.request_stop)
     try:
@@ -83,10 +97,13 @@ def _print_endpoints(state: dict[str, Any]) -> None:
             where = ", ".join(f"{k} {v}" for k, v in p["smtp"].items())
         if p.get("logon") and secrets_file:  # where its credential is (never the credential itself)
             where += f"  (logon: {p['logon'].replace(secrets_file, Path(secrets_file).name)})"
+        up = p.get("up", True)
         rows.append((p["role"], p["name"], p.get("site", ""), where, p.get("pid") or "",
-                     "up" if p.get("up", True) else "down"))
+                     "down" if not up else "up" if p.get("ready", True) else "starting"))
     click.echo(table(rows, ["Role", "Name", "Site", "Endpoint", "PID", "State"]))
     click.echo(f"\nRedis: {redisconn.redacted(state['redis_url'])}   data: {state['data_dir']}")
+    if state.get("redis_server"):
+        click.echo(f"Redis server: {state['redis_server']}")
     if secrets_file:
         click.echo(f"Secrets: {secrets_file} (mode 0600, yours only): Flower's user and password [flower], "
                    "the Queue Viewer's token and its /metrics-only metrics_token [viewer], "
@@ -108,10 +125,14 @@ def site_status(data_dir: Path) -> dict[str, Any]:
         pass
     for p in state["processes"]:
         pid = p.get("pid")
-        p["up"] = bool(state["running"] and pid and _pid_alive(int(pid)))
+        # (a process killed but not yet reaped by the runner is a zombie: down)
+        p["up"] = bool(state["running"] and pid and _pid_alive(int(pid)) and process_state(int(pid)) != "Z")
+        p["ready"] = bool(p["up"] and p.get("ready", True))  # (the runner says, after its checks)
         hub = live_hubs.get(p["name"])
         if hub is not None and hub.endpoints:
             p["smtp"] = hub.endpoints
+    # What a runner that is gone wrote last is not ready, nor is a site with a process down.
+    state["ready"] = bool(state["running"] and state.get("ready") and all(p["ready"] for p in state["processes"]))
     return state
 
 

