@@ -315,28 +315,39 @@ def mailbox_inject(args: argparse.Namespace, site: Site, name: str, messages: in
         nonlocal refused, started
         async with httpx.AsyncClient(timeout=60, verify=tls, auth=logon) as http:
             while not queue.empty():
-                n = queue.get_nowait()
+                batch = [queue.get_nowait() for _ in range(min(args.send_batch, queue.qsize()))]
                 if rate:
-                    started += 1
-                    await asyncio.sleep(max(0.0, start + (started - 1) / rate - time.monotonic()))
-                ident = f"{tag}-{n}"
-                body = {"to": [MAILBOX_RCPT], "subject": f"bench {ident}", "body": f"X {ident}\n{filler}",
-                        "message_id": f"<{ident}@bench.example>"}
+                    started += len(batch)
+                    await asyncio.sleep(max(0.0, start + (started - len(batch)) / rate - time.monotonic()))
+                waiting = {f"{tag}-{n}": {"to": [MAILBOX_RCPT], "subject": f"bench {tag}-{n}",
+                                          "body": f"X {tag}-{n}\n{filler}", "message_id": f"<{tag}-{n}@bench.example>"}
+                           for n in batch}
                 for _ in range(5):  # a 503 (not durable yet) or a lost answer: the same send again
+                    idents = list(waiting)
                     try:
-                        response = await http.post(base, json=body, extensions=server_name)
+                        if args.send_batch == 1:
+                            response = await http.post(base, json=waiting[idents[0]], extensions=server_name)
+                            statuses = [response.status_code]
+                        else:  # the batch Send: a result per message
+                            response = await http.post(base + "/batch", json={"messages": list(waiting.values())},
+                                                       extensions=server_name)
+                            statuses = ([r["status"] for r in response.json()["results"]]
+                                        if response.status_code == 200 else [response.status_code] * len(idents))
                     except httpx.TransportError:
                         await asyncio.sleep(0.05)
                         continue
-                    if response.status_code == 202:
-                        accepted[ident] = time.time()
+                    for ident, status in zip(idents, statuses, strict=True):
+                        if status == 202:
+                            accepted[ident] = time.time()
+                            del waiting[ident]
+                        elif status in (400, 401, 403, 413, 415, 421):  # every other send would fail the same way
+                            raise RuntimeError(f"the mailbox API refused the benchmark's send: {status} "
+                                               f"{response.text}")
+                    if not waiting:
                         break
-                    if response.status_code in (401, 403, 415, 421):  # every other send would fail the same way
-                        raise RuntimeError(f"the mailbox API refused the benchmark's send: {response.status_code} "
-                                           f"{response.text}")
                     await asyncio.sleep(0.05)
                 else:
-                    refused += 1
+                    refused += len(waiting)
 
     async def go() -> float:
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -362,7 +373,8 @@ def mailbox_inject(args: argparse.Namespace, site: Site, name: str, messages: in
     load = Load("", 0, 0, 0, [MAILBOX_RCPT])
     load.accepted, load.refused = accepted, refused
     result = summarize(name, load, arrivals, 1, wall, cpu, cpu_load)
-    result["load"] = "python, mailbox API" + (", paced" if rate else "")
+    result["load"] = ("python, mailbox API" + (f", {args.send_batch} per request" if args.send_batch > 1 else "")
+                      + (", paced" if rate else ""))
     result["cpu_ms_per_message_by_process"] = per_message(by0, by1, len(accepted))
     result["other_work_cores"] = others_cores
     return result
@@ -493,7 +505,8 @@ def one(args: argparse.Namespace) -> list[dict]:
           f"fsync {args.fsync}; load {args.load}, sink {args.sink}", flush=True)
     label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}"
     if args.variant in ("mailbox", "smtp-mailbox"):
-        label = f"{args.variant} {args.size // 1024}KB s{args.sessions} h{args.hubs}"
+        label = f"{args.variant} {args.size // 1024}KB s{args.sessions} h{args.hubs}" + (
+            f" b{args.send_batch}" if args.send_batch > 1 else "")
     results = [run_mailyard(args, label)]
     if args.postfix == "auto" and args.variant in ("relay", "mailbox", "smtp-mailbox"):
         pf = run_postfix(args)
@@ -518,6 +531,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=int, default=5120, help="bytes per message")
     ap.add_argument("--recipients", type=int, default=1)
     ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--send-batch", type=int, default=1, metavar="N",
+                    help="mailbox variant: messages per request (N > 1: the batch Send, POST .../outbox/batch)")
     ap.add_argument("--hubs", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=2, help="worker processes per hub")
     ap.add_argument("--fsync", choices=["always", "everysec"], default="always")

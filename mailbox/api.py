@@ -64,6 +64,7 @@ log = logging.getLogger("mailyard.mailbox.api")
 
 MAX_DELIVER_BATCH = 1000
 MAX_TAKE = 1000  # Outbox items a hub takes, or acknowledges, per request
+MAX_SEND_BATCH = 100  # messages a client sends in one request (Graph's JSON batching takes 20)
 
 
 HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\]|[^\[\]:]+)(?::[0-9]{1,5})?")
@@ -126,7 +127,7 @@ def create_app(
     directory: Callable[[], Directory],
     r: redis.Redis,
     outbox: OutboxIndex,
-    on_submitted: Callable[[str, str], None],
+    on_submitted: Callable[[str, list[str]], None],
     on_acknowledged: Callable[[list[tuple[str, str]]], None],
     fault: Callable[[str], None] = lambda name: None,
 ) -> FastAPI:
@@ -291,27 +292,74 @@ def create_app(
             raise ApiError(415, f"send message/rfc822 or application/json, not {ctype or 'no Content-Type'}")
         limit = directory().org.transport.max_message_size
         body = await read_body(request, limit + 64 * 1024)
-        raw = compose_from_json(body, owner) if ctype == "application/json" else body
+        raw = compose(parse_json(body), owner) if ctype == "application/json" else body
         raw, message_id, recipients = prepare_outgoing(raw, owner, directory(), who)
         if len(raw) > limit:
             raise ApiError(413, f"message is {len(raw)} bytes; the limit is {limit}")
         # One worker thread for the write and the registration: on_submitted talks to Redis,
         # which must not hold up the event loop (and every other request) meanwhile.
-        item_id, fresh = await _in_thread(_submit, owner, message_id, raw)
+        [(item_id, fresh)] = await _in_thread(_submit, owner, [(message_id, raw)])
         return {"id": item_id, "message_id": message_id, "recipients": recipients, "duplicate": not fresh}
 
-    def _submit(owner: str, message_id: str, raw: bytes) -> tuple[str, bool]:
-        try:
-            item_id, fresh = store.submit(owner, message_id, raw)
-        except OSError as exc:  # (EIO, ENOSPC): nothing new is in the Outbox, or it is there once
-            log.error("submission of %s from %s failed: %s", message_id, owner, exc)
-            raise ApiError(503, f"the Outbox of {owner} cannot be written now ({exc.strerror}); send again "
-                                "with the same Message-ID, it is stored once", {"Retry-After": "5"}) from None
+    @app.post("/mailboxes/{address}/outbox/batch")
+    async def send_batch(address: str, request: Request) -> dict[str, Any]:
+        """Several "Send"s in one request, as Microsoft Graph's JSON batching answers them: 200
+        with a result per message, in order, each with the status its own Send would have had."""
+        who = await logon_async(request)
+        owner = mailbox_here(address)
+        require_right(who, ("SendAs", "SendOnBehalf"), owner, "send from")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, f"send application/json, not {ctype or 'no Content-Type'}")
+        limit = directory().org.transport.max_message_size
+        data = parse_json(await read_body(request, limit + 64 * 1024))  # (the whole batch: one message's size)
+        if not isinstance(data, dict) or set(data) != {"messages"} or not isinstance(data["messages"], list):
+            raise ApiError(400, 'expected {"messages": [...]}, each message as a single Send takes it')
+        if not 1 <= len(data["messages"]) <= MAX_SEND_BATCH:
+            raise ApiError(400, f"messages: from 1 to {MAX_SEND_BATCH} in one batch")
+        results: list[dict[str, Any]] = []
+        ready: list[tuple[int, str, bytes, list[str]]] = []
+        for n, entry in enumerate(data["messages"]):
+            try:
+                raw, message_id, recipients = prepare_outgoing(compose(entry, owner), owner, directory(), who)
+                if len(raw) > limit:
+                    raise ApiError(413, f"message is {len(raw)} bytes; the limit is {limit}")
+            except ApiError as exc:
+                results.append({"status": exc.status, "error": exc.message})
+                continue
+            results.append({})
+            ready.append((n, message_id, raw, recipients))
+        if ready:
+            stored = await _in_thread(_submit, owner, [(message_id, raw) for _, message_id, raw, _ in ready], True)
+            for (n, message_id, _, recipients), outcome in zip(ready, stored, strict=True):
+                results[n] = outcome if isinstance(outcome, dict) else {
+                    "status": 202, "id": outcome[0], "message_id": message_id, "recipients": recipients,
+                    "duplicate": not outcome[1]}
+        return {"results": results}
+
+    def _submit(owner: str, messages: list[tuple[str, bytes]], partial: bool = False
+                ) -> list[tuple[str, bool] | dict[str, Any]]:
+        """Store the messages in the Outbox (once per Message-ID) and register the new ones. A
+        message the disk refused is an ApiError 503, or with ``partial`` its result in place."""
+        out: list[tuple[str, bool] | dict[str, Any]] = []
+        fresh: list[str] = []
+        for (message_id, _), stored in zip(messages, store.submit_many(owner, messages), strict=True):
+            if isinstance(stored, OSError):  # (EIO, ENOSPC): nothing new is in the Outbox, or it is there once
+                log.error("submission of %s from %s failed: %s", message_id, owner, stored)
+                refused = ApiError(503, f"the Outbox of {owner} cannot be written now ({stored.strerror}); send "
+                                        "again with the same Message-ID, it is stored once", {"Retry-After": "5"})
+                if not partial:
+                    raise refused
+                out.append({"status": 503, "error": refused.message})
+                continue
+            out.append(stored)
+            if stored[1]:
+                fresh.append(stored[0])
         fault("mailbox.outbox.stored")  # tests: die between the durable write and the notification
-        if fresh:
+        for item_id in fresh:
             outbox.add(owner, item_id)
-            on_submitted(owner, item_id)
-        return item_id, fresh
+        on_submitted(owner, fresh)
+        return out
 
     @app.get("/mailboxes/{address}/folders/{folder}")
     def list_folder(address: str, folder: str, request: Request) -> dict[str, Any]:
@@ -471,7 +519,11 @@ def parse_json(body: bytes) -> Any:
 
 def compose_from_json(body: bytes, owner: str) -> bytes:
     """Build a message from ``{"to": [...], "cc": [...], "bcc": [...], "subject", "body"}``."""
-    data = parse_json(body)
+    return compose(parse_json(body), owner)
+
+
+def compose(data: Any, owner: str) -> bytes:
+    """``compose_from_json`` for the JSON already parsed."""
     if not isinstance(data, dict):
         raise ApiError(400, "expected a JSON object with to, cc, bcc, subject and body")
     unknown = set(data) - {"to", "cc", "bcc", "subject", "body", "message_id"}

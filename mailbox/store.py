@@ -274,10 +274,19 @@ class MailboxStore:
         for _, key, _ in messages:
             if not _KEY.match(key):
                 raise ValueError(f"bad delivery key {key!r}")
+        return self._store_many(INBOX, [(address, raw, key, dedup.digest_of(raw)) for address, key, raw in messages])
+
+    def submit_many(self, address: str, messages: list[tuple[str, bytes]]) -> list[tuple[str, bool] | OSError]:
+        """``submit`` for several (Message-ID, message) of one mailbox, group-committed as
+        ``deliver_many`` is; a result per message, in order, or the OSError that kept it out."""
+        return self._store_many(SENT, [(address, raw, None, dedup.digest(message_id)) for message_id, raw in messages])
+
+    def _store_many(self, scope: tuple[str, ...], messages: list[tuple[str, bytes, str | None, str | None]]
+                    ) -> list[tuple[str, bool] | OSError]:
         placed: list[tuple[str, bool, Path] | OSError] = []
-        for address, key, raw in messages:
+        for address, raw, key, message_digest in messages:
             try:
-                placed.append(self._place(address, INBOX, raw, key, dedup.digest_of(raw)))
+                placed.append(self._place(address, scope, raw, key, message_digest))
             except OSError as exc:
                 placed.append(exc)
         synced: dict[Path, OSError | None] = {}

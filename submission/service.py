@@ -140,28 +140,31 @@ class SubmissionService:
     def ref(self, mailbox: str, item: str) -> str:
         return keys.outbox_ref(self.server, mailbox, item)
 
-    def submitted(self, mailbox: str, item: str) -> None:
-        """A message entered an Outbox (it is already durable on disk): register it, kick a hub."""
-        ref = self.ref(mailbox, item)
+    def submitted(self, mailbox: str, items: list[str]) -> None:
+        """Messages entered an Outbox (already durable on disk): register them, kick a hub."""
+        refs = [self.ref(mailbox, item) for item in items]
+        if not refs:
+            return
         org = self.orgs.org
-        timeout_ms = int(org.transport.submission_ack_timeout * 1000)
+        due = now_ms() + int(org.transport.submission_ack_timeout * 1000)
         try:
-            txn = Txn().op("ZADD", keys.submit_pending(self.server), now_ms() + timeout_ms, ref)
-            tracking.add(txn, Record(Event.SUBMIT, source="STOREDRIVER", server=self.server, sender=mailbox,
-                                     context=f"Mailbox:{mailbox}, Item:{item}"),
-                         org.transport.message_tracking_log_max_age)
+            txn = Txn().op("ZADD", keys.submit_pending(self.server), *(x for ref in refs for x in (due, ref)))
+            for item in items:
+                tracking.add(txn, Record(Event.SUBMIT, source="STOREDRIVER", server=self.server, sender=mailbox,
+                                         context=f"Mailbox:{mailbox}, Item:{item}"),
+                             org.transport.message_tracking_log_max_age)
             # One round trip: the registration, and whether a kick is pending already (under load
-            # it is: the hub it names takes this item with its batch, as it would after a kick,
-            # since the item is in the Outbox index before this asks).
+            # it is: the hub it names takes these items with its batch, as it would after a kick,
+            # since they are in the Outbox index before this asks).
             pipe = self.r.pipeline(transaction=False)
             script(self.r, "txn")(keys=[], args=txn.argv(), client=pipe)
             pipe.get(keys.submit_kick(self.server))
             _, pending = pipe.execute()
             if pending is None and self.notifier.kick(self.server) is None:
-                self.r.zadd(keys.submit_pending(self.server), {ref: now_ms()}, xx=True)
+                self.r.zadd(keys.submit_pending(self.server), dict.fromkeys(refs, now_ms()), xx=True)
         except redis.RedisError as exc:
-            # The message is safe in the Outbox; the periodic scan registers it later.
-            log.warning("could not register outbox item %s now: %s", ref, exc)
+            # The messages are safe in the Outbox; the periodic scan registers them later.
+            log.warning("could not register outbox items %s now: %s", ", ".join(refs), exc)
 
     def acknowledged(self, items: Iterable[tuple[str, str]]) -> None:
         """A hub has these messages: they left the Outbox for Sent Items."""

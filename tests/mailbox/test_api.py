@@ -157,6 +157,53 @@ def test_a_good_submission_is_accepted_with_its_id_and_message_id(api, base) -> 
     assert b"From: alice@contoso.com" in stored and b"Message-ID:" in stored and b"Date:" in stored
 
 
+def test_a_batch_of_sends_answers_each_message_as_its_own_send_would(api, base) -> None:
+    tag = uuid.uuid4().hex[:8]
+    first = {"to": ["carol@contoso.com"], "subject": f"batch {tag} 1", "message_id": f"<1.{tag}@c>"}
+    messages = [
+        first,
+        {"to": ["bob"], "subject": f"batch {tag} bad address"},
+        {"to": ["carol@contoso.com"], "subject": f"batch {tag} 2", "body": "two\n"},
+        {"to": ["carol@contoso.com"], "colour": "red"},
+        dict(first),  # the same Message-ID again: stored once
+        {"subject": f"batch {tag} nobody"},
+        "not an object",
+    ]
+    response = api.http.post(base + "/mailboxes/alice@contoso.com/outbox/batch", json={"messages": messages})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [202, 400, 202, 400, 202, 400, 400], results
+    assert "'bob' is not a valid e-mail address" in results[1]["error"]
+    assert "unknown field(s): colour" in results[3]["error"]
+    assert "no recipients" in results[5]["error"] and "JSON object" in results[6]["error"]
+    assert (results[0]["duplicate"], results[2]["duplicate"], results[4]["duplicate"]) == (False, False, True)
+    assert results[4]["id"] == results[0]["id"] and results[0]["message_id"] == f"<1.{tag}@c>"
+    assert results[2]["recipients"] == ["carol@contoso.com"]
+    outbox = [s for s in api.subjects("alice@contoso.com", "Outbox") if s.startswith(f"batch {tag}")]
+    assert sorted(outbox) == [f"batch {tag} 1", f"batch {tag} 2"], outbox
+    assert b"two\r\n" in api.raw("alice@contoso.com", results[2]["id"], folder="Outbox")
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "needle"),
+    [
+        (b'[{"to": ["carol@contoso.com"]}]', "application/json", 400, 'expected {"messages": [...]}'),
+        (b'{"messages": []}', "application/json", 400, "from 1 to 100"),
+        (json.dumps({"messages": [{"to": ["carol@contoso.com"]}] * 101}).encode(), "application/json", 400,
+         "from 1 to 100"),
+        (b'{"messages": [], "more": 1}', "application/json", 400, 'expected {"messages": [...]}'),
+        (b"To: carol@contoso.com\r\n\r\nhi\r\n", "message/rfc822", 415, "send application/json"),
+    ],
+)
+def test_a_bad_batch_is_refused_whole_with_a_clear_error(api, base, body, ctype, status, needle) -> None:
+    before = api.folder("bob@contoso.com", "Outbox")
+    response = api.http.post(base + "/mailboxes/bob@contoso.com/outbox/batch", content=body,
+                             headers={"Content-Type": ctype})
+    assert response.status_code == status, response.text
+    assert needle in error_of(response)
+    assert api.folder("bob@contoso.com", "Outbox") == before
+
+
 def test_sigterm_stops_a_server_at_once_with_status_0_though_a_client_keeps_a_connection_open(
         cluster_factory) -> None:
     # A TLS connection a client keeps alive (the hubs' pools do) used to hold the server for

@@ -76,6 +76,7 @@ CLIENT_ENDPOINTS = [
     ("GET", "/folders/Inbox"),
     ("GET", "/folders/Inbox/1.x.host"),
     ("POST", "/outbox"),
+    ("POST", "/outbox/batch"),
 ]
 
 
@@ -127,6 +128,9 @@ def test_without_a_grant_another_mailbox_is_403_and_nothing_is_queued(site) -> N
         assert read.status_code == 403 and "may not read dave@contoso.com" in error_of(read)
         sent = send(alice, site, "dave@contoso.com", b"To: bob@contoso.com\r\n\r\nx\r\n")
         assert sent.status_code == 403 and "needs SendAs or SendOnBehalf" in error_of(sent)
+        batch = alice.post(url(site, "dave@contoso.com", "/outbox/batch"),
+                           json={"messages": [{"to": ["bob@contoso.com"], "subject": "not alice's"}]})
+        assert batch.status_code == 403 and "needs SendAs or SendOnBehalf" in error_of(batch)
     with as_(site, DAVE) as dave:  # a right on bob is not one on alice
         assert dave.get(url(site, "bob@contoso.com", "/folders/Inbox")).status_code == 403
     assert outbox_count(site, "dave@contoso.com") == before
