@@ -156,7 +156,9 @@ def test_track_times_before_1970_or_not_times_are_usage_errors(redis_url) -> Non
 def start_site(data: Path, *args: str) -> subprocess.Popen:
     # A person's shell may hold settings of its own: the site uses its secrets.toml all the same.
     env = {**os.environ, "MAILYARD_VIEWER_TOKEN": "contoso-demo-viewer-token", "FLOWER_UNAUTHENTICATED_API": "true"}
-    return subprocess.Popen([sys.executable, "-m", "mailyard", "site", "up", "--data-dir", str(data), *args],
+    # Free ports: the fixed defaults (2525, 8080...) may be another site's, or the compose walkthrough's.
+    return subprocess.Popen([sys.executable, "-m", "mailyard", "site", "up", "--data-dir", str(data), "--free-ports",
+                             *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
 

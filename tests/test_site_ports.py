@@ -3,8 +3,8 @@ takes the fixed defaults (SMTP 2525 and 2587, Flower 5555, the Queue Viewer 8080
 Internet's MX hosts on the send connector's 2525) when they are free, else free ports, and
 prints them; a second site started at the same moment takes none of the first one's.
 
-The tests never count on a fixed port being free: the unit tests use ports they found free
-themselves as the "defaults", and the sites below check only that the two never share one."""
+The tests never count on a fixed port being free, nor take one (the compose walkthrough
+publishes them): ports found free stand in for the defaults."""
 
 from __future__ import annotations
 
@@ -77,18 +77,39 @@ def addresses(state: dict) -> set[str]:
     return found
 
 
+def preferred_ports(tmp_path: Path) -> dict[str, int]:
+    """Ports free now, to stand in for the fixed defaults (which other tests, and the compose
+    walkthrough, may be using): the same for both sites, as 2525 and the others would be."""
+    ports = Ports(locks=tmp_path)  # (hands out no port twice)
+    return {"smtp": ports.free(), "client": ports.free(), "flower": ports.free(), "viewer": ports.free(),
+            "mx": ports.free(["127.0.0.2", "127.0.0.3", "127.0.0.4"])}
+
+
 @pytest.mark.slow
 def test_two_sites_started_at_once_in_two_directories_both_deliver_mail(tmp_path: Path) -> None:
-    # As a person would: `mailyard site up` in two directories, with the default ports
-    config = str(ROOT / "deploy" / "contoso.toml")
+    # As a person would: `mailyard site up` in two directories at once, both wanting the same
+    # ports (the demo's organization, its Internet send connector on the same MX port)
+    wanted = preferred_ports(tmp_path)
+    org = (ROOT / "deploy" / "contoso.toml").read_text()
+    assert org.count("port = 2525 ") == 1
+    config = tmp_path / "contoso.toml"
+    config.write_text(org.replace("port = 2525 ", f"port = {wanted['mx']} "))
     sites = {}
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        sites[name] = RunningSite(tmp_path / name / "var", "--config", config, "--hubs", "1",
-                                  "--concurrency", "1", cwd=tmp_path / name)
+        sites[name] = RunningSite(
+            tmp_path / name / "var", "--config", str(config), "--hubs", "1", "--concurrency", "1",
+            "--smtp-port", str(wanted["smtp"]), "--client-port", str(wanted["client"]),
+            "--flower-port", str(wanted["flower"]), "--viewer-port", str(wanted["viewer"]), cwd=tmp_path / name)
     try:
         states = {name: site.wait_up() for name, site in sites.items()}
         assert not addresses(states["a"]) & addresses(states["b"]), "two sites share a port"
+        # Each wanted port went to one site at most (and the other printed where it went instead)
+        for port in wanted.values():
+            holders = [n for n, state in states.items() if any(a.endswith(f":{port}") for a in addresses(state))]
+            assert len(holders) <= 1, (port, holders)
+        taken = [n for n, site in sites.items() if "is taken (by another site or program)" in site.output]
+        assert taken, "neither site gave way to the other"
         for name, site in sites.items():
             assert unanswered(states[name], site.data) == [], name
         for name, site in sites.items():

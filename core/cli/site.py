@@ -49,6 +49,12 @@ def site() -> None:
               help=f"Port of Flower [default: {ports.FLOWER} when free, else a free one].")
 @click.option("--viewer-port", default=0, type=click.IntRange(0, 65535),
               help=f"Port of the Queue Viewer [default: {ports.VIEWER} when free, else a free one].")
+@click.option("--smtp-port", default=0, type=click.IntRange(0, 65535),
+              help=f"Port of the first hub's Default and Internet connectors (port 25 in the organization "
+                   f"file) [default: {ports.SMTP} when free, else a free one].")
+@click.option("--client-port", default=0, type=click.IntRange(0, 65535),
+              help=f"Port of the first hub's Client connector (port 587 in the organization file) "
+                   f"[default: {ports.CLIENT} when free, else a free one].")
 @click.option("--free-ports", is_flag=True,
               help=f"Free ports only, none of the defaults (SMTP {ports.SMTP} and {ports.CLIENT}, Flower "
                    f"{ports.FLOWER}, the viewer {ports.VIEWER}, the demo Internet's MX port).")
@@ -60,21 +66,22 @@ def site() -> None:
 @data_dir_option
 @handle_errors
 def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, fsync: str, flower: bool,
-       flower_port: int, viewer_port: int, free_ports: bool, concurrency: int, internet: bool,
-       data_dir: Path) -> None:
+       flower_port: int, viewer_port: int, smtp_port: int, client_port: int, free_ports: bool,
+       concurrency: int, internet: bool, data_dir: Path) -> None:
     """Start the site and keep it running until Ctrl-C or SIGTERM.
 
-    Ports: the first Amsterdam hub's Default and Internet connectors on 127.0.0.1:2525, its
-    Client connector on 2587, Flower on 5555, the Queue Viewer on 8080, the demo Internet's MX
-    hosts on the Internet send connector's port (2525): each when free, else a free port
-    (another site may have it). Every other port is free. All are printed, and "The site is
-    up" only once every one of them answers."""
+    Ports: the first hub of the organization's first site (amsterdam-hub-1 in the demo) has its
+    Default and Internet connectors on 127.0.0.1:2525 and its Client connector on 2587, Flower
+    5555, the Queue Viewer 8080, the demo Internet's MX hosts the port of the DNS-routed send
+    connector (2525): each when free, else a free port (another site may have it). Every other
+    port is a free one. All are printed, and "The site is up" only once every one answers."""
     setup_logging("INFO")
     org = load_org(config_path)
     runner = Site(SiteConfig(org=org, config_path=config_path.resolve(), data_dir=data_dir,
                              hubs_per_site=hubs, redis_url=redis_url, redis_port=redis_port, fsync=fsync,
                              flower=flower, flower_port=flower_port, viewer_port=viewer_port,
-                             concurrency=concurrency, internet=internet, default_ports=not free_ports))
+                             smtp_port=smtp_port, client_port=client_port, concurrency=concurrency,
+                             internet=internet, default_ports=not free_ports))
     signal.signal(signal.SIGTERM, runner.request_stop)
     signal.signal(signal.SIGINT, runner.request_stop)
     try:

@@ -155,8 +155,13 @@ class SiteConfig:
     concurrency: int = 2
     host: str = "127.0.0.1"
     internet: bool = True
-    # The fixed defaults of mailyard.site.ports where a port is not given (0) and the default
-    # is free; False: free ports throughout (as the tests run sites side by side).
+    # The ports of the first hub's connectors bound to port 25 (Default, Internet) and 587
+    # (Client); 0: the default below, or free.
+    smtp_port: int = 0
+    client_port: int = 0
+    # The fixed defaults of mailyard.site.ports where a port is not given (0); False: free
+    # ports throughout (as the tests run sites side by side). A port given or a default that
+    # is taken gives way to a free one too.
     default_ports: bool = False
 
 
@@ -181,6 +186,18 @@ class Site:
     def _preferred(self, given: int, default: int) -> int:
         return given or (default if self.cfg.default_ports else 0)
 
+    def _take(self, what: str, preferred: int, hosts: list[str] | None = None) -> int:
+        port = self.ports.take(preferred, hosts)
+        if preferred and port != preferred:
+            log.warning("port %d is taken (by another site or program): %s listens on %d instead",
+                        preferred, what, port)
+        return port
+
+    def _smtp_preferred(self, binding: str) -> int:
+        port = _port_of(binding)
+        given = {25: self.cfg.smtp_port, 587: self.cfg.client_port}.get(port, 0)
+        return self._preferred(given, site_ports.SMTP_DEFAULTS.get(port, 0))
+
     def plan(self) -> None:
         cfg, logs = self.cfg, self.data_dir / "logs"
         if not cfg.redis_url:
@@ -200,22 +217,23 @@ class Site:
                 # Each hub of the local site gets its own loopback port per configured binding;
                 # the first hub of the first site the defaults (2525 for port 25, 2587 for 587).
                 first = first_site == 0 and i == 0
-                ports = {b: self.ports.take(self._preferred(0, site_ports.SMTP_DEFAULTS.get(_port_of(b), 0)))
-                         if first else self.ports.free() for b in bindings}
+                ports = {b: self._take(f"{name} {b}", self._smtp_preferred(b)) if first else self.ports.free()
+                         for b in bindings}
                 self.children.append(Child(name, "hub", [], logs / f"{name}.log", {"site": site.name},
                                            ports=ports))
         if cfg.internet:
             # The demo Internet: DNS for the outside domains, and their MX hosts on the port
             # the DNS-routed send connectors use (org_to_apply points the organization at both).
             mx = min({c.port for c in cfg.org.send_connectors if c.dns_routing} or {25})
-            ports = {"dns": self.ports.free(udp=True), "smtp": self.ports.take(self._preferred(0, mx), _mx_hosts())}
+            ports = {"dns": self.ports.free(udp=True),
+                     "smtp": self._take("the demo Internet's MX hosts", self._preferred(0, mx), _mx_hosts())}
             self.children.append(Child("internet", "internet", [], logs / "internet.log", ports=ports))
         if cfg.flower:
             self.children.append(Child("flower", "flower", [], logs / "flower.log", ports={
-                "http": self.ports.take(self._preferred(cfg.flower_port, site_ports.FLOWER))}))
+                "http": self._take("Flower", self._preferred(cfg.flower_port, site_ports.FLOWER))}))
         if cfg.viewer:
             self.children.append(Child("viewer", "viewer", [], logs / "viewer.log", ports={
-                "http": self.ports.take(self._preferred(cfg.viewer_port, site_ports.VIEWER))}))
+                "http": self._take("the Queue Viewer", self._preferred(cfg.viewer_port, site_ports.VIEWER))}))
         for child in self.children:
             self._build(child)
 
