@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -154,3 +155,9 @@ def delivers_mail(site: RunningSite, tag: str) -> None:
         shown = json.loads(site.mailyard("internet", "show", "fabrikam.example", "--json").stdout)
         return [m for m in shown if m["subject"] == f"out {tag}"]
     wait_until(arrived_outside, timeout=90, message=f"out {tag} did not reach the demo Internet")
+    # The tracking log has each SMTP reply as the peer gave it: the enhanced status once, not
+    # "250 2.6.0 2.6.0 ..."
+    sends = [r for r in json.loads(site.mailyard("track", "--json").stdout) if r["event"] == "SEND"]
+    replies = [reply for r in sends for reply in r["recipient_status"]]
+    assert replies and all(reply.startswith("250 2.6.0 ") for reply in replies), replies
+    assert not [reply for reply in replies if re.match(r"\d{3} (\d\.\d{1,3}\.\d{1,3}) \1\b", reply)], replies
