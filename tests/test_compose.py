@@ -67,9 +67,11 @@ def services() -> dict[str, dict[str, Any]]:
     return compose()["services"]
 
 
+IMAGE = "mailyard:dev"  # deploy/Dockerfile's image, built by one service, run by every Mailyard service
+
+
 def is_mailyard(service: dict[str, Any]) -> bool:
-    build = service.get("build") or {}
-    return isinstance(build, dict) and build.get("dockerfile") == "deploy/Dockerfile"
+    return service.get("image") == IMAGE
 
 
 def mailyard_services() -> dict[str, dict[str, Any]]:
@@ -386,9 +388,11 @@ def test_site_up_and_compose_run_the_same_roles(planned: Site) -> None:
     assert services_running("internet", "serve") == ["internet"]
     assert services_running("flower") == ["flower"]
     assert services_running("viewer") == ["viewer"]
-    # The demo Internet's MX hosts listen where the DNS-routed send connectors deliver.
-    runner_internet = next(c for c in planned.children if c.role == "internet")
-    assert one(command("internet"), "--smtp-port") == one(runner_internet.cmd, "--smtp-port")
+    # The demo Internet's MX hosts listen where the DNS-routed send connectors deliver: compose
+    # applies the organization file as it is (site up moves those connectors to its Internet's
+    # port, a free one where the default is taken).
+    ports = {str(c.port) for c in organization().send_connectors if c.dns_routing}
+    assert ports == {one(command("internet"), "--smtp-port")}
 
 
 def test_the_demo_internet_is_on_its_own_network_and_the_organization_resolves_there() -> None:
@@ -576,7 +580,7 @@ def test_restart_policies_health_checks_dependencies_and_stop_grace_are_in_place
             if name == "init":
                 assert service["depends_on"]["redis"]["condition"] == "service_healthy"
             continue
-        # Celery 5.7 workers exit when Redis restarts under them: something must start them again.
+        # A process that exits (a crash, Redis gone longer than its reconnections) is started again.
         assert service.get("restart") in ("unless-stopped", "always"), f"{name}: restart policy"
         health = service.get("healthcheck") or {}
         assert health.get("test") and not health.get("disable"), f"{name}: health check"
@@ -593,7 +597,10 @@ def test_restart_policies_health_checks_dependencies_and_stop_grace_are_in_place
 
 def test_the_dockerfile_builds_one_small_non_root_image_of_the_package() -> None:
     text = DOCKERFILE.read_text()
-    stages = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    # Every stage is FROM the BASE_IMAGE build argument, by default an official slim Python
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
+    stages = [re.sub(r"^\$\{(\w+)\}$", lambda m: args.get(m.group(1), m.group(0)), s)
+              for s in re.findall(r"^FROM\s+(\S+)", text, re.M)]
     assert stages and all(re.match(r"python:3\.1[1-9]-slim", s) for s in stages), stages
     final = text[text.rindex("\nFROM "):]
     assert "apt-get install" not in final, "no build tools in the final image"
@@ -605,8 +612,17 @@ def test_the_dockerfile_builds_one_small_non_root_image_of_the_package() -> None
         assert re.search(rf"^COPY {folder}\b", text, re.M), f"the image needs {folder}/"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "var", "tests"} <= set(ignored)
+    # One service builds the image (each build of its own would give each service an image of
+    # its own, and `up --scale` would recreate them); the others never pull it from a registry.
+    builders = [name for name, service in services().items() if "build" in service]
+    assert len(builders) == 1 and is_mailyard(services()[builders[0]]), builders
+    build = services()[builders[0]]["build"]
+    assert build["context"] == "." and build["dockerfile"] == "deploy/Dockerfile"
+    # The compose file's default base image is the Dockerfile's.
+    assert build["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-" + args["BASE_IMAGE"] + "}"
     for name, service in mailyard_services().items():
-        assert service["build"]["context"] == ".", name
+        assert service.get("pull_policy") == "never", f"{name}: never pull {IMAGE} from a registry"
+    assert re.fullmatch(r"\$\{REDIS_IMAGE:-redis:7\.\d+(-alpine)?\}", services()["redis"]["image"])
 
 
 # endregion
