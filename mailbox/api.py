@@ -317,9 +317,27 @@ def create_app(
             raise ApiError(400, 'expected {"messages": [...]}, each message as a single Send takes it')
         if not 1 <= len(data["messages"]) <= MAX_SEND_BATCH:
             raise ApiError(400, f"messages: from 1 to {MAX_SEND_BATCH} in one batch")
+        # Building a message with long address lines costs the email package tens of ms: the
+        # batch is bounded in recipients, and built off the event loop
+        envelope = directory().org.transport.max_recipient_envelope_limit
+        if _recipient_count(data["messages"]) > envelope:
+            raise ApiError(400, f"the batch has more than {envelope} recipients in all (max_recipient_envelope_limit)")
+        results, ready = await _in_thread(_prepare_batch, data["messages"], owner, who, limit)
+        if ready:
+            stored = await _in_thread(_submit, owner, [(message_id, raw) for _, message_id, raw, _ in ready], True)
+            for (n, message_id, _, recipients), outcome in zip(ready, stored, strict=True):
+                results[n] = outcome if isinstance(outcome, dict) else {
+                    "status": 202, "id": outcome[0], "message_id": message_id, "recipients": recipients,
+                    "duplicate": not outcome[1]}
+        return {"results": results}
+
+    def _prepare_batch(entries: list[Any], owner: str, who: Principal, limit: int
+                       ) -> tuple[list[dict[str, Any]], list[tuple[int, str, bytes, list[str]]]]:
+        """Each entry built and checked as a single Send is: (a result per entry, the error ones
+        filled in; the good ones as (position, Message-ID, message, recipients))."""
         results: list[dict[str, Any]] = []
         ready: list[tuple[int, str, bytes, list[str]]] = []
-        for n, entry in enumerate(data["messages"]):
+        for n, entry in enumerate(entries):
             try:
                 raw, message_id, recipients = prepare_outgoing(compose(entry, owner), owner, directory(), who)
                 if len(raw) > limit:
@@ -329,13 +347,7 @@ def create_app(
                 continue
             results.append({})
             ready.append((n, message_id, raw, recipients))
-        if ready:
-            stored = await _in_thread(_submit, owner, [(message_id, raw) for _, message_id, raw, _ in ready], True)
-            for (n, message_id, _, recipients), outcome in zip(ready, stored, strict=True):
-                results[n] = outcome if isinstance(outcome, dict) else {
-                    "status": 202, "id": outcome[0], "message_id": message_id, "recipients": recipients,
-                    "duplicate": not outcome[1]}
-        return {"results": results}
+        return results, ready
 
     def _submit(owner: str, messages: list[tuple[str, bytes]], partial: bool = False
                 ) -> list[tuple[str, bool] | dict[str, Any]]:
@@ -353,8 +365,11 @@ def create_app(
                 out.append({"status": 503, "error": refused.message})
                 continue
             out.append(stored)
-            if stored[1]:
-                fresh.append(stored[0])
+            item_id, new = stored
+            # A copy from a Send answered 503 (its directory fsync failed after the rename) is
+            # in the Outbox but was never registered: the retry that finds it registers it
+            if new or ((owner, item_id) not in outbox and store.has(owner, "Outbox", item_id)):
+                fresh.append(item_id)
         fault("mailbox.outbox.stored")  # tests: die between the durable write and the notification
         for item_id in fresh:
             outbox.add(owner, item_id)
@@ -481,6 +496,11 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await run_in_threadpool(fn, *args)
 
 
+def _recipient_count(entries: list[Any]) -> int:
+    return sum(len(v) if isinstance(v, list) else 1 for e in entries if isinstance(e, dict)
+               for f in ("to", "cc", "bcc") if (v := e.get(f)) is not None)
+
+
 def _result(key: str, rcpt: str, code: int, status: str, text: str) -> dict[str, Any]:
     return {"id": key, "recipient": rcpt, "code": code, "status": status, "text": text}
 
@@ -536,6 +556,9 @@ def compose(data: Any, owner: str) -> bytes:
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ApiError(400, f"{field}: expected a list of addresses")
+        if any("=?" in v for v in value):  # the email package would decode it into other addresses
+            raise ApiError(400, f"{field}: an address may not hold an encoded word (=?...?=, RFC 2047 5); "
+                                "give a display name as plain text")
         recipients[field.capitalize()] = value
     subject, text = data.get("subject", ""), data.get("body", "")
     if not isinstance(subject, str) or not isinstance(text, str):

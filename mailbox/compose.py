@@ -33,12 +33,12 @@ def plain_message(sender: str, recipients: dict[str, list[str]], subject: str,
     """The message's bytes, CRLF line ends, or None when the email package must build it.
 
     ``recipients`` maps header names (To, Cc, Bcc) to addresses, in the order they are written."""
-    if not _ADDRESS.fullmatch(sender):
+    if not _ADDRESS.fullmatch(sender) or "=?" in sender:  # (an encoded word: the package decodes it)
         return None
     lines = [f"From: {sender}"]
     for name, addresses in recipients.items():
         if addresses:
-            if not all(_ADDRESS.fullmatch(a) for a in addresses):
+            if not all(_ADDRESS.fullmatch(a) and "=?" not in a for a in addresses):
                 return None
             lines.append(f"{name}: {', '.join(addresses)}")
     if (subject and not _SUBJECT.fullmatch(subject)) or "=?" in subject:

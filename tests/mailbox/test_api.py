@@ -193,6 +193,8 @@ def test_a_batch_of_sends_answers_each_message_as_its_own_send_would(api, base) 
          "from 1 to 100"),
         (b'{"messages": [], "more": 1}', "application/json", 400, 'expected {"messages": [...]}'),
         (b"To: carol@contoso.com\r\n\r\nhi\r\n", "message/rfc822", 415, "send application/json"),
+        (json.dumps({"messages": [{"to": ["carol@contoso.com"] * 60}] * 100}).encode(), "application/json", 400,
+         "more than 5000 recipients in all"),
     ],
 )
 def test_a_bad_batch_is_refused_whole_with_a_clear_error(api, base, body, ctype, status, needle) -> None:

@@ -12,10 +12,11 @@ import json
 from email.message import EmailMessage
 from email.policy import SMTP
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mailyard.mailbox.api import compose_from_json
+from mailyard.mailbox.api import ApiError, compose, compose_from_json
 from mailyard.mailbox.compose import plain_message
 
 
@@ -33,7 +34,8 @@ def by_the_email_package(sender: str, recipients: dict[str, list[str]], subject:
     return msg.as_bytes(policy=SMTP)
 
 
-atoms = st.text(alphabet="abcXYZ09!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8)
+atoms = st.text(alphabet="abcXYZ09!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8) \
+    | st.sampled_from(["=?us-ascii?q?x?=", "=?utf-8?b?eA==?=", "=?", "?="])  # encoded words: declined
 dot_atoms = st.lists(atoms, min_size=1, max_size=3).map(".".join)
 addresses = st.builds(lambda local, domain: f"{local}@{domain}", dot_atoms, dot_atoms)
 # Addresses and ids also drawn from what is not a plain addr-spec, so that declining is tested too
@@ -87,6 +89,15 @@ def test_what_needs_encoding_or_folding_goes_the_long_way() -> None:
     assert plain_message("alice@contoso.com", plain, "x" * 80, None, "") is None
     assert plain_message("alice@contoso.com", plain, "s", None, "\x01" * 79 + "\n") is None  # base64
     assert plain_message("alice@contoso.com", plain, "s", None, "ok\r\n") is not None
+
+
+def test_an_address_that_holds_an_encoded_word_is_refused_not_decoded_into_others() -> None:
+    """The email package decodes =?...?= in an address (one JSON recipient could become three)."""
+    assert plain_message("alice@contoso.com", {"To": ["=?us-ascii?q?evil?=@contoso.com"]}, "s", None, "") is None
+    for to in ("=?us-ascii?q?evil?=@contoso.com", "Carol <=?us-ascii?q?x=3E=2C_y=40evil.com=2C_z?=@contoso.com>"):
+        with pytest.raises(ApiError) as refused:
+            compose({"to": [to], "subject": "s", "body": ""}, "alice@contoso.com")
+        assert refused.value.status == 400 and "encoded word" in refused.value.message
 
 
 def test_a_long_line_is_quoted_printable_as_the_email_package_makes_it() -> None:
