@@ -637,7 +637,7 @@ def local_site(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = open(data_dir / "runner.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailyard", "site", "up", "--config", str(org_file()), "--hubs", "3",
-         "--concurrency", "1", "--no-flower", "--no-internet", "--redis-url", url, "--data-dir", str(data_dir)],
+         "--concurrency", "1", "--free-ports", "--no-flower", "--no-internet", "--redis-url", url, "--data-dir", str(data_dir)],
         cwd=ROOT, env=mailyard_env(), stdout=log, stderr=subprocess.STDOUT,
     )
 
