@@ -62,12 +62,12 @@ die() { say "$*"; exit 1; }
 
 why_not() {
     # Prints why no engine can be had on this machine, and returns 1; returns 0 if one can.
+    if [ "$(id -u)" != 0 ]; then
+        echo "not root: installing and starting a Docker engine and the Compose plugin needs root"
+        return 1
+    fi
     if docker_answers; then
         return 0
-    fi
-    if [ "$(id -u)" != 0 ]; then
-        echo "not root: starting a Docker engine (and installing it) needs root, and no engine answers"
-        return 1
     fi
     if [ ! -r /etc/debian_version ] || ! command -v apt-get >/dev/null 2>&1; then
         echo "not Debian with apt-get: this script installs Debian's docker.io"
@@ -387,6 +387,15 @@ serve_wheelhouse() {
 
 # endregion
 
+prune() {
+    # What rebuilds leave behind: untagged images of Mailyard (each rebuild of mailyard:dev
+    # untags the one before) and, in an engine of this script's own, build cache beyond 3 GB.
+    docker image prune -f --filter label=org.opencontainers.image.title=mailyard >/dev/null 2>&1 || true
+    if [ -f "$STATE/dockerd.started" ]; then
+        docker builder prune -f --keep-storage 3GB >/dev/null 2>&1 || true
+    fi
+}
+
 up() {
     local reason
     if ! reason=$(why_not); then
@@ -406,6 +415,7 @@ up() {
     base_images
     download_wheels
     serve_wheelhouse
+    prune
     say "ready: BASE_IMAGE=$PYTHON_IMAGE REDIS_IMAGE=$REDIS_IMAGE"
     echo "BASE_IMAGE=$PYTHON_IMAGE"
     echo "REDIS_IMAGE=$REDIS_IMAGE"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -435,7 +436,7 @@ def test_the_readme_run_it_with_docker_section_as_written(project: Project) -> N
     for i in range(12):
         subject = f"round robin {i}"
         send(project, "alice@contoso.com", "bob@contoso.com", subject)
-        pickups.append(project.wait(lambda s=subject: picked_up_by(project, s), f"{subject} picked up"))
+        pickups.append(project.wait(functools.partial(picked_up_by, project, subject), f"{subject} picked up"))
         if set(pickups) >= set(hubs.values()):
             break
     assert set(pickups) == set(hubs.values()), f"pickups {pickups}, hubs {hubs}"
