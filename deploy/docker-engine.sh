@@ -66,11 +66,8 @@ why_not() {
         echo "not root: installing and starting a Docker engine and the Compose plugin needs root"
         return 1
     fi
-    if docker_answers; then
-        return 0
-    fi
     if [ ! -r /etc/debian_version ] || ! command -v apt-get >/dev/null 2>&1; then
-        echo "not Debian with apt-get: this script installs Debian's docker.io"
+        echo "not Debian with apt-get: this script installs Debian's docker.io and debootstrap"
         return 1
     fi
     return 0
@@ -85,7 +82,7 @@ docker_answers() {
 
 install_packages() {
     local missing=()
-    command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+    command -v dockerd >/dev/null 2>&1 || docker_answers || missing+=(docker.io)
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     if [ ${#missing[@]} -eq 0 ]; then
         say "packages: docker.io and debootstrap are installed"
@@ -405,9 +402,7 @@ up() {
     # One `up` at a time on this machine (what it starts does not hold the lock: 9>&-).
     exec 9>"$CACHE/.lock"
     flock 9
-    if ! docker_answers; then
-        install_packages
-    fi
+    install_packages
     start_engine
     install_compose
     GATEWAY=$(gateway)
