@@ -270,7 +270,16 @@ class Project:
                 return state
             time.sleep(2)
         summary = {n: (c["State"], c["Health"], c["ExitCode"]) for n, c in state.items()}
-        raise AssertionError(f"not every service healthy after {timeout:.0f}s: {summary}\n{self.logs()}")
+        checks = {n: self.health_log(n) for n, c in state.items() if c["Health"] not in ("", "healthy")}
+        raise AssertionError(f"not every service healthy after {timeout:.0f}s: {summary}\n"
+                             f"their last health checks: {json.dumps(checks, indent=1)}\n{self.logs()}")
+
+    def health_log(self, container: str) -> list[dict[str, Any]]:
+        """The last health checks Docker ran in CONTAINER: when, how long, exit code, output."""
+        result = docker("inspect", "-f", "{{json .State.Health}}", container)
+        health = json.loads(result.stdout) if result.returncode == 0 and result.stdout.strip() != "null" else {}
+        return [{"start": e["Start"], "end": e["End"], "exit": e["ExitCode"], "output": e["Output"][-300:]}
+                for e in (health or {}).get("Log", [])[-3:]]
 
     def wait(self, check: Callable[[], Any], what: str, timeout: float = 120, interval: float = 0.5) -> Any:
         return wait_until(check, timeout=timeout, interval=interval, message=lambda: f"{what}\n{self.logs()}")
