@@ -7,8 +7,9 @@ It runs on a copy of the files the image and the compose file use (so that it ca
 organization file as the README says), under a compose project name of its own, with the
 published ports (127.0.0.1 only) on free ports, and removes every container, volume and
 network of its project at the end; the engine's images stay cached for the next run. It is
-skipped, saying why, only where no engine can be had (not root, not Debian with apt-get, and
-no engine answering); on the project's machines it runs, in .ci/run.
+skipped, saying why, only where deploy/docker-engine.sh cannot prepare an engine (not root, or
+not Debian with apt-get); on the project's machines it runs, in .ci/run. It is the first file
+collected (tests/docker sorts first), so that under xdist it starts first and overlaps the rest.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def engine() -> Iterator[Engine]:
             assert set(env) == {"BASE_IMAGE", "REDIS_IMAGE"}, up.stdout
             assert all(v.startswith("mailyard-local/") for v in env.values()), "never under an official name"
             remove_stale_projects()
+            print(f"deploy/docker-engine.sh up: {time.monotonic() - started:.1f}s")
             yield Engine(env, time.monotonic() - started)
         finally:
             down = _run_script("down", timeout=180)
