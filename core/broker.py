@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 
-from mailyard import keys
+from mailyard import keys, redisconn
 
 TASK_PICKUP = "mailyard.pickup"
 TASK_DRAIN = "mailyard.drain"
@@ -39,6 +39,12 @@ def site_queue(site: str) -> str:
 
 
 def make_app(redis_url: str) -> Celery:
+    transport: dict[str, Any] = {}
+    if redisconn.is_sentinel(redis_url):
+        # kombu's own Sentinel transport: the same Sentinels, the primary by its service name.
+        s = redisconn.parse_sentinel(redis_url)
+        redis_url = s.kombu_url()
+        transport = {"master_name": s.service, "sentinel_kwargs": s.sentinel_kwargs()}
     app = Celery("mailyard", broker=redis_url, set_as_current=False)
     app.conf.update(
         broker_connection_retry_on_startup=True,
@@ -50,6 +56,7 @@ def make_app(redis_url: str) -> Celery:
             "socket_keepalive": True,
             "health_check_interval": 10,
             "global_keyprefix": keys.CELERY_PREFIX,
+            **transport,
         },
         task_acks_late=True,
         task_reject_on_worker_lost=True,

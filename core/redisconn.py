@@ -7,6 +7,17 @@ show it only through ``redacted`` (``redis://:**@host:port/0``, as Celery's bann
 A URL without a password takes the one in the file named by ``MAILYARD_REDIS_PASSWORD_FILE``
 (as docker compose runs it), see ``with_password_file``.
 
+A primary managed by Redis Sentinel has a URL of its own, the form of the redis-sentinel-url
+convention (``SentinelURL``)::
+
+    redis+sentinel://:PASSWORD@host1:26379,host2:26379,host3:26379/SERVICE/DB
+
+the Sentinels (port 26379 unless given), the name they monitor the primary by, and the
+database. The password is the data nodes' and the Sentinels' alike (``mailyard site up``
+gives both the same one). Every client built here asks the Sentinels where the primary is,
+and asks again when it cannot reach it or finds it demoted (READONLY), retrying long enough
+to ride out a failover (``FAILOVER_RETRY_S``).
+
 Mailyard's clients do not decode replies (message bodies are bytes), and redis-py types
 every reply as "bytes or str or ...". The functions at the bottom turn a reply into what
 the caller knows it is, so no module calls ``.decode()`` on an untyped value. Text is
@@ -18,11 +29,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypedDict, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -31,6 +45,8 @@ from mailyard.errors import SiteError
 T = TypeVar("T")
 
 ENV_URL = "MAILYARD_REDIS_URL"
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
 ENV_PASSWORD_FILE = "MAILYARD_REDIS_PASSWORD_FILE"
 MASK = "**"
 
@@ -67,16 +83,144 @@ class _Retry(Retry):
         return super().call_with_retry(do, fail, _not_a_refused_logon(is_retryable), with_failure_count)
 
 
+# Behind Sentinel a command can meet a failover: the old primary gone (refused, timing out)
+# or demoted (READONLY) until the Sentinels agree (their down-after time) and promote a
+# replica, about a second later. Its retries go on this long before the caller sees the error.
+FAILOVER_RETRY_S = 30.0
+_BACKOFF_CAP_S = 1.0
+_SENTINEL_KW = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+
+
+def _retries(budget_s: float) -> int:
+    """How many ExponentialBackoff(cap=1 s, base=50 ms) retries add up to ``budget_s``."""
+    n, waited = 0, 0.0
+    while waited < budget_s:
+        n += 1
+        waited += min(_BACKOFF_CAP_S, 0.05 * 2 ** n)
+    return n
+
+
+_PLAIN_RETRIES = 6
+_FAILOVER_RETRIES = _retries(FAILOVER_RETRY_S)
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """A ``redis+sentinel://`` URL, parsed."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        auth = {k: v for k, v in (("username", self.username), ("password", self.password)) if v}
+        return {**_SENTINEL_KW, **auth}
+
+    def node_kwargs(self) -> dict[str, Any]:
+        """What redis-py's ``master_for`` takes besides the service name (the data node's logon)."""
+        auth = {k: v for k, v in (("username", self.username), ("password", self.password)) if v}
+        return {"db": self.db, **auth}
+
+    def kombu_url(self) -> str:
+        """kombu's form of the same: ``sentinel://:pw@host:port/db`` per Sentinel, ``;``-joined
+        (the service goes in the transport option ``master_name``)."""
+        auth = ""
+        if self.password:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        elif self.username:
+            auth = f"{quote(self.username, safe='')}@"
+        return ";".join(f"sentinel://{auth}{_host(h)}:{p}/{self.db}" for h, p in self.sentinels)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def is_sentinel(url: str | None) -> bool:
+    """True for a ``redis+sentinel://`` URL (a primary that Sentinels manage)."""
+    return bool(url) and str(url).lower().startswith(SENTINEL_SCHEME + "://")
+
+
+def parse_sentinel(url: str) -> SentinelURL:
+    """Read a ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/SERVICE[/DB]`` URL.
+    Raises SiteError naming what is wrong."""
+    shown = redacted(url)
+    if not is_sentinel(url):
+        raise SiteError(f"not a Sentinel URL ({SENTINEL_SCHEME}://...): {shown}")
+    _, userinfo, rest = _userinfo(url)
+    hostlist, _, path = rest.partition("/")
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    sentinels: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        item = item.strip()
+        if not item:
+            raise SiteError(f"an empty Sentinel address in {shown}")
+        if item.startswith("["):  # [IPv6]:port
+            host, sep, tail = item[1:].partition("]")
+            bad = not sep or bool(tail and not tail.startswith(":"))
+            port_text = tail[1:]
+        else:
+            host, _, port_text = item.partition(":")
+            bad = ":" in port_text
+        if bad or not host:
+            raise SiteError(f"bad Sentinel address {item!r} in {shown} (host, host:port or [IPv6]:port)")
+        try:
+            port = int(port_text) if port_text else SENTINEL_PORT
+        except ValueError:
+            raise SiteError(f"bad port in Sentinel address {item!r} in {shown}") from None
+        if not 0 < port < 65536:
+            raise SiteError(f"bad port in Sentinel address {item!r} in {shown}")
+        sentinels.append((host, port))
+    parts = [p for p in path.split("/") if p] if path else []
+    if not parts:
+        raise SiteError(f"a Sentinel URL names the monitored primary: {SENTINEL_SCHEME}://hosts/SERVICE/DB, "
+                        f"not {shown}")
+    if len(parts) > 2:
+        raise SiteError(f"a Sentinel URL's path is /SERVICE or /SERVICE/DB, not /{'/'.join(parts)} ({shown})")
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise SiteError(f"the database of a Sentinel URL is a number, not {parts[1]!r} ({shown})")
+        db = int(parts[1])
+    username = password = None
+    if userinfo is not None:
+        user, _, pw = userinfo.partition(":")
+        username, password = unquote(user) or None, unquote(pw) or None
+    if password is None:
+        password = password_of(url)
+    return SentinelURL(tuple(sentinels), unquote(parts[0]), db, username, password)
+
+
+def sentinel_url(sentinels: Iterable[tuple[str, int]], service: str, db: int = 0, password: str | None = None) -> str:
+    """The ``redis+sentinel://`` URL of a primary that these Sentinels monitor as ``service``."""
+    auth = f":{quote(password, safe='')}@" if password else ""
+    hosts = ",".join(f"{_host(h)}:{p}" for h, p in sentinels)
+    return f"{SENTINEL_SCHEME}://{auth}{hosts}/{quote(service, safe='')}/{db}"
+
+
 def connect(url: str) -> redis.Redis:
+    """A client of the Redis at ``url`` (``redis://``, ``rediss://``, ``unix://`` or a Sentinel URL)."""
+    if is_sentinel(url):
+        s = parse_sentinel(url)
+        sentinel = redis.sentinel.Sentinel(list(s.sentinels), sentinel_kwargs=s.sentinel_kwargs())
+        return sentinel.master_for(
+            s.service, redis_class=redis.Redis,
+            retry=_Retry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.05), _FAILOVER_RETRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            **s.node_kwargs(), **_KW,
+        )
     return redis.Redis.from_url(
         url,
-        retry=_Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
+        retry=_Retry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.05), _PLAIN_RETRIES),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         **_KW,
     )
 
 
 def connect_async(url: str) -> redis.asyncio.Redis:
+    """The asyncio client of the same."""
     from redis.asyncio.retry import Retry as AsyncRetry
 
     class _AsyncRetry(AsyncRetry):
@@ -85,9 +229,18 @@ def connect_async(url: str) -> redis.asyncio.Redis:
                                   with_failure_count: bool = False) -> T:
             return await super().call_with_retry(do, fail, _not_a_refused_logon(is_retryable), with_failure_count)
 
+    if is_sentinel(url):
+        s = parse_sentinel(url)
+        sentinel = redis.asyncio.sentinel.Sentinel(list(s.sentinels), sentinel_kwargs=s.sentinel_kwargs())
+        return sentinel.master_for(
+            s.service, redis_class=redis.asyncio.Redis,
+            retry=_AsyncRetry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.05), _FAILOVER_RETRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            **s.node_kwargs(), **_KW,
+        )
     return redis.asyncio.Redis.from_url(
         url,
-        retry=_AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 6),
+        retry=_AsyncRetry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.05), _PLAIN_RETRIES),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         **_KW,
     )

@@ -74,7 +74,7 @@ def describe_binary(binary: str) -> str:
     return f"{binary} (Redis {version}, {origin})"
 
 
-def _conf_string(value: str) -> str:
+def conf_string(value: str) -> str:
     """A redis.conf double-quoted string."""
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         raise SiteError("the Redis password must not contain control characters (a line break...)")
@@ -88,8 +88,9 @@ def make_data_dir(data_dir: Path) -> None:
         os.chmod(data_dir, 0o700)
 
 
-def write_auth_conf(data_dir: Path, password: str) -> Path:
-    """``<data_dir>/auth.conf`` (``requirepass``), created 0600 and replaced atomically."""
+def write_auth_conf(data_dir: Path, password: str, *, masterauth: bool = False) -> Path:
+    """``<data_dir>/auth.conf`` (``requirepass``; ``masterauth``, the same password, for a member
+    of a replicated group), created 0600 and replaced atomically."""
     make_data_dir(data_dir)
     path = data_dir / AUTH_CONF
     tmp = data_dir / f".{AUTH_CONF}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -97,7 +98,9 @@ def write_auth_conf(data_dir: Path, password: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("# Written by Mailyard at every start of this Redis (the password is in secrets.toml).\n")
-            f.write(f"requirepass {_conf_string(password)}\n")
+            f.write(f"requirepass {conf_string(password)}\n")
+            if masterauth:
+                f.write(f"masterauth {conf_string(password)}\n")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -107,7 +110,7 @@ def write_auth_conf(data_dir: Path, password: str) -> Path:
 
 def command(
     data_dir: Path, port: int, *, fsync: str = "always", host: str = "127.0.0.1",
-    maxmemory: str | None = None, databases: int = 16, password: str | None = None,
+    maxmemory: str | None = None, databases: int = 16, password: str | None = None, masterauth: bool = False,
 ) -> list[str]:
     """The redis-server command line: loopback, AOF with the chosen fsync policy, no RDB
     snapshots, and no eviction (evicting mail would lose it). With a password, it is written
@@ -118,7 +121,7 @@ def command(
     make_data_dir(data_dir)
     args = [find_binary()]
     if password:
-        args.append(str(write_auth_conf(data_dir, password).resolve()))
+        args.append(str(write_auth_conf(data_dir, password, masterauth=masterauth).resolve()))
     elif (data_dir / AUTH_CONF).exists():
         (data_dir / AUTH_CONF).unlink()
     args += [
