@@ -5,6 +5,7 @@ what the caller knows it is. The helpers are pure; the last tests read real repl
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -178,6 +179,69 @@ def test_an_asyncio_client_reads_the_same_way(redis_url: str) -> None:
             await r.aclose()
 
     assert asyncio.run(main()) == {"a": "1"}
+
+
+# endregion
+
+
+# region: Sentinel URLs
+
+
+def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database() -> None:
+    s = redisconn.parse_sentinel("redis+sentinel://:p%40ss@10.0.0.1:26380,[::1],h3/mailyard/2")
+    assert s.sentinels == (("10.0.0.1", 26380), ("::1", 26379), ("h3", 26379)), "26379 is Sentinel's port"
+    assert (s.service, s.db, s.password, s.username) == ("mailyard", 2, "p@ss", None)
+    assert redisconn.is_sentinel("REDIS+SENTINEL://h/s") and not redisconn.is_sentinel("redis://h:6379/0")
+
+
+def test_a_sentinel_url_without_a_database_is_database_0() -> None:
+    assert redisconn.parse_sentinel("redis+sentinel://h1:1,h2:2/svc").db == 0
+
+
+@pytest.mark.parametrize(("url", "names"), [
+    ("redis+sentinel://h1:1,h2:2", "names the monitored primary"),
+    ("redis+sentinel://h1:1/svc/zero", "is a number"),
+    ("redis+sentinel://h1:1/svc/0/extra", "/SERVICE or /SERVICE/DB"),
+    ("redis+sentinel://h1:x/svc", "bad port"),
+    ("redis+sentinel://h1:70000/svc", "bad port"),
+    ("redis+sentinel://h1:1,,h2/svc", "empty Sentinel address"),
+    ("redis+sentinel://::1:5/svc", "[IPv6]:port"),
+])
+def test_a_bad_sentinel_url_is_refused_naming_what_is_wrong(url: str, names: str) -> None:
+    from mailyard.errors import SiteError
+    with pytest.raises(SiteError, match=re.escape(names)):
+        redisconn.parse_sentinel(url)
+
+
+def test_a_refused_sentinel_url_does_not_show_its_password() -> None:
+    from mailyard.errors import SiteError
+    with pytest.raises(SiteError) as caught:
+        redisconn.parse_sentinel("redis+sentinel://:hunter2@h1:1/svc/x")
+    assert "hunter2" not in str(caught.value) and ":**@" in str(caught.value)
+
+
+def test_sentinel_url_builds_what_parse_sentinel_reads_and_the_password_helpers_work_on_it() -> None:
+    url = redisconn.sentinel_url([("127.0.0.1", 1), ("::1", 2)], "my service", 3, "a b/c")
+    s = redisconn.parse_sentinel(url)
+    assert s.sentinels == (("127.0.0.1", 1), ("::1", 2)) and (s.service, s.db, s.password) == ("my service", 3, "a b/c")
+    bare = redisconn.without_password(url)
+    assert not redisconn.has_password(bare) and redisconn.with_password(bare, "a b/c") == url
+    assert redisconn.redacted(url) == "redis+sentinel://:**@127.0.0.1:1,[::1]:2/my%20service/3"
+
+
+def test_kombu_gets_the_same_sentinels_in_its_own_form() -> None:
+    s = redisconn.parse_sentinel("redis+sentinel://:p%40ss@h1:1,h2:2/svc/4")
+    assert s.kombu_url() == "sentinel://:p%40ss@h1:1/4;sentinel://:p%40ss@h2:2/4"
+    assert s.sentinel_kwargs()["password"] == "p@ss", "the Sentinels ask for the same password"
+
+
+def test_celery_is_configured_for_kombus_sentinel_transport() -> None:
+    from mailyard.broker import make_app
+    app = make_app("redis+sentinel://:pw@h1:1,h2:2/svc/0")
+    options = app.conf.broker_transport_options
+    assert app.conf.broker_url.startswith("sentinel://:pw@h1:1/0;")
+    assert options["master_name"] == "svc" and options["sentinel_kwargs"]["password"] == "pw"
+    assert options["global_keyprefix"], "the key prefix stays"
 
 
 # endregion

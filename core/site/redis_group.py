@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from mailyard import redisconn
 from mailyard.site import redis_server
@@ -41,6 +43,9 @@ DOWN_AFTER_MS = 2000
 FAILOVER_TIMEOUT_MS = 10_000
 # A primary refuses writes unless a replica acknowledged within this many seconds.
 MIN_REPLICAS_MAX_LAG_S = 10
+# One try for each question to a member: redis-py's default retries a refused connection for
+# ~5 s, and a member that is down (the primary just lost, the Sentinels not started) is an answer.
+NO_RETRY = Retry(NoBackoff(), 0)
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,10 @@ def node_command(layout: Layout, i: int, role: Primary | ReplicaOf, *, password:
     args = redis_server.command(layout.node_dir(i), layout.node_ports[i], fsync=fsync, host=layout.host,
                                 maxmemory=maxmemory, databases=databases, password=password,
                                 masterauth=True)
-    args += ["--min-replicas-to-write", "1", "--min-replicas-max-lag", str(MIN_REPLICAS_MAX_LAG_S)]
+    args += ["--min-replicas-to-write", "1", "--min-replicas-max-lag", str(MIN_REPLICAS_MAX_LAG_S),
+             # A replica that (re)joins is copied at once: Redis's default waits 5 s for others
+             # to share the transfer, 5 s in which a primary with one replica refuses writes.
+             "--repl-diskless-sync-delay", "0"]
     if isinstance(role, ReplicaOf):
         args += ["--replicaof", role.host, str(role.port)]
     return args
@@ -151,8 +159,8 @@ def has_data(layout: Layout, i: int) -> bool:
 def ask_sentinels(layout: Layout, password: str | None) -> tuple[str, int] | None:
     """The primary's address as the first Sentinel that answers has it, or None."""
     for port in layout.sentinel_ports:
-        client = redis.Redis(host=layout.host, port=port, password=password or None,
-                             socket_timeout=1, socket_connect_timeout=1)
+        client = redis.Redis(host=layout.host, port=port, password=password or None, socket_timeout=1,
+                             socket_connect_timeout=1, retry=NO_RETRY)
         try:
             reply = client.execute_command("SENTINEL", "get-master-addr-by-name", layout.service)
         except redis.RedisError:
@@ -197,7 +205,7 @@ def start_role(layout: Layout, i: int, password: str | None) -> Role:
 
 def replication(url: str) -> dict[str, str]:
     """``INFO replication`` of one node (``role``: master or slave, ...), or {} if it does not answer."""
-    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1, retry=NO_RETRY)
     try:
         return redisconn.text_map(client.info("replication"))
     except redis.RedisError:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from mailyard import redisconn
 from mailyard.errors import SiteError
@@ -145,7 +147,9 @@ def command(
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    # One try per poll: redis-py's default retries a refused connection with seconds of backoff,
+    # which would make every start (and restart) of a Redis wait seconds longer than it takes.
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2, retry=Retry(NoBackoff(), 0))
     while True:
         try:
             # Loading the AOF after a restart: PING works, commands wait for LOADING.

@@ -15,7 +15,7 @@ import redis
 
 from mailyard import redisconn
 from mailyard.site import redis_group, redis_server
-from mailyard.site.redis_group import Layout, Wait
+from mailyard.site.redis_group import NO_RETRY, Layout, Wait
 
 
 class RedisGroup:
@@ -129,7 +129,7 @@ class RedisGroup:
             if proc is None or proc.poll() is not None:
                 continue
             client = redis.Redis(host=self.layout.host, port=self.layout.sentinel_ports[j], password=self.password,
-                                 socket_timeout=1, socket_connect_timeout=1)
+                                 socket_timeout=1, socket_connect_timeout=1, retry=NO_RETRY)
             try:
                 reply = client.execute_command("SENTINEL", "get-master-addr-by-name", self.layout.service)
             except redis.RedisError:
