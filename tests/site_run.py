@@ -31,11 +31,13 @@ START_TIMEOUT_S = 180  # a whole site on a shared machine of two cores
 class RunningSite:
     """One `mailyard site up` process and its data directory."""
 
-    def __init__(self, data: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
+    def __init__(self, data: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+                 python: str = sys.executable) -> None:
         self.data = data
+        self.python = python  # another virtualenv's (a first run's) python
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailyard", "site", "up", "--data-dir", str(data), *args],
+            [python, "-m", "mailyard", "site", "up", "--data-dir", str(data), *args],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
@@ -53,10 +55,13 @@ class RunningSite:
 
     def wait_up(self, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
         """Wait for "The site is up"; return site.json as it was then."""
-        def up() -> bool:
-            assert self.proc.poll() is None, f"site up exited with {self.proc.returncode}:\n{self.output[-4000:]}"
-            return any(UP in line for line in self.lines)
-        wait_until(up, timeout=timeout, interval=0.02, message=lambda: self.output[-4000:])
+        def up() -> str:
+            # (an exception would be taken for "not yet" by wait_until: an exit is an answer)
+            if self.proc.poll() is not None:
+                return "exited"
+            return "up" if any(UP in line for line in self.lines) else ""
+        if wait_until(up, timeout=timeout, interval=0.02, message=lambda: self.output[-4000:]) == "exited":
+            raise AssertionError(f"site up exited with {self.proc.returncode}:\n{self.output[-4000:]}")
         return json.loads((self.data / "site.json").read_text())
 
     def env(self) -> dict[str, str]:
@@ -64,7 +69,7 @@ class RunningSite:
         return {"MAILYARD_DATA_DIR": str(self.data), "MAILYARD_REDIS_URL": ""}
 
     def mailyard(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "mailyard", *args], capture_output=True, text=True,
+        result = subprocess.run([self.python, "-m", "mailyard", *args], capture_output=True, text=True,
                                 env={**os.environ, **self.env()}, cwd=ROOT, timeout=120)
         if check:
             assert result.returncode == 0, f"mailyard {' '.join(args)}:\n{result.stdout}\n{result.stderr}"

