@@ -18,6 +18,7 @@ from mailyard.internet.dns import MX, A, DnsServer, Zone
 from mailyard.org import Organization, load_org
 from mailyard.site.redis_server import free_port
 from mailyard.testing.cluster import Cluster
+from mailyard.testing.redis_group import RedisGroup
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import Timeout, wait_until
 
@@ -104,7 +105,8 @@ class Site:
     tempfail: float = 0.0
     permfail: float = 0.0
     c_sink: bool = False  # Postfix's smtp-sink instead of bench/sink.py
-    redis: RedisServer | None = None
+    redis_replicas: int = 0  # >0: a primary, that many replicas and three Sentinels
+    redis: RedisServer | RedisGroup | None = None
     dns: DnsServer | None = None
     sink_proc: subprocess.Popen | None = None
     sink_port: int = 0
@@ -146,7 +148,11 @@ class Site:
 
     def start(self) -> Site:
         self.work.mkdir(parents=True, exist_ok=True)
-        self.redis = RedisServer(self.work / "redis", fsync=self.fsync, databases=1).start()
+        if self.redis_replicas:
+            self.redis = RedisGroup(self.work / "redis", replicas=self.redis_replicas, fsync=self.fsync,
+                                    databases=1).start()
+        else:
+            self.redis = RedisServer(self.work / "redis", fsync=self.fsync, databases=1).start()
         zone = Zone()
         zone.replace(DOMAIN, MX(10, f"mx.{DOMAIN}"))
         zone.replace(f"mx.{DOMAIN}", A(SINK_IP))
@@ -168,9 +174,16 @@ class Site:
         assert self.cluster
         return [self.cluster.smtp(f"bench-{i}", "Relay") for i in range(1, self.hubs + 1)]
 
+    def redis_pids(self) -> list[int]:
+        assert self.redis
+        if isinstance(self.redis, RedisGroup):
+            return [p.pid for p in [*self.redis.nodes, *self.redis.sentinels] if p is not None]
+        assert self.redis.proc
+        return [self.redis.proc.pid]
+
     def site_pids(self) -> list[int]:
-        assert self.cluster and self.redis and self.redis.proc
-        return [p.pid for p in self.cluster.procs.values()] + [self.redis.proc.pid]
+        assert self.cluster
+        return [p.pid for p in self.cluster.procs.values()] + self.redis_pids()
 
     def sink_pid(self) -> int:
         assert self.sink_proc
@@ -179,9 +192,9 @@ class Site:
     def cpu_by_process(self) -> dict[str, float]:
         """CPU seconds so far of each of the site's processes with its children (a hub's
         receive and pool processes are its children), and Redis's."""
-        assert self.cluster and self.redis and self.redis.proc
+        assert self.cluster
         out = {name: cpu_seconds([proc.pid]) for name, proc in self.cluster.procs.items()}
-        out["redis"] = cpu_seconds([self.redis.proc.pid])
+        out["redis"] = cpu_seconds(self.redis_pids())  # with replicas: every node and Sentinel
         return out
 
     def harness_pids(self) -> list[int]:

@@ -402,7 +402,7 @@ def run_mailyard(args: argparse.Namespace, label: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="mailyard-bench-") as tmp:
         site = Site(Path(tmp), hubs=args.hubs, fsync=args.fsync, concurrency=args.concurrency,
                     tempfail=args.tempfail, permfail=args.permfail, mailboxes=mailboxes,
-                    c_sink=args.sink == "smtp-sink")
+                    c_sink=args.sink == "smtp-sink", redis_replicas=args.redis_replicas)
         try:
             site.start()
             if mailboxes:
@@ -503,10 +503,12 @@ def one(args: argparse.Namespace) -> list[dict]:
     prepare(args)
     print(f"== {args.variant}: {args.size} bytes x{args.recipients}, {args.sessions} sessions, {args.hubs} hubs, "
           f"fsync {args.fsync}; load {args.load}, sink {args.sink}", flush=True)
-    label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}"
+    label = f"mailyard {args.size // 1024}KB x{args.recipients} s{args.sessions} h{args.hubs} {args.fsync}" + (
+        f" r{args.redis_replicas}" if args.redis_replicas else "")
     if args.variant in ("mailbox", "smtp-mailbox"):
         label = f"{args.variant} {args.size // 1024}KB s{args.sessions} h{args.hubs}" + (
             f" b{args.send_batch}" if args.send_batch > 1 else "")
+        label += f" r{args.redis_replicas}" if args.redis_replicas else ""
     results = [run_mailyard(args, label)]
     if args.postfix == "auto" and args.variant in ("relay", "mailbox", "smtp-mailbox"):
         pf = run_postfix(args)
@@ -536,6 +538,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--hubs", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=2, help="worker processes per hub")
     ap.add_argument("--fsync", choices=["always", "everysec"], default="always")
+    ap.add_argument("--redis-replicas", type=int, default=0, metavar="N",
+                    help="Redis replicated under Sentinel: a primary, N replicas, three Sentinels (durability replica)")
     ap.add_argument("--variant", choices=["relay", "mailbox", "smtp-mailbox", "backlog", "realistic"], default="relay")
     ap.add_argument("--paced-max", type=int, default=4000, metavar="N",
                     help="at most N messages in the run at half the peak rate")
