@@ -13,7 +13,10 @@ import os
 import uuid
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu import transport as kombu_transport
+from kombu.transport import redis as kombu_redis
 
 from mailyard import keys, redisconn
 
@@ -36,6 +39,30 @@ def hub_queue(hub: str) -> str:
 def site_queue(site: str) -> str:
     """The Celery queue every hub of a site consumes: drain tasks of the site's mail queues."""
     return f"site.{site}"
+
+
+class _SentinelChannel(kombu_redis.SentinelChannel):
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # Celery 5.7 handles a lost broker connection by collecting it (which detaches the
+        # transport from its connection: ``client`` is None) and then closing it; when that
+        # close requeues the messages still unacked, kombu builds a new pool from ``client``
+        # and fails with an AttributeError that Celery calls unrecoverable: the hub exits at
+        # the primary's loss. Say "connection error" instead, which the close ignores; those
+        # messages stay in kombu's unacked index, restored after the visibility timeout (and
+        # a drain or pickup message lost or repeated is harmless, see the module's docstring).
+        if self.connection.client is None:
+            raise redis.ConnectionError("the broker connection was closed")
+        params: dict[str, Any] = super()._connparams(asynchronous)
+        return params
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = _SentinelChannel
+
+
+# kombu picks the transport by the URL's scheme at every failover to the next Sentinel's URL:
+# the sentinel:// scheme means the class above in every Mailyard process.
+kombu_transport.TRANSPORT_ALIASES["sentinel"] = "mailyard.broker:SentinelTransport"
 
 
 def make_app(redis_url: str) -> Celery:

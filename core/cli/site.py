@@ -23,7 +23,8 @@ from mailyard.cli.common import (
 from mailyard.errors import SiteError
 from mailyard.org import load_org
 from mailyard.processes import process_state, setup_logging
-from mailyard.site import ports
+from mailyard.site import ports, replicas
+from mailyard.site.redis_group import Layout
 from mailyard.site.runner import Site, SiteConfig, _pid_alive
 
 DEFAULT_CONFIG = Path("deploy/contoso.toml")
@@ -42,6 +43,9 @@ def site() -> None:
 @click.option("--redis-url", help="Use this Redis instead of starting an embedded one (its password is kept in "
               "secrets.toml, not in site.json).")
 @click.option("--redis-port", default=0, type=int, help="Port of the embedded Redis (default: free).")
+@click.option("--redis-replicas", default=0, show_default=True, type=click.IntRange(0, 8),
+              help="Replicas of the embedded Redis: N >= 1 starts a primary, N replicas and three Sentinels "
+                   "on loopback (every process of the site follows a failover); 0: one Redis.")
 @click.option("--fsync", type=click.Choice(["always", "everysec", "no"]), default="always",
               show_default=True, help="appendfsync of the embedded Redis (see README: Guarantees).")
 @click.option("--flower/--no-flower", default=True, show_default=True, help="Start Flower.")
@@ -65,7 +69,8 @@ def site() -> None:
                    "and point the organization's DNS at it.")
 @data_dir_option
 @handle_errors
-def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, fsync: str, flower: bool,
+def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, redis_replicas: int, fsync: str,
+       flower: bool,
        flower_port: int, viewer_port: int, smtp_port: int, client_port: int, free_ports: bool,
        concurrency: int, internet: bool, data_dir: Path) -> None:
     """Start the site and keep it running until Ctrl-C or SIGTERM.
@@ -75,10 +80,14 @@ def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, fsy
     5555, the Queue Viewer 8080, the demo Internet's MX hosts the port of the DNS-routed send
     connector (2525): each when free, else a free port (another site may have it). Every other
     port is a free one. All are printed, and "The site is up" only once every one answers."""
+    if redis_replicas and redis_url:
+        raise click.UsageError("--redis-replicas starts the site's own replicated Redis; it cannot be combined "
+                               "with --redis-url (pass an external group's redis+sentinel:// URL instead)")
     setup_logging("INFO")
     org = load_org(config_path)
     runner = Site(SiteConfig(org=org, config_path=config_path.resolve(), data_dir=data_dir,
-                             hubs_per_site=hubs, redis_url=redis_url, redis_port=redis_port, fsync=fsync,
+                             hubs_per_site=hubs, redis_url=redis_url, redis_port=redis_port,
+                             redis_replicas=redis_replicas, fsync=fsync,
                              flower=flower, flower_port=flower_port, viewer_port=viewer_port,
                              smtp_port=smtp_port, client_port=client_port, concurrency=concurrency,
                              internet=internet, default_ports=not free_ports))
@@ -105,10 +114,24 @@ def _print_endpoints(state: dict[str, Any]) -> None:
         if p.get("logon") and secrets_file:  # where its credential is (never the credential itself)
             where += f"  (logon: {p['logon'].replace(secrets_file, Path(secrets_file).name)})"
         up = p.get("up", True)
-        rows.append((p["role"], p["name"], p.get("site", ""), where, p.get("pid") or "",
+        role = p["role"] + (f" ({p['replication']})" if p.get("replication") else "")
+        rows.append((role, p["name"], p.get("site", ""), where, p.get("pid") or "",
                      "down" if not up else "up" if p.get("ready", True) else "starting"))
     click.echo(table(rows, ["Role", "Name", "Site", "Endpoint", "PID", "State"]))
     click.echo(f"\nRedis: {redisconn.redacted(state['redis_url'])}   data: {state['data_dir']}")
+    group = [p for p in state["processes"] if p["role"] in ("redis", "sentinel") and replicas.STATE_KEY in state]
+    if group:
+        primary = [p["name"] for p in group if p.get("replication") == replicas.PRIMARY]
+        following = [p["name"] for p in group if p.get("replication") == replicas.REPLICA]
+        named = sorted({str(p.get("primary")) for p in group if p["role"] == "sentinel" and p.get("primary")})
+        click.echo(f"Replicated Redis: primary {', '.join(primary) or 'none'}; "
+                   f"replicas {', '.join(following) or 'none'}; "
+                   f"the Sentinels name {' / '.join(named) or 'none'} "
+                   f"(service {state[replicas.STATE_KEY].get('service')})")
+    if state.get("running", True):
+        for p in state["processes"]:
+            if not p.get("ready", True) and p.get("waiting_for"):
+                click.echo(f"  {p['name']}: {p['waiting_for']}")
     if state.get("redis_server"):
         click.echo(f"Redis server: {state['redis_server']}")
     if secrets_file:
@@ -138,9 +161,41 @@ def site_status(data_dir: Path) -> dict[str, Any]:
         hub = live_hubs.get(p["name"])
         if hub is not None and hub.endpoints:
             p["smtp"] = hub.endpoints
+    if state.get(replicas.STATE_KEY):
+        _look_at_group(state, data_dir)
     # What a runner that is gone wrote last is not ready, nor is a site with a process down.
     state["ready"] = bool(state["running"] and state.get("ready") and all(p["ready"] for p in state["processes"]))
     return state
+
+
+def _look_at_group(state: dict[str, Any], data_dir: Path) -> None:
+    """The replicated Redis as its members say now: each node's ``replication`` (primary,
+    replica, or None when it does not answer), the primary each Sentinel names, and each
+    member ready only while the group can lose its primary (mailyard.site.replicas)."""
+    group = state[replicas.STATE_KEY]
+    layout = Layout(Path(group["root"]), [int(p) for p in group["nodes"]], [int(p) for p in group["sentinels"]],
+                    service=str(group.get("service") or "mailyard"))
+    try:
+        password = redisconn.password_of(site_redis_url(state["redis_url"], data_dir))
+    except SiteError:
+        password = None
+    view = replicas.look(layout, password)
+    nodes = {replicas.node_name(i): i for i in range(len(layout.node_ports))}
+    sentinels = {replicas.sentinel_name(j): j for j in range(len(layout.sentinel_ports))}
+    running = [nodes[p["name"]] for p in state["processes"] if p["name"] in nodes and p["role"] == "redis" and p["up"]]
+    for p in state["processes"]:
+        if p["role"] == "redis" and p["name"] in nodes:
+            i = nodes[p["name"]]
+            p["replication"] = view.nodes[i].replication
+            problem = view.node_problem(i, running)
+        elif p["role"] == "sentinel" and p["name"] in sentinels:
+            j = sentinels[p["name"]]
+            p["primary"] = view.node_of_address(view.sentinels[j].primary)
+            problem = view.sentinel_problem(j, running)
+        else:
+            continue
+        if p["up"] and problem is not None:
+            p["ready"], p["waiting_for"] = False, problem
 
 
 @site.command()
@@ -168,7 +223,10 @@ def down(data_dir: Path) -> None:
     if not pid or not _pid_alive(pid):
         raise SiteError("no running site found")
     os.kill(pid, signal.SIGTERM)
+
+    def running() -> bool:  # (a runner that exited but whose parent has not reaped it yet is a zombie: gone)
+        return _pid_alive(pid) and process_state(pid) != "Z"
     deadline = time.monotonic() + 60
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while running() and time.monotonic() < deadline:
         time.sleep(0.2)
-    click.echo("stopped." if not _pid_alive(pid) else f"runner {pid} is still stopping")
+    click.echo("stopped." if not running() else f"runner {pid} is still stopping")

@@ -17,6 +17,16 @@ command line, which every local user can read in ``ps``): every child Redis's UR
 password (``MAILYARD_REDIS_URL``), Flower and the viewer their logons. None is written to
 site.json (its ``redis_url`` has no password; the CLI adds the one of secrets.toml) or a log.
 The embedded Redis reads its password from a 0600 file in its data directory (0700).
+
+With ``--redis-replicas N`` (N >= 1) the site's Redis is a replicated group instead
+(mailyard.site.redis_group, mailyard.site.replicas): a primary, N replicas and three Sentinels
+on loopback, each with its own directory under ``<data dir>/redis``, all with the site's one
+Redis password. Every child gets the group's ``redis+sentinel://`` URL and follows a failover
+by itself. The runner supervises each member like any child: a dead data node is started
+again in the role the Sentinels' view gives it (``start_role``: never as an empty primary;
+while it must wait, it says why in its ``waiting_for``), so a killed primary, replaced by a
+promoted replica, comes back as a replica. The members' ports are kept in site.json
+(``redis_group``) and reused by the next start from the same data directory.
 """
 
 from __future__ import annotations
@@ -41,9 +51,10 @@ from mailyard.org import Organization
 from mailyard.orgstore import apply_org
 from mailyard.processes import die_with_parent
 from mailyard.site import ports as site_ports
-from mailyard.site import redis_server
+from mailyard.site import redis_group, redis_server, replicas
 from mailyard.site import secrets as site_secrets
 from mailyard.site.readiness import Probes, connectors_of
+from mailyard.site.redis_group import Layout, Primary, ReplicaOf, Wait
 
 log = logging.getLogger("mailyard.site")
 
@@ -148,6 +159,8 @@ class SiteConfig:
     hubs_per_site: int = 2
     redis_url: str | None = None
     redis_port: int = 0
+    # >= 1: a replicated Redis under three Sentinels instead of one Redis (see the module's docstring)
+    redis_replicas: int = 0
     fsync: str = "always"
     flower: bool = True
     flower_port: int = 0
@@ -172,6 +185,12 @@ class Site:
         self.data_dir = cfg.data_dir.resolve()
         self.children: list[Child] = []
         self.redis: Child | None = None
+        # The replicated Redis (--redis-replicas): its data nodes, then its Sentinels
+        self.layout: Layout | None = None
+        self.nodes: list[Child] = []
+        self.sentinels: list[Child] = []
+        self._group_looked = 0.0
+        self._named_primary: int | None = None
         self.redis_url = cfg.redis_url or ""
         self.ready = False
         self._stopping = False
@@ -201,7 +220,17 @@ class Site:
 
     def plan(self) -> None:
         cfg, logs = self.cfg, self.data_dir / "logs"
-        if not cfg.redis_url:
+        if cfg.redis_replicas and cfg.redis_url:
+            raise SiteError("--redis-replicas starts the site's own replicated Redis; it cannot be combined "
+                            "with --redis-url (an external Redis: replicate it yourself and pass its "
+                            "redis+sentinel:// URL)")
+        if cfg.redis_replicas and cfg.redis_port:
+            raise SiteError("--redis-port is the port of the single embedded Redis; with --redis-replicas the "
+                            "group's members take free ports (site.json lists them) and keep them")
+        if cfg.redis_replicas:
+            self._plan_group(logs)
+        elif not cfg.redis_url:
+            replicas.refuse_single_over_group(self.data_dir / "redis")
             self.redis = Child("redis", "redis", [], logs / "redis.log", umask=redis_server.UMASK,
                                ports={"redis": cfg.redis_port or self.ports.free()})
             self._build_redis()
@@ -247,6 +276,184 @@ class Site:
         self.redis.cmd = redis_server.command(self.data_dir / "redis", port, fsync=cfg.fsync, host=cfg.host,
                                               password=password)
         self.redis.endpoints = {"url": redisconn.without_password(self.redis_url)}
+
+    # region: the replicated Redis (--redis-replicas)
+
+    def _plan_group(self, logs: Path) -> None:
+        """The group's members and ports: those of the last run from this data directory
+        (site.json), so that each finds its data and the Sentinels know it, else free ones."""
+        if self.secrets is None or not self.secrets.redis_password:
+            raise SiteError("the site's secrets are not loaded")  # (start() loads them first)
+        cfg, root = self.cfg, self.data_dir / "redis"
+        redis_server.make_data_dir(root)
+        if replicas.adopt_single_redis(root):
+            log.warning("the site's Redis data (%s) moved to %s: that node starts as the group's primary",
+                        root / "appendonlydir", root / "node-0")
+        old_nodes, old_sentinels = replicas.previous_ports(self.data_dir)
+        node_ports = [self._keep_port(replicas.node_name(i), old_nodes[i] if i < len(old_nodes) else 0, move=False)
+                      for i in range(1 + cfg.redis_replicas)]
+        sentinel_ports = [self._keep_port(replicas.sentinel_name(j), old_sentinels[j] if j < len(old_sentinels) else 0,
+                                          move=True) for j in range(redis_group.SENTINELS)]
+        self.layout = layout = Layout(root, node_ports, sentinel_ports, host=cfg.host)
+        for i, port in enumerate(node_ports):
+            self.nodes.append(Child(replicas.node_name(i), "redis", [], logs / f"{replicas.node_name(i)}.log",
+                                    {"url": f"redis://{cfg.host}:{port}/0"}, ports={"redis": port},
+                                    umask=redis_server.UMASK))
+        for j, port in enumerate(sentinel_ports):
+            self.sentinels.append(Child(replicas.sentinel_name(j), "sentinel", [],
+                                        logs / f"{replicas.sentinel_name(j)}.log",
+                                        {"url": f"{cfg.host}:{port}", "monitors": layout.service},
+                                        ports={"sentinel": port}, umask=redis_server.UMASK))
+        self.redis_url = layout.url(self.secrets.redis_password)
+        self.redis_binary = redis_server.describe_binary(redis_server.find_binary())
+
+    def _keep_port(self, what: str, previous: int, *, move: bool) -> int:
+        if not previous:
+            return self.ports.free()
+        port = self.ports.take(previous)
+        if port != previous:
+            if not move:
+                self.ports.release(port)
+                raise SiteError(
+                    f"port {previous} of {what} (the group's Sentinels know it there) is taken by another program "
+                    f"or site; free it and start again (or remove {self.data_dir / 'redis'} to start a new, empty "
+                    "group)")
+            log.warning("port %d of %s is taken (by another site or program): it listens on %d instead",
+                        previous, what, port)
+        return port
+
+    def _member_index(self, child: Child) -> int:
+        return (self.nodes if child.role == "redis" else self.sentinels).index(child)
+
+    def _is_member(self, child: Child) -> bool:
+        return any(child is c for c in (*self.nodes, *self.sentinels))
+
+    def _build_node(self, child: Child) -> str | None:
+        """The node's command line for the role it must start in now; or why it must wait."""
+        assert self.layout is not None and self.secrets is not None and self.secrets.redis_password
+        i = self._member_index(child)
+        role = redis_group.start_role(self.layout, i, self.secrets.redis_password)
+        if isinstance(role, Wait):
+            return role.reason
+        child.cmd = redis_group.node_command(self.layout, i, role, password=self.secrets.redis_password,
+                                             fsync=self.cfg.fsync)
+        child.endpoints["starts_as"] = replicas.PRIMARY if isinstance(role, Primary) else (
+            f"replica of {self._name_of(role)}")
+        return None
+
+    def _name_of(self, role: ReplicaOf) -> str:
+        assert self.layout is not None
+        i = self.layout.node_of(role.host, role.port)
+        return replicas.node_name(i) if i is not None else f"{role.host}:{role.port}"
+
+    def _build_sentinel(self, child: Child) -> None:
+        assert self.layout is not None and self.secrets is not None and self.secrets.redis_password
+        j = self._member_index(child)
+        # (--port: the one the site has for it now, over the one its sentinel.conf may have)
+        child.cmd = [*redis_group.sentinel_command(self.layout, j, password=self.secrets.redis_password),
+                     "--port", str(self.layout.sentinel_ports[j])]
+
+    def _start_group(self, timeout: float = 60.0) -> None:
+        """Start the data nodes (the primary first, each once it answers), then the Sentinels,
+        and wait until the Sentinels name a primary that takes writes (a replica connected)."""
+        assert self.layout is not None and self.secrets is not None
+        layout, password, env = self.layout, self.secrets.redis_password, self.env()
+        new_group = not any((layout.sentinel_dir(j) / redis_group.SENTINEL_CONF).exists()
+                            for j in range(len(self.sentinels)))
+        deadline = time.monotonic() + timeout
+        waiting = list(self.nodes)
+        while waiting:
+            roles = {id(c): redis_group.start_role(layout, self._member_index(c), password) for c in waiting}
+            ready_to_start = [c for c in waiting if not isinstance(roles[id(c)], Wait)]
+            if not ready_to_start:
+                if time.monotonic() > deadline:
+                    raise SiteError("; ".join(f"{c.name}: {getattr(roles[id(c)], 'reason', '')}" for c in waiting))
+                time.sleep(0.2)
+                continue
+            child = next((c for c in ready_to_start if isinstance(roles[id(c)], Primary)), ready_to_start[0])
+            for attempt in range(5):
+                reason = self._build_node(child)
+                if reason is not None:
+                    break  # (the next round waits for it)
+                child.start(env)
+                try:
+                    redis_server.wait_ready(layout.node_url(self._member_index(child), password), child.proc,
+                                            timeout=max(5.0, deadline - time.monotonic()))
+                    waiting.remove(child)
+                    break
+                except SiteError:
+                    child.kill_leftovers()
+                    # A new group's node that lost its free port to someone: another one (the
+                    # Sentinels know no node yet). An existing group's keeps its port.
+                    if not (new_group and child.lost_bind()) or attempt == 4:
+                        raise SiteError(f"{child.name} did not start; see {child.log_path}") from None
+                    self.ports.release(child.ports["redis"])
+                    port = self.ports.free()
+                    layout.node_ports[self._member_index(child)] = child.ports["redis"] = port
+                    child.endpoints["url"] = f"redis://{self.cfg.host}:{port}/0"
+        for child in self.sentinels:
+            self._build_sentinel(child)
+            child.start(env)
+        while True:
+            for child in self.sentinels:
+                if not child.alive and child.lost_bind() and time.monotonic() < deadline:
+                    j = self._member_index(child)
+                    self.ports.release(layout.sentinel_ports[j])
+                    layout.sentinel_ports[j] = child.ports["sentinel"] = self.ports.free()
+                    child.endpoints["url"] = f"{self.cfg.host}:{layout.sentinel_ports[j]}"
+                    self.redis_url = layout.url(password)
+                    self._build_sentinel(child)
+                    child.start(env)
+                elif not child.alive:
+                    raise SiteError(f"{child.name} exited while starting; see {child.log_path}")
+            view = replicas.look(layout, password)
+            primary = view.named_primary()
+            if primary is not None and view.nodes[primary].replication == replicas.PRIMARY \
+                    and view.nodes[primary].online_replicas:
+                return
+            if time.monotonic() > deadline:
+                raise SiteError(f"the replicated Redis did not get a writable primary within {timeout:.0f}s: "
+                                + "; ".join(f"{c.name}: {p}" for c, p in self._group_problems(view) if p))
+            time.sleep(0.1)
+
+    def _group_problems(self, view: replicas.GroupView) -> list[tuple[Child, str | None]]:
+        running = [i for i, c in enumerate(self.nodes) if c.alive]
+        return ([(c, view.node_problem(i, running)) for i, c in enumerate(self.nodes)]
+                + [(c, view.sentinel_problem(j, running)) for j, c in enumerate(self.sentinels)])
+
+    def _refresh_group(self, every: float = 0.5) -> None:
+        """Read the group live (at most every ``every`` s): each running member's readiness,
+        and each node's replication (primary, replica)."""
+        if self.layout is None or time.monotonic() - self._group_looked < every:
+            return
+        assert self.secrets is not None
+        self._group_looked = time.monotonic()
+        view = replicas.look(self.layout, self.secrets.redis_password)
+        primary = view.named_primary()
+        if primary is not None and primary != self._named_primary:
+            if self._named_primary is not None:
+                log.warning("the Sentinels now name %s primary (it was %s)", replicas.node_name(primary),
+                            replicas.node_name(self._named_primary))
+            self._named_primary = primary
+        for child, problem in self._group_problems(view):
+            if child.role == "redis":
+                node = view.nodes[self._member_index(child)]
+                if node.replication:
+                    child.endpoints["replication"] = node.replication
+                else:
+                    child.endpoints.pop("replication", None)
+            else:
+                child.endpoints["primary"] = view.node_of_address(view.sentinels[self._member_index(child)].primary)
+            if not child.alive:
+                continue
+            if problem is None and not child.ready:
+                log.info("%s is ready%s", child.name,
+                         f" ({child.endpoints['replication']})" if child.role == "redis" else "")
+            elif problem is not None and child.ready:
+                log.warning("%s is not ready: %s", child.name, problem)
+            child.ready, child.waiting_for = problem is None, problem or ""
+
+    # endregion
 
     def _build(self, child: Child) -> None:
         """The child's command line and endpoints, from its ports."""
@@ -372,6 +579,10 @@ class Site:
         if self.redis:
             log.info("Redis server: %s", self.redis_binary)
             self._start_redis()
+        elif self.layout is not None:
+            log.info("Redis server: %s, a primary, %d replica(s) and %d Sentinels", self.redis_binary,
+                     len(self.nodes) - 1, len(self.sentinels))
+            self._start_group()
         else:
             redis_server.wait_ready(self.redis_url, None, timeout=5)
         self.apply_org()
@@ -410,6 +621,10 @@ class Site:
         """Look at a child that is not ready yet: ready now? Or did it lose its port to someone
         else (start it again on another)? Raises SiteError when it exited for another reason
         while the site starts; under supervise() that is a crash, restarted there."""
+        if self._is_member(child):  # (a member of the replicated Redis: see _refresh_group)
+            if not child.alive and not self._supervising:
+                raise SiteError(f"{child.name} exited while starting; see {child.log_path}")
+            return
         if not child.alive:
             if child.lost_bind() and child is not self.redis:
                 child.kill_leftovers()
@@ -447,6 +662,7 @@ class Site:
         probes = self.probes()
         deadline = time.monotonic() + timeout
         while True:
+            self._refresh_group()
             pending = [c for c in self.all_children() if not c.ready]
             if not pending:
                 break
@@ -474,7 +690,7 @@ class Site:
                             "stop it with `mailyard site down` or Ctrl-C")
 
     def all_children(self) -> list[Child]:
-        return ([self.redis] if self.redis else []) + self.children
+        return ([self.redis] if self.redis else []) + self.nodes + self.sentinels + self.children
 
     def state(self) -> dict[str, Any]:
         return {
@@ -486,6 +702,8 @@ class Site:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ready": self.ready,
             "redis_server": self.redis_binary,  # which binary runs ("" with --redis-url)
+            # --redis-replicas: the members' ports, kept for the next start (see replicas)
+            **({replicas.STATE_KEY: replicas.state_of(self.layout)} if self.layout else {}),
             "processes": [c.describe() for c in self.all_children()],
         }
 
@@ -501,7 +719,8 @@ class Site:
         self._supervising = True
         probes = self.probes()
         while not self._stopping:
-            before = [(c.ready, c.proc.pid if c.proc else None) for c in self.all_children()]
+            before = [c.describe() for c in self.all_children()]
+            self._refresh_group()
             now = time.monotonic()
             for child in self.all_children():
                 if self._stopping:
@@ -514,7 +733,7 @@ class Site:
                     code = child.proc.returncode if child.proc else None
                     child.ready, child.waiting_for = False, f"exited with status {code}"
                     child.kill_leftovers()
-                    if child.lost_bind() and child is not self.redis:
+                    if child.lost_bind() and child is not self.redis and not self._is_member(child):
                         self.replan(child)
                     # A child that ran for a while gets a quick restart; a crash loop backs off.
                     if now - child.started_at > 60:
@@ -523,6 +742,18 @@ class Site:
                     log.warning("%s (%s) exited with status %s; restarting in %.0fs",
                                 child.name, child.role, code, child.backoff)
                 elif now >= child.next_start:
+                    if child in self.nodes:
+                        # In the role the Sentinels' view gives it now; or not yet (say why, and
+                        # ask again in a moment: no growing pause, a failover takes seconds).
+                        reason = self._build_node(child)
+                        if reason is not None:
+                            if child.waiting_for != reason:
+                                log.warning("%s: %s", child.name, reason)
+                            child.waiting_for, child.next_start = reason, now + 1.0
+                            continue
+                        log.info("%s starts as %s", child.name, child.endpoints.get("starts_as"))
+                    elif child in self.sentinels:
+                        self._build_sentinel(child)
                     child.start(self.env_for(child, self.env()))
                     child.restarts += 1
                     child.backoff = min(child.backoff * 2, MAX_BACKOFF_S)
@@ -535,7 +766,7 @@ class Site:
                 if child.role == "flower":
                     probes = self.probes()
             self.ready = all(c.ready for c in self.all_children())
-            if before != [(c.ready, c.proc.pid if c.proc else None) for c in self.all_children()]:
+            if before != [c.describe() for c in self.all_children()]:
                 self.write_state()
             time.sleep(0.2)
 
@@ -546,6 +777,9 @@ class Site:
         order = [c for c in self.children if c.role in first]
         order += [c for c in self.children if c.role not in first]
         _terminate(order)
+        # The Sentinels before the data nodes (they would otherwise fail over a stopping primary)
+        _terminate(self.sentinels)
+        _terminate(self.nodes)
         if self.redis:
             _terminate([self.redis])
         self.ports.close()
