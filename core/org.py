@@ -74,6 +74,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Durability = Literal["auto", "local", "replica"]  # transport.durability
+
+
 class TransportSettings(_Model):
     """Set-TransportConfig / Set-TransportServer, with Exchange 2010's defaults."""
 
@@ -105,6 +108,11 @@ class TransportSettings(_Model):
     # stored again, whatever hub or path brought it (the Exchange store's duplicate
     # detection; mailyard.mailbox.dedup). 0: off (a hub's retry is still stored once).
     duplicate_detection_window: Duration = Field(2 * 86400, ge=0)
+    # When a message is acknowledged (SMTP 250, the API's 202, the pickup acknowledgement):
+    # "replica", once a replica of Redis has it (WAIT); "local", once the primary has it;
+    # "auto", "replica" for a Sentinel-managed Redis or a primary with replicas or
+    # min-replicas-to-write, else "local" (mailyard.durability).
+    durability: Durability = "auto"
     # Send connectors' ConnectionInactivityTimeOut (Exchange 2010: 10 min): how long an SMTP
     # peer may stay silent (connecting, answering a command, taking DATA) before giving up.
     smtp_inactivity_timeout: Duration = 600

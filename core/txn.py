@@ -16,9 +16,9 @@ import msgpack
 import redis
 import redis.asyncio
 
-from mailyard import keys
+from mailyard import durability, keys
 from mailyard.broker import DrainMessages
-from mailyard.scripts import script, script_async
+from mailyard.scripts import execute, execute_async, script, script_async
 
 Word = str | bytes | int | float
 
@@ -119,15 +119,24 @@ class Txn:
         return self._result(await script_async(r, "txn")(keys=[], args=self.argv()))
 
 
-def run_all(r: redis.Redis, txns: list[Txn]) -> list[Result]:
-    """Apply several transactions in one round trip; each is atomic on its own."""
+def run_all(r: redis.Redis, txns: list[Txn], *, replicated: bool = False) -> list[Result]:
+    """Apply several transactions in one round trip; each is atomic on its own. ``replicated``:
+    and wait, in that round trip, until a replica has them (``durability.NotReplicated`` if
+    none confirms: applied on the primary, but not to be acknowledged)."""
     if not txns:
         return []
     s = script(r, "txn")
-    pipe = r.pipeline(transaction=False)
-    for t in txns:
-        s(keys=[], args=t.argv(), client=pipe)
-    replies = pipe.execute()
+
+    def fill(pipe: redis.client.Pipeline) -> None:
+        for t in txns:
+            s(keys=[], args=t.argv(), client=pipe)
+        if replicated:
+            durability.append_wait(pipe)
+    replies = execute(r, fill)
+    if replicated:
+        replies, refused = durability.verdict(replies)
+        if refused:
+            raise durability.NotReplicated(refused)
     return [t._result(reply) for t, reply in zip(txns, replies, strict=True)]
 
 
@@ -135,16 +144,18 @@ class GroupCommit:
     """For asyncio servers: transactions of concurrent sessions go to Redis together, one
     pipeline per round trip (a group commit). Each round trip costs this machine far more
     CPU than the transaction itself; with 20 sessions at work most share one. Each
-    transaction stays atomic on its own; the order is arrival order."""
+    transaction stays atomic on its own; the order is arrival order. A ``replicated`` one
+    makes its round trip end with a WAIT (one for the whole group), and raises
+    ``durability.NotReplicated`` when no replica confirmed it."""
 
     def __init__(self, r: redis.asyncio.Redis) -> None:
         self._r = r
-        self._pending: list[tuple[Txn, asyncio.Future[Result]]] = []
+        self._pending: list[tuple[Txn, asyncio.Future[Result], bool]] = []
         self._flushing = False
 
-    async def run(self, txn: Txn) -> Result:
+    async def run(self, txn: Txn, *, replicated: bool = False) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append((txn, future))
+        self._pending.append((txn, future, replicated))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush())
@@ -154,22 +165,31 @@ class GroupCommit:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                pipe = self._r.pipeline(transaction=False)
                 run = script_async(self._r, "txn")
-                for txn, _ in batch:
-                    await run(keys=[], args=txn.argv(), client=pipe)
+                wait = any(replicated for _, _, replicated in batch)
+
+                async def fill(pipe: redis.asyncio.client.Pipeline) -> None:
+                    for txn, _, _ in batch:  # noqa: B023 (used before the loop moves on)
+                        await run(keys=[], args=txn.argv(), client=pipe)  # noqa: B023
+                    if wait:  # noqa: B023
+                        durability.append_wait(pipe)
                 try:
-                    replies = await pipe.execute(raise_on_error=False)
+                    replies = await execute_async(self._r, fill)
                 except Exception as exc:
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (txn, future), reply in zip(batch, replies, strict=True):
+                refused = None
+                if wait:
+                    replies, refused = durability.verdict(replies)
+                for (txn, future, replicated), reply in zip(batch, replies, strict=True):
                     if future.done():
                         continue
                     if isinstance(reply, Exception):
                         future.set_exception(reply)
+                    elif refused and replicated:
+                        future.set_exception(durability.NotReplicated(refused))
                     else:
                         future.set_result(txn._result(reply))
         finally:

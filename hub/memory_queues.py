@@ -322,8 +322,8 @@ class MemoryQueues:
     def change(self) -> MemoryChange:
         return MemoryChange(self)
 
-    def commit(self, changes: Sequence[Change]) -> list[Committed]:
-        own = []
+    def commit(self, changes: Sequence[Change], *, replicated: bool = False) -> list[Committed]:
+        own = []  # (``replicated``: memory has no replicas to wait for)
         for change in changes:
             if not isinstance(change, MemoryChange):  # one from another implementation: a bug
                 raise TypeError(f"a {type(change).__name__} cannot be committed to memory")

@@ -334,8 +334,10 @@ class MailQueues(Protocol):
 
     def change(self) -> Change: ...
 
-    def commit(self, changes: Sequence[Change]) -> list[Committed]:
-        """Apply ``changes`` in order, each atomically; one round trip where possible."""
+    def commit(self, changes: Sequence[Change], *, replicated: bool = False) -> list[Committed]:
+        """Apply ``changes`` in order, each atomically; one round trip where possible.
+        ``replicated``: before returning, a replica has them, else ``durability.NotReplicated``
+        (transport setting ``durability``; a store with no replicas ignores it)."""
         ...
 
     def new_item_ids(self, count: int) -> list[str]: ...

@@ -6,7 +6,8 @@ and AUTH are answered as ``receive_policy`` decides. At DATA the handler checks 
 strips the organization's headers (keeping a relaying hub's origin id, from hubs only), adds
 the hub's ``Received`` header (and a ``Message-ID`` when there is none) and stores the message
 in the Submission queue with a RECEIVE event, in one Redis transaction; ``250`` is sent only
-once that transaction is durable. The categorizer takes it from there.
+once that transaction is durable (with transport ``durability`` ``replica``: once a replica
+has it, else ``451 4.3.0``; mailyard.durability). The categorizer takes it from there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
-from mailyard import headers, mime
+from mailyard import durability, headers, mime
 from mailyard.hub import encoding, replies
 from mailyard.hub import receive_policy as policy
 from mailyard.hub.intake import accept
@@ -160,6 +161,7 @@ class ReceiveHandler:
         msg.size = size
         dedup = f"{origin}:{','.join(sorted(envelope.rcpt_tos))}" if origin else None
         try:
+            replicated = await durability.replicated_async(settings.durability, self.ctx.r)
             (item_id,) = await item_ids.take_async(self.ctx.r, 1)
             change = accept(
                 self.ctx.queues.change(), msg, body, list(envelope.rcpt_tos), item_id=item_id, settings=settings,
@@ -170,8 +172,12 @@ class ReceiveHandler:
                               sender=msg.sender, subject=msg.subject, size=msg.size,
                               context=f"helo={helo}" + (f", origin={origin}" if origin else "")),
             )
-            result = change.committed(await self.ctx.commits.run(change.txn))
+            result = change.committed(await self.ctx.commits.run(change.txn, replicated=replicated))
         except Exception as exc:  # Redis down: the client keeps the message and tries again
+            if unconfirmed := durability.unreplicated(exc):
+                # (perhaps stored on the primary: a relay's retry is deduplicated by its origin)
+                log.warning("not acknowledging a message from %s: %s", state.client_ip, unconfirmed.reason)
+                return replies.not_replicated(unconfirmed.reason)
             log.error("could not store a message from %s: %s", state.client_ip, exc)
             return replies.STORAGE_FAILED
         if not result.ok:

@@ -378,9 +378,9 @@ class RedisQueues:
     def change(self) -> RedisChange:
         return RedisChange(self)
 
-    def commit(self, changes: Sequence[Change]) -> list[Committed]:
+    def commit(self, changes: Sequence[Change], *, replicated: bool = False) -> list[Committed]:
         own = [_own(c) for c in changes]
-        results = run_all(self.r, [c.txn for c in own])
+        results = run_all(self.r, [c.txn for c in own], replicated=replicated)
         return [c.committed(res) for c, res in zip(own, results, strict=True)]
 
     def new_item_ids(self, count: int) -> list[str]:

@@ -40,6 +40,11 @@ BDAT_SYNTAX = "501 5.5.4 Syntax: BDAT chunk-size [LAST]"
 DATA_AFTER_BDAT = "503 5.5.1 Bad sequence of commands"  # RFC 3030 §2: no DATA in a transaction begun with BDAT
 
 
+def not_replicated(reason: str) -> str:
+    """Stored on one Redis only (transport ``durability`` ``replica``): not yet safe to accept."""
+    return f"451 4.3.0 Temporary storage failure: {reason}; try again later"
+
+
 def header_refused(problem: object) -> str:
     """DATA: a message that cannot be taken in as it is (``mailyard.mime.Unfit``)."""
     return f"554 5.6.0 Message refused: {problem}"

@@ -6,7 +6,8 @@ Pickup (the Mail Submission Service kicked this hub: the server's Outboxes hold 
   2. write them into the Submission queue in one Redis round trip, each message in one atomic
      step recorded against its Outbox item, so that a second pickup of an item (after a crash,
      or a lease that ran out) creates nothing;
-  3. only then acknowledge them in one call, which moves them to Sent Items;
+  3. only then acknowledge them in one call, which moves them to Sent Items (with transport
+     ``durability`` ``replica``: only once a replica has them, mailyard.durability);
 and again while batches come back full.
 Delivery (MapiDelivery, one queue per mailbox server): one API call per batch; the mailbox
 server stores each message once per mailbox, however often it is retried.
@@ -18,7 +19,7 @@ import logging
 import time
 from email.utils import formatdate
 
-from mailyard import headers, keys, mime
+from mailyard import durability, headers, keys, mime
 from mailyard.errors import DeliveryError, TransientDeliveryError
 from mailyard.hub.intake import accept
 from mailyard.hub.mailbox_client import OutboxItem
@@ -51,8 +52,17 @@ def pickup(node: Node, server: str) -> int:
         if not items:
             return taken
         node.crash_point("pickup.taken")
-        ids = node.queues.new_item_ids(len(items))
-        node.queues.commit([_change(node, server, item, item_id) for item, item_id in zip(items, ids, strict=True)])
+        try:
+            ids = node.queues.new_item_ids(len(items))
+            node.queues.commit([_change(node, server, item, item_id) for item, item_id in zip(items, ids, strict=True)],
+                               replicated=durability.replicated(node.settings.durability, node.r))
+        except Exception as exc:
+            if (refused := durability.unreplicated(exc)) is None:
+                raise
+            # Not acknowledged: the items stay in the Outbox and are notified again; the next
+            # pickup finds what reached the primary by its Outbox ref and stores nothing twice.
+            log.warning("%d item(s) of %s not acknowledged: %s", len(items), server, refused.reason)
+            return taken
         node.crash_point("pickup.stored")
         try:
             node.mailboxes.ack_outbox(server, [(item.mailbox, item.id) for item in items])

@@ -50,10 +50,11 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mailyard import durability, lockout, mime, passwords, pki
 from mailyard import headers as mail_headers
-from mailyard import lockout, mime, passwords, pki
 from mailyard.addresses import canonical
 from mailyard.directory import Directory, Principal
+from mailyard.durability import Unreplicated
 from mailyard.errors import NotFoundError
 from mailyard.mailbox.compose import plain_message
 from mailyard.mailbox.outbox import OutboxIndex
@@ -127,7 +128,7 @@ def create_app(
     directory: Callable[[], Directory],
     r: redis.Redis,
     outbox: OutboxIndex,
-    on_submitted: Callable[[str, list[str]], None],
+    on_submitted: Callable[[str, list[str]], Unreplicated | None],
     on_acknowledged: Callable[[list[tuple[str, str]]], None],
     fault: Callable[[str], None] = lambda name: None,
 ) -> FastAPI:
@@ -137,6 +138,7 @@ def create_app(
     realm = f'Basic realm="Mailyard {server}", charset="UTF-8"'
     hub_identity = pki.Identity.hub(site)
     scrypt_slots = threading.BoundedSemaphore(SCRYPT_AT_ONCE)
+    unconfirmed: set[tuple[str, str]] = set()  # Outbox items answered 503: no replica had their registration
 
     app.add_middleware(_HostCheck, server=server, hosts=hosts)
 
@@ -367,14 +369,28 @@ def create_app(
             out.append(stored)
             item_id, new = stored
             # A copy from a Send answered 503 (its directory fsync failed after the rename) is
-            # in the Outbox but was never registered: the retry that finds it registers it
-            if new or ((owner, item_id) not in outbox and store.has(owner, "Outbox", item_id)):
+            # in the Outbox but was never registered: the retry that finds it registers it; so
+            # does the retry of one whose registration no replica confirmed (answered 503 too)
+            if new or (owner, item_id) in unconfirmed or (
+                    (owner, item_id) not in outbox and store.has(owner, "Outbox", item_id)):
                 fresh.append(item_id)
         fault("mailbox.outbox.stored")  # tests: die between the durable write and the notification
         for item_id in fresh:
             outbox.add(owner, item_id)
-        on_submitted(owner, fresh)
-        return out
+        why = on_submitted(owner, fresh)
+        if why is None:
+            unconfirmed.difference_update((owner, item_id) for item_id in fresh)
+            return out
+        # Transport durability "replica": the Outbox has it (and it goes out all the same once
+        # Redis takes writes again), but no replica has its registration: not acknowledged.
+        unconfirmed.update((owner, item_id) for item_id in fresh)
+        log.warning("submission from %s not acknowledged: %s", owner, why.reason)
+        error = ApiError(503, f"not accepted yet: {why.reason}; send again with the same Message-ID, it is "
+                              "stored once", {"Retry-After": str(durability.RETRY_AFTER_S)})
+        if not partial:
+            raise error
+        return [{"status": 503, "error": error.message} if isinstance(o, tuple) and o[0] in fresh else o
+                for o in out]
 
     @app.get("/mailboxes/{address}/folders/{folder}")
     def list_folder(address: str, folder: str, request: Request) -> dict[str, Any]:
@@ -438,6 +454,7 @@ def create_app(
         results = []
         for mailbox, item in refs:
             outbox.remove(mailbox, item)
+            unconfirmed.discard((mailbox, item))
             if (mailbox, item) in moved:
                 state = "moved"
             else:  # acknowledged before, or gone: either way nothing waits for a hub any more

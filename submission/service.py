@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterable
 import redis
 from celery import Celery
 
-from mailyard import keys, tracking
+from mailyard import durability, keys, tracking
 from mailyard.broker import TASK_PICKUP, hub_queue, make_app
+from mailyard.durability import Unreplicated
 from mailyard.orgstore import OrgCache
 from mailyard.redisconn import number, text_or_none, texts
 from mailyard.registry import live_hubs, now_ms
-from mailyard.scripts import script
+from mailyard.scripts import execute, script
 from mailyard.tracking import Event, Record
 from mailyard.txn import Txn
 
@@ -140,12 +141,15 @@ class SubmissionService:
     def ref(self, mailbox: str, item: str) -> str:
         return keys.outbox_ref(self.server, mailbox, item)
 
-    def submitted(self, mailbox: str, items: list[str]) -> None:
-        """Messages entered an Outbox (already durable on disk): register them, kick a hub."""
+    def submitted(self, mailbox: str, items: list[str]) -> Unreplicated | None:
+        """Messages entered an Outbox (already durable on disk): register them, kick a hub.
+        With transport ``durability`` ``replica``, the registration waits for a replica; why
+        it was not confirmed is returned (the API answers 503: not acknowledged)."""
         refs = [self.ref(mailbox, item) for item in items]
         if not refs:
-            return
+            return None
         org = self.orgs.org
+        replicated = durability.replicated(org.transport.durability, self.r)
         due = now_ms() + int(org.transport.submission_ack_timeout * 1000)
         try:
             txn = Txn().op("ZADD", keys.submit_pending(self.server), *(x for ref in refs for x in (due, ref)))
@@ -156,15 +160,26 @@ class SubmissionService:
             # One round trip: the registration, and whether a kick is pending already (under load
             # it is: the hub it names takes these items with its batch, as it would after a kick,
             # since they are in the Outbox index before this asks).
-            pipe = self.r.pipeline(transaction=False)
-            script(self.r, "txn")(keys=[], args=txn.argv(), client=pipe)
-            pipe.get(keys.submit_kick(self.server))
-            _, pending = pipe.execute()
+            def fill(pipe: redis.client.Pipeline) -> None:
+                script(self.r, "txn")(keys=[], args=txn.argv(), client=pipe)
+                pipe.get(keys.submit_kick(self.server))
+                if replicated:
+                    durability.append_wait(pipe)
+            replies = execute(self.r, fill)
+            refused: Unreplicated | None = None
+            if replicated:
+                replies, refused = durability.verdict(replies)
+            _, pending = replies
+            # (unconfirmed, the registration is on the primary all the same: kick as usual)
             if pending is None and self.notifier.kick(self.server) is None:
                 self.r.zadd(keys.submit_pending(self.server), dict.fromkeys(refs, now_ms()), xx=True)
+            return refused
         except redis.RedisError as exc:
+            if (refused := durability.unreplicated(exc)) is not None:
+                return refused  # (NOREPLICAS: not registered; the scan does it once Redis takes writes)
             # The messages are safe in the Outbox; the periodic scan registers them later.
             log.warning("could not register outbox items %s now: %s", ", ".join(refs), exc)
+            return None
 
     def acknowledged(self, items: Iterable[tuple[str, str]]) -> None:
         """A hub has these messages: they left the Outbox for Sent Items."""

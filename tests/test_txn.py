@@ -92,3 +92,55 @@ def test_group_commit_runs_concurrent_sessions_transactions_in_arrival_order(red
         return [res.ok for res in results]
 
     assert all(asyncio.run(main()))
+
+
+# region: a failover's new primary has none of the scripts (the script cache is not replicated)
+
+@pytest.fixture
+def scripts_lost_once(monkeypatch, redis_url: str):
+    """The server forgets its scripts after redis-py loaded them for a pipeline and before the
+    pipeline runs, once: what a pipeline meets when a failover happens in between."""
+    flusher = redis.Redis.from_url(redis_url)
+    lost = []
+
+    def forget() -> None:
+        if not lost:
+            lost.append(True)
+            flusher.script_flush()
+
+    load, load_async = redis.client.Pipeline.load_scripts, redis.asyncio.client.Pipeline.load_scripts
+
+    def load_then_forget(self) -> None:
+        load(self)
+        forget()
+
+    async def load_then_forget_async(self) -> None:
+        await load_async(self)
+        forget()
+    monkeypatch.setattr(redis.client.Pipeline, "load_scripts", load_then_forget)
+    monkeypatch.setattr(redis.asyncio.client.Pipeline, "load_scripts", load_then_forget_async)
+    yield lost
+    flusher.close()
+
+
+def test_run_all_loads_the_scripts_again_and_applies_each_transaction_once(r, scripts_lost_once) -> None:
+    results = run_all(r, [Txn().op("INCR", "n"), Txn().guard_absent("once").op("SET", "once", 1).op("INCR", "n")])
+    assert scripts_lost_once, "the scripts were not lost: the test tested nothing"
+    assert [x.ok for x in results] == [True, True]
+    assert int(r.get("n")) == 2
+
+
+def test_a_group_commit_loads_the_scripts_again(redis_url: str, r, scripts_lost_once) -> None:
+    async def main() -> list[bool]:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        commits = GroupCommit(client)
+        try:
+            done = await asyncio.gather(*(commits.run(Txn().op("INCR", "n")) for _ in range(5)))
+            return [x.ok for x in done]
+        finally:
+            await client.aclose()
+    assert asyncio.run(main()) == [True] * 5
+    assert scripts_lost_once, "the scripts were not lost: the test tested nothing"
+    assert int(r.get("n")) == 5
+
+# endregion

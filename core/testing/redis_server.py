@@ -13,13 +13,18 @@ from mailyard.site import redis_server
 
 class RedisServer:
     def __init__(self, data_dir: Path, *, fsync: str = "always", databases: int = 256,
-                 maxmemory: str | None = None) -> None:
+                 maxmemory: str | None = None, replica_of: RedisServer | None = None,
+                 min_replicas: int = 0) -> None:
+        """``replica_of``: start as that server's replica (its password, and ``masterauth``);
+        ``min_replicas``: a primary that refuses writes with fewer good replicas (NOREPLICAS)."""
         self.data_dir = Path(data_dir)
         self.fsync = fsync
         self.databases = databases
         self.maxmemory = maxmemory
+        self.replica_of = replica_of
+        self.min_replicas = min_replicas
         self.port = redis_server.free_port()
-        self.password = secrets.token_urlsafe(24)
+        self.password: str = replica_of.password if replica_of else secrets.token_urlsafe(24)
         self.proc: subprocess.Popen | None = None
         self._next_db = 0
 
@@ -31,7 +36,13 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         cmd = redis_server.command(self.data_dir, self.port, fsync=self.fsync, maxmemory=self.maxmemory,
-                                   databases=self.databases, password=self.password)
+                                   databases=self.databases, password=self.password,
+                                   masterauth=self.replica_of is not None)
+        cmd += ["--repl-diskless-sync-delay", "0"]  # a replica's first sync at once, not after 5 s
+        if self.replica_of:
+            cmd += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+        if self.min_replicas:
+            cmd += ["--min-replicas-to-write", str(self.min_replicas), "--min-replicas-max-lag", "10"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      umask=redis_server.UMASK)
         redis_server.wait_ready(self.url(), self.proc)

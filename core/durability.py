@@ -1,0 +1,150 @@
+"""Acknowledge only what a replica has (transport setting ``durability``; DESIGN §2.4, §7).
+
+With ``replica``, every Redis write that precedes an acknowledgement to a peer (the SMTP
+``250`` after DATA, the mailbox API's ``202`` for a Send, the store driver's pickup
+acknowledgement) ends its pipeline with ``WAIT 1 <ms>``: Redis answers once a replica has
+everything this connection wrote, in the same round trip as the write. A primary's machine
+lost after that loses nothing acknowledged. When no replica confirms in time, or the primary
+refuses the write (``min-replicas-to-write``: ``NOREPLICAS``), the caller does not
+acknowledge: SMTP ``451 4.3.0``, the API ``503`` with ``Retry-After``, the pickup leaves its
+items in the Outbox. What was written may still be on the primary; each way in makes a retry
+harmless (relay and pickup dedup keys, the Outbox's Message-ID).
+
+Every ack point goes through ``append_wait`` and ``verdict`` (or ``unreplicated`` for an error),
+so this is the one place that knows how a write is confirmed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
+
+from mailyard.org import Durability
+
+WAIT_REPLICAS = 1  # replicas that must confirm a write before it is acknowledged
+WAIT_TIMEOUT_MS = 5000  # then the write counts as unconfirmed: a temporary refusal
+RETRY_AFTER_S = 5  # what the API's 503 tells a client
+AUTO_RECHECK_S = 10.0  # "auto" that found no replica looks again this often
+# PUBLISH on a channel nobody reads is replicated and allowed under NOREPLICAS, so it moves
+# this connection's replication offset to "now": WAIT then also covers a write that a
+# dedup guard found already done by an earlier, unconfirmed attempt (which wrote nothing now).
+FENCE_CHANNEL = "my:durability:fence"
+
+
+@dataclass(frozen=True)
+class Unreplicated:
+    """A write no replica confirmed: it must not be acknowledged. ``reason`` goes into replies."""
+
+    reason: str
+
+
+NOT_CONFIRMED = Unreplicated(f"no replica confirmed the write within {WAIT_TIMEOUT_MS // 1000} s")
+REFUSED = Unreplicated("no replica is connected, Redis refuses writes (NOREPLICAS)")
+
+
+class NotReplicated(Exception):
+    """Raised where a caller expects results (``txn.run_all``, ``txn.GroupCommit``)."""
+
+    def __init__(self, outcome: Unreplicated) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+def append_wait(pipe: redis.client.Pipeline | redis.asyncio.client.Pipeline) -> None:
+    """End a (non-transactional) pipeline with the fence and ``WAIT``: two replies, read by
+    ``verdict``. (Buffered commands: nothing to await, for either kind of pipeline.)"""
+    pipe.pipeline_execute_command("PUBLISH", FENCE_CHANNEL, "")
+    pipe.pipeline_execute_command("WAIT", WAIT_REPLICAS, WAIT_TIMEOUT_MS)
+
+
+def verdict(replies: list[Any]) -> tuple[list[Any], Unreplicated | None]:
+    """A pipeline's replies after ``append_wait``: those of the writes, and None when enough
+    replicas confirmed them (else why not). Works with ``raise_on_error=False`` replies."""
+    *writes, _fence, acked = replies
+    if isinstance(acked, Exception):  # (a replica asked to WAIT, a failover midway)
+        return writes, unreplicated(acked) or Unreplicated(f"no replica confirmed the write ({acked})")
+    return writes, None if int(acked) >= WAIT_REPLICAS else NOT_CONFIRMED
+
+
+def unreplicated(error: BaseException) -> Unreplicated | None:
+    """The refusal that ``error`` means (None: not a replication matter). A write refused under
+    ``min-replicas-to-write`` is ``NOREPLICAS ...``, from a script too; a pipeline that raises
+    puts "Command # n (...) of pipeline caused error: " in front."""
+    if isinstance(error, NotReplicated):
+        return error.outcome
+    if isinstance(error, redis.ResponseError) and re.search(r"(^|: )NOREPLICAS\b", str(error)):
+        return REFUSED
+    return None
+
+
+# region: which setting applies
+
+def decide(setting: Durability, *, sentinel: bool, replication: Mapping[str, Any] | None) -> bool:
+    """Whether writes wait for a replica. ``auto`` means ``replica`` for a Sentinel-managed
+    primary, or when the primary's ``INFO replication`` shows a connected replica or
+    ``min-replicas-to-write`` set (the ``min_slaves_good_slaves`` field is there only then);
+    otherwise ``local``. (``INFO``, not ``CONFIG GET``: managed Redis services disable CONFIG.)"""
+    if setting != "auto":
+        return setting == "replica"
+    if sentinel:
+        return True
+    if replication is None:
+        return False
+    return int(replication.get("connected_slaves", 0)) > 0 or "min_slaves_good_slaves" in replication
+
+
+def _is_sentinel(r: redis.Redis | redis.asyncio.Redis) -> bool:
+    # What a redis+sentinel:// URL becomes (mailyard.redisconn.connect): no URL needed here.
+    return isinstance(r.connection_pool, redis.sentinel.SentinelConnectionPool
+                      | redis.asyncio.sentinel.SentinelConnectionPool)
+
+
+# "auto" per client: once it found replicas it stays ``replica`` (a replica that dies must not
+# turn acknowledgements local, the very moment they matter); ``local`` is looked at again.
+_auto: dict[int, tuple[bool, float]] = {}
+
+
+def _cached(r: object) -> bool | None:
+    found = _auto.get(id(r))
+    if found is None:
+        return None
+    replica, at = found
+    return replica if replica or time.monotonic() - at < AUTO_RECHECK_S else None
+
+
+def replicated(setting: Durability, r: redis.Redis) -> bool:
+    """Whether writes on ``r`` wait for a replica under ``setting`` (a transport setting)."""
+    if setting != "auto":
+        return setting == "replica"
+    if (known := _cached(r)) is not None:
+        return known
+    try:
+        info = None if _is_sentinel(r) else r.info("replication")
+    except redis.RedisError:
+        return False  # (Redis unreachable: the write fails anyway; decided on the next call)
+    _auto[id(r)] = (found := decide(setting, sentinel=_is_sentinel(r), replication=info), time.monotonic())
+    return found
+
+
+async def replicated_async(setting: Durability, r: redis.asyncio.Redis) -> bool:
+    """``replicated`` for an asyncio client."""
+    if setting != "auto":
+        return setting == "replica"
+    if (known := _cached(r)) is not None:
+        return known
+    try:
+        info = None if _is_sentinel(r) else await r.info("replication")
+    except redis.RedisError:
+        return False
+    _auto[id(r)] = (found := decide(setting, sentinel=_is_sentinel(r), replication=info), time.monotonic())
+    return found
+
+# endregion
