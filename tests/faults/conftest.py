@@ -31,6 +31,7 @@ from mailyard.org import Organization
 from mailyard.site.redis_server import free_port
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.quiet import wait_quiet
+from mailyard.testing.redis_group import RedisGroup
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT, make_org
@@ -194,7 +195,7 @@ class World:
     """A whole site on its own Redis: both sites' hubs, all mailbox servers, a DNS server and
     the Internet's MX host, with every process restarted when it dies."""
 
-    redis: RedisServer
+    redis: RedisServer | RedisGroup
     dns: DnsServer
     sink: Sink
     site: Cluster
@@ -208,7 +209,7 @@ def world_factory(tmp_path: Path):
     made: list[World] = []
 
     def make(*, hub_redis_url: str | None = None, hubs_per_site: int = 2, faults: str | None = None,
-             redis: RedisServer | None = None, **transport) -> World:
+             redis: RedisServer | RedisGroup | None = None, **transport) -> World:
         server = redis or RedisServer(tmp_path / f"redis{len(made)}", databases=2).start()
         zone = Zone()
         zone.replace("fabrikam.example", MX(10, "mx.fabrikam.example"))
