@@ -21,7 +21,7 @@ import httpx
 import redis
 
 from mailyard import pki, redisconn
-from mailyard.testing.waiting import wait_until
+from mailyard.testing.waiting import PROCESS_POLL, wait_until
 from tests.conftest import ROOT
 
 UP = "The site is up"
@@ -153,13 +153,13 @@ def delivers_mail(site: RunningSite, tag: str) -> None:
     site.mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to", "frank@contoso.com",
                   "--subject", f"in {tag}", "--body", "hello")
     for mailbox, subject in (("erin@contoso.com", f"inside {tag}"), ("frank@contoso.com", f"in {tag}")):
-        wait_until(lambda m=mailbox, s=subject: s in site.mailyard("mailbox", "show", m).stdout, timeout=90,
+        wait_until(lambda m=mailbox, s=subject: s in site.mailyard("mailbox", "show", m).stdout, timeout=90, interval=PROCESS_POLL,
                    message=lambda m=mailbox: f"nothing in {m}: {site.mailyard('mailbox', 'show', m).stdout}")
 
     def arrived_outside() -> list[dict[str, Any]]:
         shown = json.loads(site.mailyard("internet", "show", "fabrikam.example", "--json").stdout)
         return [m for m in shown if m["subject"] == f"out {tag}"]
-    wait_until(arrived_outside, timeout=90, message=f"out {tag} did not reach the demo Internet")
+    wait_until(arrived_outside, timeout=90, interval=PROCESS_POLL, message=f"out {tag} did not reach the demo Internet")
     # The tracking log has each SMTP reply as the peer gave it: the enhanced status once, not
     # "250 2.6.0 2.6.0 ..."
     sends = [r for r in json.loads(site.mailyard("track", "--json").stdout) if r["event"] == "SEND"]

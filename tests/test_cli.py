@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from mailyard import keys, redisconn, tracking
-from mailyard.testing.waiting import wait_until
+from mailyard.testing.waiting import PROCESS_POLL, wait_until
 from mailyard.txn import Txn
 from tests.conftest import CONTOSO, ROOT
 
@@ -79,7 +79,7 @@ def test_send_show_queue_and_track_from_the_command_line(cluster_factory) -> Non
         items = json.loads(mailyard("mailbox", "show", "carol@contoso.com", "--json", env=env).stdout)
         return [i for i in items if i["subject"] == "from the CLI"]
 
-    (item,) = wait_until(inbox, timeout=30)
+    (item,) = wait_until(inbox, timeout=30, interval=PROCESS_POLL)
     assert {"id", "message_id", "from", "to", "subject", "date"} <= set(item)
     assert item["message_id"] == sent["message_id"] and item["from"] == "alice@contoso.com"
     raw = mailyard("mailbox", "show", "carol@contoso.com", "--raw", item["id"], env=env).stdout
@@ -221,7 +221,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         def status() -> dict | None:
             return site_ready(data)
 
-        state = wait_until(status, timeout=60, message="the site did not come up")
+        state = wait_until(status, timeout=60, interval=PROCESS_POLL, message="the site did not come up")
         # Every secret the site generated is in one file, only its owner's, named by the state
         secrets_file = Path(state["secrets_file"])
         assert secrets_file == (data / "secrets.toml").resolve()
@@ -250,7 +250,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         mailyard("send", "--from", "bob@contoso.com", "--to", "dave@contoso.com", "--subject", "demo",
                  "--body", "hi", env=env)
         wait_until(lambda: "demo" in mailyard("mailbox", "show", "dave@contoso.com", env=env).stdout,
-                   timeout=30)
+                   timeout=30, interval=PROCESS_POLL)
         # ...out to the demo Internet, from London through Amsterdam's Internet connector...
         mailyard("send", "--from", "erin@contoso.com", "--to", "someone@fabrikam.example", "--subject", "out",
                  "--body", "hi", env=env)
@@ -289,13 +289,13 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
                         env={**nearer, "MAILYARD_USER": "bob@contoso.com", "MAILYARD_PASSWORD": bob})
         assert "bob@contoso.com / Inbox" in mine.stdout
 
-        (outside,) = wait_until(arrived_outside, timeout=60)
+        (outside,) = wait_until(arrived_outside, timeout=60, interval=PROCESS_POLL)
         assert outside["from"] == "erin@contoso.com" and outside["to"] == ["someone@fabrikam.example"]
         # ...and in from it, anonymously, only to the organization's own recipients
         mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to", "frank@contoso.com",
                  "--subject", "in", "--body", "hello", env=env)
         wait_until(lambda: " in" in mailyard("mailbox", "show", "frank@contoso.com", env=env).stdout,
-                   timeout=60)
+                   timeout=60, interval=PROCESS_POLL)
         relay = mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to",
                          "x@tailspintoys.example", "--subject", "relay?", env=env, check=False)
         assert relay.returncode == 1 and "5.7.1 Unable to relay" in relay.stderr
@@ -310,7 +310,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         hub = next(p for p in state["processes"] if p["role"] == "hub")
         os.kill(hub["pid"], signal.SIGKILL)
         wait_until(lambda: (s := status()) and next(p for p in s["processes"] if p["name"] == hub["name"])[
-            "pid"] != hub["pid"], timeout=30, message="the killed hub was not restarted")
+            "pid"] != hub["pid"], timeout=30, interval=PROCESS_POLL, message="the killed hub was not restarted")
         pids = [p["pid"] for p in status()["processes"]]
     finally:
         out = stop_site(runner)
@@ -328,7 +328,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
     before = secrets_file.read_bytes()
     runner = start_site(data, "--hubs", "1", "--no-internet")
     try:
-        state = wait_until(lambda: site_ready(data), timeout=60, message="the site did not come up again")
+        state = wait_until(lambda: site_ready(data), timeout=60, interval=PROCESS_POLL, message="the site did not come up again")
         assert secrets_file.read_bytes() == before and stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
         check_operator_surfaces(state, secrets)
     finally:

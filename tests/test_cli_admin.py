@@ -13,7 +13,7 @@ import pytest
 
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
-from mailyard.testing.waiting import wait_until
+from mailyard.testing.waiting import PROCESS_POLL, wait_until
 from tests.conftest import ROOT, make_org
 
 
@@ -51,7 +51,7 @@ def test_suspend_inspect_remove_export_and_resume_a_queue(site) -> None:
     site.send("alice@contoso.com", ["carol@contoso.com"], subject="held 1")
     site.send("alice@contoso.com", ["carol@contoso.com", "dave@contoso.com"], subject="held 2")
     site.send("bob@contoso.com", ["carol@contoso.com"], subject="from bob")
-    wait_until(lambda: queue(site, "Amsterdam\\MBX-AMS-02")["message_count"] == 3, timeout=30)
+    wait_until(lambda: queue(site, "Amsterdam\\MBX-AMS-02")["message_count"] == 3, timeout=30, interval=PROCESS_POLL)
     suspended = as_json(site, "queue", "list", "--filter", "Status -eq Suspended")
     assert [q["identity"] for q in suspended] == ["Amsterdam\\MBX-AMS-02"]
     table = run(site, "queue", "list", "--filter", "Status -eq Suspended").stdout
@@ -117,16 +117,16 @@ def test_the_unreachable_queue_is_resubmitted_after_a_fix(site) -> None:
     site.apply(Organization.model_validate(org))
     try:
         site.send("alice@contoso.com", ["someone@fabrikam.example"], subject="nowhere to go")
-        wait_until(lambda: queue(site, "Amsterdam\\Unreachable")["message_count"] >= 1, timeout=30)
+        wait_until(lambda: queue(site, "Amsterdam\\Unreachable")["message_count"] >= 1, timeout=30, interval=PROCESS_POLL)
         plain = run(site, "queue", "retry", "Amsterdam\\Unreachable", check=False)
         assert plain.returncode == 1 and "--resubmit" in plain.stderr
         # still no route: resubmitting puts it back where it was
         assert as_json(site, "queue", "retry", "Amsterdam\\Unreachable", "--resubmit")["count"] == 1
-        wait_until(lambda: queue(site, "Amsterdam\\Unreachable")["message_count"] >= 1, timeout=30)
+        wait_until(lambda: queue(site, "Amsterdam\\Unreachable")["message_count"] >= 1, timeout=30, interval=PROCESS_POLL)
     finally:
         site.apply(make_org())
     # with the Internet connector back, the sweeper re-routes it on its own
-    wait_until(lambda: queue(site, "Amsterdam\\Unreachable")["message_count"] == 0, timeout=30)
+    wait_until(lambda: queue(site, "Amsterdam\\Unreachable")["message_count"] == 0, timeout=30, interval=PROCESS_POLL)
     assert any(q["identity"] == "Amsterdam\\fabrikam.example" for q in as_json(site, "queue", "list"))
 
 
@@ -134,7 +134,7 @@ def test_the_tracking_log_shows_a_whole_path_expand_defer_deliver(site) -> None:
     site.kill("MBX-AMS-01")
     sent = site.send("carol@contoso.com", ["amsterdam-team@contoso.com"], subject="team news")
     try:
-        wait_until(lambda: queue(site, "Amsterdam\\MBX-AMS-01")["status"] == "Retry", timeout=90)
+        wait_until(lambda: queue(site, "Amsterdam\\MBX-AMS-01")["status"] == "Retry", timeout=90, interval=PROCESS_POLL)
     finally:
         site.start_mailbox("MBX-AMS-01")
     for who in ("alice", "bob", "carol", "dave"):

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from mailyard.testing.waiting import wait_until
+from mailyard.testing.waiting import PROCESS_POLL, wait_until
 from tests.site_run import RunningSite, unanswered
 
 STARTS = 3  # a connector listening half a second late was seen in 1 of 3 fresh starts
@@ -56,7 +56,7 @@ def test_a_process_started_again_is_ready_only_once_it_answers(tmp_path) -> None
                 broken.extend(unanswered(status, data))
                 return status
 
-            state = wait_until(back, timeout=120, interval=0.1,
+            state = wait_until(back, timeout=120, interval=PROCESS_POLL,
                                message=lambda before=before: f"{before['name']} not ready again: {site.output[-3000:]}")
             assert broken == [], broken
             restarted = next(p for p in state["processes"] if p["name"] == before["name"])

@@ -25,7 +25,7 @@ from mailyard import redisconn
 from mailyard.site import redis_group
 from mailyard.site.redis_group import Layout
 from mailyard.site.runner import Site, SiteConfig
-from mailyard.testing.waiting import wait_until
+from mailyard.testing.waiting import PROCESS_POLL, wait_until
 from tests.conftest import ROOT, make_org
 from tests.site_run import RunningSite, secrets
 
@@ -164,7 +164,7 @@ def test_the_primarys_machine_lost_a_replica_takes_over_no_acknowledged_mail_is_
 
         site.mailyard("send", "--from", "alice@contoso.com", "--to", "erin@contoso.com", "--subject", "before",
                       "--body", "hi")
-        wait_until(lambda: "before" in inbox(site, "erin@contoso.com"), timeout=60,
+        wait_until(lambda: "before" in inbox(site, "erin@contoso.com"), timeout=60, interval=PROCESS_POLL,
                    message=lambda: site.output[-3000:])
         # A burst from outside, each acknowledged (250), the last of them right before the loss
         burst = [f"burst {n}" for n in range(10)]
@@ -221,7 +221,7 @@ def test_site_down_stops_every_member_and_the_next_start_reuses_their_data_and_p
         assert len(group_of(status)[0]) == 2 and len(group_of(status)[1]) == 3
         site.mailyard("send", "--from", "alice@contoso.com", "--to", "erin@contoso.com", "--subject", "kept",
                       "--body", "hi")
-        wait_until(lambda: "kept" in inbox(site, "erin@contoso.com"), timeout=60,
+        wait_until(lambda: "kept" in inbox(site, "erin@contoso.com"), timeout=60, interval=PROCESS_POLL,
                    message=lambda: site.output[-3000:])
         members = pids(status, "redis", "sentinel")
         down = site.mailyard("site", "down")
@@ -240,7 +240,7 @@ def test_site_down_stops_every_member_and_the_next_start_reuses_their_data_and_p
         assert inbox(again, "erin@contoso.com") == ["kept"]
         again.mailyard("send", "--from", "alice@contoso.com", "--to", "erin@contoso.com", "--subject", "again",
                        "--body", "hi")
-        wait_until(lambda: sorted(inbox(again, "erin@contoso.com")) == ["again", "kept"], timeout=60,
+        wait_until(lambda: sorted(inbox(again, "erin@contoso.com")) == ["again", "kept"], timeout=60, interval=PROCESS_POLL,
                    message=lambda: again.output[-3000:])
     finally:
         again.stop()

@@ -9,6 +9,11 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+# For a check that starts a process (the ``mailyard`` CLI costs about a second of CPU to start):
+# polled every 50 ms, it keeps a core busy that the processes under test need.
+PROCESS_POLL = 0.5
+
+
 class Timeout(AssertionError):
     pass
 
