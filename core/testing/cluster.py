@@ -275,9 +275,10 @@ class Cluster:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+        deadline = time.monotonic() + 15  # one deadline for all: they stop side by side
         for proc in self.procs.values():
             try:
-                proc.popen.wait(timeout=15)
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)

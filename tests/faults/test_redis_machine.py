@@ -22,20 +22,23 @@ def test_the_primarys_machine_lost_mid_stream_loses_nothing_and_nobody_restarts(
     group = RedisGroup(tmp_path / "redis-group", replicas=2, databases=2).start()
     try:
         world = world_factory(redis=group, durability="replica")
-        pids = {name: proc.pid for name, proc in world.site.procs.items()}
-        stream = world.stream("primary-lost").run(40, interval=0.1)
-        wait_until(lambda: len(stream.sent) >= 12, timeout=60, message="the stream getting going")
-        old = group.wait_settled()
-        group.kill_node(old, lose_data=True)
-        new = group.wait_failover(old)
-        started = time.monotonic()
-        group.start_node(old)  # the machine replaced, empty: it must come back as a replica
-        stream.wait_sent()
-        verdict = stream.verdict(started)
-        assert verdict.sent >= 30, f"the site stopped taking mail after the failover: {verdict.line()}"
-        assert group.wait_settled() == new, "the promoted replica stays primary"
-        assert group.role(old) == "slave", "the replaced machine rejoined as a replica"
-        restarted = {n for n, proc in world.site.procs.items() if pids.get(n) != proc.pid}
-        assert not restarted, f"these processes had to be restarted to follow the failover: {sorted(restarted)}"
-    finally:
+    except BaseException:
         group.stop()
+        raise
+    # From here the fixture stops the group, after the site: hubs whose Redis is gone would
+    # wait out their shutdown timeout.
+    pids = {name: proc.pid for name, proc in world.site.procs.items()}
+    stream = world.stream("primary-lost").run(40, interval=0.1)
+    wait_until(lambda: len(stream.sent) >= 12, timeout=60, message="the stream getting going")
+    old = group.wait_settled()
+    group.kill_node(old, lose_data=True)
+    new = group.wait_failover(old)
+    started = time.monotonic()
+    group.start_node(old)  # the machine replaced, empty: it must come back as a replica
+    stream.wait_sent()
+    verdict = stream.verdict(started)
+    assert verdict.sent >= 30, f"the site stopped taking mail after the failover: {verdict.line()}"
+    assert group.wait_settled() == new, "the promoted replica stays primary"
+    assert group.role(old) == "slave", "the replaced machine rejoined as a replica"
+    restarted = {n for n, proc in world.site.procs.items() if pids.get(n) != proc.pid}
+    assert not restarted, f"these processes had to be restarted to follow the failover: {sorted(restarted)}"
