@@ -10,7 +10,10 @@ actions take a filter written as in Exchange 2010's ``Get-Queue -Filter {...}`` 
 
 :func:`parse` turns the text into a :class:`Filter` (or raises :class:`FilterError`, which
 points a caret at the bad part) and :meth:`Filter.matches` tests one record, a mapping keyed
-by the canonical property names of :data:`QUEUE_FIELDS` or :data:`MESSAGE_FIELDS`.
+by the canonical property names of the fields it was parsed against. The fields of Get-Queue
+and Get-Message are mailyard.hub.queue_rows' ``QUEUE_FIELDS`` and ``MESSAGE_FIELDS``: their
+enum values are the hub's own (``QueueStatus``, ``ItemStatus``, ``DeliveryType``), which
+this shared module may not import.
 
 Grammar
 -------
@@ -79,8 +82,6 @@ from typing import Any
 from mailyard.errors import MailyardError
 
 __all__ = [
-    "MESSAGE_FIELDS",
-    "QUEUE_FIELDS",
     "And",
     "Comparison",
     "Field",
@@ -144,54 +145,6 @@ class Field:
             raise ValueError(f"field {self.name}: values are for (and required by) enum fields")
         if self.duration and self.kind != "int":
             raise ValueError(f"field {self.name}: only an int field can be a duration")
-
-
-def _fields(*fields: Field) -> dict[str, Field]:
-    return {field.name: field for field in fields}
-
-
-QUEUE_STATUSES = ("Active", "Ready", "Retry", "Suspended")
-DELIVERY_TYPES = (
-    "Undefined",
-    "MapiDelivery",
-    "SmtpRelayToRemoteAdSite",
-    "DnsConnectorDelivery",
-    "SmartHostConnectorDelivery",
-    "Unreachable",
-)
-MESSAGE_STATUSES = (*QUEUE_STATUSES, "PendingSuspend", "PendingRemove")
-
-QUEUE_FIELDS: dict[str, Field] = _fields(
-    Field("Identity", "str"),
-    Field("DeliveryType", "enum", DELIVERY_TYPES),
-    Field("Status", "enum", QUEUE_STATUSES),
-    Field("MessageCount", "int"),
-    Field("NextHopDomain", "str"),
-    Field("LastError", "str"),
-    Field("LastRetryTime", "datetime"),
-    Field("NextRetryTime", "datetime"),
-    Field("Site", "str"),
-    Field("NextHopConnector", "str"),
-)
-
-MESSAGE_FIELDS: dict[str, Field] = _fields(
-    Field("Identity", "str"),
-    Field("Queue", "str"),
-    Field("FromAddress", "str"),
-    Field("Status", "enum", MESSAGE_STATUSES),
-    Field("Size", "int"),
-    Field("Subject", "str"),
-    Field("DateReceived", "datetime"),
-    Field("ExpirationTime", "datetime"),
-    Field("RetryCount", "int"),
-    Field("LastError", "str"),
-    Field("InternetMessageId", "str"),
-    Field("SourceIP", "str"),
-    Field("Recipients", "list"),
-    Field("RecipientDomains", "list"),
-    Field("Age", "int", duration=True),
-    Field("Site", "str"),
-)
 
 
 # --- Operators -------------------------------------------------------------------------------
@@ -855,7 +808,7 @@ class Filter:
 
 
 def parse(text: str, fields: Mapping[str, Field]) -> Filter:
-    """Parse ``text`` against ``fields`` (e.g. :data:`QUEUE_FIELDS`).
+    """Parse ``text`` against ``fields`` (by name; e.g. mailyard.hub.queue_rows.QUEUE_FIELDS).
 
     Raises :class:`FilterError` pointing at the first problem found.
     """

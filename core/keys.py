@@ -75,6 +75,11 @@ Failed SMTP logons (mailyard.hub.lockout; every key expires by itself)
                               STRING  set while the mailbox is locked for the sources that failed on it
   my:errors:src:<source>      STRING  5xx replies to a source that did not log on, within the window
 
+Replication (mailyard.durability)
+  my:durability:fence         PUBSUB  never subscribed to: an acknowledged write's pipeline
+                                      PUBLISHes to it before WAIT, so the WAIT also covers a
+                                      write a dedup guard found already done (nothing stored)
+
 Tests
   my:fault:<point>            STRING  a crash point that already fired (mailyard.faults)
 
@@ -110,6 +115,7 @@ TRACK = P + "track"
 STATS = P + "stats"
 
 CELERY_PREFIX = P + "celery:"
+DURABILITY_FENCE = P + "durability:fence"
 
 
 def pressure(site: str) -> str:

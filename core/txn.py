@@ -51,6 +51,11 @@ class Txn:
         self._guards.append(["hnx", key, field_])
         return self
 
+    def guard_score_at_most(self, key: str, member: str, score: int) -> Txn:
+        """``member`` is in the sorted set ``key``, its score at most ``score``."""
+        self._guards.append(["zle", key, member, score])
+        return self
+
     def guard_exists(self, key: str) -> Txn:
         self._guards.append(["exists", key])
         return self

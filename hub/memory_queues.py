@@ -84,6 +84,13 @@ class MemoryChange:
     def require_lease(self, item: Item, token: str) -> Self:
         return self._item_field("lease", item.id, "lease", token)
 
+    def require_lease_expired(self, item: Item, now: int) -> Self:
+        def check(s: MemoryQueues) -> tuple[bool, str | None]:
+            until = s.inflight.get(item.id)
+            return until is not None and until <= now, None
+        self.guards.append(("lease expired", check))
+        return self
+
     def require_status(self, item: Item, status: str) -> Self:
         return self._item_field("status", item.id, "status", status)
 
@@ -395,15 +402,19 @@ class MemoryQueues:
                     messages[it.msg] = copy.deepcopy(self.stored[it.msg].msg)
             return Claimed(items, messages, len(q.ready))
 
-    def renew(self, queue: str, token: str, item_ids: list[str], lease_ms: int) -> None:
+    def renew(self, queue: str, token: str, item_ids: list[str], lease_ms: int) -> list[str]:
         with self.lock:
             until = _now() + lease_ms
-            q = self.queue_map.get(queue)
-            if q and token in q.conns:
-                q.conns[token] = until
+            renewed = []
             for i in item_ids:
-                if i in self.inflight:
+                it = self.item_map.get(i)
+                if it is not None and it.status == ItemStatus.ACTIVE and it.lease == token:
                     self.inflight[i] = until
+                    renewed.append(i)
+            q = self.queue_map.get(queue)
+            if q and token in q.conns and (renewed or not item_ids):
+                q.conns[token] = until
+            return renewed
 
     def release(self, queue: str, token: str) -> None:
         with self.lock:

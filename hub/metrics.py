@@ -80,7 +80,7 @@ class SiteCollector(Collector):
                                 "Seconds since the oldest message in the queue entered it (0 when empty).",
                                 labels=["queue"])
         for q, first in zip(queues, oldest, strict=True):
-            depth.add_metric([q.identity, q.site, q.delivery_type, q.status], q.message_count)
+            depth.add_metric([q.identity, q.site, q.delivery_type, q.status.value], q.message_count)
             age.add_metric([q.identity], max(0.0, (now_ms - first[0][1]) / 1000) if first else 0.0)
         yield depth
         yield age

@@ -29,7 +29,7 @@ from mailyard.errors import DeliveryError, smtp_reply
 from mailyard.hub import dsn
 from mailyard.hub.bounce import queue_report
 from mailyard.hub.node import Hub
-from mailyard.hub.queues import Change, Committed
+from mailyard.hub.queues import Change, Committed, poison_queue
 from mailyard.hub.records import Item, ItemStatus, Message, PendingAction, Recipient
 from mailyard.hub.retry import message_retry_delay, queue_retry_delay
 from mailyard.registry import now_ms
@@ -234,7 +234,7 @@ def stop_processing(hub: Hub, change: Change, item: Item, reason: str, now: int,
     if settings.poison_message_detection_enabled and crashes >= settings.poison_threshold:
         change.to_poison(item, crashes=crashes, reason=reason, now=now)
         change.track(Record(Event.POISONMESSAGE, source="ROUTING", server=hub.name, internal_id=item.msg,
-                            queue=f"{item.site}\\Poison", recipients=[r.address for r in item.recipients],
+                            queue=poison_queue(item.site).identity, recipients=[r.address for r in item.recipients],
                             context=reason[:200]), now)
         log.error("item %s moved to Poison after %d crashes: %s", item.id, crashes, reason)
         return change

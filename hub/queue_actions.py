@@ -56,7 +56,7 @@ def suspend_queue(node: Hub, queue: str) -> Done:
     if info.kind is QueueKind.POISON:
         raise StateError("the Poison queue is always suspended; resume or remove its messages instead")
     node.queues.commit([node.queues.change().set_queue(queue, suspended=1)])
-    return Done(queue, QueueStatus.SUSPENDED)
+    return Done(queue, QueueStatus.SUSPENDED.value)
 
 
 def resume_queue(node: Hub, queue: str) -> Done:

@@ -15,9 +15,9 @@ import redis
 
 from mailyard import keys, registry
 from mailyard.errors import MailyardError, NotFoundError
-from mailyard.filters import MESSAGE_FIELDS, QUEUE_FIELDS, Filter, parse
-from mailyard.hub.queues import QueueKind
-from mailyard.hub.records import Item, ItemStatus, Message
+from mailyard.filters import Field, Filter, parse
+from mailyard.hub.queues import QueueKind, QueueStatus
+from mailyard.hub.records import DeliveryType, Item, ItemStatus, Message, PendingAction
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.redisconn import texts
 
@@ -34,6 +34,49 @@ MESSAGE_PROPERTIES = {
     "SourceIP": "source_ip", "Site": "site",
 }
 MAX_MESSAGES = 250_000  # Exchange's cap on a Get-Message result
+
+# What a filter may name, and the values of its enums: the hub's own (a message's Status is
+# its item's, or the operator's request while it is being delivered), listed alphabetically.
+QUEUE_STATUSES = tuple(sorted(s.value for s in QueueStatus))
+DELIVERY_TYPES = tuple(d.value for d in DeliveryType)
+MESSAGE_STATUSES = (*sorted(s.value for s in ItemStatus), *(p.value for p in PendingAction if p.value))
+
+
+def _fields(*fields: Field) -> dict[str, Field]:
+    return {field.name: field for field in fields}
+
+
+QUEUE_FIELDS: dict[str, Field] = _fields(
+    Field("Identity", "str"),
+    Field("DeliveryType", "enum", DELIVERY_TYPES),
+    Field("Status", "enum", QUEUE_STATUSES),
+    Field("MessageCount", "int"),
+    Field("NextHopDomain", "str"),
+    Field("LastError", "str"),
+    Field("LastRetryTime", "datetime"),
+    Field("NextRetryTime", "datetime"),
+    Field("Site", "str"),
+    Field("NextHopConnector", "str"),
+)
+
+MESSAGE_FIELDS: dict[str, Field] = _fields(
+    Field("Identity", "str"),
+    Field("Queue", "str"),
+    Field("FromAddress", "str"),
+    Field("Status", "enum", MESSAGE_STATUSES),
+    Field("Size", "int"),
+    Field("Subject", "str"),
+    Field("DateReceived", "datetime"),
+    Field("ExpirationTime", "datetime"),
+    Field("RetryCount", "int"),
+    Field("LastError", "str"),
+    Field("InternetMessageId", "str"),
+    Field("SourceIP", "str"),
+    Field("Recipients", "list"),
+    Field("RecipientDomains", "list"),
+    Field("Age", "int", duration=True),
+    Field("Site", "str"),
+)
 
 
 def _iso(ms: int) -> str | None:
@@ -111,6 +154,7 @@ def _row(item: Item, msg: Message | None, now_ms: int, kind: QueueKind) -> dict[
         "identity": f"{item.queue}\\{item.id}",
         "id": item.id,
         "queue": item.queue,
+        "queue_kind": kind.value,  # the queue's QueueKind (see QueueInfo.as_dict's "kind")
         "site": item.site,
         "internal_message_id": item.msg,
         "message_id": msg.message_id if msg else "",

@@ -43,6 +43,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, Self
 
 from mailyard.broker import site_queue
@@ -63,13 +64,13 @@ if TYPE_CHECKING:
 DRAINED = frozenset({QueueKind.SUBMISSION, QueueKind.DELIVERY})
 
 
-class QueueStatus:
-    """A queue's Status, as Get-Queue shows it."""
+class QueueStatus(StrEnum):
+    """A queue's Status, as Get-Queue shows it (derived from its state: ``queue_status``)."""
 
-    ACTIVE = "Active"
+    ACTIVE = "Active"  # a worker holds a connection to the next hop
     READY = "Ready"
-    RETRY = "Retry"
-    SUSPENDED = "Suspended"
+    RETRY = "Retry"  # waiting for its next retry time after a failed connection
+    SUSPENDED = "Suspended"  # held by an operator (Suspend-Queue)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class QueueInfo:
     kind: QueueKind
     delivery_type: str
     next_hop: str
-    status: str
+    status: QueueStatus
     message_count: int
     ready: int
     last_error: str
@@ -140,8 +141,9 @@ class QueueInfo:
     def as_dict(self) -> dict[str, object]:
         return {
             "identity": self.identity,
+            "kind": self.kind.value,  # what the queue is for: decide by it, never by the identity
             "delivery_type": self.delivery_type,
-            "status": self.status,
+            "status": self.status.value,
             "message_count": self.message_count,
             "next_hop_domain": self.next_hop,
             "last_error": self.last_error,
@@ -157,7 +159,7 @@ def _iso(ms: int) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)) if ms else None
 
 
-def queue_status(suspended: bool, next_retry: int, connections: int, now: int) -> str:
+def queue_status(suspended: bool, next_retry: int, connections: int, now: int) -> QueueStatus:
     if suspended:
         return QueueStatus.SUSPENDED
     if next_retry > now:
@@ -200,6 +202,11 @@ class Change(Protocol):
     # guards
     def require_lease(self, item: Item, token: str) -> Self:
         """The item is still held under ``token`` (the worker did not lose it)."""
+        ...
+
+    def require_lease_expired(self, item: Item, now: int) -> Self:
+        """The item's lease still ends by ``now``: its worker did not renew it since it was
+        read as expired (a renewal that comes after that read keeps the item its worker's)."""
         ...
 
     def require_status(self, item: Item, status: str) -> Self:
@@ -350,7 +357,14 @@ class MailQueues(Protocol):
         ``suspect`` item is taken alone."""
         ...
 
-    def renew(self, queue: str, token: str, item_ids: list[str], lease_ms: int) -> None: ...
+    def renew(self, queue: str, token: str, item_ids: list[str], lease_ms: int) -> list[str]:
+        """Extend to now + ``lease_ms`` the leases of those of ``item_ids`` still held under
+        ``token`` (Active and leased by it; expired or not, for until the sweeper takes an item
+        back it is still the worker's), and the token's connection slot with them. Returns the
+        ids renewed: a stale holder (its items taken back, claimed by another worker, or
+        finished) renews nothing and keeps no slot. Renewing never changes an item otherwise,
+        and never brings back one that is gone."""
+        ...
 
     def release(self, queue: str, token: str) -> None: ...
 

@@ -2,7 +2,7 @@
 
 Each ``Change`` is one guarded transaction (mailyard.txn, core/lua/txn.lua): one Lua call,
 so guards and effects are atomic and a crash cannot split them. ``claim`` is
-core/lua/claim.lua. The keys are those of mailyard.keys; the fields those of
+core/lua/claim.lua, ``renew`` core/lua/renew.lua. The keys are those of mailyard.keys; the fields those of
 mailyard.hub.records.
 """
 
@@ -73,6 +73,11 @@ class RedisChange:
     def require_lease(self, item: Item, token: str) -> Self:
         self.txn.guard_eq(keys.item(item.id), "lease", token)
         self._guard("lease")
+        return self
+
+    def require_lease_expired(self, item: Item, now: int) -> Self:
+        self.txn.guard_score_at_most(keys.INFLIGHT, item.id, now)
+        self._guard("lease expired")
         return self
 
     def require_status(self, item: Item, status: str) -> Self:
@@ -425,13 +430,10 @@ class RedisQueues:
                 messages[msg_id] = Message.load(msg_id, flat_text_map(flat_msgs[i + 1]))
         return Claimed(items, messages, number(remaining))
 
-    def renew(self, queue: str, token: str, item_ids: list[str], lease_ms: int) -> None:
-        until = now_ms() + lease_ms
-        pipe = self.r.pipeline(transaction=True)
-        pipe.zadd(keys.conns(queue), {token: until}, xx=True)
-        if item_ids:
-            pipe.zadd(keys.INFLIGHT, dict.fromkeys(item_ids, until), xx=True)
-        pipe.execute()
+    def renew(self, queue: str, token: str, item_ids: list[str], lease_ms: int) -> list[str]:
+        reply = script(self.r, "renew")(keys=[keys.conns(queue), keys.INFLIGHT],
+                                        args=[now_ms() + lease_ms, token, ITEM_PREFIX, *item_ids])
+        return texts(reply)
 
     def release(self, queue: str, token: str) -> None:
         self.r.zrem(keys.conns(queue), token)

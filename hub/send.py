@@ -376,13 +376,19 @@ def keep_leases(node: Node, batch: Batch) -> Iterator[None]:
 
     def renew_loop() -> None:
         queues = None
+        held = len(batch.items)
         while not stop.wait(max(0.5, lease_ms / 3000)):
             # its own client (a thread), made only if needed
             queues = queues or RedisQueues.reader(redisconn.connect(node.redis_url))
             try:
-                queues.renew(batch.queue, batch.token, [i.id for i in batch.items], lease_ms)
+                renewed = queues.renew(batch.queue, batch.token, [i.id for i in batch.items], lease_ms)
             except Exception as exc:  # the sweeper may reclaim; the guards keep that safe
                 log.warning("could not renew leases on %s: %s", batch.queue, exc)
+                continue
+            if len(renewed) < held:  # (their outcomes will not apply: the lease guard)
+                log.warning("%s: lost the leases of %d of %d items", batch.queue, len(batch.items) - len(renewed),
+                            len(batch.items))
+                held = len(renewed)
 
     thread = threading.Thread(target=renew_loop, name="lease-renewal", daemon=True)
     thread.start()

@@ -104,7 +104,8 @@ class Sweeper:
                 # them counts; each is taken alone from now on, so a second crash is attributed.
                 suspect, crashed, why = True, False, why + " (on a batch: each message will be tried alone)"
             log.info("item %s of %s taken back: %s", item.id, item.queue, why)
-            change = queues.change().require_lease(item, item.lease).require_pending(item, item.pending)
+            change = (queues.change().require_lease(item, item.lease).require_lease_expired(item, now)
+                      .require_pending(item, item.pending))
             stop_processing(node, change, item, why, now, crashed=crashed, suspect=suspect)
             change.kick(item.queue, queues.celery_queue_of(item.queue))
             changes.append(change)

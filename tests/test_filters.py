@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pickle
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
 from mailyard.errors import MailyardError
 from mailyard.filters import (
-    MESSAGE_FIELDS,
-    QUEUE_FIELDS,
     And,
     Comparison,
     Field,
@@ -19,6 +18,7 @@ from mailyard.filters import (
     Or,
     parse,
 )
+from mailyard.hub.queue_rows import MESSAGE_FIELDS, QUEUE_FIELDS
 
 QUEUE = {
     "Identity": "HUB1\\contoso.example",
@@ -764,11 +764,17 @@ def test_carets_line_up_under_tabs_and_newlines() -> None:
 
 
 def test_the_status_and_delivery_type_values_a_filter_knows_are_the_hubs() -> None:
-    # The shared core may not import hub code, so mailyard.filters spells these out itself.
-    from mailyard.filters import DELIVERY_TYPES, MESSAGE_STATUSES, QUEUE_STATUSES
+    # Taken from the hub's enums (mailyard.hub.queue_rows); the shared core spells none of them.
+    from mailyard import filters
     from mailyard.hub.queues import QueueStatus
     from mailyard.hub.records import DeliveryType, ItemStatus, PendingAction
 
-    assert set(QUEUE_STATUSES) == {v for k, v in vars(QueueStatus).items() if k.isupper()}
-    assert set(MESSAGE_STATUSES) == {s.value for s in ItemStatus} | {p.value for p in PendingAction if p.value}
-    assert set(DELIVERY_TYPES) == {d.value for d in DeliveryType}
+    assert set(QUEUE_FIELDS["Status"].values) == {s.value for s in QueueStatus}
+    assert set(MESSAGE_FIELDS["Status"].values) == {s.value for s in ItemStatus} | {
+        p.value for p in PendingAction if p.value}
+    assert set(QUEUE_FIELDS["DeliveryType"].values) == {d.value for d in DeliveryType}
+    for status in QueueStatus:
+        assert parse(f"Status -eq {status.value}", QUEUE_FIELDS).matches({"Status": status.value})
+    source = Path(filters.__file__).read_text(encoding="utf-8")
+    assert not any(f'"{v}"' in source for v in (*QUEUE_FIELDS["Status"].values, *MESSAGE_FIELDS["Status"].values,
+                                                *QUEUE_FIELDS["DeliveryType"].values))

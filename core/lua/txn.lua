@@ -12,6 +12,8 @@ Guards
   absent KEY              KEY must not exist (the failure carries GET KEY for strings)
   exists KEY              KEY must exist
   hnx KEY FIELD           the hash field must not exist
+  zle KEY MEMBER SCORE    MEMBER is in the sorted set KEY with a score of at most SCORE (a
+                          lease still expired: its holder did not renew it meanwhile)
 Operations: any Redis command, or
   @decref MSGKEY BODYKEY ITEMSKEY DELAYKEY MSGID
                           one queue item fewer holds the message; at zero the message,
@@ -44,6 +46,9 @@ for g, w in ipairs(spec[1]) do
     if redis.call('EXISTS', w[2]) == 0 then return {0, g, false} end
   elseif w[1] == 'hnx' then
     if redis.call('HEXISTS', w[2], w[3]) == 1 then return {0, g, false} end
+  elseif w[1] == 'zle' then
+    local score = redis.call('ZSCORE', w[2], w[3])
+    if not score or tonumber(score) > tonumber(w[4]) then return {0, g, score or false} end
   else
     return redis.error_reply('unknown guard ' .. tostring(w[1]))
   end

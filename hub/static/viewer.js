@@ -145,8 +145,9 @@ function reportOutcome(result) {
 // region: queues
 
 function queueButtons(q) {
-  const name = q.identity.split("\\").pop();
-  const poison = name === "Poison";
+  // What the queue is for comes with it (its kind): never read off the end of its name.
+  const poison = q.kind === "poison";
+  const unreachable = q.kind === "unreachable";
   const buttons = [];
   const add = (action, label, extra = {}) => buttons.push(el("button", {
     type: "button", "data-action": action, title: `${label} ${q.identity}`, text: label,
@@ -157,8 +158,8 @@ function queueButtons(q) {
     if (q.status === "Suspended") add("resume", "Resume");
     else add("suspend", "Suspend");
   }
-  if (q.delivery_type === "Unreachable" || (q.status === "Retry" && !poison)) add("resubmit", "Resubmit");
-  if (!poison && q.delivery_type !== "Unreachable" && q.status !== "Suspended") add("retry", "Retry");
+  if (unreachable || (q.status === "Retry" && !poison)) add("resubmit", "Resubmit");
+  if (!poison && !unreachable && q.status !== "Suspended") add("retry", "Retry");
   return buttons;
 }
 
@@ -245,15 +246,15 @@ async function bulkQueueAction(action) {
 // region: messages
 
 function messageButtons(m) {
-  const queueName = m.queue.split("\\").pop();
+  const kind = m.queue_kind;  // its queue's kind, as for queueButtons
   const buttons = [];
   const add = (action, label, extra = {}) => buttons.push(el("button", {
     type: "button", "data-action": action, title: `${label}: ${m.identity}`, text: label,
     onclick: (ev) => messageAction(action, m.identity, ev.currentTarget), ...extra,
   }));
-  const held = m.status === "Suspended" || m.status.startsWith("Pending") || queueName === "Poison";
+  const held = m.status === "Suspended" || m.status.startsWith("Pending") || kind === "poison";
   if (held) add("resume", "Resume");
-  if (!held && queueName !== "Submission") add("suspend", "Suspend");
+  if (!held && kind !== "submission") add("suspend", "Suspend");
   add("remove", "Remove (NDR)", {class: "danger"});
   add("remove-silent", "Remove without NDR", {class: "danger"});
   if (m.status === "Suspended") {

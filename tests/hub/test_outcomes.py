@@ -11,6 +11,7 @@ import pytest
 from mailyard.errors import TransientDeliveryError
 from mailyard.hub.memory_queues import MemoryQueues
 from mailyard.hub.outcomes import Batch, Outcome, crashed, defer_batch, settle
+from mailyard.hub.queue_actions import ActionReport, Done, await_requests
 from mailyard.hub.queues import mapi_queue, submission_queue
 from mailyard.hub.records import Item, ItemStatus, PendingAction, Recipient
 from mailyard.registry import now_ms
@@ -110,6 +111,41 @@ def test_pending_suspend_then_a_successful_delivery_says_it_came_too_late(hub: S
     settle(hub, batch, {batch.items[0].id: {"bob@contoso.com": OK}})
     assert _item(hub, batch) is None
     assert hub.queues.request_result(batch.items[0].id) == "delivered: the PendingSuspend came too late"
+
+
+@pytest.mark.parametrize("ndr", [True, False])
+def test_pending_remove_then_a_successful_delivery_delivers_it_and_says_the_remove_came_too_late(
+        hub: StaticHub, ndr: bool) -> None:
+    batch = _in_flight(hub, ["bob@contoso.com"])
+    item_id = batch.items[0].id
+    _operator_asks(hub, batch, PendingAction.REMOVE, ndr=ndr)
+    settle(hub, batch, {item_id: {"bob@contoso.com": OK}}, remote="MBX-AMS-01")  # batch.items say pending ""
+    assert _item(hub, batch) is None and hub.queues.messages([batch.items[0].msg]) == {}
+    late = "delivered: the PendingRemove came too late"
+    assert hub.queues.request_result(item_id) == late
+    # what the operator is shown: `mailyard message remove ID --wait` (and the viewer) answer
+    # with what became of the request, not "PendingRemove" nor "Removed"
+    report = await_requests(hub, ActionReport([Done(f"{QUEUE.identity}\\{item_id}", "PendingRemove")], []), 5.0)
+    assert report.as_dict()["done"] == [{"identity": f"{QUEUE.identity}\\{item_id}", "result": late}]
+    # and the tracking log has the delivery, no removal, and the sender got no NDR
+    assert [(r.event, r.recipients, r.source) for r in hub.queues.tracked] == [
+        ("DELIVER", ["bob@contoso.com"], "STOREDRIVER")]
+    assert _reports(hub) == []
+
+
+def test_pending_remove_then_a_partly_successful_delivery_removes_only_the_rest(hub: StaticHub) -> None:
+    batch = _in_flight(hub, ["bob@contoso.com", "carol@contoso.com"])
+    _operator_asks(hub, batch, PendingAction.REMOVE)
+    settle(hub, batch, {batch.items[0].id: {"bob@contoso.com": OK, "carol@contoso.com": LATER}})
+    assert _item(hub, batch) is None
+    assert hub.queues.request_result(batch.items[0].id) == "Removed"
+    events = [(r.event, r.recipients, r.source) for r in hub.queues.tracked]
+    assert ("DELIVER", ["bob@contoso.com"], "STOREDRIVER") in events
+    assert ("FAIL", ["carol@contoso.com"], "ADMIN") in events
+    (report,) = _reports(hub)
+    assert [r.address for r in report.recipients] == ["alice@contoso.com"]
+    ndr = hub.queues.bodies([report.msg])[report.msg]
+    assert b"carol@contoso.com" in ndr and b"bob@contoso.com" not in ndr, "the NDR is about carol only"
 
 
 @pytest.mark.parametrize("ndr", [True, False])

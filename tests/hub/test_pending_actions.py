@@ -11,14 +11,16 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from mailyard import tracking
 from mailyard.hub.queue_rows import message_rows
 from mailyard.internet.dns import MX, A, DnsServer, Zone
 from mailyard.internet.sink import Mode, Sink
@@ -100,6 +102,39 @@ def at_sink(sink: Sink, subject: str) -> int:
     return sum(1 for m in sink.messages(DOMAIN) if m["subject"] == subject)
 
 
+def act(world: dict[str, Any], surface: str, action: str, identity: str, *, ndr: bool = True,
+        wait: float = 60) -> Callable[[], list[str]]:
+    """Start an operator's ``action`` on a message through ``surface``: "cli" (`mailyard message
+    ...`) or "viewer" (the Queue Viewer's HTTP API), waiting up to ``wait`` seconds for a
+    delivery in progress to end. Returns what gives the results, once the action answered."""
+    if surface == "cli":
+        args = ["message", action, identity, "--wait", str(wait), *([] if ndr else ["--without-ndr"])]
+        proc = mailyard(world["site"], *args)
+        return lambda: [d["result"] for d in finished(proc)["done"]]
+    answer: dict[str, Any] = {}
+
+    def post() -> None:
+        body = {"action": action, "identities": [identity], "wait": wait, **({"ndr": ndr} if action == "remove"
+                                                                            else {})}
+        with httpx.Client(base_url=world["viewer"], timeout=wait + 30) as api:
+            response = api.post("/api/messages/actions", headers={"Authorization": f"Bearer {TOKEN}"}, json=body)
+            answer["status"], answer["body"] = response.status_code, response.json()
+
+    thread = threading.Thread(target=post, daemon=True)
+    thread.start()
+
+    def result() -> list[str]:
+        thread.join(timeout=wait + 30)
+        assert answer.get("status") == 200, answer
+        return [d["result"] for d in answer["body"]["done"]]
+    return result
+
+
+def tracked(site: Cluster, message: dict[str, Any]) -> list[tuple[str, str]]:
+    """The message's tracking records: (event, source)."""
+    return [(r.event, r.source) for r in tracking.search(site.r, internal_id=message["internal_message_id"])]
+
+
 def drop_held_connections(sink: Sink) -> None:
     """The next hop goes away: every held connection drops (the delivery fails), then it is back."""
     sink.set_mode(Mode.REFUSE)
@@ -107,7 +142,7 @@ def drop_held_connections(sink: Sink) -> None:
     sink.set_mode(Mode.ACCEPT)
 
 
-def test_suspend_during_a_delivery_that_fails_leaves_it_suspended_until_resumed(world) -> None:
+def test_suspend_through_the_cli_during_a_delivery_that_fails_leaves_it_suspended_until_resumed(world) -> None:
     site, sink = world["site"], world["sink"]
     subject = f"suspend-fails {uuid.uuid4().hex[:6]}"
     message = held(world, subject)
@@ -132,43 +167,71 @@ def test_suspend_during_a_delivery_that_fails_leaves_it_suspended_until_resumed(
     assert at_sink(sink, subject) == 1
 
 
-def test_suspend_during_a_delivery_that_succeeds_says_it_came_too_late(world) -> None:
+def test_suspend_through_the_viewer_during_a_delivery_that_fails_leaves_it_suspended(world) -> None:
     site, sink = world["site"], world["sink"]
-    subject = f"too-late {uuid.uuid4().hex[:6]}"
+    subject = f"suspend-viewer {uuid.uuid4().hex[:6]}"
     message = held(world, subject)
-    waiting = mailyard(site, "message", "suspend", message["identity"], "--wait", "60")
+    result = act(world, "viewer", "suspend", message["identity"])
     wait_until(lambda: status_of(site, subject) == "PendingSuspend", timeout=60, message=lambda: f"{rows(site)}")
-    sink.release()
-    result = finished(waiting)
-    assert [d["result"] for d in result["done"]] == ["delivered: the PendingSuspend came too late"]
-    assert at_sink(sink, subject) == 1 and status_of(site, subject) is None
+    drop_held_connections(sink)
+    assert result() == ["Suspended"]
+    assert status_of(site, subject) == "Suspended" and at_sink(sink, subject) == 0
+    # no longer in flight, it is removed at once (through the CLI, out of the way of the next tests)
+    assert act(world, "cli", "remove", message["identity"], ndr=False)() == ["Removed without NDR"]
+    assert status_of(site, subject) is None and at_sink(sink, subject) == 0
 
 
-@pytest.mark.parametrize("ndr", [True, False])
-def test_remove_through_the_viewer_during_a_delivery_that_fails_removes_it(world, ndr: bool) -> None:
+@pytest.mark.parametrize("surface", ["cli", "viewer"])
+@pytest.mark.parametrize("action", ["suspend", "remove"])
+def test_an_action_during_a_delivery_that_succeeds_says_it_came_too_late(world, action: str, surface: str) -> None:
     site, sink = world["site"], world["sink"]
-    subject = f"remove-{'ndr' if ndr else 'quiet'} {uuid.uuid4().hex[:6]}"
+    subject = f"too-late-{action}-{surface} {uuid.uuid4().hex[:6]}"
     message = held(world, subject)
-    answer: dict[str, Any] = {}
+    result = act(world, surface, action, message["identity"])
+    pending = "PendingSuspend" if action == "suspend" else "PendingRemove"
+    wait_until(lambda: status_of(site, subject) == pending, timeout=60, message=lambda: f"{rows(site)}")
+    sink.release()
+    assert result() == [f"delivered: the {pending} came too late"]
+    assert at_sink(sink, subject) == 1 and status_of(site, subject) is None
+    events = tracked(site, message)
+    assert ("SEND", "SMTP") in events, events
+    assert ("FAIL", "ADMIN") not in events and not any(e == "DSN" for e, _ in events), "no removal, no NDR"
 
-    def act() -> None:
-        with httpx.Client(base_url=world["viewer"], timeout=90) as api:
-            response = api.post("/api/messages/actions", headers={"Authorization": f"Bearer {TOKEN}"},
-                                json={"action": "remove", "identities": [message["identity"]], "ndr": ndr,
-                                      "wait": 60})
-            answer["status"], answer["body"] = response.status_code, response.json()
 
-    thread = threading.Thread(target=act)
-    thread.start()
+@pytest.mark.parametrize(("surface", "ndr"), [("viewer", True), ("viewer", False), ("cli", True), ("cli", False)])
+def test_remove_during_a_delivery_that_fails_removes_it(world, surface: str, ndr: bool) -> None:
+    site, sink = world["site"], world["sink"]
+    subject = f"remove-{surface}-{'ndr' if ndr else 'quiet'} {uuid.uuid4().hex[:6]}"
+    message = held(world, subject)
+    result = act(world, surface, "remove", message["identity"], ndr=ndr)
     wait_until(lambda: status_of(site, subject) == "PendingRemove", timeout=60, message=lambda: f"{rows(site)}")
     drop_held_connections(sink)
-    thread.join(timeout=90)
-    assert answer["status"] == 200, answer
-    assert [d["result"] for d in answer["body"]["done"]] == ["Removed" + ("" if ndr else " without NDR")]
+    assert result() == ["Removed" + ("" if ndr else " without NDR")]
     assert status_of(site, subject) is None
+    assert ("FAIL", "ADMIN") in tracked(site, message)
     if ndr:
         site.wait_for_subject("alice@contoso.com", f"Undeliverable: {subject}", timeout=60)
     assert at_sink(sink, subject) == 0
+
+
+def test_a_delivery_held_past_its_lease_keeps_it_and_goes_out_once(world) -> None:
+    """The send connector renews its leases while the next hop holds it (lease_time is 8 s):
+    the sweeper never takes the message back to deliver it a second time."""
+    site, sink = world["site"], world["sink"]
+    subject = f"renewed {uuid.uuid4().hex[:6]}"
+    message = held(world, subject)
+    lease = site.r.hget(f"my:item:{message['id']}", "lease")
+    lease_s = make_org().transport.lease_time
+    deadline = time.monotonic() + 1.5 * lease_s
+    while time.monotonic() < deadline:
+        assert site.r.hget(f"my:item:{message['id']}", "lease") == lease, "the lease changed hands"
+        time.sleep(0.5)
+    assert status_of(site, subject) == "Active"
+    sink.release()
+    wait_until(lambda: at_sink(sink, subject) == 1 and status_of(site, subject) is None, timeout=60,
+               message=lambda: f"{rows(site)}")
+    # (had the sweeper taken it back, the first delivery's outcome would not apply: still queued)
+    assert [e for e, _ in tracked(site, message)].count("SEND") == 1
 
 
 def test_an_action_on_a_message_that_has_left_its_queue_creates_nothing(world, tmp_path: Path) -> None:

@@ -295,3 +295,62 @@ def test_a_message_moved_out_of_poison_expires_again(queues) -> None:
     expires = queues.messages([msg_id])[msg_id].expires
     queues.commit([queues.change().require_state(held).move(held, SUB, now=now_ms(), expires=expires)])
     assert [i.id for i in queues.expiring(now_ms(), 10)] == [item.id]
+
+
+def test_a_lease_renewed_before_it_expires_keeps_the_item_and_the_connection(queues) -> None:
+    _submit(queues, ["bob@contoso.com"])
+    taken = queues.claim(SUB.identity, worker=WORKER, n=5, lease_ms=1000, cap=0, token="t1")
+    assert taken is not None
+    (item,) = taken.items
+    soon = now_ms() + 5000  # past the lease as taken, well before it as renewed
+    assert [i.id for i in queues.expired_leases(soon, 10)] == [item.id], "unrenewed, it would be due"
+    assert queues.renew(SUB.identity, "t1", [item.id], 60_000) == [item.id]
+    assert queues.expired_leases(soon, 10) == [], "renewed: the sweeper does not take it back"
+    assert queues.queues([SUB.identity])[0].connections == 1
+    (held,) = queues.items([item.id])
+    assert (held.status, held.lease) == (ItemStatus.ACTIVE, "t1"), "renewing changes nothing else"
+    assert [i.id for i in queues.expired_leases(now_ms() + 120_000, 10)] == [item.id], "a renewal is not forever"
+    assert queues.commit([queues.change().require_lease(item, "t1").complete(item, claimed=True)])[0].ok
+
+
+def test_a_lease_renewed_after_the_sweeper_read_it_as_expired_stays_its_workers(queues) -> None:
+    _submit(queues, ["bob@contoso.com"])
+    slow = queues.claim(SUB.identity, worker=WORKER, n=5, lease_ms=-1, cap=0, token="slow")
+    assert slow is not None
+    now = now_ms()
+    (expired,) = queues.expired_leases(now, 10)  # the sweeper reads it as expired...
+    assert queues.renew(SUB.identity, "slow", [expired.id], 60_000) == [expired.id]  # ...its worker renews
+    taking_back = (queues.change().require_lease(expired, "slow").require_lease_expired(expired, now)
+                   .put_back(expired, status="Ready", last_error="lease expired"))
+    result = queues.commit([taking_back])[0]
+    assert not result.ok and result.failed == "lease expired", "taken back from a worker that renewed"
+    (held,) = queues.items([expired.id])
+    assert (held.status, held.lease) == (ItemStatus.ACTIVE, "slow"), "still its worker's, in flight"
+    other = queues.claim(SUB.identity, worker=Worker("HUB-T2", 2), n=5, lease_ms=1000, cap=0, token="other")
+    assert other is None or other.items == [], "nobody else can claim it while its worker delivers it"
+
+
+def test_a_stale_lease_holder_renews_nothing(queues) -> None:
+    _submit(queues, ["bob@contoso.com"])
+    # the first worker stalls: its lease runs out, the sweeper puts the item back, another takes it
+    dead = queues.claim(SUB.identity, worker=WORKER, n=5, lease_ms=-1, cap=0, token="stale")
+    assert dead is not None
+    (expired,) = queues.expired_leases(now_ms(), 10)
+    assert queues.commit([queues.change().require_lease(expired, "stale").put_back(
+        expired, status="Ready", last_error="lease expired")])[0].ok
+    fresh = queues.claim(SUB.identity, worker=Worker("HUB-T2", 2), n=5, lease_ms=1000, cap=1, token="fresh")
+    assert fresh is not None and [i.id for i in fresh.items] == [expired.id]
+    assert queues.renew(SUB.identity, "stale", [expired.id], 60_000) == [], "refused"
+    soon = now_ms() + 5000
+    (due,) = queues.expired_leases(soon, 10)
+    assert due.lease == "fresh", "the stale renewal did not extend the new holder's lease"
+    (info,) = queues.queues([SUB.identity])
+    assert info.connections == 1, "nor got the stale holder a connection slot back"
+    assert queues.claim(SUB.identity, worker=WORKER, n=1, lease_ms=1000, cap=1, token="stale") is None, \
+        "the cap still counts only the new holder"
+    # the holder's own renewal works, and once it finished nobody renews the item back
+    assert queues.renew(SUB.identity, "fresh", [expired.id], 60_000) == [expired.id]
+    item = fresh.items[0]
+    assert queues.commit([queues.change().require_lease(item, "fresh").complete(item, claimed=True)])[0].ok
+    assert queues.renew(SUB.identity, "fresh", [expired.id], 60_000) == []
+    assert queues.items([expired.id]) == [] and queues.expired_leases(now_ms() + 120_000, 10) == []

@@ -120,6 +120,10 @@ def test_a_suspended_queue_holds_mail_visibly_and_delivers_it_when_resumed(site,
     row = queue_row(api, CAROL_QUEUE)
     assert row["status"] == "Suspended" and row["message_count"] == 1
     assert row["delivery_type"] == "MapiDelivery" and row["next_hop_domain"] == "MBX-AMS-02"
+    # what each queue is for comes with it, for the page to decide by (never by the name)
+    assert (row["kind"], msg["queue_kind"]) == ("delivery", "delivery")
+    assert queue_row(api, "Amsterdam\\Submission")["kind"] == "submission"
+    assert queue_row(api, "Amsterdam\\Unreachable")["kind"] == "unreachable"
 
     suspended = api.get("/api/queues", params={"filter": "Status -eq Suspended"}).json()
     assert [q["identity"] for q in suspended] == [CAROL_QUEUE]

@@ -238,6 +238,27 @@ def test_open_a_queue_and_act_on_its_messages(site: Cluster, page: WebDriver, do
         act(site, "resume")
 
 
+def test_the_buttons_follow_the_queue_kind_never_the_end_of_its_name(page: WebDriver) -> None:
+    def queue_buttons(identity: str, kind: str, delivery_type: str, status: str = "Ready") -> list[str]:
+        q = {"identity": identity, "kind": kind, "delivery_type": delivery_type, "status": status}
+        return page.execute_script("return queueButtons(arguments[0]).map(b => b.dataset.action)", q)
+
+    def message_buttons(queue: str, kind: str, status: str = "Ready") -> list[str]:
+        m = {"identity": f"{queue}\\42", "queue": queue, "queue_kind": kind, "status": status, "message_id": ""}
+        return page.execute_script("return messageButtons(arguments[0]).map(b => b.dataset.action)", m)
+
+    # a next hop that happens to be called Poison, Submission or Unreachable is a delivery queue
+    for name in ("Poison", "Submission", "Unreachable"):
+        assert queue_buttons(f"Amsterdam\\{name}", "delivery", "DnsConnectorDelivery") == ["suspend", "retry"]
+        assert message_buttons(f"Amsterdam\\{name}", "delivery") == ["suspend", "remove", "remove-silent"]
+    # and the kinds, whatever the queue is called
+    assert queue_buttons("Amsterdam\\Held", "poison", "Undefined", "Suspended") == []
+    assert queue_buttons("Amsterdam\\Nowhere", "unreachable", "Unreachable") == ["suspend", "resubmit"]
+    assert queue_buttons("Amsterdam\\Intake", "submission", "Undefined") == ["suspend", "retry"]
+    assert message_buttons("Amsterdam\\Intake", "submission") == ["remove", "remove-silent"], "not suspendable"
+    assert message_buttons("Amsterdam\\Held", "poison")[:1] == ["resume"], "held by its queue's kind"
+
+
 def test_a_bad_filter_shows_the_error_under_the_bad_part(page: WebDriver) -> None:
     box = page.find_element(By.ID, "queue-filter")
     box.clear()
