@@ -27,6 +27,7 @@ import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
 
+from mailyard import keys
 from mailyard.org import Durability
 
 WAIT_REPLICAS = 1  # replicas that must confirm a write before it is acknowledged
@@ -36,7 +37,7 @@ AUTO_RECHECK_S = 10.0  # "auto" that found no replica looks again this often
 # PUBLISH on a channel nobody reads is replicated and allowed under NOREPLICAS, so it moves
 # this connection's replication offset to "now": WAIT then also covers a write that a
 # dedup guard found already done by an earlier, unconfirmed attempt (which wrote nothing now).
-FENCE_CHANNEL = "my:durability:fence"
+FENCE_CHANNEL = keys.DURABILITY_FENCE
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Unreplicated:
 
 
 NOT_CONFIRMED = Unreplicated(f"no replica confirmed the write within {WAIT_TIMEOUT_MS // 1000} s")
-REFUSED = Unreplicated("no replica is connected, Redis refuses writes (NOREPLICAS)")
+REFUSED = Unreplicated("Redis refuses writes: no replica connected and answering (NOREPLICAS)")
 
 
 class NotReplicated(Exception):

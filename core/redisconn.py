@@ -200,13 +200,35 @@ def sentinel_url(sentinels: Iterable[tuple[str, int]], service: str, db: int = 0
     return f"{SENTINEL_SCHEME}://{auth}{hosts}/{quote(service, safe='')}/{db}"
 
 
+class _FollowingConnection(redis.sentinel.SentinelManagedConnection):
+    """A connection to a Sentinel-managed primary that asks the Sentinels where the primary is
+    whenever it connects, a command's retry included. redis-py's own asks only when a
+    connection is taken from the pool: a retry reconnects to the address it had, so a client
+    whose primary went silent (a partition, not a refused connection) stayed on it for
+    minutes after the failover (redis-py issue #3874)."""
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
+class _FollowingAsyncConnection(redis.asyncio.sentinel.SentinelManagedConnection):
+    """``_FollowingConnection`` for asyncio."""
+
+    async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
 def connect(url: str) -> redis.Redis:
     """A client of the Redis at ``url`` (``redis://``, ``rediss://``, ``unix://`` or a Sentinel URL)."""
     if is_sentinel(url):
         s = parse_sentinel(url)
         sentinel = redis.sentinel.Sentinel(list(s.sentinels), sentinel_kwargs=s.sentinel_kwargs())
         return sentinel.master_for(
-            s.service, redis_class=redis.Redis,
+            s.service, redis_class=redis.Redis, connection_class=_FollowingConnection,
             retry=_Retry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.05), _FAILOVER_RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             **s.node_kwargs(), **_KW,
@@ -233,7 +255,7 @@ def connect_async(url: str) -> redis.asyncio.Redis:
         s = parse_sentinel(url)
         sentinel = redis.asyncio.sentinel.Sentinel(list(s.sentinels), sentinel_kwargs=s.sentinel_kwargs())
         return sentinel.master_for(
-            s.service, redis_class=redis.asyncio.Redis,
+            s.service, redis_class=redis.asyncio.Redis, connection_class=_FollowingAsyncConnection,
             retry=_AsyncRetry(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.05), _FAILOVER_RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             **s.node_kwargs(), **_KW,

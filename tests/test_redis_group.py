@@ -5,8 +5,11 @@ node that lost its data comes back as a replica, never as an empty primary."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,8 +17,10 @@ from mailyard import redisconn, scripts
 from mailyard.site import redis_group
 from mailyard.site.redis_group import Layout, Primary, ReplicaOf, Wait
 from mailyard.testing.redis_group import RedisGroup
+from mailyard.testing.waiting import wait_until
 
 pytestmark = pytest.mark.slow
+DEADLINE = 90.0  # generous: a failover takes about two seconds here
 
 
 @pytest.fixture
@@ -71,6 +76,43 @@ def test_an_asyncio_client_follows_a_failover_too(group: RedisGroup) -> None:
     assert group.layout is not None
     first, second = asyncio.run(run())
     assert (first, second) in ((1, 2), (1, 1)), "one increment may be lost only if it was never replicated"
+
+
+def test_clients_follow_a_primary_that_went_silent_without_closing_anything(group: RedisGroup) -> None:
+    # A stopped process (SIGSTOP) keeps its connections open and accepts new ones, and answers
+    # nothing: what a partition looks like from the client's side. A client that reconnects
+    # to the address it had (redis-py's own Sentinel-managed connection, on a command's retry)
+    # stays there for as long as its retries last, minutes; ours asks the Sentinels each time.
+    sync_client = group.client()
+    sync_client.set("before", "1")
+    async_client = redisconn.connect_async(group.url())
+    loop = asyncio.new_event_loop()
+    assert loop.run_until_complete(async_client.incr("n")) == 1
+    old = group.wait_settled()
+    node = group.nodes[old]
+    assert node is not None
+    node.send_signal(signal.SIGSTOP)
+    try:
+        results: dict[str, object] = {}
+
+        def sync_incr() -> None:
+            results["sync"] = sync_client.incr("after")
+
+        thread = threading.Thread(target=sync_incr, daemon=True)
+        thread.start()
+        got = loop.run_until_complete(asyncio.wait_for(async_client.incr("n"), timeout=DEADLINE))
+        thread.join(DEADLINE)
+        assert not thread.is_alive(), "the sync client is still waiting for the silent primary"
+        assert results["sync"] == 1 and got in (1, 2)
+        new = group.wait_failover(old)
+        assert sync_client.get("before") == b"1"
+        assert redisconn.text(sync_client.info("replication")["role"]) == "master", "on the new primary"
+        assert new != old
+    finally:
+        node.send_signal(signal.SIGCONT)
+        loop.run_until_complete(async_client.aclose())
+        loop.close()
+        sync_client.close()
 
 
 def test_a_node_that_lost_its_data_rejoins_as_a_replica_with_the_data(group: RedisGroup) -> None:
@@ -147,7 +189,12 @@ def test_celery_reaches_the_primary_through_the_sentinels_after_a_failover(group
         old = group.wait_settled()
         group.kill_node(old)
         group.wait_failover(old)
-        conn.ensure_connection(max_retries=30)
-        got = conn.SimpleQueue("mailyard.test").get(timeout=30)
+
+        def get() -> Any:
+            # As a worker does: reconnect and ask again while the Sentinels are unsure (on a
+            # loaded machine one may see the new primary as down for a moment: MasterNotFound).
+            conn.ensure_connection(max_retries=30)
+            return conn.SimpleQueue("mailyard.test").get(timeout=5)
+        got = wait_until(get, timeout=DEADLINE, message="Celery's connection did not reach the new primary")
         assert got.payload == {"n": 1}
         got.ack()

@@ -1,9 +1,11 @@
 """A real replicated Redis under three real Sentinels, on free loopback ports, that tests can
-fail over: kill the primary (with or without its data), bring it back, kill a replica.
-``url()`` is the group's ``redis+sentinel://`` URL, with the password."""
+fail over: kill the primary (with or without its data), bring it back, kill a replica, or cut
+one node off by a partition (``behind_proxy``). ``url()`` is the group's ``redis+sentinel://``
+URL, with the password."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shutil
 import signal
@@ -16,16 +18,34 @@ import redis
 from mailyard import redisconn
 from mailyard.site import redis_group, redis_server
 from mailyard.site.redis_group import NO_RETRY, Layout, Wait
+from mailyard.testing.proxy import Proxy
 
 
 class RedisGroup:
     def __init__(self, root: Path, *, replicas: int = 1, fsync: str = "always", databases: int = 64,
-                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000,
+                 behind_proxy: int | None = None) -> None:
+        """``behind_proxy``: node ``i`` has a loopback ``Proxy`` (``self.proxy``) for its address in
+        the group: the Sentinels monitor it, the replicas replicate from it and it announces
+        itself as a replica (``replica-announce-port``) through the proxy, so that a test can cut
+        it off by a partition (``proxy.set_mode("blackhole")``). ``direct_url(i)`` is its own
+        port, as a client on its side of the partition has it. (Only what reaches node ``i`` is
+        proxied: while it is a replica, its own link to the primary is not cut.)"""
         ports = [redis_server.free_port() for _ in range(1 + replicas + redis_group.SENTINELS)]
-        self.layout = Layout(Path(root), ports[:1 + replicas], ports[1 + replicas:],
-                             down_after_ms=down_after_ms, failover_timeout_ms=failover_timeout_ms)
+        # _own: where each node listens; layout: where the group (Sentinels, replicas) reaches it.
+        self._own = Layout(Path(root), ports[:1 + replicas], ports[1 + replicas:],
+                           down_after_ms=down_after_ms, failover_timeout_ms=failover_timeout_ms)
+        self.layout = self._own
         self.fsync, self.databases = fsync, databases
         self.password = secrets.token_urlsafe(24)
+        self.behind_proxy = behind_proxy
+        self.proxy: Proxy | None = None
+        if behind_proxy is not None:
+            self.proxy = Proxy(self._own.host, self._own.node_ports[behind_proxy], host=self._own.host,
+                               port=redis_server.free_port(), password=self.password)
+            seen = list(self._own.node_ports)
+            seen[behind_proxy] = self.proxy.port
+            self.layout = dataclasses.replace(self._own, node_ports=seen)
         self.nodes: list[subprocess.Popen | None] = [None] * len(self.layout.node_ports)
         self.sentinels: list[subprocess.Popen | None] = [None] * len(self.layout.sentinel_ports)
         self._next_db = 0
@@ -34,7 +54,12 @@ class RedisGroup:
         return self.layout.url(self.password, db)
 
     def node_url(self, i: int, db: int = 0) -> str:
+        """Node ``i`` at its address in the group (through the proxy for the node behind it)."""
         return self.layout.node_url(i, self.password).rsplit("/", 1)[0] + f"/{db}"
+
+    def direct_url(self, i: int, db: int = 0) -> str:
+        """Node ``i`` at its own port (never through the proxy)."""
+        return self._own.node_url(i, self.password).rsplit("/", 1)[0] + f"/{db}"
 
     def new_db(self) -> str:
         if self._next_db >= self.databases:
@@ -45,6 +70,8 @@ class RedisGroup:
     # region: starting and stopping
 
     def start(self) -> RedisGroup:
+        if self.proxy is not None:
+            self.proxy.start()
         for i in range(len(self.nodes)):
             self.start_node(i)
         for j in range(len(self.sentinels)):
@@ -58,11 +85,13 @@ class RedisGroup:
             if time.monotonic() > deadline:
                 raise RuntimeError(role.reason)
             time.sleep(0.1)
-        cmd = redis_group.node_command(self.layout, i, role, password=self.password, fsync=self.fsync,
+        cmd = redis_group.node_command(self._own, i, role, password=self.password, fsync=self.fsync,
                                        databases=self.databases)
+        if self.proxy is not None and i == self.behind_proxy:
+            cmd += ["--replica-announce-port", str(self.proxy.port)]
         self.nodes[i] = proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                 umask=redis_server.UMASK)
-        redis_server.wait_ready(self.layout.node_url(i, self.password), proc)
+        redis_server.wait_ready(self.direct_url(i), proc)
 
     def start_sentinel(self, j: int) -> None:
         cmd = redis_group.sentinel_command(self.layout, j, password=self.password)
@@ -83,6 +112,8 @@ class RedisGroup:
     def stop(self) -> None:
         for proc in [*self.sentinels, *self.nodes]:
             _kill(proc)
+        if self.proxy is not None:
+            self.proxy.stop()
 
     # endregion
 
@@ -95,7 +126,7 @@ class RedisGroup:
 
     def role(self, i: int) -> str:
         """``master``, ``slave`` or "" (not answering), as node ``i`` itself says."""
-        return redis_group.replication(self.layout.node_url(i, self.password)).get("role", "")
+        return redis_group.replication(self.direct_url(i)).get("role", "")
 
     def wait_settled(self, timeout: float = 60.0) -> int:
         """Wait until the Sentinels agree on a running primary that every running replica follows
@@ -106,7 +137,7 @@ class RedisGroup:
             primary = self.primary()
             running = [i for i, p in enumerate(self.nodes) if p is not None and p.poll() is None]
             if primary is not None and primary in running and self.role(primary) == "master":
-                info = redis_group.replication(self.layout.node_url(primary, self.password))
+                info = redis_group.replication(self.direct_url(primary))
                 replicas = [i for i in running if i != primary]
                 followers = [i for i in replicas if self._follows(i, primary)]
                 if len(followers) == len(replicas) and int(info.get("connected_slaves", 0)) >= len(replicas) \
@@ -119,7 +150,7 @@ class RedisGroup:
         raise AssertionError(f"the Redis group did not settle within {timeout:.0f}s: {last}")
 
     def _follows(self, i: int, primary: int) -> bool:
-        info = redis_group.replication(self.layout.node_url(i, self.password))
+        info = redis_group.replication(self.direct_url(i))
         return (info.get("role") == "slave" and int(info.get("master_port", 0)) == self.layout.node_ports[primary]
                 and info.get("master_link_status") == "up")
 
