@@ -76,6 +76,11 @@ def make_app(redis_url: str) -> Celery:
     app.conf.update(
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # A primary that refuses writes (NOREPLICAS: no replica connected, min-replicas-to-write)
+        # answers the consumer's BRPOP, and kombu's restore lock after a failover, with an error
+        # reply, which kombu counts as a channel error and Celery as unrecoverable: the worker
+        # would exit. Retry it as a lost connection instead, until a replica is back.
+        broker_channel_error_retry=True,
         broker_transport_options={
             "visibility_timeout": VISIBILITY_TIMEOUT,
             "socket_timeout": 15,

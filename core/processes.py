@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 
@@ -20,8 +21,37 @@ def setup_logging(level: str = "INFO") -> None:
     # One line per task or HTTP request costs CPU at load and buries what matters.
     for noisy in ("celery.app.trace", "celery.worker.strategy", "httpx", "uvicorn.access", "mail.log"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Loops that retry every few milliseconds while Redis refuses writes (Celery's consumer
+    # reconnecting; the sweeper, the heartbeat): each message once per 30 s, with a count.
+    for looping in ("celery.worker.consumer.consumer", "mailyard.hub.sweeper"):
+        logging.getLogger(looping).addFilter(Repeats(30.0))
     # aiosmtpd warns on every AUTH that its own code sets a deprecated attribute.
     logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
+
+
+class Repeats(logging.Filter):
+    """Lets a message through once per ``window`` seconds (by logger, level and the first line
+    of its text); the next one after the window says how many were left out meanwhile."""
+
+    def __init__(self, window: float) -> None:
+        super().__init__()
+        self.window = window
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        key = (record.name, record.levelno, text.partition("\n")[0])
+        now = time.monotonic()
+        first, left_out = self._seen.get(key, (-self.window, 0))
+        if now - first < self.window:
+            self._seen[key] = (first, left_out + 1)
+            return False
+        if left_out:
+            record.msg, record.args = f"{text} ({left_out} more like it in the last {now - first:.0f} s)", None
+        if len(self._seen) > 1000:  # (bounded: messages that differ every time)
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return True
 
 
 def die_with_parent() -> None:

@@ -20,7 +20,7 @@ import os
 import threading
 from collections import Counter
 
-from mailyard import keys, registry
+from mailyard import durability, keys, registry
 from mailyard.hub import dsn, pressure
 from mailyard.hub.bounce import queue_report
 from mailyard.hub.node import Hub, Node
@@ -290,6 +290,9 @@ class Services:
                 interval = self.node.settings.sweep_interval
                 if done := sweeper.sweep():
                     log.info("sweeper: %s", ", ".join(f"{k} {v}" for k, v in done.items()))
-            except Exception:
-                log.exception("sweeper pass failed; trying again")
+            except Exception as exc:
+                if refused := durability.unreplicated(exc):  # (Redis without a replica: expected)
+                    log.warning("sweeper pass failed: %s; trying again", refused.reason)
+                else:
+                    log.exception("sweeper pass failed; trying again")
             self._stop.wait(interval)

@@ -73,8 +73,7 @@ def site(primary: RedisServer, data_dir: Path, mode: str) -> Iterator[Cluster]:
         cluster.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
         cluster.start_hub("Amsterdam", HUB)
         cluster.smtp_address = cluster.smtp(HUB, "Internet")  # type: ignore[attr-defined]
-        # Restarted when it dies, as site up and compose do: a Celery worker whose broker refuses
-        # writes (NOREPLICAS on its BRPOP) exits, its receive listener with it.
+        # Restarted when it dies, as site up and compose do (a test asserts it need not be).
         cluster.supervise()
         yield cluster
     finally:
@@ -163,9 +162,15 @@ def test_a_killed_replica_stops_every_acknowledgement_until_it_is_back(tmp_path:
     with servers(tmp_path, min_replicas=1) as (primary, replica), site(primary, tmp_path / "site", "replica") as cluster:
         assert replica is not None
         on_primary = redis.Redis.from_url(primary.url(0))
+        hub = cluster.procs[HUB].pid
         replica.kill()  # SIGKILL
         wait_until(lambda: int(on_primary.info("replication").get("min_slaves_good_slaves", 1)) == 0,
                    timeout=DEADLINE, message="the primary still counts the killed replica")
+        # The hub's Celery worker meets the refusal (its BRPOP; and, reconnecting, kombu's
+        # restore lock, as after a failover) and waits it out instead of exiting
+        on_primary.client_kill_filter(_type="normal", skipme=True)
+        wait_until(lambda: "NOREPLICAS" in cluster.tail(HUB, 400), timeout=DEADLINE,
+                   message=lambda: cluster.tail(HUB))
         # Given a primary that refuses writes (NOREPLICAS): nothing is acknowledged
         subject, smtp_id = f"smtp {uuid.uuid4().hex[:6]}", f"<{uuid.uuid4().hex}@fabrikam.example>"
         code, text = smtp_send(cluster, subject, smtp_id)
@@ -189,6 +194,10 @@ def test_a_killed_replica_stops_every_acknowledgement_until_it_is_back(tmp_path:
         assert in_folder(cluster, RECIPIENT, subject, "Inbox") == 1
         assert in_folder(cluster, RECIPIENT, api_subject, "Inbox") == 1
         assert in_folder(cluster, SENDER, api_subject, "Outbox") == 0
+        assert cluster.procs[HUB].pid == hub, f"the hub had to be restarted:{cluster.tail(HUB, 80)}"
+        # (and its log says so once, not at every one of its retries)
+        retries = cluster.tail(HUB, 100_000).count("Cannot connect to")
+        assert 1 <= retries <= 2, f"{retries} lines of the worker's reconnecting{cluster.tail(HUB, 80)}"
 
 
 def test_a_stalled_replica_confirms_nothing_so_nothing_is_acknowledged_and_then_all_flows_once(tmp_path: Path) -> None:

@@ -325,6 +325,56 @@ def long_running(started: dict[str, tuple[str, str, int]]) -> dict[str, tuple[st
 
 
 # endregion
+# region: the Redis group
+
+REDIS_GROUP = ("redis-0", "redis-1", "sentinel-1", "sentinel-2", "sentinel-3")
+# `redis-group roles` of a group whose first node is primary (a new group, or after two failovers)
+NEW_GROUP = """sentinel-1: primary redis-0:6379
+sentinel-2: primary redis-0:6379
+sentinel-3: primary redis-0:6379
+redis-0: primary, 1 replica(s) connected
+redis-1: replica of redis-0:6379, link up
+"""
+
+
+def roles(project: Project) -> str:
+    return project.compose("exec", "-T", "sentinel-1", "redis-group", "roles").stdout
+
+
+def sentinels_name(project: Project) -> set[str]:
+    """The hosts the three Sentinels name primary now."""
+    named = set()
+    for sentinel in REDIS_GROUP[2:]:
+        out = project.compose("exec", "-T", sentinel, "redis-group", "cli", "-p", "26379", "SENTINEL",
+                              "get-master-addr-by-name", "mailyard").stdout.split()
+        named.add(out[0] if out else "")
+    return named
+
+
+def replication(project: Project, node: str) -> dict[str, str]:
+    """`INFO replication` of a data node ({} while it does not answer: stopped, or waiting)."""
+    result = project.shell(f"docker compose exec -T {node} redis-group cli INFO replication", check=False)
+    if result.returncode != 0:
+        return {}
+    return dict(line.split(":", 1) for line in result.stdout.replace("\r", "").splitlines() if ":" in line)
+
+
+def is_redis_member(project: Project, container: str) -> bool:
+    return any(container == f"{project.name}-{member}-1" for member in REDIS_GROUP)
+
+
+HUB_SERVICES = ("hub", "hub-london")
+
+
+def hubs_ready(project: Project) -> None:
+    """Until every hub container passes its own health check (its receive connectors listen,
+    its heartbeat is fresh: after a failover, too)."""
+    hubs = sorted(c["Name"] for c in project.containers().values() if c["Service"] in HUB_SERVICES)
+    project.wait(lambda: all(project.hub_ready(h) for h in hubs), f"{hubs} pass their health check",
+                 timeout=240, interval=2)
+
+
+# endregion
 # region: mail
 
 
@@ -349,10 +399,16 @@ def delivered(project: Project, address: str, subject: str, timeout: float = 120
     assert has_subject(project, address, subject), f"{subject!r} delivered, but not in {address}'s Inbox"
 
 
+def send_line(sender: str, to: str, subject: str) -> str:
+    """The command line that sends a message as the README does (in hub-london, as the demo's
+    operator)."""
+    args = ["docker", "compose", "exec", "-T", "hub-london", "mailyard", "send", "--from", sender, "--to", to,
+            "--subject", subject, "--body", "from the compose walkthrough"]
+    return " ".join(map(_quote, args))
+
+
 def send(project: Project, sender: str, to: str, subject: str) -> None:
-    """A message as the README sends one (in hub-london, as the demo's operator)."""
-    project.compose("exec", "-T", "hub-london", "mailyard", "send", "--from", sender, "--to", to,
-                    "--subject", subject, "--body", "from the compose walkthrough")
+    project.shell(send_line(sender, to, subject))
 
 
 def picked_up_by(project: Project, subject: str) -> str | None:
@@ -378,8 +434,10 @@ def test_the_readme_run_it_with_docker_section_as_written(project: Project) -> N
     # Then every service gets healthy and the one-shot ones succeed
     state = project.wait_healthy()
     services = {c["Service"] for c in state.values()}
-    assert services == {"redis", "pki", "init", "mbx-ams-01", "mbx-ams-02", "mbx-lon-01", "hub", "hub-london",
-                        "flower", "viewer", "internet"}, services
+    assert services == {*REDIS_GROUP, "pki", "init", "mbx-ams-01", "mbx-ams-02", "mbx-lon-01", "hub",
+                        "hub-london", "flower", "viewer", "internet"}, services
+    # And the Redis group formed: redis-0 primary, redis-1 its replica, every Sentinel agrees
+    assert roles(project) == NEW_GROUP, roles(project)
     # And no port is published beyond this machine's loopback: the three the README names
     published = {(p["URL"], p["PublishedPort"], p["TargetPort"]) for c in state.values()
                  for p in c.get("Publishers") or [] if p["PublishedPort"]}
@@ -514,17 +572,80 @@ def test_the_readme_run_it_with_docker_section_as_written(project: Project) -> N
                                                                               timeout=10).json() if h["alive"]},
                  "the viewer lists the three Amsterdam hubs alive")
 
-    project.step("Redis restart")
-    # A Redis restart stops no container, and mail flows on
+    project.step("Redis failover")
+    # When the Redis primary stops, as the README does it
     before = project.started()
-    project.compose("restart", "redis")
-    project.wait_healthy(only={"redis"})
-    send(project, "alice@contoso.com", "dave@contoso.com", "after Redis restarted")
-    delivered(project, "dave@contoso.com", "after Redis restarted", timeout=180)
+    assert project.readme("docker compose exec sentinel-1 redis-group roles") == NEW_GROUP
+    project.readme("docker compose stop redis-0")
+    # Then the Sentinels promote its replica
+    project.wait(lambda: sentinels_name(project) == {"redis-1"}, "the Sentinels promote redis-1", timeout=90)
+    assert "sentinel-1: primary redis-1:6379" in project.readme("docker compose exec sentinel-1 redis-group roles")
+    # And while redis-1 has no replica, nothing is acknowledged that only it holds: a Send is
+    # answered 503, which `mailyard send` asks again with, for up to a minute
+    waiting = subprocess.Popen(["bash", "-c", send_line("alice@contoso.com", "dave@contoso.com",
+                                                        "while redis-0 is down")],
+                               cwd=project.directory, env=project.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    try:
+        project.wait(lambda: "not acknowledged" in project.compose("logs", "--no-color", "mbx-ams-01").stdout,
+                     "MBX-AMS-01 refuses to acknowledge a Send while redis-1 has no replica", timeout=60, interval=1)
+        assert waiting.poll() is None, waiting.communicate()[0]
+        project.step("redis-0 back as a replica")
+        # When redis-0 starts again, it rejoins as redis-1's replica
+        project.readme("docker compose start redis-0")
+        project.wait(lambda: replication(project, "redis-0").get("master_link_status") == "up",
+                     "redis-0 linked to its primary", timeout=90)
+        assert replication(project, "redis-0")["master_host"] == "redis-1"
+        assert replication(project, "redis-1")["role"] == "master"
+        # And the waiting Send is acknowledged
+        output, _ = waiting.communicate(timeout=90)
+        assert waiting.returncode == 0 and "queued in the Outbox" in output, output
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    hubs_ready(project)
+    # And mail flows: that message and the README's are delivered, each once
+    project.readme("docker compose exec hub-london mailyard send --from alice@contoso.com --to dave@contoso.com")
+    delivered(project, "dave@contoso.com", "after the failover", timeout=180)
+    delivered(project, "dave@contoso.com", "while redis-0 is down", timeout=180)
+    subjects = [m["subject"] for m in project.cli("hub-london", "mailbox", "show", "dave@contoso.com")]
+    assert subjects.count("while redis-0 is down") == 1 and subjects.count("after the failover") == 1, subjects
+    # And the hubs, the mailbox servers, the Queue Viewer and Flower followed the new primary,
+    # and rode out the time without a replica, without a restart
     after = project.started()
     restarted = sorted(name for cid, (name, at, count) in after.items()
-                       if cid in before and before[cid][1:] != (at, count) and name != f"{project.name}-redis-1")
-    assert not restarted, f"restarted with Redis: {restarted}"
+                       if cid in before and before[cid][1:] != (at, count))
+    print(f"restarted during the failover: {restarted}")
+    unexpected = [n for n in restarted if not is_redis_member(project, n)]
+    assert not unexpected, f"restarted with the failover: {unexpected}"
+
+    project.step("a primary and its volume lost")
+    # When the primary (now redis-1) is lost with its volume, and comes back empty
+    stored = project.compose("exec", "-T", "redis-1", "redis-group", "cli", "DBSIZE").stdout.strip()
+    assert int(stored) > 0, stored
+    project.compose("kill", "redis-1")
+    project.compose("rm", "-f", "redis-1")
+    assert docker("volume", "rm", f"{project.name}_redis-1-data").returncode == 0
+    project.compose("up", "-d", "--no-deps", "redis-1")
+    # Then the Sentinels promote redis-0 and redis-1 becomes its replica, with the data
+    # (never an empty primary: while they still named redis-1, it waited for them)
+    project.wait(lambda: replication(project, "redis-1").get("master_link_status") == "up",
+                 "the new redis-1 linked to its primary", timeout=120)
+    assert replication(project, "redis-1")["master_host"] == "redis-0"
+    assert sentinels_name(project) == {"redis-0"}
+    copied = project.compose("exec", "-T", "redis-1", "redis-group", "cli", "DBSIZE").stdout.strip()
+    assert int(copied) >= int(stored), (stored, copied)
+    assert roles(project) == NEW_GROUP, roles(project)
+    logged = project.compose("logs", "--no-color", "redis-1").stdout
+    print("redis-1 waited for the failover" if "waiting for them to promote" in logged
+          else "redis-1 came back after the failover")
+    # And mail flows
+    hubs_ready(project)
+    send(project, "alice@contoso.com", "dave@contoso.com", "after redis-1 was lost")
+    delivered(project, "dave@contoso.com", "after redis-1 was lost", timeout=180)
+    # (Docker has run the group's health checks since: every member healthy again)
+    project.wait_healthy(only=set(REDIS_GROUP), timeout=120)
 
     project.step("organization change")
     # Mail to an address the organization does not have fails...
