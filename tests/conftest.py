@@ -60,6 +60,18 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.new_db()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest files first, since xdist (``--dist loadfile``) hands files out in this
+    order: the compose walkthrough, then every file with a test marked slow, then the rest.
+    Collected as they sort, the slow ones came last and ran alone while the other workers
+    idled. Each file's tests stay together and in their order (module fixtures hold)."""
+    rank: dict[Any, int] = {}
+    for item in items:
+        here = 0 if item.get_closest_marker("compose") else 1 if item.get_closest_marker("slow") else 2
+        rank[item.path] = min(rank.get(item.path, 2), here)
+    items.sort(key=lambda item: rank[item.path])
+
+
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield

@@ -22,6 +22,8 @@ from mailyard.testing.quiet import wait_quiet
 from mailyard.testing.waiting import wait_until
 from tests.conftest import make_org
 
+pytestmark = pytest.mark.slow  # each test runs a site through a crash or a hanging next hop
+
 
 def outbox_of(site: Cluster, *senders: str):
     """For wait_quiet: the senders' Outboxes that still hold messages."""

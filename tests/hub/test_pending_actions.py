@@ -32,6 +32,8 @@ from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT, make_org
 from tests.hub.test_viewer import TOKEN, spawn_viewer, viewer_url
 
+pytestmark = pytest.mark.slow  # each test runs a site through a crash or a hanging next hop
+
 DOMAIN = "hold.example"
 QUEUE = f"Amsterdam\\{DOMAIN}"
 
