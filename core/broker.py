@@ -14,11 +14,12 @@ import uuid
 from typing import Any
 
 import redis
+import redis.sentinel
 from celery import Celery
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 
-from mailyard import keys, redisconn
+from mailyard import durability, keys, redisconn
 
 TASK_PICKUP = "mailyard.pickup"
 TASK_DRAIN = "mailyard.drain"
@@ -41,7 +42,65 @@ def site_queue(site: str) -> str:
     return f"site.{site}"
 
 
+class WritesRefused(redis.ConnectionError):
+    """A primary that refuses writes (NOREPLICAS: no replica connected, min-replicas-to-write),
+    as Celery's connections report it. Redis answers a worker's BRPOP, its acks, its queue
+    bindings and kombu's restore lock with an error reply, which kombu counts as a channel
+    error and Celery as unrecoverable: the worker would exit. It is a connection that cannot
+    serve for now, so it says "connection error": the client disconnects, and Celery
+    reconnects with its back-off. A refused ack leaves the message in kombu's unacked index,
+    restored after the visibility timeout: a drain or pickup message repeated is harmless
+    (see above). Other error replies (WRONGTYPE, NOPERM...) stay what they are."""
+
+
+class _RefusalsLoseTheConnection:
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.ResponseError as exc:
+            if durability.unreplicated(exc) is None:
+                raise
+            raise WritesRefused(f"Redis refuses writes: {exc}") from exc
+
+
+class _Connection(_RefusalsLoseTheConnection, redis.Connection):
+    pass
+
+
+class _SSLConnection(_RefusalsLoseTheConnection, redis.SSLConnection):
+    pass
+
+
+class _SentinelManagedConnection(_RefusalsLoseTheConnection, redis.sentinel.SentinelManagedConnection):
+    pass
+
+
+class _SentinelManagedSSLConnection(_RefusalsLoseTheConnection, kombu_redis.SentinelManagedSSLConnection):
+    pass
+
+
+class _QoS(kombu_redis.QoS):
+    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        # Run when a consumer connects (where an error would leave the connection half made,
+        # open), and every few seconds after: nothing can be restored while writes are
+        # refused, and the next pass once they are taken again will.
+        try:
+            return super().restore_visible(*args, **kwargs)
+        except WritesRefused:
+            return None
+
+
+class _Channel(kombu_redis.Channel):
+    QoS = _QoS
+    connection_class = _Connection
+    connection_class_ssl = _SSLConnection
+
+
 class _SentinelChannel(kombu_redis.SentinelChannel):
+    QoS = _QoS
+    connection_class = _SentinelManagedConnection
+    connection_class_ssl = _SentinelManagedSSLConnection
+
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         # Celery 5.7 handles a lost broker connection by collecting it (which detaches the
         # transport from its connection: ``client`` is None) and then closing it; when that
@@ -56,13 +115,21 @@ class _SentinelChannel(kombu_redis.SentinelChannel):
         return params
 
 
+class RedisTransport(kombu_redis.Transport):
+    Channel = _Channel
+
+
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = _SentinelChannel
 
 
-# kombu picks the transport by the URL's scheme at every failover to the next Sentinel's URL:
-# the sentinel:// scheme means the class above in every Mailyard process.
-kombu_transport.TRANSPORT_ALIASES["sentinel"] = "mailyard.broker:SentinelTransport"
+# kombu picks the transport by the URL's scheme (at every failover to the next Sentinel's URL
+# too): these schemes mean the classes above in every Mailyard process.
+kombu_transport.TRANSPORT_ALIASES.update({
+    "redis": "mailyard.broker:RedisTransport",
+    "rediss": "mailyard.broker:RedisTransport",
+    "sentinel": "mailyard.broker:SentinelTransport",
+})
 
 
 def make_app(redis_url: str) -> Celery:
@@ -76,11 +143,6 @@ def make_app(redis_url: str) -> Celery:
     app.conf.update(
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        # A primary that refuses writes (NOREPLICAS: no replica connected, min-replicas-to-write)
-        # answers the consumer's BRPOP, and kombu's restore lock after a failover, with an error
-        # reply, which kombu counts as a channel error and Celery as unrecoverable: the worker
-        # would exit. Retry it as a lost connection instead, until a replica is back.
-        broker_channel_error_retry=True,
         broker_transport_options={
             "visibility_timeout": VISIBILITY_TIMEOUT,
             "socket_timeout": 15,

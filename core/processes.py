@@ -23,15 +23,21 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     # Loops that retry every few milliseconds while Redis refuses writes (Celery's consumer
     # reconnecting; the sweeper, the heartbeat): each message once per 30 s, with a count.
-    for looping in ("celery.worker.consumer.consumer", "mailyard.hub.sweeper"):
+    for looping in ("celery.worker.consumer.consumer", "celery.worker.consumer.connection", "mailyard.hub.sweeper"):
         logging.getLogger(looping).addFilter(Repeats(30.0))
+    # Celery warns at every lost broker connection that the setting
+    # worker_cancel_long_running_tasks_on_connection_loss will default to True in 6.0; the hub
+    # sets it (False, on purpose: mailyard.broker), so the warning says nothing.
+    logging.getLogger("py.warnings").addFilter(
+        lambda record: "worker_cancel_long_running_tasks_on_connection_loss" not in record.getMessage())
     # aiosmtpd warns on every AUTH that its own code sets a deprecated attribute.
     logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
 
 
 class Repeats(logging.Filter):
-    """Lets a message through once per ``window`` seconds (by logger, level and the first line
-    of its text); the next one after the window says how many were left out meanwhile."""
+    """Lets a message through once per ``window`` seconds (by logger, level, the first line of
+    its text and its exception's type); the next one after the window says how many were left
+    out meanwhile."""
 
     def __init__(self, window: float) -> None:
         super().__init__()
@@ -40,14 +46,15 @@ class Repeats(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        key = (record.name, record.levelno, text.partition("\n")[0])
+        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        key = (record.name, record.levelno, f"{text.partition(chr(10))[0]} {error}")
         now = time.monotonic()
         first, left_out = self._seen.get(key, (-self.window, 0))
         if now - first < self.window:
             self._seen[key] = (first, left_out + 1)
             return False
         if left_out:
-            record.msg, record.args = f"{text} ({left_out} more like it in the last {now - first:.0f} s)", None
+            record.msg, record.args = f"{text.rstrip()} ({left_out} more like it in the last {now - first:.0f} s)", None
         if len(self._seen) > 1000:  # (bounded: messages that differ every time)
             self._seen.clear()
         self._seen[key] = (now, 0)

@@ -43,6 +43,7 @@
 #   MAILYARD_REDIS_DATA       a data node's data directory, a Sentinel's config directory (/data)
 #   MAILYARD_REDIS_OWNER      who owns the password file (10001:10001; "" for no chown)
 set -eu
+umask 077  # every file it writes holds the password (Sentinel's own rewrites too)
 
 SECRET=${MAILYARD_REDIS_PASSWORD_FILE:-/run/mailyard/redis/password}
 NODES=${MAILYARD_REDIS_NODES:-redis-0:6379 redis-1:6379}

@@ -47,3 +47,26 @@ def test_a_message_after_a_quiet_window_has_no_count(clock: list[float]) -> None
     clock[0] += 60
     later = record("sweeper pass failed")
     assert repeats.filter(later) and later.getMessage() == "sweeper pass failed"
+
+
+def test_the_same_words_with_another_exception_are_another_message(clock: list[float]) -> None:
+    repeats = processes.Repeats(30.0)
+
+    def failed(error: BaseException) -> logging.LogRecord:
+        r = record("sweeper pass failed; trying again", name="mailyard.hub.sweeper")
+        r.exc_info = (type(error), error, None)
+        return r
+    assert repeats.filter(failed(KeyError("x")))
+    assert repeats.filter(failed(ValueError("y")))
+    assert not repeats.filter(failed(ValueError("z")))
+
+
+def test_a_count_goes_on_the_messages_last_line_not_a_line_of_its_own(clock: list[float]) -> None:
+    repeats = processes.Repeats(30.0)
+    line = "consumer: Cannot connect to redis://:**@redis:6379/0: NOREPLICAS.\nTrying to reconnect...\n"
+    repeats.filter(record(line))
+    repeats.filter(record(line))
+    clock[0] += 30
+    again = record(line)
+    assert repeats.filter(again)
+    assert again.getMessage().endswith("Trying to reconnect... (1 more like it in the last 30 s)"), again.getMessage()
