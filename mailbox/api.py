@@ -460,7 +460,15 @@ def create_app(
             else:  # acknowledged before, or gone: either way nothing waits for a hub any more
                 state = "sent" if store.has(mailbox, "Sent Items", item) else "gone"
             results.append({"mailbox": mailbox, "id": item, "state": state})
-        on_acknowledged(refs)
+        try:
+            on_acknowledged(refs)
+        except redis.RedisError as exc:
+            # Moved here, but still registered as waiting for a hub: the hub acknowledges again
+            # (its next pickup), which finds them moved and ends the registration.
+            why = durability.unreplicated(exc)
+            raise ApiError(503, f"moved to Sent Items, but the submission registry cannot be written now "
+                                f"({why.reason if why else exc}); acknowledge again",
+                           {"Retry-After": str(durability.RETRY_AFTER_S)}) from exc
         return results
 
     @app.post("/hub/deliver")

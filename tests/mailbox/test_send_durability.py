@@ -85,3 +85,40 @@ def test_the_retry_of_a_send_answered_503_registers_the_copy_it_finds(app, monke
     send()  # a third time: still once, and not registered again
     assert len(store.ids("alice@contoso.com", "Outbox")) == len(messages)
     assert len(registered) == len(messages)
+
+
+def test_an_acknowledgement_redis_refuses_is_a_503_to_send_again_and_the_second_ends_it(
+        redis_url: str, tmp_path: Path) -> None:
+    import redis
+
+    from mailyard import pki
+    org = make_org()
+    store = MailboxStore(tmp_path / "MBX-AMS-01", "MBX-AMS-01", lambda: org.transport)
+    refusing, acknowledged = [True], []
+
+    def on_acknowledged(items: list[tuple[str, str]]) -> None:
+        if refusing[0]:
+            raise redis.ResponseError("NOREPLICAS Not enough good replicas to write.")
+        acknowledged.extend(items)
+    application = api.create_app(
+        server="MBX-AMS-01", site="Amsterdam", hosts=frozenset({"testserver"}), store=store,
+        directory=lambda: Directory(org), r=redisconn.connect(redis_url), outbox=OutboxIndex(),
+        on_submitted=lambda mailbox, items: None, on_acknowledged=on_acknowledged, fault=lambda name: None)
+
+    async def as_a_hub(scope, receive, send):  # (what the TLS listener sets for a hub's certificate)
+        scope.setdefault("state", {})[api.PEER] = pki.Identity("hub", pki.dns_label("Amsterdam"))
+        await application(scope, receive, send)
+    client = TestClient(as_a_hub, raise_server_exceptions=True)
+    item, _ = store.submit("alice@contoso.com", "<ack@c>", b"Subject: s\r\nMessage-ID: <ack@c>\r\n\r\nhi\r\n")
+    payload = {"items": [{"mailbox": "alice@contoso.com", "id": item}]}
+
+    refused = client.post("/hub/outbox/submitted", json=payload)
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["Retry-After"] == "5" and "NOREPLICAS" in refused.json()["error"], refused.json()
+    assert store.ids("alice@contoso.com", "Sent Items") == [item]  # moved all the same
+
+    refusing[0] = False
+    again = client.post("/hub/outbox/submitted", json=payload)
+    assert again.status_code == 200, again.text
+    assert again.json()["results"] == [{"mailbox": "alice@contoso.com", "id": item, "state": "sent"}]
+    assert acknowledged == [("alice@contoso.com", item)]
