@@ -28,7 +28,6 @@ from mailyard import registry
 from mailyard.internet.dns import MX, A, DnsServer, Zone
 from mailyard.internet.sink import Sink
 from mailyard.org import Organization
-from mailyard.site.redis_server import free_port
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.quiet import wait_quiet
 from mailyard.testing.redis_group import RedisGroup
@@ -216,9 +215,9 @@ def world_factory(tmp_path: Path):
         zone.replace("mx.fabrikam.example", A("127.0.0.3"))
         dns = DnsServer(zone)
         dns.start()
-        port = free_port()
-        sink = Sink(tmp_path / f"sink{len(made)}", host="127.0.0.3", port=port)
+        sink = Sink(tmp_path / f"sink{len(made)}", host="127.0.0.3")  # (port 0: its own free port)
         sink.start()
+        port = sink.port
         site = Cluster(server.url(0), tmp_path / f"site{len(made)}", fault_org(dns, port, **transport), cwd=ROOT)
         world = World(server, dns, sink, site)
         made.append(world)

@@ -25,7 +25,6 @@ from mailyard.hub.queue_rows import message_rows
 from mailyard.internet.dns import MX, A, DnsServer, Zone
 from mailyard.internet.sink import Mode, Sink
 from mailyard.org import Organization
-from mailyard.site.redis_server import free_port
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
@@ -46,9 +45,9 @@ def world(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
     zone.replace(f"mx.{DOMAIN}", A("127.0.0.5"))
     dns = DnsServer(zone)
     dns.start()
-    port = free_port()
-    sink = Sink(tmp / "sink", host="127.0.0.5", port=port)
+    sink = Sink(tmp / "sink", host="127.0.0.5")  # (port 0: its own free port, no race for one)
     sink.start()
+    port = sink.port
     data = make_org().model_dump(mode="json")
     data["transport"]["dns_servers"] = [dns.address]
     for conn in data["send_connectors"]:
