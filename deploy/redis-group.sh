@@ -94,6 +94,11 @@ cli_at() {
     timeout 3 redis-cli -h "${at%:*}" -p "${at##*:}" --raw "$@"
 }
 
+field() {
+    # field NAME: the value of NAME in the INFO reply in $info ("role", "master_host"...).
+    printf '%s\n' "$info" | tr -d '\r' | sed -n "s/^$1://p"
+}
+
 answers() {
     # The reply of a member that answered (not an error): "# Server..." of INFO, PONG...
     case $1 in
@@ -275,8 +280,7 @@ health() {
             # writes: min-replicas-to-write), a replica is linked to its primary. A node that
             # waits for a failover before it starts does not answer.
             [ "$(cli_at "$at" PING 2>/dev/null)" = PONG ] || die "no PONG"
-            info=$(cli_at "$at" INFO replication 2>/dev/null | tr -d '\r')
-            field() { printf '%s\n' "$info" | sed -n "s/^$1://p"; }
+            info=$(cli_at "$at" INFO replication 2>/dev/null)
             case $(field role) in
                 master)
                     good=$(field min_slaves_good_slaves)
@@ -312,7 +316,6 @@ roles() {
             echo "${n%:*}: no answer"
             continue
         fi
-        field() { printf '%s\n' "$info" | tr -d '\r' | sed -n "s/^$1://p"; }
         if [ "$(field role)" = master ]; then
             echo "${n%:*}: primary, $(field connected_slaves) replica(s) connected"
         else
