@@ -131,15 +131,17 @@ def run_all(r: redis.Redis, txns: list[Txn], *, replicated: bool = False) -> lis
     if not txns:
         return []
     s = script(r, "txn")
+    need = 0
 
     def fill(pipe: redis.client.Pipeline) -> None:
+        nonlocal need
         for t in txns:
             s(keys=[], args=t.argv(), client=pipe)
         if replicated:
-            durability.append_wait(pipe)
+            need = durability.append_wait(pipe)
     replies = execute(r, fill)
     if replicated:
-        replies, refused = durability.verdict(replies)
+        replies, refused = durability.verdict(replies, need)
         if refused:
             raise durability.NotReplicated(refused)
     return [t._result(reply) for t, reply in zip(txns, replies, strict=True)]
@@ -172,12 +174,14 @@ class GroupCommit:
                 batch, self._pending = self._pending, []
                 run = script_async(self._r, "txn")
                 wait = any(replicated for _, _, replicated in batch)
+                need = 0
 
                 async def fill(pipe: redis.asyncio.client.Pipeline) -> None:
+                    nonlocal need
                     for txn, _, _ in batch:  # noqa: B023 (used before the loop moves on)
                         await run(keys=[], args=txn.argv(), client=pipe)  # noqa: B023
                     if wait:  # noqa: B023
-                        durability.append_wait(pipe)
+                        need = durability.append_wait(pipe)
                 try:
                     replies = await execute_async(self._r, fill)
                 except Exception as exc:
@@ -187,7 +191,7 @@ class GroupCommit:
                     continue
                 refused = None
                 if wait:
-                    replies, refused = durability.verdict(replies)
+                    replies, refused = durability.verdict(replies, need)
                 for (txn, future, replicated), reply in zip(batch, replies, strict=True):
                     if future.done():
                         continue

@@ -160,15 +160,18 @@ class SubmissionService:
             # One round trip: the registration, and whether a kick is pending already (under load
             # it is: the hub it names takes these items with its batch, as it would after a kick,
             # since they are in the Outbox index before this asks).
+            need = 0
+
             def fill(pipe: redis.client.Pipeline) -> None:
+                nonlocal need
                 script(self.r, "txn")(keys=[], args=txn.argv(), client=pipe)
                 pipe.get(keys.submit_kick(self.server))
                 if replicated:
-                    durability.append_wait(pipe)
+                    need = durability.append_wait(pipe)
             replies = execute(self.r, fill)
             refused: Unreplicated | None = None
             if replicated:
-                replies, refused = durability.verdict(replies)
+                replies, refused = durability.verdict(replies, need)
             _, pending = replies
             # (unconfirmed, the registration is on the primary all the same: kick as usual)
             if pending is None and self.notifier.kick(self.server) is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from mailyard import durability, tracking
+from mailyard import durability, redisconn, tracking
 from mailyard.org import Organization
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.redis_server import RedisServer
@@ -282,5 +282,61 @@ def test_auto_reads_the_primary(tmp_path: Path) -> None:
     finally:
         alone.stop()
         guarded.stop()
+
+# endregion
+
+
+# region: how many replicas a write waits for (every online one)
+
+def test_every_online_replica_counts_and_one_silent_too_long_does_not() -> None:
+    info = {"role": "master", "connected_slaves": 3,
+            "slave0": {"ip": "127.0.0.1", "port": 7001, "state": "online", "offset": 90, "lag": 0},
+            "slave1": {"ip": "127.0.0.1", "port": 7002, "state": "online", "offset": 80,
+                       "lag": durability.REPLICA_MAX_LAG_S + 1},  # stopped answering
+            "slave2": {"ip": "127.0.0.1", "port": 7003, "state": "wait_bgsave", "offset": 0, "lag": 0}}
+    assert durability.online_replicas(info) == 1
+    assert durability.online_replicas({"role": "master", "connected_slaves": 0}) == 0
+
+
+def write_confirmed(r: redis.Redis, key: str) -> durability.Unreplicated | None:
+    """One replicated write, as an acknowledgement point makes it: None once confirmed."""
+    from mailyard.txn import Txn, run_all
+    assert durability.replicated("replica", r)  # (reads the count of online replicas)
+    try:
+        run_all(r, [Txn().op("SET", key, "1")], replicated=True)
+    except durability.NotReplicated as exc:
+        return exc.outcome
+    return None
+
+
+def test_with_two_replicas_a_write_is_acknowledged_once_both_have_it_until_one_falls_silent(tmp_path: Path) -> None:
+    # The Sentinels may promote either replica, so an acknowledged write must be on both. One
+    # that stops answering (SIGSTOP, still connected) holds acknowledgements back only until it
+    # has been silent REPLICA_MAX_LAG_S; then the other alone confirms.
+    with servers(tmp_path) as (primary, first):
+        assert first is not None
+        second = start_replica(primary, tmp_path / "second")
+        try:
+            # (redis-py's default socket timeout, 5 s, is WAIT's: a client of its own, as Mailyard's)
+            r = redisconn.connect(primary.url(0))
+            wait_until(lambda: durability.online_replicas(r.info("replication")) == 2, timeout=DEADLINE,
+                       message="both replicas online")
+            time.sleep(durability.COUNT_TTL_S)  # (a count read before the second linked up ages out)
+            assert write_confirmed(r, "both") is None
+            for replica in (first, second):
+                assert redis.Redis.from_url(replica.url(0)).get("both") == b"1", f"not on {replica.url()}"
+            assert second.proc is not None
+            second.proc.send_signal(signal.SIGSTOP)
+            try:
+                refused = write_confirmed(r, "one")
+                assert refused is not None and refused.reason.startswith("1 of 2 replicas confirmed"), refused
+                # (then, the silent one no longer counted, the other confirms alone)
+                wait_until(lambda: write_confirmed(r, "later") is None, timeout=DEADLINE,
+                           message="a replica silent for longer than REPLICA_MAX_LAG_S is still waited for")
+            finally:
+                second.proc.send_signal(signal.SIGCONT)
+            assert redis.Redis.from_url(first.url(0)).get("later") == b"1"
+        finally:
+            second.stop()
 
 # endregion

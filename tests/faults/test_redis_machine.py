@@ -17,12 +17,10 @@ from mailyard.testing.waiting import wait_until
 
 @pytest.mark.slow
 def test_the_primarys_machine_lost_mid_stream_loses_nothing_and_nobody_restarts(world_factory, tmp_path: Path) -> None:
-    # One replica: the promoted primary has none left and refuses writes (min-replicas-to-write)
-    # until the lost machine, replaced, is back as its replica; the stream's clients retry as
-    # clients do. With two, WAIT 1 may be confirmed by the replica the Sentinels do not promote,
-    # and a write acknowledged right before the loss is lost (the README's Guarantees: seen
-    # here, 2 of 40 messages in 1 run of 7).
-    group = RedisGroup(tmp_path / "redis-group", replicas=1, databases=2).start()
+    # Two replicas: the Sentinels may promote either, so every acknowledged write must be on
+    # both (WAIT for every online replica; with WAIT 1, 2 of 40 messages were lost here in 1
+    # run of 7). The promoted one keeps the other and takes writes at once.
+    group = RedisGroup(tmp_path / "redis-group", replicas=2, databases=2).start()
     try:
         world = world_factory(redis=group, durability="replica")
     except BaseException:
