@@ -75,6 +75,21 @@ Failed SMTP logons (mailyard.hub.lockout; every key expires by itself)
                               STRING  set while the mailbox is locked for the sources that failed on it
   my:errors:src:<source>      STRING  5xx replies to a source that did not log on, within the window
 
+Edge Transport (mailyard.edgesync). In the organization's Redis:
+  my:edge:bootstrap:<edge>    STRING  the Edge's one-time bootstrap secret, from its subscription
+                                      file, until the first EdgeSync has used it; expires with it
+  my:edge:sync:<edge>         HASH    EdgeSync's state for the Edge: bootstrapped, config_at,
+                                      recipients_at, recipients, by (the hub), error, error_at
+  my:edge:sync-lease:<edge>   STRING  the hub pushing to that Edge now (PX)
+  my:edge:sync-now:<edge>     STRING  set by `mailyard org edge sync`: push at once, then deleted
+In an Edge's own Redis (it never reaches the organization's):
+  my:edge:recipients          SET     SHA-256 of every address that takes mail from outside,
+                                      salted per Edge (EdgeSync: no address is stored in clear)
+  my:edge:state               HASH    site, subscribed_at, config_at, recipients_at, recipients,
+                                      by (the hub that pushed last)
+  (its organization copy is my:org, written by EdgeSync with an ``edge`` section; its queues
+  are the keys above, as on a hub)
+
 Replication (mailyard.durability)
   my:durability:fence         PUBSUB  never subscribed to: an acknowledged write's pipeline
                                       PUBLISHes to it before WAIT, so the WAIT also covers a
@@ -116,6 +131,24 @@ STATS = P + "stats"
 
 CELERY_PREFIX = P + "celery:"
 DURABILITY_FENCE = P + "durability:fence"
+EDGE_RECIPIENTS = P + "edge:recipients"
+EDGE_STATE = P + "edge:state"
+
+
+def edge_bootstrap(edge: str) -> str:
+    return f"{P}edge:bootstrap:{edge}"
+
+
+def edge_sync(edge: str) -> str:
+    return f"{P}edge:sync:{edge}"
+
+
+def edge_sync_lease(edge: str) -> str:
+    return f"{P}edge:sync-lease:{edge}"
+
+
+def edge_sync_now(edge: str) -> str:
+    return f"{P}edge:sync-now:{edge}"
 
 
 def pressure(site: str) -> str:

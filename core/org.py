@@ -103,6 +103,9 @@ class TransportSettings(_Model):
     lease_time: Duration = 120  # how long a worker owns the items it took from a queue
     batch_size: int = Field(50, ge=1, le=1000)  # items a delivery task takes at once
     sweep_interval: Duration = 1
+    # EdgeSync (Set-EdgeSyncServiceConfig): how often the hubs of a site push to its Edges
+    edge_sync_config_interval: Duration = Field(180, gt=0)  # ConfigurationSyncInterval, 3 min
+    edge_sync_recipient_interval: Duration = Field(300, gt=0)  # RecipientSyncInterval, 5 min
     # A message whose Message-ID is already in the mailbox's folder (its Inbox; for a client's
     # "Send", its Outbox or Sent Items) and was stored there less than this long ago is not
     # stored again, whatever hub or path brought it (the Exchange store's duplicate
@@ -267,6 +270,10 @@ class SendConnector(_Model):
     port: int = Field(25, ge=1, le=65535)
     source_sites: list[Name] = Field(default_factory=list)
     source_servers: list[str] = Field(default_factory=list)
+    # Edge subscriptions among its source servers (Exchange's "EdgeSync - <Site> to Internet"):
+    # the hubs of source_sites reach it by relaying to one of these Edges over mutually
+    # authenticated TLS, and the Edge delivers as the connector says (mailyard.edgesync).
+    source_edges: list[Name] = Field(default_factory=list)
     max_message_size: Size = 10 * 1024 * 1024
     # Outbound TLS, as Exchange's Set-SendConnector: opportunistic (STARTTLS when offered, any
     # certificate) unless require_tls; with it, tls_auth_level says what the peer's certificate
@@ -277,6 +284,81 @@ class SendConnector(_Model):
     tls_auth_level: TlsAuthLevel | None = None
     tls_domain: Domain | None = None
     enabled: bool = True
+
+
+class EdgeSubscription(_Model):
+    """An Edge Transport server subscribed to a site (``mailyard org edge import``, Exchange's
+    New-EdgeSubscription -FileData -Site): the hubs of ``site`` push EdgeSync data to it, take
+    mail from it and send mail for the Internet through it. Made by the import, never written
+    in the organization file (``org apply`` keeps the stored ones)."""
+
+    name: Name
+    site: Name
+    fqdn: str
+    smtp: str  # HOST:PORT: its receive connector, where the hubs deliver to it
+    sync: str  # HOST:PORT: its EdgeSync listener (HTTPS)
+    certificate: str  # its own self-signed certificate (PEM): EdgeSync pins it
+    issued: str  # the organization CA's certificate for its key (PEM): SMTP between it and the hubs
+    recipient_salt: str  # EdgeSync's recipients cross as SHA-256 of this and the address
+    created: float = 0.0
+
+
+class EdgeRole(_Model):
+    """Only in an Edge's own copy of the organization (written by EdgeSync on the Edge, never
+    by ``org apply``): which Edge this is and the hubs of the site it is subscribed to."""
+
+    name: Name
+    site: Name
+    hubs: list[str] = Field(default_factory=list)  # HOST:PORT of the site's hubs' connector for servers
+
+
+class BlockListProvider(_Model):
+    """Add-IPBlockListProvider: a DNS block list (RFC 5782) asked about each client's IPv4
+    address at RCPT. ``bitmask``/``addresses``: which answers count (none: any 127.0.0.0/8
+    answer except the usual error codes 127.255.255.x)."""
+
+    name: Name
+    lookup_domain: Domain
+    bitmask: int | None = Field(None, ge=1, le=255)
+    addresses: list[str] = Field(default_factory=list)
+    rejection_response: str = Field("", max_length=240)  # {0} the IP, {1} the provider, {2} the lookup domain
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not value.startswith("127."):
+                raise ValueError(f"{value!r}: a block list answers with addresses in 127.0.0.0/8")
+            ipaddress.IPv4Address(value)
+        return values
+
+
+class AntispamSettings(_Model):
+    """The Edge's anti-spam agents, in Exchange's order (mailyard.hub.antispam). They run on
+    Edge Transport servers only (Exchange's AntispamAgentsEnabled is $true only there), for
+    sessions without the bypass right (a logged-on user, an Exchange server)."""
+
+    # Connection filtering (Set-IPAllowListConfig, Set-IPBlockListConfig, block list providers)
+    ip_allow_list: list[str] = Field(default_factory=list)  # IP ranges: skip every later agent
+    ip_block_list: list[str] = Field(default_factory=list)
+    block_list_providers: list[BlockListProvider] = Field(default_factory=list)
+    # Sender filtering (Set-SenderFilterConfig), at MAIL FROM: 554 5.1.0 Sender Denied
+    blocked_senders: list[Address] = Field(default_factory=list)
+    blocked_domains: list[Domain] = Field(default_factory=list)
+    blocked_domains_and_subdomains: list[Domain] = Field(default_factory=list)
+    blank_sender_blocking: bool = False
+    # Recipient filtering (Set-RecipientFilterConfig), at RCPT: 550 5.1.1 User unknown after
+    # the receive connector's tarpit. Exchange's RecipientValidationEnabled is off by default;
+    # with EdgeSync's recipients at hand, Mailyard's is on.
+    recipient_validation: bool = True
+    blocked_recipients: list[Address] = Field(default_factory=list)
+
+    @field_validator("ip_allow_list", "ip_block_list")
+    @classmethod
+    def _ranges(cls, values: list[str]) -> list[str]:
+        for value in values:
+            parse_ip_range(value)
+        return values
 
 
 class ReceiveConnector(_Model):
@@ -355,6 +437,9 @@ class Organization(_Model):
     contacts: list[Contact] = Field(default_factory=list)
     send_connectors: list[SendConnector] = Field(default_factory=list)
     receive_connectors: list[ReceiveConnector] = Field(default_factory=list)
+    antispam: AntispamSettings = Field(default_factory=AntispamSettings)
+    edge_subscriptions: list[EdgeSubscription] = Field(default_factory=list)
+    edge: EdgeRole | None = None
 
     @property
     def postmaster_address(self) -> str:
@@ -527,6 +612,18 @@ def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
             problems.append((("send_connectors", i, "tls_auth_level"), "needs require_tls = true"))
         if conn.tls_domain and conn.tls_auth_level != "DomainValidation":
             problems.append((("send_connectors", i, "tls_domain"), 'needs tls_auth_level = "DomainValidation"'))
+        for j, name in enumerate(conn.source_edges):
+            if org.edge is None and name not in {e.name for e in org.edge_subscriptions}:
+                problems.append((("send_connectors", i, "source_edges", j),
+                                 f"no Edge subscription {name!r} (`mailyard org edge list`)"))
+    edges = [e.name for e in org.edge_subscriptions]
+    for i, sub in enumerate(org.edge_subscriptions):
+        if edges.count(sub.name) > 1:
+            problems.append((("edge_subscriptions", i, "name"), f"Edge {sub.name!r} is subscribed twice"))
+        if sub.site not in sites:
+            problems.append((("edge_subscriptions", i, "site"), f"no site {sub.site!r}"))
+        if not pki.dns_label(sub.name):
+            problems.append((("edge_subscriptions", i, "name"), f"{sub.name!r} cannot name a certificate"))
     names = set()
     for i, rc in enumerate(org.receive_connectors):
         if rc.name in names:

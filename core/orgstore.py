@@ -27,7 +27,7 @@ def apply_org(r: redis.Redis, org: Organization) -> int:
     (keeping the hash already stored when it is of the same password, so applying the same file
     again changes nothing a hub verifies against)."""
     current = _stored(r)
-    org = hash_passwords(org, current)
+    org = keep_edge_subscriptions(hash_passwords(org, current), current)
     pipe = r.pipeline(transaction=True)
     pipe.set(keys.ORG, org.to_json())
     pipe.incr(keys.ORG_VERSION)
@@ -56,6 +56,18 @@ def hash_passwords(org: Organization, current: Organization | None = None) -> Or
                                        if op.password else stored_ops.get(op.name, "")})
                  for op in org.operators]
     return org.model_copy(update={"mailboxes": mailboxes, "operators": operators})
+
+
+def keep_edge_subscriptions(org: Organization, current: Organization | None) -> Organization:
+    """``org`` with the Edge subscriptions stored now, and the send connectors they are the
+    source of, when it names none itself: an organization file never holds them (``mailyard
+    org edge import`` makes them), so applying the file again keeps them."""
+    if current is None or org.edge is not None or org.edge_subscriptions or not current.edge_subscriptions:
+        return org
+    named = {c.name for c in org.send_connectors}
+    kept = [c for c in current.send_connectors if c.source_edges and c.name not in named]
+    return org.model_copy(update={"edge_subscriptions": current.edge_subscriptions,
+                                  "send_connectors": [*org.send_connectors, *kept]})
 
 
 def _stored(r: redis.Redis) -> Organization | None:
@@ -116,6 +128,12 @@ class OrgCache:
     @property
     def org(self) -> Organization:
         return self.get().org
+
+    @property
+    def version(self) -> int:
+        """The version of the directory ``get`` returns now."""
+        self.get()
+        return self._version
 
     def invalidate(self) -> None:
         self._checked = 0.0

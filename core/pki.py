@@ -10,6 +10,8 @@ the handshake, before anything is sent:
 
     <site>.hub.mailyard.internal          every hub of the site (one certificate per site)
     <server>.mailbox.mailyard.internal    one mailbox server
+    <edge>.edge.mailyard.internal         one Edge Transport server (issued at its subscription,
+                                          for the key it generated: the key never leaves it)
 
 One certificate per site for all its hubs, rather than one per hub: a hub relaying to a site
 wants *a* hub of that site, whichever answers, and hubs scaled with ``--scale hub=N`` get
@@ -70,7 +72,7 @@ def _label(name: str) -> str:
 class Identity:
     """Who a certificate says its holder is: a site's hubs, or one mailbox server."""
 
-    role: str  # "hub" or "mailbox"
+    role: str  # "hub", "mailbox" or "edge"
     name: str  # the site (hubs) or the server (mailbox servers), as the organization spells it
 
     @classmethod
@@ -80,6 +82,10 @@ class Identity:
     @classmethod
     def mailbox(cls, server: str) -> Identity:
         return cls("mailbox", server)
+
+    @classmethod
+    def edge(cls, name: str) -> Identity:
+        return cls("edge", name)
 
     @property
     def dns_name(self) -> str:
@@ -189,14 +195,25 @@ class CA:
         node = NodeCert(Path(out_dir or self.dir), identity)
         if node.valid_from(self):
             return node
-        ca_cert, ca_key = self._load()
         key = ec.generate_private_key(ec.SECP256R1())
+        cert = self.issue_for_key(identity, key.public_key())
+        node.dir.mkdir(parents=True, exist_ok=True)
+        _write_private(node.key_path, _pem_key(key))
+        _write_public(node.cert_path, cert)
+        if node.dir != self.dir:
+            _write_public(node.ca_path, self.cert_path.read_bytes())
+        return node
+
+    def issue_for_key(self, identity: Identity, public_key: ec.EllipticCurvePublicKey) -> bytes:
+        """A certificate (PEM) for ``identity`` and a key its holder made and keeps (an Edge's,
+        from its subscription file)."""
+        ca_cert, ca_key = self._load()
         now = _now()
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.dns_name)]))
             .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=NODE_DAYS))
@@ -208,12 +225,7 @@ class CA:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        node.dir.mkdir(parents=True, exist_ok=True)
-        _write_private(node.key_path, _pem_key(key))
-        _write_public(node.cert_path, cert.public_bytes(serialization.Encoding.PEM))
-        if node.dir != self.dir:
-            _write_public(node.ca_path, self.cert_path.read_bytes())
-        return node
+        return cert.public_bytes(serialization.Encoding.PEM)
 
 
 class NodeCert:
@@ -304,7 +316,7 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity 
         if kind != "DNS" or not isinstance(value, str) or not value.endswith("." + DOMAIN):
             continue
         label, _, role = value[: -len(DOMAIN) - 1].partition(".")
-        if role in ("hub", "mailbox") and label:
+        if role in ("hub", "mailbox", "edge") and label:
             return Identity(role, label)
     return None
 
@@ -312,6 +324,55 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity 
 def matches(identity: Identity | None, expected: Identity) -> bool:
     """Does a peer's identity (labels, as a certificate carries them) name ``expected``?"""
     return identity is not None and identity.role == expected.role and identity.name == _label(expected.name)
+
+
+def self_signed(name: str) -> tuple[bytes, bytes]:
+    """A new key and a self-signed certificate for it (PEM key, PEM certificate) naming ``name``
+    (an Edge's own, Exchange's "Edge-Cert": what its subscription file carries and the hubs pin)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=NODE_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return _pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def fingerprint(pem: bytes | str) -> str:
+    """A certificate's SHA-256 fingerprint, hex (what a pinned certificate is compared by)."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    return x509.load_pem_x509_certificate(data).fingerprint(hashes.SHA256()).hex()
+
+
+def public_key_of(pem: bytes | str) -> ec.EllipticCurvePublicKey:
+    """The EC public key a certificate (PEM) carries; SiteError for any other kind."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    key = x509.load_pem_x509_certificate(data).public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SiteError("the certificate's key is not an EC key")
+    return key
+
+
+def check_private(path: Path) -> None:
+    """SiteError if ``path`` (a secret) may be read by other users."""
+    _check_private(path)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """``data`` in ``path``, mode 0600 from the start, replaced atomically."""
+    _write_private(path, data)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    _write_public(path, data)
 
 
 def pki_dir(data_dir: Path) -> Path:

@@ -250,7 +250,7 @@ class Services:
             queues.commit([queues.change().ensure_queue(spec, now) for spec in specs])
         except Exception as exc:  # Redis not there yet: the queues appear with the first mail
             log.warning("could not create the site's queues: %s", exc)
-        for target, name in ((self._heartbeat, "heartbeat"), (self._sweep, "sweeper")):
+        for target, name in ((self._heartbeat, "heartbeat"), (self._sweep, "sweeper"), (self._edgesync, "edgesync")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -267,6 +267,11 @@ class Services:
                 self.node.r.delete(keys.SWEEPER)
         except Exception:
             pass
+
+    def _edgesync(self) -> None:
+        from mailyard.hub import edgesync
+
+        edgesync.run(self.node, self._stop)
 
     def _heartbeat(self) -> None:
         import mailbox  # which module this process resolves (DESIGN §3: never a shadow)

@@ -69,10 +69,7 @@ MAX_SEND_BATCH = 100  # messages a client sends in one request (Graph's JSON bat
 
 
 HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\]|[^\[\]:]+)(?::[0-9]{1,5})?")
-PEER = "mailyard_peer"  # the request state key of the client's verified certificate identity
-# The request state key of a dict the server shares with one connection: "abort" set there
-# means the response refuses the request and the connection is cut once it is written.
-CONNECTION = "mailyard_connection"
+from mailyard.peer_http import CONNECTION, PEER  # noqa: E402 (the request state keys, re-exported)
 
 
 def _cut_after_response(request: Request) -> None:

@@ -23,6 +23,7 @@ COMMANDS = {
     "viewer": "mailyard.cli.viewer:viewer",
     "flower": "mailyard.cli.flower:flower",
     "health": "mailyard.cli.health:health",
+    "edge": "mailyard.cli.edge:edge",
 }
 
 

@@ -225,3 +225,12 @@ def ca_init(file: Path, pki_dir: Path | None, data_dir: Path, export_dir: Path |
             out = pki.export(ca_, identity, export_dir / identity.file_stem, owner=owner)
             line += f" -> {out}"
         click.echo(line)
+
+
+def _edge_commands() -> None:
+    from mailyard.cli.edge import org_edge
+
+    org.add_command(org_edge, "edge")
+
+
+_edge_commands()

@@ -1,0 +1,221 @@
+"""``mailyard edge`` (on an Edge Transport server) and ``mailyard org edge`` (on the
+organization's side): subscribe, import, sync, look (mailyard.edgesync)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mailyard.cli.common import connect, data_dir_option, handle_errors, json_option, print_json, redis_option, table
+from mailyard.errors import SiteError
+from mailyard.units import parse_duration
+
+
+def _when(at: float | None) -> str:
+    if not at:
+        return "never"
+    ago = time.time() - at
+    return f"{ago:.0f}s ago" if ago < 120 else f"{ago / 60:.0f}m ago"
+
+
+# region: on the Edge
+
+@click.group()
+def edge() -> None:
+    """An Edge Transport server: the perimeter node that takes the Internet's mail for a site."""
+
+
+def _edge_redis(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--redis-url", envvar="MAILYARD_EDGE_REDIS_URL", required=True,
+                      help="The Edge's own Redis (never the organization's).")(fn)
+    return data_dir_option(fn)
+
+
+@edge.command()
+@click.option("--name", required=True, help="The Edge's name (Exchange: its server name), e.g. EDGE-01.")
+@click.option("--fqdn", help="Its FQDN, in its banner and its certificate (default: NAME.edge.invalid).")
+@click.option("--smtp", required=True, metavar="HOST:PORT", help="Where its receive connector listens.")
+@click.option("--sync", "sync_address", required=True, metavar="HOST:PORT",
+              help="Where its EdgeSync listener listens (HTTPS; Exchange: 50636).")
+@click.option("--file", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the subscription file (mode 0600: it holds the bootstrap secret).")
+@click.option("--valid", "validity", default="24h", show_default=True,
+              help="How long the bootstrap secret is valid (at least 2m).")
+@data_dir_option
+@handle_errors
+def subscribe(name: str, fqdn: str | None, smtp: str, sync_address: str, out: Path, validity: str,
+              data_dir: Path) -> None:
+    """Write a subscription file for `mailyard org edge import` (New-EdgeSubscription)."""
+    from mailyard import pki
+    from mailyard.edge.home import EdgeHome
+
+    for what, value in (("--smtp", smtp), ("--sync", sync_address)):
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint=what)
+    try:
+        seconds = parse_duration(validity)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--valid") from None
+    sub = EdgeHome(data_dir).subscribe(name=name, fqdn=fqdn or f"{name.lower()}.edge.invalid", smtp=smtp,
+                                       sync=sync_address, validity=seconds)
+    pki.write_private(out, sub.model_dump_json(indent=2).encode())
+    click.echo(f"wrote {out} (mode 0600): import it on the organization's side within {validity} with\n"
+               f"  mailyard org edge import {out} --site <site>\n"
+               f"then delete it: it holds the bootstrap secret in clear")
+
+
+@edge.command()
+@_edge_redis
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 256))
+@handle_errors
+def run(redis_url: str, data_dir: Path, loglevel: str, concurrency: int) -> None:
+    """Run the Edge: its EdgeSync listener, and its transport once subscribed."""
+    from mailyard.edge.run import serve
+    from mailyard.processes import setup_logging
+
+    setup_logging(loglevel)
+    serve(data_dir=data_dir, redis_url=redis_url, loglevel=loglevel, concurrency=concurrency)
+
+
+@edge.command()
+@_edge_redis
+@json_option
+@handle_errors
+def status(redis_url: str, data_dir: Path, as_json: bool) -> None:
+    """What the Edge has from EdgeSync and when it last came (Get-EdgeSubscription, on the Edge)."""
+    from mailyard import keys, redisconn
+    from mailyard.edge.home import EdgeHome
+    from mailyard.redisconn import text_map
+
+    home = EdgeHome(data_dir)
+    config = home.config()
+    r = redisconn.connect(redis_url)
+    state = text_map(r.hgetall(keys.EDGE_STATE))
+    subscribed = home.subscribed()
+    org_text = r.get(keys.ORG)
+    org = json.loads(org_text) if org_text else {}
+    data = {
+        "name": config["name"], "fqdn": config["fqdn"], "smtp": config["smtp"], "sync": config["sync"],
+        "subscribed": bool(subscribed), "organization": subscribed.organization if subscribed else None,
+        "site": subscribed.site if subscribed else None,
+        "config_at": float(state["config_at"]) if state.get("config_at") else None,
+        "recipients_at": float(state["recipients_at"]) if state.get("recipients_at") else None,
+        "recipients": r.scard(keys.EDGE_RECIPIENTS),
+        "accepted_domains": org.get("accepted_domains", []),
+        "send_connectors": [c["name"] for c in org.get("send_connectors", [])],
+        "hubs": (org.get("edge") or {}).get("hubs", []),
+        "by": state.get("by"),
+    }
+    if as_json:
+        print_json(data)
+        return
+    where = f"site {data['site']} of {data['organization']}" if subscribed else "not subscribed yet"
+    click.echo(f"Edge {data['name']} ({data['fqdn']}): {where}")
+    click.echo(f"  configuration: {_when(data['config_at'])}  recipients: {data['recipients']} "
+               f"({_when(data['recipients_at'])})")
+    click.echo(f"  accepted domains: {', '.join(data['accepted_domains']) or '-'}")
+    click.echo(f"  send connectors: {', '.join(data['send_connectors']) or '-'}")
+    click.echo(f"  hubs: {', '.join(data['hubs']) or '-'}")
+
+
+@edge.command()
+@data_dir_option
+@handle_errors
+def unsubscribe(data_dir: Path) -> None:
+    """Forget the subscription on the Edge (Remove-EdgeSubscription there)."""
+    from mailyard.edge.home import EdgeHome
+
+    EdgeHome(data_dir).unsubscribe()
+    click.echo("unsubscribed: the organization's certificates are gone; `mailyard edge subscribe` makes a new file")
+
+# endregion
+
+
+# region: on the organization's side
+
+@click.group("edge")
+def org_edge() -> None:
+    """Edge subscriptions of the organization: import, list, sync, remove."""
+
+
+@org_edge.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--site", required=True, help="The site whose hubs take the Edge's mail and push EdgeSync to it.")
+@click.option("--pki-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The organization's CA (default: <data-dir>/pki).")
+@redis_option
+@handle_errors
+def import_(file: Path, site: str, pki_dir: Path | None, redis_url: str | None, data_dir: Path) -> None:
+    """Subscribe the Edge of FILE to SITE (New-EdgeSubscription -FileData -Site)."""
+    from mailyard import pki
+    from mailyard.edge_subscriptions import import_subscription
+    from mailyard.edgesync import internet_connector_name, read_subscription
+
+    sub = read_subscription(file)
+    _, edge = import_subscription(connect(redis_url, data_dir), sub, site, pki_dir or pki.pki_dir(data_dir))
+    click.echo(f"subscribed Edge {edge.name} to site {site}: its hubs push EdgeSync to https://{edge.sync} "
+               f"(certificate {pki.fingerprint(edge.certificate)[:16]}...), and send Internet mail through it "
+               f"({internet_connector_name(site)!r}). Delete {file}: it holds the bootstrap secret")
+
+
+@org_edge.command("list")
+@redis_option
+@json_option
+@handle_errors
+def list_(redis_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """The subscribed Edges and their EdgeSync (Get-EdgeSubscription, Test-EdgeSynchronization)."""
+    from mailyard.edge_subscriptions import sync_states
+
+    states = sync_states(connect(redis_url, data_dir))
+    if as_json:
+        print_json([s.as_dict() for s in states])
+        return
+    rows = [(s.edge.name, s.edge.site, s.edge.smtp, "yes" if s.bootstrapped else "no", _when(s.config_at),
+             f"{s.recipients} ({_when(s.recipients_at)})", s.error or "") for s in states]
+    click.echo(table(rows, ["Edge", "Site", "SMTP", "Bootstrapped", "Config", "Recipients", "Last error"]))
+
+
+@org_edge.command("sync")
+@click.argument("names", nargs=-1)
+@click.option("--wait", default=0.0, type=click.FloatRange(0), metavar="SECONDS",
+              help="Wait up to this long for the push to be done.")
+@redis_option
+@handle_errors
+def sync(names: tuple[str, ...], wait: float, redis_url: str | None, data_dir: Path) -> None:
+    """Push configuration and recipients to the Edges now (Start-EdgeSynchronization)."""
+    from mailyard.edge_subscriptions import request_sync, sync_pending, sync_states
+
+    r = connect(redis_url, data_dir)
+    chosen = request_sync(r, list(names) or None)
+    deadline = time.monotonic() + wait
+    while wait and any(sync_pending(r, n) for n in chosen) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if wait:
+        states = {s.edge.name: s for s in sync_states(r)}
+        failed = [f"{n}: {states[n].error}" for n in chosen if n in states and sync_pending(r, n)]
+        if failed:
+            raise SiteError("EdgeSync not done within the wait: " + "; ".join(failed))
+        click.echo(f"synchronized {', '.join(chosen)}")
+    else:
+        click.echo(f"EdgeSync asked for {', '.join(chosen)}: the site's hubs push within a second")
+
+
+@org_edge.command("remove")
+@click.argument("name")
+@redis_option
+@handle_errors
+def remove(name: str, redis_url: str | None, data_dir: Path) -> None:
+    """Remove an Edge's subscription (Remove-EdgeSubscription)."""
+    from mailyard.edge_subscriptions import remove_subscription
+
+    remove_subscription(connect(redis_url, data_dir), name)
+    click.echo(f"removed Edge {name}: no more EdgeSync, and its certificate no longer logs on to the hubs")
+
+# endregion

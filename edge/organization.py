@@ -1,0 +1,46 @@
+"""The Edge's own copy of the organization, made from what EdgeSync pushed.
+
+It is an ``Organization`` so that the hub's pipeline runs on the Edge unchanged (its queues,
+retries, DSNs, tracking, the Queue Viewer), with an ``edge`` section that tells the stages
+where they are: one site named after the Edge, no mailboxes (the Edge knows recipients only as
+hashes, ``my:edge:recipients``), the accepted domains, the send connectors EdgeSync gave it
+(``EdgeSync - Inbound to <Site>`` to the site's hubs, and every connector it is a source of),
+and one receive connector, Exchange's ``Default internal receive connector <Edge>`` with the
+Edge's defaults.
+"""
+
+from __future__ import annotations
+
+from mailyard.edgesync import ConfigPush
+from mailyard.org import EdgeRole, Organization, ReceiveConnector, Site
+
+
+def receive_connector_name(edge: str) -> str:
+    return f"Default internal receive connector {edge}"
+
+
+def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str) -> Organization:
+    """The organization an Edge named ``name`` runs, listening for SMTP on ``smtp``."""
+    receive = ReceiveConnector(
+        name=receive_connector_name(name),
+        bindings=[smtp],
+        # Anyone from the Internet; the site's hubs by their certificate (ExchangeServers);
+        # partners (TLS with a certificate of theirs: not yet told apart).
+        permission_groups=["AnonymousUsers", "ExchangeServers", "Partners"],
+        auth_mechanisms=["Tls", "ExchangeServer"],
+        max_message_size=push.transport.max_message_size,
+        # Exchange 2010's Edge defaults: a 5 min session, 1 min of silence
+        connection_timeout=5 * 60,
+        connection_inactivity_timeout=60,
+        fqdn=fqdn,
+    )
+    return Organization(
+        name=push.organization,
+        accepted_domains=push.accepted_domains,
+        transport=push.transport,
+        sites=[Site(name=name)],
+        send_connectors=push.send_connectors,
+        receive_connectors=[receive],
+        antispam=push.antispam,
+        edge=EdgeRole(name=name, site=push.site, hubs=push.hubs),
+    )

@@ -1,0 +1,116 @@
+"""``mailyard edge run``: an Edge Transport server.
+
+One process holds the EdgeSync listener (mailyard.edge.sync_server) and supervises the Edge's
+transport: the hub's pipeline (``mailyard hub``: receive connector, categorizer, send
+connectors, sweeper, a Celery worker) on the Edge's own Redis and its own copy of the
+organization, started once the first EdgeSync brought a configuration and restarted if it
+dies. Its queues are in the Edge's Redis, persisted as a hub's are: an Edge killed in the
+middle of a stream loses nothing it acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import uvicorn
+
+from mailyard import keys, redisconn
+from mailyard.edge.home import EdgeHome
+from mailyard.edge.sync_server import create_app, trust_organization
+from mailyard.peer_http import PeerH11
+from mailyard.processes import serve_until_stopped
+
+log = logging.getLogger("mailyard.edge")
+
+
+def host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def listener_context(home: EdgeHome) -> ssl.SSLContext:
+    """The EdgeSync listener's context: the Edge's self-signed certificate; client
+    certificates verified against the organization's CA once it is subscribed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(home.cert_path, home.key_path)
+    ca = home.node_cert().ca_path
+    if home.subscribed() is not None and ca.exists():
+        trust_organization(ctx, str(ca))
+    return ctx
+
+
+class Transport:
+    """The Edge's transport process (``mailyard hub`` for the Edge's site), supervised."""
+
+    def __init__(self, *, name: str, redis_url: str, data_dir: Path, loglevel: str, concurrency: int) -> None:
+        self.argv = [sys.executable, "-m", "mailyard", "hub", "--site", name, "--name", name,
+                     "--redis-url", redis_url, "--data-dir", str(data_dir), "--loglevel", loglevel,
+                     "--concurrency", str(concurrency)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.wanted = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def want(self) -> None:
+        self.wanted.set()
+
+    def supervise(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                if self.wanted.is_set() and (self.proc is None or self.proc.poll() is not None):
+                    if self.proc is not None:
+                        log.warning("the Edge's transport ended (status %s): starting it again", self.proc.returncode)
+                    self.proc = subprocess.Popen(self.argv)  # (its output is this process's)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+
+
+def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency: int = 2) -> None:
+    home = EdgeHome(data_dir)
+    config = home.config()
+    r = redisconn.connect(redis_url)
+    ctx = listener_context(home)
+    transport = Transport(name=config["name"], redis_url=redis_url, data_dir=data_dir, loglevel=loglevel,
+                          concurrency=concurrency)
+    app = create_app(home, r, ctx, on_config=transport.want)
+    host, port = host_port(config["sync"])
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    # (uvicorn makes its own context from files; the listener's must be this one, which the
+    # bootstrap changes while it runs)
+    web_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http=PeerH11,
+                                loop="uvloop", h11_max_incomplete_event_size=64 * 1024,
+                                ssl_certfile=str(home.cert_path), ssl_keyfile=str(home.key_path))
+    web_config.load()
+    web_config.ssl = ctx
+    web = uvicorn.Server(web_config)
+    if r.hget(keys.EDGE_STATE, "config_at"):  # (configured before this start)
+        transport.want()
+    subscribed = home.subscribed()
+    threading.Thread(target=transport.supervise, name="transport", daemon=True).start()
+    state = f"subscribed to site {subscribed.site}" if subscribed else "waiting for its subscription"
+    print(f"Edge {config['name']} ({state}): EdgeSync on https://{config['sync']}, SMTP on {config['smtp']}, "
+          f"pid {os.getpid()}", flush=True)
+    try:
+        serve_until_stopped(web, [sock])
+    finally:
+        transport.stop()
