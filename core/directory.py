@@ -66,6 +66,9 @@ class Directory:
     def __init__(self, org: Organization) -> None:
         self.org = org
         self.accepted_domains = frozenset(org.accepted_domains)
+        # An Edge's copy (mailyard.edgesync): it knows the organization's recipients only as
+        # hashes, checked at RCPT; an address of an accepted domain is routed by its domain.
+        self.edge = org.edge is not None
         self.site_of_server = {srv: s.name for s in org.sites for srv in s.mailbox_servers}
         self._entries: dict[str, Entry] = {}
         self._groups: dict[str, list[str]] = {g.address: list(g.members) for g in org.groups}
@@ -194,7 +197,7 @@ class Directory:
             lowered = canonical(address)
             entry = self._entries.get(lowered)
             if entry is None:
-                if self.is_accepted(lowered):
+                if self.is_accepted(lowered) and not self.edge:
                     if lowered not in out.unknown:
                         out.unknown.append(lowered)
                     return

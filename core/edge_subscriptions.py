@@ -56,7 +56,7 @@ def import_subscription(r: redis.Redis, sub: SubscriptionFile, site: str, ca_dir
                                      "send_connectors": connectors})
     r.set(keys.edge_bootstrap(sub.edge), sub.bootstrap_secret, pxat=int(sub.expires * 1000))
     r.delete(keys.edge_sync(sub.edge))
-    apply_org(r, updated)
+    apply_org(r, updated, keep_edges=False)
     return updated, edge
 
 
@@ -77,7 +77,7 @@ def remove_subscription(r: redis.Redis, name: str) -> Organization:
     updated = org.model_copy(update={"edge_subscriptions": [e for e in org.edge_subscriptions if e.name != name],
                                      "send_connectors": connectors})
     r.delete(keys.edge_bootstrap(name), keys.edge_sync(name), keys.edge_sync_now(name))
-    apply_org(r, updated)
+    apply_org(r, updated, keep_edges=False)
     return updated
 
 

@@ -310,6 +310,7 @@ class EdgeRole(_Model):
     name: Name
     site: Name
     hubs: list[str] = Field(default_factory=list)  # HOST:PORT of the site's hubs' connector for servers
+    recipient_salt: str = ""  # how EdgeSync's recipient hashes were made (mailyard.edgesync)
 
 
 class BlockListProvider(_Model):

@@ -20,14 +20,18 @@ from mailyard.redisconn import number
 log = logging.getLogger("mailyard.org")
 
 
-def apply_org(r: redis.Redis, org: Organization) -> int:
+def apply_org(r: redis.Redis, org: Organization, *, keep_edges: bool = True) -> int:
     """Store a validated organization and announce it; returns the new version.
 
     Mailbox passwords are stored only as hashes: a password given in clear is hashed here
     (keeping the hash already stored when it is of the same password, so applying the same file
-    again changes nothing a hub verifies against)."""
+    again changes nothing a hub verifies against). ``keep_edges``: an organization without Edge
+    subscriptions keeps the stored ones (``keep_edge_subscriptions``); False where the
+    subscriptions themselves change (mailyard.edge_subscriptions)."""
     current = _stored(r)
-    org = keep_edge_subscriptions(hash_passwords(org, current), current)
+    org = hash_passwords(org, current)
+    if keep_edges:
+        org = keep_edge_subscriptions(org, current)
     pipe = r.pipeline(transaction=True)
     pipe.set(keys.ORG, org.to_json())
     pipe.incr(keys.ORG_VERSION)

@@ -19,7 +19,7 @@ def receive_connector_name(edge: str) -> str:
     return f"Default internal receive connector {edge}"
 
 
-def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str) -> Organization:
+def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str, salt: str) -> Organization:
     """The organization an Edge named ``name`` runs, listening for SMTP on ``smtp``."""
     receive = ReceiveConnector(
         name=receive_connector_name(name),
@@ -42,5 +42,5 @@ def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str) -> O
         send_connectors=push.send_connectors,
         receive_connectors=[receive],
         antispam=push.antispam,
-        edge=EdgeRole(name=name, site=push.site, hubs=push.hubs),
+        edge=EdgeRole(name=name, site=push.site, hubs=push.hubs, recipient_salt=salt),
     )

@@ -117,7 +117,8 @@ def create_app(home: EdgeHome, r: redis.Redis, ctx: ssl.SSLContext,
         if push.site != site:
             raise Refused(403, f"this Edge is subscribed to site {site}, not {push.site}")
         settings = home.config()
-        org = edge_organization(push, name=settings["name"], fqdn=settings["fqdn"], smtp=settings["smtp"])
+        org = edge_organization(push, name=settings["name"], fqdn=settings["fqdn"], smtp=settings["smtp"],
+                                 salt=settings["recipient_salt"])
         version = apply_org(r, org)
         r.hset(keys.EDGE_STATE, mapping={"config_at": time.time(), "config_version": version,
                                          "by": str(getattr(request.state, PEER, ""))})

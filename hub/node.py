@@ -118,9 +118,15 @@ class Node:
         return res["mailboxes"]
 
     @property
+    def is_edge(self) -> bool:
+        """An Edge Transport server's transport (its copy of the organization has ``edge``)."""
+        return self.orgs.org.edge is not None
+
+    @property
     def node_cert(self) -> pki.NodeCert:
-        """This hub's certificate: its site's, issued by the organization's CA."""
-        return pki.NodeCert(pki.pki_dir(self.data_dir or Path(".")), pki.Identity.hub(self.site))
+        """This hub's certificate: its site's, issued by the organization's CA (an Edge's own)."""
+        identity = pki.Identity.edge(self.name) if self.is_edge else pki.Identity.hub(self.site)
+        return pki.NodeCert(pki.pki_dir(self.data_dir or Path(".")), identity)
 
     def relay_tls(self) -> ssl.SSLContext:
         """The client context of a link to a hub of another site: it presents this hub's

@@ -21,7 +21,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from mailyard import durability, headers, mime
-from mailyard.hub import encoding, replies
+from mailyard.hub import antispam, encoding, replies
 from mailyard.hub import receive_policy as policy
 from mailyard.hub.intake import accept
 from mailyard.hub.receive_policy import Identity
@@ -85,6 +85,10 @@ class ReceiveHandler:
             return refusal
         if refusal := policy.pressure_refusal(self.ctx.level, policy.is_internal(identity)):
             return refusal
+        directory = self.ctx.directory()
+        if antispam.applies(directory, identity, state.antispam, state.client_ip) and (
+                refusal := await antispam.on_mail(self.ctx, directory, state.antispam, state.client_ip, sender)):
+            return refusal
         server.data_size_limit = policy.size_limit(state.connector, identity)
         envelope.mail_from = sender or "<>"  # aiosmtpd needs it non-empty to see a MAIL happened
         envelope.mail_options.extend(mail_options)
@@ -94,12 +98,17 @@ class ReceiveHandler:
                           rcpt_options: list[str]) -> str:
         state = server.state
         assert state is not None
+        identity = self._identity(server, session)
+        directory = self.ctx.directory()
         try:
-            rcpt = policy.rcpt_to(state.connector, self._identity(server, session), address, self.ctx.directory(),
-                                  taken=len(envelope.rcpt_tos))
+            rcpt = policy.rcpt_to(state.connector, identity, address, directory, taken=len(envelope.rcpt_tos))
         except policy.Refused as refused:
             return refused.reply
         if refusal := encoding.envelope_refusal(address, envelope.smtp_utf8):
+            return refusal
+        sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+        if antispam.applies(directory, identity, state.antispam, state.client_ip) and (
+                refusal := await antispam.on_rcpt(self.ctx, directory, state.antispam, state.client_ip, sender, rcpt)):
             return refusal
         if rcpt not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(rcpt)

@@ -99,7 +99,7 @@ def tls_contexts(cert: Path, key: Path, node: pki.NodeCert | None) -> tuple[ssl.
     if node is None:
         return own, None
     org = node.server_context(client_certs=True)
-    suffix = f".hub.{pki.DOMAIN}"
+    suffix = f".{node.identity.role}.{pki.DOMAIN}"  # (an Edge's: <edge>.edge.mailyard.internal)
 
     def by_name(ssl_object: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext) -> None:
         if name and name.lower().endswith(suffix):
@@ -115,9 +115,10 @@ def tls_contexts(cert: Path, key: Path, node: pki.NodeCert | None) -> tuple[ssl.
     return own, mutual
 
 
-def site_cert(data_dir: Path, site: str) -> pki.NodeCert | None:
-    """The site's certificate of the organization, or None (logged: no hub can log on here)."""
-    node = pki.NodeCert(pki.pki_dir(data_dir), pki.Identity.hub(site))
+def site_cert(data_dir: Path, identity: pki.Identity) -> pki.NodeCert | None:
+    """The site's certificate of the organization (an Edge's own), or None (logged: no hub can
+    log on here)."""
+    node = pki.NodeCert(pki.pki_dir(data_dir), identity)
     try:
         node.check()
     except SiteError as exc:
@@ -151,7 +152,8 @@ class ReceiveListener:
         tls_dir = self.data_dir / "tls"
         cert, key = tls_dir / f"{self.hub}.crt", tls_dir / f"{self.hub}.key"
         self_signed(cert, key, fqdn)
-        own, mutual = tls_contexts(cert, key, site_cert(self.data_dir, self.site))
+        identity = pki.Identity.edge(self.hub) if org.edge is not None else pki.Identity.hub(self.site)
+        own, mutual = tls_contexts(cert, key, site_cert(self.data_dir, identity))
         self.ctx = ReceiveContext(
             hub=self.hub, site=self.site, fqdn=fqdn, r=self.r, sync_r=self.sync_r,
             directory=self.watcher.current,

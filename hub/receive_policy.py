@@ -209,9 +209,17 @@ def certificate_logon(directory: Directory, conn: ReceiveConnector, peer: pki.Id
     makes the client an Exchange server of that site, where the connector has ExchangeServer;
     a mailbox server's certificate, or one of a site the organization no longer has, proves
     nothing here."""
-    if peer is None or peer.role != "hub" or SERVER_LOGON not in conn.auth_mechanisms:
+    if peer is None or SERVER_LOGON not in conn.auth_mechanisms:
         return None
-    site = next((s.name for s in directory.org.sites if pki.matches(peer, pki.Identity.hub(s.name))), None)
+    org = directory.org
+    if peer.role == "edge":  # a subscribed Edge (mailyard.edgesync), never one whose subscription went
+        edge = next((e.name for e in org.edge_subscriptions if pki.matches(peer, pki.Identity.edge(e.name))), None)
+        return Identity("server", edge) if edge else None
+    if peer.role != "hub":
+        return None
+    if org.edge is not None:  # on an Edge: the hubs of the site it is subscribed to, and no others
+        return Identity("server", org.edge.site) if pki.matches(peer, pki.Identity.hub(org.edge.site)) else None
+    site = next((s.name for s in org.sites if pki.matches(peer, pki.Identity.hub(s.name))), None)
     return Identity("server", site) if site else None
 
 
@@ -317,7 +325,9 @@ def rcpt_to(conn: ReceiveConnector, identity: Identity | None, address: str, dir
         rcpt = normalize_address(address)
     except ValueError:
         raise Refused(replies.INVALID_RECIPIENT) from None
-    if directory.is_accepted(rcpt):
+    if directory.is_accepted(rcpt) and directory.edge:
+        pass  # (an Edge: its recipient filter checks the address, mailyard.hub.antispam)
+    elif directory.is_accepted(rcpt):
         if directory.lookup(rcpt) is None:
             # postmaster@ every accepted domain is the organization's postmaster (RFC 5321 4.5.1)
             if rcpt.partition("@")[0] == "postmaster" and directory.lookup(postmaster) is not None:

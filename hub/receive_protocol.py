@@ -82,6 +82,7 @@ class SessionState:
     logon_failures: int = 0
     errors: int = 0  # 5xx replies but 535s (MaxProtocolErrors)
     counted: bool = False  # in the connections per source and per connector
+    antispam: dict[str, Any] = field(default_factory=dict)  # the Edge's agents' findings (mailyard.hub.antispam)
 
 
 @dataclass

@@ -5,7 +5,11 @@
 - anything outside the organization (a contact's external address, an external domain):
   the send connector chosen by Exchange's least-cost rules, through its
   DnsConnectorDelivery (one queue per domain) or SmartHostConnectorDelivery queue; when its
-  source servers are in another site, the message is relayed to that site first;
+  source servers are in another site, the message is relayed to that site first; when they
+  are Edge subscriptions (``EdgeSync - <Site> to Internet``), the hubs of its site relay to
+  those Edges (one SmartHostConnectorDelivery queue) and the Edge delivers;
+- on an Edge, whose copy of the organization has no mailboxes: an address of an accepted
+  domain goes by ``EdgeSync - Inbound to <Site>`` to the site's hubs;
 - no connector at all: the Unreachable queue.
 """
 
@@ -115,6 +119,9 @@ def next_hop_queue(org: Organization, local_site: str, rcpt: Final, size: int) -
         return remote_site_queue(local_site, choice.source_site)
     conn = choice.connector
     celery_queue = connector_celery_queue(conn, local_site)
+    if conn.source_edges and org.edge is None:
+        return QueueSpec(f"{local_site}\\{conn.name}", local_site, QueueKind.DELIVERY, DeliveryType.SMART_HOST,
+                         ",".join(conn.source_edges), celery_queue, conn.name)
     if conn.dns_routing:
         return QueueSpec(f"{local_site}\\{domain}", local_site, QueueKind.DELIVERY, DeliveryType.DNS, domain,
                          celery_queue, conn.name)

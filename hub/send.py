@@ -63,10 +63,16 @@ class Destination:
     tls_context: ssl.SSLContext | None = None  # with ``peer``: this hub's client context (Node.relay_tls)
     tls_auth_level: str | None = None  # with require_tls: EncryptionOnly, CertificateValidation, DomainValidation
     tls_domain: str | None = None  # with DomainValidation: the name the certificate must carry
+    peers: dict[str, pki.Identity] = field(default_factory=dict)  # per target host (Edges): as ``peer``
+
+    def peer_for(self, target: mx.Target) -> pki.Identity | None:
+        return self.peers.get(target.host, self.peer)
 
     @property
     def session_key(self) -> str:
         """What a cached connection must have been opened for, besides the address."""
+        if self.peers:
+            return "|".join(sorted(p.dns_name for p in self.peers.values()))
         return self.peer.dns_name if self.peer else f"{self.username}|{self.tls_auth_level}|{self.tls_domain}"
 
 
@@ -102,6 +108,10 @@ def destination_of(node: Node, batch: Batch) -> Destination:
     conn = _connector(node, name)
     if conn is None or not conn.enabled:
         raise TransientDeliveryError(451, "4.4.9", f"send connector {name!r} is missing or disabled")
+    if conn.source_edges and not node.is_edge:
+        return _edge_destination(node, conn)
+    if node.is_edge and conn.smart_hosts == ["--"]:
+        return _subscribed_hubs_destination(node)
     resolver = mx.resolver_for(settings.dns_servers)
     if batch.delivery_type == DeliveryType.DNS.value:
         targets = mx.resolve(resolver, batch.next_hop)
@@ -128,6 +138,47 @@ def _is_ip(host: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _relay_tls(node: Node) -> ssl.SSLContext:
+    try:
+        return node.relay_tls()
+    except SiteError as exc:
+        raise TransientDeliveryError(451, "4.7.5", f"{exc}: nothing sent ({ORG_TLS})") from None
+
+
+def _edge_destination(node: Node, conn: SendConnector) -> Destination:
+    """A connector whose source is one or more Edge subscriptions, from a hub of its site: the
+    Edges' receive connectors (shuffled), each to prove itself with the certificate the
+    organization's CA issued at its subscription; this hub presents its site's."""
+    org = node.orgs.org
+    targets, peers = [], {}
+    for sub in org.edge_subscriptions:
+        if sub.name in conn.source_edges:
+            host, port = _host_port(sub.smtp, 25)
+            targets.append(mx.Target(sub.name, host, port=port))
+            peers[sub.name] = pki.Identity.edge(sub.name)
+    if not targets:
+        raise TransientDeliveryError(451, "4.4.1", f"no Edge subscription is a source of {conn.name}")
+    random.shuffle(targets)
+    return Destination(targets, 25, require_tls=True, org_origin=True, peers=peers, tls_context=_relay_tls(node))
+
+
+def _subscribed_hubs_destination(node: Node) -> Destination:
+    """On an Edge, ``EdgeSync - Inbound to <Site>`` (smart hosts ``--``): the hubs of the site
+    it is subscribed to, as EdgeSync listed them (shuffled), each to prove itself with the
+    site's certificate; the Edge presents its own."""
+    role = node.orgs.org.edge
+    assert role is not None
+    targets = []
+    for i, address in enumerate(role.hubs):
+        host, port = _host_port(address, 25)
+        targets.append(mx.Target(f"hub {i + 1} of {role.site}", host, port=port))
+    if not targets:
+        raise TransientDeliveryError(451, "4.4.1", f"EdgeSync has listed no live hub of site {role.site}")
+    random.shuffle(targets)
+    return Destination(targets, 25, require_tls=True, org_origin=True, peer=pki.Identity.hub(role.site),
+                       tls_context=_relay_tls(node))
 
 
 def _remote_site_destination(node: Node, site: str) -> Destination:
@@ -211,8 +262,8 @@ async def _open(target: mx.Target, port: int, dest: Destination, *, helo: str, t
     try:
         await smtp.connect(timeout=min(CONNECT_TIMEOUT, timeout))
         await smtp.ehlo()
-        if dest.peer is not None:
-            await _org_tls(smtp, target, dest.peer, dest.tls_context)
+        if (peer := dest.peer_for(target)) is not None:
+            await _org_tls(smtp, target, peer, dest.tls_context)
             await smtp.ehlo()
         elif smtp.supports_extension("starttls"):
             await _starttls(smtp, target, dest)

@@ -67,6 +67,19 @@ class EdgeNode:
         assert self.alive, f"the Edge exited: {self.tail()}"
         return self
 
+    def wait_smtp(self, timeout: float = 90) -> None:
+        """Until the Edge's receive connector accepts connections (its transport started)."""
+        import socket
+
+        def accepts() -> bool:
+            assert self.alive, f"the Edge exited: {self.tail()}"
+            try:
+                socket.create_connection((self.host, self.smtp_port), timeout=2).close()
+                return True
+            except OSError:
+                return False
+        wait_until(accepts, timeout=timeout, message=lambda: f"the Edge's SMTP does not answer: {self.tail()}")
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -99,9 +112,19 @@ class EdgeNode:
                 continue
         return out
 
+    def kill(self) -> None:
+        """SIGKILL the Edge and every process of it (its transport, its workers)."""
+        assert self.proc is not None
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)  # (it stops its transport itself)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,248 @@
+"""Mail through a real Edge Transport server (``mailyard edge run``, its transport the hub's
+pipeline on its own Redis): from the Internet through the Edge to a hub and an Inbox, exactly
+once; from an Inbox through a hub and the Edge to the Internet; the anti-spam agents at MAIL and
+RCPT (connection filtering with a real DNS block list, sender filtering, recipient filtering
+after the tarpit); the bypass for servers; and a hub that refuses an Edge it no longer knows.
+Every server is on loopback, DNS is the project's own server."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+
+import pytest
+
+from mailyard import keys, tracking
+from mailyard.internet.dns import MX, A, DnsServer, Zone
+from mailyard.internet.sink import Sink
+from mailyard.org import AntispamSettings, BlockListProvider, Organization
+from mailyard.site.ports import free_port
+from mailyard.testing.cluster import Cluster
+from mailyard.testing.edge import EdgeNode
+from mailyard.testing.redis_server import RedisServer
+from mailyard.testing.waiting import wait_until
+from tests.conftest import ROOT, make_org
+from tests.hub.helpers import at_sink, tag
+
+DEADLINE = 90.0
+SPAMMER = "127.0.0.66"  # listed by the block list below
+STRANGER = "127.0.0.3"  # anyone else on the Internet
+
+
+@dataclass
+class World:
+    site: Cluster
+    edge: EdgeNode
+    sink: Sink
+    zone: Zone
+
+    def apply(self, **changes: object) -> None:
+        """The organization with ``changes``, applied (the subscription kept), then synced."""
+        org = self.site.org.__class__.from_json(self.site.r.get(keys.ORG))
+        self.site.apply(org.model_copy(update=changes))
+        org_cli(self.site, "sync", "--wait", "60")
+
+
+def org_cli(site: Cluster, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "mailyard", "org", "edge", *args, "--data-dir", str(site.data_dir)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=90, env=site._env(None))
+    assert done.returncode == 0, f"mailyard org edge {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def edge_org(dns: DnsServer) -> Organization:
+    data = make_org().model_dump(mode="json")
+    data["transport"]["dns_servers"] = [dns.address]
+    # The organization's only way out is the Edge (no send connector of the hubs' own)
+    data["send_connectors"] = []
+    data["antispam"] = AntispamSettings(
+        block_list_providers=[BlockListProvider(name="Demo block list", lookup_domain="bl.mailyard.test")],
+        blocked_senders=["spam@fabrikam.example"], blocked_domains_and_subdomains=["spammy.example"],
+        ip_allow_list=["127.0.0.7"]).model_dump(mode="json")
+    return Organization.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def world(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("edge-transport")
+    zone = Zone()
+    dns = DnsServer(zone).start()
+    sink = Sink(tmp / "sink", host="127.0.0.2", port=free_port("127.0.0.2")).start()
+    zone.replace("fabrikam.example", MX(10, "mx.fabrikam.example"))
+    zone.replace("mx.fabrikam.example", A("127.0.0.2"))
+    zone.replace("66.0.0.127.bl.mailyard.test", A("127.0.0.2"))  # RFC 5782: 127.0.0.2 means listed
+    site = Cluster(redis_server.new_db(), tmp / "org", edge_org(dns), cwd=ROOT)
+    edge = EdgeNode(tmp / "edge", cwd=ROOT)
+    try:
+        site.start_mailboxes(["MBX-AMS-01", "MBX-AMS-02"])
+        site.start_hub("Amsterdam", "hub-ams-1")
+        file = edge.subscribe(tmp / "edge-subscription.json")
+        edge.start()
+        org_cli(site, "import", str(file), "--site", "Amsterdam")
+        world = World(site, edge, sink, zone)
+        # The Internet connector the import made, to the demo Internet's port
+        org = site.org.__class__.from_json(site.r.get(keys.ORG))
+        connectors = [c.model_copy(update={"port": sink.port}) for c in org.send_connectors]
+        world.apply(send_connectors=connectors)
+        wait_until(lambda: edge.status()["hubs"], timeout=DEADLINE, message=lambda: f"no hubs listed: {edge.tail()}")
+        edge.wait_smtp()
+        yield world
+    finally:
+        edge.stop()
+        site.close()
+        sink.stop()
+        dns.stop()
+
+
+def smtp_to_edge(world: World, source: str = STRANGER) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", world.edge.smtp_port, local_hostname="mail.fabrikam.example", timeout=30,
+                          source_address=(source, 0))
+    client.ehlo()
+    return client
+
+
+def message(sender: str, to: str, subject: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
+    msg["Message-ID"] = f"<{tag('id').replace(' ', '.')}@fabrikam.example>"
+    msg.set_content("hello from the Internet\n")
+    return msg
+
+
+def edge_events(world: World, event: str) -> list[tracking.Record]:
+    return [r for r in tracking.search(world.edge.r) if r.event == event]
+
+
+def test_mail_from_the_internet_goes_through_the_edge_to_the_inbox_exactly_once(world: World) -> None:
+    subject = tag("from the Internet")
+    with smtp_to_edge(world) as client:
+        client.send_message(message("carol@fabrikam.example", "bob@contoso.com", subject))
+    (item,) = world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
+    raw = world.site.raw("bob@contoso.com", item["id"])
+    assert b"EDGE-01" in raw, "the Edge's Received header"
+    # The Edge's queue to the site's hubs, drained; nothing left on it
+    received = [r for r in edge_events(world, "RECEIVE") if r.subject == subject]
+    assert len(received) == 1 and received[0].source == "SMTP"
+    sent = wait_until(lambda: [r for r in edge_events(world, "SEND") if r.subject == subject], timeout=DEADLINE)
+    assert sent[0].queue == "EDGE-01\\EdgeSync - Inbound to Amsterdam", sent
+    # Counted when every retry is over: once
+    wait_until(lambda: not world.edge.r.zcard(keys.INFLIGHT) and not world.edge.r.zcard(keys.RETRY), timeout=DEADLINE)
+    assert world.site.subjects("bob@contoso.com").count(subject) == 1
+
+
+def test_mail_to_the_internet_leaves_through_the_edge(world: World) -> None:
+    subject = tag("to the Internet")
+    world.site.send("alice@contoso.com", ["carol@fabrikam.example"], subject=subject)
+    found = wait_until(lambda: at_sink(world.sink, "fabrikam.example", subject), timeout=DEADLINE,
+                       message=lambda: f"{world.site.tail('hub-ams-1')}{world.edge.tail()}")
+    assert len(found) == 1
+    hub_sent = [r for r in tracking.search(world.site.r) if r.event == "SEND" and r.subject == subject]
+    assert hub_sent and hub_sent[0].queue == "Amsterdam\\EdgeSync - Amsterdam to Internet", hub_sent
+    edge_sent = wait_until(lambda: [r for r in edge_events(world, "SEND") if r.subject == subject], timeout=DEADLINE)
+    assert edge_sent[0].queue == "EDGE-01\\fabrikam.example", edge_sent
+
+
+def refused_at_rcpt(world: World, rcpt: str, *, source: str = STRANGER, sender: str = "carol@fabrikam.example"
+                    ) -> tuple[int, str, float]:
+    with smtp_to_edge(world, source) as client:
+        code, text = client.mail(sender)
+        assert code == 250, text
+        started = time.monotonic()
+        code, text = client.rcpt(rcpt)
+        return code, text.decode(), time.monotonic() - started
+
+
+def test_an_unknown_recipient_is_refused_after_the_tarpit(world: World) -> None:
+    code, text, took = refused_at_rcpt(world, "nobody@contoso.com")
+    assert (code, text) == (550, "5.1.1 User unknown")
+    assert took >= 4.9, f"answered after {took:.1f} s, before the 5 s tarpit"
+    fails = [r for r in edge_events(world, "FAIL") if r.recipients == ["nobody@contoso.com"]]
+    assert fails and fails[0].source == "AGENT" and fails[0].context.startswith("Recipient Filter:"), fails
+    assert refused_at_rcpt(world, "bob@contoso.com")[:2] == (250, "2.1.5 Recipient OK")
+
+
+def test_a_source_on_the_dns_block_list_is_refused_at_rcpt(world: World) -> None:
+    code, text, _ = refused_at_rcpt(world, "bob@contoso.com", source=SPAMMER)
+    assert (code, text) == (550, "5.7.1 Recipient not authorized, your IP has been found on a block list")
+    fails = [r for r in edge_events(world, "FAIL") if r.client == SPAMMER]
+    assert fails and "listed by Demo block list" in fails[0].context, fails
+    # the allow list skips every agent, the block list included
+    assert refused_at_rcpt(world, "bob@contoso.com", source="127.0.0.7")[:2] == (250, "2.1.5 Recipient OK")
+
+
+@pytest.mark.parametrize("sender", ["spam@fabrikam.example", "anyone@mail.spammy.example"])
+def test_a_blocked_sender_is_refused_at_mail_from(world: World, sender: str) -> None:
+    with smtp_to_edge(world) as client:
+        code, text = client.mail(sender)
+    assert (code, text.decode()) == (554, "5.1.0 Sender Denied")
+    assert any(r.sender == sender and r.context.startswith("Sender Filter:") for r in edge_events(world, "FAIL"))
+
+
+def test_mail_for_another_domain_is_not_relayed_by_the_edge(world: World) -> None:
+    code, text, _ = refused_at_rcpt(world, "someone@elsewhere.example")
+    assert (code, text) == (550, "5.7.1 Unable to relay")
+
+
+def test_the_block_list_text_is_the_operators(world: World) -> None:
+    org = world.site.org.__class__.from_json(world.site.r.get(keys.ORG))
+    provider = org.antispam.block_list_providers[0].model_copy(
+        update={"rejection_response": "{0} is listed by {1}: see https://bl.example/lookup"})
+    world.apply(antispam=org.antispam.model_copy(update={"block_list_providers": [provider]}))
+    wait_until(lambda: "see https://bl.example" in json.dumps(json.loads(world.edge.r.get(keys.ORG))["antispam"]),
+               timeout=DEADLINE)
+    code, text, _ = refused_at_rcpt(world, "bob@contoso.com", source=SPAMMER)
+    assert (code, text) == (550, f"5.7.1 {SPAMMER} is listed by Demo block list: see https://bl.example/lookup")
+
+
+def test_killing_the_edge_mid_stream_loses_nothing_it_acknowledged(world: World) -> None:
+    accepted: list[str] = []
+    for i in range(20):
+        if i == 8:
+            world.edge.kill()  # SIGKILL, the Edge and its transport, between two messages
+            world.edge.start()
+            world.edge.wait_smtp()
+        subject = tag(f"stream {i}")
+        try:
+            with smtp_to_edge(world) as client:
+                client.send_message(message("carol@fabrikam.example", "bob@contoso.com", subject))
+            accepted.append(subject)
+        except (smtplib.SMTPException, OSError):
+            pass  # not acknowledged: the sender's to retry
+    assert len(accepted) >= 18
+    for subject in accepted:
+        world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
+    wait_until(lambda: not world.edge.r.zcard(keys.INFLIGHT) and not world.edge.r.zcard(keys.RETRY), timeout=DEADLINE)
+    subjects = world.site.subjects("bob@contoso.com")
+    doubled = [s for s in accepted if subjects.count(s) != 1]
+    assert not doubled, f"not exactly once: {doubled}"
+
+
+def test_zz_a_hub_takes_server_rights_only_from_a_subscribed_edge(world: World) -> None:
+    # (last in this module: the Edge's subscription is removed)
+    import ssl
+
+    host, port = world.site.smtp("hub-ams-1", "Default")
+    node = world.edge.data_dir / "pki"
+    cert, key = next(node.glob("edge-*.crt")), next(node.glob("edge-*.key"))
+
+    def mail_from(present: bool) -> int:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # (what is tested is the hub's view of this client)
+        if present:
+            ctx.load_cert_chain(cert, key)
+        with smtplib.SMTP(host, port, local_hostname="edge-01.edge.invalid", timeout=30) as client:
+            client.starttls(context=ctx)
+            client.ehlo()
+            return client.mail("carol@fabrikam.example")[0]
+    assert mail_from(True) == 250, "the subscribed Edge's certificate is an Exchange server's"
+    assert mail_from(False) == 530, "no certificate, no rights on the organization's own connector"
+    org_cli(world.site, "remove", world.edge.name)
+    wait_until(lambda: mail_from(True) == 530, timeout=DEADLINE,
+               message="the certificate of a removed subscription still logs on")
