@@ -2,9 +2,9 @@
 
 This folder (``core/`` in the repository) is installed as the ``mailyard`` package and holds
 what every role shares: the organization directory, settings, the Redis key schema, the
-Celery wiring, the CLI and the local site runner. The three service folders of the
-repository are installed beside it as ``mailyard.hub``, ``mailyard.mailbox`` and
-``mailyard.submission``.
+Celery wiring, the CLI and the local site runner. The service folders of the repository
+are installed beside it as ``mailyard.hub``, ``mailyard.mailbox``, ``mailyard.submission``
+and ``mailyard.edge``.
 """
 
 import os as _os

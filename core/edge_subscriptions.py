@@ -7,6 +7,7 @@ is kept apart, until the first EdgeSync uses it or it expires (``my:edge:bootstr
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import redis
 
 from mailyard import keys, pki
-from mailyard.edgesync import SubscriptionFile, internet_connector_name
+from mailyard.edgesync import MAX_EDGE_NAME, SubscriptionFile, inbound_connector_name, internet_connector_name
 from mailyard.errors import SiteError
 from mailyard.org import AddressSpace, EdgeSubscription, Organization, SendConnector
 from mailyard.orgstore import apply_org, read_org
@@ -39,6 +40,14 @@ def import_subscription(r: redis.Redis, sub: SubscriptionFile, site: str, ca_dir
         raise SiteError(f"Edge {sub.edge} is subscribed already: `mailyard org edge remove {sub.edge}` first")
     if not pki.dns_label(sub.edge):
         raise SiteError(f"{sub.edge!r} cannot name an Edge's certificate")
+    if any(pki.dns_label(e.name) == pki.dns_label(sub.edge) for e in org.edge_subscriptions):
+        raise SiteError(f"an Edge subscribed already has the certificate name of {sub.edge!r} "
+                        f"({pki.Identity.edge(sub.edge).dns_name}): rename one")
+    if len(sub.edge) > MAX_EDGE_NAME:
+        raise SiteError(f"an Edge's name has at most {MAX_EDGE_NAME} characters (its receive connector is named "
+                        "after it)")
+    if len(internet_connector_name(site)) > 64 or len(inbound_connector_name(site)) > 64:
+        raise SiteError(f"site {site!r} has too long a name for its EdgeSync connectors (at most 64 characters)")
     issued = pki.CA(ca_dir).issue_for_key(pki.Identity.edge(sub.edge), pki.public_key_of(sub.certificate))
     edge = EdgeSubscription(name=sub.edge, site=site, fqdn=sub.fqdn, smtp=sub.smtp, sync=sub.sync,
                             certificate=sub.certificate, issued=issued.decode(), recipient_salt=sub.recipient_salt,
@@ -121,7 +130,7 @@ def request_sync(r: redis.Redis, names: list[str] | None = None) -> list[str]:
             raise SiteError(f"no Edge {name!r} is subscribed (subscribed: {', '.join(known) or 'none'})")
     chosen = names or known
     for name in chosen:
-        r.set(keys.edge_sync_now(name), "1", ex=3600)
+        r.set(keys.edge_sync_now(name), secrets.token_hex(8), ex=3600)  # (each request its own: see hub.edgesync)
     return chosen
 
 

@@ -36,12 +36,14 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mailyard.addresses import canonical
+from mailyard.directory import Directory
 from mailyard.errors import SiteError
 from mailyard.org import AddressSpace, AntispamSettings, Organization, SendConnector, TransportSettings
 
 FORMAT = "mailyard-edge-subscription/1"
 DEFAULT_VALIDITY = 24 * 3600.0  # New-EdgeSubscription -AccountExpiryDuration: 24 h
 MIN_VALIDITY = 120.0  # its minimum: 2 minutes
+MAX_EDGE_NAME = 29  # "Default internal receive connector <name>" fits a name's 64 characters
 
 # The listener's paths (HTTPS, JSON bodies)
 BOOTSTRAP_PATH = "/edgesync/bootstrap"
@@ -129,7 +131,8 @@ class ConfigPush(_Wire):
 
 
 class RecipientsPush(_Wire):
-    hashes: list[str]
+    hashes: list[str]  # every address that takes mail from anyone
+    closed: list[str] = Field(default_factory=list)  # groups that take mail only from authenticated senders
     generated_at: float
 
 
@@ -140,19 +143,29 @@ def recipient_hash(salt: str, address: str) -> str:
 
 def external_recipients(org: Organization) -> set[str]:
     """Every address of the organization that takes mail from outside: mailboxes and their
-    aliases, mail contacts' own addresses, groups that take mail from anyone."""
+    aliases, mail contacts' own addresses, groups that take mail from anyone (and nest no
+    group that does not: an open group must not be a way into a closed one)."""
+    directory = Directory(org)
     out: set[str] = set()
     for mb in org.mailboxes:
         out.add(mb.address)
         out.update(mb.aliases)
-    out.update(g.address for g in org.groups if not g.require_sender_authentication)
+    out.update(g.address for g in org.groups if not directory.requires_sender_authentication(g.address))
     out.update(c.address for c in org.contacts if c.address)
     return out
 
 
+def closed_groups(org: Organization) -> set[str]:
+    """The groups that take mail only from authenticated senders (here, or through a group
+    nested in them): the Edge refuses them to anonymous senders as a hub does."""
+    directory = Directory(org)
+    return {g.address for g in org.groups if directory.requires_sender_authentication(g.address)}
+
+
 def recipients_push(org: Organization, salt: str, now: float | None = None) -> RecipientsPush:
-    hashes = sorted(recipient_hash(salt, a) for a in external_recipients(org))
-    return RecipientsPush(hashes=hashes, generated_at=time.time() if now is None else now)
+    return RecipientsPush(hashes=sorted(recipient_hash(salt, a) for a in external_recipients(org)),
+                          closed=sorted(recipient_hash(salt, a) for a in closed_groups(org)),
+                          generated_at=time.time() if now is None else now)
 
 
 def config_push(org: Organization, site: str, edge: str, hubs: list[str], now: float | None = None) -> ConfigPush:

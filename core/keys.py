@@ -85,6 +85,9 @@ Edge Transport (mailyard.edgesync). In the organization's Redis:
 In an Edge's own Redis (it never reaches the organization's):
   my:edge:recipients          SET     SHA-256 of every address that takes mail from outside,
                                       salted per Edge (EdgeSync: no address is stored in clear)
+  my:edge:closed-groups       SET     the same of the groups that take mail only from
+                                      authenticated senders (refused to anonymous ones)
+  my:edge:staging:<key>       SET     a push being written, renamed onto <key> when complete
   my:edge:state               HASH    site, subscribed_at, config_at, recipients_at, recipients,
                                       by (the hub that pushed last)
   (its organization copy is my:org, written by EdgeSync with an ``edge`` section; its queues
@@ -133,6 +136,11 @@ CELERY_PREFIX = P + "celery:"
 DURABILITY_FENCE = P + "durability:fence"
 EDGE_RECIPIENTS = P + "edge:recipients"
 EDGE_STATE = P + "edge:state"
+EDGE_CLOSED_GROUPS = P + "edge:closed-groups"
+
+
+def edge_staging(key: str) -> str:
+    return f"{P}edge:staging:{key}"
 
 
 def edge_bootstrap(edge: str) -> str:

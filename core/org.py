@@ -324,6 +324,18 @@ class BlockListProvider(_Model):
     addresses: list[str] = Field(default_factory=list)
     rejection_response: str = Field("", max_length=240)  # {0} the IP, {1} the provider, {2} the lookup domain
 
+    @field_validator("rejection_response")
+    @classmethod
+    def _response(cls, value: str) -> str:
+        if "\r" in value or "\n" in value:
+            raise ValueError("must be one line")
+        try:
+            value.format("192.0.2.1", "provider", "bl.example")
+        except (IndexError, KeyError, ValueError):
+            raise ValueError("may use only {0} (the IP), {1} (the provider) and {2} (the lookup domain); "
+                             "write {{ and }} for braces") from None
+        return value
+
     @field_validator("addresses")
     @classmethod
     def _addresses(cls, values: list[str]) -> list[str]:
@@ -488,6 +500,12 @@ def parse_org(text: str, source: str = "") -> Organization:
         ConfigProblem(_dotted(path), message, _line_for(lines, path))
         for path, message in check_references(org)
     ]
+    # Made by `mailyard org edge import` and by EdgeSync on an Edge, never written in a file
+    # (a file's would bring back a removed Edge, or turn every hub into an Edge)
+    for key, present in (("edge_subscriptions", bool(org.edge_subscriptions)), ("edge", org.edge is not None)):
+        if present:
+            problems.append(ConfigProblem(key, "is not written in the organization file: `mailyard org edge "
+                                               "import` makes Edge subscriptions", _line_for(lines, (key,))))
     if problems:
         raise ConfigError(problems, source)
     return org
@@ -617,10 +635,11 @@ def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
             if org.edge is None and name not in {e.name for e in org.edge_subscriptions}:
                 problems.append((("send_connectors", i, "source_edges", j),
                                  f"no Edge subscription {name!r} (`mailyard org edge list`)"))
-    edges = [e.name for e in org.edge_subscriptions]
+    edge_labels = [pki.dns_label(e.name) for e in org.edge_subscriptions]
     for i, sub in enumerate(org.edge_subscriptions):
-        if edges.count(sub.name) > 1:
-            problems.append((("edge_subscriptions", i, "name"), f"Edge {sub.name!r} is subscribed twice"))
+        if edge_labels.count(pki.dns_label(sub.name)) > 1:
+            problems.append((("edge_subscriptions", i, "name"),
+                             f"Edge {sub.name!r} is subscribed twice (or two Edges share its certificate name)"))
         if sub.site not in sites:
             problems.append((("edge_subscriptions", i, "site"), f"no site {sub.site!r}"))
         if not pki.dns_label(sub.name):

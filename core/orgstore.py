@@ -68,10 +68,15 @@ def keep_edge_subscriptions(org: Organization, current: Organization | None) -> 
     org edge import`` makes them), so applying the file again keeps them."""
     if current is None or org.edge is not None or org.edge_subscriptions or not current.edge_subscriptions:
         return org
+    stored = {c.name: c for c in current.send_connectors if c.source_edges}
+    # A connector of the file with the name of one the import made is that one, changed (its
+    # port, say): it keeps its Edges.
+    connectors = [c.model_copy(update={"source_edges": stored[c.name].source_edges})
+                  if c.name in stored and not c.source_edges else c for c in org.send_connectors]
     named = {c.name for c in org.send_connectors}
-    kept = [c for c in current.send_connectors if c.source_edges and c.name not in named]
+    kept = [c for name, c in stored.items() if name not in named]
     return org.model_copy(update={"edge_subscriptions": current.edge_subscriptions,
-                                  "send_connectors": [*org.send_connectors, *kept]})
+                                  "send_connectors": [*connectors, *kept]})
 
 
 def _stored(r: redis.Redis) -> Organization | None:

@@ -352,6 +352,11 @@ def fingerprint(pem: bytes | str) -> str:
     return x509.load_pem_x509_certificate(data).fingerprint(hashes.SHA256()).hex()
 
 
+def der_fingerprint(der: bytes) -> str:
+    """``fingerprint`` of a certificate in DER (what ``getpeercert(binary_form=True)`` gives)."""
+    return x509.load_der_x509_certificate(der).fingerprint(hashes.SHA256()).hex()
+
+
 def public_key_of(pem: bytes | str) -> ec.EllipticCurvePublicKey:
     """The EC public key a certificate (PEM) carries; SiteError for any other kind."""
     data = pem.encode() if isinstance(pem, str) else pem

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mailyard import passwords, pki
-from mailyard.edgesync import DEFAULT_VALIDITY, MIN_VALIDITY, SubscriptionFile
+from mailyard.edgesync import DEFAULT_VALIDITY, MAX_EDGE_NAME, MIN_VALIDITY, SubscriptionFile
 from mailyard.errors import SiteError
 
 
@@ -78,8 +78,9 @@ class EdgeHome:
         if validity < MIN_VALIDITY:
             raise SiteError(f"a bootstrap secret must be valid at least {MIN_VALIDITY:.0f} s "
                             "(Exchange's minimum AccountExpiryDuration, 2 minutes)")
-        if not pki.dns_label(name):
-            raise SiteError(f"{name!r} cannot name an Edge (it must make a DNS label: letters, digits, dashes)")
+        if not pki.dns_label(name) or len(name) > MAX_EDGE_NAME:
+            raise SiteError(f"{name!r} cannot name an Edge: at most {MAX_EDGE_NAME} characters that make a DNS label "
+                            "(letters, digits, dashes)")
         config = self.config() if self.exists() else {}
         if config.get("subscribed"):
             s = config["subscribed"]

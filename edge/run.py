@@ -24,7 +24,7 @@ import uvicorn
 
 from mailyard import keys, redisconn
 from mailyard.edge.home import EdgeHome
-from mailyard.edge.sync_server import create_app, trust_organization
+from mailyard.edge.sync_server import Trust, create_app
 from mailyard.peer_http import PeerH11
 from mailyard.processes import serve_until_stopped
 
@@ -36,16 +36,17 @@ def host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def listener_context(home: EdgeHome) -> ssl.SSLContext:
+def listener_trust(home: EdgeHome) -> Trust:
     """The EdgeSync listener's context: the Edge's self-signed certificate; client
     certificates verified against the organization's CA once it is subscribed."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(home.cert_path, home.key_path)
+    trust = Trust(ctx)
     ca = home.node_cert().ca_path
     if home.subscribed() is not None and ca.exists():
-        trust_organization(ctx, str(ca))
-    return ctx
+        trust.load(ca)
+    return trust
 
 
 class Transport:
@@ -87,10 +88,10 @@ def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency
     home = EdgeHome(data_dir)
     config = home.config()
     r = redisconn.connect(redis_url)
-    ctx = listener_context(home)
+    trust = listener_trust(home)
     transport = Transport(name=config["name"], redis_url=redis_url, data_dir=data_dir, loglevel=loglevel,
                           concurrency=concurrency)
-    app = create_app(home, r, ctx, on_config=transport.want)
+    app = create_app(home, r, trust, on_config=transport.want)
     host, port = host_port(config["sync"])
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -101,7 +102,7 @@ def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency
                                 loop="uvloop", h11_max_incomplete_event_size=64 * 1024,
                                 ssl_certfile=str(home.cert_path), ssl_keyfile=str(home.key_path))
     web_config.load()
-    web_config.ssl = ctx
+    web_config.ssl = trust.ctx
     web = uvicorn.Server(web_config)
     if r.hget(keys.EDGE_STATE, "config_at"):  # (configured before this start)
         transport.want()

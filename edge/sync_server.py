@@ -10,10 +10,12 @@ Bodies are JSON (mailyard.edgesync); a body that does not parse is a 400 naming 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -33,7 +35,8 @@ from mailyard.peer_http import PEER
 
 log = logging.getLogger("mailyard.edge.sync")
 
-MAX_BODY = 64 * 1024 * 1024  # a million recipients' hashes fit
+MAX_BODY = 256 * 1024 * 1024  # four million recipients' hashes fit
+MAX_BOOTSTRAP = 64 * 1024  # a secret and two certificates
 CHUNK = 10_000
 
 
@@ -52,31 +55,55 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
         raise Refused(400, f"not a valid {model.__name__}: {wrong}") from None
 
 
-def trust_organization(ctx: ssl.SSLContext, ca_path: str) -> None:
-    """From now on the listener verifies client certificates against the organization's CA
-    (new handshakes; the context is the one the listener runs with)."""
-    ctx.load_verify_locations(cafile=ca_path)
-    ctx.verify_mode = ssl.CERT_OPTIONAL
+class Trust:
+    """The listener's TLS context and the organization CA it verifies client certificates
+    against. A context can only be given more CAs, never fewer: once the Edge's CA file is no
+    longer the one loaded (unsubscribed and subscribed elsewhere), pushes wait for a restart."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.ca: str | None = None  # the fingerprint of the CA loaded
+
+    def load(self, ca_path: Path) -> None:
+        """From now on the listener verifies client certificates against this CA (new
+        handshakes; the context is the one the listener runs with)."""
+        self.ctx.load_verify_locations(cafile=str(ca_path))
+        self.ctx.verify_mode = ssl.CERT_OPTIONAL
+        self.ca = pki.fingerprint(ca_path.read_bytes())
+
+    def current(self, ca_path: Path) -> bool:
+        try:
+            return self.ca is not None and pki.fingerprint(ca_path.read_bytes()) == self.ca
+        except (OSError, ValueError):
+            return False
 
 
-def create_app(home: EdgeHome, r: redis.Redis, ctx: ssl.SSLContext,
+def create_app(home: EdgeHome, r: redis.Redis, trust: Trust,
                on_config: Callable[[], None] = lambda: None) -> Starlette:
-    """``ctx``: the listener's TLS context (the CA goes into it at the bootstrap).
+    """``trust``: the listener's TLS context (the CA goes into it at the bootstrap).
     ``on_config``: called after a configuration was stored (the transport may start)."""
 
-    async def body_of(request: Request) -> bytes:
-        size = int(request.headers.get("content-length") or 0)
-        if size > MAX_BODY:
-            raise Refused(413, f"the body is larger than {MAX_BODY} bytes")
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise Refused(413, f"the body is larger than {MAX_BODY} bytes")
-        return body
+    async def body_of(request: Request, limit: int = MAX_BODY) -> bytes:
+        """The body, read no further than ``limit`` bytes (chunked or not)."""
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            raise Refused(400, "Content-Length is not a number") from None
+        if declared > limit:
+            raise Refused(413, f"the body is larger than {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise Refused(413, f"the body is larger than {limit} bytes")
+        return bytes(body)
 
     def require_hub(request: Request) -> str:
         subscribed = home.subscribed()
         if subscribed is None:
             raise Refused(409, f"Edge {home.name} is not subscribed yet: the first EdgeSync is the bootstrap")
+        if not trust.current(home.node_cert().ca_path):
+            raise Refused(409, f"Edge {home.name} was subscribed anew since it started: restart it")
         peer = getattr(request.state, PEER, None)
         if peer is None:
             raise Refused(401, f"EdgeSync needs the certificate of a hub of site {subscribed.site}")
@@ -99,12 +126,14 @@ def create_app(home: EdgeHome, r: redis.Redis, ctx: ssl.SSLContext,
 
     @handler
     async def bootstrap(request: Request) -> dict[str, Any]:
-        push: Bootstrap = _parse(Bootstrap, await body_of(request))
-        if not home.accept_bootstrap(push.secret, organization=push.organization, site=push.site, ca=push.ca,
-                                     issued=push.issued):
+        push: Bootstrap = _parse(Bootstrap, await body_of(request, MAX_BOOTSTRAP))
+        # (scrypt, slow on purpose: in a thread, so that guessing does not stall the listener)
+        if not await asyncio.to_thread(home.accept_bootstrap, push.secret, organization=push.organization,
+                                       site=push.site, ca=push.ca, issued=push.issued):
             raise Refused(403, "the bootstrap secret is wrong or has expired, or this Edge is subscribed already: "
                                "run `mailyard edge subscribe` on the Edge and import the new file")
-        trust_organization(ctx, str(home.node_cert().ca_path))
+        if trust.ca is None:
+            trust.load(home.node_cert().ca_path)
         r.hset(keys.EDGE_STATE, mapping={"organization": push.organization, "site": push.site,
                                          "subscribed_at": time.time()})
         log.info("subscribed to site %s of %s", push.site, push.organization)
@@ -129,15 +158,16 @@ def create_app(home: EdgeHome, r: redis.Redis, ctx: ssl.SSLContext,
     async def recipients(request: Request) -> dict[str, Any]:
         require_hub(request)
         push: RecipientsPush = _parse(RecipientsPush, await body_of(request))
-        staging = keys.EDGE_RECIPIENTS + ":staging"
         pipe = r.pipeline(transaction=True)
-        pipe.delete(staging)
-        for i in range(0, len(push.hashes), CHUNK):
-            pipe.sadd(staging, *push.hashes[i:i + CHUNK])
-        if push.hashes:
-            pipe.rename(staging, keys.EDGE_RECIPIENTS)
-        else:
-            pipe.delete(keys.EDGE_RECIPIENTS)
+        for key, hashes in ((keys.EDGE_RECIPIENTS, push.hashes), (keys.EDGE_CLOSED_GROUPS, push.closed)):
+            staging = keys.edge_staging(key)
+            pipe.delete(staging)
+            for i in range(0, len(hashes), CHUNK):
+                pipe.sadd(staging, *hashes[i:i + CHUNK])
+            if hashes:
+                pipe.rename(staging, key)
+            else:
+                pipe.delete(key)
         pipe.hset(keys.EDGE_STATE, mapping={"recipients_at": time.time(), "recipients": len(set(push.hashes)),
                                             "by": str(getattr(request.state, PEER, ""))})
         pipe.execute()

@@ -1,7 +1,7 @@
 """The anti-spam agents of an Edge Transport server, in Exchange's order (reference §3):
 connection filtering (mailyard.hub.connection_filter), sender filtering (sender_filter),
-recipient filtering (recipient_filter); content and attachment filtering and SPF/DMARC follow
-at the end of DATA.
+recipient filtering (recipient_filter). (The agents at the end of DATA, SPF/DMARC, content
+and attachment filtering, are not built yet.)
 
 They run only on an Edge (Exchange's AntispamAgentsEnabled is $true only there), and only for
 sessions without the bypass right: a client that logged on, or an Exchange server (a hub by its
@@ -64,9 +64,10 @@ async def on_rcpt(ctx: Any, directory: Directory, session: dict[str, Any], ip: s
             return str(reply)
     role = directory.org.edge
     salt = role.recipient_salt if role else ""
-    if why := await recipient_filter.refusal(ctx.r, directory, settings, salt, rcpt):
+    if found := await recipient_filter.refusal(ctx.r, directory, settings, salt, rcpt):
+        reply, why = found
         await _rejected(ctx, directory, RECIPIENT, why, ip, sender, [rcpt])
-        return "550 5.1.1 User unknown"
+        return reply
     return None
 
 

@@ -79,7 +79,7 @@ def lookup(resolver: dns.resolver.Resolver, ip: str, provider: BlockListProvider
         return []
     try:
         return [r.to_text() for r in resolver.resolve(name, "A", search=False)]
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers, dns.exception.Timeout):
+    except dns.exception.DNSException:  # NXDOMAIN, no answer, SERVFAIL, a timeout, a name too long
         return []
 
 

@@ -39,8 +39,9 @@ from mailyard.redisconn import text, text_map
 
 log = logging.getLogger("mailyard.hub.edgesync")
 
-LEASE_MS = 30_000
 TIMEOUT_S = 30.0
+LEASE_MS = 4 * int(TIMEOUT_S * 1000)  # longer than one sync's posts; renewed before each
+GIVE_UP_AFTER = 3  # failed passes in a row, then the lease goes: another hub of the site tries
 
 
 class EdgeSyncError(Exception):
@@ -113,7 +114,8 @@ class Pusher:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self._org_version: dict[str, int] = {}
+        self._org_version: dict[str, int] = {}  # per Edge: the organization version it last got
+        self._failures: dict[str, int] = {}
 
     def _client_cert(self) -> tuple[str, str]:
         cert = self.node.node_cert
@@ -128,25 +130,39 @@ class Pusher:
         for sub in org.edge_subscriptions:
             if sub.site != self.node.site:
                 continue
-            lease = keys.edge_sync_lease(sub.name)
             r = self.node.r
-            if not r.set(lease, self.node.name, nx=True, px=LEASE_MS) and text(r.get(lease)) != self.node.name:
+            if not self._hold(sub.name):
                 continue
-            r.pexpire(lease, LEASE_MS)
             try:
                 done += self.sync(sub, org, now)
-            except EdgeSyncError as exc:
-                log.warning("EdgeSync to %s: %s", sub.name, exc)
-                r.hset(keys.edge_sync(sub.name), mapping={"error": str(exc), "error_at": now})
+                self._failures.pop(sub.name, None)
+            except Exception as exc:  # (whatever it is, it is this Edge's error, not the pass's)
+                why = str(exc) if isinstance(exc, EdgeSyncError) else f"{type(exc).__name__}: {exc}"
+                log.warning("EdgeSync to %s: %s", sub.name, why)
+                r.hset(keys.edge_sync(sub.name), mapping={"error": why, "error_at": now})
+                self._failures[sub.name] = failures = self._failures.get(sub.name, 0) + 1
+                if failures >= GIVE_UP_AFTER:  # (this hub may be the one that cannot reach it)
+                    self._failures.pop(sub.name)
+                    if text(r.get(keys.edge_sync_lease(sub.name))) == self.node.name:
+                        r.delete(keys.edge_sync_lease(sub.name))
         return done
+
+    def _hold(self, edge: str) -> bool:
+        """Take or renew the lease of pushing to ``edge``; False if another hub holds it."""
+        r, lease = self.node.r, keys.edge_sync_lease(edge)
+        if r.set(lease, self.node.name, nx=True, px=LEASE_MS):
+            return True
+        if text(r.get(lease)) != self.node.name:
+            return False
+        r.pexpire(lease, LEASE_MS)
+        return True
 
     def sync(self, sub: EdgeSubscription, org: Organization, now: float, *, force: bool = False) -> list[str]:
         r, state_key = self.node.r, keys.edge_sync(sub.name)
         state = text_map(r.hgetall(state_key))
-        asked = r.get(keys.edge_sync_now(sub.name)) is not None
+        asked = r.get(keys.edge_sync_now(sub.name))
         version = self.node.orgs.version
         changed = self._org_version.get(sub.name) not in (None, version)
-        self._org_version[sub.name] = version
         done = []
         if state.get("bootstrapped") != "1":
             self.bootstrap(sub, org)
@@ -160,19 +176,27 @@ class Pusher:
         ctx = pinned_context(sub, self._client_cert())
         due_config = now - float(state.get("config_at", 0)) >= settings.edge_sync_config_interval
         if force or asked or changed or due_config:
-            push = config_push(org, sub.site, sub.name, hub_endpoints(r, org, sub.site), now)
+            hubs = hub_endpoints(r, org, sub.site)
+            if not hubs:  # (a restart of every hub: better the Edge keeps the list it has)
+                raise EdgeSyncError(f"no live hub of site {sub.site} has a receive connector for Exchange servers "
+                                    "(ExchangeServers, ExchangeServer): nothing to tell the Edge")
+            push = config_push(org, sub.site, sub.name, hubs, now)
+            self._hold(sub.name)
             _post(sub, CONFIG_PATH, push.model_dump_json(), ctx)
             r.hset(state_key, mapping={"config_at": now, "by": self.node.name, "error": ""})
             done.append(f"{sub.name}: config")
         due_recipients = now - float(state.get("recipients_at", 0)) >= settings.edge_sync_recipient_interval
         if force or asked or changed or due_recipients:
             recipients = recipients_push(org, sub.recipient_salt, now)
+            self._hold(sub.name)
             _post(sub, RECIPIENTS_PATH, recipients.model_dump_json(), ctx)
             r.hset(state_key, mapping={"recipients_at": now, "recipients": len(recipients.hashes),
                                        "by": self.node.name, "error": ""})
             done.append(f"{sub.name}: recipients")
-        if asked:
-            r.delete(keys.edge_sync_now(sub.name))
+        self._org_version[sub.name] = version
+        if asked:  # (unless asked again meanwhile)
+            r.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end", 1,
+                   keys.edge_sync_now(sub.name), asked)
         return done
 
     def bootstrap(self, sub: EdgeSubscription, org: Organization) -> None:

@@ -201,26 +201,33 @@ def authzid_refused(directory: Directory, login: str, authzid: str) -> bool:
     return mine is None or mailbox_of(directory, authzid) != mine
 
 
-def certificate_logon(directory: Directory, conn: ReceiveConnector, peer: pki.Identity | None) -> Identity | None:
+def certificate_logon(directory: Directory, conn: ReceiveConnector, peer: pki.Identity | None, *,
+                      site: str = "", certificate: bytes | None = None) -> Identity | None:
     """STARTTLS: the identity a verified client certificate proves on this connector, or None.
 
     ``peer`` is what the certificate names (``pki.peer_identity``; the session's TLS context
     verified it against the organization's CA and nothing else). A certificate of a site's hubs
     makes the client an Exchange server of that site, where the connector has ExchangeServer;
     a mailbox server's certificate, or one of a site the organization no longer has, proves
-    nothing here."""
+    nothing here. An Edge's certificate (``certificate``, DER) logs on at the hubs of the site it
+    is subscribed to (``site``), and only while it is the one issued at its subscription: a
+    certificate of an earlier subscription of the same name proves nothing."""
     if peer is None or SERVER_LOGON not in conn.auth_mechanisms:
         return None
     org = directory.org
-    if peer.role == "edge":  # a subscribed Edge (mailyard.edgesync), never one whose subscription went
-        edge = next((e.name for e in org.edge_subscriptions if pki.matches(peer, pki.Identity.edge(e.name))), None)
+    if peer.role == "edge":
+        if certificate is None:
+            return None
+        found = pki.der_fingerprint(certificate)
+        edge = next((e.name for e in org.edge_subscriptions if pki.matches(peer, pki.Identity.edge(e.name))
+                     and e.site == site and pki.fingerprint(e.issued) == found), None)
         return Identity("server", edge) if edge else None
     if peer.role != "hub":
         return None
     if org.edge is not None:  # on an Edge: the hubs of the site it is subscribed to, and no others
         return Identity("server", org.edge.site) if pki.matches(peer, pki.Identity.hub(org.edge.site)) else None
-    site = next((s.name for s in org.sites if pki.matches(peer, pki.Identity.hub(s.name))), None)
-    return Identity("server", site) if site else None
+    peer_site = next((s.name for s in org.sites if pki.matches(peer, pki.Identity.hub(s.name))), None)
+    return Identity("server", peer_site) if peer_site else None
 
 
 def granted_groups(conn: ReceiveConnector, identity: Identity | None) -> frozenset[str]:

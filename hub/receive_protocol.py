@@ -410,8 +410,11 @@ class ReceiveProtocol(Chunking):
             return
         if self.tls_context is None or self.tls_context is not self.ctx.mutual_tls:
             return
-        peer = pki.peer_identity(self.transport.get_extra_info("ssl_object"))
-        identity = policy.certificate_logon(self.ctx.directory(), self.state.connector, peer)
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        peer = pki.peer_identity(ssl_object)
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        identity = policy.certificate_logon(self.ctx.directory(), self.state.connector, peer,
+                                            site=self.ctx.site, certificate=der)
         if identity is not None:
             self.session.authenticated = True
             self.session.auth_data = identity  # type: ignore[assignment]  # (aiosmtpd declares it None)

@@ -432,3 +432,28 @@ def test_postmaster_is_accepted_without_a_domain_and_at_every_accepted_domain() 
         assert rcpt_to(INTERNET, None, address, DIRECTORY, taken=0) == "postmaster@contoso.com", address
     assert DIRECTORY.mailbox_entry("postmaster@contoso.com").address == "frank@contoso.com", "the demo names Frank"
     assert refusal(rcpt_to, INTERNET, None, "webmaster", DIRECTORY, taken=0) == replies.INVALID_RECIPIENT
+
+
+def test_an_edge_logs_on_with_the_certificate_of_its_subscription_at_its_sites_hubs_only(tmp_path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from mailyard.org import EdgeSubscription
+
+    ca = pki.CA(tmp_path)
+    ca.init("Contoso")
+    _, self_signed = pki.self_signed("edge-01.edge.invalid")
+    issued = ca.issue_for_key(pki.Identity.edge("EDGE-01"), pki.public_key_of(self_signed))
+    sub = EdgeSubscription(name="EDGE-01", site="Amsterdam", fqdn="edge-01.edge.invalid", smtp="127.0.0.9:25",
+                           sync="127.0.0.9:50636", certificate=self_signed.decode(), issued=issued.decode(),
+                           recipient_salt="s")
+    directory = Directory(ORG.model_copy(update={"edge_subscriptions": [sub]}))
+    der = x509.load_pem_x509_certificate(issued).public_bytes(serialization.Encoding.DER)
+    peer = pki.Identity("edge", "edge-01")
+    assert certificate_logon(directory, DEFAULT, peer, site="Amsterdam", certificate=der) == Identity("server", "EDGE-01")
+    assert certificate_logon(directory, DEFAULT, peer, site="London", certificate=der) is None, "another site's hub"
+    # A certificate of the same name from an earlier subscription (the CA issued it too)
+    earlier = ca.issue_for_key(pki.Identity.edge("EDGE-01"), pki.public_key_of(pki.self_signed("x")[1]))
+    other = x509.load_pem_x509_certificate(earlier).public_bytes(serialization.Encoding.DER)
+    assert certificate_logon(directory, DEFAULT, peer, site="Amsterdam", certificate=other) is None
+    assert certificate_logon(DIRECTORY, DEFAULT, peer, site="Amsterdam", certificate=der) is None, "not subscribed"
