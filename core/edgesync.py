@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mailyard.addresses import canonical
 from mailyard.directory import Directory
 from mailyard.errors import SiteError
-from mailyard.org import AddressSpace, AntispamSettings, Organization, SendConnector, TransportSettings
+from mailyard.org import AddressSpace, AntispamSettings, DkimKey, Organization, SendConnector, TransportSettings
 
 FORMAT = "mailyard-edge-subscription/1"
 DEFAULT_VALIDITY = 24 * 3600.0  # New-EdgeSubscription -AccountExpiryDuration: 24 h
@@ -127,6 +127,7 @@ class ConfigPush(_Wire):
     hubs: list[str]  # HOST:PORT of the site's hubs' receive connector for Exchange servers
     antispam: AntispamSettings
     transport: TransportSettings
+    dkim: list[DkimKey] = Field(default_factory=list)  # over mutually authenticated TLS only
     generated_at: float
 
 
@@ -168,7 +169,8 @@ def recipients_push(org: Organization, salt: str, now: float | None = None) -> R
                           generated_at=time.time() if now is None else now)
 
 
-def config_push(org: Organization, site: str, edge: str, hubs: list[str], now: float | None = None) -> ConfigPush:
+def config_push(org: Organization, site: str, edge: str, hubs: list[str], now: float | None = None,
+                dkim: list[DkimKey] | None = None) -> ConfigPush:
     """The configuration an Edge subscribed to ``site`` gets: the organization's accepted
     domains, ``EdgeSync - Inbound to <site>`` (every accepted domain, to the site's hubs,
     ``--``) and every send connector this Edge is a source of, as the Edge runs them (its own:
@@ -180,4 +182,4 @@ def config_push(org: Organization, site: str, edge: str, hubs: list[str], now: f
            for c in org.send_connectors if edge in c.source_edges]
     return ConfigPush(organization=org.name, site=site, accepted_domains=list(org.accepted_domains),
                       send_connectors=[inbound, *own], hubs=hubs, antispam=org.antispam, transport=org.transport,
-                      generated_at=time.time() if now is None else now)
+                      dkim=dkim or [], generated_at=time.time() if now is None else now)

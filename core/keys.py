@@ -82,6 +82,8 @@ Edge Transport (mailyard.edgesync). In the organization's Redis:
                                       recipients_at, recipients, by (the hub), error, error_at
   my:edge:sync-lease:<edge>   STRING  the hub pushing to that Edge now (PX)
   my:edge:sync-now:<edge>     STRING  set by `mailyard org edge sync`: push at once, then deleted
+  my:dkim:keys                HASH    accepted domain -> its DKIM key, JSON (mailyard.dkim_keys),
+                                      pushed to the Edges
 In an Edge's own Redis (it never reaches the organization's):
   my:edge:recipients          SET     SHA-256 of every address that takes mail from outside,
                                       salted per Edge (EdgeSync: no address is stored in clear)
@@ -137,6 +139,7 @@ DURABILITY_FENCE = P + "durability:fence"
 EDGE_RECIPIENTS = P + "edge:recipients"
 EDGE_STATE = P + "edge:state"
 EDGE_CLOSED_GROUPS = P + "edge:closed-groups"
+DKIM_KEYS = P + "dkim:keys"
 
 
 def edge_staging(key: str) -> str:

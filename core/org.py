@@ -303,6 +303,16 @@ class EdgeSubscription(_Model):
     created: float = 0.0
 
 
+class DkimKey(_Model):
+    """A domain's DKIM signing key (mailyard.dkim_keys): made by ``mailyard org dkim new``,
+    never written in the organization file."""
+
+    domain: Domain
+    selector: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+    private_key: str = Field(repr=False)  # PEM, PKCS#8
+    created: float = 0.0
+
+
 class EdgeRole(_Model):
     """Only in an Edge's own copy of the organization (written by EdgeSync on the Edge, never
     by ``org apply``): which Edge this is and the hubs of the site it is subscribed to."""
@@ -311,6 +321,7 @@ class EdgeRole(_Model):
     site: Name
     hubs: list[str] = Field(default_factory=list)  # HOST:PORT of the site's hubs' connector for servers
     recipient_salt: str = ""  # how EdgeSync's recipient hashes were made (mailyard.edgesync)
+    dkim: list[DkimKey] = Field(default_factory=list)  # it signs what leaves for the Internet
 
 
 class BlockListProvider(_Model):

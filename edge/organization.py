@@ -42,5 +42,5 @@ def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str, salt
         send_connectors=push.send_connectors,
         receive_connectors=[receive],
         antispam=push.antispam,
-        edge=EdgeRole(name=name, site=push.site, hubs=push.hubs, recipient_salt=salt),
+        edge=EdgeRole(name=name, site=push.site, hubs=push.hubs, recipient_salt=salt, dkim=push.dkim),
     )

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import redis
 
-from mailyard import keys, registry
+from mailyard import dkim_keys, keys, registry
 from mailyard.edgesync import (
     BOOTSTRAP_PATH,
     CONFIG_PATH,
@@ -180,7 +180,7 @@ class Pusher:
             if not hubs:  # (a restart of every hub: better the Edge keeps the list it has)
                 raise EdgeSyncError(f"no live hub of site {sub.site} has a receive connector for Exchange servers "
                                     "(ExchangeServers, ExchangeServer): nothing to tell the Edge")
-            push = config_push(org, sub.site, sub.name, hubs, now)
+            push = config_push(org, sub.site, sub.name, hubs, now, dkim=dkim_keys.all_keys(r))
             self._hold(sub.name)
             _post(sub, CONFIG_PATH, push.model_dump_json(), ctx)
             r.hset(state_key, mapping={"config_at": now, "by": self.node.name, "error": ""})

@@ -32,14 +32,14 @@ import uvloop
 
 from mailyard import headers, pki, redisconn, registry
 from mailyard.errors import DeliveryError, PermanentDeliveryError, SiteError, TransientDeliveryError
-from mailyard.hub import encoding, mx
+from mailyard.hub import dkim_sign, encoding, mx
 from mailyard.hub.node import Node
 from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
 from mailyard.hub.records import DeliveryType, Item
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.hub.relay import ORIGIN_HEADER
 from mailyard.hub.send_transaction import transaction
-from mailyard.org import SendConnector
+from mailyard.org import DkimKey, SendConnector
 from mailyard.tls import opportunistic_client_context
 from mailyard.tracking import Event
 
@@ -64,6 +64,7 @@ class Destination:
     tls_auth_level: str | None = None  # with require_tls: EncryptionOnly, CertificateValidation, DomainValidation
     tls_domain: str | None = None  # with DomainValidation: the name the certificate must carry
     peers: dict[str, pki.Identity] = field(default_factory=dict)  # per target host (Edges): as ``peer``
+    dkim: dict[str, DkimKey] = field(default_factory=dict)  # an Edge to the Internet: sign with these
 
     def peer_for(self, target: mx.Target) -> pki.Identity | None:
         return self.peers.get(target.host, self.peer)
@@ -112,6 +113,8 @@ def destination_of(node: Node, batch: Batch) -> Destination:
         return _edge_destination(node, conn)
     if node.is_edge and conn.smart_hosts == ["--"]:
         return _subscribed_hubs_destination(node)
+    role = node.orgs.org.edge
+    signing = {k.domain: k for k in role.dkim} if role is not None else {}
     resolver = mx.resolver_for(settings.dns_servers)
     if batch.delivery_type == DeliveryType.DNS.value:
         targets = mx.resolve(resolver, batch.next_hop)
@@ -127,7 +130,7 @@ def destination_of(node: Node, batch: Batch) -> Destination:
         if not targets:
             raise TransientDeliveryError(451, "4.4.0", f"no address for the smart hosts of {conn.name}")
     return Destination(targets, conn.port, conn.require_tls, conn.smart_host_username, conn.smart_host_password,
-                       tls_auth_level=conn.tls_auth_level, tls_domain=conn.tls_domain)
+                       tls_auth_level=conn.tls_auth_level, tls_domain=conn.tls_domain, dkim=signing)
 
 
 def _is_ip(host: str) -> bool:
@@ -472,6 +475,8 @@ def deliver(node: Node, batch: Batch) -> None:
         body = bodies[item.msg]
         if dest.org_origin:
             body = headers.prepend(body, f"{ORIGIN_HEADER}: {msg.id}")
+        elif dest.dkim:
+            body = dkim_sign.sign(body, dest.dkim)
         jobs.append(Job(item, msg.sender, [r.address for r in item.recipients], body, msg.smtputf8))
     node.crash_point("send.before_connect")
     try:

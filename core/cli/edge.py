@@ -219,3 +219,73 @@ def remove(name: str, redis_url: str | None, data_dir: Path) -> None:
     click.echo(f"removed Edge {name}: no more EdgeSync, and its certificate no longer logs on to the hubs")
 
 # endregion
+
+
+# region: DKIM keys (signed on the Edges)
+
+@click.group("dkim")
+def org_dkim() -> None:
+    """DKIM keys of the accepted domains: the Edges sign what leaves for the Internet."""
+
+
+@org_dkim.command("new")
+@click.argument("domain")
+@click.option("--selector", help="The key's selector (default: myYYYYMM).")
+@redis_option
+@json_option
+@handle_errors
+def dkim_new(domain: str, selector: str | None, redis_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """Make a new DKIM key for DOMAIN and print the TXT record to publish."""
+    from mailyard import dkim_keys
+    from mailyard.addresses import normalize_domain
+    from mailyard.edge_subscriptions import request_sync
+
+    r = connect(redis_url, data_dir)
+    try:
+        domain = normalize_domain(domain)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="DOMAIN") from None
+    key = dkim_keys.new_key(r, domain, selector)
+    edges = request_sync(r)
+    if as_json:
+        print_json({"domain": key.domain, "selector": key.selector, "name": dkim_keys.txt_name(key),
+                    "txt": dkim_keys.txt_value(key), "edges": edges})
+        return
+    click.echo(f"a new DKIM key for {key.domain} (selector {key.selector}); publish this TXT record:\n\n"
+               f"{dkim_keys.txt_name(key)}.  IN TXT  \"{dkim_keys.txt_value(key)}\"\n")
+    click.echo(f"the Edges ({', '.join(edges) or 'none subscribed yet'}) sign with it from their next EdgeSync "
+               "(asked for now)")
+
+
+@org_dkim.command("list")
+@redis_option
+@json_option
+@handle_errors
+def dkim_list(redis_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """The domains with a DKIM key, and the record each needs."""
+    from mailyard import dkim_keys
+
+    found = dkim_keys.all_keys(connect(redis_url, data_dir))
+    rows = [{"domain": k.domain, "selector": k.selector, "name": dkim_keys.txt_name(k),
+             "txt": dkim_keys.txt_value(k), "created": k.created} for k in found]
+    if as_json:
+        print_json(rows)
+        return
+    click.echo(table([(x["domain"], x["selector"], x["name"]) for x in rows], ["Domain", "Selector", "Record"]))
+
+
+@org_dkim.command("remove")
+@click.argument("domain")
+@redis_option
+@handle_errors
+def dkim_remove(domain: str, redis_url: str | None, data_dir: Path) -> None:
+    """Stop signing DOMAIN's mail (from the Edges' next EdgeSync)."""
+    from mailyard import dkim_keys
+    from mailyard.edge_subscriptions import request_sync
+
+    r = connect(redis_url, data_dir)
+    dkim_keys.remove_key(r, domain)
+    request_sync(r)
+    click.echo(f"removed the DKIM key of {domain}")
+
+# endregion

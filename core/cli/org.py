@@ -228,9 +228,10 @@ def ca_init(file: Path, pki_dir: Path | None, data_dir: Path, export_dir: Path |
 
 
 def _edge_commands() -> None:
-    from mailyard.cli.edge import org_edge
+    from mailyard.cli.edge import org_dkim, org_edge
 
     org.add_command(org_edge, "edge")
+    org.add_command(org_dkim, "dkim")
 
 
 _edge_commands()

@@ -76,11 +76,22 @@ class AAAA:
         ipaddress.IPv6Address(self.address)
 
 
-Record = MX | A | AAAA
+@dataclass(frozen=True)
+class TXT:
+    """A TXT record (DKIM keys, SPF and DMARC policies): ``text`` is cut into strings of 255
+    bytes at most, as RFC 1035 3.3.14 wants and resolvers join again."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        self.text.encode("ascii")
+
+
+Record = MX | A | AAAA | TXT
 
 NULL_MX = MX(0, ".")  # RFC 7505: the domain accepts no mail
 
-_TYPES: dict[type, str] = {MX: "MX", A: "A", AAAA: "AAAA"}
+_TYPES: dict[type, str] = {MX: "MX", A: "A", AAAA: "AAAA", TXT: "TXT"}
 
 
 class Behaviour(StrEnum):
@@ -113,7 +124,7 @@ def record_type(record: Record) -> str:
 def _check(records: Iterable[Record]) -> None:
     for record in records:
         if type(record) not in _TYPES:
-            raise TypeError(f"{record!r} is not an MX, A or AAAA record")
+            raise TypeError(f"{record!r} is not an MX, A, AAAA or TXT record")
 
 
 class Zone:
@@ -214,6 +225,10 @@ def _rdata(record: Record) -> dns.rdata.Rdata:
     if isinstance(record, MX):
         exchange = "." if normalize(record.exchange) == "" else normalize(record.exchange) + "."
         return dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.MX, f"{record.preference} {exchange}")
+    if isinstance(record, TXT):
+        chunks = [record.text[i:i + 255] for i in range(0, len(record.text), 255)] or [""]
+        quoted = (c.replace("\\", "\\\\").replace('"', '\\"') for c in chunks)
+        return dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, " ".join(f'"{c}"' for c in quoted))
     return dns.rdata.from_text(dns.rdataclass.IN, record_type(record), record.address)
 
 

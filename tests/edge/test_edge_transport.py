@@ -7,6 +7,7 @@ Every server is on loopback, DNS is the project's own server."""
 
 from __future__ import annotations
 
+import json
 import smtplib
 import subprocess
 import sys
@@ -14,11 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
 from mailyard import keys, tracking
-from mailyard.internet.dns import MX, A, DnsServer, Zone
+from mailyard.internet.dns import MX, TXT, A, DnsServer, Zone
 from mailyard.internet.sink import Sink
 from mailyard.org import AntispamSettings, BlockListProvider, Organization
 from mailyard.site.ports import free_port
@@ -40,6 +42,7 @@ class World:
     edge: EdgeNode
     sink: Sink
     zone: Zone
+    dns: DnsServer
 
     def apply(self, **changes: object) -> None:
         """The organization with ``changes``, applied (the subscription kept), then synced."""
@@ -84,7 +87,7 @@ def world(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
         file = edge.subscribe(tmp / "edge-subscription.json")
         edge.start()
         org_cli(site, "import", str(file), "--site", "Amsterdam")
-        world = World(site, edge, sink, zone)
+        world = World(site, edge, sink, zone, dns)
         # The Internet connector the import made, to the demo Internet's port
         org = site.org.__class__.from_json(site.r.get(keys.ORG))
         connectors = [c.model_copy(update={"port": sink.port}) for c in org.send_connectors]
@@ -145,6 +148,43 @@ def test_mail_to_the_internet_leaves_through_the_edge(world: World) -> None:
     assert hub_sent and hub_sent[0].queue == "Amsterdam\\EdgeSync - Amsterdam to Internet", hub_sent
     edge_sent = wait_until(lambda: [r for r in edge_events(world, "SEND") if r.subject == subject], timeout=DEADLINE)
     assert edge_sent[0].queue == "EDGE-01\\fabrikam.example", edge_sent
+
+
+def dkim_dns(dns_address: str):
+    """dkimpy's DNS lookups, asked of the project's DNS server."""
+    from mailyard.hub import mx
+
+    resolver = mx.make_resolver([dns_address])
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        try:
+            answer = resolver.resolve(name.decode().rstrip("."), "TXT")
+        except Exception:
+            return None
+        return b"".join(b"".join(r.strings) for r in answer)
+    return lookup
+
+
+def test_mail_to_the_internet_is_dkim_signed_by_the_edge_and_verifies_against_the_published_key(world: World) -> None:
+    import dkim
+
+    created = json.loads(subprocess.run(
+        [sys.executable, "-m", "mailyard", "org", "dkim", "new", "contoso.com", "--selector", "edge2026", "--json",
+         "--data-dir", str(world.site.data_dir)], capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env=world.site._env(None), check=True).stdout)
+    assert created["name"] == "edge2026._domainkey.contoso.com" and created["txt"].startswith("v=DKIM1; k=rsa; p=")
+    world.zone.replace(created["name"], TXT(created["txt"]))
+    wait_until(lambda: json.loads(world.edge.r.get(keys.ORG))["edge"]["dkim"], timeout=DEADLINE,
+               message="the key did not reach the Edge")
+    subject = tag("signed")
+    world.site.send("alice@contoso.com", ["carol@fabrikam.example"], subject=subject)
+    (found,) = wait_until(lambda: at_sink(world.sink, "fabrikam.example", subject), timeout=DEADLINE)
+    raw = Path(found["file"]).read_bytes()
+    assert raw.startswith(b"DKIM-Signature: "), raw[:200]
+    assert b"d=contoso.com" in raw.split(b"\r\n\r\n")[0] and b"s=edge2026" in raw.split(b"\r\n\r\n")[0]
+    assert dkim.verify(raw, dnsfunc=dkim_dns(world.dns.address)), "the signature does not verify"
+    # and a message changed on the way does not
+    assert not dkim.verify(raw.replace(b"Subject: signed", b"Subject: altered"), dnsfunc=dkim_dns(world.dns.address))
 
 
 def refused_at_rcpt(world: World, rcpt: str, *, source: str = STRANGER, sender: str = "carol@fabrikam.example"
