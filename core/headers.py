@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -90,20 +91,40 @@ def text(head: Message, field: str) -> str:
     return next((_printable(v) for name, v in head.raw_items() if name.lower() == wanted), "")
 
 
+def _fields(head: bytes) -> list[list[bytes]]:
+    """The header section's fields, each its lines (the first and its folded continuations)."""
+    fields: list[list[bytes]] = []
+    for line in head.splitlines(keepends=True):
+        if line.startswith(_FOLD) and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    return fields
+
+
 def strip(raw: bytes, *names: str) -> bytes:
     """Remove every occurrence of the named headers (with their folded continuation lines)."""
-    head, rest = split(raw)
     wanted = {n.lower().encode() for n in names}
-    out, skipping = [], False
-    for line in head.splitlines(keepends=True):
-        if line.startswith(_FOLD):
-            if not skipping:
-                out.append(line)
-            continue
-        name = line.split(b":", 1)[0].strip().lower()
-        skipping = name in wanted
-        if not skipping:
-            out.append(line)
+    return _strip_where(raw, lambda name, _lines: name in wanted)
+
+
+def strip_if(raw: bytes, name: str, drop: Callable[[str], bool]) -> bytes:
+    """Remove the ``name`` fields whose value (unfolded, as text) ``drop`` says to."""
+    wanted = name.lower().encode()
+
+    def value(lines: list[bytes]) -> str:
+        return b" ".join(b"".join(lines).split(b":", 1)[-1].split()).decode("utf-8", "replace")
+    return _strip_where(raw, lambda found, lines: found == wanted and drop(value(lines)))
+
+
+def _strip_where(raw: bytes, drop: Callable[[bytes, list[bytes]], bool]) -> bytes:
+    head, rest = split(raw)
+    out = []
+    for lines in _fields(head):
+        first = lines[0]
+        name = first.split(b":", 1)[0].strip().lower() if b":" in first else b""
+        if not (name and drop(name, lines)):
+            out += lines
     return b"".join(out) + rest
 
 

@@ -376,6 +376,12 @@ class AntispamSettings(_Model):
     # with EdgeSync's recipients at hand, Mailyard's is on.
     recipient_validation: bool = True
     blocked_recipients: list[Address] = Field(default_factory=list)
+    # Sender authentication at the end of DATA (mailyard.hub.sender_auth): SPF, DKIM and DMARC
+    # into an Authentication-Results header. Exchange's Sender ID SpoofedDomainAction is
+    # StampStatus by default; a DMARC p=reject is honored unless dmarc_enforce is off.
+    sender_authentication: bool = True
+    spf_fail_action: Literal["StampStatus", "Reject"] = "StampStatus"
+    dmarc_enforce: bool = True
 
     @field_validator("ip_allow_list", "ip_block_list")
     @classmethod

@@ -21,7 +21,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from mailyard import durability, headers, mime
-from mailyard.hub import antispam, encoding, replies
+from mailyard.hub import antispam, encoding, replies, sender_auth
 from mailyard.hub import receive_policy as policy
 from mailyard.hub.intake import accept
 from mailyard.hub.receive_policy import Identity
@@ -141,6 +141,17 @@ class ReceiveHandler:
             # (what a reader skips, a mail client may show, "From : the CEO" among them: the
             # send-as check above cannot see it)
             return replies.header_refused(f"header line {bad[0]} is not a header field (name: value)")
+        extra: list[str] = []
+        if directory.edge and antispam.applies(directory, identity, state.antispam, state.client_ip):
+            checked = await antispam.on_data(self.ctx, directory, raw, state.client_ip, envelope.mail_from or "",
+                                             policy.received_name(session.host_name),
+                                             state.connector.fqdn or self.ctx.fqdn)
+            if isinstance(checked, str):
+                return checked
+            raw, extra = checked
+        elif directory.org.edge_subscriptions and (identity is None or identity.kind != "server"):
+            # what only a subscribed Edge may write: its results (a hub's header firewall)
+            raw = sender_auth.strip_results(raw, {e.fqdn for e in directory.org.edge_subscriptions})
         now_s = time.time()
         now = int(now_s * 1000)
         settings = directory.org.transport
@@ -151,7 +162,6 @@ class ReceiveHandler:
             smtputf8=envelope.smtp_utf8,
         )
         message_id = str(head.get("Message-ID", "")).strip()
-        extra = []
         if not message_id:
             message_id = make_msgid(domain=self.ctx.fqdn)
             extra.append(f"Message-ID: {message_id}")

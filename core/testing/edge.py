@@ -57,12 +57,13 @@ class EdgeNode:
 
     def start(self) -> EdgeNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        offset = self.log.stat().st_size if self.log.exists() else 0  # (this start's lines, not an earlier one's)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mailyard", "edge", "run", "--data-dir", str(self.data_dir)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(), cwd=self.cwd,
                 start_new_session=True)
-        wait_until(lambda: b"EdgeSync on https://" in self.log.read_bytes() or not self.alive, timeout=60,
+        wait_until(lambda: b"EdgeSync on https://" in self.log.read_bytes()[offset:] or not self.alive, timeout=60,
                    message=lambda: f"the Edge did not start: {self.tail()}")
         assert self.alive, f"the Edge exited: {self.tail()}"
         return self
@@ -74,8 +75,8 @@ class EdgeNode:
         def accepts() -> bool:
             assert self.alive, f"the Edge exited: {self.tail()}"
             try:
-                socket.create_connection((self.host, self.smtp_port), timeout=2).close()
-                return True
+                with socket.create_connection((self.host, self.smtp_port), timeout=5) as sock:
+                    return sock.recv(3) == b"220"  # (a greeting: the listener of this start, working)
             except OSError:
                 return False
         wait_until(accepts, timeout=timeout, message=lambda: f"the Edge's SMTP does not answer: {self.tail()}")
@@ -115,12 +116,16 @@ class EdgeNode:
     def kill(self) -> None:
         """SIGKILL the Edge and every process of it (its transport, its workers)."""
         assert self.proc is not None
-        for pid in self.pids():
+        pids = self.pids()
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.proc.wait()
+        # (the others are not this process's children: wait until they are gone, or reaped)
+        wait_until(lambda: all(not os.path.exists(f"/proc/{p}") or _zombie(p) for p in pids), timeout=30,
+                   message="the Edge's processes outlived SIGKILL")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -135,6 +140,14 @@ class EdgeNode:
         except (ProcessLookupError, PermissionError):
             pass
         self.redis.stop()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def remote_ports(pids: list[int]) -> set[int]:

@@ -32,6 +32,23 @@ from tests.conftest import ROOT, make_org
 from tests.hub.helpers import at_sink, tag
 
 DEADLINE = 90.0
+AUTHSERV_ID = "edge-01.edge.invalid"  # the Edge's FQDN (EdgeNode's subscription)
+FABRIKAM_SELECTOR = "s2026"
+
+
+def _fabrikam_key() -> tuple[bytes, str]:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+FABRIKAM_KEY = _fabrikam_key()  # fabrikam.example's DKIM key, published in the demo DNS
 SPAMMER = "127.0.0.66"  # listed by the block list below
 STRANGER = "127.0.0.3"  # anyone else on the Internet
 
@@ -79,6 +96,9 @@ def world(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
     zone.replace("fabrikam.example", MX(10, "mx.fabrikam.example"))
     zone.replace("mx.fabrikam.example", A("127.0.0.2"))
     zone.replace("66.0.0.127.bl.mailyard.test", A("127.0.0.2"))  # RFC 5782: 127.0.0.2 means listed
+    zone.replace("fabrikam.example", MX(10, "mx.fabrikam.example"), TXT(f"v=spf1 ip4:{STRANGER} -all"))
+    zone.replace("_dmarc.fabrikam.example", TXT("v=DMARC1; p=reject"))
+    zone.replace(f"{FABRIKAM_SELECTOR}._domainkey.fabrikam.example", TXT(FABRIKAM_KEY[1]))
     site = Cluster(redis_server.new_db(), tmp / "org", edge_org(dns), cwd=ROOT)
     edge = EdgeNode(tmp / "edge", cwd=ROOT)
     try:
@@ -128,6 +148,9 @@ def test_mail_from_the_internet_goes_through_the_edge_to_the_inbox_exactly_once(
     (item,) = world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
     raw = world.site.raw("bob@contoso.com", item["id"])
     assert b"EDGE-01" in raw, "the Edge's Received header"
+    results = auth_results(raw)
+    assert results == [f"{AUTHSERV_ID}; spf=pass smtp.mailfrom=carol@fabrikam.example; dkim=none; "
+                       "dmarc=pass (p=reject) header.from=fabrikam.example"], results
     # The Edge's queue to the site's hubs, drained; nothing left on it
     received = [r for r in edge_events(world, "RECEIVE") if r.subject == subject]
     assert len(received) == 1 and received[0].source == "SMTP"
@@ -185,6 +208,53 @@ def test_mail_to_the_internet_is_dkim_signed_by_the_edge_and_verifies_against_th
     assert dkim.verify(raw, dnsfunc=dkim_dns(world.dns.address)), "the signature does not verify"
     # and a message changed on the way does not
     assert not dkim.verify(raw.replace(b"Subject: signed", b"Subject: altered"), dnsfunc=dkim_dns(world.dns.address))
+
+
+def auth_results(raw: bytes) -> list[str]:
+    import email
+    from email import policy
+
+    msg = email.message_from_bytes(raw, policy=policy.compat32)
+    return [" ".join(v.split()) for v in msg.get_all("Authentication-Results") or []]
+
+
+def test_a_dkim_signed_message_passes_and_a_forged_result_is_removed(world: World) -> None:
+    import dkim
+
+    subject = tag("signed by fabrikam")
+    msg = message("carol@fabrikam.example", "bob@contoso.com", subject)
+    raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    signature = dkim.sign(raw, FABRIKAM_SELECTOR.encode(), b"fabrikam.example", FABRIKAM_KEY[0])
+    forged = f"Authentication-Results: {AUTHSERV_ID}; dkim=pass header.d=paypal.example\r\n".encode()
+    with smtp_to_edge(world) as client:
+        client.sendmail("carol@fabrikam.example", ["bob@contoso.com"], forged + signature + raw)
+    (item,) = world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
+    results = auth_results(world.site.raw("bob@contoso.com", item["id"]))
+    assert len(results) == 1 and "paypal" not in results[0], results
+    assert "dkim=pass header.d=fabrikam.example" in results[0] and "dmarc=pass" in results[0], results
+
+
+def test_a_hub_drops_results_in_the_edges_name_from_anyone_but_the_edge(world: World) -> None:
+    host, port = world.site.smtp("hub-ams-1", "Internet")
+    subject = tag("straight to the hub")
+    forged = f"Authentication-Results: {AUTHSERV_ID}; dmarc=pass header.from=bank.example\r\n".encode()
+    msg = message("carol@fabrikam.example", "bob@contoso.com", subject)
+    with smtplib.SMTP(host, port, local_hostname="mail.fabrikam.example", timeout=30,
+                      source_address=(STRANGER, 0)) as client:
+        client.sendmail("carol@fabrikam.example", ["bob@contoso.com"], forged + msg.as_bytes())
+    (item,) = world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
+    assert auth_results(world.site.raw("bob@contoso.com", item["id"])) == []
+
+
+def test_mail_that_fails_dmarc_of_a_reject_policy_is_refused_at_the_end_of_data(world: World) -> None:
+    # (from an address fabrikam.example's SPF does not permit, and not signed)
+    with smtp_to_edge(world, source="127.0.0.4") as client, pytest.raises(smtplib.SMTPDataError) as refused:
+        client.send_message(message("ceo@fabrikam.example", "bob@contoso.com", tag("forged")))
+    assert refused.value.smtp_code == 550
+    assert refused.value.smtp_error.decode() == ("5.7.1 Unauthenticated email from fabrikam.example is not accepted "
+                                                 "due to its domain's DMARC policy")
+    fails = [r for r in edge_events(world, "FAIL") if r.client == "127.0.0.4"]
+    assert fails and fails[0].context.startswith("Sender ID: DMARC fail for fabrikam.example"), fails
 
 
 def refused_at_rcpt(world: World, rcpt: str, *, source: str = STRANGER, sender: str = "carol@fabrikam.example"
@@ -259,8 +329,8 @@ def test_killing_the_edge_mid_stream_loses_nothing_it_acknowledged(world: World)
             with smtp_to_edge(world) as client:
                 client.send_message(message("carol@fabrikam.example", "bob@contoso.com", subject))
             accepted.append(subject)
-        except (smtplib.SMTPException, OSError):
-            pass  # not acknowledged: the sender's to retry
+        except (smtplib.SMTPException, OSError) as exc:
+            print(f"not acknowledged ({exc!r}): the sender's to retry")
     assert len(accepted) >= 18
     for subject in accepted:
         world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
