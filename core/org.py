@@ -357,6 +357,20 @@ class BlockListProvider(_Model):
         return values
 
 
+# Exchange's default attachment filter entries (reference §3; mailyard.hub.attachment_filter)
+_ATTACHMENT_TYPES = (
+    "application/hta", "application/javascript", "application/msaccess", "application/prg",
+    "application/x-javascript", "application/x-msdownload", "message/partial", "text/javascript",
+    "text/scriptlet", "x-internet-signup",
+)
+_ATTACHMENT_EXTENSIONS = (
+    "ade adp app asx bas bat chm cmd com cpl crt csh exe fxp hlp hta inf ins isp js jse ksh lnk mda mdb mde mdt "
+    "mdw mdz msc msi msp mst ops pcd pif prf prg ps1 ps1xml ps11 ps11xml ps2 ps2xml psc1 psc2 reg scf scr sct shb "
+    "shs url vb vbe vbs wsc wsf wsh xnk"
+)
+_ATTACHMENT_NAMES = tuple(f"*.{ext}" for ext in _ATTACHMENT_EXTENSIONS.split())
+
+
 class AntispamSettings(_Model):
     """The Edge's anti-spam agents, in Exchange's order (mailyard.hub.antispam). They run on
     Edge Transport servers only (Exchange's AntispamAgentsEnabled is $true only there), for
@@ -382,6 +396,13 @@ class AntispamSettings(_Model):
     sender_authentication: bool = True
     spf_fail_action: Literal["StampStatus", "Reject"] = "StampStatus"
     dmarc_enforce: bool = True
+    # Attachment filtering (Set-AttachmentFilterListConfig, mailyard.hub.attachment_filter)
+    attachment_filtering: bool = True
+    attachment_action: Literal["Reject", "Strip", "SilentDelete"] = "Reject"
+    attachment_reject_response: str = Field("Message rejected due to unacceptable attachments", max_length=240)
+    attachment_admin_message: str = "This attachment was removed."
+    attachment_file_names: list[str] = Field(default_factory=lambda: list(_ATTACHMENT_NAMES))
+    attachment_content_types: list[str] = Field(default_factory=lambda: list(_ATTACHMENT_TYPES))
 
     @field_validator("ip_allow_list", "ip_block_list")
     @classmethod

@@ -1,7 +1,8 @@
 """The anti-spam agents of an Edge Transport server, in Exchange's order (reference §3):
 connection filtering (mailyard.hub.connection_filter), sender filtering (sender_filter),
 recipient filtering (recipient_filter), and at the end of DATA sender authentication (SPF,
-DKIM, DMARC: sender_auth). (Content and attachment filtering are not built yet.)
+DKIM, DMARC: sender_auth) and attachment filtering (attachment_filter). (Content filtering
+is not built yet.)
 
 They run only on an Edge (Exchange's AntispamAgentsEnabled is $true only there), and only for
 sessions without the bypass right: a client that logged on, or an Exchange server (a hub by its
@@ -17,7 +18,7 @@ from typing import Any
 
 from mailyard import tracking
 from mailyard.directory import Directory
-from mailyard.hub import connection_filter, mx, recipient_filter, sender_auth, sender_filter
+from mailyard.hub import attachment_filter, connection_filter, mx, recipient_filter, sender_auth, sender_filter
 from mailyard.hub.receive_policy import Identity
 from mailyard.tracking import Event, Record
 from mailyard.txn import Txn
@@ -28,6 +29,7 @@ CONNECTION = "Connection Filtering"
 SENDER = "Sender Filter"
 RECIPIENT = "Recipient Filter"
 SENDER_ID = "Sender ID"  # (SPF, DKIM and DMARC, where Exchange had Sender ID)
+ATTACHMENTS = "Attachment Filtering"
 
 
 def applies(directory: Directory, identity: Identity | None, session: dict[str, Any], ip: str) -> bool:
@@ -78,18 +80,26 @@ async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from
     without results that claim to be ours, and the header lines to add."""
     settings = directory.org.antispam
     raw = sender_auth.strip_results(raw, {authserv_id})
-    if not settings.sender_authentication:
-        return raw, []
     sender = "" if mail_from == "<>" else mail_from
-    resolver = mx.resolver_for(directory.org.transport.dns_servers)
-    results = await asyncio.to_thread(sender_auth.authenticate, resolver, raw, ip, sender, helo)
-    found = sender_auth.refusal(results, spf_fail_action=settings.spf_fail_action,
-                                dmarc_enforce=settings.dmarc_enforce, ip=ip)
+    results = None
+    if settings.sender_authentication:
+        resolver = mx.resolver_for(directory.org.transport.dns_servers)
+        results = await asyncio.to_thread(sender_auth.authenticate, resolver, raw, ip, sender, helo)
+    found = results and sender_auth.refusal(results, spf_fail_action=settings.spf_fail_action,
+                                            dmarc_enforce=settings.dmarc_enforce, ip=ip)
     if found:
         reply, why = found
         await _rejected(ctx, directory, SENDER_ID, why, ip, sender, [])
         return reply
-    return raw, [results.header(authserv_id)]
+    if unacceptable := attachment_filter.findings(raw, settings):
+        why = f"{settings.attachment_action}: {', '.join(unacceptable)[:400]}"
+        await _rejected(ctx, directory, ATTACHMENTS, why, ip, sender, [])
+        if settings.attachment_action == "Reject":
+            return f"550 5.7.1 {settings.attachment_reject_response}"
+        if settings.attachment_action == "SilentDelete":
+            return "250 2.6.0 Queued mail for delivery"  # (and dropped: Exchange's SilentDelete)
+        raw = attachment_filter.strip(raw, settings)
+    return raw, [results.header(authserv_id)] if results else []
 
 
 async def _rejected(ctx: Any, directory: Directory, agent: str, why: str, ip: str, sender: str,

@@ -246,6 +246,33 @@ def test_a_hub_drops_results_in_the_edges_name_from_anyone_but_the_edge(world: W
     assert auth_results(world.site.raw("bob@contoso.com", item["id"])) == []
 
 
+def test_an_executable_attachment_is_refused_then_stripped_per_the_action(world: World) -> None:
+    from tests.hub.test_attachment_filter import with_attachment
+
+    raw = with_attachment("invoice.exe")
+    with smtp_to_edge(world) as client, pytest.raises(smtplib.SMTPDataError) as refused:
+        client.sendmail("carol@fabrikam.example", ["bob@contoso.com"], raw)
+    assert (refused.value.smtp_code, refused.value.smtp_error.decode()) == (
+        550, "5.7.1 Message rejected due to unacceptable attachments")
+    assert any(r.context == "Attachment Filtering: Reject: invoice.exe" for r in edge_events(world, "FAIL"))
+    org = world.site.org.__class__.from_json(world.site.r.get(keys.ORG))
+    world.apply(antispam=org.antispam.model_copy(update={"attachment_action": "Strip"}))
+
+    def stripped() -> bool:  # (each try a new session: the Edge's listener rereads its organization)
+        subject = tag("stripped")
+        with smtp_to_edge(world) as client:
+            try:
+                client.sendmail("carol@fabrikam.example", ["bob@contoso.com"], raw.replace(b"Subject: files",
+                                                                                         f"Subject: {subject}".encode()))
+            except smtplib.SMTPDataError:
+                return False
+        (item,) = world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
+        delivered = world.site.raw("bob@contoso.com", item["id"])
+        assert b"invoice.exe.txt" in delivered and b"This attachment was removed." in delivered
+        return True
+    wait_until(stripped, timeout=DEADLINE)
+
+
 def test_mail_that_fails_dmarc_of_a_reject_policy_is_refused_at_the_end_of_data(world: World) -> None:
     # (from an address fabrikam.example's SPF does not permit, and not signed)
     with smtp_to_edge(world, source="127.0.0.4") as client, pytest.raises(smtplib.SMTPDataError) as refused:
