@@ -149,6 +149,9 @@ class TransportSettings(_Model):
     # validates, but never stored, and it opens nothing.
     server_token: str = Field("", exclude=True, description="ignored (see mailyard.pki)")
     dns_servers: list[str] = Field(default_factory=list)  # empty: the system resolver
+    # Set-OrganizationConfig -SCLJunkThreshold: mail an Edge's content filter gave a higher
+    # spam confidence level goes to the mailbox's Junk Email folder (mailyard.mailbox.store)
+    scl_junk_threshold: int = Field(4, ge=0, le=9)
 
 
 def _check_pressure(t: TransportSettings) -> list[tuple[tuple[Any, ...], str]]:
@@ -322,6 +325,7 @@ class EdgeRole(_Model):
     hubs: list[str] = Field(default_factory=list)  # HOST:PORT of the site's hubs' connector for servers
     recipient_salt: str = ""  # how EdgeSync's recipient hashes were made (mailyard.edgesync)
     dkim: list[DkimKey] = Field(default_factory=list)  # it signs what leaves for the Internet
+    rspamd: str = ""  # its content filter's URL (mailyard.hub.content_filter); "": none
 
 
 class BlockListProvider(_Model):
@@ -396,6 +400,13 @@ class AntispamSettings(_Model):
     sender_authentication: bool = True
     spf_fail_action: Literal["StampStatus", "Reject"] = "StampStatus"
     dmarc_enforce: bool = True
+    # Content filtering by rspamd (Set-ContentFilterConfig, mailyard.hub.content_filter)
+    content_filtering: bool = True
+    scl_reject_enabled: bool = True
+    scl_reject_threshold: int = Field(7, ge=0, le=9)
+    scl_delete_enabled: bool = False
+    scl_delete_threshold: int = Field(9, ge=0, le=9)
+    content_reject_response: str = Field("Message rejected due to content restrictions", max_length=240)
     # Attachment filtering (Set-AttachmentFilterListConfig, mailyard.hub.attachment_filter)
     attachment_filtering: bool = True
     attachment_action: Literal["Reject", "Strip", "SilentDelete"] = "Reject"

@@ -19,7 +19,8 @@ def receive_connector_name(edge: str) -> str:
     return f"Default internal receive connector {edge}"
 
 
-def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str, salt: str) -> Organization:
+def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str, salt: str,
+                      rspamd: str = "") -> Organization:
     """The organization an Edge named ``name`` runs, listening for SMTP on ``smtp``."""
     receive = ReceiveConnector(
         name=receive_connector_name(name),
@@ -42,5 +43,6 @@ def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str, salt
         send_connectors=push.send_connectors,
         receive_connectors=[receive],
         antispam=push.antispam,
-        edge=EdgeRole(name=name, site=push.site, hubs=push.hubs, recipient_salt=salt, dkim=push.dkim),
+        edge=EdgeRole(name=name, site=push.site, hubs=push.hubs, recipient_salt=salt, dkim=push.dkim,
+                      rspamd=rspamd),
     )

@@ -10,6 +10,7 @@ middle of a stream loses nothing it acknowledged.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,10 +21,13 @@ import sys
 import threading
 from pathlib import Path
 
+import redis
 import uvicorn
 
 from mailyard import keys, redisconn
+from mailyard.edge import rspamd
 from mailyard.edge.home import EdgeHome
+from mailyard.edge.rspamd import Rspamd
 from mailyard.edge.sync_server import Trust, create_app
 from mailyard.peer_http import PeerH11
 from mailyard.processes import serve_until_stopped
@@ -84,14 +88,34 @@ class Transport:
                     self.proc.wait()
 
 
-def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency: int = 2) -> None:
+def content_filter(data_dir: Path, setting: str, r: redis.Redis) -> tuple[Rspamd | None, str]:
+    """``--rspamd``: ``auto`` starts Debian's rspamd if it is installed, ``off`` runs without,
+    a URL uses that server. (The Rspamd to supervise, the URL for the transport.)"""
+    if setting == "off":
+        return None, ""
+    if setting != "auto":
+        return None, setting.rstrip("/")
+    if rspamd.binary() is None:
+        log.warning("rspamd is not installed: this Edge runs without content filtering "
+                    "(apt-get install rspamd, or --rspamd URL)")
+        return None, ""
+    text = r.get(keys.ORG)
+    dns = json.loads(text)["transport"]["dns_servers"] if text else []
+    server = rspamd.Rspamd(data_dir, dns).start()
+    log.info("content filtering by rspamd on %s", server.url)
+    return server, server.url
+
+
+def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency: int = 2,
+          rspamd_setting: str = "auto") -> None:
     home = EdgeHome(data_dir)
     config = home.config()
     r = redisconn.connect(redis_url)
+    content, rspamd_url = content_filter(data_dir, rspamd_setting, r)
     trust = listener_trust(home)
     transport = Transport(name=config["name"], redis_url=redis_url, data_dir=data_dir, loglevel=loglevel,
                           concurrency=concurrency)
-    app = create_app(home, r, trust, on_config=transport.want)
+    app = create_app(home, r, trust, on_config=transport.want, rspamd_url=rspamd_url)
     host, port = host_port(config["sync"])
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -108,6 +132,8 @@ def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency
         transport.want()
     subscribed = home.subscribed()
     threading.Thread(target=transport.supervise, name="transport", daemon=True).start()
+    if content is not None:
+        threading.Thread(target=_keep, args=(content, transport), name="rspamd", daemon=True).start()
     state = f"subscribed to site {subscribed.site}" if subscribed else "waiting for its subscription"
     print(f"Edge {config['name']} ({state}): EdgeSync on https://{config['sync']}, SMTP on {config['smtp']}, "
           f"pid {os.getpid()}", flush=True)
@@ -115,3 +141,16 @@ def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency
         serve_until_stopped(web, [sock])
     finally:
         transport.stop()
+        if content is not None:
+            content.stop()
+
+
+def _keep(content: Rspamd, transport: Transport) -> None:
+    """Start rspamd again if it dies (on the same port: the transport's URL stays right)."""
+    while not transport._stop.wait(2.0):
+        if not content.alive:
+            log.warning("rspamd ended: starting it again")
+            try:
+                content.start()
+            except (OSError, RuntimeError) as exc:
+                log.error("rspamd did not start again: %s", exc)

@@ -79,7 +79,7 @@ class Trust:
 
 
 def create_app(home: EdgeHome, r: redis.Redis, trust: Trust,
-               on_config: Callable[[], None] = lambda: None) -> Starlette:
+               on_config: Callable[[], None] = lambda: None, rspamd_url: str = "") -> Starlette:
     """``trust``: the listener's TLS context (the CA goes into it at the bootstrap).
     ``on_config``: called after a configuration was stored (the transport may start)."""
 
@@ -147,7 +147,7 @@ def create_app(home: EdgeHome, r: redis.Redis, trust: Trust,
             raise Refused(403, f"this Edge is subscribed to site {site}, not {push.site}")
         settings = home.config()
         org = edge_organization(push, name=settings["name"], fqdn=settings["fqdn"], smtp=settings["smtp"],
-                                 salt=settings["recipient_salt"])
+                                 salt=settings["recipient_salt"], rspamd=rspamd_url)
         version = apply_org(r, org)
         r.hset(keys.EDGE_STATE, mapping={"config_at": time.time(), "config_version": version,
                                          "by": str(getattr(request.state, PEER, ""))})

@@ -1,8 +1,8 @@
 """The anti-spam agents of an Edge Transport server, in Exchange's order (reference §3):
 connection filtering (mailyard.hub.connection_filter), sender filtering (sender_filter),
 recipient filtering (recipient_filter), and at the end of DATA sender authentication (SPF,
-DKIM, DMARC: sender_auth) and attachment filtering (attachment_filter). (Content filtering
-is not built yet.)
+DKIM, DMARC: sender_auth), content filtering by rspamd (content_filter) and attachment
+filtering (attachment_filter).
 
 They run only on an Edge (Exchange's AntispamAgentsEnabled is $true only there), and only for
 sessions without the bypass right: a client that logged on, or an Exchange server (a hub by its
@@ -18,7 +18,15 @@ from typing import Any
 
 from mailyard import tracking
 from mailyard.directory import Directory
-from mailyard.hub import attachment_filter, connection_filter, mx, recipient_filter, sender_auth, sender_filter
+from mailyard.hub import (
+    attachment_filter,
+    connection_filter,
+    content_filter,
+    mx,
+    recipient_filter,
+    sender_auth,
+    sender_filter,
+)
 from mailyard.hub.receive_policy import Identity
 from mailyard.tracking import Event, Record
 from mailyard.txn import Txn
@@ -30,6 +38,7 @@ SENDER = "Sender Filter"
 RECIPIENT = "Recipient Filter"
 SENDER_ID = "Sender ID"  # (SPF, DKIM and DMARC, where Exchange had Sender ID)
 ATTACHMENTS = "Attachment Filtering"
+CONTENT = "Content Filter"
 
 
 def applies(directory: Directory, identity: Identity | None, session: dict[str, Any], ip: str) -> bool:
@@ -75,7 +84,7 @@ async def on_rcpt(ctx: Any, directory: Directory, session: dict[str, Any], ip: s
 
 
 async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from: str, helo: str,
-                  authserv_id: str) -> str | tuple[bytes, list[str]]:
+                  authserv_id: str, recipients: list[str]) -> str | tuple[bytes, list[str]]:
     """End of DATA: sender authentication (SPF, DKIM, DMARC). The refusal, or the message
     without results that claim to be ours, and the header lines to add."""
     settings = directory.org.antispam
@@ -91,6 +100,18 @@ async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from
         reply, why = found
         await _rejected(ctx, directory, SENDER_ID, why, ip, sender, [])
         return reply
+    stamps = [results.header(authserv_id)] if results else []
+    role = directory.org.edge
+    if settings.content_filtering and role is not None and role.rspamd:
+        verdict = await content_filter.check(role.rspamd, raw, ip=ip, helo=helo, sender=sender, recipients=recipients)
+        if verdict is not None:
+            if settings.scl_delete_enabled and verdict.scl >= settings.scl_delete_threshold:
+                await _rejected(ctx, directory, CONTENT, f"deleted: {verdict.summary}", ip, sender, recipients)
+                return "250 2.6.0 Queued mail for delivery"  # (and dropped: SCLDeleteThreshold)
+            if settings.scl_reject_enabled and verdict.scl >= settings.scl_reject_threshold:
+                await _rejected(ctx, directory, CONTENT, f"rejected: {verdict.summary}", ip, sender, recipients)
+                return f"550 5.7.1 {settings.content_reject_response}"
+            stamps.append(f"{content_filter.SCL_HEADER}: {verdict.scl}")
     if unacceptable := attachment_filter.findings(raw, settings):
         why = f"{settings.attachment_action}: {', '.join(unacceptable)[:400]}"
         await _rejected(ctx, directory, ATTACHMENTS, why, ip, sender, [])
@@ -99,7 +120,7 @@ async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from
         if settings.attachment_action == "SilentDelete":
             return "250 2.6.0 Queued mail for delivery"  # (and dropped: Exchange's SilentDelete)
         raw = attachment_filter.strip(raw, settings)
-    return raw, [results.header(authserv_id)] if results else []
+    return raw, stamps
 
 
 async def _rejected(ctx: Any, directory: Directory, agent: str, why: str, ip: str, sender: str,

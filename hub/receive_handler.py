@@ -21,7 +21,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from mailyard import durability, headers, mime
-from mailyard.hub import antispam, encoding, replies, sender_auth
+from mailyard.hub import antispam, content_filter, encoding, replies, sender_auth
 from mailyard.hub import receive_policy as policy
 from mailyard.hub.intake import accept
 from mailyard.hub.receive_policy import Identity
@@ -132,6 +132,8 @@ class ReceiveHandler:
             return replies.SEND_AS_DENIED
         origin = policy.relay_origin(identity, head.get(ORIGIN_HEADER))
         raw = headers.strip(raw, *ORG_HEADERS)
+        if identity is None or identity.kind != "server":  # (an Edge's verdict, from an Edge only)
+            raw = headers.strip(raw, content_filter.SCL_HEADER)
         size = len(raw)
         taken = mime.intake(raw)  # once, on the way in: CRLF line ends, no line too long for SMTP
         if isinstance(taken, mime.Unfit):
@@ -145,7 +147,7 @@ class ReceiveHandler:
         if directory.edge and antispam.applies(directory, identity, state.antispam, state.client_ip):
             checked = await antispam.on_data(self.ctx, directory, raw, state.client_ip, envelope.mail_from or "",
                                              policy.received_name(session.host_name),
-                                             state.connector.fqdn or self.ctx.fqdn)
+                                             state.connector.fqdn or self.ctx.fqdn, list(envelope.rcpt_tos))
             if isinstance(checked, str):
                 return checked
             raw, extra = checked

@@ -30,17 +30,19 @@ from pathlib import Path
 from typing import IO, Any
 
 from mailyard.errors import NotFoundError
-from mailyard.headers import shown_addresses, shown_text
+from mailyard.headers import first_value, shown_addresses, shown_text
 from mailyard.mailbox import dedup
 from mailyard.org import TransportSettings
 
-FOLDERS = {"Inbox": "", "Outbox": ".Outbox", "Sent Items": ".Sent Items"}
+FOLDERS = {"Inbox": "", "Outbox": ".Outbox", "Sent Items": ".Sent Items", "Junk Email": ".Junk Email"}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The scopes of duplicate detection: the Inbox, and a client's "Send" (its item moves from the
 # Outbox to Sent Items when a hub picks it up).
-INBOX: tuple[str, ...] = ("Inbox",)
+INBOX: tuple[str, ...] = ("Inbox", "Junk Email")
+JUNK: tuple[str, ...] = ("Junk Email", "Inbox")  # (where an Edge's content filter put it: SCL)
 SENT: tuple[str, ...] = ("Outbox", "Sent Items")
+SCL_HEADER = b"X-Mailyard-SCL"  # an Edge's spam confidence level, 0-9 (mailyard.hub.content_filter)
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -274,7 +276,9 @@ class MailboxStore:
         for _, key, _ in messages:
             if not _KEY.match(key):
                 raise ValueError(f"bad delivery key {key!r}")
-        return self._store_many(INBOX, [(address, raw, key, dedup.digest_of(raw)) for address, key, raw in messages])
+        junk = self._settings().scl_junk_threshold
+        return self._store_each([(JUNK if _scl(raw) > junk else INBOX, address, raw, key, dedup.digest_of(raw))
+                                 for address, key, raw in messages])
 
     def submit_many(self, address: str, messages: list[tuple[str, bytes]]) -> list[tuple[str, bool] | OSError]:
         """``submit`` for several (Message-ID, message) of one mailbox, group-committed as
@@ -283,8 +287,12 @@ class MailboxStore:
 
     def _store_many(self, scope: tuple[str, ...], messages: list[tuple[str, bytes, str | None, str | None]]
                     ) -> list[tuple[str, bool] | OSError]:
+        return self._store_each([(scope, *m) for m in messages])
+
+    def _store_each(self, messages: list[tuple[tuple[str, ...], str, bytes, str | None, str | None]]
+                    ) -> list[tuple[str, bool] | OSError]:
         placed: list[tuple[str, bool, Path] | OSError] = []
-        for address, raw, key, message_digest in messages:
+        for scope, address, raw, key, message_digest in messages:
             try:
                 placed.append(self._place(address, scope, raw, key, message_digest))
             except OSError as exc:
@@ -465,3 +473,12 @@ def _iso_date(value: str) -> str:
         return parsedate_to_datetime(value).isoformat()
     except Exception:  # TypeError, ValueError, IndexError, OverflowError (a year of 11 digits)...
         return ""
+
+
+def _scl(raw: bytes) -> int:
+    """The spam confidence level an Edge stamped (-1: none; hubs take it only from an Edge)."""
+    value = first_value(raw, SCL_HEADER.decode())
+    try:
+        return int(value) if value is not None else -1
+    except ValueError:
+        return -1

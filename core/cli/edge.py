@@ -74,14 +74,19 @@ def subscribe(name: str, fqdn: str | None, smtp: str, sync_address: str, out: Pa
 @_edge_redis
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 256))
+@click.option("--rspamd", "rspamd_setting", default="auto", show_default=True, metavar="auto|off|URL",
+              help="Content filtering: start Debian's rspamd if installed (auto), none (off), or that server.")
 @handle_errors
-def run(redis_url: str, data_dir: Path, loglevel: str, concurrency: int) -> None:
+def run(redis_url: str, data_dir: Path, loglevel: str, concurrency: int, rspamd_setting: str) -> None:
     """Run the Edge: its EdgeSync listener, and its transport once subscribed."""
     from mailyard.edge.run import serve
     from mailyard.processes import setup_logging
 
+    if rspamd_setting not in ("auto", "off") and not rspamd_setting.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{rspamd_setting!r}: auto, off or an http(s):// URL", param_hint="--rspamd")
     setup_logging(loglevel)
-    serve(data_dir=data_dir, redis_url=redis_url, loglevel=loglevel, concurrency=concurrency)
+    serve(data_dir=data_dir, redis_url=redis_url, loglevel=loglevel, concurrency=concurrency,
+          rspamd_setting=rspamd_setting)
 
 
 @edge.command()

@@ -8,6 +8,8 @@ Every server is on loopback, DNS is the project's own server."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -271,6 +273,48 @@ def test_an_executable_attachment_is_refused_then_stripped_per_the_action(world:
         assert b"invoice.exe.txt" in delivered and b"This attachment was removed." in delivered
         return True
     wait_until(stripped, timeout=DEADLINE)
+
+
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def test_the_content_filter_refuses_gtube_and_stamps_the_rest(world: World) -> None:
+    assert shutil.which("rspamd"), "these tests need Debian's rspamd (.ci/run installs it)"
+    msg = message("carol@fabrikam.example", "bob@contoso.com", tag("gtube"))
+    msg.set_content(f"test\n{GTUBE}\n")
+    with smtp_to_edge(world) as client, pytest.raises(smtplib.SMTPDataError) as refused:
+        client.send_message(msg)
+    assert (refused.value.smtp_code, refused.value.smtp_error.decode()) == (
+        550, "5.7.1 Message rejected due to content restrictions")
+    assert any(r.context.startswith("Content Filter: rejected: SCL 9 (rspamd reject") for r in edge_events(world, "FAIL"))
+    subject = tag("scored")
+    with smtp_to_edge(world) as client:
+        client.send_message(message("carol@fabrikam.example", "bob@contoso.com", subject))
+    (item,) = world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
+    assert re.search(rb"^X-Mailyard-SCL: [0-3]\r$", world.site.raw("bob@contoso.com", item["id"]), re.M)
+
+
+def test_mail_above_the_junk_threshold_goes_to_junk_email_and_a_forged_scl_counts_for_nothing(world: World) -> None:
+    org = world.site.org.__class__.from_json(world.site.r.get(keys.ORG))
+    world.apply(transport=org.transport.model_copy(update={"scl_junk_threshold": 0}))
+    try:
+        # Any message rspamd scores above 0 (this one has no Date: SCL 1) goes to Junk Email
+        subject = tag("junk")
+        msg = message("carol@fabrikam.example", "bob@contoso.com", subject)
+        with smtp_to_edge(world) as client:
+            client.send_message(msg)
+        world.site.wait_for_subject("bob@contoso.com", subject, folder="Junk Email", timeout=DEADLINE)
+        assert subject not in world.site.subjects("bob@contoso.com")
+        # straight to a hub, an SCL of the sender's own is dropped: the Inbox
+        host, port = world.site.smtp("hub-ams-1", "Internet")
+        subject = tag("forged scl")
+        with smtplib.SMTP(host, port, timeout=30, source_address=(STRANGER, 0)) as client:
+            client.sendmail("carol@fabrikam.example", ["bob@contoso.com"],
+                            b"X-Mailyard-SCL: 9\r\n" + message("carol@fabrikam.example", "bob@contoso.com",
+                                                                 subject).as_bytes())
+        world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
+    finally:
+        world.apply(transport=org.transport)
 
 
 def test_mail_that_fails_dmarc_of_a_reject_policy_is_refused_at_the_end_of_data(world: World) -> None:

@@ -34,7 +34,7 @@ def test_folders_are_a_maildir_plus_plus_that_the_standard_library_reads(store, 
     store.put("b@t.example", "Outbox", RAW.replace(b"hi", b"out"))
     md = stdlib_mailbox.Maildir(tmp_path / "MBX" / "b@t.example", create=False)
     assert [m["Subject"] for m in md] == ["hi"]
-    assert sorted(md.list_folders()) == ["Outbox", "Sent Items"]
+    assert sorted(md.list_folders()) == ["Junk Email", "Outbox", "Sent Items"]
     assert [m["Subject"] for m in md.get_folder("Outbox")] == ["out"]
 
 

@@ -1,0 +1,97 @@
+"""The Edge's content filter server: Debian's rspamd, started by ``mailyard edge run`` on a
+free loopback port with a configuration of its own (``<data-dir>/rspamd``): the normal worker
+only, rspamd's own rules (regular expressions, Lua rules and their scores), no module that
+asks anything of the network (no fuzzy storage, no remote block lists or maps), DNS only to
+the organization's DNS servers. The Edge's transport talks to it over its HTTP protocol
+(``POST /checkv2``: mailyard.hub.content_filter)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("mailyard.edge.rspamd")
+
+CONFIG = """# Written by mailyard edge run: rspamd for the Edge's content filter (loopback only)
+options {{
+    pidfile = "{run}/rspamd.pid";
+    dns {{ nameserver = [{dns}]; timeout = 1s; retransmits = 1; }}
+    local_addrs = [];
+}}
+logging {{ type = "file"; filename = "{run}/rspamd.log"; level = "warning"; }}
+worker "normal" {{
+    bind_socket = "127.0.0.1:{port}";
+    count = 1;
+    task_timeout = 8s;
+}}
+actions {{ reject = 15; add_header = 6; greylist = 4; }}
+.include(try=true) "/etc/rspamd/groups.conf"
+lua = "/usr/share/rspamd/rules/rspamd.lua";
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def binary() -> str | None:
+    return shutil.which("rspamd")
+
+
+class Rspamd:
+    """One rspamd of an Edge; ``url`` once started."""
+
+    def __init__(self, data_dir: Path, dns_servers: list[str]) -> None:
+        self.dir = Path(data_dir) / "rspamd"
+        self.dns = dns_servers or ["127.0.0.1:53"]
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> Rspamd:
+        path = binary()
+        if path is None:
+            raise FileNotFoundError("rspamd is not installed")
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.port = self.port or _free_port()
+        conf = self.dir / "rspamd.conf"
+        conf.write_text(CONFIG.format(run=self.dir, port=self.port, dns=", ".join(f'"{d}"' for d in self.dns)))
+        user = ["-u", "root", "-g", "root", "--insecure"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen([path, "-f", *user, "-c", str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rspamd exited with status {self.proc.returncode} (see {self.dir}/rspamd.log)")
+            try:
+                if httpx.get(self.url + "/ping", timeout=2, trust_env=False).text.strip() == "pong":
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"rspamd did not answer on {self.url} within {timeout:.0f} s")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
