@@ -44,8 +44,10 @@ SCRIPT = ROOT / "deploy" / "docker-engine.sh"
 README = ROOT / "README.md"
 SECTION = "## Run it with Docker"
 # What the image and the compose file use (.dockerignore keeps the rest out of the image).
-PROJECT_FILES = ["docker-compose.yml", ".dockerignore", "pyproject.toml", "README.md",
-                 "deploy", "core", "hub", "mailbox", "submission"]
+# (the package folders as pyproject maps them: a new one is in the image without a change here)
+PROJECT_FILES = ["docker-compose.yml", ".dockerignore", "pyproject.toml", "README.md", "deploy",
+                 *sorted(set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                             ["package-dir"].values()))]
 PREFIX = "mailyardtest"  # compose projects of this test: mailyardtest<pid>x<random>
 LOCK = Path("/run/lock/mailyard-compose-walkthrough.lock")  # one walkthrough at a time per engine
 ONE_SHOT = {"pki", "init"}
