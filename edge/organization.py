@@ -12,7 +12,17 @@ Edge's defaults.
 from __future__ import annotations
 
 from mailyard.edgesync import ConfigPush
-from mailyard.org import EdgeRole, Organization, ReceiveConnector, Site
+from mailyard.org import EdgeRole, Organization, ReceiveConnector, Site, TransportSettings
+
+# Set-TransportServer's defaults that differ on an Edge (reference §1): taken where the
+# organization's transport settings are still the hub's defaults, never over a value set.
+EDGE_DEFAULTS = {"transient_failure_retry_interval": (300, 600),
+                 "outbound_connection_failure_retry_interval": (600, 1800)}
+
+
+def edge_transport(transport: TransportSettings) -> TransportSettings:
+    changes = {name: edge for name, (hub, edge) in EDGE_DEFAULTS.items() if getattr(transport, name) == hub}
+    return transport.model_copy(update=changes)
 
 
 def receive_connector_name(edge: str) -> str:
@@ -38,7 +48,7 @@ def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str, salt
     return Organization(
         name=push.organization,
         accepted_domains=push.accepted_domains,
-        transport=push.transport,
+        transport=edge_transport(push.transport),
         sites=[Site(name=name)],
         send_connectors=push.send_connectors,
         receive_connectors=[receive],
