@@ -27,6 +27,8 @@ from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT
 from tests.hub.receive_site import HUB, receive_org
 
+pytestmark = pytest.mark.slow  # (real servers and a real hub: handed out first, see tests/conftest.py)
+
 SENDER = "alice@contoso.com"  # on MBX-AMS-01
 RECIPIENT = "bob@contoso.com"
 DEADLINE = 90.0

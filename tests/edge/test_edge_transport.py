@@ -33,6 +33,8 @@ from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT, make_org
 from tests.hub.helpers import at_sink, tag
 
+pytestmark = pytest.mark.slow  # (real processes: handed out first, see tests/conftest.py)
+
 DEADLINE = 90.0
 AUTHSERV_ID = "edge-01.edge.invalid"  # the Edge's FQDN (EdgeNode's subscription)
 FABRIKAM_SELECTOR = "s2026"

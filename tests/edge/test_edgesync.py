@@ -24,6 +24,8 @@ from mailyard.testing.redis_server import RedisServer
 from mailyard.testing.waiting import wait_until
 from tests.conftest import ROOT, make_org
 
+pytestmark = pytest.mark.slow  # (real processes: handed out first, see tests/conftest.py)
+
 DEADLINE = 60.0
 
 
