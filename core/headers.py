@@ -104,8 +104,19 @@ def _fields(head: bytes) -> list[list[bytes]]:
 
 def strip(raw: bytes, *names: str) -> bytes:
     """Remove every occurrence of the named headers (with their folded continuation lines)."""
+    head, rest = split(raw)
     wanted = {n.lower().encode() for n in names}
-    return _strip_where(raw, lambda name, _lines: name in wanted)
+    out, skipping = [], False
+    for line in head.splitlines(keepends=True):
+        if line.startswith(_FOLD):
+            if not skipping:
+                out.append(line)
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        skipping = name in wanted
+        if not skipping:
+            out.append(line)
+    return b"".join(out) + rest
 
 
 def strip_if(raw: bytes, name: str, drop: Callable[[str], bool]) -> bytes:

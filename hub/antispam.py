@@ -84,16 +84,19 @@ async def on_rcpt(ctx: Any, directory: Directory, session: dict[str, Any], ip: s
 
 
 async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from: str, helo: str,
-                  authserv_id: str, recipients: list[str]) -> str | tuple[bytes, list[str]]:
+                  authserv_id: str, recipients: list[str], original: bytes) -> str | tuple[bytes, list[str]]:
     """End of DATA: sender authentication (SPF, DKIM, DMARC). The refusal, or the message
     without results that claim to be ours, and the header lines to add."""
     settings = directory.org.antispam
-    raw = sender_auth.strip_results(raw, {authserv_id})
     sender = "" if mail_from == "<>" else mail_from
     results = None
     if settings.sender_authentication:
         resolver = mx.resolver_for(directory.org.transport.dns_servers)
-        results = await asyncio.to_thread(sender_auth.authenticate, resolver, raw, ip, sender, helo)
+        try:
+            # (on the message as it came: intake's re-encoding of over-long lines would break DKIM)
+            results = await asyncio.to_thread(sender_auth.authenticate, resolver, original, ip, sender, helo)
+        except Exception as exc:  # a message that makes a library fail is not refused for it
+            log.warning("sender authentication failed on a message from %s: %r", ip, exc)
     found = results and sender_auth.refusal(results, spf_fail_action=settings.spf_fail_action,
                                             dmarc_enforce=settings.dmarc_enforce, ip=ip)
     if found:
@@ -112,14 +115,19 @@ async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from
                 await _rejected(ctx, directory, CONTENT, f"rejected: {verdict.summary}", ip, sender, recipients)
                 return f"550 5.7.1 {settings.content_reject_response}"
             stamps.append(f"{content_filter.SCL_HEADER}: {verdict.scl}")
-    if unacceptable := attachment_filter.findings(raw, settings):
+    try:  # (the email package on a large message: off the event loop)
+        unacceptable = await asyncio.to_thread(attachment_filter.findings, raw, settings)
+    except Exception as exc:
+        log.warning("attachment filtering failed on a message from %s: %r", ip, exc)
+        unacceptable = []
+    if unacceptable:
         why = f"{settings.attachment_action}: {', '.join(unacceptable)[:400]}"
         await _rejected(ctx, directory, ATTACHMENTS, why, ip, sender, [])
         if settings.attachment_action == "Reject":
             return f"550 5.7.1 {settings.attachment_reject_response}"
         if settings.attachment_action == "SilentDelete":
             return "250 2.6.0 Queued mail for delivery"  # (and dropped: Exchange's SilentDelete)
-        raw = attachment_filter.strip(raw, settings)
+        raw = await asyncio.to_thread(attachment_filter.strip, raw, settings)
     return raw, stamps
 
 

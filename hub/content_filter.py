@@ -57,9 +57,11 @@ def scl_of(reply: dict[str, object]) -> Verdict:
 async def check(url: str, raw: bytes, *, ip: str, helo: str, sender: str, recipients: list[str],
                 queue_id: str = "") -> Verdict | None:
     """rspamd's verdict on a message, None when it could not be asked."""
-    head = [("IP", ip), ("Helo", helo), ("From", sender or "<>"), *(("Rcpt", r) for r in recipients)]
+    # (as UTF-8 bytes: an SMTPUTF8 address must not make the request fail and the message go unfiltered)
+    head = [(k.encode(), v.encode("utf-8", "replace")) for k, v in
+            [("IP", ip), ("Helo", helo), ("From", sender or "<>"), *(("Rcpt", r) for r in recipients)]]
     if queue_id:
-        head.append(("Queue-Id", queue_id))
+        head.append((b"Queue-Id", queue_id.encode()))
     try:
         async with httpx.AsyncClient(timeout=TIMEOUT_S, trust_env=False) as client:
             response = await client.post(f"{url}/checkv2", content=raw, headers=head)

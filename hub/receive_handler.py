@@ -145,12 +145,17 @@ class ReceiveHandler:
             return replies.header_refused(f"header line {bad[0]} is not a header field (name: value)")
         extra: list[str] = []
         if directory.edge and antispam.applies(directory, identity, state.antispam, state.client_ip):
+            raw = sender_auth.strip_results(raw, {state.connector.fqdn or self.ctx.fqdn})
             checked = await antispam.on_data(self.ctx, directory, raw, state.client_ip, envelope.mail_from or "",
                                              policy.received_name(session.host_name),
-                                             state.connector.fqdn or self.ctx.fqdn, list(envelope.rcpt_tos))
+                                             state.connector.fqdn or self.ctx.fqdn, list(envelope.rcpt_tos),
+                                             original=envelope.original_content or b"")
             if isinstance(checked, str):
                 return checked
             raw, extra = checked
+        elif directory.edge and (identity is None or identity.kind != "server"):
+            # (a session that skips the agents, the IP Allow list's: no results in our name either)
+            raw = sender_auth.strip_results(raw, {state.connector.fqdn or self.ctx.fqdn})
         elif directory.org.edge_subscriptions and (identity is None or identity.kind != "server"):
             # what only a subscribed Edge may write: its results (a hub's header firewall)
             raw = sender_auth.strip_results(raw, {e.fqdn for e in directory.org.edge_subscriptions})

@@ -27,6 +27,7 @@ from publicsuffixlist import PublicSuffixList
 from mailyard import headers
 from mailyard.addresses import canonical
 
+MAX_SIGNATURES = 5  # verified per message (each one parses the whole message again)
 SPF_REJECT = "550 5.7.23 SPF validation failed: {0} does not permit {1} to send its mail"  # RFC 7372
 DMARC_REJECT = "550 5.7.1 Unauthenticated email from {0} is not accepted due to its domain's DMARC policy"
 
@@ -57,11 +58,41 @@ class Results:
         return [d for result, d in self.dkim if result == "pass"]
 
     def header(self, authserv_id: str) -> str:
-        parts = [f"spf={self.spf} smtp.mailfrom={self.spf_identity}"]
-        parts += [f"dkim={result} header.d={d}" for result, d in self.dkim] or ["dkim=none"]
+        """The header; every value a sender chose (a d= tag, a From domain) is written only if
+        it is a domain name, else ``unknown``: nothing of theirs can add a result."""
+        local, _, domain = self.spf_identity.rpartition("@")
+        mailfrom = f"{_safe_local(local)}@{_safe(domain)}" if local else _safe(domain)
+        parts = [f"spf={self.spf} smtp.mailfrom={mailfrom}"]
+        parts += [f"dkim={result} header.d={_safe(d)}" for result, d in self.dkim] or ["dkim=none"]
         dmarc = f"dmarc={self.dmarc}" + (f" (p={self.policy})" if self.policy else "")
-        parts.append(f"{dmarc} header.from={self.from_domain or 'none'}")
+        parts.append(f"{dmarc} header.from={_safe(self.from_domain) if self.from_domain else 'none'}")
         return f"Authentication-Results: {authserv_id};\r\n\t" + ";\r\n\t".join(parts)
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
+_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+
+
+def _safe(domain: str) -> str:
+    return domain if _DOMAIN.match(domain) else "unknown"
+
+
+def _safe_local(local: str) -> str:
+    return local if _LOCAL.match(local) else "unknown"
+
+
+def authserv_id_of(value: str) -> str:
+    """An Authentication-Results value's authserv-id (RFC 8601 2.2): comments and quotes
+    around it removed, lower case; "" if there is none."""
+    text = value
+    while True:  # (nested comments: innermost first)
+        stripped = re.sub(r"\([^()]*\)", " ", text)
+        if stripped == text:
+            break
+        text = stripped
+    first = text.split(";", 1)[0].strip().strip('"').strip()
+    return first.split()[0].lower() if first.split() else ""
 
 
 def _txt(resolver: dns.resolver.Resolver, name: str) -> list[str] | None:
@@ -116,18 +147,19 @@ def check_dkim(resolver: dns.resolver.Resolver, raw: bytes) -> list[tuple[str, s
             raise dns.exception.Timeout
         return found[0].encode() if found else b""
 
-    signatures = [v for k, v in (headers.parse(raw).items()) if k.lower() == "dkim-signature"]
+    signatures = [v for k, v in (headers.parse(raw).items()) if k.lower() == "dkim-signature"][:MAX_SIGNATURES]
     out = []
     for index in range(len(signatures)):
-        d = dkim.DKIM(raw)
+        domain = _tag(str(signatures[index]), "d")
         try:
+            d = dkim.DKIM(raw)
             ok = d.verify(idx=index, dnsfunc=dnsfunc)
             result = "pass" if ok else "fail"
+            domain = (d.signature_fields or {}).get(b"d", b"").decode("ascii", "replace") or domain
         except dns.exception.DNSException:
             result = "temperror"
-        except dkim.DKIMException:
+        except Exception:  # (dkimpy raises what a malformed message makes it: permerror, never a crash)
             result = "permerror"
-        domain = (d.signature_fields or {}).get(b"d", b"").decode("ascii", "replace") or _tag(signatures[index], "d")
         out.append((result, domain or "unknown"))
     return out
 
@@ -138,7 +170,10 @@ def _tag(signature: str, name: str) -> str:
 
 
 def from_domain(raw: bytes) -> str | None:
-    addresses = [a for _, a in getaddresses(headers.parse(raw).get_all("From") or []) if "@" in a]
+    try:
+        addresses = [a for _, a in getaddresses(headers.parse(raw).get_all("From") or []) if "@" in a]
+    except (RecursionError, ValueError, TypeError):
+        return None
     if len(addresses) != 1:
         return None
     try:
@@ -218,8 +253,5 @@ def refusal(results: Results, *, spf_fail_action: str, dmarc_enforce: bool, ip: 
 
 def strip_results(raw: bytes, authserv_ids: set[str]) -> bytes:
     """``raw`` without the Authentication-Results fields whose authserv-id is one of ours."""
-    ours = {a.lower() for a in authserv_ids}
-
-    def own(value: str) -> bool:
-        return value.split(";", 1)[0].strip().split()[0].lower() in ours if value.strip() else False
-    return headers.strip_if(raw, "Authentication-Results", own)
+    ours = {a.lower().rstrip(".") for a in authserv_ids}
+    return headers.strip_if(raw, "Authentication-Results", lambda value: authserv_id_of(value).rstrip(".") in ours)

@@ -38,3 +38,21 @@ def test_results_with_our_authserv_id_are_removed_and_others_kept() -> None:
            b"Authentication-Results: mx.other.example; spf=pass\r\nSubject: hi\r\n\r\nbody\r\n")
     out = sender_auth.strip_results(raw, {"Edge.Example"})
     assert b"paypal" not in out and b"mx.other.example; spf=pass" in out and out.endswith(b"Subject: hi\r\n\r\nbody\r\n")
+
+
+def test_what_a_sender_chose_goes_into_the_header_only_as_a_domain_name() -> None:
+    results = Results(spf="none", spf_identity="x;dkim=pass@evil.example", dkim=[("fail", "evil; dkim=pass header.d=bank")],
+                      dmarc="none", from_domain="[evil.com; dkim=pass header.d=bank.example]")
+    header = results.header("edge.example")
+    assert header.count("dkim=") == 1 and "bank" not in header and "header.d=unknown" in header, header
+
+
+def test_results_in_our_name_are_found_behind_comments_and_quotes() -> None:
+    for value in (b"(a comment) edge.example; dkim=pass", b'"edge.example"; dkim=pass', b"Edge.Example.; dkim=pass"):
+        raw = b"Authentication-Results: " + value + b"\r\nSubject: hi\r\n\r\nbody\r\n"
+        assert b"dkim=pass" not in sender_auth.strip_results(raw, {"edge.example"}), value
+    assert sender_auth.strip_results(b"Authentication-Results: ; x\r\n\r\n", {"edge.example"})  # (no crash)
+
+
+def test_a_message_that_breaks_the_parsers_is_not_a_crash() -> None:
+    assert sender_auth.from_domain(b"From: " + b"(" * 3000 + b"\r\n\r\nbody\r\n") is None
