@@ -9,6 +9,8 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
 
+from mailyard.addresses import canonical
+
 _FOLD = (b" ", b"\t")
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 
@@ -174,3 +176,18 @@ def malformed_line(head: bytes) -> tuple[int, str] | None:
         if not (_FIELD_LINE.match(line) or (number > 1 and line[:1] in (b" ", b"\t"))):
             return number, line[:60].decode("ascii", "replace")
     return None
+
+
+def from_domain(raw: bytes) -> str | None:
+    """The domain of a message's one From address (canonical), None if it has none, several,
+    or one that does not parse (DKIM signs by it, DMARC judges by it)."""
+    try:
+        addresses = [a for _, a in getaddresses(parse(raw).get_all("From") or []) if "@" in a]
+    except (RecursionError, ValueError, TypeError):
+        return None
+    if len(addresses) != 1:
+        return None
+    try:
+        return canonical(addresses[0]).rpartition("@")[2]
+    except ValueError:
+        return None

@@ -5,12 +5,10 @@ canonicalization, rsa-sha256. Mail whose From domain has no key leaves unsigned.
 from __future__ import annotations
 
 import logging
-from email.utils import getaddresses
 
 import dkim
 
 from mailyard import headers
-from mailyard.addresses import canonical
 from mailyard.org import DkimKey
 
 log = logging.getLogger("mailyard.hub.dkim")
@@ -21,20 +19,9 @@ SIGNED = [b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to"
           b"mime-version", b"content-type", b"content-transfer-encoding", b"sender", b"list-id"]
 
 
-def from_domain(raw: bytes) -> str | None:
-    found = getaddresses(headers.parse(raw).get_all("From") or [])
-    addresses = [a for _, a in found if "@" in a]
-    if len(addresses) != 1:
-        return None
-    try:
-        return canonical(addresses[0]).rpartition("@")[2]
-    except ValueError:
-        return None
-
-
 def sign(raw: bytes, keys: dict[str, DkimKey]) -> bytes:
     """``raw`` with a DKIM-Signature of its From domain's key in front (unchanged without one)."""
-    domain = from_domain(raw)
+    domain = headers.from_domain(raw)
     key = keys.get(domain) if domain else None
     if key is None or domain is None:
         return raw

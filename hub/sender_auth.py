@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
-from email.utils import getaddresses
 from typing import Any
 
 import dkim
@@ -25,7 +24,6 @@ import spf
 from publicsuffixlist import PublicSuffixList
 
 from mailyard import headers
-from mailyard.addresses import canonical
 
 MAX_SIGNATURES = 5  # verified per message (each one parses the whole message again)
 SPF_REJECT = "550 5.7.23 SPF validation failed: {0} does not permit {1} to send its mail"  # RFC 7372
@@ -169,19 +167,6 @@ def _tag(signature: str, name: str) -> str:
     return m.group(1) if m else ""
 
 
-def from_domain(raw: bytes) -> str | None:
-    try:
-        addresses = [a for _, a in getaddresses(headers.parse(raw).get_all("From") or []) if "@" in a]
-    except (RecursionError, ValueError, TypeError):
-        return None
-    if len(addresses) != 1:
-        return None
-    try:
-        return canonical(addresses[0]).rpartition("@")[2]
-    except ValueError:
-        return None
-
-
 def _dmarc_record(resolver: dns.resolver.Resolver, domain: str) -> tuple[dict[str, str] | None, bool]:
     """The DMARC record for ``domain`` (its own, else its organizational domain's, then
     ``sp`` applies), as tags; and whether it is the organizational domain's."""
@@ -234,7 +219,7 @@ def authenticate(resolver: dns.resolver.Resolver, raw: bytes, ip: str, mail_from
     """SPF, DKIM and DMARC of one message as it arrived (before our own trace headers)."""
     spf_result, identity = check_spf(resolver, ip, mail_from, helo)
     results = Results(spf=spf_result, spf_identity=identity, dkim=check_dkim(resolver, raw))
-    results.from_domain = from_domain(raw) or ""
+    results.from_domain = headers.from_domain(raw) or ""
     check_dmarc(resolver, results)
     return results
 
@@ -253,5 +238,7 @@ def refusal(results: Results, *, spf_fail_action: str, dmarc_enforce: bool, ip: 
 
 def strip_results(raw: bytes, authserv_ids: set[str]) -> bytes:
     """``raw`` without the Authentication-Results fields whose authserv-id is one of ours."""
+    if b"authentication-results" not in headers.split(raw)[0].lower():
+        return raw
     ours = {a.lower().rstrip(".") for a in authserv_ids}
     return headers.strip_if(raw, "Authentication-Results", lambda value: authserv_id_of(value).rstrip(".") in ours)

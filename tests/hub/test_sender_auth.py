@@ -3,6 +3,7 @@ DMARC's alignment and what the settings refuse, and removing results that claim 
 
 from __future__ import annotations
 
+from mailyard import headers
 from mailyard.hub import sender_auth
 from mailyard.hub.sender_auth import Results
 
@@ -55,4 +56,4 @@ def test_results_in_our_name_are_found_behind_comments_and_quotes() -> None:
 
 
 def test_a_message_that_breaks_the_parsers_is_not_a_crash() -> None:
-    assert sender_auth.from_domain(b"From: " + b"(" * 3000 + b"\r\n\r\nbody\r\n") is None
+    assert headers.from_domain(b"From: " + b"(" * 3000 + b"\r\n\r\nbody\r\n") is None
