@@ -79,7 +79,8 @@ Edge Transport (mailyard.edgesync). In the organization's Redis:
   my:edge:bootstrap:<edge>    STRING  the Edge's one-time bootstrap secret, from its subscription
                                       file, until the first EdgeSync has used it; expires with it
   my:edge:sync:<edge>         HASH    EdgeSync's state for the Edge: bootstrapped, config_at,
-                                      recipients_at, recipients, by (the hub), error, error_at
+                                      recipients_at, recipients, by (the hub), error, error_at,
+                                      hubs (the hub addresses last pushed: a change pushes at once)
   my:edge:sync-lease:<edge>   STRING  the hub pushing to that Edge now (PX)
   my:edge:sync-now:<edge>     STRING  set by `mailyard org edge sync`: push at once, then deleted
   my:dkim:keys                HASH    accepted domain -> its DKIM key, JSON (mailyard.dkim_keys),

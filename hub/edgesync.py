@@ -175,15 +175,18 @@ class Pusher:
         settings = org.transport
         ctx = pinned_context(sub, self._client_cert())
         due_config = now - float(state.get("config_at", 0)) >= settings.edge_sync_config_interval
-        if force or asked or changed or due_config:
-            hubs = hub_endpoints(r, org, sub.site)
+        # The hubs it delivers to changed (one started again on other ports, one died): at
+        # once, not at the next interval, or the Edge's mail waits for hubs that are gone.
+        hubs = hub_endpoints(r, org, sub.site)
+        moved = bool(hubs) and " ".join(hubs) != state.get("hubs")
+        if force or asked or changed or due_config or moved:
             if not hubs:  # (a restart of every hub: better the Edge keeps the list it has)
                 raise EdgeSyncError(f"no live hub of site {sub.site} has a receive connector for Exchange servers "
                                     "(ExchangeServers, ExchangeServer): nothing to tell the Edge")
             push = config_push(org, sub.site, sub.name, hubs, now, dkim=dkim_keys.all_keys(r))
             self._hold(sub.name)
             _post(sub, CONFIG_PATH, push.model_dump_json(), ctx)
-            r.hset(state_key, mapping={"config_at": now, "by": self.node.name, "error": ""})
+            r.hset(state_key, mapping={"config_at": now, "by": self.node.name, "error": "", "hubs": " ".join(hubs)})
             done.append(f"{sub.name}: config")
         due_recipients = now - float(state.get("recipients_at", 0)) >= settings.edge_sync_recipient_interval
         if force or asked or changed or due_recipients:

@@ -172,6 +172,20 @@ def site_ready(data: Path) -> dict | None:
     return state if ready else None
 
 
+def dkim_verifies(raw: bytes, dns_address: str) -> bool:
+    """Whether ``raw``'s DKIM signature verifies against the key the demo Internet publishes."""
+    import dkim
+
+    from mailyard.internet.dns import make_resolver
+
+    host, _, port = dns_address.rpartition(":")
+    resolver = make_resolver(host, int(port))
+
+    def txt(name: bytes, timeout: int = 5) -> bytes:
+        return b"".join(b"".join(rr.strings) for rr in resolver.resolve(name.decode().rstrip("."), "TXT"))
+    return bool(b"DKIM-Signature:" in raw and dkim.verify(raw, dnsfunc=txt))
+
+
 def stop_site(runner: subprocess.Popen) -> str:
     runner.send_signal(signal.SIGTERM)
     out, _ = runner.communicate(timeout=60)
@@ -239,7 +253,16 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         assert secrets["flower"]["password"] not in shown and secrets["viewer"]["token"] not in shown
         check_operator_surfaces(state, secrets)
         roles = sorted(p["role"] for p in state["processes"])
-        assert roles == ["flower", "hub", "hub", "internet", "mailbox", "mailbox", "mailbox", "redis", "viewer"], roles
+        assert roles == ["edge", "edge-redis", "flower", "hub", "hub", "internet", "mailbox", "mailbox", "mailbox", "redis",
+                         "viewer"], roles
+        # The Edge has its own Redis and never the organization's password, nor its URL
+        edge = next(p for p in state["processes"] if p["role"] == "edge")
+        environ = Path(f"/proc/{edge['pid']}/environ").read_bytes().decode(errors="replace")
+        assert secrets["edge"]["redis_password"] in environ and redis_password not in environ
+        assert "MAILYARD_REDIS_URL=" not in environ
+        # The hubs keep only the organization's own connectors: the Internet reaches the Edge
+        hubs_smtp = [p["smtp"] for p in state["processes"] if p["role"] == "hub"]
+        assert all(set(smtp) == {"Default", "Client"} for smtp in hubs_smtp), hubs_smtp
         assert state["redis_url"].startswith("redis://127.0.0.1:")
         for p in state["processes"]:
             if p["role"] == "mailbox":
@@ -291,14 +314,32 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
 
         (outside,) = wait_until(arrived_outside, timeout=60, interval=PROCESS_POLL)
         assert outside["from"] == "erin@contoso.com" and outside["to"] == ["someone@fabrikam.example"]
-        # ...and in from it, anonymously, only to the organization's own recipients
-        mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to", "frank@contoso.com",
-                 "--subject", "in", "--body", "hello", env=env)
-        wait_until(lambda: " in" in mailyard("mailbox", "show", "frank@contoso.com", env=env).stdout,
-                   timeout=60, interval=PROCESS_POLL)
+        # ...through the Edge, which signed it with contoso.com's key, as the demo DNS publishes it
+        internet = next(p for p in state["processes"] if p["role"] == "internet")
+        raw = Path(outside["file"]).read_bytes()
+        assert b"by EDGE-01" in raw.split(b"\r\n\r\n")[0], raw[:2000]
+        assert dkim_verifies(raw, internet["dns"]), raw[:2000]
+        # ...and in from it, anonymously, through the Edge (contoso.com's MX host), only to the
+        # organization's own recipients
+        sent = mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to", "frank@contoso.com",
+                        "--subject", "in", "--body", "hello", env=env)
+        assert f"sent to {edge['edge_smtp']}" in sent.stdout, sent.stdout
+
+        def frank_has(subject: str) -> str | None:
+            shown = mailyard("mailbox", "show", "frank@contoso.com", env=env).stdout
+            found = [line.split()[0] for line in shown.splitlines() if line.rstrip().endswith(f" {subject}")]
+            return found[0] if found else None
+        inbound = wait_until(lambda: frank_has("in"), timeout=60, interval=PROCESS_POLL)
+        raw_in = mailyard("mailbox", "show", "frank@contoso.com", "--raw", inbound, env=env).stdout
+        assert "Authentication-Results: edge-01.edge.invalid;" in raw_in and "spf=pass" in raw_in, raw_in[:2000]
         relay = mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to",
                          "x@tailspintoys.example", "--subject", "relay?", env=env, check=False)
         assert relay.returncode == 1 and "5.7.1 Unable to relay" in relay.stderr
+        # A known spammer of the demo Internet is on its block list: refused at RCPT
+        spam = mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to", "frank@contoso.com",
+                        "--source", "127.0.0.66", "--subject", "spam", env=env, check=False)
+        assert spam.returncode == 1, spam.stdout
+        assert "5.7.1 Recipient not authorized, your IP has been found on a block list" in spam.stderr
         # Flower sees every hub
         flower = next(p["url"] for p in state["processes"] if p["role"] == "flower")
         logon = (secrets["flower"]["user"], secrets["flower"]["password"])

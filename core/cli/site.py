@@ -67,12 +67,16 @@ def site() -> None:
 @click.option("--internet/--no-internet", default=True, show_default=True,
               help="Start the demo Internet (DNS and MX hosts for fabrikam.example and others) "
                    "and point the organization's DNS at it.")
+@click.option("--edge/--no-edge", default=True, show_default=True,
+              help="Start an Edge Transport server (EDGE-01, its own Redis) subscribed to the first site: "
+                   "the organization's MX host, with its anti-spam agents; the hubs keep only the "
+                   "organization's own connectors.")
 @data_dir_option
 @handle_errors
 def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, redis_replicas: int, fsync: str,
        flower: bool,
        flower_port: int, viewer_port: int, smtp_port: int, client_port: int, free_ports: bool,
-       concurrency: int, internet: bool, data_dir: Path) -> None:
+       concurrency: int, internet: bool, edge: bool, data_dir: Path) -> None:
     """Start the site and keep it running until Ctrl-C or SIGTERM.
 
     Ports: the first hub of the organization's first site (amsterdam-hub-1 in the demo) has its
@@ -90,7 +94,7 @@ def up(config_path: Path, hubs: int, redis_url: str | None, redis_port: int, red
                              redis_replicas=redis_replicas, fsync=fsync,
                              flower=flower, flower_port=flower_port, viewer_port=viewer_port,
                              smtp_port=smtp_port, client_port=client_port, concurrency=concurrency,
-                             internet=internet, default_ports=not free_ports))
+                             internet=internet, edge=edge, default_ports=not free_ports))
     signal.signal(signal.SIGTERM, runner.request_stop)
     signal.signal(signal.SIGINT, runner.request_stop)
     try:
@@ -137,7 +141,9 @@ def _print_endpoints(state: dict[str, Any]) -> None:
     if secrets_file:
         click.echo(f"Secrets: {secrets_file} (mode 0600, yours only): Flower's user and password [flower], "
                    "the Queue Viewer's token and its /metrics-only metrics_token [viewer], "
-                   "Redis's password [redis]")
+                   "Redis's password [redis]"
+                   + (", the Edge's Redis's password [edge]" if any(p["role"] == "edge" for p in state["processes"])
+                      else ""))
 
 
 def site_status(data_dir: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import dns.query
 import httpx
 import redis
 
-from mailyard import keys, pki, registry
+from mailyard import keys, pki, redisconn, registry
 from mailyard.cli.health import smtp_greeting
 from mailyard.org import Organization
 from mailyard.redisconn import number
@@ -41,6 +41,7 @@ class Probes:
     hubs: list[str] = field(default_factory=list)  # every hub of the site, by name
     flower_url: str | None = None
     flower_auth: tuple[str, str] | None = None
+    edge_redis_url: str | None = None  # the demo Edge's own Redis (with its password)
     timeout: float = TIMEOUT_S
 
     def check(self, role: str, name: str, pid: int, endpoints: dict[str, Any]) -> str | None:
@@ -57,6 +58,11 @@ class Probes:
                 return self.internet(endpoints)
             if role == "redis":
                 return None if self.r.ping() else "no PONG"
+            if role == "edge-redis":
+                assert self.edge_redis_url is not None
+                return None if redisconn.connect(self.edge_redis_url).ping() else "no PONG"
+            if role == "edge":
+                return self.edge(endpoints)
         except (OSError, ValueError, httpx.HTTPError, redis.RedisError, dns.exception.DNSException) as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
@@ -107,6 +113,14 @@ class Probes:
     def http(self, url: str) -> str | None:
         response = httpx.get(url, timeout=self.timeout)
         return None if response.is_success else f"{url} answered {response.status_code}"
+
+    def edge(self, endpoints: dict[str, Any]) -> str | None:
+        """Ready once its transport takes mail: after the first EdgeSync, which the hubs push."""
+        try:
+            smtp_greeting(endpoints["edge_smtp"], self.timeout)
+        except (OSError, ValueError):
+            return "its receive connector does not answer yet (it starts after the first EdgeSync from a hub)"
+        return None
 
     def internet(self, endpoints: dict[str, Any]) -> str | None:
         host, _, port = endpoints["dns"].rpartition(":")

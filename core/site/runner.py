@@ -50,6 +50,7 @@ from mailyard.errors import SiteError
 from mailyard.org import Organization
 from mailyard.orgstore import apply_org
 from mailyard.processes import die_with_parent
+from mailyard.site import edge as demo_edge
 from mailyard.site import ports as site_ports
 from mailyard.site import redis_group, redis_server, replicas
 from mailyard.site import secrets as site_secrets
@@ -169,6 +170,8 @@ class SiteConfig:
     concurrency: int = 2
     host: str = "127.0.0.1"
     internet: bool = True
+    # The demo's Edge Transport server (mailyard.site.edge), with its own Redis
+    edge: bool = False
     # The ports of the first hub's connectors bound to port 25 (Default, Internet) and 587
     # (Client); 0: the default below, or free.
     smtp_port: int = 0
@@ -200,6 +203,7 @@ class Site:
         self.secrets: site_secrets.SiteSecrets | None = None
         self.redis_binary = ""
         self.applied: Organization | None = None  # the organization as applied to Redis
+        self.dns_records: list[str] = []  # the demo Internet's records of the organization (the Edge's)
 
     # region: plan
 
@@ -251,13 +255,20 @@ class Site:
                          for b in bindings}
                 self.children.append(Child(name, "hub", [], logs / f"{name}.log", {"site": site.name},
                                            ports=ports))
+        internet_port = None
         if cfg.internet:
             # The demo Internet: DNS for the outside domains, and their MX hosts on the port
-            # the DNS-routed send connectors use (org_to_apply points the organization at both).
+            # the DNS-routed send connectors use (org_to_apply points the organization at both);
+            # the Edge, the organization's MX host, listens on that port too.
             mx = min({c.port for c in cfg.org.send_connectors if c.dns_routing} or {25})
-            ports = {"dns": self.ports.free(udp=True),
-                     "smtp": self._take("the demo Internet's MX hosts", self._preferred(0, mx), _mx_hosts())}
+            hosts = _mx_hosts() + ([demo_edge.ADDRESS] if cfg.edge else [])
+            # (the port the Edge had, when it has a subscription: it names the port)
+            kept = self._kept_edge_ports()[0] if cfg.edge else 0
+            internet_port = self._take("the demo Internet's MX hosts", kept or self._preferred(0, mx), hosts)
+            ports = {"dns": self.ports.free(udp=True), "smtp": internet_port}
             self.children.append(Child("internet", "internet", [], logs / "internet.log", ports=ports))
+        if cfg.edge:
+            self._plan_edge(logs, internet_port)
         if cfg.flower:
             self.children.append(Child("flower", "flower", [], logs / "flower.log", ports={
                 "http": self._take("Flower", self._preferred(cfg.flower_port, site_ports.FLOWER))}))
@@ -266,6 +277,33 @@ class Site:
                 "http": self._take("the Queue Viewer", self._preferred(cfg.viewer_port, site_ports.VIEWER))}))
         for child in self.children:
             self._build(child)
+
+    def _plan_edge(self, logs: Path, internet_port: int | None) -> None:
+        """The Edge and its Redis; the ports its subscription has, when it has one and they are free."""
+        kept_smtp, kept_sync = self._kept_edge_ports()
+        smtp = internet_port or self._take("the Edge's SMTP", kept_smtp or self._preferred(0, site_ports.SMTP),
+                                           [demo_edge.ADDRESS])
+        sync = self._take("the Edge's EdgeSync", kept_sync or self._preferred(0, demo_edge.SYNC_PORT))
+        site = demo_edge.site_of(self.cfg.org)
+        self.children.append(Child("edge-redis", "edge-redis", [], logs / "edge-redis.log", {"site": site},
+                                   umask=redis_server.UMASK, ports={"redis": self.ports.free()}))
+        self.children.append(Child(demo_edge.NAME.lower(), "edge", [], logs / "edge.log", {"site": site},
+                                   ports={"smtp": smtp, "sync": sync}))
+
+    def _kept_edge_ports(self) -> tuple[int, int]:
+        """The SMTP and EdgeSync ports of the Edge's subscription (0, 0 without one)."""
+        home = demo_edge.EdgeHome(demo_edge.edge_dir(self.data_dir))
+        before = home.config() if home.exists() else {}
+        smtp, sync = (_port_of(before[k]) if before.get(k) else 0 for k in ("smtp", "sync"))
+        return smtp, sync
+
+    @property
+    def edge_redis_url(self) -> str:
+        child = next(c for c in self.children if c.role == "edge-redis")
+        if self.secrets is None:
+            raise SiteError("the site's secrets are not loaded")
+        return redisconn.with_password(f"redis://{self.cfg.host}:{child.ports['redis']}/0",
+                                       self.secrets.edge_redis_password)
 
     def _build_redis(self) -> None:
         assert self.redis is not None
@@ -467,21 +505,34 @@ class Site:
             site = child.endpoints["site"]
             actual = {b: f"{host}:{port}" for b, port in child.ports.items()}
             bind_args = [arg for b, a in actual.items() for arg in ("--bind", f"{b}={a}")]
-            enabled = set(connectors_of(cfg.org, site))
+            org = demo_edge.without_internet_connectors(cfg.org, None) if cfg.edge else cfg.org
+            enabled = set(connectors_of(org, site))
             child.cmd = mailyard_cmd("hub", "--site", site, "--name", child.name,
                                      "--concurrency", str(cfg.concurrency), *bind_args, *common)
-            child.endpoints["smtp"] = {c.name: actual[c.bindings[0]] for c in cfg.org.receive_connectors
+            child.endpoints["smtp"] = {c.name: actual[c.bindings[0]] for c in org.receive_connectors
                                        if c.name in enabled and c.bindings}
         elif child.role == "internet":
             dns, smtp = f"{host}:{child.ports['dns']}", child.ports["smtp"]
             mx = [f"{ip}:{smtp}" for ip in _mx_hosts()]
+            records = [arg for record in self.dns_records for arg in ("--record", record)]
             child.cmd = mailyard_cmd("internet", "serve", "--dns", dns, "--smtp-port", str(smtp),
-                                     "--first-ip", FIRST_MX_IP, "--data-dir", str(self.data_dir))
+                                     "--first-ip", FIRST_MX_IP, *records, "--data-dir", str(self.data_dir))
             child.endpoints = {
                 "url": f"dns {dns}, MX hosts {_mx_hosts()[0]}-{_mx_hosts()[-1].rpartition('.')[2]}:{smtp}, "
                        f"mail in {self.data_dir / 'internet'}",
                 "dns": dns, "mx": mx, "domains": list(DEMO_DOMAINS),
+                # The organization's domains, whose MX the demo DNS points at the Edge
+                **({"organization": list(cfg.org.accepted_domains)} if cfg.edge else {}),
             }
+        elif child.role == "edge-redis":
+            assert self.secrets is not None
+            child.cmd = redis_server.command(demo_edge.edge_dir(self.data_dir) / "redis", child.ports["redis"],
+                                             fsync=cfg.fsync, host=host, password=self.secrets.edge_redis_password)
+            child.endpoints["url"] = redisconn.without_password(self.edge_redis_url)
+        elif child.role == "edge":
+            at, sync = f"{demo_edge.ADDRESS}:{child.ports['smtp']}", f"{host}:{child.ports['sync']}"
+            child.cmd = mailyard_cmd("edge", "run", "--data-dir", str(demo_edge.edge_dir(self.data_dir)))
+            child.endpoints.update({"url": f"SMTP {at}, EdgeSync https://{sync}", "edge_smtp": at, "edge_sync": sync})
         elif child.role == "flower":
             port = child.ports["http"]
             child.cmd = [sys.executable, "-m", "celery", "-A", "mailyard.flower", "flower",
@@ -498,7 +549,7 @@ class Site:
     def replan(self, child: Child) -> None:
         """Move the child off each of its ports that someone else took (it lost the race to
         bind it), and follow: the organization's MX port, Flower's address for the checks."""
-        hosts = _mx_hosts() if child.role == "internet" else [self.cfg.host]
+        hosts = {"internet": _mx_hosts(), "edge": [demo_edge.ADDRESS]}.get(child.role, [self.cfg.host])
         for key, port in child.ports.items():
             where = hosts if key == "smtp" else [self.cfg.host]
             udp = key == "dns"  # (the DNS server listens on UDP and TCP)
@@ -512,6 +563,9 @@ class Site:
         self._build(child)
         if child.role == "internet":
             self.apply_org()
+        if child.role == "edge":  # (its subscription names its addresses)
+            demo_edge.ensure_subscribed(redisconn.connect(self.redis_url), self.data_dir,
+                                        smtp=child.endpoints["edge_smtp"], sync=child.endpoints["edge_sync"])
 
     # endregion
 
@@ -521,8 +575,10 @@ class Site:
             org, self.secrets = site_secrets.with_site_passwords(org, self.data_dir)
         internet = next((c for c in self.children if c.role == "internet"), None)
         if internet is None:
-            return org
+            return demo_edge.without_internet_connectors(org, None) if self.cfg.edge else org
         # The DNS-routed send connectors reach the demo Internet: its DNS server, its MX port.
+        if self.cfg.edge:
+            org = demo_edge.without_internet_connectors(org, internet.ports["smtp"])
         transport = org.transport.model_copy(update={"dns_servers": [f"{self.cfg.host}:{internet.ports['dns']}"]})
         send = [c.model_copy(update={"port": internet.ports["smtp"]}) if c.dns_routing else c
                 for c in org.send_connectors]
@@ -541,7 +597,11 @@ class Site:
         return env
 
     def env_for(self, child: Child, env: dict[str, str]) -> dict[str, str]:
-        """``env`` with the secrets this child needs: Flower its logon, the viewer its tokens."""
+        """``env`` with the secrets this child needs: Flower its logon, the viewer its tokens;
+        the Edge its own Redis and never the organization's."""
+        if child.role in ("edge", "edge-redis"):
+            env = {k: v for k, v in env.items() if k != redisconn.ENV_URL}
+            return {**env, "MAILYARD_EDGE_REDIS_URL": self.edge_redis_url} if child.role == "edge" else env
         if child.role not in ("flower", "viewer"):
             return env
         if self.secrets is None:
@@ -586,11 +646,30 @@ class Site:
         else:
             redis_server.wait_ready(self.redis_url, None, timeout=5)
         self.apply_org()
+        if self.cfg.edge:
+            self._subscribe_edge()
         env = self.env()
         for child in self.children:
-            child.start(self.env_for(child, env))
+            if not child.alive:
+                child.start(self.env_for(child, env))
         self.write_state()
         self.wait_ready()
+
+    def _subscribe_edge(self) -> None:
+        """Start the Edge's Redis, subscribe the Edge (mailyard.site.edge) and publish what the
+        demo Internet's DNS says of the organization (the Edge as its MX host, its DKIM key)."""
+        edge_redis = next(c for c in self.children if c.role == "edge-redis")
+        edge = next(c for c in self.children if c.role == "edge")
+        edge_redis.start(self.env_for(edge_redis, self.env()))
+        redis_server.wait_ready(self.edge_redis_url, edge_redis.proc)
+        r = redisconn.connect(self.redis_url)
+        demo_edge.ensure_subscribed(r, self.data_dir, smtp=edge.endpoints["edge_smtp"],
+                                    sync=edge.endpoints["edge_sync"])
+        internet = next((c for c in self.children if c.role == "internet"), None)
+        if internet is not None:
+            dkim = demo_edge.ensure_dkim_key(r, self.cfg.org)
+            self.dns_records = demo_edge.dns_records(self.cfg.org, demo_edge.ADDRESS, dkim)
+            self._build(internet)
 
     def _start_redis(self, attempts: int = 5) -> None:
         assert self.redis is not None
@@ -615,7 +694,8 @@ class Site:
             auth = (user, password)
         return Probes(redisconn.connect(self.redis_url), self.applied or self.cfg.org,
                       pki.pki_dir(self.data_dir), hubs=[c.name for c in self.children if c.role == "hub"],
-                      flower_url=flower.endpoints["url"] if flower else None, flower_auth=auth)
+                      flower_url=flower.endpoints["url"] if flower else None, flower_auth=auth,
+                      edge_redis_url=self.edge_redis_url if self.cfg.edge else None)
 
     def check(self, child: Child, probes: Probes) -> None:
         """Look at a child that is not ready yet: ready now? Or did it lose its port to someone
@@ -773,7 +853,7 @@ class Site:
     def stop(self) -> None:
         """Stop children in reverse order of need: Flower, the viewer and hubs, mailbox servers, Redis."""
         self._stopping = True
-        first = ("flower", "viewer", "hub", "internet")
+        first = ("flower", "viewer", "hub", "internet", "edge")
         order = [c for c in self.children if c.role in first]
         order += [c for c in self.children if c.role not in first]
         _terminate(order)

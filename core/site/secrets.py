@@ -18,6 +18,9 @@ reads them back on the next start, so a restart keeps the same credentials:
     [redis]             the site's Redis (requirepass): every process of the site, and the CLI
     password = "..."    run from this data directory, connect with it
 
+    [edge]              the demo Edge's own Redis (mailyard.site.edge): the Edge only; it
+    redis_password = "..."   never has the site's [redis] password
+
 The [redis] password is generated for the embedded Redis of ``site up``; with ``--redis-url``
 it is the password of that URL (and absent when it has none). ``site.json`` holds Redis's URL
 without it; the CLI adds it from here, so only who may read this file reaches Redis.
@@ -82,6 +85,7 @@ GENERATED: dict[tuple[str, str], Callable[[], str]] = {
     ("operator", "user"): lambda: OPERATOR_USER,
     ("operator", "password"): token,
     ("redis", "password"): token,
+    ("edge", "redis_password"): token,
 }
 REDIS_PASSWORD = ("redis", "password")
 
@@ -128,6 +132,10 @@ class SiteSecrets:
     @property
     def operator(self) -> tuple[str, str]:
         return self.get("operator", "user"), self.get("operator", "password")
+
+    @property
+    def edge_redis_password(self) -> str:
+        return self.get("edge", "redis_password")
 
     @property
     def redis_password(self) -> str | None:

@@ -178,3 +178,22 @@ def test_only_the_sites_hubs_may_push_and_a_hub_talks_only_to_the_pinned_edge(or
                            and "did not present the certificate" in e and e, timeout=DEADLINE,
                            message=lambda: org_site.tail("hub-ams-1"))
         assert impostor.requests == 0, f"the hub sent the impostor something: {error}"
+
+
+def test_the_edge_hears_of_a_hub_that_started_at_once_not_at_the_next_interval(org_site: Cluster, edge: EdgeNode,
+                                                                               tmp_path: Path) -> None:
+    file = edge.subscribe(tmp_path / "edge.json")
+    edge.start()
+    org_cli(org_site, "import", str(file), "--site", "Amsterdam")
+    synced(edge)
+    # The intervals long: only a change of the hubs can make the next push
+    transport = org_site.org.transport.model_copy(update={"edge_sync_config_interval": 3600,
+                                                          "edge_sync_recipient_interval": 3600})
+    org_site.apply(org_site.org.model_copy(update={"transport": transport}))
+    wait_until(lambda: len(edge.status()["hubs"]) == 1 and org_site.r.hget(keys.edge_sync(edge.name), "hubs"),
+               timeout=DEADLINE, message=lambda: f"no push after the apply: {edge.tail()}")
+    before = edge.status()["config_at"]
+    org_site.start_hub("Amsterdam", "hub-ams-2")  # (on ports of its own: a hub started again elsewhere)
+    hubs = wait_until(lambda: len(h := edge.status()["hubs"]) == 2 and h, timeout=DEADLINE,
+                      message=lambda: f"the Edge does not know the second hub: {edge.status()}")
+    assert edge.status()["config_at"] > before and len(set(hubs)) == 2
