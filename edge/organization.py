@@ -30,8 +30,9 @@ def receive_connector_name(edge: str) -> str:
 
 
 def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str, salt: str,
-                      rspamd: str = "") -> Organization:
-    """The organization an Edge named ``name`` runs, listening for SMTP on ``smtp``."""
+                      rspamd: str = "", dns_servers: list[str] | None = None) -> Organization:
+    """The organization an Edge named ``name`` runs, listening for SMTP on ``smtp``; its DNS
+    the organization's unless it has servers of its own (a perimeter network's)."""
     receive = ReceiveConnector(
         name=receive_connector_name(name),
         bindings=[smtp],
@@ -48,7 +49,8 @@ def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str, salt
     return Organization(
         name=push.organization,
         accepted_domains=push.accepted_domains,
-        transport=edge_transport(push.transport),
+        transport=edge_transport(push.transport.model_copy(update={"dns_servers": dns_servers})
+                                 if dns_servers else push.transport),
         sites=[Site(name=name)],
         send_connectors=push.send_connectors,
         receive_connectors=[receive],

@@ -7,8 +7,12 @@ the organization's DNS servers. The Edge's transport talks to it over its HTTP p
 
 from __future__ import annotations
 
+import grp
+import ipaddress
+import json
 import logging
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -47,12 +51,31 @@ def binary() -> str | None:
     return shutil.which("rspamd")
 
 
+USER = "_rspamd"  # the user Debian's package makes: rspamd runs as it, never as root
+
+
+def nameserver(value: str) -> str:
+    """A DNS server as rspamd's configuration takes it, ``IP:PORT`` (``[IPv6]:PORT``), quoted;
+    anything else is refused (it is written into a configuration file)."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, "53"
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a DNS server address (IP:PORT)") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} has no port rspamd can use")
+    shown = f"[{address}]" if address.version == 6 else str(address)
+    return json.dumps(f"{shown}:{port}")
+
+
 class Rspamd:
     """One rspamd of an Edge; ``url`` once started."""
 
     def __init__(self, data_dir: Path, dns_servers: list[str]) -> None:
         self.dir = Path(data_dir) / "rspamd"
-        self.dns = dns_servers or ["127.0.0.1:53"]
+        self.dns = [nameserver(d) for d in dns_servers or ["127.0.0.1:53"]]
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -67,8 +90,8 @@ class Rspamd:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.port = self.port or _free_port()
         conf = self.dir / "rspamd.conf"
-        conf.write_text(CONFIG.format(run=self.dir, port=self.port, dns=", ".join(f'"{d}"' for d in self.dns)))
-        user = ["-u", "root", "-g", "root", "--insecure"] if os.geteuid() == 0 else []
+        conf.write_text(CONFIG.format(run=self.dir, port=self.port, dns=", ".join(self.dns)))
+        user = self._user()
         self.proc = subprocess.Popen([path, "-f", *user, "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -82,6 +105,20 @@ class Rspamd:
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"rspamd did not answer on {self.url} within {timeout:.0f} s")
+
+    def _user(self) -> list[str]:
+        """As root, rspamd runs as its own user (it owns its directory), as root only where
+        there is none (with a warning: rspamd then needs --insecure)."""
+        if os.geteuid() != 0:
+            return []
+        try:
+            account = pwd.getpwnam(USER)
+        except KeyError:
+            log.warning("there is no user %s: rspamd runs as root", USER)
+            return ["-u", "root", "-g", "root", "--insecure"]
+        for path in (self.dir, *self.dir.iterdir()):
+            os.chown(path, account.pw_uid, account.pw_gid)
+        return ["-u", USER, "-g", grp.getgrgid(account.pw_gid).gr_name]
 
     @property
     def alive(self) -> bool:

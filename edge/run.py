@@ -88,9 +88,12 @@ class Transport:
                     self.proc.wait()
 
 
-def content_filter(data_dir: Path, setting: str, r: redis.Redis) -> tuple[Rspamd | None, str]:
+def content_filter(data_dir: Path, setting: str, r: redis.Redis,
+                   dns_servers: list[str] | None = None) -> tuple[Rspamd | None, str]:
     """``--rspamd``: ``auto`` starts Debian's rspamd if it is installed, ``off`` runs without,
-    a URL uses that server. (The Rspamd to supervise, the URL for the transport.)"""
+    a URL uses that server. (The Rspamd to supervise, the URL for the transport.) An rspamd
+    that does not start leaves the Edge without content filtering, said in its log: the
+    Edge's mail does not stop for it."""
     if setting == "off":
         return None, ""
     if setting != "auto":
@@ -100,22 +103,26 @@ def content_filter(data_dir: Path, setting: str, r: redis.Redis) -> tuple[Rspamd
                     "(apt-get install rspamd, or --rspamd URL)")
         return None, ""
     text = r.get(keys.ORG)
-    dns = json.loads(text)["transport"]["dns_servers"] if text else []
-    server = rspamd.Rspamd(data_dir, dns).start()
+    dns = dns_servers or (json.loads(text)["transport"]["dns_servers"] if text else [])
+    try:
+        server = rspamd.Rspamd(data_dir, dns).start()
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.error("rspamd did not start (%s): this Edge runs without content filtering", exc)
+        return None, ""
     log.info("content filtering by rspamd on %s", server.url)
     return server, server.url
 
 
 def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency: int = 2,
-          rspamd_setting: str = "auto") -> None:
+          rspamd_setting: str = "auto", dns_servers: list[str] | None = None) -> None:
     home = EdgeHome(data_dir)
     config = home.config()
     r = redisconn.connect(redis_url)
-    content, rspamd_url = content_filter(data_dir, rspamd_setting, r)
+    content, rspamd_url = content_filter(data_dir, rspamd_setting, r, dns_servers)
     trust = listener_trust(home)
     transport = Transport(name=config["name"], redis_url=redis_url, data_dir=data_dir, loglevel=loglevel,
                           concurrency=concurrency)
-    app = create_app(home, r, trust, on_config=transport.want, rspamd_url=rspamd_url)
+    app = create_app(home, r, trust, on_config=transport.want, rspamd_url=rspamd_url, dns_servers=dns_servers)
     host, port = host_port(config["sync"])
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -145,12 +152,21 @@ def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency
             content.stop()
 
 
+KEEP_BACKOFF_S = (2.0, 120.0)  # rspamd started again after 2 s, doubling to 2 min while it fails
+
+
 def _keep(content: Rspamd, transport: Transport) -> None:
-    """Start rspamd again if it dies (on the same port: the transport's URL stays right)."""
-    while not transport._stop.wait(2.0):
-        if not content.alive:
-            log.warning("rspamd ended: starting it again")
-            try:
-                content.start()
-            except (OSError, RuntimeError) as exc:
-                log.error("rspamd did not start again: %s", exc)
+    """Start rspamd again if it dies (on the same port: the transport's URL stays right),
+    with a growing pause while it keeps failing (the transport checks without it meanwhile)."""
+    pause = KEEP_BACKOFF_S[0]
+    while not transport._stop.wait(pause):
+        if content.alive:
+            pause = KEEP_BACKOFF_S[0]
+            continue
+        log.warning("rspamd ended: starting it again")
+        try:
+            content.start()
+            pause = KEEP_BACKOFF_S[0]
+        except (OSError, RuntimeError) as exc:
+            pause = min(pause * 2, KEEP_BACKOFF_S[1])
+            log.error("rspamd did not start again (%s): next try in %.0f s", exc, pause)

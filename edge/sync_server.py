@@ -79,9 +79,11 @@ class Trust:
 
 
 def create_app(home: EdgeHome, r: redis.Redis, trust: Trust,
-               on_config: Callable[[], None] = lambda: None, rspamd_url: str = "") -> Starlette:
+               on_config: Callable[[], None] = lambda: None, rspamd_url: str = "",
+               dns_servers: list[str] | None = None) -> Starlette:
     """``trust``: the listener's TLS context (the CA goes into it at the bootstrap).
-    ``on_config``: called after a configuration was stored (the transport may start)."""
+    ``on_config``: called after a configuration was stored (the transport may start).
+    ``dns_servers``: the Edge's own (``edge run --dns-server``) instead of the organization's."""
 
     async def body_of(request: Request, limit: int = MAX_BODY) -> bytes:
         """The body, read no further than ``limit`` bytes (chunked or not)."""
@@ -147,7 +149,7 @@ def create_app(home: EdgeHome, r: redis.Redis, trust: Trust,
             raise Refused(403, f"this Edge is subscribed to site {site}, not {push.site}")
         settings = home.config()
         org = edge_organization(push, name=settings["name"], fqdn=settings["fqdn"], smtp=settings["smtp"],
-                                 salt=settings["recipient_salt"], rspamd=rspamd_url)
+                                 salt=settings["recipient_salt"], rspamd=rspamd_url, dns_servers=dns_servers)
         version = apply_org(r, org)
         r.hset(keys.EDGE_STATE, mapping={"config_at": time.time(), "config_version": version,
                                          "by": str(getattr(request.state, PEER, ""))})

@@ -105,6 +105,19 @@ def unanswered(state: dict[str, Any], data: Path, timeout: float = 5.0) -> list[
             if role == "redis":
                 url = redisconn.with_password(p["url"], keys_["redis"]["password"])
                 redis.Redis.from_url(url, socket_timeout=timeout).ping()
+            elif role == "edge-redis":
+                url = redisconn.with_password(p["url"], keys_["edge"]["redis_password"])
+                redis.Redis.from_url(url, socket_timeout=timeout).ping()
+            elif role == "edge":
+                host, _, port = p["edge_smtp"].rpartition(":")
+                with smtplib.SMTP(host, int(port), timeout=timeout) as client:
+                    code, _ = client.ehlo("mail.fabrikam.example")
+                if code != 250:
+                    found.append(f"{name} {p['edge_smtp']}: EHLO {code}")
+                host, _, port = p["edge_sync"].rpartition(":")
+                response = httpx.get(f"https://{host}:{port}/", verify=False, timeout=timeout)
+                if response.status_code not in (401, 403, 404):
+                    found.append(f"{name} EdgeSync: {response.status_code} without a certificate")
             elif role == "mailbox":
                 identity = pki.Identity.mailbox(name)
                 with httpx.Client(verify=pki.trust_context(data / "pki" / "ca.crt"), timeout=timeout) as client:
