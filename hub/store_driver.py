@@ -21,6 +21,7 @@ from email.utils import formatdate
 
 from mailyard import durability, headers, keys, mime
 from mailyard.errors import DeliveryError, TransientDeliveryError
+from mailyard.hub import content_filter, sender_auth
 from mailyard.hub.intake import accept
 from mailyard.hub.mailbox_client import OutboxItem
 from mailyard.hub.node import Node
@@ -118,8 +119,13 @@ def _change(node: Node, server: str, item: OutboxItem, item_id: str) -> Change:
         client=server,
         smtputf8=mime.utf8_message(mailbox, recipients, raw),
     )
+    # What only a subscribed Edge may say of a message (its SCL, its authentication results):
+    # never from a mailbox's own Send, or a user could junk a colleague's mail or vouch for it.
+    clean = headers.strip(raw, "Bcc", content_filter.SCL_HEADER)
+    if edges := {e.fqdn for e in node.orgs.org.edge_subscriptions}:
+        clean = sender_auth.strip_results(clean, edges)
     body = headers.prepend(
-        headers.strip(raw, "Bcc"),
+        clean,
         f"Received: from {server} by {node.fqdn} (Mailyard hub) with MAPI id {msg.id};"
         f" {formatdate(localtime=False)}",
     )

@@ -170,7 +170,8 @@ class MailboxStore:
         self._lock = threading.Lock()
         self._mailbox_locks: dict[str, threading.Lock] = {}
         self._ready: set[str] = set()
-        self._indexes: dict[tuple[str, tuple[str, ...]], dedup.Index] = {}
+        # per mailbox and set of folders (the Inbox's scope and Junk Email's are one index)
+        self._indexes: dict[tuple[str, frozenset[str]], dedup.Index] = {}
         self._dir_syncs: dict[Path, _DirSync] = {}
         self.root.parent.mkdir(parents=True, exist_ok=True)
         _mkdir(self.root)
@@ -346,10 +347,10 @@ class MailboxStore:
         return item_id, True, folder_dir / "new"
 
     def _index(self, address: str, scope: tuple[str, ...], windows: dedup.Windows, now: float) -> dedup.Index:
-        index = self._indexes.get((address, scope))
+        index = self._indexes.get((address, frozenset(scope)))
         if index is None:  # the first use since the start: from the folder's names
             index = dedup.build([self._folder_dir(address, f) for f in scope], windows, now)
-            self._indexes[(address, scope)] = index
+            self._indexes[(address, frozenset(scope))] = index
         return index
 
     def _stored_copy(self, address: str, scope: tuple[str, ...], key: str | None, message_digest: str | None,

@@ -62,7 +62,7 @@ def mailbox_url(r: redis.Redis, address: str) -> tuple[str, str]:
 
 @mailbox.command()
 @click.argument("address")
-@click.option("--folder", default="Inbox", show_default=True, help="Inbox, Outbox or 'Sent Items'.")
+@click.option("--folder", default="Inbox", show_default=True, help="Inbox, Outbox, 'Sent Items' or 'Junk Email'.")
 @click.option("--raw", "raw_id", metavar="ID", help="Print one message as RFC 5322 text.")
 @logon.logon_options
 @redis_option

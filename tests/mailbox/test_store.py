@@ -360,3 +360,15 @@ def test_concurrent_sends_share_directory_fsyncs_and_each_returns_after_one_that
     assert 1 <= len(listings) < 8, f"8 concurrent Sends share the fsyncs of .Outbox/new: {len(listings)}"
 
 # endregion
+
+
+def test_a_copy_filed_as_junk_is_the_same_message_as_one_for_the_inbox(store: MailboxStore) -> None:
+    # Two copies of one message (one Message-ID) through two paths, one with a high SCL: one copy
+    # in the mailbox, whichever came first, though the Inbox's index was made before any Junk
+    store.deliver("b@t.example", "other", RAW.replace(b"<1@t>", b"<0@t>"))
+    junk = RAW.replace(b"Subject: hi", b"X-Mailyard-SCL: 9\r\nSubject: hi")
+    first, fresh = store.deliver("b@t.example", "viaedgeA", junk)
+    assert fresh and [m.id for m in store.list("b@t.example", "Junk Email")] == [first]
+    again, fresh_again = store.deliver("b@t.example", "viaedgeB", RAW)
+    assert (again, fresh_again) == (first, False), "the Inbox's copy is the one filed in Junk Email"
+    assert len(store.list("b@t.example", "Inbox")) == 1
