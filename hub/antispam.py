@@ -8,6 +8,12 @@ They run only on an Edge (Exchange's AntispamAgentsEnabled is $true only there),
 sessions without the bypass right: a client that logged on, or an Exchange server (a hub by its
 certificate), skips them all, as does a client on the IP Allow list. Every refusal is a FAIL
 event in the tracking log (source AGENT, the agent and the reason in its context).
+
+The message's SCL (``X-Mailyard-SCL``, which the mailbox server files into Junk Email above the
+organization's ``scl_junk_threshold``) is the higher of rspamd's and DMARC's: a DMARC
+``quarantine`` disposition (sender_auth.quarantined) asks for one just above the threshold,
+stamped with content filtering off too. It is not held against the SCL reject and delete
+thresholds: those judge rspamd's verdict, and DMARC asked for quarantine, not refusal.
 """
 
 from __future__ import annotations
@@ -104,6 +110,8 @@ async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from
         await _rejected(ctx, directory, SENDER_ID, why, ip, sender, [])
         return reply
     stamps = [results.header(authserv_id)] if results else []
+    quarantine = results is not None and sender_auth.quarantined(results, dmarc_enforce=settings.dmarc_enforce)
+    scls = [junk_scl(directory)] if quarantine else []  # (and rspamd's, below: the higher stands)
     role = directory.org.edge
     if settings.content_filtering and role is not None and role.rspamd:
         verdict = await content_filter.check(role.rspamd, raw, ip=ip, helo=helo, sender=sender, recipients=recipients)
@@ -114,7 +122,9 @@ async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from
             if settings.scl_reject_enabled and verdict.scl >= settings.scl_reject_threshold:
                 await _rejected(ctx, directory, CONTENT, f"rejected: {verdict.summary}", ip, sender, recipients)
                 return f"550 5.7.1 {settings.content_reject_response}"
-            stamps.append(f"{content_filter.SCL_HEADER}: {verdict.scl}")
+            scls.append(verdict.scl)
+    if scls:
+        stamps.append(f"{content_filter.SCL_HEADER}: {max(scls)}")
     try:  # (the email package on a large message: off the event loop)
         unacceptable = await asyncio.to_thread(attachment_filter.findings, raw, settings)
     except Exception as exc:
@@ -129,6 +139,12 @@ async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from
             return "250 2.6.0 Queued mail for delivery"  # (and dropped: Exchange's SilentDelete)
         raw = await asyncio.to_thread(attachment_filter.strip, raw, settings)
     return raw, stamps
+
+
+def junk_scl(directory: Directory) -> int:
+    """The SCL that files a message into Junk Email: one above the organization's threshold
+    (none can be above 9: with the threshold at 9 nothing goes to Junk Email, by its choice)."""
+    return min(directory.org.transport.scl_junk_threshold + 1, 9)
 
 
 async def _rejected(ctx: Any, directory: Directory, agent: str, why: str, ip: str, sender: str,
