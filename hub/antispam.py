@@ -127,17 +127,20 @@ async def on_data(ctx: Any, directory: Directory, raw: bytes, ip: str, mail_from
         stamps.append(f"{content_filter.SCL_HEADER}: {max(scls)}")
     try:  # (the email package on a large message: off the event loop)
         unacceptable = await asyncio.to_thread(attachment_filter.findings, raw, settings)
-    except Exception as exc:
+    except Exception as exc:  # (findings gives UNREADABLE for what it cannot read: this is a bug of ours)
         log.warning("attachment filtering failed on a message from %s: %r", ip, exc)
-        unacceptable = []
+        unacceptable = [attachment_filter.UNREADABLE]
     if unacceptable:
         why = f"{settings.attachment_action}: {', '.join(unacceptable)[:400]}"
         await _rejected(ctx, directory, ATTACHMENTS, why, ip, sender, [])
-        if settings.attachment_action == "Reject":
-            return f"550 5.7.1 {settings.attachment_reject_response}"
         if settings.attachment_action == "SilentDelete":
             return "250 2.6.0 Queued mail for delivery"  # (and dropped: Exchange's SilentDelete)
-        raw = await asyncio.to_thread(attachment_filter.strip, raw, settings)
+        stripped = None
+        if settings.attachment_action == "Strip":
+            stripped = await asyncio.to_thread(attachment_filter.strip, raw, settings)
+        if stripped is None:  # Reject, or a message too broken to strip: refused, not let through
+            return f"550 5.7.1 {settings.attachment_reject_response}"
+        raw = stripped
     return raw, stamps
 
 
