@@ -182,4 +182,5 @@ def config_push(org: Organization, site: str, edge: str, hubs: list[str], now: f
            for c in org.send_connectors if edge in c.source_edges]
     return ConfigPush(organization=org.name, site=site, accepted_domains=list(org.accepted_domains),
                       send_connectors=[inbound, *own], hubs=hubs, antispam=org.antispam, transport=org.transport,
-                      dkim=dkim or [], generated_at=time.time() if now is None else now)
+                      dkim=[k for k in dkim or [] if k.active],  # (a pending key signs nothing)
+                      generated_at=time.time() if now is None else now)

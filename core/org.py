@@ -307,13 +307,15 @@ class EdgeSubscription(_Model):
 
 
 class DkimKey(_Model):
-    """A domain's DKIM signing key (mailyard.dkim_keys): made by ``mailyard org dkim new``,
-    never written in the organization file."""
+    """A domain's DKIM key (mailyard.dkim_keys): made by ``mailyard org dkim new``, never
+    written in the organization file. It signs once active (``org dkim activate``, after its
+    TXT record is published); until then it is pending and the domain's previous key signs."""
 
     domain: Domain
-    selector: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+    selector: str = Field(pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")  # a DNS label
     private_key: str = Field(repr=False)  # PEM, PKCS#8
     created: float = 0.0
+    active: bool = True  # False: pending (keys made before pending existed all signed)
 
 
 class EdgeRole(_Model):

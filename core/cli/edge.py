@@ -230,36 +230,91 @@ def remove(name: str, redis_url: str | None, data_dir: Path) -> None:
 
 @click.group("dkim")
 def org_dkim() -> None:
-    """DKIM keys of the accepted domains: the Edges sign what leaves for the Internet."""
+    """DKIM keys of the accepted domains: the Edges sign what leaves for the Internet.
+
+    A new key is pending: publish its TXT record, then `activate` it; the domain's active key
+    (if any) signs until then."""
+
+
+def _dkim_domain(domain: str) -> str:
+    from mailyard.addresses import normalize_domain
+
+    try:
+        return normalize_domain(domain)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="DOMAIN") from None
+
+
+def _dkim_selector(selector: str | None, hint: str = "--selector") -> str | None:
+    from mailyard import dkim_keys
+
+    if selector is None:
+        return None
+    try:
+        return dkim_keys.check_selector(selector)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _dkim_row(key: Any) -> dict[str, Any]:
+    from mailyard import dkim_keys
+
+    return {"domain": key.domain, "selector": key.selector, "state": "active" if key.active else "pending",
+            "name": dkim_keys.txt_name(key), "txt": dkim_keys.txt_value(key),
+            "txt_strings": dkim_keys.txt_strings(dkim_keys.txt_value(key)), "created": key.created}
 
 
 @org_dkim.command("new")
 @click.argument("domain")
-@click.option("--selector", help="The key's selector (default: myYYYYMM).")
+@click.option("--selector", help="The key's selector, one DNS label (default: myYYYYMM).")
+@click.option("--activate", is_flag=True,
+              help="Sign with it at once (its TXT record is published already), in place of the active key.")
 @redis_option
 @json_option
 @handle_errors
-def dkim_new(domain: str, selector: str | None, redis_url: str | None, data_dir: Path, as_json: bool) -> None:
-    """Make a new DKIM key for DOMAIN and print the TXT record to publish."""
+def dkim_new(domain: str, selector: str | None, activate: bool, redis_url: str | None, data_dir: Path,
+             as_json: bool) -> None:
+    """Make a new DKIM key for DOMAIN (pending) and print the TXT record to publish."""
     from mailyard import dkim_keys
-    from mailyard.addresses import normalize_domain
     from mailyard.edge_subscriptions import request_sync
 
+    domain, selector = _dkim_domain(domain), _dkim_selector(selector)
     r = connect(redis_url, data_dir)
-    try:
-        domain = normalize_domain(domain)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="DOMAIN") from None
-    key = dkim_keys.new_key(r, domain, selector)
-    edges = request_sync(r)
+    active = next((k for k in dkim_keys.signing_keys(r) if k.domain == domain), None)
+    key = dkim_keys.new_key(r, domain, selector, activate=activate)
+    edges = request_sync(r) if activate else []
     if as_json:
-        print_json({"domain": key.domain, "selector": key.selector, "name": dkim_keys.txt_name(key),
-                    "txt": dkim_keys.txt_value(key), "edges": edges})
+        print_json({**_dkim_row(key), "edges": edges})
         return
     click.echo(f"a new DKIM key for {key.domain} (selector {key.selector}); publish this TXT record:\n\n"
-               f"{dkim_keys.txt_name(key)}.  IN TXT  \"{dkim_keys.txt_value(key)}\"\n")
-    click.echo(f"the Edges ({', '.join(edges) or 'none subscribed yet'}) sign with it from their next EdgeSync "
-               "(asked for now)")
+               f"{dkim_keys.zone_line(key)}\n")
+    if activate:
+        click.echo(f"it is active: the Edges ({', '.join(edges) or 'none subscribed yet'}) sign with it from their "
+                   "next EdgeSync (asked for now)")
+        return
+    meanwhile = (f"{key.domain}'s key {active.selector} signs until then" if active
+                 else f"{key.domain}'s mail is not signed until then")
+    click.echo(f"it is pending: once the record is published, `mailyard org dkim activate {key.domain} {key.selector}` "
+               f"({meanwhile})")
+
+
+@org_dkim.command("activate")
+@click.argument("domain")
+@click.argument("selector")
+@redis_option
+@handle_errors
+def dkim_activate(domain: str, selector: str, redis_url: str | None, data_dir: Path) -> None:
+    """Sign DOMAIN's mail with its pending key SELECTOR (its TXT record published), in place of its active key."""
+    from mailyard import dkim_keys
+    from mailyard.edge_subscriptions import request_sync
+
+    domain, checked = _dkim_domain(domain), _dkim_selector(selector, "SELECTOR")
+    assert checked is not None
+    r = connect(redis_url, data_dir)
+    key = dkim_keys.activate_key(r, domain, checked)
+    edges = request_sync(r)
+    click.echo(f"the key {key.selector} of {key.domain} is active: the Edges "
+               f"({', '.join(edges) or 'none subscribed yet'}) sign with it from their next EdgeSync (asked for now)")
 
 
 @org_dkim.command("list")
@@ -267,30 +322,33 @@ def dkim_new(domain: str, selector: str | None, redis_url: str | None, data_dir:
 @json_option
 @handle_errors
 def dkim_list(redis_url: str | None, data_dir: Path, as_json: bool) -> None:
-    """The domains with a DKIM key, and the record each needs."""
+    """The domains' DKIM keys, active (signing) or pending (`activate`), and the record each needs."""
     from mailyard import dkim_keys
 
-    found = dkim_keys.all_keys(connect(redis_url, data_dir))
-    rows = [{"domain": k.domain, "selector": k.selector, "name": dkim_keys.txt_name(k),
-             "txt": dkim_keys.txt_value(k), "created": k.created} for k in found]
+    rows = [_dkim_row(k) for k in dkim_keys.all_keys(connect(redis_url, data_dir))]
     if as_json:
         print_json(rows)
         return
-    click.echo(table([(x["domain"], x["selector"], x["name"]) for x in rows], ["Domain", "Selector", "Record"]))
+    click.echo(table([(x["domain"], x["selector"], x["state"], x["name"]) for x in rows],
+                     ["Domain", "Selector", "State", "Record"]))
 
 
 @org_dkim.command("remove")
 @click.argument("domain")
+@click.option("--selector", help="Only the key of this selector (e.g. a pending one); default: every key of DOMAIN.")
 @redis_option
 @handle_errors
-def dkim_remove(domain: str, redis_url: str | None, data_dir: Path) -> None:
-    """Stop signing DOMAIN's mail (from the Edges' next EdgeSync)."""
+def dkim_remove(domain: str, selector: str | None, redis_url: str | None, data_dir: Path) -> None:
+    """Remove DOMAIN's DKIM keys: its mail is no longer signed (from the Edges' next EdgeSync)."""
     from mailyard import dkim_keys
     from mailyard.edge_subscriptions import request_sync
 
+    domain, selector = _dkim_domain(domain), _dkim_selector(selector)
     r = connect(redis_url, data_dir)
-    dkim_keys.remove_key(r, domain)
-    request_sync(r)
-    click.echo(f"removed the DKIM key of {domain}")
+    removed = dkim_keys.remove_key(r, domain, selector)
+    if any(k.active for k in removed):
+        request_sync(r)
+    for key in removed:
+        click.echo(f"removed the {'active' if key.active else 'pending'} DKIM key {key.selector} of {domain}")
 
 # endregion
