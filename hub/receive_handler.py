@@ -28,7 +28,7 @@ from mailyard.hub.receive_policy import Identity
 from mailyard.hub.receive_protocol import ReceiveContext, ReceiveProtocol, aiosmtpd_members
 from mailyard.hub.records import Message, new_message_id
 from mailyard.hub.redis_queues import item_ids
-from mailyard.hub.relay import ORG_HEADERS, ORIGIN_HEADER
+from mailyard.hub.relay import INTERNAL_HEADER, ORG_HEADERS, ORIGIN_HEADER, from_organization
 from mailyard.tracking import Event, Record
 
 log = logging.getLogger("mailyard.hub.receive")
@@ -131,6 +131,7 @@ class ReceiveHandler:
                      identity.name if identity else "?", refusal)
             return replies.SEND_AS_DENIED
         origin = policy.relay_origin(identity, head.get(ORIGIN_HEADER))
+        internal = from_organization(identity.kind if identity else None, head.get(INTERNAL_HEADER))
         raw = headers.strip(raw, *ORG_HEADERS)
         if identity is None or identity.kind != "server":  # (an Edge's verdict, from an Edge only)
             raw = headers.strip(raw, content_filter.SCL_HEADER)
@@ -166,7 +167,7 @@ class ReceiveHandler:
             id=new_message_id(), sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             received=now, expires=now + int(settings.message_expiration_timeout * 1000),
             source="SMTP", origin=origin, site=self.ctx.site, hub=self.ctx.hub, client=state.client_ip,
-            smtputf8=envelope.smtp_utf8,
+            smtputf8=envelope.smtp_utf8, internal=internal,
         )
         message_id = str(head.get("Message-ID", "")).strip()
         if not message_id:

@@ -21,6 +21,9 @@ Message fields (``my:msg:<id>``, a hash; empty values are not stored)
   dsn           "" for ordinary mail; "ndr" or "delay" for reports Mailyard generated
   smtputf8      "1": an SMTPUTF8 message (RFC 6531: MAIL FROM had the parameter, or a
                 mailbox submitted it with non-ASCII addresses or header text)
+  internal      "1": received over SMTP as the organization's own mail (a logged-on user's,
+                or relayed by a node of the organization that marked it so: mailyard.hub.relay);
+                with source STOREDRIVER or DSN it is so without the field (``from_organization``)
   refs          how many items hold the message (integer)
   delay_dsn_sent  ms when its delay DSN was queued (at most one per message)
 
@@ -148,13 +151,23 @@ class Message:
     dsn: str = ""  # "" for ordinary mail; "ndr" or "delay" for notifications we generated
     client: str = ""
     smtputf8: bool = False
+    internal: bool = False  # SMTP: the organization's own mail (see from_organization)
 
     def fields(self) -> dict[str, str | int]:
         """What is stored in ``my:msg:<id>`` (empty fields left out: they read back as empty)."""
-        out = {k: v for k, v in self.__dict__.items() if k not in ("id", "smtputf8") and v not in ("", 0)}
-        if self.smtputf8:
-            out["smtputf8"] = "1"
+        out = {k: v for k, v in self.__dict__.items()
+               if k not in ("id", "smtputf8", "internal") and v not in ("", 0)}
+        for flag in ("smtputf8", "internal"):
+            if getattr(self, flag):
+                out[flag] = "1"
         return out
+
+    @property
+    def from_organization(self) -> bool:
+        """Mail of the organization (an Edge DKIM-signs only that): from a mailbox, a report
+        Mailyard made, or SMTP mail marked internal at intake; never Internet mail, however it
+        is relayed on (to a group's external member, a contact)."""
+        return self.internal or self.source in ("STOREDRIVER", "DSN")
 
     @property
     def wants_report(self) -> bool:
@@ -179,6 +192,7 @@ class Message:
             dsn=d.get("dsn", ""),
             client=d.get("client", ""),
             smtputf8=d.get("smtputf8") == "1",
+            internal=d.get("internal") == "1",
         )
 
 

@@ -13,6 +13,10 @@ that offers no STARTTLS or presents another certificate gets nothing: the queue 
 Retry with a 4.7.5 last error that says why. Each recipient gets its own
 outcome: 2xx done, 4xx retried, 5xx NDR. If no target host can be reached the whole queue
 goes into Retry, with the last error shown, instead of every message hammering a dead host.
+
+From an Edge to the Internet, the organization's own mail (``Message.from_organization``) is
+DKIM-signed (``dkim_sign``) per connection, after ``encoding.plan``: the bytes signed are the
+bytes sent. Between nodes of the organization it carries the relay's headers (``relay``).
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ from mailyard.errors import DeliveryError, PermanentDeliveryError, SiteError, Tr
 from mailyard.hub import dkim_sign, encoding, mx
 from mailyard.hub.node import Node
 from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
-from mailyard.hub.records import DeliveryType, Item
+from mailyard.hub.records import DeliveryType, Item, Message
 from mailyard.hub.redis_queues import RedisQueues
-from mailyard.hub.relay import ORIGIN_HEADER
+from mailyard.hub.relay import INTERNAL_HEADER, ORIGIN_HEADER
 from mailyard.hub.send_transaction import transaction
 from mailyard.org import DkimKey, SendConnector
 from mailyard.tls import opportunistic_client_context
@@ -85,6 +89,7 @@ class Job:
     body: bytes
     smtputf8: bool = False  # sent with SMTPUTF8 (records.Message.smtputf8)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    dkim: dict[str, DkimKey] = field(default_factory=dict)  # sign with these what goes on the wire (dkim_sign)
 
 
 def _connector(node: Node, name: str) -> SendConnector | None:
@@ -114,7 +119,7 @@ def destination_of(node: Node, batch: Batch) -> Destination:
     if node.is_edge and conn.smart_hosts == ["--"]:
         return _subscribed_hubs_destination(node)
     role = node.orgs.org.edge
-    signing = {k.domain: k for k in role.dkim} if role is not None else {}
+    signing = {k.domain: k for k in role.dkim if k.active} if role is not None else {}
     resolver = mx.resolver_for(settings.dns_servers)
     if batch.delivery_type == DeliveryType.DNS.value:
         targets = mx.resolve(resolver, batch.next_hop)
@@ -392,6 +397,8 @@ async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float, hos
         job.outcomes.update(how.refused)
         if not how.recipients:
             continue
+        if job.dkim:
+            _sign(how, job.dkim)
         try:
             done = await transaction(smtp, how.sender, list(how.recipients.values()), how.body, how.options,
                                      rset=open_transaction, timeout=timeout, encoding=how.encoding)
@@ -404,6 +411,29 @@ async def _send_jobs(smtp: aiosmtplib.SMTP, jobs: list[Job], timeout: float, hos
             job.outcomes[recipient_of[sent_as]] = Outcome(reply.code, _status_of(reply.message, reply.code),
                                                           reply.message)
     return True
+
+
+def _sign(how: encoding.Transfer, keys: dict[str, DkimKey]) -> None:
+    """Sign the body as it goes to this peer (after ``encoding.plan``'s 7-bit downgrade, the
+    bytes the receiver verifies), and make SIZE count the signature."""
+    signed = dkim_sign.sign(how.body, keys)
+    if signed is how.body:
+        return
+    how.body = signed
+    how.options = [f"SIZE={len(signed)}" if o.startswith("SIZE=") else o for o in how.options]
+
+
+def job_of(dest: Destination, item: Item, msg: Message, body: bytes) -> Job:
+    """What ``deliver`` sends of one item: between nodes of the organization the relay's
+    headers added (``relay``); to the Internet from an Edge, the keys to sign it with, if the
+    message is the organization's own (Internet mail going out again is not signed)."""
+    if dest.org_origin:
+        lines = [f"{ORIGIN_HEADER}: {msg.id}"]
+        if msg.from_organization:
+            lines.append(f"{INTERNAL_HEADER}: 1")
+        body = headers.prepend(body, *lines)
+    signing = dest.dkim if dest.dkim and not dest.org_origin and msg.from_organization else {}
+    return Job(item, msg.sender, [r.address for r in item.recipients], body, msg.smtputf8, dkim=signing)
 
 
 def _status_of(message: str, code: int) -> str:
@@ -472,12 +502,7 @@ def deliver(node: Node, batch: Batch) -> None:
         msg = batch.messages.get(item.msg)
         if msg is None or item.msg not in bodies:
             continue
-        body = bodies[item.msg]
-        if dest.org_origin:
-            body = headers.prepend(body, f"{ORIGIN_HEADER}: {msg.id}")
-        elif dest.dkim:
-            body = dkim_sign.sign(body, dest.dkim)
-        jobs.append(Job(item, msg.sender, [r.address for r in item.recipients], body, msg.smtputf8))
+        jobs.append(job_of(dest, item, msg, bodies[item.msg]))
     node.crash_point("send.before_connect")
     try:
         cache = connection_cache()

@@ -192,17 +192,40 @@ def dkim_dns(dns_address: str):
     return lookup
 
 
+def dkim_cli(world: World, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "mailyard", "org", "dkim", *args, "--data-dir",
+                           str(world.site.data_dir)], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env=world.site._env(None))
+    assert done.returncode == 0, f"mailyard org dkim {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def edge_dkim(world: World) -> list[dict]:
+    return json.loads(world.edge.r.get(keys.ORG))["edge"]["dkim"]
+
+
+def contoso_key(world: World) -> None:
+    """contoso.com's key edge2026, made, published and activated (once), and on the Edge."""
+    if not any(k["selector"] == "edge2026" and k["state"] == "active" for k in json.loads(dkim_cli(world, "list",
+                                                                                                   "--json"))):
+        created = json.loads(dkim_cli(world, "new", "contoso.com", "--selector", "edge2026", "--json"))
+        world.zone.replace(created["name"], TXT(created["txt"]))
+        dkim_cli(world, "activate", "contoso.com", "edge2026")
+    wait_until(lambda: edge_dkim(world), timeout=DEADLINE, message="the key did not reach the Edge")
+
+
 def test_mail_to_the_internet_is_dkim_signed_by_the_edge_and_verifies_against_the_published_key(world: World) -> None:
     import dkim
 
-    created = json.loads(subprocess.run(
-        [sys.executable, "-m", "mailyard", "org", "dkim", "new", "contoso.com", "--selector", "edge2026", "--json",
-         "--data-dir", str(world.site.data_dir)], capture_output=True, text=True, cwd=ROOT, timeout=60,
-        env=world.site._env(None), check=True).stdout)
+    created = json.loads(dkim_cli(world, "new", "contoso.com", "--selector", "edge2026", "--json"))
     assert created["name"] == "edge2026._domainkey.contoso.com" and created["txt"].startswith("v=DKIM1; k=rsa; p=")
+    assert created["state"] == "pending"
+    # A pending key is not pushed: nothing signs with it before its record is published
+    org_cli(world.site, "sync", "--wait", "60")
+    assert edge_dkim(world) == []
     world.zone.replace(created["name"], TXT(created["txt"]))
-    wait_until(lambda: json.loads(world.edge.r.get(keys.ORG))["edge"]["dkim"], timeout=DEADLINE,
-               message="the key did not reach the Edge")
+    dkim_cli(world, "activate", "contoso.com", "edge2026")
+    wait_until(lambda: edge_dkim(world), timeout=DEADLINE, message="the key did not reach the Edge")
     subject = tag("signed")
     world.site.send("alice@contoso.com", ["carol@fabrikam.example"], subject=subject)
     (found,) = wait_until(lambda: at_sink(world.sink, "fabrikam.example", subject), timeout=DEADLINE)
@@ -212,6 +235,24 @@ def test_mail_to_the_internet_is_dkim_signed_by_the_edge_and_verifies_against_th
     assert dkim.verify(raw, dnsfunc=dkim_dns(world.dns.address)), "the signature does not verify"
     # and a message changed on the way does not
     assert not dkim.verify(raw.replace(b"Subject: signed", b"Subject: altered"), dnsfunc=dkim_dns(world.dns.address))
+
+
+def test_internet_mail_forwarded_out_again_is_not_signed_whatever_its_from_claims(world: World) -> None:
+    # Given contoso.com's active key on the Edge, and a message from the Internet that claims to
+    # be alice@contoso.com (and the organization's mark of its own mail), to a contact
+    contoso_key(world)
+    subject = tag("forwarded")
+    msg = message("alice@contoso.com", "grace.fabrikam@contoso.com", subject)
+    msg["X-Mailyard-Internal"] = "1"
+    with smtp_to_edge(world) as client:
+        client.send_message(msg, from_addr="carol@fabrikam.example")
+    # When the hub sends it on to the contact's external address, through the Edge
+    (found,) = wait_until(lambda: at_sink(world.sink, "fabrikam.example", subject), timeout=DEADLINE,
+                          message=lambda: f"{world.site.tail('hub-ams-1')}{world.edge.tail()}")
+    assert found["envelope_to"] == ["grace@fabrikam.example"]
+    # Then it leaves unsigned: the Edge signs only the organization's own mail
+    head = Path(found["file"]).read_bytes().split(b"\r\n\r\n")[0]
+    assert b"DKIM-Signature:" not in head and b"X-Mailyard-Internal" not in head, head
 
 
 def auth_results(raw: bytes) -> list[str]:
