@@ -83,8 +83,9 @@ Edge Transport (mailyard.edgesync). In the organization's Redis:
                                       hubs (the hub addresses last pushed: a change pushes at once)
   my:edge:sync-lease:<edge>   STRING  the hub pushing to that Edge now (PX)
   my:edge:sync-now:<edge>     STRING  set by `mailyard org edge sync`: push at once, then deleted
-  my:dkim:keys                HASH    accepted domain -> its DKIM key, JSON (mailyard.dkim_keys),
-                                      pushed to the Edges
+  my:dkim:keys                HASH    accepted domain -> its active DKIM key, JSON; <domain>/pending
+                                      -> a key made but not yet activated (mailyard.dkim_keys);
+                                      active keys are pushed to the Edges
 In an Edge's own Redis (it never reaches the organization's):
   my:edge:recipients          SET     SHA-256 of every address that takes mail from outside,
                                       salted per Edge (EdgeSync: no address is stored in clear)

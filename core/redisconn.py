@@ -366,10 +366,10 @@ def read_password_file(path: str | os.PathLike[str]) -> str:
     return password
 
 
-def with_password_file(url: str) -> str:
-    """``url`` with the password of the file ``MAILYARD_REDIS_PASSWORD_FILE`` names, when it is set and
-    the URL has no password of its own."""
-    path = os.environ.get(ENV_PASSWORD_FILE)
+def with_password_file(url: str, variable: str = ENV_PASSWORD_FILE) -> str:
+    """``url`` with the password of the file ``MAILYARD_REDIS_PASSWORD_FILE`` (or ``variable``)
+    names, when it is set and the URL has no password of its own."""
+    path = os.environ.get(variable)
     if not path or has_password(url):
         return url
     return with_password(url, read_password_file(path))

@@ -56,6 +56,11 @@ class EdgeHome:
     def name(self) -> str:
         return str(self.config()["name"])
 
+    def listen(self, what: str) -> str:
+        """Where the Edge listens for ``smtp`` or ``sync`` (the address hubs reach, unless another was given)."""
+        config = self.config()
+        return str(config.get(f"{what}_listen") or config[what])
+
     def subscribed(self) -> Subscribed | None:
         found = self.config().get("subscribed")
         return Subscribed(found["organization"], found["site"], float(found["at"])) if found else None
@@ -71,10 +76,14 @@ class EdgeHome:
         pki.write_private(self.config_path, json.dumps(config, indent=2).encode())
 
     def subscribe(self, *, name: str, fqdn: str, smtp: str, sync: str, validity: float = DEFAULT_VALIDITY,
-                  now: float | None = None) -> SubscriptionFile:
+                  now: float | None = None, smtp_listen: str = "", sync_listen: str = "") -> SubscriptionFile:
         """A new subscription file (New-EdgeSubscription -FileName): a key and certificate made
         the first time, a new bootstrap secret every time (the old one no longer bootstraps).
-        An Edge already subscribed is refused: remove its subscription first."""
+        An Edge already subscribed is refused: remove its subscription first.
+
+        ``smtp`` and ``sync`` are the addresses the hubs reach the Edge at; ``smtp_listen`` and
+        ``sync_listen`` where it listens, when that is another (``0.0.0.0:25`` behind a name,
+        a NAT, a container on several networks)."""
         if validity < MIN_VALIDITY:
             raise SiteError(f"a bootstrap secret must be valid at least {MIN_VALIDITY:.0f} s "
                             "(Exchange's minimum AccountExpiryDuration, 2 minutes)")
@@ -97,6 +106,7 @@ class EdgeHome:
         secret = secrets.token_urlsafe(32)
         config.update({
             "name": name, "fqdn": fqdn, "smtp": smtp, "sync": sync,
+            "smtp_listen": smtp_listen or smtp, "sync_listen": sync_listen or sync,
             "recipient_salt": config.get("recipient_salt") or secrets.token_hex(16),
             "bootstrap": {"hash": passwords.hash_password(secret), "expires": now + validity},
         })

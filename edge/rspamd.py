@@ -23,15 +23,15 @@ import httpx
 
 log = logging.getLogger("mailyard.edge.rspamd")
 
-CONFIG = """# Written by mailyard edge run: rspamd for the Edge's content filter (loopback only)
+CONFIG = """# Written by mailyard edge run (or edge rspamd): rspamd for the Edge's content filter
 options {{
     pidfile = "{run}/rspamd.pid";
     dns {{ nameserver = [{dns}]; timeout = 1s; retransmits = 1; }}
     local_addrs = [];
 }}
-logging {{ type = "file"; filename = "{run}/rspamd.log"; level = "warning"; }}
+logging {{ {logging}; level = "warning"; }}
 worker "normal" {{
-    bind_socket = "127.0.0.1:{port}";
+    bind_socket = {bind};
     count = 1;
     task_timeout = 8s;
 }}
@@ -73,9 +73,12 @@ def nameserver(value: str) -> str:
 class Rspamd:
     """One rspamd of an Edge; ``url`` once started."""
 
-    def __init__(self, data_dir: Path, dns_servers: list[str]) -> None:
+    def __init__(self, data_dir: Path, dns_servers: list[str], host: str = "127.0.0.1", *,
+                 console: bool = False) -> None:
         self.dir = Path(data_dir) / "rspamd"
+        self.console = console  # its log on stderr (a service of its own), else in its directory
         self.dns = [nameserver(d) for d in dns_servers or ["127.0.0.1:53"]]
+        self.host = host
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -83,16 +86,22 @@ class Rspamd:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> Rspamd:
+    def command(self) -> list[str]:
+        """Its configuration written (on ``port``, a free one if 0); the command that runs it
+        in the foreground."""
         path = binary()
         if path is None:
             raise FileNotFoundError("rspamd is not installed")
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.port = self.port or _free_port()
         conf = self.dir / "rspamd.conf"
-        conf.write_text(CONFIG.format(run=self.dir, port=self.port, dns=", ".join(self.dns)))
-        user = self._user()
-        self.proc = subprocess.Popen([path, "-f", *user, "-c", str(conf)],
+        bind = json.dumps(f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}")
+        logging_to = 'type = "console"' if self.console else f'type = "file"; filename = "{self.dir}/rspamd.log"'
+        conf.write_text(CONFIG.format(run=self.dir, bind=bind, dns=", ".join(self.dns), logging=logging_to))
+        return [path, "-f", *self._user(), "-c", str(conf)]
+
+    def start(self, timeout: float = 60.0) -> Rspamd:
+        self.proc = subprocess.Popen(self.command(),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

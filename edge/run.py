@@ -58,8 +58,11 @@ class Transport:
 
     def __init__(self, *, name: str, redis_url: str, data_dir: Path, loglevel: str, concurrency: int) -> None:
         self.argv = [sys.executable, "-m", "mailyard", "hub", "--site", name, "--name", name,
-                     "--redis-url", redis_url, "--data-dir", str(data_dir), "--loglevel", loglevel,
-                     "--concurrency", str(concurrency)]
+                     "--data-dir", str(data_dir), "--loglevel", loglevel, "--concurrency", str(concurrency)]
+        # The Edge's Redis (its password in it) in the environment, never on a command line
+        # that every local user can read; the Edge's environment has no other Redis.
+        self.env = {k: v for k, v in os.environ.items() if k != redisconn.ENV_PASSWORD_FILE}
+        self.env[redisconn.ENV_URL] = redis_url
         self.proc: subprocess.Popen[bytes] | None = None
         self.wanted = threading.Event()
         self._stop = threading.Event()
@@ -74,7 +77,7 @@ class Transport:
                 if self.wanted.is_set() and (self.proc is None or self.proc.poll() is not None):
                     if self.proc is not None:
                         log.warning("the Edge's transport ended (status %s): starting it again", self.proc.returncode)
-                    self.proc = subprocess.Popen(self.argv)  # (its output is this process's)
+                    self.proc = subprocess.Popen(self.argv, env=self.env)  # (its output is this process's)
 
     def stop(self) -> None:
         self._stop.set()
@@ -123,7 +126,7 @@ def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency
     transport = Transport(name=config["name"], redis_url=redis_url, data_dir=data_dir, loglevel=loglevel,
                           concurrency=concurrency)
     app = create_app(home, r, trust, on_config=transport.want, rspamd_url=rspamd_url, dns_servers=dns_servers)
-    host, port = host_port(config["sync"])
+    host, port = host_port(home.listen("sync"))
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -142,7 +145,7 @@ def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency
     if content is not None:
         threading.Thread(target=_keep, args=(content, transport), name="rspamd", daemon=True).start()
     state = f"subscribed to site {subscribed.site}" if subscribed else "waiting for its subscription"
-    print(f"Edge {config['name']} ({state}): EdgeSync on https://{config['sync']}, SMTP on {config['smtp']}, "
+    print(f"Edge {config['name']} ({state}): EdgeSync on https://{home.listen('sync')}, SMTP on {home.listen('smtp')}, "
           f"pid {os.getpid()}", flush=True)
     try:
         serve_until_stopped(web, [sock])

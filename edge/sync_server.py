@@ -148,7 +148,7 @@ def create_app(home: EdgeHome, r: redis.Redis, trust: Trust,
         if push.site != site:
             raise Refused(403, f"this Edge is subscribed to site {site}, not {push.site}")
         settings = home.config()
-        org = edge_organization(push, name=settings["name"], fqdn=settings["fqdn"], smtp=settings["smtp"],
+        org = edge_organization(push, name=settings["name"], fqdn=settings["fqdn"], smtp=home.listen("smtp"),
                                  salt=settings["recipient_salt"], rspamd=rspamd_url, dns_servers=dns_servers)
         version = apply_org(r, org)
         r.hset(keys.EDGE_STATE, mapping={"config_at": time.time(), "config_version": version,

@@ -30,40 +30,69 @@ def edge() -> None:
     """An Edge Transport server: the perimeter node that takes the Internet's mail for a site."""
 
 
+EDGE_PASSWORD_FILE = "MAILYARD_EDGE_REDIS_PASSWORD_FILE"
+
+
+def _with_password_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from mailyard import redisconn
+
+    return redisconn.with_password_file(value, EDGE_PASSWORD_FILE) if value else value
+
+
 def _edge_redis(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--redis-url", envvar="MAILYARD_EDGE_REDIS_URL", required=True,
-                      help="The Edge's own Redis (never the organization's).")(fn)
+    fn = click.option("--redis-url", envvar="MAILYARD_EDGE_REDIS_URL", required=True, callback=_with_password_file,
+                      help=f"The Edge's own Redis (never the organization's); without a password in it, the one "
+                           f"in the file {EDGE_PASSWORD_FILE} names.")(fn)
     return data_dir_option(fn)
+
+
+def _host_port(value: str, what: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint=what)
+    return value
 
 
 @edge.command()
 @click.option("--name", required=True, help="The Edge's name (Exchange: its server name), e.g. EDGE-01.")
 @click.option("--fqdn", help="Its FQDN, in its banner and its certificate (default: NAME.edge.invalid).")
-@click.option("--smtp", required=True, metavar="HOST:PORT", help="Where its receive connector listens.")
+@click.option("--smtp", required=True, metavar="HOST:PORT",
+              help="Where its receive connector listens, and where the hubs reach it.")
 @click.option("--sync", "sync_address", required=True, metavar="HOST:PORT",
-              help="Where its EdgeSync listener listens (HTTPS; Exchange: 50636).")
+              help="Where its EdgeSync listener listens (HTTPS; Exchange: 50636), and where the hubs reach it.")
+@click.option("--smtp-listen", default="", metavar="HOST:PORT",
+              help="Where the receive connector listens, when the hubs reach it by another address "
+                   "(0.0.0.0:25 behind --smtp edge.example:25: a NAT, a container on several networks).")
+@click.option("--sync-listen", default="", metavar="HOST:PORT", help="The same for the EdgeSync listener.")
 @click.option("--file", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the subscription file (mode 0600: it holds the bootstrap secret).")
 @click.option("--valid", "validity", default="24h", show_default=True,
               help="How long the bootstrap secret is valid (at least 2m).")
+@click.option("--unless-subscribed", is_flag=True,
+              help="Do nothing (exit 0) if this Edge is subscribed already (a deployment's first-start step).")
 @data_dir_option
 @handle_errors
-def subscribe(name: str, fqdn: str | None, smtp: str, sync_address: str, out: Path, validity: str,
-              data_dir: Path) -> None:
+def subscribe(name: str, fqdn: str | None, smtp: str, sync_address: str, smtp_listen: str, sync_listen: str,
+              out: Path, validity: str, unless_subscribed: bool, data_dir: Path) -> None:
     """Write a subscription file for `mailyard org edge import` (New-EdgeSubscription)."""
     from mailyard import pki
     from mailyard.edge.home import EdgeHome
 
-    for what, value in (("--smtp", smtp), ("--sync", sync_address)):
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint=what)
+    for what, value in (("--smtp", smtp), ("--sync", sync_address), ("--smtp-listen", smtp_listen),
+                        ("--sync-listen", sync_listen)):
+        if value or what in ("--smtp", "--sync"):
+            _host_port(value, what)
     try:
         seconds = parse_duration(validity)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--valid") from None
-    sub = EdgeHome(data_dir).subscribe(name=name, fqdn=fqdn or f"{name.lower()}.edge.invalid", smtp=smtp,
-                                       sync=sync_address, validity=seconds)
+    home = EdgeHome(data_dir)
+    if unless_subscribed and home.exists() and (subscribed := home.subscribed()) is not None:
+        click.echo(f"Edge {home.name} is subscribed to site {subscribed.site} of {subscribed.organization}: "
+                   "nothing to do")
+        return
+    sub = home.subscribe(name=name, fqdn=fqdn or f"{name.lower()}.edge.invalid", smtp=smtp, sync=sync_address,
+                         validity=seconds, smtp_listen=smtp_listen, sync_listen=sync_listen)
     pki.write_private(out, sub.model_dump_json(indent=2).encode())
     click.echo(f"wrote {out} (mode 0600): import it on the organization's side within {validity} with\n"
                f"  mailyard org edge import {out} --site <site>\n"
@@ -76,17 +105,53 @@ def subscribe(name: str, fqdn: str | None, smtp: str, sync_address: str, out: Pa
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 256))
 @click.option("--rspamd", "rspamd_setting", default="auto", show_default=True, metavar="auto|off|URL",
               help="Content filtering: start Debian's rspamd if installed (auto), none (off), or that server.")
+@click.option("--dns-server", "dns_servers", multiple=True, metavar="IP[:PORT]",
+              help="The Edge's own DNS server (repeatable), for MX, SPF, DKIM, DMARC and block lists, instead "
+                   "of the organization's transport dns_servers (an Edge in a perimeter network).")
 @handle_errors
-def run(redis_url: str, data_dir: Path, loglevel: str, concurrency: int, rspamd_setting: str) -> None:
+def run(redis_url: str, data_dir: Path, loglevel: str, concurrency: int, rspamd_setting: str,
+        dns_servers: tuple[str, ...]) -> None:
     """Run the Edge: its EdgeSync listener, and its transport once subscribed."""
     from mailyard.edge.run import serve
     from mailyard.processes import setup_logging
 
     if rspamd_setting not in ("auto", "off") and not rspamd_setting.startswith(("http://", "https://")):
         raise click.BadParameter(f"{rspamd_setting!r}: auto, off or an http(s):// URL", param_hint="--rspamd")
+    from mailyard.edge.rspamd import nameserver
+
+    for value in dns_servers:
+        try:
+            nameserver(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--dns-server") from None
     setup_logging(loglevel)
     serve(data_dir=data_dir, redis_url=redis_url, loglevel=loglevel, concurrency=concurrency,
-          rspamd_setting=rspamd_setting)
+          rspamd_setting=rspamd_setting, dns_servers=list(dns_servers))
+
+
+@edge.command()
+@click.option("--listen", default="127.0.0.1:11333", show_default=True, metavar="HOST:PORT",
+              help="Where rspamd's normal worker listens (its HTTP protocol: POST /checkv2).")
+@click.option("--dns-server", "dns_servers", multiple=True, metavar="IP[:PORT]",
+              help="rspamd's DNS servers (repeatable) [default: 127.0.0.1:53].")
+@data_dir_option
+@handle_errors
+def rspamd(listen: str, dns_servers: tuple[str, ...], data_dir: Path) -> None:
+    """Run rspamd for an Edge in the foreground, as `edge run` starts its own (`edge run --rspamd URL`
+    elsewhere, e.g. a service of its own in docker compose), with the Edge's configuration."""
+    import os
+
+    from mailyard.edge.rspamd import Rspamd
+
+    host, _, port = _host_port(listen, "--listen").rpartition(":")
+    try:
+        server = Rspamd(data_dir, list(dns_servers), host.strip("[]"), console=True)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dns-server") from None
+    server.port = int(port)
+    argv = server.command()
+    click.echo(f"rspamd on {listen} (configuration {server.dir / 'rspamd.conf'})", err=True)
+    os.execv(argv[0], argv)
 
 
 @edge.command()
@@ -155,19 +220,45 @@ def org_edge() -> None:
 @click.option("--site", required=True, help="The site whose hubs take the Edge's mail and push EdgeSync to it.")
 @click.option("--pki-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The organization's CA (default: <data-dir>/pki).")
+@click.option("--unless-subscribed", is_flag=True,
+              help="Do nothing (exit 0) if FILE is not there and an Edge is subscribed to SITE, or if FILE's Edge "
+                   "is subscribed already with the same certificate (a deployment's first-start step).")
+@click.option("--remove-file", is_flag=True, help="Delete FILE once it was imported (it holds the bootstrap secret).")
 @redis_option
 @handle_errors
-def import_(file: Path, site: str, pki_dir: Path | None, redis_url: str | None, data_dir: Path) -> None:
+def import_(file: Path, site: str, pki_dir: Path | None, unless_subscribed: bool, remove_file: bool,
+            redis_url: str | None, data_dir: Path) -> None:
     """Subscribe the Edge of FILE to SITE (New-EdgeSubscription -FileData -Site)."""
     from mailyard import pki
-    from mailyard.edge_subscriptions import import_subscription
+    from mailyard.edge_subscriptions import import_subscription, remove_subscription, sync_states
     from mailyard.edgesync import internet_connector_name, read_subscription
+    from mailyard.orgstore import read_org
 
+    r = connect(redis_url, data_dir)
+    if unless_subscribed:
+        _, org = read_org(r)
+        if not file.exists() and any(e.site == site for e in org.edge_subscriptions):
+            click.echo(f"no {file}, and site {site} has its Edge: nothing to do")
+            return
+        if file.exists():
+            sub = read_subscription(file)
+            same = [s for s in sync_states(r) if s.edge.name == sub.edge
+                    and pki.fingerprint(s.edge.certificate) == pki.fingerprint(sub.certificate)]
+            if same and same[0].bootstrapped:
+                if remove_file:
+                    file.unlink()
+                click.echo(f"Edge {sub.edge} is subscribed already: nothing to do")
+                return
+            if same:  # (imported, never bootstrapped: this file has the Edge's newer secret)
+                remove_subscription(r, sub.edge)
     sub = read_subscription(file)
-    _, edge = import_subscription(connect(redis_url, data_dir), sub, site, pki_dir or pki.pki_dir(data_dir))
+    _, edge = import_subscription(r, sub, site, pki_dir or pki.pki_dir(data_dir))
+    if remove_file:
+        file.unlink()
     click.echo(f"subscribed Edge {edge.name} to site {site}: its hubs push EdgeSync to https://{edge.sync} "
                f"(certificate {pki.fingerprint(edge.certificate)[:16]}...), and send Internet mail through it "
-               f"({internet_connector_name(site)!r}). Delete {file}: it holds the bootstrap secret")
+               f"({internet_connector_name(site)!r})." + ("" if remove_file else
+                                                         f" Delete {file}: it holds the bootstrap secret"))
 
 
 @org_edge.command("list")

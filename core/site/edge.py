@@ -94,10 +94,10 @@ def ensure_subscribed(r: redis.Redis, data_dir: Path, *, smtp: str, sync: str) -
 
 
 def ensure_dkim_key(r: redis.Redis, org: Organization) -> DkimKey:
-    """The first accepted domain's DKIM key, made the first time."""
+    """The first accepted domain's active DKIM key, made (and activated) the first time."""
     domain = org.accepted_domains[0]
-    found = next((k for k in dkim_keys.all_keys(r) if k.domain == domain), None)
-    return found or dkim_keys.new_key(r, domain)
+    found = next((k for k in dkim_keys.signing_keys(r) if k.domain == domain), None)
+    return found or dkim_keys.new_key(r, domain, activate=True)  # (the demo's DNS publishes it at once)
 
 
 def dns_records(org: Organization, smtp_address: str, dkim: DkimKey | None) -> list[str]:

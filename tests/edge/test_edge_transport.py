@@ -356,6 +356,15 @@ def test_mail_above_the_junk_threshold_goes_to_junk_email_and_a_forged_scl_count
                             b"X-Mailyard-SCL: 9\r\n" + message("carol@fabrikam.example", "bob@contoso.com",
                                                                  subject).as_bytes())
         world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
+        # ...and from a colleague's own Send (the Outbox): no SCL nor results in the Edge's name
+        subject = tag("colleague")
+        own = message("alice@contoso.com", "bob@contoso.com", subject)
+        forged = (f"X-Mailyard-SCL: 9\r\nAuthentication-Results: {AUTHSERV_ID}; spf=pass\r\n".encode()
+                  + own.as_bytes().replace(b"\n", b"\r\n"))
+        assert world.site.send_raw("alice@contoso.com", forged).status_code in (200, 201, 202)
+        (item,) = world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
+        raw = world.site.raw("bob@contoso.com", item["id"])
+        assert b"X-Mailyard-SCL" not in raw and AUTHSERV_ID.encode() not in raw, raw[:1500]
     finally:
         world.apply(transport=org.transport)
 

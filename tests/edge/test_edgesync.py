@@ -197,3 +197,26 @@ def test_the_edge_hears_of_a_hub_that_started_at_once_not_at_the_next_interval(o
     hubs = wait_until(lambda: len(h := edge.status()["hubs"]) == 2 and h, timeout=DEADLINE,
                       message=lambda: f"the Edge does not know the second hub: {edge.status()}")
     assert edge.status()["config_at"] > before and len(set(hubs)) == 2
+
+
+def test_a_deployments_first_start_subscribes_once_by_names_and_then_does_nothing(org_site: Cluster, edge: EdgeNode,
+                                                                                 tmp_path: Path) -> None:
+    # As docker compose runs it: the hubs reach the Edge by a name, the Edge listens on an address
+    file = tmp_path / "handover" / "EDGE-01.json"
+    file.parent.mkdir()
+    first = ["subscribe", "--name", edge.name, "--smtp", f"localhost:{edge.smtp_port}",
+             "--smtp-listen", f"127.0.0.1:{edge.smtp_port}", "--sync", f"localhost:{edge.sync_port}",
+             "--sync-listen", f"127.0.0.1:{edge.sync_port}", "--file", str(file), "--unless-subscribed"]
+    edge.cli(*first)
+    importing = ["import", str(file), "--site", "Amsterdam", "--unless-subscribed", "--remove-file"]
+    assert "subscribed Edge EDGE-01" in org_cli(org_site, *importing).stdout
+    assert not file.exists(), "the file with the bootstrap secret was left behind"
+    edge.start()
+    status = synced(edge)
+    assert (status["smtp"], status["sync"]) == (f"localhost:{edge.smtp_port}", f"localhost:{edge.sync_port}")
+    edge.wait_smtp()  # (it listens on 127.0.0.1, where EdgeNode looks)
+    # The next start: nothing to do on either side, and nothing changes
+    assert "nothing to do" in edge.cli(*first).stdout and not file.exists()
+    assert "nothing to do" in org_cli(org_site, *importing).stdout
+    assert edge.status()["subscribed"] and [e["name"] for e in json.loads(org_cli(org_site, "list", "--json").stdout)
+                                            ] == [edge.name]
