@@ -41,8 +41,11 @@ FAST_CONNECTORS = {"tarpit_interval": 0, "auth_tarpit_interval": 0}
 
 
 def make_org(**transport: Any) -> Organization:
-    """The demo organization (deploy/contoso.toml) with test timers and any overrides."""
-    org = load_org(CONTOSO)
+    """The demo organization (deploy/contoso.toml) with test timers and any overrides, as a
+    site without an Edge runs it (its Internet connectors on: ``site up --no-edge``)."""
+    from mailyard.site.edge import with_internet_connectors
+
+    org = with_internet_connectors(load_org(CONTOSO))
     settings = org.transport.model_copy(update={**FAST, **transport})
     connectors = [c.model_copy(update=FAST_CONNECTORS) for c in org.receive_connectors]
     return org.model_copy(update={"transport": settings, "receive_connectors": connectors})

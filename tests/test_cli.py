@@ -273,7 +273,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         mailyard("send", "--from", "bob@contoso.com", "--to", "dave@contoso.com", "--subject", "demo",
                  "--body", "hi", env=env)
         wait_until(lambda: "demo" in mailyard("mailbox", "show", "dave@contoso.com", env=env).stdout,
-                   timeout=30, interval=PROCESS_POLL)
+                   timeout=90, interval=PROCESS_POLL, message="bob's mail did not reach dave")
         # ...out to the demo Internet, from London through Amsterdam's Internet connector...
         mailyard("send", "--from", "erin@contoso.com", "--to", "someone@fabrikam.example", "--subject", "out",
                  "--body", "hi", env=env)
@@ -351,7 +351,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         hub = next(p for p in state["processes"] if p["role"] == "hub")
         os.kill(hub["pid"], signal.SIGKILL)
         wait_until(lambda: (s := status()) and next(p for p in s["processes"] if p["name"] == hub["name"])[
-            "pid"] != hub["pid"], timeout=30, interval=PROCESS_POLL, message="the killed hub was not restarted")
+            "pid"] != hub["pid"], timeout=90, interval=PROCESS_POLL, message="the killed hub was not restarted")
         pids = [p["pid"] for p in status()["processes"]]
     finally:
         out = stop_site(runner)

@@ -9,7 +9,8 @@ What the site does for it, as an operator would by hand:
   ``mailyard org edge import FILE --site <first site>`` (the file is deleted at once);
 - the hubs keep only the organization's own connectors: the file's anonymous receive
   connectors and DNS-routed send connectors are left out (the Internet reaches the Edge, and
-  the hubs reach the Internet through ``EdgeSync - <Site> to Internet``);
+  the hubs reach the Internet through ``EdgeSync - <Site> to Internet``); the demo file has
+  them turned off, and ``--no-edge`` turns them on (``with_internet_connectors``);
 - the demo Internet's DNS publishes each accepted domain's MX at the Edge's own loopback
   address, the DKIM key of the first accepted domain (made once, ``org dkim new``), and a DNS
   block list (``bl.internet.example``) that lists 127.0.0.66, a known spammer the demo can
@@ -70,6 +71,17 @@ def without_internet_connectors(org: Organization, internet_port: int | None) ->
     if dropped and internet_port is not None:
         log.info("the Edge takes the Internet's mail: the hubs run without %s", ", ".join(dropped))
     return org.model_copy(update={"receive_connectors": receive, "send_connectors": send, "antispam": antispam})
+
+
+def with_internet_connectors(org: Organization) -> Organization:
+    """The organization of a site without an Edge (``--no-edge``): the file's connectors for
+    the Internet (anonymous receive connectors, DNS-routed send connectors) that it turned off
+    because the Edge does their work, on."""
+    receive = [c.model_copy(update={"enabled": True}) if "AnonymousUsers" in c.permission_groups else c
+               for c in org.receive_connectors]
+    send = [c.model_copy(update={"enabled": True}) if c.dns_routing and not c.source_edges else c
+            for c in org.send_connectors]
+    return org.model_copy(update={"receive_connectors": receive, "send_connectors": send})
 
 
 def ensure_subscribed(r: redis.Redis, data_dir: Path, *, smtp: str, sync: str) -> bool:

@@ -505,7 +505,8 @@ class Site:
             site = child.endpoints["site"]
             actual = {b: f"{host}:{port}" for b, port in child.ports.items()}
             bind_args = [arg for b, a in actual.items() for arg in ("--bind", f"{b}={a}")]
-            org = demo_edge.without_internet_connectors(cfg.org, None) if cfg.edge else cfg.org
+            org = (demo_edge.without_internet_connectors(cfg.org, None) if cfg.edge
+                   else demo_edge.with_internet_connectors(cfg.org))
             enabled = set(connectors_of(org, site))
             child.cmd = mailyard_cmd("hub", "--site", site, "--name", child.name,
                                      "--concurrency", str(cfg.concurrency), *bind_args, *common)
@@ -570,7 +571,7 @@ class Site:
     # endregion
 
     def org_to_apply(self) -> Organization:
-        org = self.cfg.org
+        org = self.cfg.org if self.cfg.edge else demo_edge.with_internet_connectors(self.cfg.org)
         if self.secrets is not None:
             org, self.secrets = site_secrets.with_site_passwords(org, self.data_dir)
         internet = next((c for c in self.children if c.role == "internet"), None)
