@@ -23,7 +23,8 @@
 #    (mailyard-local/...; never re-tagged under an official name): a Debian bookworm minbase
 #    rootfs (debootstrap, from the host's apt mirror) imported as mailyard-local/debian, and
 #    from it, with `docker build --network host` and the host's apt sources and settings,
-#    mailyard-local/python (Debian's Python 3.11, as python:3.11-slim-bookworm has) and
+#    mailyard-local/python (Debian's Python 3.11, as python:3.11-slim-bookworm has, and
+#    Debian's rspamd for the Edge's image) and
 #    mailyard-local/redis (Debian's redis-server, run as the official image runs it).
 # 5. The wheels deploy/Dockerfile installs (pyproject's dependencies and build requirements,
 #    and pip), downloaded by the local Python image's pip into a wheelhouse, served on the
@@ -260,7 +261,9 @@ base_images() {
     mkdir -p "$recipes/python" "$recipes/redis"
 
     # Debian's Python 3.11 (python:3.11-slim-bookworm has 3.11 too); pip finds the wheels
-    # only in the wheelhouse served on the docker0 gateway (see serve_wheelhouse).
+    # only in the wheelhouse served on the docker0 gateway (see serve_wheelhouse). And
+    # Debian's rspamd, which deploy/Dockerfile's `edge` stage would apt-get install (no
+    # mirror is reachable from a build on Docker's bridge here).
     cat >"$recipes/python/pip.conf" <<EOF
 [global]
 no-index = true
@@ -272,7 +275,7 @@ EOF
 FROM $DEBIAN_IMAGE
 RUN apt-get update \\
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \\
-    python3 python3-venv python3-pip python-is-python3 ca-certificates \\
+    python3 python3-venv python3-pip python-is-python3 ca-certificates rspamd \\
  && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY pip.conf /etc/pip.conf
 ENV LANG=C.UTF-8

@@ -1,14 +1,16 @@
 #!/bin/sh
 # The replicated Redis of docker-compose.yml: data nodes (redis-0, redis-1) and three Sentinels,
-# each in a container of the Redis image, with this script mounted as /usr/local/bin/redis-group.
+# each in a container of the Redis image, with this script mounted as /usr/local/bin/redis-group;
+# and the Edge's Redis (edge-redis), one Redis of its own with a password of its own.
 # A POSIX sh port of what `mailyard site up --redis-replicas N` decides (core/site/redis_group.py),
 # for busybox (the official redis:*-alpine) and Debian alike.
 #
 #   redis-group node redis-server CONF ARGS...      entry point of a data node
 #   redis-group sentinel redis-server CONF --sentinel  entry point of a Sentinel
+#   redis-group single redis-server CONF ARGS...    entry point of a Redis of its own (the Edge's)
 #   redis-group secret               generate the password if there is none yet
 #   redis-group role                 the role this data node would start in now (one line)
-#   redis-group health node|sentinel the container's health check
+#   redis-group health node|sentinel|single the container's health check
 #   redis-group roles                who the Sentinels name primary, and each node's role
 #   redis-group cli ARGS...          redis-cli with the group's password (never on its command line)
 #
@@ -16,7 +18,9 @@
 # MAILYARD_REDIS_PASSWORD_FILE, uid 10001, the Mailyard image's user, mode 0600). Each member
 # writes its candidate to a file of its own and links it into place (`ln` never replaces a
 # file): of members starting at once, one link wins and every member reads that one. The
-# data nodes and the Sentinels all use it (requirepass, masterauth, auth-pass).
+# data nodes and the Sentinels all use it (requirepass, masterauth, auth-pass). The Edge's
+# Redis makes its own the same way, in a file and a volume of its own (its
+# MAILYARD_REDIS_PASSWORD_FILE): it never has the group's.
 #
 # The role a data node starts in (the rule of start_role in core/site/redis_group.py):
 # - it asks the Sentinels (SENTINEL get-master-addr-by-name; the answer most of them give);
@@ -236,6 +240,17 @@ node() {
     exec docker-entrypoint.sh "$@"
 }
 
+single() {
+    # One Redis, no group: its password (generated as the group's is, into its own file) in
+    # its config file, written on every start.
+    ensure_secret
+    conf=$(conf_in "$@")
+    mkdir -p "${conf%/*}"
+    (umask 077 && printf 'requirepass "%s"\n' "$REDISCLI_AUTH" >"$conf")
+    chown redis:redis "${conf%/*}" "$conf" 2>/dev/null || true
+    exec docker-entrypoint.sh "$@"
+}
+
 sentinel() {
     ensure_secret
     conf=$(conf_in "$@")
@@ -301,7 +316,8 @@ health() {
             quorum=$(cli_at "$at" SENTINEL ckquorum "$SERVICE" 2>&1) || die "$quorum"
             case $quorum in OK*) ;; *) die "$quorum" ;; esac
             ;;
-        *) die "health node|sentinel" ;;
+        single) [ "$(cli_at "$at" PING 2>/dev/null)" = PONG ] || die "no PONG" ;;
+        *) die "health node|sentinel|single" ;;
     esac
 }
 
@@ -331,10 +347,11 @@ command=${1:-}
 case $command in
     node) [ -n "$SELF" ] || die "MAILYARD_REDIS_SELF is not set (this node's host:port)"; node "$@" ;;
     sentinel) sentinel "$@" ;;
+    single) single "$@" ;;
     secret) ensure_secret ;;
     role) use_secret && decide ;;
     health) health "$@" ;;
     roles) roles ;;
     cli) use_secret && exec redis-cli "$@" ;;
-    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

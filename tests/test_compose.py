@@ -3,12 +3,15 @@
 - The file validates against the Compose Specification's JSON schema (the copy that
   check-jsonschema ships), and with `docker compose config` where a Compose v2 client is.
 - Every command of every service, and of every health check, is a real `mailyard` command
-  whose options parse; the init service's `org apply` and each hub's `--check` run for real
-  against a Redis.
+  whose options parse; the init service's `org apply`, each hub's `--check` and the Edge's
+  subscription (edge-subscribe, then edge-import) run for real against a Redis.
 - The services are those of the organization file the init service applies and of the
   runner of `mailyard site up` (so compose and the local site cannot drift), the stateful
   ones have volumes, the scalable hub pins nothing that collides when scaled, and restart
   policies, health checks and stop grace periods are in place.
+- The Edge Transport server is in the perimeter: the Internet's mail reaches it (contoso.com's
+  MX), the hubs are off the internet network, and no Edge service has the organization's Redis
+  password, its CA or a node's certificate.
 - The same topology as processes (`mailyard site up --hubs 3`) round-robins over all three
   Amsterdam hubs, and the health commands the containers use judge it correctly.
 """
@@ -68,10 +71,13 @@ def services() -> dict[str, dict[str, Any]]:
 
 
 IMAGE = "mailyard:dev"  # deploy/Dockerfile's image, built by one service, run by every Mailyard service
+EDGE_IMAGE = "mailyard-edge:dev"  # its `edge` target (with rspamd), built and run by the rspamd service
+# Which service builds which image, from which target of deploy/Dockerfile
+BUILDERS = {"init": (IMAGE, "mailyard"), "rspamd": (EDGE_IMAGE, "edge")}
 
 
 def is_mailyard(service: dict[str, Any]) -> bool:
-    return service.get("image") == IMAGE
+    return service.get("image") in (IMAGE, EDGE_IMAGE)
 
 
 def mailyard_services() -> dict[str, dict[str, Any]]:
@@ -119,6 +125,27 @@ def role(name: str) -> tuple[str, ...]:
 
 def services_running(*path: str) -> list[str]:
     return sorted(n for n in mailyard_services() if role(n) == path)
+
+
+def one_shots() -> list[str]:
+    """The services that run once (restart "no"), and that their dependents wait for."""
+    return sorted(n for n, s in services().items() if s.get("restart") == "no")
+
+
+def networks_of(service: dict[str, Any]) -> set[str]:
+    """The networks a service is on (none with network_mode: none; `default` without a networks key)."""
+    if service.get("network_mode") == "none":
+        return set()
+    nets = service.get("networks")
+    return set(nets or ["default"])
+
+
+def address_on(name: str, network: str) -> str:
+    return services()[name]["networks"][network]["ipv4_address"]
+
+
+def subnet_of(network: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(compose()["networks"][network]["ipam"]["config"][0]["subnet"])
 
 
 def healthcheck_args(service: dict[str, Any]) -> list[str]:
@@ -265,12 +292,18 @@ def all_mailyard_commands() -> list[tuple[str, list[str]]]:
 
 def test_every_service_and_health_check_runs_a_mailyard_command_with_valid_options() -> None:
     checked = all_mailyard_commands()
-    assert len(checked) >= 2 * len(mailyard_services()) - 2  # all but init and pki have a mailyard health check
+    # every service but the one-shot ones has a mailyard health check
+    assert len(checked) == 2 * len(mailyard_services()) - len(one_shots()), checked
     runner = CliRunner()
     for where, args in checked:
         with pytest.MonkeyPatch.context() as mp:
             for key in [k for k in os.environ if k.startswith("MAILYARD_")]:
                 mp.delenv(key)
+            # (with the service's environment, as its container has it, but the password files:
+            # they are read as the options parse)
+            for key, value in (services()[where.split()[0]].get("environment") or {}).items():
+                if not key.endswith("_PASSWORD_FILE"):
+                    mp.setenv(key, str(value))
             parse(args)
         path = list(role_of(args))
         result = runner.invoke(cli, [*path, "--help"])
@@ -305,9 +338,11 @@ def test_org_apply_refuses_a_dns_server_that_is_not_an_address() -> None:
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    """What `mailyard site up --config <the init service's file>` would start."""
+    """What `mailyard site up --config <the init service's file>` would start: with its Edge
+    (`--edge`, site up's default), as compose runs it."""
     site = Site(SiteConfig(org=organization(), config_path=org_file(), redis_url="redis://127.0.0.1:1/0",
-                           data_dir=tmp_path_factory.mktemp("planned"), hubs_per_site=1))
+                           data_dir=tmp_path_factory.mktemp("planned"), hubs_per_site=1, edge=True))
+    site.load_secrets()  # (as start() does before it plans: the Edge's Redis has a password of its own)
     site.plan()
     return site
 
@@ -340,8 +375,14 @@ def test_the_ca_key_stays_in_the_pki_service_and_each_node_mounts_only_its_own_c
     assert args[:3] == ["org", "ca", "init"] and pki_service.get("restart") == "no"
     ca_dir, export = one(args, "--pki-dir"), one(args, "--export")
     ca_volume = mounts(pki_service)[ca_dir]
+    # Besides pki, only the one-shot edge-import sees the CA, read-only: it signs the Edge's
+    # certificate (for the key the Edge keeps) when it imports the subscription file.
+    importer = services()["edge-import"]
+    assert role("edge-import") == ("org", "edge", "import") and "edge-import" in one_shots()
+    assert mounts(importer)[one(command("edge-import"), "--pki-dir")] == ca_volume
+    assert f"{ca_volume}:{one(command('edge-import'), '--pki-dir')}:ro" in importer["volumes"]
     for name, service in services().items():
-        if name != "pki":
+        if name not in ("pki", "edge-import"):
             assert ca_volume not in " ".join(map(str, service.get("volumes", []))), f"{name} may not see the CA key"
     node_dir = str(image_data_dir() / "pki")
     expected = {name: f"mailbox-{name}" for name in services_running("mailbox", "serve")}
@@ -383,49 +424,305 @@ def test_each_site_has_one_hub_service_whose_bindings_are_those_site_up_gives_it
             assert split_address(actual)[1] >= 1024, f"{name}: the image runs as a non-root user: {actual}"
 
 
+def edge_redis_services() -> list[str]:
+    """The Redis services of one's own (not the organization's group): the Edge's."""
+    return sorted(n for n, s in services().items() if (s.get("entrypoint") or [])[:2] == ["redis-group", "single"])
+
+
+def edge_side() -> list[str]:
+    """The Edge's services: its own Redis and whatever runs a `mailyard edge` command (the
+    Edge, its subscription on the Edge's side, its rspamd)."""
+    return sorted([*edge_redis_services(), *(n for n in mailyard_services() if role(n)[:1] == ("edge",))])
+
+
 def test_site_up_and_compose_run_the_same_roles(planned: Site) -> None:
-    assert {c.role for c in planned.children} - {"mailbox", "hub"} == {"internet", "flower", "viewer"}
+    assert {c.role for c in planned.children} - {"mailbox", "hub"} == {
+        "internet", "flower", "viewer", "edge", "edge-redis"}
     assert services_running("internet", "serve") == ["internet"]
     assert services_running("flower") == ["flower"]
     assert services_running("viewer") == ["viewer"]
-    # The demo Internet's MX hosts listen where the DNS-routed send connectors deliver: compose
-    # applies the organization file as it is (site up moves those connectors to its Internet's
-    # port, a free one where the default is taken).
-    ports = {str(c.port) for c in organization().send_connectors if c.dns_routing}
-    assert ports == {one(command("internet"), "--smtp-port")}
+    # The Edge and its Redis, one of each, as site up's
+    assert [c.name for c in planned.children if c.role == "edge"] == ["edge-01"]
+    assert services_running("edge", "run") == ["edge"]
+    assert edge_redis_services() == ["edge-redis"]
+    # What site up's Edge does within its own process or its runner, compose does in services
+    # of their own: rspamd (which `edge run` would start itself; here `edge run --rspamd URL`
+    # calls the rspamd service) and the subscription (which site up makes on its first start:
+    # `edge subscribe` on the Edge's side, `org edge import` on the organization's).
+    assert services_running("edge", "rspamd") == ["rspamd"]
+    assert services_running("edge", "subscribe") == ["edge-subscribe"]
+    assert services_running("org", "edge", "import") == ["edge-import"]
+    assert edge_side() == ["edge", "edge-redis", "edge-subscribe", "rspamd"]
+    # And nothing else runs: every service is one of those, a Redis member, the CA or init
+    others = {n for n in services() if n not in (*edge_side(), *services_running("mailbox", "serve"),
+                                                  *services_running("hub"), "internet", "flower", "viewer",
+                                                  "edge-import")}
+    assert others == {*redis_members(), "pki", "init"}, others
+    # The demo Internet's MX hosts listen where the DNS-routed send connectors the file turns on
+    # deliver (none: the Edge's own, which the import creates, is checked in
+    # test_the_edge_subscribes_as_compose_subscribes_it): compose applies the file as it is.
+    ports = {str(c.port) for c in organization().send_connectors if c.dns_routing and c.enabled}
+    assert ports <= {one(command("internet"), "--smtp-port")}
 
 
-def test_the_demo_internet_is_on_its_own_network_and_the_organization_resolves_there() -> None:
+def test_the_demo_internet_is_on_its_own_network_and_its_mail_for_the_organization_reaches_the_edge() -> None:
+    from mailyard.cli.internet import parse_record
+    from mailyard.internet.dns import MX, A
+
     internet = services()["internet"]
     args = command("internet")
-    address = internet["networks"]["internet"]["ipv4_address"]
-    subnet = ipaddress.ip_network(compose()["networks"]["internet"]["ipam"]["config"][0]["subnet"])
-    assert ipaddress.ip_address(address) in subnet
-    # The organization's resolver is the demo DNS server, and every MX host is this address.
+    address = address_on("internet", "internet")
+    assert ipaddress.ip_address(address) in subnet_of("internet")
+    assert compose()["networks"]["internet"].get("internal") is True, "the demo Internet leads nowhere"
+    # The organization's resolver is the demo DNS server, and every demo MX host is this address.
     assert option(command("init"), "--dns-server") == [one(args, "--dns")]
     assert split_address(one(args, "--dns"))[0] == address
     assert one(args, "--mx-address") == address
-    # Mail from there is the Internet's: the connector that matches it takes anonymous mail,
-    # and hubs see it on a network they are attached to.
-    from mailyard.hub.receive_policy import receive_connector_for
-
-    anonymous = {b for c in organization().receive_connectors if "AnonymousUsers" in c.permission_groups
-                 for b in c.bindings}
-    assert anonymous, "the organization takes mail from the Internet somewhere"
-    for site, name in hub_services().items():
-        assert "internet" in services()[name]["networks"], f"{name} must reach the demo Internet"
-        for binding in anonymous:
-            connectors = [c for c in organization().receive_connectors
-                          if binding in c.bindings and (not c.sites or site in c.sites)]
-            chosen = receive_connector_for(connectors, address)
-            assert chosen is not None and "AnonymousUsers" in chosen.permission_groups, (site, binding, chosen)
-    # `mailyard internet send` there hands mail to an Amsterdam hub's anonymous connector.
-    target_service, target_port = split_address(internet["environment"]["MAILYARD_INTERNET_SERVER"])
-    assert target_service in hub_services().values()
-    binds = dict(b.split("=", 1) for b in option(command(target_service), "--bind"))
-    assert target_port in {split_address(binds[b])[1] for b in anonymous}
+    # Only the Internet and the Edge's side are on that network: the hubs, the mailbox servers
+    # and every other service of the organization are not (the Edge takes the Internet's mail,
+    # and the hubs send theirs out through it).
+    assert {n for n, s in services().items() if "internet" in networks_of(s)} == {"internet", "edge", "rspamd"}
+    for name in hub_services().values():
+        assert networks_of(services()[name]) == {"default"}, f"{name} is off the internet network"
+    # Every accepted domain's MX is the Edge, at its address on the internet network
+    edge_address = address_on("edge", "internet")
+    assert ipaddress.ip_address(edge_address) in subnet_of("internet") and edge_address != address
+    records = [parse_record(r) for r in option(args, "--record")]
+    a = {name: rr.address for name, rr in records if isinstance(rr, A)}
+    for domain in organization().accepted_domains:
+        mx = [rr for name, rr in records if name == domain and isinstance(rr, MX)]
+        assert mx and all(a.get(rr.exchange) == edge_address for rr in mx), f"{domain}'s MX: the Edge, {records}"
+    # `mailyard internet send` there hands mail to the Edge's receive connector, where it listens
+    subscribe = command("edge-subscribe")
+    listen_host, listen_port = split_address(one(subscribe, "--smtp-listen"))
+    assert listen_host == "0.0.0.0" and split_address(one(subscribe, "--smtp"))[1] == listen_port
+    assert internet["environment"]["MAILYARD_INTERNET_SERVER"] == f"{edge_address}:{listen_port}"
     assert internet["environment"]["MAILYARD_INTERNET_SOURCE"] == address
     assert healthcheck_args(internet)[-1] == f"{address}:{one(args, '--smtp-port')}"
+    # The hubs take no mail from the Internet, and send none there themselves: the file's
+    # anonymous receive connectors and DNS-routed send connectors (for a site without an Edge:
+    # `site up --no-edge` turns them on) are off, as site up leaves them out when it has an Edge.
+    from mailyard.site import edge as demo_edge
+
+    assert not [c.name for c in organization().receive_connectors if c.enabled and "AnonymousUsers" in c.permission_groups]
+    assert not [c.name for c in organization().send_connectors if c.enabled and c.dns_routing and not c.source_edges]
+    with_edge = demo_edge.without_internet_connectors(organization(), None)
+    assert sorted(c.name for c in with_edge.receive_connectors if c.enabled) == sorted(
+        c.name for c in organization().receive_connectors if c.enabled)
+    # The demo Internet holds nothing of the organization's: no Redis, no secret, no Redis hosts
+    assert not (internet.get("environment") or {}).keys() & {"MAILYARD_REDIS_URL", "MAILYARD_REDIS_PASSWORD_FILE"}
+    assert set(mounts(internet).values()) == {"internet-mail"} and "extra_hosts" not in internet
+
+
+def test_the_edge_reaches_the_hubs_and_they_reach_it_on_the_organizations_network() -> None:
+    from mailyard.hub.receive_policy import receive_connector_for
+
+    edge = services()["edge"]
+    assert networks_of(edge) == {"default", "perimeter", "internet"}
+    # The hubs of its site push EdgeSync and deliver to it by its service name on the
+    # organization's network (the one network they share), where it listens
+    subscribe = command("edge-subscribe")
+    for option_name in ("--smtp", "--sync"):
+        host, port = split_address(one(subscribe, option_name))
+        listen_host, listen_port = split_address(one(subscribe, option_name + "-listen"))
+        assert host == "edge" and port == listen_port and listen_host == "0.0.0.0", option_name
+    for name in hub_services().values():
+        assert networks_of(services()[name]) & networks_of(edge) == {"default"}, name
+    # The Edge delivers to each hub at the receive connector that takes Exchange servers by
+    # certificate (hub/edgesync.py's hub_endpoints), at the address the hub registers (its host
+    # name, the container's: Docker's DNS resolves it on the organization's network); coming
+    # from the organization's network, the connector that matches it must be that one.
+    network = compose()["networks"]["default"]["ipam"]["config"][0]
+    some_address = str(next(ipaddress.ip_network(network["ip_range"]).hosts()))  # (the Edge's is dynamic)
+    site = one(command("edge-import"), "--site")
+    assert site in hub_services()
+    connectors = [c for c in organization().receive_connectors if not c.sites or site in c.sites]
+    bindings = {b.split("=", 1)[0] for b in option(command(hub_services()[site]), "--bind")}
+    for binding in bindings:
+        chosen = receive_connector_for([c for c in connectors if binding in c.bindings], some_address)
+        if chosen is not None and "ExchangeServers" in chosen.permission_groups and "ExchangeServer" in chosen.auth_mechanisms:
+            break
+    else:
+        raise AssertionError(f"no receive connector of {site}'s hubs takes the Edge (by certificate) from {some_address}")
+
+
+# endregion
+# region: the Edge Transport server
+
+ORG_REDIS_ENV = ("MAILYARD_REDIS_URL", "MAILYARD_REDIS_PASSWORD_FILE")
+
+
+def org_side_volumes() -> set[str]:
+    """The named volumes the organization's services mount (all but the Edge's and the Internet's)."""
+    return {v for n, s in services().items() if n not in (*edge_side(), "internet") for v in mounts(s).values()
+            if not v.startswith((".", "/"))}
+
+
+def test_no_edge_service_has_the_organizations_redis_password_its_ca_or_a_nodes_certificate() -> None:
+    shared = {"edge-subscription"}  # the subscription file's way from the Edge to edge-import, which deletes it
+    for name in edge_side():
+        service = services()[name]
+        env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+        # No Redis of the organization's, neither its URL nor its password file, nor its hosts
+        # (the Edge's Redis names its own password file to deploy/redis-group.sh)
+        if name in edge_redis_services():
+            assert env["MAILYARD_REDIS_PASSWORD_FILE"] != str(redis_password_file()) and "MAILYARD_REDIS_URL" not in env
+        else:
+            assert not env.keys() & set(ORG_REDIS_ENV), f"{name}: {env}"
+        assert "sentinel" not in " ".join(env.values()), f"{name}: {env}"
+        assert "extra_hosts" not in service, f"{name}: the Redis group's addresses are none of its business"
+        assert name not in redis_users() and name not in redis_members()
+        # No volume of the organization's side: not its Redis password (redis-secret), not the
+        # CA (pki-ca), no node's certificate, no secret of its operator; only the file handed over
+        volumes = set(mounts(service).values())
+        assert REDIS_SECRET_VOLUME not in volumes and not any(v.startswith("pki-") for v in volumes), (name, volumes)
+        assert volumes & org_side_volumes() <= shared, (name, volumes & org_side_volumes())
+        # Nothing of the organization's network but the Edge itself (where the hubs reach it)
+        if name != "edge":
+            assert "default" not in networks_of(service), f"{name} is off the organization's network"
+    # The file handed over goes one way: edge-subscribe writes it, edge-import (the organization's
+    # side, a one-shot) reads and deletes it; the Edge itself never mounts that volume.
+    file = command("edge-import")[3]  # (org edge import FILE)
+    folder = str(PurePosixPath(file).parent)
+    assert mounts(services()["edge-import"])[folder] == "edge-subscription"
+    assert "--remove-file" in command("edge-import") and "edge-import" in one_shots()
+    assert one(command("edge-subscribe"), "--file") == file and mounts(services()["edge-subscribe"])[folder] == "edge-subscription"
+    assert {n for n, s in services().items() if "edge-subscription" in mounts(s).values()} == {"edge-subscribe", "edge-import"}
+    # edge-subscribe makes the Edge's key and certificate, and needs no network at all
+    assert services()["edge-subscribe"].get("network_mode") == "none" and "edge-subscribe" in one_shots()
+    # The perimeter network is the Edge's own: nothing of the organization is on it
+    assert compose()["networks"]["perimeter"].get("internal") is True
+    assert {n for n, s in services().items() if "perimeter" in networks_of(s)} == {"edge", "edge-redis", "rspamd"}
+
+
+def test_the_edge_has_its_own_durable_redis_with_a_password_of_its_own() -> None:
+    edge, name = services()["edge"], "edge-redis"
+    service, env = services()[name], member_env(name)
+    assert re.fullmatch(r"\$\{REDIS_IMAGE:-redis:7\.\d+(-alpine)?\}", service["image"]), name
+    assert service["entrypoint"] == ["redis-group", "single"] and "ports" not in service
+    assert f"./deploy/redis-group.sh:{REDIS_GROUP_IN_CONTAINER}:ro" in service["volumes"]
+    assert networks_of(service) == {"perimeter"}
+    assert env["MAILYARD_REDIS_SELF"] == f"{name}:{REDIS_PORT}"
+    assert healthcheck_args(service) == ["redis-group", "health", "single"] and service["restart"] == "unless-stopped"
+    # Durable as the organization's data nodes (its queues hold the mail it acknowledged), on a volume of its own
+    args = command(name)
+    assert args[0] == "redis-server" and args[1].endswith(".conf") and "--requirepass" not in args
+    assert option(args, "--appendonly") == ["yes"] and option(args, "--appendfsync") == ["always"]
+    assert option(args, "--save") == [""] and option(args, "--maxmemory-policy") == ["noeviction"]
+    declared = set(compose()["volumes"])
+    assert mounts(service)["/data"] in declared and mounts(service)["/data"] not in org_side_volumes()
+    # Its password: generated into a volume of its own, which the Edge mounts read-only and
+    # nothing of the organization mounts; the Edge's URL names no password
+    secret = PurePosixPath(env["MAILYARD_REDIS_PASSWORD_FILE"])
+    volume = mounts(service)[str(secret.parent)]
+    assert volume in declared and volume != REDIS_SECRET_VOLUME and volume not in org_side_volumes()
+    edge_env = edge["environment"]
+    assert edge_env["MAILYARD_EDGE_REDIS_PASSWORD_FILE"] == str(secret)
+    assert f"{volume}:{secret.parent}:ro" in edge["volumes"]
+    url = edge_env["MAILYARD_EDGE_REDIS_URL"]
+    assert not redisconn.has_password(url) and not redisconn.is_sentinel(url)
+    assert url.startswith(f"redis://{env['MAILYARD_REDIS_SELF']}/"), url
+    assert edge["depends_on"][name]["condition"] == "service_healthy"
+    assert "redis://" not in " ".join(command("edge")), "the Edge's Redis in its environment, not on its command line"
+
+
+def test_the_edge_calls_rspamd_in_the_perimeter_and_rspamd_asks_the_edges_dns() -> None:
+    rspamd = services()["rspamd"]
+    args = command("rspamd")
+    # The Edge calls it where it listens: at its fixed perimeter address only (not on the
+    # internet network, where it has a leg for DNS)
+    listen = one(args, "--listen")
+    host, port = split_address(listen)
+    assert host == address_on("rspamd", "perimeter") and ipaddress.ip_address(host) in subnet_of("perimeter")
+    assert networks_of(rspamd) == {"perimeter", "internet"}
+    assert one(command("edge"), "--rspamd") == f"http://{listen}"
+    assert healthcheck_args(rspamd) == ["mailyard", "health", "http", f"http://{listen}/ping"]
+    # Its DNS is the Edge's: the organization's DNS servers, which EdgeSync gives the Edge
+    assert option(args, "--dns-server") == option(command("init"), "--dns-server")
+    # Its configuration in its data directory, which the image makes for its user
+    assert rspamd["environment"]["MAILYARD_DATA_DIR"] == str(image_data_dir())
+    assert "rspamd" in DOCKERFILE.read_text() and f"{image_data_dir()}/rspamd" in DOCKERFILE.read_text()
+    assert services()["edge"]["depends_on"]["rspamd"]["condition"] in ("service_started", "service_healthy")
+
+
+def edge_side_paths(tmp: Path, name: str) -> dict[str, Path]:
+    """The service's mount targets as folders of this machine: a named volume is one folder
+    for every service that mounts it (tmp/volumes/<name>), a bind mount its source."""
+    out = {}
+    for target, source in mounts(services()[name]).items():
+        out[target] = (ROOT / source).resolve() if source.startswith(".") else tmp / "volumes" / source
+        if not source.startswith("."):
+            out[target].mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_as_service(name: str, tmp: Path, args: list[str] | None = None, *, redis_url: str | None = None,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The service's command (or ARGS) run here, its paths on its volumes as folders of TMP,
+    its environment but for Redis (REDIS_URL instead, the tests')."""
+    paths = sorted(edge_side_paths(tmp, name).items(), key=lambda kv: -len(kv[0]))
+
+    def here(value: str) -> str:
+        for target, folder in paths:
+            if value == target or value.startswith(target + "/"):
+                return str(folder) + value[len(target):]
+        return value
+
+    own = {k: here(str(v)) for k, v in (services()[name].get("environment") or {}).items()
+           if k not in (*ORG_REDIS_ENV, "MAILYARD_EDGE_REDIS_URL", "MAILYARD_EDGE_REDIS_PASSWORD_FILE")}
+    full = {**mailyard_env(redis_url), **own, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mailyard", *map(here, args or command(name))], cwd=ROOT, env=full,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_edge_subscribes_as_compose_subscribes_it(redis_server, tmp_path: Path) -> None:
+    from mailyard.edgesync import internet_connector_name
+
+    url = redis_server.new_db()
+    # Given the organization applied and its CA made (as init and pki do)
+    args = command("init")
+    args[2] = str(org_file())
+    assert run_mailyard(args, redis_url=url).returncode == 0
+    ca = run_as_service("pki", tmp_path, [*command("pki")[:4], "--pki-dir", one(command("pki"), "--pki-dir")])
+    assert ca.returncode == 0, ca.stderr
+    # When edge-subscribe and then edge-import run, as the first `up` runs them
+    subscribed = run_as_service("edge-subscribe", tmp_path)
+    assert subscribed.returncode == 0, subscribed.stderr
+    file = tmp_path / "volumes" / "edge-subscription" / PurePosixPath(one(command("edge-subscribe"), "--file")).name
+    assert file.exists() and (os.stat(file).st_mode & 0o777) == 0o600
+    imported = run_as_service("edge-import", tmp_path, redis_url=url)
+    assert imported.returncode == 0, imported.stderr
+    # Then the file (its bootstrap secret in clear) is gone, and EDGE-01 is subscribed to the
+    # site, at the addresses the hubs reach it by
+    assert not file.exists()
+    _, org = read_org(redisconn.connect(url))
+    site = one(command("edge-import"), "--site")
+    [edge] = org.edge_subscriptions
+    subscribe = command("edge-subscribe")
+    assert (edge.name, edge.site, edge.fqdn) == (one(subscribe, "--name"), site, one(subscribe, "--fqdn"))
+    assert (edge.smtp, edge.sync) == (one(subscribe, "--smtp"), one(subscribe, "--sync"))
+    # And its send connector delivers where the demo Internet's MX hosts listen
+    connector = next(c for c in org.send_connectors if c.name == internet_connector_name(site))
+    assert connector.dns_routing and connector.source_edges == [edge.name] and connector.enabled
+    assert str(connector.port) == one(command("internet"), "--smtp-port")
+    # And every hub service passes its dry run against it
+    for name in services_running("hub"):
+        result = run_mailyard([*command(name), "--check"], redis_url=url)
+        assert result.returncode == 0 and ": ok" in result.stdout, f"{name}: {result.stdout}{result.stderr}"
+    # And the Edge knows itself (`edge status`, as the README runs it in the edge service),
+    # not bootstrapped yet: no hub has pushed to it
+    status = run_as_service("edge", tmp_path, ["edge", "status", "--json"], env={
+        "MAILYARD_EDGE_REDIS_URL": redis_server.new_db()})
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    assert (shown["name"], shown["smtp"], shown["subscribed"]) == (edge.name, edge.smtp, False), shown
+    # When every later `up` runs both again, nothing changes: one subscription, one connector
+    for name in ("edge-subscribe", "edge-import"):
+        again = run_as_service(name, tmp_path, redis_url=url if name == "edge-import" else None)
+        assert again.returncode == 0, f"{name}: {again.stderr}"
+    _, org = read_org(redisconn.connect(url))
+    assert [e.name for e in org.edge_subscriptions] == [edge.name] and not file.exists()
+    assert [c.name for c in org.send_connectors].count(internet_connector_name(site)) == 1
 
 
 # endregion
@@ -436,7 +733,8 @@ def test_every_stateful_service_keeps_its_state_on_a_named_volume() -> None:
     declared = set(compose()["volumes"])
     for name in redis_members():
         assert mounts(services()[name]).get("/data") in declared, f"{name} keeps its AOF or its Sentinel config in /data"
-    stateful = [*redis_members(), *services_running("mailbox", "serve"), "internet"]
+    # (the Edge's data directory: its key, its certificates, what EdgeSync brought)
+    stateful = [*redis_members(), *services_running("mailbox", "serve"), "internet", *edge_redis_services(), "edge"]
     used: list[str] = []
     for name in stateful:
         named = [v for v in mounts(services()[name], writable_only=True).values()
@@ -475,11 +773,12 @@ REDIS_SECRET_VOLUME = "redis-secret"
 
 
 def redis_members() -> dict[str, str]:
-    """service -> "node" (a data node) or "sentinel", in the file's order."""
+    """service -> "node" (a data node) or "sentinel", in the file's order: the organization's
+    Redis group (not the Edge's Redis, `redis-group single`, which is no member)."""
     out = {}
     for name, service in services().items():
         entrypoint = service.get("entrypoint")
-        if isinstance(entrypoint, list) and entrypoint[:1] == ["redis-group"]:
+        if isinstance(entrypoint, list) and entrypoint[:1] == ["redis-group"] and entrypoint[1] in ("node", "sentinel"):
             out[name] = entrypoint[1]
     return out
 
@@ -543,7 +842,9 @@ def test_every_mailyard_service_is_on_the_sentinel_url_and_waits_for_the_sentine
     assert list(parsed.sentinels) == [(s, SENTINEL_PORT) for s in sentinels()]
     assert parsed.service == member_env("redis-0")["MAILYARD_REDIS_SERVICE"] and parsed.db == 0
     assert parsed.password is None and not redisconn.has_password(url), "the password comes from its file"
-    assert set(redis_users()) == set(mailyard_services()) - {"internet", "pki"}
+    # Every Mailyard service of the organization's, none of the Edge's (nor the Internet, nor
+    # pki, which makes certificates only)
+    assert set(redis_users()) == set(mailyard_services()) - {"internet", "pki", *edge_side()}
     for name in redis_users():
         env = services()[name]["environment"]
         assert env["MAILYARD_REDIS_URL"] == url and redisconn.is_sentinel(env["MAILYARD_REDIS_URL"]), name
@@ -637,6 +938,48 @@ def test_members_starting_at_once_generate_one_password(tmp_path: Path) -> None:
         assert [p.name for p in folder.iterdir()] == ["password"], "no candidate left behind"
         # A later start keeps it
         assert run_group_script("secret", env=env).returncode == 0 and secret.read_text() == password
+
+
+def test_the_edges_redis_starts_here_with_a_password_of_its_own(tmp_path: Path) -> None:
+    """edge-redis as compose starts it (its entry point, its command), on a loopback port."""
+    if shutil.which("redis-cli") is None:
+        pytest.skip("no redis-cli on this machine (the health check asks with it)")
+    from mailyard.site.redis_server import find_binary
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "docker-entrypoint.sh"  # the image's entry point: here, run the command
+    shim.write_text('#!/bin/sh\nexec "$@"\n')
+    shim.chmod(0o755)
+    port, secret = free_port(), tmp_path / "secret" / "password"
+    secret.parent.mkdir()
+    env = {**os.environ, **member_env("edge-redis"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "MAILYARD_REDIS_SELF": f"127.0.0.1:{port}", "MAILYARD_REDIS_PASSWORD_FILE": str(secret),
+           "MAILYARD_REDIS_OWNER": ""}
+    args = command("edge-redis")
+    args[0], args[1] = find_binary(), str(tmp_path / "etc" / PurePosixPath(args[1]).name)
+    log = open(tmp_path / "edge-redis.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(["sh", str(REDIS_GROUP_SCRIPT), *services()["edge-redis"]["entrypoint"][1:], *args,
+                             "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        kind = services()["edge-redis"]["entrypoint"][1]
+        wait_until(lambda: run_group_script("health", kind, env=env).returncode == 0, timeout=30, interval=0.3,
+                   message=lambda: (tmp_path / "edge-redis.log").read_text())
+        # Its password, generated on its first start, is required, and is in its config (0600)
+        password = secret.read_text()
+        assert len(password) >= 32 and (os.stat(secret).st_mode & 0o777) == 0o600
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).ping()
+        r = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2)
+        assert r.ping() and r.config_get("appendfsync") == {"appendfsync": "always"}
+        assert (os.stat(args[1]).st_mode & 0o777) == 0o600
+        # `redis-group cli` asks it with its own password
+        assert run_group_script("cli", "-p", str(port), "PING", env=env).stdout.strip() == "PONG"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @pytest.mark.slow
@@ -785,12 +1128,19 @@ def test_a_service_reads_the_redis_password_from_its_file(redis_server, tmp_path
 
 
 def test_restart_policies_health_checks_dependencies_and_stop_grace_are_in_place() -> None:
+    assert one_shots() == ["edge-import", "edge-subscribe", "init", "pki"]
     for name, service in services().items():
-        if name in ("init", "pki"):
-            assert service.get("restart") == "no", f"{name} runs once; dependents wait for it to complete"
+        if name in one_shots():
+            # It runs once; its dependents wait for it to complete
+            depends = {s: d["condition"] for s, d in (service.get("depends_on") or {}).items()}
+            redis_up = {**dict.fromkeys(data_nodes(), "service_started"), **dict.fromkeys(sentinels(), "service_healthy")}
             if name == "init":
-                assert {s: d["condition"] for s, d in service["depends_on"].items()} == {
-                    **dict.fromkeys(data_nodes(), "service_started"), **dict.fromkeys(sentinels(), "service_healthy")}
+                assert depends == redis_up
+            if name == "edge-import":  # (the organization applied, its CA made, the Edge's file written)
+                assert depends == {**redis_up, **dict.fromkeys(["init", "pki", "edge-subscribe"],
+                                                               "service_completed_successfully")}
+            if name in ("pki", "edge-subscribe"):
+                assert not depends, f"{name} needs nothing but its volumes"
             continue
         # A process that exits (a crash, Redis gone longer than its reconnections) is started again.
         assert service.get("restart") in ("unless-stopped", "always"), f"{name}: restart policy"
@@ -798,43 +1148,100 @@ def test_restart_policies_health_checks_dependencies_and_stop_grace_are_in_place
         assert health.get("test") and not health.get("disable"), f"{name}: health check"
     for name in [*services_running("hub"), *services_running("mailbox", "serve"), "viewer"]:
         assert services()[name]["depends_on"]["init"]["condition"] == "service_completed_successfully", name
+    # The Edge starts once it is subscribed (it gets healthy once a hub has pushed to it)
+    assert services()["edge"]["depends_on"]["edge-import"]["condition"] == "service_completed_successfully"
     # A hub is healthy when its worker answers and its receive connectors accept connections.
     task_time_limit = make_app("redis://127.0.0.1:1/0").conf.task_time_limit
     for name in services_running("hub"):
         assert healthcheck_args(services()[name]) == ["mailyard", "health", "hub"], name
+    # The Edge is healthy when its receive connector greets, where it listens
+    port = split_address(one(command("edge-subscribe"), "--smtp-listen"))[1]
+    assert healthcheck_args(services()["edge"]) == ["mailyard", "health", "smtp", f"127.0.0.1:{port}"]
+    # Hubs and the Edge (its transport is a hub's pipeline)
+    for name in [*services_running("hub"), "edge"]:
         grace = seconds(services()[name]["stop_grace_period"])
         # A warm shutdown waits for running tasks; none runs longer than task_time_limit.
         assert grace > task_time_limit, f"{name}: stop_grace_period {grace}s <= task_time_limit {task_time_limit}s"
 
 
-def test_the_dockerfile_builds_one_small_non_root_image_of_the_package() -> None:
+def dockerfile_stages() -> list[tuple[str, str, str]]:
+    """(name, FROM, body) of each stage of deploy/Dockerfile, in order (BASE_IMAGE's default
+    substituted; an unnamed stage is named by its index)."""
     text = DOCKERFILE.read_text()
-    # Every stage is FROM the BASE_IMAGE build argument, by default an official slim Python
     args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
-    stages = [re.sub(r"^\$\{(\w+)\}$", lambda m: args.get(m.group(1), m.group(0)), s)
-              for s in re.findall(r"^FROM\s+(\S+)", text, re.M)]
-    assert stages and all(re.match(r"python:3\.1[1-9]-slim", s) for s in stages), stages
-    final = text[text.rindex("\nFROM "):]
-    assert "apt-get install" not in final, "no build tools in the final image"
-    user = re.findall(r"^USER\s+(\S+)", final, re.M)
-    assert user and user[-1] not in ("root", "0"), "the image runs as a non-root user"
-    assert re.search(r'^ENTRYPOINT \["mailyard"\]$', final, re.M)
+    parts = re.split(r"^FROM\s+", text, flags=re.M)[1:]
+    out = []
+    for i, part in enumerate(parts):
+        head, _, body = part.partition("\n")
+        words = head.split()
+        base = re.sub(r"^\$\{(\w+)\}$", lambda m: args.get(m.group(1), m.group(0)), words[0])
+        name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else str(i)
+        out.append((name, base, body))
+    return out
+
+
+def stage_chain(target: str) -> list[tuple[str, str, str]]:
+    """The stages TARGET is made of, itself last (FROM an earlier stage, FROM that one's...)."""
+    stages = {name: (name, base, body) for name, base, body in dockerfile_stages()}
+    chain = [stages[target]]
+    while chain[0][1] in stages:
+        chain.insert(0, stages[chain[0][1]])
+    return chain
+
+
+def effective(target: str, instruction: str) -> str | None:
+    """The last INSTRUCTION (USER, ENTRYPOINT...) that holds in TARGET's image."""
+    found = None
+    for _, _, body in stage_chain(target):
+        for value in re.findall(rf"^{instruction}\s+(.+)$", body, re.M):
+            found = value.strip()
+    return found
+
+
+def test_the_dockerfile_builds_small_non_root_images_of_the_package() -> None:
+    text = DOCKERFILE.read_text()
+    stages = dockerfile_stages()
+    names = [name for name, _, _ in stages]
+    # Every stage is FROM the BASE_IMAGE build argument (by default an official slim Python) or
+    # FROM an earlier stage
+    for i, (name, base, _) in enumerate(stages):
+        assert re.match(r"python:3\.1[1-9]-slim", base) or base in names[:i], (name, base)
+    # The default target (the last stage) is the one init builds: `docker build` without a
+    # target gives mailyard:dev
+    assert names[-1] == BUILDERS["init"][1]
+    for target in {t for _, t in BUILDERS.values()}:
+        chain = stage_chain(target)
+        # Only the virtualenv of the build stage: no pip, no build tools in the image
+        assert "pip install" not in "".join(body for _, _, body in chain), f"{target}: pip runs in the build stage only"
+        user = effective(target, "USER")
+        assert user and user not in ("root", "0"), f"{target} runs as a non-root user"
+        assert effective(target, "ENTRYPOINT") == '["mailyard"]', target
+    # mailyard:dev installs nothing from apt; the Edge's image adds Debian's rspamd (unless the
+    # base image has it: deploy/docker-engine.sh's local one, built where no mirror is reachable
+    # from a build), and nothing else
+    assert "apt-get" not in "".join(body for _, _, body in stage_chain(BUILDERS["init"][1]))
+    edge_only = stage_chain(BUILDERS["rspamd"][1])[-1][2]
+    installs = re.findall(r"apt-get install[^\n]*?((?:\s+[\w.+-]+)+)\s*(?:\\|&&|\))", edge_only)
+    assert [pkgs.split()[-1] for pkgs in installs] == ["rspamd"], installs
+    assert "command -v rspamd" in edge_only
     assert re.search(r"pip install \.(\s|$)", text) and "pip install -e" not in text
-    for folder in ("core", "hub", "mailbox", "submission"):  # pyproject's package-dir
+    for folder in ("core", "hub", "mailbox", "submission", "edge"):  # pyproject's package-dir
         assert re.search(rf"^COPY {folder}\b", text, re.M), f"the image needs {folder}/"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "var", "tests"} <= set(ignored)
-    # One service builds the image (each build of its own would give each service an image of
+    # One service builds each image (each build of its own would give each service an image of
     # its own, and `up --scale` would recreate them); the others never pull it from a registry.
-    builders = [name for name, service in services().items() if "build" in service]
-    assert len(builders) == 1 and is_mailyard(services()[builders[0]]), builders
-    build = services()[builders[0]]["build"]
-    assert build["context"] == "." and build["dockerfile"] == "deploy/Dockerfile"
-    # The compose file's default base image is the Dockerfile's.
-    assert build["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-" + args["BASE_IMAGE"] + "}"
+    builders = {name: service["build"] for name, service in services().items() if "build" in service}
+    assert {n: (services()[n]["image"], b.get("target")) for n, b in builders.items()} == BUILDERS
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
+    for build in builders.values():
+        assert build["context"] == "." and build["dockerfile"] == "deploy/Dockerfile"
+        # The compose file's default base image is the Dockerfile's.
+        assert build["args"] == {"BASE_IMAGE": "${BASE_IMAGE:-" + args["BASE_IMAGE"] + "}"}
     for name, service in mailyard_services().items():
-        assert service.get("pull_policy") == "never", f"{name}: never pull {IMAGE} from a registry"
-    for name in redis_members():
+        assert service.get("pull_policy") == "never", f"{name}: never pull {service['image']} from a registry"
+    assert services_running("edge", "rspamd") == [n for n, s in services().items() if s["image"] == EDGE_IMAGE]
+    for name in [*redis_members(), *edge_redis_services()]:
         assert re.fullmatch(r"\$\{REDIS_IMAGE:-redis:7\.\d+(-alpine)?\}", services()[name]["image"]), name
 
 
@@ -844,13 +1251,14 @@ def test_the_dockerfile_builds_one_small_non_root_image_of_the_package() -> None
 
 @pytest.fixture(scope="module")
 def local_site(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """`mailyard site up --hubs 3` on this machine, with the tests' Redis."""
+    """`mailyard site up --hubs 3 --no-edge` on this machine, with the tests' Redis: the hubs
+    with the file's Internet connectors (their round robin and their health checks)."""
     data_dir = tmp_path_factory.mktemp("site")
     url = redis_server.new_db()
     log = open(data_dir / "runner.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailyard", "site", "up", "--config", str(org_file()), "--hubs", "3",
-         "--concurrency", "1", "--free-ports", "--no-flower", "--no-internet", "--redis-url", url, "--data-dir", str(data_dir)],
+         "--concurrency", "1", "--free-ports", "--no-flower", "--no-internet", "--no-edge", "--redis-url", url, "--data-dir", str(data_dir)],
         cwd=ROOT, env=mailyard_env(), stdout=log, stderr=subprocess.STDOUT,
     )
 
