@@ -40,7 +40,11 @@ def create(name: str, site: str, redis_url: str, *, data_dir: Path | None = None
         drain_queue(node, queue)
 
     class HubServices(bootsteps.StartStopStep):
-        """Heartbeat and sweeper threads, alive exactly as long as the worker."""
+        """Heartbeat and sweeper threads, alive exactly as long as the worker. Started once the
+        pool's processes are forked (a thread importing a module while the pool forks leaves
+        the child that module's import lock, held forever: its first task hangs)."""
+
+        requires = ("celery.worker.components:Pool",)
 
         def __init__(self, worker, **kwargs) -> None:
             super().__init__(worker, **kwargs)

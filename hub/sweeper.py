@@ -250,6 +250,16 @@ class Services:
             queues.commit([queues.change().ensure_queue(spec, now) for spec in specs])
         except Exception as exc:  # Redis not there yet: the queues appear with the first mail
             log.warning("could not create the site's queues: %s", exc)
+        # What the threads import, imported here, before any of them runs: the pool forks a new
+        # process whenever one ends, and a process forked while a thread imports a module gets
+        # that module's import lock held by nobody (its next import of it hangs for ever).
+        import encodings.idna  # noqa: F401 (httpx's first connection)
+        import mailbox  # noqa: F401
+
+        import httpcore  # noqa: F401 (httpx imports it at its first client)
+
+        import mailyard.hub.edgesync
+        import mailyard.registry  # noqa: F401
         for target, name in ((self._heartbeat, "heartbeat"), (self._sweep, "sweeper"), (self._edgesync, "edgesync")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()

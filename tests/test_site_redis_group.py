@@ -29,8 +29,8 @@ from mailyard.testing.waiting import PROCESS_POLL, wait_until
 from tests.conftest import ROOT, make_org
 from tests.site_run import RunningSite, secrets
 
-# Only what the scenario needs: one hub per site, no Flower, no demo Internet.
-SMALL = ("--hubs", "1", "--free-ports", "--no-flower", "--no-internet")
+# Only what the scenario needs: one hub per site, no Flower, no demo Internet, no Edge.
+SMALL = ("--hubs", "1", "--free-ports", "--no-flower", "--no-internet", "--no-edge")
 
 
 def short_leases(tmp_path: Path) -> str:
