@@ -18,8 +18,9 @@ A name is judged as Windows would save it: cut at a NUL, its trailing dots and s
 (``evil.exe.`` is ``evil.exe``). An attached message (``message/rfc822``) is judged with its
 own attachments; one sent base64 or quoted-printable (which RFC 2046 forbids and the email
 package does not decode) is decoded and read, to MAX_DEPTH such messages deep; deeper counts
-as unacceptable, as does a message the email package cannot read (too deeply nested, say):
-what cannot be looked into is not let through. Strip replaces such an attached message whole.
+as unacceptable, as does a message the email package cannot read (too deeply nested, say)
+or one of more than MAX_PARTS parts: what cannot be looked into is not let through. Strip
+replaces such an attached message whole.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from email.parser import BytesParser
 from mailyard.org import AntispamSettings
 
 MAX_DEPTH = 3  # encoded attached messages read within one another
+# More parts than any mail a person sends: not parsed at all (the email package takes a second
+# of CPU on a thousand nested parts, and an attacker could send such mail in a stream)
+MAX_PARTS = 500
+_PART_HEADER = re.compile(rb"(?im)^content-type[ \t]*:")
 UNREADABLE = "(a message the attachment filter cannot read)"
 _ENCODED = ("base64", "quoted-printable")
 _TRAILING = re.compile(r"[\s.]+$")
@@ -106,10 +111,16 @@ def _findings(msg: Message, settings: AntispamSettings, depth: int) -> list[str]
     return out
 
 
+def _too_many_parts(raw: bytes) -> bool:
+    return sum(1 for _ in _PART_HEADER.finditer(raw)) > MAX_PARTS
+
+
 def findings(raw: bytes, settings: AntispamSettings) -> list[str]:
     """The unacceptable attachments of a message (empty: none, or the filter is off)."""
     if not settings.attachment_filtering:
         return []
+    if _too_many_parts(raw):
+        return [UNREADABLE]
     try:
         head = _parse(raw, headersonly=True)
         if head.get_content_type().partition("/")[0] not in ("multipart", "message"):  # (the body is the only part)
@@ -146,6 +157,8 @@ def _strip_parts(msg: EmailMessage, settings: AntispamSettings) -> None:
 def strip(raw: bytes, settings: AntispamSettings) -> bytes | None:
     """``raw`` with every unacceptable attachment replaced by a text file of the AdminMessage;
     None for a message that cannot be read (to be refused: what cannot be stripped stays out)."""
+    if _too_many_parts(raw):
+        return None
     try:
         msg = _parse(raw)
         _strip_parts(msg, settings)

@@ -153,3 +153,16 @@ def test_a_message_the_filter_cannot_read_is_unacceptable_and_refused_even_by_st
     reply = asyncio.run(antispam.on_data(Ctx(), directory, raw, "192.0.2.1", "carol@fabrikam.example", "mail.example",
                                          "edge.example", ["bob@contoso.com"], original=raw))
     assert reply == "550 5.7.1 Message rejected due to unacceptable attachments"
+
+
+def flat(parts: int) -> bytes:
+    body = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n" for _ in range(parts))
+    return (b"From: carol@fabrikam.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            + body + b"--b--\r\n")
+
+
+def test_a_message_of_more_parts_than_anyone_sends_is_not_parsed_and_counts_as_unreadable() -> None:
+    assert attachment_filter.findings(flat(400), SETTINGS) == []
+    many = flat(attachment_filter.MAX_PARTS + 1)
+    assert attachment_filter.findings(many, SETTINGS) == [attachment_filter.UNREADABLE]
+    assert attachment_filter.strip(many, SETTINGS) is None
