@@ -252,7 +252,9 @@ def backlog_run(args: argparse.Namespace, site: Site) -> dict:
     cli = {}
     for name, command in (("queue_list", ["queue", "list"]), ("queue_messages", ["queue", "messages", queue]),
                           ("queue_messages_filtered", ["queue", "messages", queue, "--filter",
-                                                       "FromAddress -like 'load@*'", "--limit", "100"])):
+                                                       "FromAddress -like 'load@*'", "--limit", "100"]),
+                          ("queue_shape", ["queue", "shape", "--by", "queue"]),
+                          ("queue_shape_domain", ["queue", "shape", "--by", "domain"])):
         t = time.monotonic()  # the command as an operator types it: Python's start-up included
         subprocess.run([sys.executable, "-m", "mailyard", *command, "--json"],
                        check=True, capture_output=True, env=env)

@@ -64,6 +64,28 @@ def list_(server: str | None, filter_: str | None, sort: str | None, redis_url: 
 
 
 @queue.command()
+@click.option("--by", type=click.Choice(["queue", "domain", "sender"]), default="queue", show_default=True,
+              help="Rows per queue (its next hop: a domain, a mailbox server, a site; instant at any size), per "
+                   "recipient domain or per sender domain (these read every queued item).")
+@redis_option
+@json_option
+@handle_errors
+def shape(by: str, redis_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """Queued messages by age, per destination (Postfix's qshape): T, then up to 5, 10, 20 ...
+    1280 minutes in the queue, and 1280+."""
+    import time
+
+    from mailyard.hub.queue_shape import COLUMNS
+    from mailyard.hub.queue_shape import shape as queue_shape
+
+    rows = queue_shape(connect(redis_url, data_dir), by=by, now_ms=int(time.time() * 1000))
+    if as_json:
+        print_json([row.as_dict() for row in rows])
+        return
+    click.echo(table([(row.destination, row.total, *row.counts) for row in rows], [by.capitalize(), *COLUMNS]))
+
+
+@queue.command()
 @click.argument("queue_identity", metavar="[QUEUE]", required=False)
 @click.option("--filter", "filter_", metavar="EXPR", help="e.g. \"FromAddress -like '*@contoso.com'\".")
 @click.option("--sort", metavar="FIELDS", help="e.g. -Size,DateReceived.")
