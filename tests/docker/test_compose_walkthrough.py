@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -36,7 +37,6 @@ from typing import Any
 import httpx
 import pytest
 
-from mailyard.site.ports import free_port
 from mailyard.testing.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,8 @@ PROJECT_FILES = ["docker-compose.yml", ".dockerignore", "pyproject.toml", "READM
                              ["package-dir"].values()))]
 PREFIX = "mailyardtest"  # compose projects of this test: mailyardtest<pid>x<random>
 LOCK = Path("/run/lock/mailyard-compose-walkthrough.lock")  # one walkthrough at a time per engine
-ONE_SHOT = {"pki", "init"}
+ONE_SHOT = {"pki", "init", "edge-subscribe", "edge-import"}
+EDGE_SIDE = ("edge", "edge-redis", "rspamd", "edge-subscribe")  # (the Edge's services: never the organization's Redis)
 # Lines of the section that the engine fixture runs (it parses their output itself).
 ENGINE_LINES = ('set -a; eval "$(deploy/docker-engine.sh up)"; set +a',)
 
@@ -289,6 +290,28 @@ class Project:
         return wait_until(check, timeout=timeout, interval=interval, message=lambda: f"{what}\n{self.logs()}")
 
 
+def quiet_ports(n: int) -> list[int]:
+    """N free ports below the kernel's ephemeral range: Docker binds them a minute later, and
+    one of the ephemeral range (what binding port 0 gives) may have been handed meanwhile to
+    another test's server or to an outgoing connection (seen: "bind: address already in use")."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    chosen: list[int] = []
+    while len(chosen) < n:
+        port = secrets.randbelow(low - 20000) + 20000
+        if port not in chosen and bindable(port):
+            chosen.append(port)
+    return chosen
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _quote(arg: str) -> str:
     return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else "'" + arg.replace("'", "'\\''") + "'"
 
@@ -305,8 +328,7 @@ def project(engine: Engine, tmp_path: Path) -> Iterator[Project]:
         else:
             shutil.copy2(source, directory / name)
     name = f"{PREFIX}{os.getpid()}x{secrets.token_hex(3)}"
-    ports = {"MAILYARD_SMTP_PORT": free_port(), "MAILYARD_FLOWER_PORT": free_port(),
-             "MAILYARD_VIEWER_PORT": free_port()}
+    ports = dict(zip(("MAILYARD_SMTP_PORT", "MAILYARD_FLOWER_PORT", "MAILYARD_VIEWER_PORT"), quiet_ports(3), strict=True))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MAILYARD_", "COMPOSE_", "DOCKER_", "BASE_IMAGE", "REDIS_IMAGE"))}
     env |= {"COMPOSE_PROJECT_NAME": name, **engine.env, **{k: str(v) for k, v in ports.items()}}
@@ -401,6 +423,60 @@ def delivered(project: Project, address: str, subject: str, timeout: float = 120
     assert has_subject(project, address, subject), f"{subject!r} delivered, but not in {address}'s Inbox"
 
 
+EDGE_FQDN = "edge-01.contoso.com"
+EDGE_INTERNET_ADDRESS = "198.51.100.20"  # contoso.com's MX host
+INTERNET_ADDRESS = "198.51.100.10"  # the demo Internet's DNS and mail server
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def received_by_internet(project: Project, domain: str, subject: str) -> dict[str, Any] | None:
+    """What the demo Internet's mail server stored for DOMAIN with SUBJECT (`internet show --json`)."""
+    return next((m for m in project.cli("internet", "internet", "show", domain) if m["subject"] == subject), None)
+
+
+def raw_message(project: Project, address: str, subject: str) -> str:
+    """The message with SUBJECT in ADDRESS's Inbox, as RFC 5322 text (`mailbox show --raw`)."""
+    listed = project.cli("hub-london", "mailbox", "show", address)
+    found = next(m for m in listed if m["subject"] == subject)
+    return project.compose("exec", "-T", "hub-london", "mailyard", "mailbox", "show", address, "--raw", found["id"]).stdout
+
+
+def header_block(message: str) -> str:
+    return message.replace("\r\n", "\n").split("\n\n", 1)[0]
+
+
+def edge_never_has_the_organizations_password(project: Project) -> None:
+    """Nothing of the Edge's side holds the organization's Redis password: not a process's
+    environment or command line in its containers, not a file of its data directories, not the
+    Edge's Redis (its AOF), not a container's configuration; and no Edge container mounts the
+    organization's password volume."""
+    password = project.compose("exec", "-T", "redis-0", "cat", "/run/mailyard/redis/password").stdout.strip()
+    assert len(password) >= 32
+    looked = {
+        # (every process of the container: its environment and its command line, NUL-separated)
+        "edge": "cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null; tar -cf - -C / var/lib/mailyard run/mailyard",
+        "rspamd": "cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null; tar -cf - -C / var/lib/mailyard",
+        "edge-redis": "cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null; tar -cf - -C / data run/mailyard usr/local/etc/redis",
+    }
+    for service, script in looked.items():
+        result = subprocess.run(["docker", "compose", "exec", "-T", "-u", "0", service, "sh", "-c", script],
+                                cwd=project.directory, env=project.env, capture_output=True, timeout=120,
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 0 and len(result.stdout) > 10_000, (service, result.stderr[-2000:])
+        assert password.encode() not in result.stdout, f"the organization's Redis password is in {service}"
+        # (and the Edge's processes run as the image's user, not root)
+        if service == "edge":
+            users = project.compose("exec", "-T", "edge", "sh", "-c", "stat -c %u /proc/[0-9]*").stdout.split()
+            assert set(users) == {"10001"}, users
+    for container in project.containers().values():
+        if container["Service"] not in EDGE_SIDE:
+            continue
+        inspected = docker("inspect", container["Name"])
+        assert inspected.returncode == 0 and password not in inspected.stdout, container["Name"]
+        mounts = json.loads(inspected.stdout)[0]["Mounts"]
+        assert not any(m.get("Name") == f"{project.name}_redis-secret" for m in mounts), (container["Name"], mounts)
+
+
 def send_line(sender: str, to: str, subject: str) -> str:
     """The command line that sends a message as the README does (in hub-london, as the demo's
     operator)."""
@@ -437,7 +513,7 @@ def test_the_readme_run_it_with_docker_section_as_written(project: Project) -> N
     state = project.wait_healthy()
     services = {c["Service"] for c in state.values()}
     assert services == {*REDIS_GROUP, "pki", "init", "mbx-ams-01", "mbx-ams-02", "mbx-lon-01", "hub",
-                        "hub-london", "flower", "viewer", "internet"}, services
+                        "hub-london", "flower", "viewer", "internet", *EDGE_SIDE, "edge-import"}, services
     # And the Redis group formed: redis-0 primary, redis-1 its replica, every Sentinel agrees
     assert roles(project) == NEW_GROUP, roles(project)
     # And no port is published beyond this machine's loopback: the three the README names
@@ -449,9 +525,11 @@ def test_the_readme_run_it_with_docker_section_as_written(project: Project) -> N
     # (The Queue Viewer's token, generated into its volume: the test follows mail through its API)
     token = project.secrets("viewer", "/var/lib/mailyard/viewer/secrets.toml")["viewer"]["token"]
     project.bearer = {"Authorization": f"Bearer {token}"}
-    # And one image runs every Mailyard service (built once, FROM the local base image)
-    images = {c["Image"] for c in state.values()}
-    assert images == {"mailyard:dev", project.env["REDIS_IMAGE"]}, images
+    # And one image runs every Mailyard service but rspamd, whose image is that one with rspamd
+    # (each built once, FROM the local base image)
+    images = {c["Service"]: c["Image"] for c in state.values()}
+    assert set(images.values()) == {"mailyard:dev", "mailyard-edge:dev", project.env["REDIS_IMAGE"]}, images
+    assert [s for s, i in images.items() if i == "mailyard-edge:dev"] == ["rspamd"], images
 
     project.step("--scale hub=3")
     # When the Amsterdam hubs are scaled to three
@@ -483,15 +561,53 @@ def test_the_readme_run_it_with_docker_section_as_written(project: Project) -> N
     maildir = project.readme("docker compose exec mbx-ams-01 ls /var/lib/mailyard/mailboxes/MBX-AMS-01/bob@contoso.com/new")
     assert len(maildir.split()) == 1, maildir
 
-    project.step("to and from the Internet")
-    # Out to the demo Internet, and in from it (to an Amsterdam hub, from 198.51.100.10)
+    project.step("out to the Internet, through the Edge")
+    # Out to the demo Internet: the hubs hand it to the Edge, which sends it to fabrikam's MX
     project.readme("docker compose exec hub-london mailyard send --from alice@contoso.com --to grace@fabrikam.example")
-    project.wait(lambda: any(r["subject"] == "Out" and any(s.startswith("250") for s in r["recipient_status"])
-                             for r in track(project, recipient="grace@fabrikam.example", event="SEND")),
-                 "Out sent to the demo Internet")
+    out = project.wait(lambda: received_by_internet(project, "fabrikam.example", "Out"), "Out at the demo Internet",
+                       timeout=180, interval=2)
+    assert out["peer"][0] == EDGE_INTERNET_ADDRESS, f"Out came from {out['peer']}, not the Edge"
+    headers = header_block(project.compose("exec", "-T", "internet", "cat", out["file"]).stdout)
+    # (its Received: line names the Edge by its node name in the organization's domain, which
+    # here is its FQDN; host names compare without case)
+    assert re.search(rf"^Received: from [^\n]*(\n\s[^\n]*)*\bby {re.escape(EDGE_FQDN)}\b", headers, re.M | re.I), headers
+    sent = [r for r in track(project, recipient="grace@fabrikam.example", event="SEND") if r["subject"] == "Out"]
+    # (an Amsterdam hub sent it through the connector the import created, to the Edge, which queued it)
+    assert [(r["queue"], r["context"]) for r in sent] == [("Amsterdam\\EdgeSync - Amsterdam to Internet",
+                                                           "EDGE-01 [edge]")], sent
+    assert "Hostname=EDGE-01" in sent[0]["recipient_status"][0], sent
     assert "Out" in project.readme("docker compose exec internet mailyard internet show fabrikam.example")
-    project.readme("docker compose exec internet mailyard internet send --from grace@fabrikam.example")
-    delivered(project, "dave@contoso.com", "In")
+
+    project.step("in from the Internet, through the Edge")
+    # In from the demo Internet: to contoso.com's MX, the Edge, from 198.51.100.10, and on
+    # through an Amsterdam hub and the London hub to Frank's mailbox (MBX-LON-01)
+    said = project.readme("docker compose exec internet mailyard internet send --from grace@fabrikam.example")
+    assert f"sent to {EDGE_INTERNET_ADDRESS}:25" in said, said
+    delivered(project, "frank@contoso.com", "In")
+    project.step("the Edge's headers, GTUBE")
+    assert "In" in project.readme("docker compose exec hub-london mailyard mailbox show frank@contoso.com")
+    headers = header_block(raw_message(project, "frank@contoso.com", "In"))
+    # The Edge's agents ran: its Authentication-Results (SPF passes: the demo DNS lets
+    # 198.51.100.10 send fabrikam's mail), rspamd's verdict as the SCL; it came in at the Edge
+    assert re.search(rf"^Authentication-Results: {re.escape(EDGE_FQDN)};(.|\n\s)*\bspf=pass\b", headers, re.M), headers
+    assert re.search(r"^X-Mailyard-SCL: \d", headers, re.M), f"no SCL: rspamd did not answer the Edge\n{headers}"
+    assert re.search(rf"^Received: from [^\n]*\[{re.escape(INTERNET_ADDRESS)}\][^\n]*(\n\s[^\n]*)*\bby "
+                     rf"{re.escape(EDGE_FQDN)}\b", headers, re.M | re.I), headers
+    # And rspamd refuses GTUBE there, at the end of DATA (SCL 9, at the reject threshold)
+    refused = project.shell(" ".join(map(_quote, [
+        "docker", "compose", "exec", "-T", "internet", "mailyard", "internet", "send", "--from",
+        "grace@fabrikam.example", "--to", "frank@contoso.com", "--subject", "GTUBE", "--body", GTUBE])), check=False)
+    assert refused.returncode == 1 and "content restrictions" in refused.stdout + refused.stderr, refused
+
+    project.step("the Edge's status, the Edge's secrets")
+    status = project.readme("docker compose exec edge mailyard edge status")
+    assert "EDGE-01 (edge-01.contoso.com): site Amsterdam of" in status, status
+    edges = project.readme("docker compose exec hub-london mailyard org edge list")
+    assert re.search(r"EDGE-01\s+Amsterdam\s+edge:25\s+yes", edges), edges
+    shown = project.cli("edge", "edge", "status")
+    hub_1 = project.hostname(f"{project.name}-hub-1")
+    assert shown["subscribed"] and f"{hub_1}:2525" in shown["hubs"] and shown["recipients"] > 0, shown
+    edge_never_has_the_organizations_password(project)
 
     project.step("between the sites")
     # Between the sites: Amsterdam to London, and back
