@@ -30,7 +30,7 @@ from mailyard.broker import DrainMessages
 from mailyard.directory import Directory
 from mailyard.hub.queues import MailQueues, Worker
 from mailyard.hub.redis_queues import RedisQueues
-from mailyard.org import TransportSettings
+from mailyard.org import Organization, TransportSettings
 from mailyard.orgstore import OrgCache
 
 if TYPE_CHECKING:
@@ -160,7 +160,17 @@ class Node:
 
     @property
     def fqdn(self) -> str:
-        return self.name if "." in self.name else f"{self.name}.{self.orgs.org.accepted_domains[0]}"
+        return fqdn_of(self.name, self.orgs.org)
+
+
+def fqdn_of(name: str, org: Organization) -> str:
+    """A node's FQDN (its banner, HELO and Received lines): an Edge's is its subscription's
+    (its receive connector's); a hub's its name, in the first accepted domain."""
+    if org.edge is not None:
+        own = next((c.fqdn for c in org.receive_connectors if c.fqdn), "")
+        if own:
+            return own
+    return name if "." in name else f"{name}.{org.accepted_domains[0]}"
 
 
 def default_name() -> str:

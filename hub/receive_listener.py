@@ -41,6 +41,7 @@ from mailyard import keys, pki, redisconn, registry
 from mailyard.broker import DrainMessages, make_app
 from mailyard.directory import Directory
 from mailyard.errors import SiteError
+from mailyard.hub.node import fqdn_of
 from mailyard.hub.pressure import Level
 from mailyard.hub.receive_handler import ReceiveHandler
 from mailyard.hub.receive_protocol import ReceiveContext, ReceiveProtocol
@@ -148,7 +149,7 @@ class ReceiveListener:
         self.watcher = AsyncOrgWatcher(self.r)
         await self.watcher.refresh()
         org = self.watcher.current().org
-        fqdn = self.hub if "." in self.hub else f"{self.hub}.{org.accepted_domains[0]}"
+        fqdn = fqdn_of(self.hub, org)
         tls_dir = self.data_dir / "tls"
         cert, key = tls_dir / f"{self.hub}.crt", tls_dir / f"{self.hub}.key"
         self_signed(cert, key, fqdn)

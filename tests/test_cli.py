@@ -317,7 +317,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
         # ...through the Edge, which signed it with contoso.com's key, as the demo DNS publishes it
         internet = next(p for p in state["processes"] if p["role"] == "internet")
         raw = Path(outside["file"]).read_bytes()
-        assert b"by EDGE-01" in raw.split(b"\r\n\r\n")[0], raw[:2000]
+        assert b"by edge-01.contoso.com (Mailyard)" in raw.split(b"\r\n\r\n")[0], raw[:2000]
         assert dkim_verifies(raw, internet["dns"]), raw[:2000]
         # ...and in from it, anonymously, through the Edge (contoso.com's MX host), only to the
         # organization's own recipients
@@ -331,7 +331,7 @@ def test_site_up_runs_the_demo_supervises_it_and_stops_everything(tmp_path) -> N
             return found[0] if found else None
         inbound = wait_until(lambda: frank_has("in"), timeout=60, interval=PROCESS_POLL)
         raw_in = mailyard("mailbox", "show", "frank@contoso.com", "--raw", inbound, env=env).stdout
-        assert "Authentication-Results: edge-01.edge.invalid;" in raw_in and "spf=pass" in raw_in, raw_in[:2000]
+        assert "Authentication-Results: edge-01.contoso.com;" in raw_in and "spf=pass" in raw_in, raw_in[:2000]
         relay = mailyard("internet", "send", "--from", "grace@fabrikam.example", "--to",
                          "x@tailspintoys.example", "--subject", "relay?", env=env, check=False)
         assert relay.returncode == 1 and "5.7.1 Unable to relay" in relay.stderr

@@ -99,7 +99,8 @@ def ensure_subscribed(r: redis.Redis, data_dir: Path, *, smtp: str, sync: str) -
         remove_subscription(r, NAME)
     if home.exists():
         home.unsubscribe()
-    sub: SubscriptionFile = home.subscribe(name=NAME, fqdn=f"{NAME.lower()}.edge.invalid", smtp=smtp, sync=sync)
+    fqdn = f"{NAME.lower()}.{org.accepted_domains[0]}"  # (its banner, HELO and Received lines: the MX host's name)
+    sub: SubscriptionFile = home.subscribe(name=NAME, fqdn=fqdn, smtp=smtp, sync=sync)
     import_subscription(r, sub, site_of(org), pki.pki_dir(data_dir))
     log.info("subscribed %s to site %s (EdgeSync %s, SMTP %s)", NAME, site_of(org), sync, smtp)
     return True

@@ -175,6 +175,9 @@ def test_mail_to_the_internet_leaves_through_the_edge(world: World) -> None:
     assert hub_sent and hub_sent[0].queue == "Amsterdam\\EdgeSync - Amsterdam to Internet", hub_sent
     edge_sent = wait_until(lambda: [r for r in edge_events(world, "SEND") if r.subject == subject], timeout=DEADLINE)
     assert edge_sent[0].queue == "EDGE-01\\fabrikam.example", edge_sent
+    # The Edge names itself by the FQDN of its subscription (its banner, HELO, Received)
+    head = Path(found[0]["file"]).read_bytes().split(b"\r\n\r\n")[0]
+    assert f"by {AUTHSERV_ID} (Mailyard)".encode() in head, head
 
 
 def dkim_dns(dns_address: str):
