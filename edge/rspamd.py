@@ -21,11 +21,13 @@ from pathlib import Path
 
 import httpx
 
+from mailyard import pki
+
 log = logging.getLogger("mailyard.edge.rspamd")
 
 CONFIG = """# Written by mailyard edge run (or edge rspamd): rspamd for the Edge's content filter
 options {{
-    pidfile = "{run}/rspamd.pid";
+    pidfile = {pidfile};
     dns {{ nameserver = [{dns}]; timeout = 1s; retransmits = 1; }}
     local_addrs = [];
 }}
@@ -58,7 +60,7 @@ def nameserver(value: str) -> str:
     """A DNS server as rspamd's configuration takes it, ``IP:PORT`` (``[IPv6]:PORT``), quoted;
     anything else is refused (it is written into a configuration file)."""
     host, sep, port = value.rpartition(":")
-    if not sep:
+    if not sep or (":" in host and not host.startswith("[")):  # (no port: "10.0.0.53", "2001:db8::53")
         host, port = value, "53"
     try:
         address = ipaddress.ip_address(host.strip("[]"))
@@ -96,12 +98,24 @@ class Rspamd:
         self.port = self.port or _free_port()
         conf = self.dir / "rspamd.conf"
         bind = json.dumps(f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}")
-        logging_to = 'type = "console"' if self.console else f'type = "file"; filename = "{self.dir}/rspamd.log"'
-        conf.write_text(CONFIG.format(run=self.dir, bind=bind, dns=", ".join(self.dns), logging=logging_to))
+        logging_to = ('type = "console"' if self.console
+                      else f'type = "file"; filename = {json.dumps(str(self.dir / "rspamd.log"))}')
+        text = CONFIG.format(pidfile=json.dumps(str(self.dir / "rspamd.pid")), bind=bind, dns=", ".join(self.dns),
+                             logging=logging_to)
+        # The directory and everything in it stay the Edge's (root's): rspamd reads its
+        # configuration, and writes its log and pid file, as root before its workers drop to
+        # _rspamd, which may write nothing here (a worker taken over by a message could
+        # otherwise plant a link that the next start follows). Replaced, never written through.
+        pki.write_private(conf, text.encode())
         return [path, "-f", *self._user(), "-c", str(conf)]
 
+    @staticmethod
+    def environment() -> dict[str, str]:
+        """rspamd's environment: nothing of the Edge's (its Redis URL is in it)."""
+        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
+
     def start(self, timeout: float = 60.0) -> Rspamd:
-        self.proc = subprocess.Popen(self.command(),
+        self.proc = subprocess.Popen(self.command(), env=self.environment(),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -116,8 +130,8 @@ class Rspamd:
         raise RuntimeError(f"rspamd did not answer on {self.url} within {timeout:.0f} s")
 
     def _user(self) -> list[str]:
-        """As root, rspamd runs as its own user (it owns its directory), as root only where
-        there is none (with a warning: rspamd then needs --insecure)."""
+        """As root, rspamd's workers run as its own user (it owns nothing of the Edge's), as
+        root only where there is none (with a warning: rspamd then needs --insecure)."""
         if os.geteuid() != 0:
             return []
         try:
@@ -125,8 +139,6 @@ class Rspamd:
         except KeyError:
             log.warning("there is no user %s: rspamd runs as root", USER)
             return ["-u", "root", "-g", "root", "--insecure"]
-        for path in (self.dir, *self.dir.iterdir()):
-            os.chown(path, account.pw_uid, account.pw_gid)
         return ["-u", USER, "-g", grp.getgrgid(account.pw_gid).gr_name]
 
     @property

@@ -131,9 +131,9 @@ class ReceiveHandler:
                      identity.name if identity else "?", refusal)
             return replies.SEND_AS_DENIED
         origin = policy.relay_origin(identity, head.get(ORIGIN_HEADER))
-        internal = from_organization(identity.kind if identity else None, head.get(INTERNAL_HEADER))
+        internal = from_organization(identity, head.get(INTERNAL_HEADER))
         raw = headers.strip(raw, *ORG_HEADERS)
-        if identity is None or identity.kind != "server":  # (an Edge's verdict, from an Edge only)
+        if identity is None or not identity.organization_node:  # (an Edge's verdict, from an Edge only)
             raw = headers.strip(raw, content_filter.SCL_HEADER)
         size = len(raw)
         taken = mime.intake(raw)  # once, on the way in: CRLF line ends, no line too long for SMTP
@@ -154,10 +154,10 @@ class ReceiveHandler:
             if isinstance(checked, str):
                 return checked
             raw, extra = checked
-        elif directory.edge and (identity is None or identity.kind != "server"):
+        elif directory.edge and (identity is None or not identity.organization_node):
             # (a session that skips the agents, the IP Allow list's: no results in our name either)
             raw = sender_auth.strip_results(raw, {state.connector.fqdn or self.ctx.fqdn})
-        elif directory.org.edge_subscriptions and (identity is None or identity.kind != "server"):
+        elif directory.org.edge_subscriptions and (identity is None or not identity.organization_node):
             # what only a subscribed Edge may write: its results (a hub's header firewall)
             raw = sender_auth.strip_results(raw, {e.fqdn for e in directory.org.edge_subscriptions})
         now_s = time.time()

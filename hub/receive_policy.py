@@ -60,6 +60,15 @@ class Identity:
     kind: str  # "user" or "server"
     name: str  # the mailbox's primary address, or the hub's name
     addresses: frozenset[str] = frozenset()  # a user's: its primary address and its aliases
+    # False for a server by address only (ExternalAuthoritative: an appliance in front, which
+    # passes on what the Internet wrote): the organization's own headers are trusted only from
+    # a node that proved itself with the organization's certificate
+    proven: bool = True
+
+    @property
+    def organization_node(self) -> bool:
+        """A hub or a subscribed Edge, by its certificate: whose organization headers count."""
+        return self.kind == "server" and self.proven
 
 
 # region: which connector, and what a session on it offers
@@ -114,7 +123,7 @@ def session_rules(conn: ReceiveConnector, client_ip: str) -> SessionRules:
         auth_methods=frozenset({"PLAIN", "LOGIN"}) if mechanisms & USER_LOGONS else frozenset(),
         auth_require_tls="BasicAuthRequireTLS" in mechanisms,
         client_certs="Tls" in mechanisms and SERVER_LOGON in mechanisms,
-        implicit=Identity("server", f"[{client_ip}]") if "ExternalAuthoritative" in mechanisms else None,
+        implicit=Identity("server", f"[{client_ip}]", proven=False) if "ExternalAuthoritative" in mechanisms else None,
         ident=conn.banner.removeprefix("220 ").split(" ", 1)[-1] if conn.banner else None,
         hostname=conn.fqdn or None,
     )
@@ -363,8 +372,8 @@ def check_hops(conn: ReceiveConnector, identity: Identity | None, raw: bytes, or
 
 def relay_origin(identity: Identity | None, value: str | None) -> str:
     """The origin id a relaying hub gave the message (its X-Mailyard-Origin header): trusted
-    only from an Exchange server, ignored from anyone else."""
-    if identity is None or identity.kind != "server" or value is None:
+    only from a node of the organization (by its certificate), ignored from anyone else."""
+    if identity is None or not identity.organization_node or value is None:
         return ""
     return str(value).strip()
 

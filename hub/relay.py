@@ -14,13 +14,22 @@ message goes on, so none reaches a mailbox or the Internet.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mailyard.hub.receive_policy import Identity
+
 ORIGIN_HEADER = "X-Mailyard-Origin"  # set by hubs relaying between sites; trusted from them only
 INTERNAL_HEADER = "X-Mailyard-Internal"  # set with it on the organization's own mail; trusted alike
 ORG_HEADERS = (ORIGIN_HEADER, INTERNAL_HEADER)  # the organization's own headers: removed from all mail received
 
 
-def from_organization(kind: str | None, internal_header: str | None) -> bool:
-    """Whether a message received from a client of identity ``kind`` ("user", "server" or
-    None: anonymous) is the organization's own: a logged-on user's, or what a server of the
-    organization relays and marks so. Never anonymous mail, whatever headers it carries."""
-    return kind == "user" or (kind == "server" and internal_header is not None and str(internal_header).strip() == "1")
+def from_organization(identity: Identity | None, internal_header: str | None) -> bool:
+    """Whether a message received from a client of ``identity`` (None: anonymous) is the
+    organization's own: a logged-on user's, or what a node of the organization (by its
+    certificate) relays and marks so. Never anonymous mail, nor an appliance's
+    (ExternalAuthoritative), whatever headers it carries."""
+    if identity is None:
+        return False
+    return identity.kind == "user" or (identity.organization_node and internal_header is not None
+                                       and str(internal_header).strip() == "1")

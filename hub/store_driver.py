@@ -28,6 +28,7 @@ from mailyard.hub.node import Node
 from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
 from mailyard.hub.queues import Change
 from mailyard.hub.records import Message, new_message_id
+from mailyard.hub.relay import ORG_HEADERS
 from mailyard.org import normalize_address
 from mailyard.registry import now_ms
 from mailyard.submission.service import Notifier
@@ -119,9 +120,10 @@ def _change(node: Node, server: str, item: OutboxItem, item_id: str) -> Change:
         client=server,
         smtputf8=mime.utf8_message(mailbox, recipients, raw),
     )
-    # What only a subscribed Edge may say of a message (its SCL, its authentication results):
-    # never from a mailbox's own Send, or a user could junk a colleague's mail or vouch for it.
-    clean = headers.strip(raw, "Bcc", content_filter.SCL_HEADER)
+    # What only a subscribed Edge may say of a message (its SCL, its authentication results),
+    # and the organization's own headers: never from a mailbox's own Send, or a user could
+    # junk a colleague's mail or vouch for it.
+    clean = headers.strip(raw, "Bcc", content_filter.SCL_HEADER, *ORG_HEADERS)
     if edges := {e.fqdn for e in node.orgs.org.edge_subscriptions}:
         clean = sender_auth.strip_results(clean, edges)
     body = headers.prepend(

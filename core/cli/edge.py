@@ -151,7 +151,7 @@ def rspamd(listen: str, dns_servers: tuple[str, ...], data_dir: Path) -> None:
     server.port = int(port)
     argv = server.command()
     click.echo(f"rspamd on {listen} (configuration {server.dir / 'rspamd.conf'})", err=True)
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, server.environment())
 
 
 @edge.command()
@@ -229,16 +229,19 @@ def org_edge() -> None:
 def import_(file: Path, site: str, pki_dir: Path | None, unless_subscribed: bool, remove_file: bool,
             redis_url: str | None, data_dir: Path) -> None:
     """Subscribe the Edge of FILE to SITE (New-EdgeSubscription -FileData -Site)."""
+    import time
+
     from mailyard import pki
     from mailyard.edge_subscriptions import import_subscription, remove_subscription, sync_states
     from mailyard.edgesync import internet_connector_name, read_subscription
+    from mailyard.errors import SiteError
     from mailyard.orgstore import read_org
 
     r = connect(redis_url, data_dir)
     if unless_subscribed:
         _, org = read_org(r)
         if not file.exists() and any(e.site == site for e in org.edge_subscriptions):
-            click.echo(f"no {file}, and site {site} has its Edge: nothing to do")
+            click.echo(f"no {file}, and site {site} has an Edge subscribed: nothing to do")
             return
         if file.exists():
             sub = read_subscription(file)
@@ -250,6 +253,9 @@ def import_(file: Path, site: str, pki_dir: Path | None, unless_subscribed: bool
                 click.echo(f"Edge {sub.edge} is subscribed already: nothing to do")
                 return
             if same:  # (imported, never bootstrapped: this file has the Edge's newer secret)
+                if sub.expired(time.time()):
+                    raise SiteError(f"{file}: its bootstrap secret expired; the subscription imported before "
+                                    "stays: run `mailyard edge subscribe` on the Edge again")
                 remove_subscription(r, sub.edge)
     sub = read_subscription(file)
     _, edge = import_subscription(r, sub, site, pki_dir or pki.pki_dir(data_dir))

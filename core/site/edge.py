@@ -86,16 +86,19 @@ def with_internet_connectors(org: Organization) -> Organization:
 
 def ensure_subscribed(r: redis.Redis, data_dir: Path, *, smtp: str, sync: str) -> bool:
     """Subscribe the demo Edge to the first site, unless it is subscribed at these addresses
-    already (the organization lists it and the Edge has its files). True if it subscribed now."""
+    already (the organization lists it, and the Edge has its files and was bootstrapped). True
+    if it subscribed now."""
     home = EdgeHome(edge_dir(data_dir))
     _, org = read_org(r)
     current = next((e for e in org.edge_subscriptions if e.name == NAME), None)
+    # Kept only once bootstrapped: a subscription whose first EdgeSync never came (a site
+    # stopped before it) is made anew, or its secret could expire before the next start.
     if (current is not None and current.smtp == smtp and current.sync == sync and home.exists()
-            and home.cert_path.exists() and pki.fingerprint(home.cert_path.read_text()) ==
-            pki.fingerprint(current.certificate)):
+            and home.subscribed() is not None and home.cert_path.exists()
+            and pki.fingerprint(home.cert_path.read_text()) == pki.fingerprint(current.certificate)):
         return False
     if current is not None:
-        log.info("the Edge's addresses changed: subscribing it again")
+        log.info("the Edge's subscription changed or never completed: subscribing it again")
         remove_subscription(r, NAME)
     if home.exists():
         home.unsubscribe()

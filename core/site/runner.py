@@ -601,7 +601,9 @@ class Site:
         """``env`` with the secrets this child needs: Flower its logon, the viewer its tokens;
         the Edge its own Redis and never the organization's."""
         if child.role in ("edge", "edge-redis"):
-            env = {k: v for k, v in env.items() if k != redisconn.ENV_URL}
+            # Nothing of the site's settings (its Redis, its data or pki directory, a password
+            # file the operator's shell names): the Edge's own, on its command line, only.
+            env = {k: v for k, v in env.items() if not k.startswith("MAILYARD_")}
             return {**env, "MAILYARD_EDGE_REDIS_URL": self.edge_redis_url} if child.role == "edge" else env
         if child.role not in ("flower", "viewer"):
             return env

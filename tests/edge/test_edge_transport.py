@@ -151,7 +151,7 @@ def test_mail_from_the_internet_goes_through_the_edge_to_the_inbox_exactly_once(
         client.send_message(message("carol@fabrikam.example", "bob@contoso.com", subject))
     (item,) = world.site.wait_for_subject("bob@contoso.com", subject, timeout=DEADLINE)
     raw = world.site.raw("bob@contoso.com", item["id"])
-    assert b"EDGE-01" in raw, "the Edge's Received header"
+    assert f"by {AUTHSERV_ID} (Mailyard)".encode() in raw, "the Edge's Received header, by its FQDN"
     results = auth_results(raw)
     assert results == [f"{AUTHSERV_ID}; spf=pass smtp.mailfrom=carol@fabrikam.example; dkim=none; "
                        "dmarc=pass (p=reject) header.from=fabrikam.example"], results

@@ -143,11 +143,16 @@ def test_relaying_within_the_organization_marks_its_own_mail_and_only_that() -> 
 
 
 def test_the_mark_is_trusted_from_servers_of_the_organization_only() -> None:
-    assert from_organization("user", None), "a logged-on user's mail is the organization's"
-    assert from_organization("server", "1") and from_organization("server", " 1 ")
-    assert not from_organization("server", None), "a hub relaying Internet mail does not mark it"
+    from mailyard.hub.receive_policy import Identity
+
+    user, hub = Identity("user", "bob@contoso.com"), Identity("server", "hub-ams-1")
+    appliance = Identity("server", "[10.0.0.9]", proven=False)  # (ExternalAuthoritative: by address only)
+    assert from_organization(user, None), "a logged-on user's mail is the organization's"
+    assert from_organization(hub, "1") and from_organization(hub, " 1 ")
+    assert not from_organization(hub, None), "a hub relaying Internet mail does not mark it"
     assert not from_organization(None, "1"), "an anonymous client's header means nothing"
-    assert not from_organization("server", "0")
+    assert not from_organization(hub, "0")
+    assert not from_organization(appliance, "1"), "an appliance passes on what the Internet wrote"
 
 
 def test_the_mark_is_stored_with_the_message() -> None:
