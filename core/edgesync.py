@@ -38,7 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mailyard.addresses import canonical
 from mailyard.directory import Directory
 from mailyard.errors import SiteError
-from mailyard.org import AddressSpace, AntispamSettings, DkimKey, Organization, SendConnector, TransportSettings
+from mailyard.org import (
+    AddressRewrite,
+    AddressSpace,
+    AntispamSettings,
+    DkimKey,
+    Organization,
+    SendConnector,
+    TransportSettings,
+)
 
 FORMAT = "mailyard-edge-subscription/1"
 DEFAULT_VALIDITY = 24 * 3600.0  # New-EdgeSubscription -AccountExpiryDuration: 24 h
@@ -117,8 +125,8 @@ class Bootstrap(_Wire):
 
 class ConfigPush(_Wire):
     """Configuration: accepted domains, the send connectors the Edge uses, the site's hubs
-    (its next hop for the organization's mail), the anti-spam settings and the transport
-    settings."""
+    (its next hop for the organization's mail), the anti-spam settings, the address rewrite
+    entries and the transport settings."""
 
     organization: str
     site: str
@@ -128,6 +136,7 @@ class ConfigPush(_Wire):
     antispam: AntispamSettings
     transport: TransportSettings
     dkim: list[DkimKey] = Field(default_factory=list)  # over mutually authenticated TLS only
+    address_rewrites: list[AddressRewrite] = Field(default_factory=list)
     generated_at: float
 
 
@@ -183,4 +192,5 @@ def config_push(org: Organization, site: str, edge: str, hubs: list[str], now: f
     return ConfigPush(organization=org.name, site=site, accepted_domains=list(org.accepted_domains),
                       send_connectors=[inbound, *own], hubs=hubs, antispam=org.antispam, transport=org.transport,
                       dkim=[k for k in dkim or [] if k.active],  # (a pending key signs nothing)
+                      address_rewrites=list(org.address_rewrites),
                       generated_at=time.time() if now is None else now)

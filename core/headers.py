@@ -93,7 +93,7 @@ def text(head: Message, field: str) -> str:
     return next((_printable(v) for name, v in head.raw_items() if name.lower() == wanted), "")
 
 
-def _fields(head: bytes) -> list[list[bytes]]:
+def fields(head: bytes) -> list[list[bytes]]:
     """The header section's fields, each its lines (the first and its folded continuations)."""
     fields: list[list[bytes]] = []
     for line in head.splitlines(keepends=True):
@@ -133,7 +133,7 @@ def strip_if(raw: bytes, name: str, drop: Callable[[str], bool]) -> bytes:
 def _strip_where(raw: bytes, drop: Callable[[bytes, list[bytes]], bool]) -> bytes:
     head, rest = split(raw)
     out = []
-    for lines in _fields(head):
+    for lines in fields(head):
         first = lines[0]
         name = first.split(b":", 1)[0].strip().lower() if b":" in first else b""
         if not (name and drop(name, lines)):

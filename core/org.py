@@ -318,6 +318,43 @@ class DkimKey(_Model):
     active: bool = True  # False: pending (keys made before pending existed all signed)
 
 
+def _rewrite_side(value: str) -> str:
+    """One side of an address rewrite entry: an address, a domain or (inside only) ``*.domain``,
+    in its canonical form."""
+    if not isinstance(value, str):
+        raise ValueError("expected an address, a domain or *.domain")
+    if "@" in value:
+        return normalize_address(value)
+    if value.startswith("*."):
+        return "*." + normalize_domain(value[2:])
+    return normalize_domain(value)
+
+
+RewriteSide = Annotated[str, BeforeValidator(_rewrite_side)]
+
+
+class AddressRewrite(_Model):
+    """New-AddressRewriteEntry: on an Edge, the organization's ``internal_address`` (one
+    address, a domain, or ``*.domain``: its subdomains) leaves for the Internet as
+    ``external_address`` (an address, or a domain: the local part kept), and, unless
+    ``outbound_only``, mail from the Internet to the external form comes in to the internal
+    one (mailyard.hub.address_rewrite)."""
+
+    name: Name
+    internal_address: RewriteSide
+    external_address: RewriteSide
+    outbound_only: bool = False
+    exception_list: list[Domain] = Field(default_factory=list)  # with *.domain: subdomains left as they are
+
+    @property
+    def wildcard(self) -> bool:
+        return self.internal_address.startswith("*.")
+
+    @property
+    def is_address(self) -> bool:
+        return "@" in self.internal_address
+
+
 class EdgeRole(_Model):
     """Only in an Edge's own copy of the organization (written by EdgeSync on the Edge, never
     by ``org apply``): which Edge this is and the hubs of the site it is subscribed to."""
@@ -502,6 +539,7 @@ class Organization(_Model):
     send_connectors: list[SendConnector] = Field(default_factory=list)
     receive_connectors: list[ReceiveConnector] = Field(default_factory=list)
     antispam: AntispamSettings = Field(default_factory=AntispamSettings)
+    address_rewrites: list[AddressRewrite] = Field(default_factory=list)  # applied on Edges
     edge_subscriptions: list[EdgeSubscription] = Field(default_factory=list)
     edge: EdgeRole | None = None
 
@@ -715,6 +753,46 @@ def check_references(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
         if rc.connection_timeout <= rc.connection_inactivity_timeout:
             problems.append((("receive_connectors", i, "connection_timeout"),
                              "must be longer than connection_inactivity_timeout"))
+    return problems + _check_rewrites(org)
+
+
+def _check_rewrites(org: Organization) -> list[tuple[tuple[Any, ...], str]]:
+    """New-AddressRewriteEntry's rules: an address maps to an address and a domain to a
+    domain; ``*.domain`` is outbound only (which subdomain would mail to the external domain
+    go to?) and alone has exceptions; one entry per internal address and per name; and an
+    entry that rewrites inbound names an accepted domain outside, or the Edge would refuse
+    the mail as a relay before rewriting it."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    seen: dict[str, str] = {}
+    names: set[str] = set()
+    for i, entry in enumerate(org.address_rewrites):
+        at = ("address_rewrites", i)
+        if entry.name in names:
+            problems.append(((*at, "name"), f"{entry.name!r} is defined twice"))
+        names.add(entry.name)
+        if entry.internal_address in seen:
+            problems.append(((*at, "internal_address"),
+                             f"{entry.internal_address} is already rewritten by {seen[entry.internal_address]!r}"))
+        seen.setdefault(entry.internal_address, entry.name)
+        external = entry.external_address
+        if external.startswith("*."):
+            problems.append(((*at, "external_address"), "must be an address or a domain (no *.)"))
+        elif ("@" in external) != entry.is_address:
+            problems.append(((*at, "external_address"),
+                             "must be an address when internal_address is one, else a domain"))
+        if entry.wildcard and not entry.outbound_only:
+            problems.append(((*at, "outbound_only"), "must be true for a *.domain entry"))
+        if entry.exception_list and not entry.wildcard:
+            problems.append(((*at, "exception_list"), "applies only to a *.domain entry"))
+        parent = entry.internal_address[2:]
+        for j, domain in enumerate(entry.exception_list):
+            if not domain.endswith("." + parent):
+                problems.append(((*at, "exception_list", j), f"{domain} is not a subdomain of {parent}"))
+        domain = external.rpartition("@")[2]
+        if not entry.outbound_only and domain not in org.accepted_domains:
+            problems.append(((*at, "external_address"),
+                             f"{domain} is not an accepted domain: mail to it would not come in to be "
+                             "rewritten (accept it, or set outbound_only = true)"))
     return problems
 
 

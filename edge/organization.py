@@ -55,6 +55,7 @@ def edge_organization(push: ConfigPush, *, name: str, fqdn: str, smtp: str, salt
         send_connectors=push.send_connectors,
         receive_connectors=[receive],
         antispam=push.antispam,
+        address_rewrites=push.address_rewrites,
         edge=EdgeRole(name=name, site=push.site, hubs=push.hubs, recipient_salt=salt, dkim=push.dkim,
                       rspamd=rspamd),
     )

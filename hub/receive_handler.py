@@ -21,7 +21,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from mailyard import durability, headers, mime
-from mailyard.hub import antispam, content_filter, encoding, replies, sender_auth
+from mailyard.hub import address_rewrite, antispam, content_filter, encoding, replies, sender_auth
 from mailyard.hub import receive_policy as policy
 from mailyard.hub.intake import accept
 from mailyard.hub.receive_policy import Identity
@@ -32,6 +32,11 @@ from mailyard.hub.relay import INTERNAL_HEADER, ORG_HEADERS, ORIGIN_HEADER, from
 from mailyard.tracking import Event, Record
 
 log = logging.getLogger("mailyard.hub.receive")
+
+
+def _from_organization_node(identity: Identity | None) -> bool:
+    """A hub (or Edge) of the organization that proved itself by certificate."""
+    return identity is not None and identity.organization_node
 
 
 class ReceiveHandler:
@@ -107,6 +112,8 @@ class ReceiveHandler:
         if refusal := encoding.envelope_refusal(address, envelope.smtp_utf8):
             return refusal
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+        if directory.edge and not _from_organization_node(identity):  # (Address Rewriting Inbound: first)
+            rcpt = address_rewrite.inbound(directory.org.address_rewrites, rcpt)
         if antispam.applies(directory, identity, state.antispam, state.client_ip) and (
                 refusal := await antispam.on_rcpt(self.ctx, directory, state.antispam, state.client_ip, sender, rcpt)):
             return refusal
@@ -133,7 +140,7 @@ class ReceiveHandler:
         origin = policy.relay_origin(identity, head.get(ORIGIN_HEADER))
         internal = from_organization(identity, head.get(INTERNAL_HEADER))
         raw = headers.strip(raw, *ORG_HEADERS)
-        if identity is None or not identity.organization_node:  # (an Edge's verdict, from an Edge only)
+        if not _from_organization_node(identity):  # (an Edge's verdict, from an Edge only)
             raw = headers.strip(raw, content_filter.SCL_HEADER)
         size = len(raw)
         taken = mime.intake(raw)  # once, on the way in: CRLF line ends, no line too long for SMTP
@@ -154,12 +161,14 @@ class ReceiveHandler:
             if isinstance(checked, str):
                 return checked
             raw, extra = checked
-        elif directory.edge and (identity is None or not identity.organization_node):
+        elif directory.edge and not _from_organization_node(identity):
             # (a session that skips the agents, the IP Allow list's: no results in our name either)
             raw = sender_auth.strip_results(raw, {state.connector.fqdn or self.ctx.fqdn})
-        elif directory.org.edge_subscriptions and (identity is None or not identity.organization_node):
+        elif directory.org.edge_subscriptions and not _from_organization_node(identity):
             # what only a subscribed Edge may write: its results (a hub's header firewall)
             raw = sender_auth.strip_results(raw, {e.fqdn for e in directory.org.edge_subscriptions})
+        if directory.edge and not _from_organization_node(identity):
+            raw = address_rewrite.inbound_message(directory.org.address_rewrites, raw)
         now_s = time.time()
         now = int(now_s * 1000)
         settings = directory.org.transport

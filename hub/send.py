@@ -36,14 +36,14 @@ import uvloop
 
 from mailyard import headers, pki, redisconn, registry
 from mailyard.errors import DeliveryError, PermanentDeliveryError, SiteError, TransientDeliveryError
-from mailyard.hub import dkim_sign, encoding, mx
+from mailyard.hub import address_rewrite, dkim_sign, encoding, mx
 from mailyard.hub.node import Node
 from mailyard.hub.outcomes import Batch, Outcome, defer_batch, settle
 from mailyard.hub.records import DeliveryType, Item, Message
 from mailyard.hub.redis_queues import RedisQueues
 from mailyard.hub.relay import INTERNAL_HEADER, ORIGIN_HEADER
 from mailyard.hub.send_transaction import transaction
-from mailyard.org import DkimKey, SendConnector
+from mailyard.org import AddressRewrite, DkimKey, SendConnector
 from mailyard.tls import opportunistic_client_context
 from mailyard.tracking import Event
 
@@ -69,6 +69,7 @@ class Destination:
     tls_domain: str | None = None  # with DomainValidation: the name the certificate must carry
     peers: dict[str, pki.Identity] = field(default_factory=dict)  # per target host (Edges): as ``peer``
     dkim: dict[str, DkimKey] = field(default_factory=dict)  # an Edge to the Internet: sign with these
+    rewrites: list[AddressRewrite] = field(default_factory=list)  # an Edge to the Internet: address_rewrite
 
     def peer_for(self, target: mx.Target) -> pki.Identity | None:
         return self.peers.get(target.host, self.peer)
@@ -135,7 +136,8 @@ def destination_of(node: Node, batch: Batch) -> Destination:
         if not targets:
             raise TransientDeliveryError(451, "4.4.0", f"no address for the smart hosts of {conn.name}")
     return Destination(targets, conn.port, conn.require_tls, conn.smart_host_username, conn.smart_host_password,
-                       tls_auth_level=conn.tls_auth_level, tls_domain=conn.tls_domain, dkim=signing)
+                       tls_auth_level=conn.tls_auth_level, tls_domain=conn.tls_domain, dkim=signing,
+                       rewrites=list(node.orgs.org.address_rewrites) if role is not None else [])
 
 
 def _is_ip(host: str) -> bool:
@@ -425,15 +427,19 @@ def _sign(how: encoding.Transfer, keys: dict[str, DkimKey]) -> None:
 
 def job_of(dest: Destination, item: Item, msg: Message, body: bytes) -> Job:
     """What ``deliver`` sends of one item: between nodes of the organization the relay's
-    headers added (``relay``); to the Internet from an Edge, the keys to sign it with, if the
-    message is the organization's own (Internet mail going out again is not signed)."""
+    headers added (``relay``); to the Internet from an Edge, if the message is the
+    organization's own, its addresses rewritten (``address_rewrite``) and the keys to sign it
+    with (Internet mail going out again is neither)."""
+    sender = msg.sender
     if dest.org_origin:
         lines = [f"{ORIGIN_HEADER}: {msg.id}"]
         if msg.from_organization:
             lines.append(f"{INTERNAL_HEADER}: 1")
         body = headers.prepend(body, *lines)
+    elif msg.from_organization:
+        sender, body = address_rewrite.outbound_message(dest.rewrites, sender, body)
     signing = dest.dkim if dest.dkim and not dest.org_origin and msg.from_organization else {}
-    return Job(item, msg.sender, [r.address for r in item.recipients], body, msg.smtputf8, dkim=signing)
+    return Job(item, sender, [r.address for r in item.recipients], body, msg.smtputf8, dkim=signing)
 
 
 def _status_of(message: str, code: int) -> str:

@@ -80,6 +80,20 @@ def test_exchange_2010_defaults_apply_to_keys_left_out() -> None:
         (MINIMAL + '[[receive_connectors]]\nname = "R"\nauth_mechanisms = ["ExternalAuthoritative"]\n'
          'permission_groups = ["AnonymousUsers"]\n',
          "receive_connectors[0].auth_mechanisms: ExternalAuthoritative needs the ExchangeServers permission group"),
+        (MINIMAL + '[[address_rewrites]]\nname = "W"\ninternal_address = "*.t.example"\nexternal_address = "t.example"\n',
+         "address_rewrites[0].outbound_only: must be true for a *.domain entry"),
+        (MINIMAL + '[[address_rewrites]]\nname = "A"\ninternal_address = "a@t.example"\nexternal_address = "t.example"\n',
+         "address_rewrites[0].external_address: must be an address when internal_address is one"),
+        (MINIMAL + '[[address_rewrites]]\nname = "A"\ninternal_address = "a@t.example"\n'
+         'external_address = "a@elsewhere.example"\n', "elsewhere.example is not an accepted domain"),
+        (MINIMAL + '[[address_rewrites]]\nname = "W"\ninternal_address = "*.t.example"\nexternal_address = "t.example"\n'
+         'outbound_only = true\nexception_list = ["other.example"]\n',
+         "address_rewrites[0].exception_list[0]: other.example is not a subdomain of t.example"),
+        (MINIMAL + '[[address_rewrites]]\nname = "A"\ninternal_address = "a@t.example"\nexternal_address = "b@t.example"\n'
+         '[[address_rewrites]]\nname = "B"\ninternal_address = "A@T.example"\nexternal_address = "c@t.example"\n',
+         "address_rewrites[1].internal_address: a@t.example is already rewritten by 'A'"),
+        (MINIMAL + '[[address_rewrites]]\nname = "A"\ninternal_address = "not an address"\nexternal_address = "t.example"\n',
+         "address_rewrites[0].internal_address: 'not an address' is not a valid domain name"),
         ('accepted_domains = ["t.example"]\nsites = []\n', "sites: List should have at least 1 item"),
         ("name = \n", "line 1: (syntax)"),
     ],

@@ -24,7 +24,7 @@ import pytest
 from mailyard import keys, tracking
 from mailyard.internet.dns import MX, TXT, A, DnsServer, Zone
 from mailyard.internet.sink import Sink
-from mailyard.org import AntispamSettings, BlockListProvider, Organization
+from mailyard.org import AddressRewrite, AntispamSettings, BlockListProvider, Organization
 from mailyard.site.ports import free_port
 from mailyard.testing.cluster import Cluster
 from mailyard.testing.edge import EdgeNode
@@ -256,6 +256,41 @@ def test_internet_mail_forwarded_out_again_is_not_signed_whatever_its_from_claim
     # Then it leaves unsigned: the Edge signs only the organization's own mail
     head = Path(found["file"]).read_bytes().split(b"\r\n\r\n")[0]
     assert b"DKIM-Signature:" not in head and b"X-Mailyard-Internal" not in head, head
+
+
+def test_addresses_are_rewritten_on_the_way_out_and_back_in(world: World) -> None:
+    import dkim
+
+    # Given contoso.com's key on the Edge, and an entry that shows Alice to the Internet as Sales
+    contoso_key(world)
+    world.apply(address_rewrites=[AddressRewrite(name="Sales", internal_address="alice@contoso.com",
+                                                 external_address="sales@contoso.com")])
+    wait_until(lambda: json.loads(world.edge.r.get(keys.ORG))["address_rewrites"], timeout=DEADLINE,
+               message="the entry did not reach the Edge")
+    try:
+        # When Alice writes to the Internet, it leaves as Sales, envelope and From, signed as such
+        out = tag("rewritten out")
+        world.site.send("alice@contoso.com", ["carol@fabrikam.example"], subject=out)
+        (found,) = wait_until(lambda: at_sink(world.sink, "fabrikam.example", out), timeout=DEADLINE,
+                              message=lambda: world.edge.tail())
+        assert found["envelope_from"] == "sales@contoso.com", found
+        raw = Path(found["file"]).read_bytes()
+        head = raw.split(b"\r\n\r\n")[0]
+        assert re.search(rb"^From: .*sales@contoso\.com", head, re.MULTILINE), head.decode()
+        assert b"alice@contoso.com" not in head.lower(), "the internal address leaked"
+        assert dkim.verify(raw, dnsfunc=dkim_dns(world.dns.address)), "the rewritten message is not signed right"
+        # and Alice's own record keeps her address (a DSN would come back to her)
+        sent = [r for r in edge_events(world, "SEND") if r.subject == out]
+        assert sent and sent[0].sender == "alice@contoso.com", sent
+        # When the Internet answers to Sales (no recipient of that name: the entry lets it in)
+        back = tag("rewritten in")
+        with smtp_to_edge(world) as client:
+            client.send_message(message("carol@fabrikam.example", "Sales <sales@contoso.com>", back))
+        (item,) = world.site.wait_for_subject("alice@contoso.com", back, timeout=DEADLINE)
+        raw = world.site.raw("alice@contoso.com", item["id"])
+        assert b"To: Sales <alice@contoso.com>" in raw, raw[:600]
+    finally:
+        world.apply(address_rewrites=[])
 
 
 def auth_results(raw: bytes) -> list[str]:
