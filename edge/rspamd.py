@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from mailyard import pki
+from mailyard import pki, processes
 
 log = logging.getLogger("mailyard.edge.rspamd")
 
@@ -115,7 +115,8 @@ class Rspamd:
         return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
 
     def start(self, timeout: float = 60.0) -> Rspamd:
-        self.proc = subprocess.Popen(self.command(), env=self.environment(),
+        # (it dies with the Edge: a daemon left behind by a killed Edge would hold its port)
+        self.proc = subprocess.Popen(self.command(), env=self.environment(), preexec_fn=processes.die_with_parent,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

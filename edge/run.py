@@ -24,7 +24,7 @@ from pathlib import Path
 import redis
 import uvicorn
 
-from mailyard import keys, redisconn
+from mailyard import keys, processes, redisconn
 from mailyard.edge import rspamd
 from mailyard.edge.home import EdgeHome
 from mailyard.edge.rspamd import Rspamd
@@ -77,7 +77,8 @@ class Transport:
                 if self.wanted.is_set() and (self.proc is None or self.proc.poll() is not None):
                     if self.proc is not None:
                         log.warning("the Edge's transport ended (status %s): starting it again", self.proc.returncode)
-                    self.proc = subprocess.Popen(self.argv, env=self.env)  # (its output is this process's)
+                    # (its output is this process's; it dies with the Edge)
+                    self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=processes.die_with_parent)
 
     def stop(self) -> None:
         self._stop.set()

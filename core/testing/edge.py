@@ -113,19 +113,21 @@ class EdgeNode:
                 continue
         return out
 
-    def kill(self) -> None:
-        """SIGKILL the Edge and every process of it (its transport, its workers)."""
+    def kill(self, *, alone: bool = False) -> None:
+        """SIGKILL the Edge and every process of it (its transport, its workers, rspamd), or
+        with ``alone`` only ``edge run``, whose processes must then end by themselves."""
         assert self.proc is not None
         pids = self.pids()
-        for pid in pids:
+        for pid in pids[:1] if alone else pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.proc.wait()
         # (the others are not this process's children: wait until they are gone, or reaped)
-        wait_until(lambda: all(not os.path.exists(f"/proc/{p}") or _zombie(p) for p in pids), timeout=30,
-                   message="the Edge's processes outlived SIGKILL")
+        wait_until(lambda: all(not os.path.exists(f"/proc/{p}") or _zombie(p) for p in pids), timeout=60,
+                   message=lambda: "the Edge's processes outlived it: " + ", ".join(
+                       _name(p) for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -140,6 +142,15 @@ class EdgeNode:
         except (ProcessLookupError, PermissionError):
             pass
         self.redis.stop()
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            command = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        return f"{pid} {command[:80]}"
+    except OSError:
+        return str(pid)
 
 
 def _zombie(pid: int) -> bool:
