@@ -35,6 +35,8 @@ class HubInfo:
     heartbeat: int = 0
     endpoints: dict[str, str] = field(default_factory=dict)
     pids: list[int] = field(default_factory=list)  # the hub's processes (worker and pool)
+    version: str = ""  # Mailyard's version the hub runs
+    concurrency: int = 0  # its pool's worker processes
 
     def alive(self, timeout_s: float, now: int | None = None) -> bool:
         return (now or now_ms()) - self.heartbeat <= timeout_s * 1000
@@ -88,6 +90,8 @@ def hubs(r: redis.Redis) -> list[HubInfo]:
                 heartbeat=int(beat),
                 endpoints=json.loads(d.get("endpoints") or "{}"),
                 pids=json.loads(d.get("pids") or "[]"),
+                version=d.get("version", ""),
+                concurrency=int(d.get("concurrency", 0) or 0),
             )
         )
     return out

@@ -83,6 +83,7 @@ def run(
     receiver = ListenerProcess(hub=name, site=site, redis_url=redis_url, data_dir=data_dir,
                                binds=binds or [], loglevel=loglevel) if receive else None
     app, node = create(name, site, redis_url, data_dir=data_dir, receive=receiver)
+    node.concurrency = concurrency
     try:
         node.node_cert.check()
     except SiteError as exc:

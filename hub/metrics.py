@@ -11,13 +11,18 @@ restart loses nothing) that turns the queues and the counters of ``my:stats`` in
   mailyard_ndrs_total                                          DSNs generated (messages)
   mailyard_smtp_sessions_total{hub,connector}                  SMTP sessions accepted
   mailyard_hubs_alive{site}                                    hubs with a recent heartbeat
+  mailyard_back_pressure{site}                                 0 Normal, 1 Medium, 2 High
+  mailyard_back_pressure_resource{site,resource}               each resource's level
 
-A scrape costs three Redis round trips (pipelined) whatever the number of queues and hubs,
+deploy/prometheus/alerts.yml alerts on them (queue age, no hub alive, High, deferrals).
+
+A scrape costs four Redis round trips (pipelined) whatever the number of queues and hubs,
 plus one to check the organization's version.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -122,6 +127,28 @@ class SiteCollector(Collector):
         for site_name, count in sorted(alive.items()):
             hubs.add_metric([site_name], count)
         yield hubs
+        yield from self._pressure(sorted(alive))
+
+    def _pressure(self, sites: list[str]) -> Iterator[Metric]:
+        """Each site's back pressure (the sweeper's, gone with it after 10 s: Normal then)."""
+        pipe = self.r.pipeline(transaction=False)
+        for site in sites:
+            pipe.hgetall(keys.pressure(site))
+        level = GaugeMetricFamily("mailyard_back_pressure", "The site's back pressure level: 0 Normal, 1 Medium, "
+                                  "2 High (new mail refused).", labels=["site"])
+        resource = GaugeMetricFamily("mailyard_back_pressure_resource", "Each watched resource's level "
+                                     "(Memory, SubmissionQueue, Backlog), per site.", labels=["site", "resource"])
+        for site, raw in zip(sites, pipe.execute() if sites else [], strict=True):
+            data = text_map(raw)
+            level.add_metric([site], number(data.get("level")))
+            try:
+                levels = json.loads(data.get("resources") or "{}")
+            except ValueError:
+                levels = {}
+            for name in ("Memory", "SubmissionQueue", "Backlog"):
+                resource.add_metric([site, name], float(levels.get(name, 0)))
+        yield level
+        yield resource
 
 
 def make_registry(r: redis.Redis) -> CollectorRegistry:

@@ -69,6 +69,7 @@ class Node:
     redis_url: str
     app: Celery
     data_dir: Path | None = None  # where its certificate is (pki.pki_dir); None: the working directory's
+    concurrency: int = 0  # its pool's worker processes (``mailyard hub --concurrency``; 0: not known)
     _pid: int = -1
     _res: dict[str, Any] = field(default_factory=dict)
 

@@ -52,9 +52,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mailyard import redisconn, registry, tracking
+from mailyard import redisconn, tracking
 from mailyard.errors import MailyardError, NotFoundError, SiteError, StateError
 from mailyard.filters import FilterError
+from mailyard.hub import hub_list
 from mailyard.hub import queue_actions as actions
 from mailyard.hub.metrics import CONTENT_TYPE, make_registry, render
 from mailyard.hub.node import Node
@@ -374,13 +375,7 @@ def create_app(redis_url: str, *, token: str | None = None, metrics_token: str |
             timeout_s = float(node().settings.hub_heartbeat_timeout)
         except MailyardError:
             timeout_s = DEFAULT_HEARTBEAT_TIMEOUT_S
-        now = registry.now_ms()
-        return JSONResponse([
-            {"name": h.name, "site": h.site, "host": h.host, "pid": h.pid, "started": _iso(h.started),
-             "heartbeat": _iso(h.heartbeat), "heartbeat_age_seconds": round(max(0, now - h.heartbeat) / 1000, 1),
-             "alive": h.alive(timeout_s, now), "endpoints": h.endpoints}
-            for h in registry.hubs(r)
-        ])
+        return JSONResponse(hub_list.hub_rows(r, timeout_s))
 
     # endregion
     return app

@@ -20,7 +20,7 @@ import os
 import threading
 from collections import Counter
 
-from mailyard import durability, keys, registry
+from mailyard import __version__, durability, keys, registry
 from mailyard.hub import dsn, pressure
 from mailyard.hub.bounce import queue_report
 from mailyard.hub.node import Hub, Node
@@ -290,7 +290,8 @@ class Services:
 
         while not self._stop.is_set():
             try:
-                extra = {"stdlib_mailbox": str(mailbox.__file__), "pids": json.dumps(worker_pids())}
+                extra = {"stdlib_mailbox": str(mailbox.__file__), "pids": json.dumps(worker_pids()),
+                         "version": __version__, "concurrency": str(self.node.concurrency)}
                 hub_heartbeat(self.node.r, self.node.name, self.node.site, started=self._started,
                               extra=extra)
             except Exception as exc:

@@ -156,3 +156,36 @@ def test_the_exposition_is_prometheus_text_with_types_and_help(site: Cluster) ->
         assert re.search(rf"^# HELP {family} \S", text, re.M), name
     # a queue identity's backslash is escaped as the format requires, and parses back
     assert 'queue="Amsterdam\\\\MBX-AMS-01"' in text
+
+
+def test_back_pressure_is_a_metric_per_site_and_resource(site: Cluster) -> None:
+    from mailyard.hub.pressure import Level
+
+    samples = scrape(site)  # (every site of the organization, its level Normal without a sweeper's)
+    assert value(samples, "mailyard_back_pressure", site="Amsterdam") == Level.NORMAL
+    for resource in ("Memory", "SubmissionQueue", "Backlog"):
+        assert value(samples, "mailyard_back_pressure_resource", site="Amsterdam", resource=resource) == 0
+
+
+def test_every_alert_rule_in_deploy_asks_for_metrics_and_labels_the_viewer_serves(site: Cluster) -> None:
+    import yaml
+
+    site.send("alice@contoso.com", ["bob@contoso.com"], subject="for the counters")
+    wait_until(lambda: of(scrape(site), "mailyard_recipients_total"), timeout=60)
+    served: dict[str, set[str]] = {}
+    for (name, labels), _ in scrape(site).items():
+        served.setdefault(name, set()).update(k for k, _ in labels)
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} >= {"MailyardQueueOld", "MailyardNoHubAlive", "MailyardBackPressureHigh",
+                                           "MailyardDeferralRate"}
+    for rule in rules:
+        names = set(re.findall(r"\bmailyard_[a-z_]+", rule["expr"]))
+        assert names, rule["alert"]
+        for name in names:
+            assert name in served, f"{rule['alert']} asks for {name}, which /metrics does not serve"
+        used = set(re.findall(r"\$labels\.(\w+)", " ".join(rule["annotations"].values())))
+        used |= {label for group in re.findall(r"by \(([^)]*)\)", rule["expr"]) for label in group.split(",")}
+        used = {label.strip() for label in used}
+        offered = set.union(*(served[n] for n in names))
+        assert used <= offered, f"{rule['alert']} uses labels {used - offered} that {names} do not have"
+        assert rule["labels"]["severity"] in {"warning", "critical"} and rule["for"]
