@@ -137,6 +137,7 @@ class ConfigPush(_Wire):
     transport: TransportSettings
     dkim: list[DkimKey] = Field(default_factory=list)  # over mutually authenticated TLS only
     address_rewrites: list[AddressRewrite] = Field(default_factory=list)
+    org_version: int = 0  # the organization's version it was made of: an Edge takes no older one
     generated_at: float
 
 
@@ -179,7 +180,7 @@ def recipients_push(org: Organization, salt: str, now: float | None = None) -> R
 
 
 def config_push(org: Organization, site: str, edge: str, hubs: list[str], now: float | None = None,
-                dkim: list[DkimKey] | None = None) -> ConfigPush:
+                dkim: list[DkimKey] | None = None, org_version: int = 0) -> ConfigPush:
     """The configuration an Edge subscribed to ``site`` gets: the organization's accepted
     domains, ``EdgeSync - Inbound to <site>`` (every accepted domain, to the site's hubs,
     ``--``) and every send connector this Edge is a source of, as the Edge runs them (its own:
@@ -192,5 +193,5 @@ def config_push(org: Organization, site: str, edge: str, hubs: list[str], now: f
     return ConfigPush(organization=org.name, site=site, accepted_domains=list(org.accepted_domains),
                       send_connectors=[inbound, *own], hubs=hubs, antispam=org.antispam, transport=org.transport,
                       dkim=[k for k in dkim or [] if k.active],  # (a pending key signs nothing)
-                      address_rewrites=list(org.address_rewrites),
+                      address_rewrites=list(org.address_rewrites), org_version=org_version,
                       generated_at=time.time() if now is None else now)

@@ -93,7 +93,8 @@ In an Edge's own Redis (it never reaches the organization's):
                                       authenticated senders (refused to anonymous ones)
   my:edge:staging:<key>       SET     a push being written, renamed onto <key> when complete
   my:edge:state               HASH    site, subscribed_at, config_at, recipients_at, recipients,
-                                      by (the hub that pushed last)
+                                      by (the hub that pushed last), org_version (the organization
+                                      version of the configuration taken: an older one is ignored)
   (its organization copy is my:org, written by EdgeSync with an ``edge`` section; its queues
   are the keys above, as on a hub)
 

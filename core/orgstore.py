@@ -144,6 +144,14 @@ class OrgCache:
         self.get()
         return self._version
 
+    def snapshot(self) -> tuple[int, Directory]:
+        """The directory and its version, read together (``version`` after ``org`` may be a
+        newer directory's: whatever is labelled with it must be what was read)."""
+        self.get()
+        with self._lock:
+            assert self._dir is not None
+            return self._version, self._dir
+
     def invalidate(self) -> None:
         self._checked = 0.0
 

@@ -32,6 +32,7 @@ from mailyard.edgesync import BOOTSTRAP_PATH, CONFIG_PATH, RECIPIENTS_PATH, Boot
 from mailyard.errors import SiteError
 from mailyard.orgstore import apply_org
 from mailyard.peer_http import PEER
+from mailyard.redisconn import number
 
 log = logging.getLogger("mailyard.edge.sync")
 
@@ -147,11 +148,19 @@ def create_app(home: EdgeHome, r: redis.Redis, trust: Trust,
         push: ConfigPush = _parse(ConfigPush, await body_of(request))
         if push.site != site:
             raise Refused(403, f"this Edge is subscribed to site {site}, not {push.site}")
+        # A push made of an older organization than the last one taken (a hub that read it
+        # just before an `org apply`, sending after the hub that read the new one) changes nothing
+        taken = number(r.hget(keys.EDGE_STATE, "org_version"))
+        if push.org_version and push.org_version < taken:
+            log.info("ignored a configuration of organization version %d: version %d is here",
+                     push.org_version, taken)
+            return {"edge": home.name, "stale": True}
         settings = home.config()
         org = edge_organization(push, name=settings["name"], fqdn=settings["fqdn"], smtp=home.listen("smtp"),
                                  salt=settings["recipient_salt"], rspamd=rspamd_url, dns_servers=dns_servers)
         version = apply_org(r, org)
         r.hset(keys.EDGE_STATE, mapping={"config_at": time.time(), "config_version": version,
+                                         "org_version": push.org_version,
                                          "by": str(getattr(request.state, PEER, ""))})
         on_config()
         return {"edge": home.name, "version": version}

@@ -125,7 +125,8 @@ class Pusher:
     def run_once(self, now: float | None = None) -> list[str]:
         """Push what is due; returns what was pushed ("<edge>: config", ...)."""
         now = time.time() if now is None else now
-        org = self.node.orgs.org
+        version, directory = self.node.orgs.snapshot()
+        org = directory.org
         done = []
         for sub in org.edge_subscriptions:
             if sub.site != self.node.site:
@@ -134,7 +135,7 @@ class Pusher:
             if not self._hold(sub.name):
                 continue
             try:
-                done += self.sync(sub, org, now)
+                done += self.sync(sub, org, now, version=version)
                 self._failures.pop(sub.name, None)
             except Exception as exc:  # (whatever it is, it is this Edge's error, not the pass's)
                 why = str(exc) if isinstance(exc, EdgeSyncError) else f"{type(exc).__name__}: {exc}"
@@ -157,11 +158,12 @@ class Pusher:
         r.pexpire(lease, LEASE_MS)
         return True
 
-    def sync(self, sub: EdgeSubscription, org: Organization, now: float, *, force: bool = False) -> list[str]:
+    def sync(self, sub: EdgeSubscription, org: Organization, now: float, *, version: int,
+             force: bool = False) -> list[str]:
+        """Push what is due of ``org``, the organization's ``version`` (read with it)."""
         r, state_key = self.node.r, keys.edge_sync(sub.name)
         state = text_map(r.hgetall(state_key))
         asked = r.get(keys.edge_sync_now(sub.name))
-        version = self.node.orgs.version
         changed = self._org_version.get(sub.name) not in (None, version)
         done = []
         if state.get("bootstrapped") != "1":
@@ -183,7 +185,7 @@ class Pusher:
             if not hubs:  # (a restart of every hub: better the Edge keeps the list it has)
                 raise EdgeSyncError(f"no live hub of site {sub.site} has a receive connector for Exchange servers "
                                     "(ExchangeServers, ExchangeServer): nothing to tell the Edge")
-            push = config_push(org, sub.site, sub.name, hubs, now, dkim=dkim_keys.all_keys(r))
+            push = config_push(org, sub.site, sub.name, hubs, now, dkim=dkim_keys.all_keys(r), org_version=version)
             self._hold(sub.name)
             _post(sub, CONFIG_PATH, push.model_dump_json(), ctx)
             r.hset(state_key, mapping={"config_at": now, "by": self.node.name, "error": "", "hubs": " ".join(hubs)})
