@@ -152,3 +152,32 @@ def test_the_tracking_log_shows_a_whole_path_expand_defer_deliver(site) -> None:
     assert delivered == sorted(f"{w}@contoso.com" for w in ("alice", "bob", "carol", "dave"))
     by_recipient = as_json(site, "track", "--recipient", "dave@contoso.com", "--event", "DELIVER")
     assert any(e["message_id"] == sent["message_id"] for e in by_recipient)
+
+
+def screen(session: str) -> str:
+    return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
+                          check=True, timeout=10).stdout
+
+
+def test_queue_list_watch_redraws_in_place_when_a_queue_changes(site: Cluster, tmp_path) -> None:
+    # Given `queue list --watch` on a terminal (tmux, 200 columns), as an operator on a server
+    session = f"watch-{os.getpid()}-{tmp_path.name}"
+    command = f"{sys.executable} -m mailyard queue list --watch --interval 0.5"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", "-c", str(ROOT),
+                    "-e", f"MAILYARD_REDIS_URL={site.redis_url}", command], check=True, timeout=30)
+    identity = "Amsterdam\\MBX-AMS-01"
+
+    def row() -> str | None:
+        return next((line for line in screen(session).splitlines() if line.startswith(identity + " ")), None)
+    try:
+        first = wait_until(row, timeout=60, message=lambda: screen(session))
+        assert "Suspended" not in first and screen(session).startswith("Every 0.5 s: mailyard queue list")
+        # When the queue is suspended from another terminal, the same screen shows it
+        run(site, "queue", "suspend", identity)
+        wait_until(lambda: "Suspended" in (row() or ""), timeout=60, message=lambda: screen(session))
+        assert screen(session).count(identity + " ") == 1, "redrawn in place, not scrolled"
+        run(site, "queue", "resume", identity)
+        wait_until(lambda: "Suspended" not in (row() or "Suspended"), timeout=60, message=lambda: screen(session))
+    finally:
+        run(site, "queue", "resume", identity, check=False)
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=30)

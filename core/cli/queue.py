@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
+import redis
 
 from mailyard.cli.common import (
     connect,
@@ -44,23 +46,64 @@ def print_outcome(outcome, as_json: bool, what: str) -> None:
 @click.option("--server", help="Only the queues of this hub's site.")
 @click.option("--filter", "filter_", metavar="EXPR", help="e.g. \"Status -eq Retry -and MessageCount -gt 10\".")
 @click.option("--sort", metavar="FIELDS", help="e.g. -MessageCount,Identity (- for descending).")
+@click.option("--watch", is_flag=True, help="Refresh in place, like top, until Ctrl-C.")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.2, 3600),
+              help="Seconds between refreshes with --watch.")
 @redis_option
 @json_option
 @handle_errors
-def list_(server: str | None, filter_: str | None, sort: str | None, redis_url: str | None, data_dir: Path,
-          as_json: bool) -> None:
+def list_(server: str | None, filter_: str | None, sort: str | None, watch: bool, interval: float,
+          redis_url: str | None, data_dir: Path, as_json: bool) -> None:
     """Every queue: identity, delivery type, status, message count, next hop, retry times, last error."""
     from mailyard.hub.queue_rows import queue_rows
 
-    rows = queue_rows(connect(redis_url, data_dir), server=server, filter=filter_, sort=sort)
-    if as_json:
-        print_json(rows)
+    r = connect(redis_url, data_dir)
+
+    def render() -> str:
+        rows = queue_rows(r, server=server, filter=filter_, sort=sort)
+        return table(
+            [(q["identity"], q["delivery_type"], q["status"], q["message_count"], q["next_hop_domain"],
+              _when(q["last_retry_time"]), _when(q["next_retry_time"]), q["last_error"][:80]) for q in rows],
+            ["Identity", "DeliveryType", "Status", "MessageCount", "NextHopDomain", "LastRetryTime",
+             "NextRetryTime", "LastError"])
+
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch shows a table: leave out --json")
+        _watch(render, interval)
         return
-    click.echo(table(
-        [(q["identity"], q["delivery_type"], q["status"], q["message_count"], q["next_hop_domain"],
-          _when(q["last_retry_time"]), _when(q["next_retry_time"]), q["last_error"][:80]) for q in rows],
-        ["Identity", "DeliveryType", "Status", "MessageCount", "NextHopDomain", "LastRetryTime",
-         "NextRetryTime", "LastError"]))
+    if as_json:
+        print_json(queue_rows(r, server=server, filter=filter_, sort=sort))
+        return
+    click.echo(render())
+
+
+def _watch(render: Callable[[], str], interval: float) -> None:
+    """Redraw ``render()`` in place every ``interval`` seconds until Ctrl-C; a Redis that does
+    not answer is shown as such, and the next refresh tries again."""
+    import shutil
+    import time
+
+    from mailyard.errors import MailyardError
+
+    click.echo("\x1b[?1049h", nl=False)  # (the terminal's alternate screen, as top: restored at the end)
+    try:
+        while True:
+            try:
+                body = render()
+            except (MailyardError, redis.RedisError, OSError) as exc:
+                body = f"error: {exc} (trying again in {interval:g} s)"
+            width, height = shutil.get_terminal_size()
+            title = f"Every {interval:g} s: mailyard queue list"
+            lines = [title + time.strftime("%Y-%m-%d %H:%M:%S").rjust(max(0, width - len(title))), "",
+                     *body.splitlines()][:max(1, height - 1)]
+            # home, each line cleared to its end, then the rest of the screen: no flicker
+            click.echo("\x1b[H" + "".join(line[:width] + "\x1b[K\n" for line in lines) + "\x1b[J", nl=False)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        click.echo("\x1b[?1049l", nl=False)
 
 
 @queue.command()
