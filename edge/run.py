@@ -131,6 +131,7 @@ def serve(*, data_dir: Path, redis_url: str, loglevel: str = "INFO", concurrency
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # (before it is announced: a hub that comes early waits rather than being refused)
     # (uvicorn makes its own context from files; the listener's must be this one, which the
     # bootstrap changes while it runs)
     web_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http=PeerH11,

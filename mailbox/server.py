@@ -61,6 +61,9 @@ def serve(
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Listen now, before the address is published: a client that comes as soon as it is (a
+    # hub, a test) waits in the backlog while the web server starts instead of being refused.
+    sock.listen(2048)
     bound = sock.getsockname()[1]
     url = advertise_url or f"https://{host if ':' not in host else f'[{host}]'}:{bound}"
     hosts = frozenset(h.lower() for h in (host, urlsplit(url).hostname or host, identity.dns_name))

@@ -267,6 +267,8 @@ def parse(args: list[str]) -> dict[str, Any]:
     path = ["mailyard"]
     rest = list(args)
     while isinstance(group, click.Group):
+        if group.invoke_without_command and (not rest or rest[0].startswith("-")):
+            break  # (a group that runs by itself, as `mailyard hub --site S` does)
         assert rest, f"`{' '.join(path)}` needs a sub-command"
         name = rest.pop(0)
         sub = group.get_command(click.Context(group), name)

@@ -29,6 +29,9 @@ LIMITED = {
     "max_hop_count": 5,
     "max_inbound_connection_per_source": 2,
     "max_logon_failures": 3,
+    # (no tarpit: these tests refuse on purpose, and would wait 5 s a refusal; the tarpit is
+    # test_receive_abuse's)
+    "tarpit_interval": 0,
 }
 
 # An application server's connector: the link is secured outside SMTP (Exchange's

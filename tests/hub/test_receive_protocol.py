@@ -167,7 +167,7 @@ def test_smtp_smuggling_does_not_split_a_message(site: Cluster) -> None:
 
 
 def raw_session(site: Cluster, connector: str = "Internet", source: str = "127.0.0.2") -> tuple[socket.socket, Any]:
-    s = socket.create_connection(site.smtp(HUB, connector), timeout=10, source_address=(source, 0))
+    s = socket.create_connection(site.smtp(HUB, connector), timeout=30, source_address=(source, 0))
     f = s.makefile("rb")
     assert f.readline().startswith(b"220")
     return s, f
