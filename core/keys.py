@@ -7,7 +7,7 @@ references. All keys start with ``my:``; Celery's own keys start with ``my:celer
 Organization directory
   my:org                      STRING  the validated organization, JSON (mailyard.org)
   my:org:version              STRING  integer, bumped by every ``mailyard org apply``
-  my:org:changed              PUBSUB  announces a new version (nodes also poll the version)
+  my:org:changed              PUBSUB  announces a new version: receive connectors re-read at once (and poll the version)
 
 Nodes
   my:hubs                     ZSET    hub name -> last heartbeat, ms since the epoch
