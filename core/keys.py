@@ -111,6 +111,21 @@ Message tracking and metrics
   my:stats                    HASH    "<EVENT>|<queue, connector or source>" -> count since the
                                       site began (recipients; messages for RECEIVE, SUBMIT, DSN);
                                       "SESSION|<hub>\\<connector>" -> SMTP sessions accepted
+  my:sessions:<hub>           HASH    receive connector -> SMTP sessions open on it now, written by
+                                      the hub's receive listener every second; expires after 10 s
+
+Mail flow over time (mailyard.hub.flow; minutes are minutes since 1970, UTC)
+  my:flow:raw:<minute>        HASH    counts as they happen, by every hub in its tracking writes:
+                                      "<EVENT>|<site>\\<next hop>" -> recipients (DELIVER, SEND,
+                                      DEFER, FAIL), "RECEIVE|<hub>" -> messages, and the sweeper's
+                                      first sample in the minute, "DEPTH|<site>\\<next hop>" ->
+                                      messages queued; expires after 3 h (rolled up long before)
+  my:flow:<minute>            HASH    a closed minute, rolled up by the sweeper: "<site>|<metric>"
+                                      and "<site>\\<next hop>|<metric>" -> count, metric one of
+                                      received, delivered, deferred, failed, depth; only the
+                                      minute's 20 busiest next hops by name, the rest summed as
+                                      "<site>\\(other)"; zeros left out; expires after 25 h
+  my:flow:rolled              STRING  the last minute rolled up
 """
 
 from __future__ import annotations
@@ -136,6 +151,19 @@ EXPIRY = P + "expiry"
 DELAY = P + "delay"
 TRACK = P + "track"
 STATS = P + "stats"
+FLOW_ROLLED = P + "flow:rolled"
+
+
+def flow_raw(minute: int) -> str:
+    return f"{P}flow:raw:{minute}"
+
+
+def flow(minute: int) -> str:
+    return f"{P}flow:{minute}"
+
+
+def sessions(hub: str) -> str:
+    return f"{P}sessions:{hub}"
 
 CELERY_PREFIX = P + "celery:"
 DURABILITY_FENCE = P + "durability:fence"

@@ -109,6 +109,26 @@ def add(txn: Txn, record: Record, retention_s: float, now_ms: int | None = None)
     label = record.queue or record.connector or record.source or "-"
     count = 1 if record.event in (Event.RECEIVE, Event.SUBMIT, Event.DSN) else max(1, len(record.recipients))
     txn.op("HINCRBY", keys.STATS, f"{record.event}|{label}", count)
+    if (flow := flow_field(record)) is not None:  # the same counts per minute (mailyard.hub.flow)
+        raw = keys.flow_raw(now_ms // 60_000)
+        txn.op("HINCRBY", raw, flow, count)
+        txn.op("EXPIRE", raw, FLOW_RAW_TTL_S)
+
+
+FLOW_RAW_TTL_S = 3 * 3600  # (the sweeper rolls a minute up within two; this is if none runs)
+FLOW_EVENTS = (Event.DELIVER, Event.SEND, Event.DEFER, Event.FAIL)
+
+
+def flow_field(record: Record) -> str | None:
+    """The field a record counts in, in its minute's ``my:flow:raw``: recipients by next hop
+    queue (``<site>\\<next hop>``), or by the hub where there is no queue (a recipient the
+    categorizer failed); messages received by the hub. None: not part of the flow (an agent's
+    refusal at SMTP was never accepted; a submission is counted as its store driver receives it)."""
+    if record.event == Event.RECEIVE:
+        return f"RECEIVE|@{record.server}"
+    if record.event in FLOW_EVENTS and record.source != "AGENT":
+        return f"{record.event}|{record.queue}" if record.queue else f"{record.event}|@{record.server}"
+    return None
 
 
 def _record(entry_id: str, data: dict[str, str]) -> Record:

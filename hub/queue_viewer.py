@@ -17,6 +17,9 @@ site's Redis with the same functions as the CLI (``mailyard queue ...``, ``maily
   GET  /api/track?message_id=&internal_id=&sender=&recipient=&event=&start=&end=&limit=
                                           the message tracking log
   GET  /api/hubs                          hub nodes and their heartbeats
+  GET  /api/flow?minutes=                 mail flow per minute, per site and next hop
+                                          (received, delivered, deferred, failed, depth)
+  GET  /api/shape?by=queue|domain|sender  queue shape (qshape): messages by age, per destination
   GET  /health                            200 while Redis answers
   GET  /metrics                           Prometheus text format (mailyard.hub.metrics)
 
@@ -55,7 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mailyard import redisconn, tracking
 from mailyard.errors import MailyardError, NotFoundError, SiteError, StateError
 from mailyard.filters import FilterError
-from mailyard.hub import hub_list
+from mailyard.hub import flow, hub_list, queue_shape
 from mailyard.hub import queue_actions as actions
 from mailyard.hub.metrics import CONTENT_TYPE, make_registry, render
 from mailyard.hub.node import Node
@@ -376,6 +379,21 @@ def create_app(redis_url: str, *, token: str | None = None, metrics_token: str |
         except MailyardError:
             timeout_s = DEFAULT_HEARTBEAT_TIMEOUT_S
         return JSONResponse(hub_list.hub_rows(r, timeout_s))
+
+    @app.get("/api/flow")
+    def flow_series(minutes: int = Query(60, ge=1, le=flow.WINDOW_MINUTES)) -> JSONResponse:
+        try:
+            sites = [s.name for s in node().orgs.org.sites]
+        except MailyardError:
+            sites = []
+        return JSONResponse(flow.read(r, int(time.time() * 1000), minutes, sites=sites).as_dict())
+
+    @app.get("/api/shape")
+    def shape(by: str = "queue") -> JSONResponse:
+        if by not in queue_shape.BY:
+            raise ApiError(400, f"by: one of {', '.join(queue_shape.BY)}, not {by!r}")
+        rows = queue_shape.shape(r, by=by, now_ms=int(time.time() * 1000))
+        return JSONResponse({"by": by, "columns": list(queue_shape.COLUMNS), "rows": [row.as_dict() for row in rows]})
 
     # endregion
     return app

@@ -20,8 +20,10 @@ import os
 import threading
 from collections import Counter
 
+import redis
+
 from mailyard import __version__, durability, keys, registry
-from mailyard.hub import dsn, pressure
+from mailyard.hub import dsn, flow, pressure
 from mailyard.hub.bounce import queue_report
 from mailyard.hub.node import Hub, Node
 from mailyard.hub.outcomes import stop_processing
@@ -65,6 +67,7 @@ class Sweeper:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._notifier: Notifier | None = None
+        self.flow = flow.Recorder(node.r)
 
     def holds_lease(self) -> bool:
         return bool(script(self.node.r, "lease")(keys=[keys.SWEEPER], args=[self.node.name, LEASE_MS]))
@@ -83,6 +86,10 @@ class Sweeper:
             "renotified": self.renotify_outbox(),
             "rerouted": self.reroute_unreachable(),
         }
+        try:  # (after the mail's own work: a picture of the flow never holds it up)
+            self.flow.tick(now_ms())
+        except redis.RedisError as exc:
+            log.warning("could not record the mail flow: %s", exc)
         return {k: v for k, v in done.items() if v}
 
     def reclaim_expired_leases(self) -> int:
