@@ -17,6 +17,9 @@ site's Redis with the same functions as the CLI (``mailyard queue ...``, ``maily
   GET  /api/track?message_id=&internal_id=&sender=&recipient=&event=&start=&end=&limit=
                                           the message tracking log
   GET  /api/hubs                          hub nodes and their heartbeats
+  GET  /api/hubs/<name>                   one hub: its row, items in flight, its receive
+                                          connectors with the SMTP sessions open on each
+  GET  /api/connectors                    the organization's send and receive connectors
   GET  /api/flow?minutes=                 mail flow per minute, per site and next hop
                                           (received, delivered, deferred, failed, depth)
   GET  /api/shape?by=queue|domain|sender  queue shape (qshape): messages by age, per destination
@@ -379,6 +382,15 @@ def create_app(redis_url: str, *, token: str | None = None, metrics_token: str |
         except MailyardError:
             timeout_s = DEFAULT_HEARTBEAT_TIMEOUT_S
         return JSONResponse(hub_list.hub_rows(r, timeout_s))
+
+    @app.get("/api/hubs/{name}")
+    def hub_page(name: str) -> JSONResponse:
+        org = node().orgs.org
+        return JSONResponse(hub_list.hub_detail(r, name, org, float(org.transport.hub_heartbeat_timeout)))
+
+    @app.get("/api/connectors")
+    def connectors() -> JSONResponse:
+        return JSONResponse(hub_list.connector_rows(r, node().orgs.org))
 
     @app.get("/api/flow")
     def flow_series(minutes: int = Query(60, ge=1, le=flow.WINDOW_MINUTES)) -> JSONResponse:

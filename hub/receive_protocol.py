@@ -62,6 +62,7 @@ log = logging.getLogger("mailyard.hub.receive")
 # a long line only when it ends, and in DATA it keeps every piece of it until then: without a
 # cap, one client sending no line break would make the process buffer without bound.
 MAX_UNBROKEN_LINE = 64 * 1024
+SESSIONS_TTL_S = 10  # my:sessions:<hub> outlives its last write by this much (a hub that died)
 CLOSE_GRACE = 5.0  # seconds a closing connection has to take its last replies, then it is cut
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -112,12 +113,17 @@ class ReceiveContext:
         self.sessions[connector] += 1
 
     async def flush_counts(self) -> None:
-        if not self.sessions:
-            return
+        """Once a second: the sessions accepted since (counters, for /metrics) and the sessions
+        open now per connector (``my:sessions:<hub>``, for the hub's page: gone with the hub)."""
         counts, self.sessions = self.sessions, Counter()
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline(transaction=True)
         for connector, n in counts.items():
             pipe.hincrby(keys.STATS, f"SESSION|{self.hub}\\{connector}", n)
+        open_now = {name: n for name, n in self.per_connector.items() if n > 0}
+        pipe.delete(keys.sessions(self.hub))
+        if open_now:
+            pipe.hset(keys.sessions(self.hub), mapping=open_now)  # type: ignore[arg-type]
+            pipe.expire(keys.sessions(self.hub), SESSIONS_TTL_S)
         await pipe.execute()
 
     def connectors_for(self, binding: str) -> list[ReceiveConnector]:

@@ -401,9 +401,10 @@ async function loadHubs() {
   const result = await api("GET", "/api/hubs");
   if (!result.ok) return false;
   const hubs = result.data.slice().sort((a, b) => a.site.localeCompare(b.site) || a.name.localeCompare(b.name));
-  $("#hubs").replaceChildren(...hubs.map(h => el("span", {
-    class: "hub" + (h.alive ? "" : " dead"), "data-hub": h.name,
-    title: `${h.name} (${h.site}) on ${h.host}, pid ${h.pid}; heartbeat ${h.heartbeat_age_seconds}s ago`,
+  $("#hubs").replaceChildren(...hubs.map(h => el("a", {
+    class: "hub" + (h.alive ? "" : " dead"), "data-hub": h.name, href: "#hub/" + encodeURIComponent(h.name),
+    title: `${h.name} (${h.site}) on ${h.host}, pid ${h.pid}; heartbeat ${h.heartbeat_age_seconds}s ago` +
+      (h.alive ? "" : " (dead)"),
     text: `${h.name} · ${h.site}`,
   })));
   return true;
@@ -442,6 +443,217 @@ async function track(query) {
 
 // endregion
 
+// region: mail flow and queue shape
+
+const FLOW_REFRESH_MS = 5000;
+const SHAPE_SLOW_MS = 30000;  // by domain or sender reads every queued item: not every refresh
+const RATE_SERIES = [
+  ["received", "received (messages)", "#667085"],
+  ["delivered", "delivered", "#12b76a"],
+  ["deferred", "deferred", "#f79009"],
+  ["failed", "failed", "#d92d20"],
+];
+const charts = {rates: null, depth: null, window: 0};
+
+function sumSeries(tables, metric, length) {
+  const out = new Array(length).fill(0);
+  for (const table of tables) (table[metric] || []).forEach((n, i) => { out[i] += n; });
+  return out;
+}
+
+function chartSize(id) {
+  const box = $(id);
+  return {width: Math.max(280, box.clientWidth || 600), height: 200};
+}
+
+function makeChart(id, series, data) {
+  const opts = {
+    ...chartSize(id),
+    scales: {x: {time: true}},
+    series: [{}, ...series.map(([, label, color]) => ({label, stroke: color, width: 2,
+                                                        fill: series.length === 1 ? color + "22" : undefined}))],
+    axes: [{stroke: "#667085"}, {stroke: "#667085", size: 50}],
+    legend: {live: true},
+  };
+  $(id).replaceChildren();
+  return new uPlot(opts, data, $(id));
+}
+
+function drawFlow(body) {
+  const site = $("#flow-site").value;
+  const siteSelect = $("#flow-site");
+  const known = new Set([...siteSelect.options].map(o => o.value));
+  for (const name of Object.keys(body.sites)) {
+    if (!known.has(name)) siteSelect.append(el("option", {value: name, text: name}));
+  }
+  const tables = site ? (body.sites[site] ? [body.sites[site]] : []) : Object.values(body.sites);
+  const xs = body.minutes;
+  const rates = [xs, ...RATE_SERIES.map(([metric]) => sumSeries(tables, metric, xs.length))];
+  const depth = [xs, sumSeries(tables, "depth", xs.length)];
+  if (typeof uPlot === "undefined") {
+    $("#flow-rates").textContent = "the chart library did not load";
+  } else if (!charts.rates || charts.window !== xs.length) {
+    charts.rates = makeChart("#flow-rates", RATE_SERIES, rates);
+    charts.depth = makeChart("#flow-depth", [["depth", "queued", "#2459c7"]], depth);
+    charts.window = xs.length;
+  } else {
+    charts.rates.setData(rates);
+    charts.depth.setData(depth);
+  }
+  const total = (i) => rates[i].reduce((a, b) => a + b, 0);
+  const summary = $("#flow-summary");
+  summary.textContent = `${total(1)} received, ${total(2)} delivered, ${total(3)} deferred, ${total(4)} failed` +
+    ` in the last ${describeWindow(xs.length)}`;
+  Object.assign(summary.dataset, {received: total(1), delivered: total(2), deferred: total(3), failed: total(4),
+                                  queued: depth[1][depth[1].length - 1] || 0});
+  const hops = Object.entries(body.hops)
+    .filter(([name]) => !site || name.startsWith(site + "\\"))
+    .map(([name, t]) => ({name, delivered: sum(t.delivered), deferred: sum(t.deferred), failed: sum(t.failed),
+                          queued: t.depth[t.depth.length - 1] || 0}))
+    .filter(h => h.delivered + h.deferred + h.failed + h.queued > 0)
+    .sort((a, b) => (b.delivered + b.deferred + b.failed) - (a.delivered + a.deferred + a.failed) ||
+                    a.name.localeCompare(b.name));
+  $("#flow-hops tbody").replaceChildren(...hops.map(h => el("tr", {"data-hop": h.name},
+    el("td", {text: h.name}), el("td", {class: "num", text: h.delivered}),
+    el("td", {class: "num" + (h.deferred ? " warn" : ""), text: h.deferred}),
+    el("td", {class: "num" + (h.failed ? " bad" : ""), text: h.failed}),
+    el("td", {class: "num", text: h.queued}))));
+  $("#flow-hops").hidden = hops.length === 0;
+}
+
+function sum(values) { return (values || []).reduce((a, b) => a + b, 0); }
+
+function describeWindow(minutes) {
+  return minutes === 60 ? "hour" : minutes % 60 === 0 ? `${minutes / 60} hours` : `${minutes} minutes`;
+}
+
+async function loadFlow(force = false) {
+  if (!force && Date.now() - (state.flowAt || 0) < FLOW_REFRESH_MS) return true;
+  state.flowAt = Date.now();
+  const result = await api("GET", "/api/flow?minutes=" + encodeURIComponent($("#flow-window").value));
+  if (!result.ok) {
+    if (!result.denied) $("#flow-summary").textContent = result.data.error || "the flow could not be read";
+    return false;
+  }
+  drawFlow(result.data);
+  return true;
+}
+
+async function loadShape(force = false) {
+  const by = $("#shape-by").value;
+  const every = by === "queue" ? FLOW_REFRESH_MS : SHAPE_SLOW_MS;
+  if (!force && Date.now() - (state.shapeAt || 0) < every) return true;
+  state.shapeAt = Date.now();
+  const result = await api("GET", "/api/shape?by=" + encodeURIComponent(by));
+  if (!result.ok) return false;
+  const {columns, rows} = result.data;
+  $("#shape thead tr").replaceChildren(el("th", {text: by === "queue" ? "Queue" : "Domain"}),
+    ...columns.map(c => el("th", {class: "num", text: c})));
+  $("#shape tbody").replaceChildren(...rows.map(row => el("tr", {"data-destination": row.destination,
+      class: row.destination === "TOTAL" ? "total" : ""},
+    el("td", {text: row.destination}),
+    ...columns.map(c => el("td", {class: "num" + (row[c] && c !== "T" && columns.indexOf(c) > 3 ? " warn" : ""),
+                                  text: row[c] || (c === "T" || row.destination === "TOTAL" ? "0" : "")})))));
+  return true;
+}
+
+// endregion
+
+// region: a hub's page and the connectors
+
+function fact(name, value, attrs = {}) {
+  return [el("dt", {text: name}), el("dd", {...attrs, text: value === undefined || value === null ? "" : value})];
+}
+
+async function loadHubPage(name) {
+  const result = await api("GET", "/api/hubs/" + encodeURIComponent(name));
+  $("#hub-name").textContent = name;
+  if (!result.ok) {
+    if (result.denied) return false;
+    $("#hub-missing").textContent = result.data.error;
+    $("#hub-missing").hidden = false;
+    $("#hub-facts").replaceChildren();
+    $("#hub-connectors tbody").replaceChildren();
+    $("#hub-state").textContent = "";
+    return result.status !== 0;
+  }
+  const h = result.data;
+  $("#hub-missing").hidden = true;
+  const stateText = h.alive ? `alive (heartbeat ${h.heartbeat_age_seconds}s ago)`
+                            : `dead: silent for ${h.heartbeat_age_seconds}s`;
+  const badgeEl = $("#hub-state");
+  badgeEl.textContent = stateText;
+  badgeEl.dataset.alive = h.alive ? "yes" : "no";
+  badgeEl.className = "summary hub-state " + (h.alive ? "alive" : "dead");
+  $("#hub-facts").replaceChildren(
+    ...fact("Site", h.site), ...fact("Version", h.version), ...fact("Concurrency", h.concurrency),
+    ...fact("In flight", h.in_flight, {"data-fact": "in-flight"}),
+    ...fact("Back pressure", h.back_pressure + (h.under_pressure.length ? ` (${h.under_pressure.join(", ")})` : ""),
+            {"data-fact": "back-pressure"}),
+    ...fact("Host", `${h.host}, pid ${h.pid}`), ...fact("Started", when(h.started)),
+    ...fact("Last heartbeat", when(h.heartbeat)));
+  $("#hub-connectors tbody").replaceChildren(...h.receive_connectors.map(c => el("tr", {"data-connector": c.name},
+    el("td", {text: c.name + (c.enabled ? "" : " (disabled)")}),
+    el("td", {text: c.listening || (h.alive ? "not listening" : "")}),
+    el("td", {text: c.bindings.join(", ")}),
+    el("td", {text: c.permission_groups.join(", ")}),
+    el("td", {class: "num sessions", text: c.open_sessions}),
+    el("td", {class: "num", text: c.max_inbound_connection}))));
+  return true;
+}
+
+function tlsText(c) {
+  if (!c.require_tls) return "opportunistic";
+  return "required" + (c.tls_auth_level ? ` (${c.tls_auth_level}${c.tls_domain ? ": " + c.tls_domain : ""})` : "");
+}
+
+async function loadConnectors() {
+  const result = await api("GET", "/api/connectors");
+  if (!result.ok) return false;
+  const {send: sendRows, receive} = result.data;
+  $("#send-connectors tbody").replaceChildren(...sendRows.map(c => el("tr", {"data-connector": c.name},
+    el("td", {text: c.name}), el("td", {text: c.address_spaces.join(", ")}),
+    el("td", {text: c.dns_routing ? "DNS (MX)" : "smart hosts: " + c.smart_hosts.join(", ")}),
+    el("td", {text: c.source_sites.join(", ") + (c.source_edges.length ? ` (Edge: ${c.source_edges.join(", ")})` : "")}),
+    el("td", {text: c.port}), el("td", {text: tlsText(c)}),
+    el("td", {class: "num", text: size(c.max_message_size)}), el("td", {text: c.enabled ? "yes" : "no"}))));
+  $("#receive-connectors tbody").replaceChildren(...receive.map(c => el("tr", {"data-connector": c.name},
+    el("td", {text: c.name}), el("td", {text: c.sites.join(", ") || "every site"}),
+    el("td", {text: c.bindings.join(", ")}), el("td", {text: c.remote_ip_ranges.join(", ")}),
+    el("td", {text: c.permission_groups.join(", ")}), el("td", {text: c.auth_mechanisms.join(", ")}),
+    el("td", {class: "num", text: size(c.max_message_size)}),
+    el("td", {class: "num sessions", title: Object.entries(c.open_sessions.by_hub).map(([h, n]) => `${h}: ${n}`).join(", "),
+              text: c.open_sessions.total}),
+    el("td", {text: c.enabled ? "yes" : "no"}))));
+  return true;
+}
+
+// endregion
+
+// region: views
+
+function currentView() {
+  const hash = decodeURIComponent(location.hash.replace(/^#/, ""));
+  if (hash === "connectors") return {view: "connectors"};
+  if (hash.startsWith("hub/")) return {view: "hub", hub: hash.slice(4)};
+  return {view: "overview"};
+}
+
+function showView() {
+  const {view} = currentView();
+  for (const section of document.querySelectorAll("main > section")) {
+    const mine = section.classList.contains("view-" + view);
+    section.hidden = !mine || (section.id === "messages-section" && !state.openQueue);
+  }
+  for (const link of document.querySelectorAll("nav.views a")) {
+    link.classList.toggle("current", link.dataset.view === view);
+  }
+  state.flowAt = 0;
+  state.shapeAt = 0;
+}
+
+// endregion
+
 // region: logon
 
 const DENIED_TEXT = {
@@ -461,7 +673,11 @@ function lock(status, detail) {
   $("#track tbody").replaceChildren();
   $("#track").hidden = true;
   $("#hubs").replaceChildren();
-  for (const id of ["#queues-summary", "#messages-summary"]) $(id).textContent = "";
+  for (const id of ["#flow-hops tbody", "#shape tbody", "#hub-facts", "#hub-connectors tbody",
+                    "#send-connectors tbody", "#receive-connectors tbody"]) $(id).replaceChildren();
+  for (const id of ["#queues-summary", "#messages-summary", "#flow-summary", "#hub-state"]) $(id).textContent = "";
+  for (const chart of [charts.rates, charts.depth]) if (chart) chart.destroy();
+  charts.rates = charts.depth = null;
   $("#queues-empty").hidden = true;
   closeMessages();
   $("#main").hidden = true;
@@ -524,9 +740,14 @@ function logoff() {
 
 async function refresh() {
   if (state.locked) return;
-  const results = await Promise.all([loadQueues(), loadMessages(), loadHubs()]);
+  const {view, hub} = currentView();
+  const loads = [loadHubs()];
+  if (view === "overview") loads.push(loadQueues(), loadMessages(), loadFlow(), loadShape());
+  else if (view === "hub") loads.push(loadHubPage(hub));
+  else loads.push(loadConnectors());
+  const results = await Promise.all(loads);
   if (state.locked) return;
-  if (results[0]) $("#updated").textContent = "updated " + clock(new Date());
+  if (results[1]) $("#updated").textContent = "updated " + clock(new Date());
   $("#logoff").hidden = !sessionStorage.getItem(TOKEN_KEY);
 }
 
@@ -599,6 +820,16 @@ function init() {
   $("#live").addEventListener("change", () => { if ($("#live").checked) refreshNow(); else clearTimeout(state.timer); });
   $("#logon-form").addEventListener("submit", logon);
   $("#logoff").addEventListener("click", logoff);
+  $("#flow-site").addEventListener("change", () => { state.flowAt = 0; refreshNow(); });
+  $("#flow-window").addEventListener("change", () => { state.flowAt = 0; refreshNow(); });
+  $("#shape-by").addEventListener("change", () => { state.shapeAt = 0; refreshNow(); });
+  window.addEventListener("hashchange", () => { showView(); refreshNow(); });
+  window.addEventListener("resize", () => {
+    for (const [chart, id] of [[charts.rates, "#flow-rates"], [charts.depth, "#flow-depth"]]) {
+      if (chart) chart.setSize(chartSize(id));
+    }
+  });
+  showView();
   refreshNow();  // a viewer with a token answers 401 until one is given: that shows the form
 }
 

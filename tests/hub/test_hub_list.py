@@ -64,3 +64,46 @@ def test_a_killed_hub_is_listed_dead_with_how_long_it_has_been_silent(site: Clus
     line = next(line for line in hub_list(site).stdout.splitlines() if line.startswith("list-lon-1"))
     assert "dead (" in line and "s silent)" in line, line
     assert next(r for r in hub_rows(site.r, timeout_s) if r["name"] == "list-ams-1")["alive"]
+
+
+def test_a_hubs_page_counts_its_items_in_flight_and_the_sessions_open_on_its_connectors(site: Cluster) -> None:
+    import smtplib
+
+    from mailyard import keys
+    from mailyard.errors import NotFoundError
+    from mailyard.hub.hub_list import hub_detail
+
+    # Given two items a worker of list-ams-1 holds (as a lease leaves them) and an open session
+    for item in ("flight-1", "flight-2"):
+        site.r.zadd(keys.INFLIGHT, {item: 2**40})
+        site.r.hset(keys.item(item), mapping={"hub": "list-ams-1", "lease": "x"})
+    try:
+        host, port = site.smtp("list-ams-1")
+        with smtplib.SMTP(host, port, local_hostname="page.test", timeout=30) as client:
+            client.ehlo()
+
+            def default() -> dict:
+                page = hub_detail(site.r, "list-ams-1", site.org)
+                return next(c for c in page["receive_connectors"] if c["name"] == "Default") | {"page": page}
+
+            found = wait_until(lambda: (d := default())["open_sessions"] == 1 and d, timeout=30,
+                               message=lambda: f"{default()}")
+            assert found["page"]["in_flight"] == 2 and found["listening"] == f"{host}:{port}"
+        wait_until(lambda: default()["open_sessions"] == 0, timeout=30, message="the closed session still counts")
+    finally:
+        site.r.zrem(keys.INFLIGHT, "flight-1", "flight-2")
+        site.r.delete(keys.item("flight-1"), keys.item("flight-2"))
+    with pytest.raises(NotFoundError, match="no hub 'nobody'"):
+        hub_detail(site.r, "nobody", site.org)
+
+
+def test_the_connectors_are_listed_with_their_settings_but_never_a_password(site: Cluster) -> None:
+    from mailyard.hub.hub_list import connector_rows
+
+    send = [c.model_copy(update={"smart_host_password": "s3cret-smarthost"}) for c in site.org.send_connectors]
+    rows = connector_rows(site.r, site.org.model_copy(update={"send_connectors": send}))
+    assert [c["name"] for c in rows["send"]] == [c.name for c in send]
+    assert all(c["smart_host_password_set"] and "smart_host_password" not in c for c in rows["send"])
+    assert "s3cret-smarthost" not in json.dumps(rows)
+    default = next(c for c in rows["receive"] if c["name"] == "Default")
+    assert default["open_sessions"]["total"] == 0 and default["bindings"], default

@@ -320,6 +320,17 @@ def test_the_page_and_its_files_are_served(api) -> None:
     assert health["status"] == "ok" and health["token_required"] is False
 
 
+def test_the_consoles_reads_answer_bad_requests_clearly(api) -> None:
+    shape = api.get("/api/shape", params={"by": "colour"})
+    assert shape.status_code == 400 and "by: one of queue, domain, sender" in shape.json()["error"]
+    assert api.get("/api/shape").json()["rows"][0]["destination"] == "TOTAL"
+    nobody = api.get("/api/hubs/nobody")
+    assert nobody.status_code == 404 and "no hub 'nobody'" in nobody.json()["error"]
+    for bad in ("0", "1441", "an hour"):
+        flow = api.get("/api/flow", params={"minutes": bad})
+        assert flow.status_code == 400 and "minutes" in flow.json()["error"], flow.text
+
+
 # endregion
 
 # region: errors and the token
@@ -383,7 +394,8 @@ def test_a_bad_action_body_is_a_400_naming_what_is_wrong(api, path: str, body: b
 
 READS = [("/api/queues", {}), ("/api/messages", {}), ("/api/track", {"sender": "alice@contoso.com"}),
          ("/api/hubs", {}), ("/api/messages/export", {"identity": "Amsterdam\\MBX-AMS-02\\999999"}),
-         ("/metrics", {}), ("/api/nothing", {})]
+         ("/metrics", {}), ("/api/nothing", {}), ("/api/flow", {}), ("/api/shape", {"by": "domain"}),
+         ("/api/connectors", {}), ("/api/hubs/nobody", {})]
 
 
 def test_with_a_token_actions_need_it(site) -> None:
@@ -418,7 +430,7 @@ def test_with_a_token_reads_need_it_too(site, path: str, params: dict[str, str])
         wrong = client.get(path, params=params, headers={"Authorization": "Bearer contoso-demo-viewer-token"})
         assert wrong.status_code == 403 and wrong.json()["error"] == "wrong token"
         right = client.get(path, params=params, headers={"Authorization": f"bearer  {TOKEN}"})
-        wanted = {"/api/messages/export": 404, "/api/nothing": 404}.get(path, 200)
+        wanted = {"/api/messages/export": 404, "/api/nothing": 404, "/api/hubs/nobody": 404}.get(path, 200)
         assert right.status_code == wanted, right.text
         # The metrics token opens /metrics and nothing else.
         scraper = client.get(path, params=params, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
