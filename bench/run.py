@@ -254,7 +254,8 @@ def backlog_run(args: argparse.Namespace, site: Site) -> dict:
                           ("queue_messages_filtered", ["queue", "messages", queue, "--filter",
                                                        "FromAddress -like 'load@*'", "--limit", "100"]),
                           ("queue_shape", ["queue", "shape", "--by", "queue"]),
-                          ("queue_shape_domain", ["queue", "shape", "--by", "domain"])):
+                          ("queue_shape_domain", ["queue", "shape", "--by", "domain"]),
+                          ("queue_shape_sender", ["queue", "shape", "--by", "sender"])):
         t = time.monotonic()  # the command as an operator types it: Python's start-up included
         subprocess.run([sys.executable, "-m", "mailyard", *command, "--json"],
                        check=True, capture_output=True, env=env)

@@ -10,28 +10,27 @@ are the destinations, most messages first, under a ``TOTAL`` row:
 - ``domain``: the recipients' domains (an item of two domains counts for each);
 - ``sender``: the envelope sender's domain (``<>`` for the null sender).
 
-The last two read every queued item (pipelined, in batches): that is the price of a view by
-something no index holds. Measured with 100,000 queued (one Redis on loopback, this 2-core
-machine): by queue 1 ms, by domain 2.8 s, by sender 4.8 s. So ``queue`` is the default; a
-queue of the Internet is one next-hop domain already.
+The last two look at every queued item, which no index spares: a Lua script
+(core/lua/shape.lua) counts them inside Redis, 5,000 items per call, so only the counts
+cross the wire. Measured with 100,000 queued (one Redis on loopback, this 2-core machine, in
+one run): by queue 1 ms; by domain 0.69 s (1.95 s when the items were read into Python);
+by sender 0.51 s (2.31 s).
 """
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis
 
 from mailyard import keys
 from mailyard.redisconn import text
+from mailyard.scripts import script
 
 BOUNDS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 COLUMNS = ("T", *(str(m) for m in BOUNDS_MIN), f"{BOUNDS_MIN[-1]}+")
 BY = ("queue", "domain", "sender")
-BATCH = 2000  # items read per round trip (domain, sender)
+BATCH = 5000  # items counted per call of the script (domain, sender): a few ms of Redis each
 
 
 @dataclass
@@ -83,39 +82,17 @@ def _by_queue(r: redis.Redis, queues: list[str], now_ms: int) -> list[Row]:
 
 
 def _by_item(r: redis.Redis, queues: list[str], now_ms: int, by: str) -> list[Row]:
+    """Counted inside Redis (core/lua/shape.lua), a chunk of each queue per call: the items'
+    recipients never cross the wire, and no call holds Redis for more than a few milliseconds."""
+    edges = [now_ms - m * 60_000 for m in BOUNDS_MIN]
+    count = script(r, "shape")
     rows: dict[str, Row] = {}
     for q in queues:
-        scored: Any = r.zrange(keys.queue_members(q), 0, -1, withscores=True)
-        members = [(text(m), float(score)) for m, score in scored]
-        for start in range(0, len(members), BATCH):
-            chunk = members[start:start + BATCH]
-            pipe = r.pipeline(transaction=False)
-            for member in chunk:
-                pipe.hmget(keys.item(member[0]), "msg", "rcpts")
-            found = pipe.execute()
-            senders: dict[str, str] = {}
-            if by == "sender":
-                msgs = sorted({text(msg) for msg, _ in found if msg})
-                pipe = r.pipeline(transaction=False)
-                for msg in msgs:
-                    pipe.hget(keys.msg(msg), "sender")
-                senders = {m: text(s) for m, s in zip(msgs, pipe.execute(), strict=True)}
-            for member, (msg, rcpts) in zip(chunk, found, strict=True):
-                column = bucket(now_ms - int(member[1]))
-                for destination in (_sender_domain(senders.get(text(msg), "")) if by == "sender"
-                                    else _recipient_domains(rcpts)):
-                    rows.setdefault(destination, Row(destination)).counts[column] += 1
+        size = int(r.zcard(keys.queue_members(q)))
+        for start in range(0, size, BATCH):
+            flat = count(keys=[keys.queue_members(q)],
+                         args=[by, start, start + BATCH - 1, keys.item(""), keys.msg(""), *edges])
+            for i in range(0, len(flat), 3):
+                destination = text(flat[i])
+                rows.setdefault(destination, Row(destination)).counts[int(flat[i + 1])] += int(flat[i + 2])
     return list(rows.values())
-
-
-def _recipient_domains(rcpts: bytes | str | None) -> list[str]:
-    try:
-        addresses = [str(r.get("address", "")) for r in json.loads(rcpts or "[]")]
-    except (ValueError, AttributeError):
-        return ["(unreadable)"]
-    domains = Counter(a.rpartition("@")[2].lower() or "(none)" for a in addresses)
-    return sorted(domains) or ["(none)"]
-
-
-def _sender_domain(sender: str) -> list[str]:
-    return [sender.rpartition("@")[2].lower() if sender else "<>"]

@@ -86,3 +86,20 @@ def test_the_command_prints_the_table_and_json_and_refuses_an_unknown_view(backl
     assert as_json[0]["destination"] == "TOTAL" and as_json[0]["T"] == 6
     refused = runner.invoke(cli, ["queue", "shape", "--by", "size", "--redis-url", redis_url])
     assert refused.exit_code == 2 and "'size' is not one of" in refused.output
+
+
+def test_counted_in_chunks_the_same_with_odd_recipients(backlog: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailyard import keys
+    from mailyard.hub import queue_shape
+
+    whole = [(r.destination, counts(r)) for r in shape(backlog, by="domain", now_ms=NOW)]
+    monkeypatch.setattr(queue_shape, "BATCH", 2)  # (three calls for the six items)
+    assert [(r.destination, counts(r)) for r in shape(backlog, by="domain", now_ms=NOW)] == whole
+    # An item whose recipients cannot be read, one with none, and an upper-case domain
+    members = [m.decode() for m in backlog.zrange(keys.queue_members(SUB), 0, -1)]
+    backlog.hset(keys.item(members[0]), "rcpts", "not json")
+    backlog.hset(keys.item(members[1]), "rcpts", "[]")
+    backlog.hset(keys.item(members[2]), "rcpts", json.dumps([{"address": "Bob@CONTOSO.com"}, {"address": "postmaster"}]))
+    rows = {r.destination: counts(r)["T"] for r in shape(backlog, by="domain", now_ms=NOW)[1:]}
+    assert rows["(unreadable)"] == 1 and rows["(none)"] == 1 and rows["postmaster"] == 1, rows
+    assert rows["contoso.com"] == 4, rows
