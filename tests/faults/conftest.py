@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from mailyard import registry
+from mailyard import registry, tracking
 from mailyard.internet.dns import MX, A, DnsServer, Zone
 from mailyard.internet.sink import Sink
 from mailyard.org import Organization
@@ -51,6 +51,8 @@ class Sent:
     subject: str
     kind: str
     recipient: str  # a mailbox address, or the Internet address at the sink
+    message_id: str = ""
+    attempts: list[str] = field(default_factory=list)  # each refused try: when, and why
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Stream:
     case: str
     sent: list[Sent] = field(default_factory=list)
     refused: int = 0
+    marks: list[str] = field(default_factory=list)  # what the test did, and when (``mark``)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -85,15 +88,17 @@ class Stream:
         sender, rcpt = ROUTES[kind]
         message_id = f"<{uuid.uuid4().hex}@fault.test>"  # the same on every retry: no new mail
         deadline = time.monotonic() + 120
+        attempts: list[str] = []
         while True:  # keep trying until accepted, as a client would (bounded)
             try:
                 if kind == "smtp-in":
                     self._smtp_in(rcpt, subject, message_id)
                 else:
                     self.site.send(sender, [rcpt], subject=subject, message_id=message_id)
-                self.sent.append(Sent(subject, kind, rcpt))
+                self.sent.append(Sent(subject, kind, rcpt, message_id, attempts))
                 return
-            except Exception:  # the component is down: try again, as a client would
+            except Exception as exc:  # the component is down: try again, as a client would
+                attempts.append(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {exc!r}"[:300])
                 self.refused += 1
                 if time.monotonic() > deadline:
                     return
@@ -148,6 +153,29 @@ class Stream:
     def _outboxes(self) -> list[str]:
         return [f"{who}'s Outbox holds {held}" for who in OUTBOXES if (held := self.site.subjects(who, "Outbox"))]
 
+    def mark(self, what: str) -> None:
+        self.marks.append(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {what}")
+
+    def _story(self, subjects: list[str]) -> str:
+        """What the client saw of each lost message and what the tracking log holds of it: where
+        a loss happened, for the one run in many that shows it."""
+        lines = [f"the test: {'; '.join(self.marks)}"] if self.marks else []
+        for sent in (s for s in self.sent if s.subject in subjects):
+            lines.append(f"{sent.subject} {sent.message_id}: refused {len(sent.attempts)} times before it was taken")
+            lines += [f"  tried {a}" for a in sent.attempts]
+            try:
+                records = tracking.search(self.site.r, message_id=sent.message_id)
+            except Exception as exc:
+                lines.append(f"  (tracking log unreadable: {exc!r})")
+                continue
+            for rec in records:
+                at = time.strftime("%H:%M:%S", time.gmtime(rec.time_ms / 1000)) + f".{rec.time_ms % 1000:03d}"
+                lines.append(f"  {at} {rec.event} {rec.server} {rec.internal_id} {rec.queue} {rec.recipients} "
+                             f"{rec.recipient_status} {rec.context}"[:400])
+            if not records:
+                lines.append("  the tracking log has nothing of it")
+        return "\n".join(lines)
+
     def verdict(self, started: float, timeout: float = 180, quiet_timeout: float = 120) -> Verdict:
         """Wait until everything accepted arrived (or the deadline), then until the site is
         quiet (every redelivery over), and only then count the copies."""
@@ -176,8 +204,8 @@ class Stream:
         verdict = Verdict(self.case, len(self.sent), len(self.sent) - len(lost), duplicates, lost, recovery, quiet)
         print(verdict.line())
         assert not doubled_boxes, f"{verdict.line()}\ndelivered more than once to a mailbox: {doubled_boxes}"
-        assert not lost, (f"{verdict.line()}\nlost: {lost}\nat the end: {reading.describe()}\n"
-                          f"{self.site.all_logs(30)}")
+        assert not lost, (f"{verdict.line()}\nlost: {lost}\n{self._story(lost)}\nat the end: "
+                          f"{reading.describe()}\n{self.site.all_logs(30)}")
         return verdict
 
 

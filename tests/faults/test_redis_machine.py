@@ -33,9 +33,12 @@ def test_the_primarys_machine_lost_mid_stream_loses_nothing_and_nobody_restarts(
     wait_until(lambda: len(stream.sent) >= 12, timeout=60, message="the stream getting going")
     old = group.wait_settled()
     group.kill_node(old, lose_data=True)
+    stream.mark(f"node {old} killed, its data deleted")
     new = group.wait_failover(old)
+    stream.mark(f"node {new} promoted")
     started = time.monotonic()
     group.start_node(old)  # the machine replaced, empty: it must come back as a replica
+    stream.mark(f"node {old} started again, empty")
     stream.wait_sent()
     verdict = stream.verdict(started)
     assert verdict.sent >= 30, f"the site stopped taking mail after the failover: {verdict.line()}"
