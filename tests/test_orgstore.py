@@ -11,12 +11,17 @@ from mailyard.orgstore import AsyncOrgWatcher, apply_org
 from tests.conftest import make_org
 
 
-async def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+async def _assert_soon(check: Callable[[], bool], message: str, timeout: float = 10.0) -> None:
+    """Assert that ``check`` holds within ``timeout`` seconds (polled)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("the watcher did not take the new organization in time")
+            raise AssertionError(message)
         await asyncio.sleep(0.02)
+
+
+def _subscribed(r) -> bool:
+    return dict(r.pubsub_numsub(keys.ORG_CHANNEL)).get(keys.ORG_CHANNEL.encode(), 0) >= 1
 
 
 def test_an_applied_organization_is_taken_at_once_not_at_the_next_poll(redis_url: str) -> None:
@@ -28,10 +33,12 @@ def test_an_applied_organization_is_taken_at_once_not_at_the_next_poll(redis_url
         await watcher.refresh()
         task = asyncio.create_task(watcher.run())
         try:
+            # (an announcement before the watcher listens is missed by design: the poll finds it)
+            await _assert_soon(lambda: _subscribed(sync_r), "the watcher never subscribed to the announcements")
             for name in ("Contoso One", "Contoso Two"):  # (and again: the subscription stays)
-                await asyncio.sleep(0.2)  # (let the watcher subscribe; no harm if it is late)
                 apply_org(sync_r, make_org().model_copy(update={"name": name}))
-                await _until(lambda: watcher.current().org.name == name)  # noqa: B023 (awaited here)
+                await _assert_soon(lambda: watcher.current().org.name == name,  # noqa: B023 (awaited here)
+                                   f"the watcher did not take {name!r} at its announcement")
         finally:
             task.cancel()
             await r.aclose()
@@ -51,7 +58,8 @@ def test_a_version_nobody_announced_is_found_by_the_poll(redis_url: str) -> None
             # Written as an older Mailyard would, without the announcement
             sync_r.set(keys.ORG, make_org().model_copy(update={"name": "Unannounced"}).to_json())
             sync_r.incr(keys.ORG_VERSION)
-            await _until(lambda: watcher.current().org.name == "Unannounced")
+            await _assert_soon(lambda: watcher.current().org.name == "Unannounced",
+                               "the poll did not find a version nobody announced")
         finally:
             task.cancel()
             await r.aclose()

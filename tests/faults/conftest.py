@@ -71,6 +71,12 @@ class Verdict:
                 f"quiet {self.quiet_s:.1f}s")
 
 
+def _clock(ms: int | None = None) -> str:
+    """HH:MM:SS.mmm (UTC, as the logs and the tracking log), of ``ms`` or of now."""
+    ms = int(time.time() * 1000) if ms is None else ms
+    return time.strftime("%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}"
+
+
 @dataclass
 class Stream:
     site: Cluster
@@ -98,7 +104,7 @@ class Stream:
                 self.sent.append(Sent(subject, kind, rcpt, message_id, attempts))
                 return
             except Exception as exc:  # the component is down: try again, as a client would
-                attempts.append(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {exc!r}"[:300])
+                attempts.append(f"{_clock()} {exc!r}"[:300])
                 self.refused += 1
                 if time.monotonic() > deadline:
                     return
@@ -154,7 +160,7 @@ class Stream:
         return [f"{who}'s Outbox holds {held}" for who in OUTBOXES if (held := self.site.subjects(who, "Outbox"))]
 
     def mark(self, what: str) -> None:
-        self.marks.append(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {what}")
+        self.marks.append(f"{_clock()} {what}")
 
     def _story(self, subjects: list[str]) -> str:
         """What the client saw of each lost message and what the tracking log holds of it: where
@@ -169,8 +175,7 @@ class Stream:
                 lines.append(f"  (tracking log unreadable: {exc!r})")
                 continue
             for rec in records:
-                at = time.strftime("%H:%M:%S", time.gmtime(rec.time_ms / 1000)) + f".{rec.time_ms % 1000:03d}"
-                lines.append(f"  {at} {rec.event} {rec.server} {rec.internal_id} {rec.queue} {rec.recipients} "
+                lines.append(f"  {_clock(rec.time_ms)} {rec.event} {rec.server} {rec.internal_id} {rec.queue} {rec.recipients} "
                              f"{rec.recipient_status} {rec.context}"[:400])
             if not records:
                 lines.append("  the tracking log has nothing of it")
